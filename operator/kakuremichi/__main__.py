@@ -1,0 +1,3 @@
+from kakuremichi.cli import main
+
+raise SystemExit(main())

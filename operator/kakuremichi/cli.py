@@ -1,0 +1,154 @@
+"""The ``kakuremichi`` command: one entry point, one subcommand per role or task.
+
+Subcommands that start services (``operator``, ``gateway``, ``agent``) arrive with their
+components; this module only parses arguments and hands over to the module that does the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from kakuremichi import __version__, crd
+from kakuremichi.fields import describe_errors
+from kakuremichi.resources import API_VERSION, KINDS, ResourceKind
+
+DEFAULT_DB_URL = "sqlite:///kakuremichi.db"
+
+
+def _cmd_crds(args: argparse.Namespace) -> int:
+    if args.check is not None:
+        stale = crd.stale_files(Path(args.check))
+        if stale:
+            print(
+                f"stale CRDs in {args.check}: {', '.join(stale)}; "
+                f"run `kakuremichi crds --output-dir {args.check}`",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"{args.check}: CRDs are up to date")
+        return 0
+    if args.output_dir is not None:
+        for path in crd.write_all(Path(args.output_dir)):
+            print(f"wrote {path}")
+        return 0
+    sys.stdout.write("---\n".join(crd.render_all().values()))
+    return 0
+
+
+def _cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from kakuremichi.store import current_revision, upgrade
+
+    upgrade(args.db, args.revision)
+    print(f"{args.db}: at revision {current_revision(args.db)}")
+    return 0
+
+
+def _cmd_db_current(args: argparse.Namespace) -> int:
+    from kakuremichi.store import current_revision
+
+    print(current_revision(args.db) or "(empty database)")
+    return 0
+
+
+def _cmd_db_new_key(args: argparse.Namespace) -> int:
+    from kakuremichi.store import Sealer
+
+    encoded = base64.b64encode(Sealer.generate_key()).decode()
+    if args.output is None:
+        print(encoded)
+        return 0
+    path = Path(args.output)
+    if path.exists():
+        print(f"{path} exists; refusing to overwrite a sealing key", file=sys.stderr)
+        return 1
+    path.touch(mode=0o600)
+    path.write_text(encoded + "\n", encoding="utf-8")
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    """Check manifests against the same models the operator uses, without a cluster."""
+    by_kind = {kind.kind: kind for kind in KINDS}
+    failures = 0
+    for file_name in args.files:
+        text = sys.stdin.read() if file_name == "-" else Path(file_name).read_text("utf-8")
+        for number, document in enumerate(yaml.safe_load_all(text), start=1):
+            if not isinstance(document, dict):
+                continue
+            failures += _validate_document(file_name, number, document, by_kind)
+    return 1 if failures else 0
+
+
+def _validate_document(
+    file_name: str, number: int, document: dict[str, Any], by_kind: dict[str, ResourceKind]
+) -> int:
+    kind_name = document.get("kind")
+    if document.get("apiVersion") != API_VERSION or kind_name not in by_kind:
+        return 0
+    kind = by_kind[kind_name]
+    name = (document.get("metadata") or {}).get("name", "?")
+    label = f"{file_name}#{number} {kind_name}/{name}"
+    try:
+        kind.model.model_validate({**document, "spec": document.get("spec") or {}})
+    except ValidationError as error:
+        for line in describe_errors(error):
+            print(f"{label}: {line}", file=sys.stderr)
+        return 1
+    print(f"{label}: valid")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kakuremichi",
+        description="Self-hosted tunnels: publish services behind NAT on public domains.",
+    )
+    parser.add_argument("--version", action="version", version=f"kakuremichi {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    crds = commands.add_parser("crds", help="print or write the CustomResourceDefinitions")
+    target = crds.add_mutually_exclusive_group()
+    target.add_argument("--output-dir", metavar="DIR", help="write one YAML file per kind")
+    target.add_argument("--check", metavar="DIR", help="fail if DIR's CRDs are stale")
+    crds.set_defaults(handler=_cmd_crds)
+
+    db = commands.add_parser("db", help="manage the SQLite mirror")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_upgrade = db_commands.add_parser("upgrade", help="create or migrate a database")
+    db_upgrade.add_argument("--db", default=DEFAULT_DB_URL, help="database URL (sqlite:///PATH)")
+    db_upgrade.add_argument("--revision", default="head", help="target revision")
+    db_upgrade.set_defaults(handler=_cmd_db_upgrade)
+    db_current = db_commands.add_parser("current", help="print the schema revision")
+    db_current.add_argument("--db", default=DEFAULT_DB_URL, help="database URL (sqlite:///PATH)")
+    db_current.set_defaults(handler=_cmd_db_current)
+    db_key = db_commands.add_parser(
+        "new-key", help="generate the key that seals secrets in the database"
+    )
+    db_key.add_argument("--output", metavar="PATH", help="write to PATH (mode 0600)")
+    db_key.set_defaults(handler=_cmd_db_new_key)
+
+    validate = commands.add_parser(
+        "validate", help="check Agent/Gateway/Tunnel/Certificate manifests offline"
+    )
+    validate.add_argument("files", nargs="+", metavar="FILE", help="YAML files, or - for stdin")
+    validate.set_defaults(handler=_cmd_validate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Any = args.handler
+    return int(handler(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

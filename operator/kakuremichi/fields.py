@@ -1,0 +1,113 @@
+"""Validated field types shared by the custom resources and the control-channel messages.
+
+Every type pairs a Python check from :mod:`kakuremichi.validation` (precise messages) with the JSON
+schema the CRD carries (RE2 ``pattern`` plus CEL ``matches()`` rules with messages), so the API
+server and the operator reject the same values.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, WithJsonSchema
+from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
+
+from kakuremichi import validation
+
+
+def cel_match(pattern: str) -> str:
+    """The CEL expression ``self.matches('<pattern>')`` (RE2, unanchored like ``re.search``)."""
+    literal = pattern.replace("\\", "\\\\").replace("'", "\\'")
+    return f"self.matches('{literal}')"
+
+
+def cel_rule(rule: str, message: str) -> JsonDict:
+    """One entry of a CRD schema's ``x-kubernetes-validations``."""
+    return {"rule": rule, "message": message}
+
+
+def _string_schema(**schema: Any) -> WithJsonSchema:
+    return WithJsonSchema({"type": "string", **schema})
+
+
+ResourceName = Annotated[
+    str,
+    AfterValidator(validation.resource_name),
+    _string_schema(
+        minLength=1, maxLength=validation.NAME_MAX_LENGTH, pattern=validation.NAME_PATTERN
+    ),
+]
+
+DomainName = Annotated[
+    str,
+    AfterValidator(validation.domain_name),
+    _string_schema(
+        minLength=1,
+        maxLength=validation.DOMAIN_MAX_LENGTH,
+        pattern=validation.DOMAIN_PATTERN,
+        **{
+            "x-kubernetes-validations": [
+                cel_rule(
+                    "!" + cel_match(validation.NUMERIC_LAST_LABEL_PATTERN),
+                    "must be a domain name, not an IP address: "
+                    "the last label must not be all-numeric",
+                )
+            ]
+        },
+    ),
+]
+
+TargetAddress = Annotated[
+    str,
+    AfterValidator(validation.target_address),
+    _string_schema(
+        minLength=3,
+        maxLength=validation.TARGET_MAX_LENGTH,
+        pattern=validation.TARGET_PATTERN,
+        **{
+            "x-kubernetes-validations": [
+                cel_rule(
+                    f"!{cel_match(validation.NUMERIC_TARGET_HOST_PATTERN)}"
+                    f" || {cel_match(validation.IPV4_TARGET_PATTERN)}",
+                    "a numeric host must be a valid IPv4 address",
+                )
+            ]
+        },
+    ),
+]
+
+PublicIPv4 = Annotated[
+    str,
+    AfterValidator(validation.public_ipv4),
+    _string_schema(maxLength=15, pattern=validation.PUBLIC_IPV4_PATTERN),
+]
+
+RegionName = Annotated[
+    str,
+    AfterValidator(validation.region),
+    _string_schema(
+        minLength=1, maxLength=validation.REGION_MAX_LENGTH, pattern=validation.REGION_PATTERN
+    ),
+]
+
+
+class CamelModel(BaseModel):
+    """Base for everything that crosses a boundary: camelCase outside, snake_case inside."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_attribute_docstrings=True,
+    )
+
+
+def describe_errors(error: ValidationError) -> list[str]:
+    """One line per problem, naming the field the way users write it: ``spec.domain: why``."""
+    lines = []
+    for problem in error.errors(include_url=False):
+        location = ".".join(str(part) for part in problem["loc"]) or "(object)"
+        message = problem["msg"].removeprefix("Value error, ")
+        lines.append(f"{location}: {message}")
+    return lines

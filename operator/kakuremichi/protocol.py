@@ -1,0 +1,256 @@
+"""Messages of the control channel: a WebSocket between the operator and every edge.
+
+The ``config`` messages keep the data-model document's shape (``{"type": "config", "data": {...}}``
+with every field it lists, under its name) and add what the edges need beyond it: a version, each
+gateway's WireGuard endpoint port and its address toward the agent, tunnel ``enabled``, and pending
+ACME HTTP-01 tokens. ``docs/protocol.md`` describes the exchange.
+
+Frames are JSON text. An edge's first frame is ``auth``; until it is accepted nothing else is read.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+from uuid import UUID
+
+from pydantic import Field, TypeAdapter
+
+from kakuremichi.fields import CamelModel, DomainName, PublicIPv4, ResourceName, TargetAddress
+
+# A first frame larger than this is refused before it is parsed.
+MAX_AUTH_FRAME_BYTES = 4096
+# WebSocket close codes (the 4000-4999 range is for applications).
+CLOSE_UNAUTHORIZED = 4401
+CLOSE_BAD_REQUEST = 4400
+CLOSE_REPLACED = 4409
+
+WireGuardMode = Literal["kernel", "userspace"]
+ApiKey = Annotated[str, Field(min_length=1, max_length=128)]
+WireGuardKey = Annotated[str, Field(min_length=44, max_length=44, pattern=r"^[A-Za-z0-9+/]{43}=$")]
+IPv4Text = Annotated[str, Field(max_length=15)]
+CidrText = Annotated[str, Field(max_length=18)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+ConfigVersion = Annotated[int, Field(ge=0)]
+
+
+# --- What an edge sends ------------------------------------------------------------------------
+
+
+class ClientInfo(CamelModel):
+    """What an edge says about itself; lands in the ``metadata`` column and in status."""
+
+    version: Annotated[str, Field(max_length=64)] | None = None
+    os: Annotated[str, Field(max_length=128)] | None = None
+    hostname: Annotated[str, Field(max_length=253)] | None = None
+    wireguard_mode: WireGuardMode | None = None
+
+
+class AuthMessage(CamelModel):
+    """First frame of every connection."""
+
+    type: Literal["auth"] = "auth"
+    api_key: ApiKey
+    node_name: Annotated[str, Field(max_length=253)] | None = None
+    """Set by in-cluster gateway pods, which prove themselves with the pool's key plus their node;
+    control answers with an ``identity`` for that node."""
+    client: ClientInfo | None = None
+
+
+class HeartbeatMessage(CamelModel):
+    """Sent periodically by an edge; keeps ``lastSeenAt`` fresh."""
+
+    type: Literal["heartbeat"] = "heartbeat"
+    sent_at: datetime | None = None
+
+
+class AckMessage(CamelModel):
+    """An edge's answer to a ``config``: applied, or refused with the reason."""
+
+    type: Literal["ack"] = "ack"
+    version: ConfigVersion
+    ok: bool = True
+    error: Annotated[str, Field(max_length=4096)] | None = None
+
+
+class PeerStatus(CamelModel):
+    public_key: WireGuardKey
+    latest_handshake_at: datetime | None = None
+    rx_bytes: Annotated[int, Field(ge=0)] = 0
+    tx_bytes: Annotated[int, Field(ge=0)] = 0
+
+
+class StatusReport(CamelModel):
+    """Periodic report of an edge's health."""
+
+    client: ClientInfo = Field(default_factory=ClientInfo)
+    config_version: ConfigVersion | None = None
+    """The last config version the edge applied."""
+    state: Literal["online", "error"] = "online"
+    error: Annotated[str, Field(max_length=4096)] | None = None
+    peers: list[PeerStatus] = Field(default_factory=list)
+    tunnels: Annotated[int, Field(ge=0)] = 0
+    active_connections: Annotated[int, Field(ge=0)] = 0
+    requests_total: Annotated[int, Field(ge=0)] = 0
+
+
+class StatusMessage(CamelModel):
+    type: Literal["status"] = "status"
+    data: StatusReport
+
+
+ClientMessage = Annotated[
+    AuthMessage | HeartbeatMessage | AckMessage | StatusMessage, Field(discriminator="type")
+]
+client_message: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
+
+
+# --- What control sends to an agent ------------------------------------------------------------
+
+
+class AgentSelf(CamelModel):
+    id: UUID
+    virtual_ip: IPv4Text
+    """e.g. 10.1.0.100"""
+    subnet: CidrText
+    """e.g. 10.1.0.0/24"""
+    wireguard_private_key: WireGuardKey | None = None
+    """Sent only over TLS or loopback, to edges that do not already hold it."""
+
+
+class GatewayPeer(CamelModel):
+    """A gateway as an agent sees it: a WireGuard peer to dial."""
+
+    id: UUID
+    public_ip: PublicIPv4
+    wireguard_public_key: WireGuardKey
+    wireguard_port: Port = 51820
+    address: IPv4Text
+    """The gateway's WireGuard address inside this agent's subnet (10.N.0.g)."""
+
+
+class AgentTunnel(CamelModel):
+    domain: DomainName
+    target: TargetAddress
+    enabled: bool = True
+
+
+class AgentConfig(CamelModel):
+    version: ConfigVersion
+    agent: AgentSelf
+    gateways: list[GatewayPeer] = Field(default_factory=list)
+    tunnels: list[AgentTunnel] = Field(default_factory=list)
+
+
+class AgentConfigMessage(CamelModel):
+    type: Literal["config"] = "config"
+    data: AgentConfig
+
+
+# --- What control sends to a gateway -----------------------------------------------------------
+
+
+class GatewaySelf(CamelModel):
+    id: UUID
+    public_ip: PublicIPv4
+    name: ResourceName | None = None
+    index: Annotated[int, Field(ge=1, le=99)]
+    """Gateway index g: its address toward agent N is 10.N.0.g."""
+    wireguard_port: Port = 51820
+    http_port: Port = 80
+    https_port: Port = 443
+    wireguard_private_key: WireGuardKey | None = None
+    """Sent only over TLS or loopback, to edges that do not already hold it."""
+
+
+class AgentPeer(CamelModel):
+    """An agent as a gateway sees it: a WireGuard peer that dials in."""
+
+    id: UUID
+    virtual_ip: IPv4Text
+    subnet: CidrText
+    wireguard_public_key: WireGuardKey
+    address: IPv4Text
+    """This gateway's own address inside the agent's subnet (10.N.0.g)."""
+
+
+class GatewayTunnel(CamelModel):
+    domain: DomainName
+    agent_virtual_ip: IPv4Text
+    target: TargetAddress
+    enabled: bool = True
+
+
+class CertificateBundle(CamelModel):
+    domain: DomainName
+    certificate: str
+    """Full chain, PEM."""
+    private_key: str
+    """PEM; sent only over TLS or loopback."""
+
+
+class AcmeChallenge(CamelModel):
+    """A pending HTTP-01 challenge: serve ``key_authorization`` at
+    ``/.well-known/acme-challenge/<token>`` for ``domain``."""
+
+    domain: DomainName
+    token: Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_-]+$")]
+    key_authorization: Annotated[str, Field(min_length=1, max_length=512)]
+
+
+class GatewayConfig(CamelModel):
+    version: ConfigVersion
+    gateway: GatewaySelf
+    agents: list[AgentPeer] = Field(default_factory=list)
+    tunnels: list[GatewayTunnel] = Field(default_factory=list)
+    certificates: list[CertificateBundle] = Field(default_factory=list)
+    acme_challenges: list[AcmeChallenge] = Field(default_factory=list)
+
+
+class GatewayConfigMessage(CamelModel):
+    type: Literal["config"] = "config"
+    data: GatewayConfig
+
+
+# --- Either role -------------------------------------------------------------------------------
+
+
+class Identity(CamelModel):
+    """A node's own credentials, issued to an in-cluster gateway pod on first contact."""
+
+    name: ResourceName
+    api_key: ApiKey
+
+
+class IdentityMessage(CamelModel):
+    type: Literal["identity"] = "identity"
+    data: Identity
+
+
+class ErrorMessage(CamelModel):
+    """Sent before control closes a connection for a reason the edge can act on."""
+
+    type: Literal["error"] = "error"
+    code: Annotated[str, Field(max_length=64)]
+    message: Annotated[str, Field(max_length=4096)]
+
+
+class ServerHeartbeat(CamelModel):
+    type: Literal["heartbeat"] = "heartbeat"
+    sent_at: datetime | None = None
+
+
+AgentInbound = Annotated[
+    AgentConfigMessage | ErrorMessage | ServerHeartbeat, Field(discriminator="type")
+]
+GatewayInbound = Annotated[
+    GatewayConfigMessage | IdentityMessage | ErrorMessage | ServerHeartbeat,
+    Field(discriminator="type"),
+]
+agent_inbound: TypeAdapter[AgentInbound] = TypeAdapter(AgentInbound)
+gateway_inbound: TypeAdapter[GatewayInbound] = TypeAdapter(GatewayInbound)
+
+
+def encode(message: CamelModel) -> str:
+    """One frame: JSON with camelCase names, unset optional values left out."""
+    return message.model_dump_json(by_alias=True, exclude_none=True)

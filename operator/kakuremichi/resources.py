@@ -1,0 +1,437 @@
+"""The four custom resources: Agent, Gateway, Tunnel and Certificate.
+
+These models are the single definition of each resource: the operator parses objects with them and
+``kakuremichi crds`` generates the CRD YAML from them (:mod:`kakuremichi.crd`). Everything the
+data-model document calls generated (API keys, WireGuard keys, subnets, addresses) lives in status,
+never in spec, so a user's manifest holds only intent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Annotated, Any, Generic, Literal, Self, TypeVar
+
+from pydantic import ConfigDict, Field, model_validator
+
+from kakuremichi.conditions import Condition
+from kakuremichi.fields import (
+    CamelModel,
+    DomainName,
+    PublicIPv4,
+    RegionName,
+    ResourceName,
+    TargetAddress,
+    cel_rule,
+)
+
+GROUP = "kakuremichi.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+CATEGORY = "kakuremichi"
+
+EdgeState = Literal["online", "offline", "error"]
+Port = Annotated[int, Field(ge=1, le=65535)]
+SecretName = Annotated[
+    str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+]
+
+
+class CommonStatus(CamelModel):
+    """Fields every kind reports."""
+
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    """Current state; ``Ready`` summarises it."""
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    """The ``metadata.generation`` this status was computed from."""
+
+
+class EdgeStatus(CommonStatus):
+    """Status shared by the two kinds of edge (agents and gateways)."""
+
+    state: EdgeState = "offline"
+    """Connection state of the edge: online, offline or error."""
+    last_seen_at: datetime | None = None
+    """Last time the edge was heard from on the control channel."""
+    credentials_secret: ResourceName | None = None
+    """Secret holding the API key and the WireGuard private key."""
+
+
+# --- Agent -------------------------------------------------------------------------------------
+
+
+class AgentSpec(CamelModel):
+    """An agent runs beside the origin and carries its tunnels' traffic over WireGuard."""
+
+    display_name: Annotated[str, Field(max_length=128)] | None = None
+    """Free-form name shown to people, e.g. "home server"."""
+
+
+class AgentStatus(EdgeStatus):
+    """Generated identity and connection state of an agent."""
+
+    subnet: Annotated[str, Field(max_length=18)] | None = None
+    """The agent's own /24, e.g. 10.1.0.0/24 (allocated by the operator)."""
+    virtual_ip: Annotated[str, Field(max_length=15)] | None = Field(default=None, alias="virtualIP")
+    """The agent's WireGuard address, e.g. 10.1.0.100 (the .100 of its subnet)."""
+    wireguard_public_key: Annotated[str, Field(max_length=64)] | None = None
+    """The agent's WireGuard public key."""
+
+
+# --- Gateway -----------------------------------------------------------------------------------
+
+
+class Toleration(CamelModel):
+    """A toleration for the gateway DaemonSet's pods (as in a Pod spec)."""
+
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class GatewayPorts(CamelModel):
+    """Ports a gateway listens on, on its host's network."""
+
+    http: Port = 80
+    """Plain HTTP: ACME HTTP-01 challenges and the redirect to HTTPS."""
+    https: Port = 443
+    """HTTPS, where tunnels are served."""
+    wireguard: Port = 51820
+    """WireGuard UDP port agents connect to."""
+
+    @model_validator(mode="after")
+    def _distinct_tcp_ports(self) -> Self:
+        if self.http == self.https:
+            raise ValueError("http and https must be different ports")
+        return self
+
+
+GatewayMode = Literal["InCluster", "External"]
+
+
+class GatewaySpec(CamelModel):
+    """A pool of public entry nodes that terminate TLS and forward to agents over WireGuard."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel_rule(
+                    "self.mode == 'InCluster' || ("
+                    "(!has(self.nodeSelector) || size(self.nodeSelector) == 0) && "
+                    "(!has(self.tolerations) || size(self.tolerations) == 0))",
+                    "nodeSelector and tolerations apply only to mode InCluster",
+                )
+            ]
+        }
+    )
+
+    mode: GatewayMode = "InCluster"
+    """InCluster: a DaemonSet on the selected nodes, one gateway instance per node.
+    External: a single host outside the cluster, installed with the one-line installer."""
+    public_ip: Annotated[PublicIPv4 | None, Field(alias="publicIP")] = None
+    """Public IPv4 address; detected (node address, or the address the gateway connects from)
+    when absent. Pinning it is allowed only for a pool of one instance."""
+    region: RegionName | None = None
+    """Where the gateway runs, e.g. tokyo."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Nodes the DaemonSet runs on (mode InCluster)."""
+    tolerations: list[Toleration] = Field(default_factory=list)
+    """Taints the DaemonSet tolerates (mode InCluster)."""
+    ports: GatewayPorts = Field(default_factory=GatewayPorts)
+    """Listening ports."""
+
+    @model_validator(mode="after")
+    def _placement_only_in_cluster(self) -> Self:
+        if self.mode == "External" and (self.node_selector or self.tolerations):
+            raise ValueError("nodeSelector and tolerations apply only to mode InCluster")
+        return self
+
+
+class GatewayInstanceStatus(CamelModel):
+    """One running gateway of the pool (one node of the DaemonSet, or the external host)."""
+
+    name: ResourceName
+    """Instance name: the node name for InCluster pools, the Gateway's name for External ones."""
+    index: Annotated[int, Field(ge=1, le=99)]
+    """Stable gateway index g: the instance's WireGuard address toward agent N is 10.N.0.g."""
+    public_ip: Annotated[PublicIPv4 | None, Field(alias="publicIP")] = None
+    """The instance's public address."""
+    wireguard_public_key: Annotated[str, Field(max_length=64)] | None = None
+    """The instance's WireGuard public key."""
+    state: EdgeState = "offline"
+    """Connection state."""
+    last_seen_at: datetime | None = None
+    """Last time the instance was heard from."""
+
+
+class GatewayStatus(EdgeStatus):
+    """Connection state of the pool and each of its instances."""
+
+    public_ip: Annotated[PublicIPv4 | None, Field(alias="publicIP")] = None
+    """Public address of the pool (of its first instance when there are several)."""
+    instances: list[GatewayInstanceStatus] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    """The pool's instances."""
+
+
+# --- Certificates and Tunnels ------------------------------------------------------------------
+
+Issuer = Literal["ACME", "Secret"]
+"""ACME: the operator obtains and renews the certificate and writes it to the Secret.
+Secret: the user maintains a kubernetes.io/tls Secret; the operator reads and validates it."""
+
+_SECRET_NEEDS_NAME = cel_rule(
+    "self.issuer != 'Secret' || has(self.secretName)",
+    "secretName is required when issuer is Secret",
+)
+
+
+class TunnelTLS(CamelModel):
+    """How a tunnel's certificate is obtained."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [_SECRET_NEEDS_NAME]})
+
+    issuer: Issuer = "ACME"
+    """ACME (default): obtained and renewed automatically. Secret: an existing kubernetes.io/tls
+    Secret in the tunnel's namespace."""
+    secret_name: SecretName | None = None
+    """The Secret to read (issuer Secret) or to write (issuer ACME; default <tunnel>-tls)."""
+
+    @model_validator(mode="after")
+    def _secret_needs_name(self) -> Self:
+        if self.issuer == "Secret" and self.secret_name is None:
+            raise ValueError("secretName is required when issuer is Secret")
+        return self
+
+
+class TunnelSpec(CamelModel):
+    """Publishes ``domain`` on every gateway and forwards it through ``agent`` to ``target``."""
+
+    domain: DomainName
+    """Public DNS name, e.g. app.example.com; unique across the cluster."""
+    agent: ResourceName
+    """Name of the Agent (same namespace) that reaches the target."""
+    target: TargetAddress
+    """host:port the agent forwards to, e.g. localhost:8080."""
+    enabled: bool = True
+    """When false the tunnel is kept but not routed."""
+    description: Annotated[str, Field(max_length=1024)] | None = None
+    """Free-form note."""
+    tls: TunnelTLS = Field(default_factory=TunnelTLS)
+    """Certificate source."""
+
+
+class TunnelStatus(CommonStatus):
+    """Where the tunnel is published and whether it serves."""
+
+    url: Annotated[str, Field(max_length=300)] | None = None
+    """The public URL, e.g. https://app.example.com."""
+    certificate: ResourceName | None = None
+    """Name of the Certificate resource that serves this tunnel."""
+
+
+class CertificateSpec(CamelModel):
+    """A TLS certificate for one domain, served by every gateway."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [_SECRET_NEEDS_NAME]})
+
+    domain: DomainName
+    """The DNS name the certificate is for."""
+    secret_name: SecretName
+    """kubernetes.io/tls Secret holding tls.crt and tls.key."""
+    issuer: Issuer = "ACME"
+    """ACME (default) or Secret (user-maintained)."""
+    auto_renew: bool = True
+    """Renew before expiry (issuer ACME)."""
+
+
+class CertificateStatus(CommonStatus):
+    """Validity of the certificate currently served."""
+
+    not_before: datetime | None = None
+    """Start of validity."""
+    not_after: datetime | None = None
+    """Expiry."""
+    renewal_time: datetime | None = None
+    """When renewal is due."""
+    last_renewed_at: datetime | None = None
+    """When the certificate was last issued or renewed."""
+
+
+# --- Objects -----------------------------------------------------------------------------------
+
+
+class ObjectMeta(CamelModel):
+    """The parts of ``metadata`` the operator reads."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: ResourceName
+    namespace: str | None = None
+    uid: str | None = None
+    generation: int | None = None
+    creation_timestamp: datetime | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+SpecT = TypeVar("SpecT", bound=CamelModel)
+StatusT = TypeVar("StatusT", bound=CommonStatus)
+
+
+class Resource(CamelModel, Generic[SpecT, StatusT]):
+    """A whole custom object as the API server returns it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    api_version: Literal["kakuremichi.io/v1alpha1"] = "kakuremichi.io/v1alpha1"
+    kind: str
+    metadata: ObjectMeta
+    spec: SpecT
+    status: StatusT | None = None
+
+
+Agent = Resource[AgentSpec, AgentStatus]
+Gateway = Resource[GatewaySpec, GatewayStatus]
+Tunnel = Resource[TunnelSpec, TunnelStatus]
+Certificate = Resource[CertificateSpec, CertificateStatus]
+
+
+# --- Definitions for the CRDs ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PrinterColumn:
+    name: str
+    json_path: str
+    type: Literal["string", "integer", "number", "boolean", "date"] = "string"
+    priority: int = 0
+    description: str = ""
+
+    def to_crd(self) -> dict[str, Any]:
+        column: dict[str, Any] = {"name": self.name, "type": self.type, "jsonPath": self.json_path}
+        if self.priority:
+            column["priority"] = self.priority
+        if self.description:
+            column["description"] = self.description
+        return column
+
+
+READY_COLUMN = PrinterColumn("Ready", '.status.conditions[?(@.type=="Ready")].status')
+REASON_COLUMN = PrinterColumn("Reason", '.status.conditions[?(@.type=="Ready")].reason', priority=1)
+AGE_COLUMN = PrinterColumn("Age", ".metadata.creationTimestamp", "date")
+
+
+@dataclass(frozen=True)
+class ResourceKind:
+    """Everything that names a kind in the API."""
+
+    kind: str
+    plural: str
+    short_names: tuple[str, ...]
+    namespaced: bool
+    model: type[Resource[Any, Any]]
+    spec: type[CamelModel]
+    status: type[CommonStatus]
+    columns: tuple[PrinterColumn, ...]
+    spec_required: bool = True
+    categories: tuple[str, ...] = field(default=(CATEGORY,))
+
+    @property
+    def singular(self) -> str:
+        return self.kind.lower()
+
+    @property
+    def crd_name(self) -> str:
+        return f"{self.plural}.{GROUP}"
+
+
+AGENT = ResourceKind(
+    kind="Agent",
+    plural="agents",
+    short_names=("kmagent",),
+    namespaced=True,
+    model=Agent,
+    spec=AgentSpec,
+    status=AgentStatus,
+    spec_required=False,
+    columns=(
+        PrinterColumn("Subnet", ".status.subnet"),
+        PrinterColumn("Virtual IP", ".status.virtualIP"),
+        PrinterColumn("State", ".status.state"),
+        PrinterColumn("Last Seen", ".status.lastSeenAt", "date"),
+        READY_COLUMN,
+        REASON_COLUMN,
+        AGE_COLUMN,
+    ),
+)
+
+GATEWAY = ResourceKind(
+    kind="Gateway",
+    plural="gateways",
+    short_names=("kmgw",),
+    namespaced=False,
+    model=Gateway,
+    spec=GatewaySpec,
+    status=GatewayStatus,
+    spec_required=False,
+    columns=(
+        PrinterColumn("Mode", ".spec.mode"),
+        PrinterColumn("Public IP", ".status.publicIP"),
+        PrinterColumn("Region", ".spec.region"),
+        PrinterColumn("State", ".status.state"),
+        PrinterColumn("Last Seen", ".status.lastSeenAt", "date"),
+        READY_COLUMN,
+        REASON_COLUMN,
+        AGE_COLUMN,
+    ),
+)
+
+TUNNEL = ResourceKind(
+    kind="Tunnel",
+    plural="tunnels",
+    short_names=("kmtunnel", "kmtun"),
+    namespaced=True,
+    model=Tunnel,
+    spec=TunnelSpec,
+    status=TunnelStatus,
+    columns=(
+        PrinterColumn("Domain", ".spec.domain"),
+        PrinterColumn("Agent", ".spec.agent"),
+        PrinterColumn("Target", ".spec.target"),
+        PrinterColumn("Enabled", ".spec.enabled", "boolean", priority=1),
+        READY_COLUMN,
+        REASON_COLUMN,
+        PrinterColumn("URL", ".status.url", priority=1),
+        AGE_COLUMN,
+    ),
+)
+
+CERTIFICATE = ResourceKind(
+    kind="Certificate",
+    plural="certificates",
+    short_names=("kmcert",),
+    namespaced=True,
+    model=Certificate,
+    spec=CertificateSpec,
+    status=CertificateStatus,
+    columns=(
+        PrinterColumn("Domain", ".spec.domain"),
+        PrinterColumn("Issuer", ".spec.issuer"),
+        PrinterColumn("Secret", ".spec.secretName", priority=1),
+        READY_COLUMN,
+        REASON_COLUMN,
+        PrinterColumn("Expires", ".status.notAfter", "date"),
+        PrinterColumn("Renewal", ".status.renewalTime", "date", priority=1),
+        AGE_COLUMN,
+    ),
+)
+
+KINDS: tuple[ResourceKind, ...] = (AGENT, GATEWAY, TUNNEL, CERTIFICATE)

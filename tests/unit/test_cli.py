@@ -1,0 +1,103 @@
+"""The ``kakuremichi`` command as a user runs it."""
+
+from __future__ import annotations
+
+import base64
+import sqlite3
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kakuremichi.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_console_script_runs_as_a_program() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kakuremichi", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "crds" in result.stdout and "db" in result.stdout
+
+
+def test_crds_check_passes_on_the_repository(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["crds", "--check", str(REPO / "crds")]) == 0
+
+
+def test_crds_check_fails_on_a_stale_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["crds", "--check", str(tmp_path)]) == 1
+    assert "kakuremichi crds --output-dir" in capsys.readouterr().err
+    assert main(["crds", "--output-dir", str(tmp_path)]) == 0
+    assert main(["crds", "--check", str(tmp_path)]) == 0
+
+
+def test_crds_print_all_kinds(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["crds"]) == 0
+    out = capsys.readouterr().out
+    for name in ("agents", "gateways", "tunnels", "certificates"):
+        assert f"name: {name}.kakuremichi.io" in out
+
+
+def test_db_upgrade_creates_the_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "nested" / "k.db"
+    assert main(["db", "upgrade", "--db", f"sqlite:///{path}"]) == 0
+    assert "at revision" in capsys.readouterr().out
+    tables = {
+        row[0]
+        for row in sqlite3.connect(path).execute(
+            "SELECT name FROM sqlite_master WHERE type='table'"
+        )
+    }
+    assert {"agents", "gateways", "tunnels", "certificates"} <= tables
+    assert main(["db", "current", "--db", f"sqlite:///{path}"]) == 0
+
+
+def test_db_new_key_writes_a_private_file_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "seal.key"
+    assert main(["db", "new-key", "--output", str(path)]) == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(base64.b64decode(path.read_text())) == 32
+    assert main(["db", "new-key", "--output", str(path)]) == 1
+    assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_validate_reports_each_problem_with_its_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = tmp_path / "tunnel.yaml"
+    manifest.write_text(
+        """
+apiVersion: kakuremichi.io/v1alpha1
+kind: Tunnel
+metadata: {name: app}
+spec: {domain: app.example.com, agent: home, target: "localhost:8080"}
+---
+apiVersion: kakuremichi.io/v1alpha1
+kind: Tunnel
+metadata: {name: broken}
+spec: {domain: "app.example.com.", agent: home, target: "localhost:0"}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: ignored}
+"""
+    )
+    assert main(["validate", str(manifest)]) == 1
+    captured = capsys.readouterr()
+    assert "#1 Tunnel/app: valid" in captured.out
+    assert (
+        "#2 Tunnel/broken: spec.domain: 'app.example.com.' must not end with a dot" in captured.err
+    )
+    assert "#2 Tunnel/broken: spec.target: 'localhost:0': port must be between 1 and 65535" in (
+        captured.err
+    )
+    assert "ConfigMap" not in captured.out + captured.err

@@ -1,0 +1,148 @@
+"""Custom resources as users write them: camelCase YAML in, errors that name the field out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from kakuremichi.fields import describe_errors
+from kakuremichi.resources import (
+    Agent,
+    AgentStatus,
+    Certificate,
+    Gateway,
+    Tunnel,
+)
+
+
+def load(text: str) -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load(text)
+    return document
+
+
+TUNNEL = """
+apiVersion: kakuremichi.io/v1alpha1
+kind: Tunnel
+metadata: {name: app, namespace: default, uid: 4b0b6c1e-9d3a-4d0e-8a53-0d2f1f7f1a11}
+spec:
+  domain: app.example.com
+  agent: home-server
+  target: localhost:8080
+"""
+
+
+def test_tunnel_defaults() -> None:
+    tunnel = Tunnel.model_validate(load(TUNNEL))
+    assert tunnel.spec.enabled is True
+    assert tunnel.spec.tls.issuer == "ACME"
+    assert tunnel.spec.tls.secret_name is None
+    assert tunnel.metadata.namespace == "default"
+    assert tunnel.status is None
+
+
+def test_agent_with_empty_spec_and_generated_status() -> None:
+    agent = Agent.model_validate(
+        {
+            "kind": "Agent",
+            "metadata": {"name": "home-server"},
+            "spec": {},
+            "status": {
+                "subnet": "10.1.0.0/24",
+                "virtualIP": "10.1.0.100",
+                "state": "online",
+                "credentialsSecret": "home-server-credentials",
+            },
+        }
+    )
+    assert agent.status is not None
+    assert agent.status.virtual_ip == "10.1.0.100"
+    dumped = agent.status.model_dump(by_alias=True, exclude_none=True)
+    assert dumped["virtualIP"] == "10.1.0.100" and dumped["state"] == "online"
+
+
+def test_generated_values_are_not_part_of_the_agent_spec() -> None:
+    with pytest.raises(ValidationError, match=r"spec\.subnet"):
+        Agent.model_validate({"kind": "Agent", "metadata": {"name": "a"}, "spec": {"subnet": "x"}})
+
+
+def errors_of(model: Any, document: dict[str, Any]) -> list[str]:
+    with pytest.raises(ValidationError) as error:
+        model.model_validate(document)
+    return describe_errors(error.value)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        (("spec", "domain"), "*.example.com", "spec.domain: '*.example.com': wildcard"),
+        (("spec", "domain"), "10.0.0.1", "spec.domain: '10.0.0.1' is an IP address"),
+        (("spec", "target"), "localhost", "spec.target: 'localhost' must be host:port"),
+        (("spec", "target"), "localhost:70000", "spec.target: 'localhost:70000': port must be"),
+        (("spec", "agent"), "Home_Server", "spec.agent: 'Home_Server' is not a valid name"),
+        (("metadata", "name"), "App", "metadata.name: 'App' is not a valid name"),
+        (("spec", "tls"), {"issuer": "Secret"}, "spec.tls: secretName is required"),
+        (("spec", "tls"), {"issuer": "Vault"}, "spec.tls.issuer: Input should be 'ACME' or"),
+    ],
+)
+def test_tunnel_errors_name_the_field_and_why(
+    path: tuple[str, str], value: Any, expected: str
+) -> None:
+    document = load(TUNNEL)
+    document[path[0]][path[1]] = value
+    lines = errors_of(Tunnel, document)
+    assert any(line.startswith(expected) for line in lines), lines
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ({"publicIP": "127.0.0.1"}, "spec.publicIP: '127.0.0.1' is a loopback address"),
+        ({"publicIP": "300.1.1.1"}, "spec.publicIP: '300.1.1.1' is not a valid IPv4 address"),
+        ({"region": "Tokyo"}, "spec.region: 'Tokyo' is not a valid region"),
+        ({"ports": {"http": 0}}, "spec.ports.http: Input should be greater than or equal to 1"),
+        ({"ports": {"http": 443}}, "spec.ports: http and https must be different ports"),
+        ({"mode": "External", "nodeSelector": {"a": "b"}}, "spec: nodeSelector and tolerations"),
+    ],
+)
+def test_gateway_errors_name_the_field(spec: dict[str, Any], expected: str) -> None:
+    lines = errors_of(Gateway, {"kind": "Gateway", "metadata": {"name": "edge"}, "spec": spec})
+    assert any(line.startswith(expected) for line in lines), lines
+
+
+def test_gateway_defaults_for_a_daemonset() -> None:
+    gateway = Gateway.model_validate(
+        {
+            "kind": "Gateway",
+            "metadata": {"name": "edge"},
+            "spec": {"nodeSelector": {"role": "edge"}, "tolerations": [{"operator": "Exists"}]},
+        }
+    )
+    assert gateway.spec.mode == "InCluster"
+    assert (gateway.spec.ports.http, gateway.spec.ports.https, gateway.spec.ports.wireguard) == (
+        80,
+        443,
+        51820,
+    )
+    assert gateway.spec.public_ip is None
+
+
+def test_certificate_requires_domain_and_secret() -> None:
+    lines = errors_of(Certificate, {"kind": "Certificate", "metadata": {"name": "c"}, "spec": {}})
+    assert "spec.domain: Field required" in lines
+    assert "spec.secretName: Field required" in lines
+    certificate = Certificate.model_validate(
+        {
+            "kind": "Certificate",
+            "metadata": {"name": "c"},
+            "spec": {"domain": "app.example.com", "secretName": "app-tls"},
+        }
+    )
+    assert certificate.spec.auto_renew is True and certificate.spec.issuer == "ACME"
+
+
+def test_status_round_trip_keeps_camel_case_names() -> None:
+    status = AgentStatus(subnet="10.2.0.0/24", virtual_ip="10.2.0.100")
+    assert AgentStatus.model_validate(status.model_dump(by_alias=True)) == status
