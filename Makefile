@@ -5,17 +5,25 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help deps venv lint typecheck test test-unit crds clean
+.PHONY: help deps venv binaries lint typecheck test test-unit test-integration crds \
+	cluster-up cluster-down clean
 
 help:
 	@echo "make test        install what is needed, then lint, type-check and run every test tier"
 	@echo "make test-unit   the fast tier: no root, no network namespaces"
+	@echo "make test-integration  real API server, Pebble, WireGuard, network namespaces (root)"
+	@echo "make cluster-up  a local API server for kubectl (hack/cluster.sh); make cluster-down"
 	@echo "make crds        regenerate crds/ from the models"
 	@echo "make lint        ruff check + format check; make typecheck: mypy --strict"
 
-# System packages the tests use (wg for key compatibility); installed only when missing.
+# System packages the tests use; installed only when missing.
 deps:
 	@hack/install-deps.sh
+
+# kube-apiserver, etcd, kube-controller-manager, kubectl, helm, Pebble: built from the Go module
+# proxy into ~/.cache/kakuremichi (reused when present).
+binaries:
+	@hack/build-binaries.sh >/dev/null
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,9 +46,19 @@ crds: $(STAMP)
 test-unit: $(STAMP)
 	$(BIN)/pytest tests/unit
 
-test: deps $(STAMP) lint typecheck
+test-integration: deps binaries $(STAMP)
+	$(BIN)/pytest tests/integration
+
+test: deps binaries $(STAMP) lint typecheck
 	$(BIN)/kakuremichi crds --check crds
 	$(BIN)/pytest tests
+
+cluster-up: binaries
+	@hack/cluster.sh up >/dev/null
+	@hack/cluster.sh env
+
+cluster-down:
+	@hack/cluster.sh down
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

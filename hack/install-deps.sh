@@ -1,22 +1,35 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the test suite uses, when they are missing and we are root.
-# Without root it only reports what is missing; tests that need a missing tool skip with a reason.
+# Installs the Debian packages the test suite and the demo use, when they are missing and we are
+# root. Without root it only reports what is missing; tests that need a missing tool skip with
+# the reason. Go (for hack/build-binaries.sh) must already be installed: Debian's is too old.
 set -euo pipefail
 
-packages=(wireguard-tools)
-commands=(wg)
+# command:package pairs
+wanted=(
+  wg:wireguard-tools
+  wireguard-go:wireguard-go
+  ip:iproute2
+  curl:curl
+  openssl:openssl
+  setsid:util-linux
+  flock:util-linux
+  shellcheck:shellcheck
+)
 
 missing=()
-for i in "${!commands[@]}"; do
-  command -v "${commands[$i]}" >/dev/null 2>&1 || missing+=("${packages[$i]}")
+for pair in "${wanted[@]}"; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
-[ ${#missing[@]} -eq 0 ] && exit 0
-
-if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-  echo "install-deps: missing ${missing[*]} (needs root and apt-get); dependent tests will skip" >&2
-  exit 0
+if [ ${#missing[@]} -gt 0 ]; then
+  mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
+  if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "install-deps: missing ${missing[*]} (needs root and apt-get); dependent tests will skip" >&2
+  else
+    echo "install-deps: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
 fi
-echo "install-deps: installing ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+command -v go >/dev/null 2>&1 || echo "install-deps: go is not installed; hack/build-binaries.sh needs it" >&2
+exit 0

@@ -71,7 +71,9 @@ def _convert(node: dict[str, Any], definitions: dict[str, Any]) -> dict[str, Any
             if isinstance(value, dict):
                 converted[key] = _convert(value, definitions)
         elif key == "default":
-            if value not in (None, [], {}):
+            # {} on an object with properties makes the API server fill in its fields' defaults
+            # when the object is left out; empty lists, maps and nulls are just noise.
+            if value not in (None, [], {}) or (value == {} and "properties" in node):
                 converted[key] = value
         elif key == "description":
             converted[key] = " ".join(value.replace("``", "").split())
@@ -107,6 +109,8 @@ def custom_resource_definition(kind: ResourceKind) -> dict[str, Any]:
     }
     if kind.spec_required:
         root["required"] = ["spec"]
+    else:
+        spec_schema["default"] = {}
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",

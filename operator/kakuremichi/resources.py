@@ -121,7 +121,7 @@ class GatewaySpec(CamelModel):
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel_rule(
-                    "self.mode == 'InCluster' || ("
+                    "!has(self.mode) || self.mode == 'InCluster' || ("
                     "(!has(self.nodeSelector) || size(self.nodeSelector) == 0) && "
                     "(!has(self.tolerations) || size(self.tolerations) == 0))",
                     "nodeSelector and tolerations apply only to mode InCluster",
@@ -142,7 +142,7 @@ class GatewaySpec(CamelModel):
     """Nodes the DaemonSet runs on (mode InCluster)."""
     tolerations: list[Toleration] = Field(default_factory=list)
     """Taints the DaemonSet tolerates (mode InCluster)."""
-    ports: GatewayPorts = Field(default_factory=GatewayPorts)
+    ports: GatewayPorts = Field(default_factory=GatewayPorts, json_schema_extra={"default": {}})
     """Listening ports."""
 
     @model_validator(mode="after")
@@ -188,7 +188,7 @@ Issuer = Literal["ACME", "Secret"]
 Secret: the user maintains a kubernetes.io/tls Secret; the operator reads and validates it."""
 
 _SECRET_NEEDS_NAME = cel_rule(
-    "self.issuer != 'Secret' || has(self.secretName)",
+    "!has(self.issuer) || self.issuer != 'Secret' || has(self.secretName)",
     "secretName is required when issuer is Secret",
 )
 
@@ -224,7 +224,7 @@ class TunnelSpec(CamelModel):
     """When false the tunnel is kept but not routed."""
     description: Annotated[str, Field(max_length=1024)] | None = None
     """Free-form note."""
-    tls: TunnelTLS = Field(default_factory=TunnelTLS)
+    tls: TunnelTLS = Field(default_factory=TunnelTLS, json_schema_extra={"default": {}})
     """Certificate source."""
 
 

@@ -1,0 +1,183 @@
+"""What each edge should run, computed from the control plane's view of the resources.
+
+Pure functions: the control server keeps a :class:`Topology` up to date from the reconcilers and
+renders each connected edge's ``config`` from it. Which tunnel owns a domain is decided here too
+(:func:`domain_holders`): the claim with the oldest creation timestamp, so the answer is the same
+after any restart and a second claim never displaces the first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from uuid import UUID
+
+from kakuremichi import addressing
+from kakuremichi.protocol import (
+    AcmeChallenge,
+    AgentConfig,
+    AgentPeer,
+    AgentSelf,
+    AgentTunnel,
+    CertificateBundle,
+    GatewayConfig,
+    GatewayPeer,
+    GatewaySelf,
+    GatewayTunnel,
+)
+
+
+@dataclass(frozen=True)
+class AgentNode:
+    """An Agent that has its addresses and keys."""
+
+    id: UUID
+    namespace: str
+    name: str
+    subnet_number: int
+    public_key: str
+
+    @property
+    def virtual_ip(self) -> str:
+        return str(addressing.virtual_ip_for(self.subnet_number))
+
+    @property
+    def subnet(self) -> str:
+        return str(addressing.subnet_for(self.subnet_number))
+
+
+@dataclass(frozen=True)
+class GatewayNode:
+    """One gateway instance (a DaemonSet node or an external host) that has an address."""
+
+    id: UUID
+    name: str
+    index: int
+    public_ip: str
+    public_key: str
+    wireguard_port: int = 51820
+    http_port: int = 80
+    https_port: int = 443
+
+
+@dataclass(frozen=True, order=True)
+class Claim:
+    """A Tunnel's claim on its domain; ordering is the tie-break for who holds it."""
+
+    created: datetime
+    namespace: str
+    name: str
+
+
+@dataclass(frozen=True)
+class Route:
+    domain: str
+    agent_id: UUID
+    target: str
+    enabled: bool
+    claim: Claim
+
+
+@dataclass(frozen=True)
+class Topology:
+    agents: Mapping[UUID, AgentNode] = field(default_factory=dict)
+    gateways: Mapping[UUID, GatewayNode] = field(default_factory=dict)
+    routes: tuple[Route, ...] = ()
+    certificates: Mapping[str, CertificateBundle] = field(default_factory=dict)
+    challenges: tuple[AcmeChallenge, ...] = ()
+
+    def served_routes(self) -> list[Route]:
+        """Routes whose agent exists and whose claim holds the domain, sorted by domain."""
+        holders = domain_holders((r.domain, r.claim) for r in self.routes)
+        return sorted(
+            (r for r in self.routes if holders[r.domain] == r.claim and r.agent_id in self.agents),
+            key=lambda r: r.domain,
+        )
+
+
+def domain_holders(claims: Iterable[tuple[str, Claim]]) -> dict[str, Claim]:
+    """Domain → the claim that holds it: the oldest, then by namespace and name."""
+    holders: dict[str, Claim] = {}
+    for domain, claim in claims:
+        if domain not in holders or claim < holders[domain]:
+            holders[domain] = claim
+    return holders
+
+
+def agent_config(
+    topology: Topology, agent_id: UUID, version: int, private_key: str | None = None
+) -> AgentConfig:
+    agent = topology.agents[agent_id]
+    gateways = sorted(topology.gateways.values(), key=lambda g: g.index)
+    return AgentConfig(
+        version=version,
+        agent=AgentSelf(
+            id=agent.id,
+            virtual_ip=agent.virtual_ip,
+            subnet=agent.subnet,
+            wireguard_private_key=private_key,
+        ),
+        gateways=[
+            GatewayPeer(
+                id=gateway.id,
+                public_ip=gateway.public_ip,
+                wireguard_public_key=gateway.public_key,
+                wireguard_port=gateway.wireguard_port,
+                address=str(addressing.gateway_address(agent.subnet_number, gateway.index)),
+            )
+            for gateway in gateways
+        ],
+        tunnels=[
+            AgentTunnel(domain=route.domain, target=route.target, enabled=route.enabled)
+            for route in topology.served_routes()
+            if route.agent_id == agent_id
+        ],
+    )
+
+
+def gateway_config(
+    topology: Topology, gateway_id: UUID, version: int, private_key: str | None = None
+) -> GatewayConfig:
+    gateway = topology.gateways[gateway_id]
+    agents = sorted(topology.agents.values(), key=lambda a: a.subnet_number)
+    routes = topology.served_routes()
+    served_domains = {route.domain for route in routes}
+    return GatewayConfig(
+        version=version,
+        gateway=GatewaySelf(
+            id=gateway.id,
+            public_ip=gateway.public_ip,
+            name=gateway.name,
+            index=gateway.index,
+            wireguard_port=gateway.wireguard_port,
+            http_port=gateway.http_port,
+            https_port=gateway.https_port,
+            wireguard_private_key=private_key,
+        ),
+        agents=[
+            AgentPeer(
+                id=agent.id,
+                virtual_ip=agent.virtual_ip,
+                subnet=agent.subnet,
+                wireguard_public_key=agent.public_key,
+                address=str(addressing.gateway_address(agent.subnet_number, gateway.index)),
+            )
+            for agent in agents
+        ],
+        tunnels=[
+            GatewayTunnel(
+                domain=route.domain,
+                agent_virtual_ip=topology.agents[route.agent_id].virtual_ip,
+                target=route.target,
+                enabled=route.enabled,
+            )
+            for route in routes
+        ],
+        certificates=[
+            bundle
+            for domain, bundle in sorted(topology.certificates.items())
+            if domain in served_domains
+        ],
+        acme_challenges=list(topology.challenges),
+    )

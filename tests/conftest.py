@@ -1,0 +1,16 @@
+"""Shared test configuration: tiers are marked by folder (unit, integration, e2e)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = Path(str(item.path)).relative_to(TESTS).parts[0]
+        if tier in ("integration", "e2e"):
+            item.add_marker(getattr(pytest.mark, tier))

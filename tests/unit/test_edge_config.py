@@ -1,0 +1,115 @@
+"""Each edge's config follows from the resources: every agent peers with every gateway, a domain
+belongs to its oldest claim, tunnels of missing agents are not routed."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from kakuremichi.credentials import generate_wireguard_keypair
+from kakuremichi.edge_config import (
+    AgentNode,
+    Claim,
+    GatewayNode,
+    Route,
+    Topology,
+    agent_config,
+    domain_holders,
+    gateway_config,
+)
+from kakuremichi.protocol import CertificateBundle
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def key() -> str:
+    return generate_wireguard_keypair().public_key
+
+
+HOME = AgentNode(uuid.uuid4(), "default", "home", 1, key())
+OFFICE = AgentNode(uuid.uuid4(), "team", "office", 2, key())
+TOKYO = GatewayNode(uuid.uuid4(), "tokyo", 1, "203.0.113.1", key())
+OSAKA = GatewayNode(uuid.uuid4(), "osaka", 2, "203.0.113.2", key(), wireguard_port=51821)
+
+
+def route(domain: str, agent: AgentNode, minutes: int = 0, name: str = "t", **kw: object) -> Route:
+    claim = Claim(T0 + timedelta(minutes=minutes), agent.namespace, name)
+    return Route(domain, agent.id, str(kw.get("target", "localhost:8080")),
+                 bool(kw.get("enabled", True)), claim)  # fmt: skip
+
+
+def topology(*routes: Route) -> Topology:
+    return Topology(
+        agents={a.id: a for a in (HOME, OFFICE)},
+        gateways={g.id: g for g in (TOKYO, OSAKA)},
+        routes=routes,
+        certificates={
+            "app.example.com": CertificateBundle(
+                domain="app.example.com", certificate="CHAIN", private_key="KEY"
+            ),
+            "gone.example.com": CertificateBundle(
+                domain="gone.example.com", certificate="CHAIN", private_key="KEY"
+            ),
+        },
+    )
+
+
+def test_agent_sees_every_gateway_at_its_address_in_the_agents_subnet() -> None:
+    config = agent_config(topology(route("app.example.com", OFFICE)), OFFICE.id, version=4)
+    assert config.version == 4
+    assert (config.agent.virtual_ip, config.agent.subnet) == ("10.2.0.100", "10.2.0.0/24")
+    assert [(g.address, g.public_ip, g.wireguard_port) for g in config.gateways] == [
+        ("10.2.0.1", "203.0.113.1", 51820),
+        ("10.2.0.2", "203.0.113.2", 51821),
+    ]
+    assert [(t.domain, t.target) for t in config.tunnels] == [("app.example.com", "localhost:8080")]
+    assert config.agent.wireguard_private_key is None
+
+
+def test_agent_gets_only_its_own_tunnels() -> None:
+    config = agent_config(
+        topology(route("app.example.com", OFFICE), route("home.example.com", HOME)), HOME.id, 1
+    )
+    assert [t.domain for t in config.tunnels] == ["home.example.com"]
+
+
+def test_gateway_sees_every_agent_and_its_own_addresses() -> None:
+    config = gateway_config(topology(route("app.example.com", HOME)), OSAKA.id, version=9)
+    assert config.gateway.index == 2
+    assert [(a.virtual_ip, a.address) for a in config.agents] == [
+        ("10.1.0.100", "10.1.0.2"),
+        ("10.2.0.100", "10.2.0.2"),
+    ]
+    assert [(t.domain, t.agent_virtual_ip) for t in config.tunnels] == [
+        ("app.example.com", "10.1.0.100")
+    ]
+    # Certificates only for domains that are served.
+    assert [c.domain for c in config.certificates] == ["app.example.com"]
+
+
+def test_oldest_claim_holds_a_domain_whatever_the_order() -> None:
+    first = route("app.example.com", HOME, minutes=0, name="first")
+    second = route("app.example.com", OFFICE, minutes=5, name="second", target="localhost:9")
+    for routes in ((first, second), (second, first)):
+        served = topology(*routes).served_routes()
+        assert [(r.claim.name, r.target) for r in served] == [("first", "localhost:8080")]
+    holders = domain_holders([("a.example.com", second.claim), ("a.example.com", first.claim)])
+    assert holders["a.example.com"] == first.claim
+
+
+def test_same_second_claims_break_ties_by_namespace_then_name() -> None:
+    a = Claim(T0, "alpha", "z")
+    b = Claim(T0, "beta", "a")
+    assert domain_holders([("x.example.com", b), ("x.example.com", a)])["x.example.com"] == a
+
+
+def test_tunnel_of_a_missing_agent_is_not_routed() -> None:
+    ghost = AgentNode(uuid.uuid4(), "default", "ghost", 9, key())
+    config = gateway_config(topology(route("ghost.example.com", ghost)), TOKYO.id, 1)
+    assert config.tunnels == []
+
+
+def test_disabled_tunnels_are_pushed_with_enabled_false() -> None:
+    config = gateway_config(topology(route("app.example.com", HOME, enabled=False)), TOKYO.id, 1)
+    assert [(t.domain, t.enabled) for t in config.tunnels] == [("app.example.com", False)]
+    assert [c.domain for c in config.certificates] == ["app.example.com"]
