@@ -68,7 +68,11 @@ def start(state_dir: Path) -> Cluster:
     kubectl = binaries.find("kubectl")
     assert kubectl is not None
     if os.environ.get(EXISTING_CLUSTER_FLAG) == "1":
-        return Cluster(Path(os.environ["KUBECONFIG"]), kubectl, None)
+        existing = Cluster(Path(os.environ["KUBECONFIG"]), kubectl, None)
+        crds = str(binaries.REPO / "crds")
+        existing.kubectl("apply", "--server-side", "-f", crds)
+        existing.kubectl("wait", "--for", "condition=Established", "-f", crds)
+        return existing
     env = {**os.environ, "KAKUREMICHI_CLUSTER_DIR": str(state_dir)}
     result = subprocess.run(
         [str(CLUSTER_SCRIPT), "up"], env=env, capture_output=True, text=True, check=False
