@@ -107,6 +107,33 @@ def _validate_document(
     return 0
 
 
+def _cmd_operator(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from kakuremichi.control import main as control_main
+    from kakuremichi.control.settings import ControlSettings
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    first, _, last = args.subnet_pool.partition("-")
+    settings = ControlSettings(
+        db_url=args.db,
+        control_listen=args.control_listen,
+        control_url=args.control_url,
+        sealing_key_file=args.sealing_key_file,
+        subnet_first=int(first),
+        subnet_last=int(last or first),
+        subnet_excluded=tuple(args.exclude_cidr),
+        namespaces=tuple(args.namespace),
+    )
+    settings.subnet_pool()  # refuse a bad pool before connecting anywhere
+    asyncio.run(control_main.run(settings, liveness_endpoint=args.liveness))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kakuremichi",
@@ -135,6 +162,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     db_key.add_argument("--output", metavar="PATH", help="write to PATH (mode 0600)")
     db_key.set_defaults(handler=_cmd_db_new_key)
+
+    operator = commands.add_parser(
+        "operator", help="run the control plane (reconcilers, SQLite mirror, control channel)"
+    )
+    operator.add_argument("--db", default=DEFAULT_DB_URL, help="SQLite mirror (sqlite:///PATH)")
+    operator.add_argument(
+        "--control-listen", default="127.0.0.1:8480", help="HOST:PORT for the control channel"
+    )
+    operator.add_argument(
+        "--control-url", default="http://127.0.0.1:8480", help="URL edges use to reach control"
+    )
+    operator.add_argument(
+        "--sealing-key-file", type=Path, help="key sealing database secrets (default: beside --db)"
+    )
+    operator.add_argument(
+        "--subnet-pool", default="1-254", metavar="FIRST-LAST",
+        help="agent subnets 10.N.0.0/24 for N in FIRST..LAST",
+    )  # fmt: skip
+    operator.add_argument(
+        "--exclude-cidr", action="append", default=[], metavar="CIDR",
+        help="skip agent subnets overlapping CIDR (repeatable), e.g. 10.96.0.0/12",
+    )  # fmt: skip
+    operator.add_argument(
+        "--namespace", action="append", default=[], metavar="NS",
+        help="watch only NS (repeatable); default: all namespaces",
+    )  # fmt: skip
+    operator.add_argument("--liveness", metavar="URL", help="e.g. http://0.0.0.0:8080/healthz")
+    operator.add_argument("-v", "--verbose", action="store_true")
+    operator.set_defaults(handler=_cmd_operator)
 
     validate = commands.add_parser(
         "validate", help="check Agent/Gateway/Tunnel/Certificate manifests offline"

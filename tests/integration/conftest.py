@@ -4,7 +4,12 @@ with the reason."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +82,66 @@ def namespace(kube: cluster.Cluster) -> Iterator[str]:
     kube.kubectl("create", "namespace", name)
     yield name
     kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@dataclass
+class OperatorProcess:
+    """``kakuremichi operator`` running as users run it, against the test cluster."""
+
+    kube: cluster.Cluster
+    namespace: str
+    db_path: Path
+    log_path: Path
+    args: list[str]
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "KUBECONFIG": str(self.kube.kubeconfig)}
+        command = [str(Path(sys.executable).parent / "kakuremichi"), "operator", *self.args]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def operator_namespace(kube: cluster.Cluster) -> Iterator[str]:
+    name = cluster.unique_name("kmop")
+    kube.kubectl("create", "namespace", name)
+    yield name
+    kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def operator(
+    kube: cluster.Cluster, operator_namespace: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    """The operator watching one namespace, with a small subnet pool (10.1-3.0.0/24)."""
+    workdir = tmp_path_factory.mktemp("operator")
+    db_path = workdir / "kakuremichi.db"
+    running = OperatorProcess(
+        kube=kube,
+        namespace=operator_namespace,
+        db_path=db_path,
+        log_path=workdir / "operator.log",
+        args=["--db", f"sqlite:///{db_path}", "--namespace", operator_namespace,
+              "--subnet-pool", "1-3"],
+    )  # fmt: skip
+    running.start()
+    yield running
+    running.stop()

@@ -1,0 +1,183 @@
+"""Agent reconciler: addresses, credentials, mirror row, status.
+
+Level-triggered and idempotent: every create, update and resume runs the same
+:func:`reconcile`, which reads what exists (status, Secret) before creating anything, so a
+restart or a repeated event never allocates twice or rotates keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+from uuid import UUID
+
+import kopf
+
+from kakuremichi.addressing import AllocationConflict, PoolExhausted
+from kakuremichi.conditions import (
+    READY,
+    Condition,
+    ConditionStatus,
+    make_condition,
+    set_condition,
+)
+from kakuremichi.control.context import Context
+from kakuremichi.control.mirror import AgentRow
+from kakuremichi.credentials import (
+    generate_api_key,
+    generate_wireguard_keypair,
+    is_wireguard_key,
+    wireguard_public_key,
+)
+from kakuremichi.edge_config import AgentNode
+from kakuremichi.resources import AGENT, GROUP, VERSION, AgentStatus
+
+API_KEY = "apiKey"
+PRIVATE_KEY = "wireguardPrivateKey"
+PUBLIC_KEY = "wireguardPublicKey"
+
+
+def credentials_secret_name(agent_name: str) -> str:
+    return f"kakuremichi-agent-{agent_name}"
+
+
+def _status_patch(status: AgentStatus) -> dict[str, Any]:
+    return status.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+async def reconcile(
+    context: Context, body: kopf.Body, patch: kopf.Patch, logger: logging.Logger | Any
+) -> None:
+    meta = body.metadata
+    uid, namespace, name = UUID(meta.uid), meta.namespace or "", meta.name or ""
+    generation = meta.get("generation")
+    current = AgentStatus.model_validate(dict(body.status))
+
+    def ready(status: ConditionStatus, reason: str, message: str) -> list[Condition]:
+        condition = make_condition(
+            READY,
+            status,
+            reason,
+            message,
+            observed_generation=generation,
+        )
+        return set_condition(current.conditions, condition)
+
+    try:
+        if current.subnet:
+            addresses = context.state.subnets.restore(uid, current.subnet)
+        else:
+            addresses = context.state.subnets.allocate(uid)
+    except (PoolExhausted, AllocationConflict) as error:
+        reason = "PoolExhausted" if isinstance(error, PoolExhausted) else "SubnetConflict"
+        updated = current.model_copy(
+            update={
+                "conditions": ready("False", reason, str(error)),
+                "observed_generation": generation,
+            }
+        )
+        patch.status.update(_status_patch(updated))
+        kopf.warn(body, reason=reason, message=str(error))
+        raise kopf.TemporaryError(str(error), delay=15) from error
+
+    secret_name = credentials_secret_name(name)
+    api_key, private_key = await _ensure_credentials(context, body, namespace, secret_name)
+    public_key = wireguard_public_key(private_key)
+    node = AgentNode(uid, namespace, name, addresses.number, public_key)
+    digest = context.state.add_agent(node, api_key)
+    await context.mirror.upsert_agent(
+        AgentRow(
+            id=uid,
+            name=name,
+            namespace=namespace,
+            api_key_digest=digest,
+            wireguard_public_key=public_key,
+            virtual_ip=str(addresses.virtual_ip),
+            subnet=str(addresses.subnet),
+        )
+    )
+    message = f"subnet {addresses.subnet}, virtual IP {addresses.virtual_ip}"
+    updated = current.model_copy(
+        update={
+            "subnet": str(addresses.subnet),
+            "virtual_ip": str(addresses.virtual_ip),
+            "wireguard_public_key": public_key,
+            "credentials_secret": secret_name,
+            "observed_generation": generation,
+            "conditions": ready("True", "Provisioned", message),
+        }
+    )
+    patch.status.update(_status_patch(updated))
+    if current.subnet != str(addresses.subnet):
+        kopf.info(body, reason="Provisioned", message=message)
+        logger.info("agent %s/%s provisioned: %s", namespace, name, message)
+
+
+async def _ensure_credentials(
+    context: Context, body: kopf.Body, namespace: str, secret_name: str
+) -> tuple[str, str]:
+    """The agent's API key and WireGuard private key, created once and then always reused."""
+    data = await context.kube.read_secret(namespace, secret_name)
+    if data is None:
+        keypair = generate_wireguard_keypair()
+        await context.kube.create_secret(
+            namespace,
+            secret_name,
+            {
+                API_KEY: generate_api_key("agent"),
+                PRIVATE_KEY: keypair.private_key,
+                PUBLIC_KEY: keypair.public_key,
+            },
+            owner=body,
+            labels={
+                "app.kubernetes.io/managed-by": "kakuremichi",
+                "kakuremichi.io/agent": body.metadata.name or "",
+            },
+        )
+        # Read back what is stored: if another reconcile won the race, its keys count.
+        data = await context.kube.read_secret(namespace, secret_name)
+    if data is None or not data.get(API_KEY) or not is_wireguard_key(data.get(PRIVATE_KEY, "")):
+        raise kopf.TemporaryError(
+            f"Secret {namespace}/{secret_name} lacks a valid {API_KEY} or {PRIVATE_KEY}", delay=10
+        )
+    return data[API_KEY], data[PRIVATE_KEY]
+
+
+async def cleanup(context: Context, body: kopf.Body, logger: logging.Logger | Any) -> None:
+    meta = body.metadata
+    uid, namespace, name = UUID(meta.uid), meta.namespace or "", meta.name or ""
+    context.state.remove_agent(uid)
+    await context.mirror.delete_agent(uid)
+    await context.kube.delete_secret(namespace, credentials_secret_name(name))
+    logger.info("agent %s/%s removed; subnet released", namespace, name)
+
+
+async def restore_allocations(context: Context) -> None:
+    """Re-register every Agent's subnet from status, oldest first, before any reconcile runs:
+    a new Agent must never be given a subnet an existing one already holds."""
+    agents = await context.kube.list_objects(AGENT, context.settings.namespaces)
+    agents.sort(key=lambda a: (a["metadata"]["creationTimestamp"], a["metadata"]["uid"]))
+    for agent in agents:
+        subnet = (agent.get("status") or {}).get("subnet")
+        if subnet:
+            # A younger claimant of a taken subnet is told so when it is reconciled.
+            with contextlib.suppress(AllocationConflict):
+                context.state.subnets.restore(UUID(agent["metadata"]["uid"]), subnet)
+    pruned = await context.mirror.prune_agents({UUID(a["metadata"]["uid"]) for a in agents})
+    if pruned:
+        logging.getLogger(__name__).info("pruned %d agent rows of deleted Agents", pruned)
+
+
+def register(registry: kopf.OperatorRegistry, context: Context) -> None:
+    resource = (GROUP, VERSION, AGENT.plural)
+
+    @kopf.on.resume(*resource, registry=registry)
+    @kopf.on.create(*resource, registry=registry)
+    @kopf.on.update(*resource, registry=registry)
+    async def agent_reconcile(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -> None:
+        await reconcile(context, body, patch, logger)
+
+    @kopf.on.delete(*resource, registry=registry)
+    async def agent_cleanup(body: kopf.Body, logger: Any, **_: Any) -> None:
+        await cleanup(context, body, logger)

@@ -1,0 +1,112 @@
+"""Kubernetes API calls the reconcilers make beyond what kopf does for them.
+
+The official client is synchronous, so every call runs in a worker thread and the operator's
+event loop never blocks on the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Mapping
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from kakuremichi.resources import GROUP, VERSION, ResourceKind
+
+
+def load_api_client() -> client.ApiClient:
+    """In-cluster credentials when running in a pod, else the kubeconfig (KUBECONFIG)."""
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+    return client.ApiClient()
+
+
+class Kube:
+    def __init__(self, api: client.ApiClient) -> None:
+        self.core = client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+
+    async def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
+        """The Secret's data, decoded; None when it does not exist."""
+        try:
+            secret = await asyncio.to_thread(self.core.read_namespaced_secret, name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+    async def create_secret(
+        self,
+        namespace: str,
+        name: str,
+        data: Mapping[str, str],
+        owner: Mapping[str, Any],
+        labels: Mapping[str, str],
+    ) -> bool:
+        """Create the Secret owned by ``owner``; False when it already exists."""
+        body = client.V1Secret(
+            metadata=client.V1ObjectMeta(
+                name=name,
+                namespace=namespace,
+                labels=dict(labels),
+                owner_references=[
+                    client.V1OwnerReference(
+                        api_version=owner["apiVersion"],
+                        kind=owner["kind"],
+                        name=owner["metadata"]["name"],
+                        uid=owner["metadata"]["uid"],
+                        controller=True,
+                        block_owner_deletion=True,
+                    )
+                ],
+            ),
+            type="Opaque",
+            string_data=dict(data),
+        )
+        try:
+            await asyncio.to_thread(self.core.create_namespaced_secret, namespace, body)
+        except ApiException as error:
+            if error.status == 409:
+                return False
+            raise
+        return True
+
+    async def delete_secret(self, namespace: str, name: str) -> None:
+        try:
+            await asyncio.to_thread(self.core.delete_namespaced_secret, name, namespace)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+    async def list_objects(
+        self, kind: ResourceKind, namespaces: tuple[str, ...] = ()
+    ) -> list[dict[str, Any]]:
+        """Every object of ``kind`` in ``namespaces`` (all when empty)."""
+        if kind.namespaced and namespaces:
+            items: list[dict[str, Any]] = []
+            for namespace in namespaces:
+                listing = await asyncio.to_thread(
+                    self.custom.list_namespaced_custom_object,
+                    GROUP,
+                    VERSION,
+                    namespace,
+                    kind.plural,
+                )
+                items.extend(_items(listing))
+            return items
+        listing = await asyncio.to_thread(
+            self.custom.list_cluster_custom_object, GROUP, VERSION, kind.plural
+        )
+        return _items(listing)
+
+
+def _items(listing: object) -> list[dict[str, Any]]:
+    assert isinstance(listing, dict)
+    items: list[dict[str, Any]] = listing["items"]
+    return items

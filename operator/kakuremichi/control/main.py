@@ -1,0 +1,88 @@
+"""``kakuremichi operator``: the kopf operator (and, with its issue, the control channel) in one
+process and one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import kopf
+from sqlalchemy.engine import make_url
+
+from kakuremichi.addressing import SubnetAllocator
+from kakuremichi.control import agents
+from kakuremichi.control.context import Context
+from kakuremichi.control.kube import Kube, load_api_client
+from kakuremichi.control.mirror import Mirror
+from kakuremichi.control.settings import ControlSettings
+from kakuremichi.control.state import ControlState
+from kakuremichi.store import Sealer
+
+PREFIX = "kakuremichi.io"
+log = logging.getLogger("kakuremichi.operator")
+
+
+def load_sealer(settings: ControlSettings) -> Sealer:
+    """The database's sealing key: the given file, else ``sealing.key`` beside the database,
+    created on first start (mode 0600)."""
+    path = settings.sealing_key_file
+    if path is None:
+        database = make_url(settings.db_url).database or "kakuremichi.db"
+        path = Path(database).resolve().parent / "sealing.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(base64.b64encode(Sealer.generate_key()).decode() + "\n")
+        log.info("generated a new sealing key at %s", path)
+    return Sealer.from_key_file(path)
+
+
+def build_registry(context: Context) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(**kwargs)
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+        # Handler progress and the diff base live in annotations under our own prefix: the CRD
+        # schemas prune unknown status fields, and other kopf operators keep their own keys.
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+            prefix=PREFIX, key="last-handled-configuration"
+        )
+        settings.persistence.finalizer = f"{PREFIX}/finalizer"
+        settings.posting.level = logging.INFO
+        await agents.restore_allocations(context)
+
+    agents.register(registry, context)
+    return registry
+
+
+async def run(
+    settings: ControlSettings,
+    stop_flag: asyncio.Event | threading.Event | None = None,
+    ready_flag: asyncio.Event | threading.Event | None = None,
+    liveness_endpoint: str | None = None,
+) -> None:
+    mirror = await asyncio.to_thread(Mirror, settings.db_url)
+    context = Context(
+        settings=settings,
+        state=ControlState(load_sealer(settings), SubnetAllocator(settings.subnet_pool())),
+        kube=Kube(load_api_client()),
+        mirror=mirror,
+    )
+    await kopf.operator(
+        registry=build_registry(context),
+        clusterwide=not settings.namespaces,
+        namespaces=settings.namespaces,
+        standalone=True,
+        stop_flag=stop_flag,
+        ready_flag=ready_flag,
+        liveness_endpoint=liveness_endpoint,
+    )

@@ -1,0 +1,87 @@
+"""The SQLite mirror: rows in the data-model document's schema, written from reconcilers.
+
+The cluster is the source of truth, so every write here is an idempotent upsert of what a
+reconciler just saw, and :meth:`Mirror.prune` drops rows whose objects are gone (after a restart,
+or when the file was deleted). Writes run in a worker thread, one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from uuid import UUID
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from kakuremichi.store import Agent, create_engine_for, session_factory, upgrade, utcnow
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class AgentRow:
+    id: UUID
+    name: str
+    namespace: str
+    api_key_digest: str
+    wireguard_public_key: str
+    virtual_ip: str
+    subnet: str
+
+
+class Mirror:
+    def __init__(self, url: str) -> None:
+        upgrade(url)
+        self._sessions = session_factory(create_engine_for(url))
+        self._lock = threading.Lock()
+
+    async def _run(self, work: Callable[[Session], T]) -> T:
+        def in_thread() -> T:
+            with self._lock, self._sessions.begin() as session:
+                return work(session)
+
+        return await asyncio.to_thread(in_thread)
+
+    async def upsert_agent(self, row: AgentRow) -> None:
+        def work(session: Session) -> None:
+            agent = session.get(Agent, row.id)
+            if agent is None:
+                agent = Agent(id=row.id, status="offline")
+                session.add(agent)
+            agent.name = row.name
+            agent.api_key = row.api_key_digest
+            agent.wireguard_public_key = row.wireguard_public_key
+            agent.virtual_ip = row.virtual_ip
+            agent.subnet = row.subnet
+            agent.metadata_ = {**(agent.metadata_ or {}), "namespace": row.namespace}
+            agent.updated_at = utcnow()
+
+        await self._run(work)
+
+    async def delete_agent(self, agent_id: UUID) -> None:
+        """Remove the agent's row; its tunnels' rows go with it (ON DELETE CASCADE)."""
+        await self._run(lambda session: session.execute(delete(Agent).where(Agent.id == agent_id)))
+
+    async def prune_agents(self, keep: Collection[UUID]) -> int:
+        def work(session: Session) -> int:
+            ids = [i for i in session.scalars(select(Agent.id)) if i not in set(keep)]
+            if ids:
+                session.execute(delete(Agent).where(Agent.id.in_(ids)))
+            return len(ids)
+
+        return await self._run(work)
+
+    async def agent_row(self, agent_id: UUID) -> dict[str, Any] | None:
+        """The row as stored (for status queries and tests)."""
+
+        def work(session: Session) -> dict[str, Any] | None:
+            agent = session.get(Agent, agent_id)
+            if agent is None:
+                return None
+            return {c.key: getattr(agent, c.key) for c in Agent.__mapper__.column_attrs}
+
+        return await self._run(work)

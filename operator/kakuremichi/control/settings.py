@@ -1,0 +1,32 @@
+"""Operator settings, from the command line (``kakuremichi operator --help``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kakuremichi.addressing import SubnetPool
+
+
+class ControlSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    db_url: str = "sqlite:///kakuremichi.db"
+    """The SQLite mirror."""
+    control_listen: str = "127.0.0.1:8480"
+    """host:port the control channel (WebSocket) listens on."""
+    control_url: str = "http://127.0.0.1:8480"
+    """The URL edges use to reach the control channel (printed in one-liners, set in sidecars)."""
+    sealing_key_file: Path | None = None
+    """Master key that seals secrets in the database; generated next to the database if unset."""
+    subnet_first: int = 1
+    subnet_last: int = 254
+    subnet_excluded: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    """Namespaces to watch; empty means the whole cluster."""
+    heartbeat_timeout: float = Field(default=30.0, gt=0)
+    """Seconds of silence after which an edge is offline."""
+
+    def subnet_pool(self) -> SubnetPool:
+        return SubnetPool.parse(self.subnet_first, self.subnet_last, self.subnet_excluded)
