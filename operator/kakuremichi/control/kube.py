@@ -84,6 +84,58 @@ class Kube:
             if error.status != 404:
                 raise
 
+    async def get_object(
+        self, kind: ResourceKind, namespace: str, name: str
+    ) -> dict[str, Any] | None:
+        try:
+            found = await asyncio.to_thread(
+                self.custom.get_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                namespace,
+                kind.plural,
+                name,
+            )
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        assert isinstance(found, dict)
+        return found
+
+    async def create_object(self, kind: ResourceKind, namespace: str, body: dict[str, Any]) -> None:
+        await asyncio.to_thread(
+            self.custom.create_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            kind.plural,
+            body,
+        )
+
+    async def patch_object(
+        self, kind: ResourceKind, namespace: str, name: str, patch: dict[str, Any]
+    ) -> None:
+        await asyncio.to_thread(
+            self.custom.patch_namespaced_custom_object,
+            GROUP, VERSION, namespace, kind.plural, name, patch,
+        )  # fmt: skip
+
+    async def patch_status(
+        self, kind: ResourceKind, namespace: str, name: str, status: dict[str, Any]
+    ) -> bool:
+        """Merge ``status`` into the object's status; False when the object is gone."""
+        try:
+            await asyncio.to_thread(
+                self.custom.patch_namespaced_custom_object_status,
+                GROUP, VERSION, namespace, kind.plural, name, {"status": status},
+            )  # fmt: skip
+        except ApiException as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
+
     async def list_objects(
         self, kind: ResourceKind, namespaces: tuple[str, ...] = ()
     ) -> list[dict[str, Any]]:

@@ -14,10 +14,11 @@ import kopf
 from sqlalchemy.engine import make_url
 
 from kakuremichi.addressing import SubnetAllocator
-from kakuremichi.control import agents
+from kakuremichi.control import agents, certificates, tunnels
 from kakuremichi.control.context import Context
 from kakuremichi.control.kube import Kube, load_api_client
 from kakuremichi.control.mirror import Mirror
+from kakuremichi.control.projector import Projector
 from kakuremichi.control.settings import ControlSettings
 from kakuremichi.control.state import ControlState
 from kakuremichi.store import Sealer
@@ -43,6 +44,7 @@ def load_sealer(settings: ControlSettings) -> Sealer:
 
 def build_registry(context: Context) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
+    tasks: list[asyncio.Task[None]] = []
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -59,8 +61,17 @@ def build_registry(context: Context) -> kopf.OperatorRegistry:
         settings.persistence.finalizer = f"{PREFIX}/finalizer"
         settings.posting.level = logging.INFO
         await agents.restore_allocations(context)
+        tasks.append(asyncio.create_task(Projector(context).run(), name="projector"))
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     agents.register(registry, context)
+    tunnels.register(registry, context)
+    certificates.register(registry, context)
     return registry
 
 

@@ -11,13 +11,23 @@ import asyncio
 import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 from uuid import UUID
 
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from kakuremichi.store import Agent, create_engine_for, session_factory, upgrade, utcnow
+from kakuremichi.edge_config import Route
+from kakuremichi.store import (
+    Agent,
+    Certificate,
+    Tunnel,
+    create_engine_for,
+    session_factory,
+    upgrade,
+    utcnow,
+)
 
 T = TypeVar("T")
 
@@ -31,6 +41,24 @@ class AgentRow:
     wireguard_public_key: str
     virtual_ip: str
     subnet: str
+
+
+@dataclass(frozen=True)
+class CertificateRow:
+    id: UUID
+    domain: str
+    certificate: str
+    sealed_private_key: str
+    expires_at: datetime
+    auto_renew: bool
+    last_renewed_at: datetime | None
+
+
+@dataclass(frozen=True)
+class TunnelRow:
+    id: UUID
+    route: Route
+    description: str | None
 
 
 class Mirror:
@@ -85,3 +113,49 @@ class Mirror:
             return {c.key: getattr(agent, c.key) for c in Agent.__mapper__.column_attrs}
 
         return await self._run(work)
+
+    async def upsert_certificate(self, row: CertificateRow) -> None:
+        def work(session: Session) -> None:
+            # The domain is unique: a row another Certificate left for it gives way.
+            session.execute(
+                delete(Certificate).where(
+                    Certificate.domain == row.domain, Certificate.id != row.id
+                )
+            )
+            certificate = session.get(Certificate, row.id) or Certificate(id=row.id)
+            certificate.domain = row.domain
+            certificate.certificate = row.certificate
+            certificate.private_key = row.sealed_private_key
+            certificate.expires_at = row.expires_at
+            certificate.auto_renew = row.auto_renew
+            certificate.last_renewed_at = row.last_renewed_at
+            session.add(certificate)
+
+        await self._run(work)
+
+    async def delete_certificate(self, certificate_id: UUID) -> None:
+        await self._run(
+            lambda session: session.execute(
+                delete(Certificate).where(Certificate.id == certificate_id)
+            )
+        )
+
+    async def sync_tunnels(self, rows: Collection[TunnelRow]) -> None:
+        """Make the tunnels table hold exactly ``rows`` (the routes being served)."""
+
+        def work(session: Session) -> None:
+            wanted = {row.id: row for row in rows}
+            for tunnel in session.scalars(select(Tunnel)):
+                if tunnel.id not in wanted:
+                    session.delete(tunnel)
+            session.flush()
+            for row in wanted.values():
+                tunnel = session.get(Tunnel, row.id) or Tunnel(id=row.id)
+                tunnel.domain = row.route.domain
+                tunnel.agent_id = row.route.agent_id
+                tunnel.target = row.route.target
+                tunnel.enabled = row.route.enabled
+                tunnel.description = row.description
+                session.add(tunnel)
+
+        await self._run(work)

@@ -1,0 +1,152 @@
+"""Certificate reconciler for certificates the user keeps in a ``kubernetes.io/tls`` Secret.
+
+The Secret is parsed and checked (covers the domain, valid now, key matches); a good one is
+mirrored (private key sealed) and served, a bad or missing one makes ``Ready=False`` say why while
+the gateways keep serving the last good certificate. ACME issuance comes with its own issue: until
+then an ACME Certificate says so in its condition.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, cast
+from uuid import UUID
+
+import kopf
+
+from kakuremichi.conditions import READY, make_condition, set_condition
+from kakuremichi.control.context import Context
+from kakuremichi.control.mirror import CertificateRow
+from kakuremichi.protocol import CertificateBundle
+from kakuremichi.resources import CERTIFICATE, GROUP, VERSION, CertificateSpec, CertificateStatus
+from kakuremichi.tls_material import CertificateProblem, inspect
+from kakuremichi.tunnel_readiness import CertificateVerdict
+
+
+async def evaluate(
+    context: Context, namespace: str, spec: CertificateSpec
+) -> tuple[CertificateVerdict, CertificateBundle | None, Any]:
+    """The verdict on a Certificate, the bundle to serve (when good) and its details."""
+    if spec.issuer == "ACME":
+        return (
+            CertificateVerdict(
+                False, "IssuerUnavailable", "ACME issuance is not available in this version yet"
+            ),
+            None,
+            None,
+        )
+    data = await context.kube.read_secret(namespace, spec.secret_name)
+    if data is None:
+        return (
+            CertificateVerdict(
+                False, "SecretNotFound", f"Secret {namespace}/{spec.secret_name} does not exist"
+            ),
+            None,
+            None,
+        )
+    chain, key = data.get("tls.crt", ""), data.get("tls.key", "")
+    try:
+        info = inspect(chain.encode(), key.encode(), spec.domain, datetime.now(UTC))
+    except CertificateProblem as problem:
+        return CertificateVerdict(False, problem.reason, str(problem)), None, None
+    bundle = CertificateBundle(domain=spec.domain, certificate=chain, private_key=key)
+    return (
+        CertificateVerdict(True, "Valid", f"valid until {info.not_after.isoformat()}"),
+        bundle,
+        info,
+    )
+
+
+async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> None:
+    patch.status.update(await compute_status(context, body))
+
+
+async def refresh(context: Context, namespace: str, name: str) -> None:
+    """Look at a Certificate again outside its own events (its Secret changed)."""
+    found = await context.kube.get_object(CERTIFICATE, namespace, name)
+    if found is not None:
+        status = await compute_status(context, kopf.Body(cast(kopf.RawBody, found)))
+        await context.kube.patch_status(CERTIFICATE, namespace, name, status)
+
+
+async def compute_status(context: Context, body: kopf.Body) -> dict[str, Any]:
+    """Record the Certificate's verdict (and good material) and return its new status."""
+    meta = body.metadata
+    namespace, name = meta.namespace or "", meta.name or ""
+    spec = CertificateSpec.model_validate(dict(body.spec))
+    current = CertificateStatus.model_validate(dict(body.status))
+    context.state.use_secret(namespace, name, spec.secret_name if spec.issuer == "Secret" else None)
+    verdict, bundle, info = await evaluate(context, namespace, spec)
+    context.state.set_certificate((namespace, name), verdict, bundle)
+    condition = make_condition(
+        READY,
+        "True" if verdict.ready else "False",
+        verdict.reason,
+        verdict.message,
+        observed_generation=meta.get("generation"),
+    )
+    updates: dict[str, Any] = {
+        "conditions": set_condition(current.conditions, condition),
+        "observed_generation": meta.get("generation"),
+    }
+    if info is not None:
+        renewed = info.not_before != current.not_before
+        updates |= {
+            "not_before": info.not_before,
+            "not_after": info.not_after,
+            "renewal_time": info.renewal_time(),
+            "last_renewed_at": info.not_before if renewed else current.last_renewed_at,
+        }
+        assert bundle is not None
+        await context.mirror.upsert_certificate(
+            CertificateRow(
+                id=UUID(meta.uid),
+                domain=spec.domain,
+                certificate=bundle.certificate,
+                sealed_private_key=context.state.sealer.seal(
+                    bundle.private_key, f"certificates.private_key:{spec.domain}"
+                ),
+                expires_at=info.not_after,
+                auto_renew=spec.auto_renew,
+                last_renewed_at=info.not_before,
+            )
+        )
+    was_ready = any(c.type == READY and c.status == "True" for c in current.conditions)
+    if verdict.ready != was_ready or not current.conditions:
+        (kopf.info if verdict.ready else kopf.warn)(
+            body, reason=verdict.reason, message=verdict.message
+        )
+    status = current.model_copy(update=updates)
+    return status.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def register(registry: kopf.OperatorRegistry, context: Context) -> None:
+    resource = (GROUP, VERSION, CERTIFICATE.plural)
+
+    @kopf.on.resume(*resource, registry=registry)
+    @kopf.on.create(*resource, registry=registry)
+    @kopf.on.update(*resource, registry=registry)
+    async def certificate_reconcile(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        await reconcile(context, body, patch)
+
+    @kopf.timer(*resource, registry=registry, interval=300, initial_delay=300, idle=60)
+    async def certificate_recheck(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        """Expiry happens without any event: look again now and then."""
+        await reconcile(context, body, patch)
+
+    @kopf.on.delete(*resource, registry=registry)
+    async def certificate_cleanup(body: kopf.Body, **_: Any) -> None:
+        meta = body.metadata
+        context.state.remove_certificate((meta.namespace or "", meta.name or ""))
+        context.state.use_secret(meta.namespace or "", meta.name or "", None)
+        await context.mirror.delete_certificate(UUID(meta.uid))
+
+    def referenced(namespace: str | None, name: str | None, **_: Any) -> bool:
+        return bool(context.state.secret_users.get((namespace or "", name or "")))
+
+    @kopf.on.event("", "v1", "secrets", registry=registry, when=referenced)
+    async def secret_changed(name: str, namespace: str | None, **_: Any) -> None:
+        """A Secret that a Certificate reads changed: make that Certificate look again."""
+        users = context.state.secret_users.get((namespace or "", name), set())
+        for certificate in sorted(users):
+            await refresh(context, namespace or "", certificate)

@@ -1,0 +1,106 @@
+"""Tunnel reconciler: record what the Tunnel asks for and give it a Certificate.
+
+Readiness is not decided here: it depends on the Agent, the other claims on the domain and the
+certificate, so :mod:`kakuremichi.control.projector` computes it from the whole state.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import kopf
+
+from kakuremichi.control.context import Context
+from kakuremichi.resources import (
+    API_VERSION,
+    CERTIFICATE,
+    GROUP,
+    TUNNEL,
+    VERSION,
+    CertificateSpec,
+    TunnelSpec,
+    TunnelStatus,
+)
+from kakuremichi.tunnel_readiness import TunnelFacts
+
+
+def certificate_spec(name: str, spec: TunnelSpec) -> CertificateSpec:
+    """The Certificate a Tunnel needs: same name, its domain, its TLS choice."""
+    return CertificateSpec(
+        domain=spec.domain,
+        secret_name=spec.tls.secret_name or f"{name}-tls",
+        issuer=spec.tls.issuer,
+    )
+
+
+async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> None:
+    meta = body.metadata
+    namespace, name = meta.namespace or "", meta.name or ""
+    spec = TunnelSpec.model_validate(dict(body.spec))
+    wanted = certificate_spec(name, spec).model_dump(mode="json", by_alias=True)
+    existing = await context.kube.get_object(CERTIFICATE, namespace, name)
+    if existing is None:
+        await context.kube.create_object(
+            CERTIFICATE,
+            namespace,
+            {
+                "apiVersion": API_VERSION,
+                "kind": CERTIFICATE.kind,
+                "metadata": {
+                    "name": name,
+                    "labels": {"app.kubernetes.io/managed-by": "kakuremichi"},
+                    "ownerReferences": [
+                        {
+                            "apiVersion": API_VERSION,
+                            "kind": TUNNEL.kind,
+                            "name": name,
+                            "uid": meta.uid,
+                            "controller": True,
+                            "blockOwnerDeletion": True,
+                        }
+                    ],
+                },
+                "spec": wanted,
+            },
+        )
+    elif {k: existing["spec"].get(k) for k in wanted} != wanted:
+        await context.kube.patch_object(CERTIFICATE, namespace, name, {"spec": wanted})
+
+    created = datetime.fromisoformat(str(meta["creationTimestamp"]).replace("Z", "+00:00"))
+    context.state.tunnel_conditions.setdefault(
+        UUID(meta.uid), TunnelStatus.model_validate(dict(body.status)).conditions
+    )
+    context.state.set_tunnel(
+        TunnelFacts(
+            id=UUID(meta.uid),
+            namespace=namespace,
+            name=name,
+            domain=spec.domain,
+            agent=spec.agent,
+            target=spec.target,
+            enabled=spec.enabled,
+            created=created,
+            generation=int(meta.get("generation") or 0),
+            certificate=name,
+            description=spec.description,
+        )
+    )
+    patch.status["url"] = f"https://{spec.domain}"
+    patch.status["certificate"] = name
+
+
+def register(registry: kopf.OperatorRegistry, context: Context) -> None:
+    resource = (GROUP, VERSION, TUNNEL.plural)
+
+    @kopf.on.resume(*resource, registry=registry)
+    @kopf.on.create(*resource, registry=registry)
+    @kopf.on.update(*resource, registry=registry)
+    async def tunnel_reconcile(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        await reconcile(context, body, patch)
+
+    @kopf.on.delete(*resource, registry=registry)
+    async def tunnel_cleanup(body: kopf.Body, **_: Any) -> None:
+        # The Certificate it owns is garbage-collected with it.
+        context.state.remove_tunnel(UUID(body.metadata.uid))

@@ -1,0 +1,132 @@
+"""Custom objects and Secrets in one test namespace, with waits on their conditions."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from kakuremichi.resources import API_VERSION, GROUP, VERSION, ResourceKind
+from tests.infra.cluster import Cluster
+from tests.infra.polling import wait_until
+
+
+class Objects:
+    def __init__(self, kube: Cluster, namespace: str, kind: ResourceKind) -> None:
+        self.custom = client.CustomObjectsApi(kube.api_client())
+        self.namespace = namespace
+        self.kind = kind
+        self.created: set[str] = set()
+
+    def create(self, name: str, spec: dict[str, Any] | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "apiVersion": API_VERSION,
+            "kind": self.kind.kind,
+            "metadata": {"name": name},
+        }
+        if spec is not None:
+            body["spec"] = spec
+        created = self.custom.create_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, self.kind.plural, body
+        )
+        self.created.add(name)
+        assert isinstance(created, dict)
+        return created
+
+    def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, self.kind.plural, name, {"spec": spec}
+        )
+
+    def delete(self, name: str) -> None:
+        try:
+            self.custom.delete_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, self.kind.plural, name
+            )
+        except ApiException as error:
+            if error.status != 404:
+                raise
+        self.created.discard(name)
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        try:
+            found = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, self.kind.plural, name
+            )
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        assert isinstance(found, dict)
+        return found
+
+    def names(self) -> list[str]:
+        listing = self.custom.list_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, self.kind.plural
+        )
+        assert isinstance(listing, dict)
+        return [item["metadata"]["name"] for item in listing["items"]]
+
+    def condition(self, name: str) -> dict[str, Any] | None:
+        found = self.get(name)
+        conditions = ((found or {}).get("status") or {}).get("conditions", [])
+        ready: dict[str, Any] | None = next((c for c in conditions if c["type"] == "Ready"), None)
+        return ready
+
+    def ready(
+        self, name: str, status: str = "True", reason: str | None = None, timeout: float = 60
+    ) -> dict[str, Any]:
+        """Wait for Ready=status (and reason); return the object's status."""
+
+        def probe() -> dict[str, Any] | None:
+            ready = self.condition(name)
+            if ready and ready["status"] == status and reason in (None, ready["reason"]):
+                found = self.get(name)
+                return found["status"] if found else None
+            return None
+
+        return wait_until(
+            probe, f"{self.kind.kind} {name} Ready={status} {reason or ''}", timeout=timeout
+        )
+
+    def delete_all(self, timeout: float = 60) -> None:
+        for name in list(self.created):
+            self.delete(name)
+        wait_until(lambda: not self.names(), f"the test's {self.kind.plural} to go", timeout)
+
+
+class Secrets:
+    def __init__(self, kube: Cluster, namespace: str) -> None:
+        self.core = client.CoreV1Api(kube.api_client())
+        self.namespace = namespace
+
+    def read(self, name: str) -> dict[str, str] | None:
+        try:
+            secret = self.core.read_namespaced_secret(name, self.namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+    def put_tls(self, name: str, chain: str, key: str) -> None:
+        body = client.V1Secret(
+            metadata=client.V1ObjectMeta(name=name),
+            type="kubernetes.io/tls",
+            string_data={"tls.crt": chain, "tls.key": key},
+        )
+        try:
+            self.core.create_namespaced_secret(self.namespace, body)
+        except ApiException as error:
+            if error.status != 409:
+                raise
+            self.core.replace_namespaced_secret(name, self.namespace, body)
+
+    def delete(self, name: str) -> None:
+        try:
+            self.core.delete_namespaced_secret(name, self.namespace)
+        except ApiException as error:
+            if error.status != 404:
+                raise

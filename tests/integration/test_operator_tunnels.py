@@ -1,0 +1,128 @@
+"""Tunnels and Secret-backed Certificates against the real API server: readiness follows the
+Agent, the domain's claims and the certificate; conflicts become conditions; the mirror holds
+exactly what is served."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+
+from kakuremichi.resources import AGENT, CERTIFICATE, TUNNEL
+from tests.infra.cluster import Cluster, unique_name
+from tests.infra.objects import Objects, Secrets
+from tests.infra.polling import wait_until
+from tests.infra.tlsgen import TestCA
+from tests.integration.conftest import OperatorProcess
+
+
+class World:
+    def __init__(self, kube: Cluster, namespace: str) -> None:
+        self.agents = Objects(kube, namespace, AGENT)
+        self.tunnels = Objects(kube, namespace, TUNNEL)
+        self.certificates = Objects(kube, namespace, CERTIFICATE)
+        self.secrets = Secrets(kube, namespace)
+        self.ca = TestCA()
+
+    def tls_secret(
+        self, name: str, *domains: str, valid_for: timedelta = timedelta(days=30)
+    ) -> None:
+        issued = self.ca.issue(*domains, valid_for=valid_for)
+        self.secrets.put_tls(name, issued.certificate_pem, issued.private_key_pem)
+
+    def secret_tunnel(self, name: str, domain: str, agent: str, secret: str) -> None:
+        self.tunnels.create(
+            name,
+            {"domain": domain, "agent": agent, "target": "localhost:8080",
+             "tls": {"issuer": "Secret", "secretName": secret}},
+        )  # fmt: skip
+
+
+@pytest.fixture
+def world(kube: Cluster, operator: OperatorProcess) -> Iterator[World]:
+    made = World(kube, operator.namespace)
+    yield made
+    made.tunnels.delete_all()
+    made.agents.delete_all()
+
+
+def mirrored(operator: OperatorProcess, table: str, column: str) -> set[str]:
+    with sqlite3.connect(operator.db_path) as db:
+        return {row[0] for row in db.execute(f"SELECT {column} FROM {table}")}
+
+
+def test_tunnel_becomes_ready_as_its_agent_and_certificate_arrive(
+    world: World, operator: OperatorProcess
+) -> None:
+    domain = f"{unique_name('app')}.example.com"
+    world.secret_tunnel("app", domain, "home", "app-tls")
+    assert world.tunnels.ready("app", "False", "AgentNotReady")["url"] == f"https://{domain}"
+    world.agents.create("home")
+    world.agents.ready("home")
+    world.tunnels.ready("app", "False", "SecretNotFound")
+    world.tls_secret("app-tls", domain)
+    status = world.tunnels.ready("app")
+    assert status["certificate"] == "app"
+    certificate = world.certificates.ready("app")
+    assert certificate["notAfter"] > certificate["notBefore"]
+    assert certificate["notBefore"] < certificate["renewalTime"] < certificate["notAfter"]
+    wait_until(lambda: domain in mirrored(operator, "tunnels", "domain"), "the tunnel row")
+    wait_until(lambda: domain in mirrored(operator, "certificates", "domain"), "the cert row")
+    sealed = mirrored(operator, "certificates", "private_key")
+    assert all(key.startswith("s1:") for key in sealed)
+
+
+def test_a_taken_domain_is_a_conflict_until_the_holder_leaves(world: World) -> None:
+    domain = f"{unique_name('shared')}.example.com"
+    world.agents.create("home")
+    world.tls_secret("shared-tls", domain)
+    world.secret_tunnel("first", domain, "home", "shared-tls")
+    world.tunnels.ready("first")
+    world.secret_tunnel("second", domain, "home", "shared-tls")
+    conflict = world.tunnels.condition("second")
+    conflict = world.tunnels.ready("second", "False", "DomainConflict")["conditions"][0]
+    assert f"already claimed by Tunnel {world.tunnels.namespace}/first" in conflict["message"]
+    world.tunnels.ready("first")  # the holder is not displaced
+    world.tunnels.delete("first")
+    world.tunnels.ready("second")
+
+
+def test_bad_secret_says_why_and_a_fix_recovers(world: World) -> None:
+    domain = f"{unique_name('cert')}.example.com"
+    world.agents.create("home")
+    world.tls_secret("cert-tls", "other.example.com")
+    world.secret_tunnel("cert", domain, "home", "cert-tls")
+    certificate = world.certificates.ready("cert", "False", "DomainMismatch")
+    assert "covers other.example.com" in certificate["conditions"][0]["message"]
+    world.tunnels.ready("cert", "False", "DomainMismatch")
+    world.tls_secret("cert-tls", domain)
+    world.certificates.ready("cert")
+    world.tunnels.ready("cert")
+
+
+def test_agent_removal_stops_routing_and_its_return_recovers(
+    world: World, operator: OperatorProcess
+) -> None:
+    domain = f"{unique_name('back')}.example.com"
+    world.agents.create("home")
+    world.tls_secret("back-tls", domain)
+    world.secret_tunnel("back", domain, "home", "back-tls")
+    world.tunnels.ready("back")
+    world.agents.delete("home")
+    world.tunnels.ready("back", "False", "AgentNotReady")
+    wait_until(lambda: domain not in mirrored(operator, "tunnels", "domain"), "row to leave")
+    world.agents.create("home")
+    world.tunnels.ready("back")
+    wait_until(lambda: domain in mirrored(operator, "tunnels", "domain"), "row to return")
+
+
+def test_acme_issuance_is_reported_as_unavailable_for_now(world: World) -> None:
+    world.agents.create("home")
+    world.tunnels.create(
+        "acme", {"domain": f"{unique_name('acme')}.example.com", "agent": "home",
+                 "target": "localhost:8080"},
+    )  # fmt: skip
+    world.certificates.ready("acme", "False", "IssuerUnavailable")
+    world.tunnels.ready("acme", "False", "IssuerUnavailable")
