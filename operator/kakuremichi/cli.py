@@ -128,6 +128,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
         subnet_last=int(last or first),
         subnet_excluded=tuple(args.exclude_cidr),
         namespaces=tuple(args.namespace),
+        heartbeat_timeout=args.heartbeat_timeout,
     )
     settings.subnet_pool()  # refuse a bad pool before connecting anywhere
     asyncio.run(control_main.run(settings, liveness_endpoint=args.liveness))
@@ -187,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument(
         "--namespace", action="append", default=[], metavar="NS",
         help="watch only NS (repeatable); default: all namespaces",
+    )  # fmt: skip
+    operator.add_argument(
+        "--heartbeat-timeout", type=float, default=30.0, metavar="SECONDS",
+        help="an edge silent this long is disconnected and marked offline",
     )  # fmt: skip
     operator.add_argument("--liveness", metavar="URL", help="e.g. http://0.0.0.0:8080/healthz")
     operator.add_argument("-v", "--verbose", action="store_true")

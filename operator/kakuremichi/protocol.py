@@ -24,6 +24,7 @@ MAX_AUTH_FRAME_BYTES = 4096
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_BAD_REQUEST = 4400
 CLOSE_REPLACED = 4409
+CLOSE_TIMEOUT = 4408
 
 WireGuardMode = Literal["kernel", "userspace"]
 ApiKey = Annotated[str, Field(min_length=1, max_length=128)]

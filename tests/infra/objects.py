@@ -92,7 +92,8 @@ class Objects:
         )
 
     def delete_all(self, timeout: float = 60) -> None:
-        for name in list(self.created):
+        """Delete every object of this kind in the (test-owned) namespace and wait for it."""
+        for name in self.names():
             self.delete(name)
         wait_until(lambda: not self.names(), f"the test's {self.kind.plural} to go", timeout)
 

@@ -20,14 +20,8 @@ from typing import Any
 
 from tests.infra import binaries
 from tests.infra.polling import wait_until
+from tests.infra.ports import free_port
 from tests.infra.tlsgen import TestCA
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @dataclass

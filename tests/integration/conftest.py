@@ -7,13 +7,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.infra import binaries, cluster, netns, pebble, wireguard
+from tests.infra import binaries, cluster, netns, pebble, ports, wireguard
+from tests.infra.polling import wait_until
 
 
 @pytest.fixture(scope="session")
@@ -92,6 +94,7 @@ class OperatorProcess:
     namespace: str
     db_path: Path
     log_path: Path
+    control_url: str
     args: list[str]
     process: subprocess.Popen[bytes] | None = None
 
@@ -100,6 +103,17 @@ class OperatorProcess:
         command = [str(Path(sys.executable).parent / "kakuremichi"), "operator", *self.args]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        wait_until(self.healthy, "the operator's control channel", timeout=60)
+
+    def healthy(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"the operator exited:\n{self.log()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{self.control_url}/healthz", timeout=2):
+                return True
+        except OSError:
+            return False
 
     def stop(self) -> None:
         if self.process is not None:
@@ -134,13 +148,16 @@ def operator(
     """The operator watching one namespace, with a small subnet pool (10.1-3.0.0/24)."""
     workdir = tmp_path_factory.mktemp("operator")
     db_path = workdir / "kakuremichi.db"
+    port = ports.free_port()
     running = OperatorProcess(
         kube=kube,
         namespace=operator_namespace,
         db_path=db_path,
         log_path=workdir / "operator.log",
+        control_url=f"http://127.0.0.1:{port}",
         args=["--db", f"sqlite:///{db_path}", "--namespace", operator_namespace,
-              "--subnet-pool", "1-3"],
+              "--subnet-pool", "1-3", "--control-listen", f"127.0.0.1:{port}",
+              "--control-url", f"http://127.0.0.1:{port}", "--heartbeat-timeout", "5"],
     )  # fmt: skip
     running.start()
     yield running

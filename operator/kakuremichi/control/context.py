@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from kakuremichi.control.kube import Kube
 from kakuremichi.control.mirror import Mirror
+from kakuremichi.control.presence import Presence
 from kakuremichi.control.settings import ControlSettings
 from kakuremichi.control.state import ControlState
 
@@ -16,3 +17,4 @@ class Context:
     state: ControlState
     kube: Kube
     mirror: Mirror
+    presence: Presence

@@ -1,5 +1,5 @@
-"""``kakuremichi operator``: the kopf operator (and, with its issue, the control channel) in one
-process and one event loop."""
+"""``kakuremichi operator``: the kopf operator and the control channel in one process and one
+event loop."""
 
 from __future__ import annotations
 
@@ -11,13 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import kopf
+from aiohttp import web
 from sqlalchemy.engine import make_url
 
 from kakuremichi.addressing import SubnetAllocator
 from kakuremichi.control import agents, certificates, tunnels
+from kakuremichi.control.channel import ControlChannel
 from kakuremichi.control.context import Context
 from kakuremichi.control.kube import Kube, load_api_client
 from kakuremichi.control.mirror import Mirror
+from kakuremichi.control.presence import Presence
 from kakuremichi.control.projector import Projector
 from kakuremichi.control.settings import ControlSettings
 from kakuremichi.control.state import ControlState
@@ -82,18 +85,33 @@ async def run(
     liveness_endpoint: str | None = None,
 ) -> None:
     mirror = await asyncio.to_thread(Mirror, settings.db_url)
+    state = ControlState(load_sealer(settings), SubnetAllocator(settings.subnet_pool()))
+    kube = Kube(load_api_client())
     context = Context(
         settings=settings,
-        state=ControlState(load_sealer(settings), SubnetAllocator(settings.subnet_pool())),
-        kube=Kube(load_api_client()),
+        state=state,
+        kube=kube,
         mirror=mirror,
+        presence=Presence(state, kube, mirror),
     )
-    await kopf.operator(
-        registry=build_registry(context),
-        clusterwide=not settings.namespaces,
-        namespaces=settings.namespaces,
-        standalone=True,
-        stop_flag=stop_flag,
-        ready_flag=ready_flag,
-        liveness_endpoint=liveness_endpoint,
-    )
+    channel = ControlChannel(context)
+    runner = web.AppRunner(channel.app(), access_log=None)
+    await runner.setup()
+    host, _, port = settings.control_listen.rpartition(":")
+    await web.TCPSite(runner, host.strip("[]") or None, int(port)).start()
+    log.info("control channel listening on %s (edges use %s)", settings.control_listen,
+             settings.control_url)  # fmt: skip
+    presence = asyncio.create_task(context.presence.run(), name="presence")
+    try:
+        await kopf.operator(
+            registry=build_registry(context),
+            clusterwide=not settings.namespaces,
+            namespaces=settings.namespaces,
+            standalone=True,
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+            liveness_endpoint=liveness_endpoint,
+        )
+    finally:
+        presence.cancel()
+        await runner.cleanup()

@@ -159,3 +159,23 @@ class Mirror:
                 session.add(tunnel)
 
         await self._run(work)
+
+    async def set_agent_presence(
+        self,
+        agent_id: UUID,
+        state: str | None,
+        last_seen: datetime | None,
+        metadata: dict[str, Any] | None,
+    ) -> None:
+        def work(session: Session) -> None:
+            agent = session.get(Agent, agent_id)
+            if agent is None:
+                return
+            if state is not None:
+                agent.status = state
+            if last_seen is not None:
+                agent.last_seen_at = last_seen
+            if metadata:
+                agent.metadata_ = {**(agent.metadata_ or {}), **metadata}
+
+        await self._run(work)

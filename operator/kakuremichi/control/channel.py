@@ -1,0 +1,247 @@
+"""The control channel: one WebSocket per edge at ``/ws`` (see docs/protocol.md).
+
+The first frame must be ``auth`` with a known API key. A bad key gets close code 4401 and
+nothing else; a missing, late (10 s), malformed or oversized first frame gets 4400; failures from
+one address are answered ever more slowly. An authenticated edge gets its ``config`` at once and
+again whenever what it should run changes (bursts coalesce), each with a newer version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from aiohttp import WSMsgType, web
+from pydantic import ValidationError
+
+from kakuremichi import edge_config, protocol
+from kakuremichi.control.agents import PRIVATE_KEY, credentials_secret_name
+from kakuremichi.control.context import Context
+from kakuremichi.control.state import EdgeIdentity
+
+AUTH_TIMEOUT_SECONDS = 10.0
+FAILURE_WINDOW_SECONDS = 60.0
+FAILURES_BEFORE_SLOWDOWN = 5
+MAX_FAILURE_DELAY_SECONDS = 5.0
+log = logging.getLogger(__name__)
+
+
+class VersionClock:
+    """Config versions that only grow, also across operator restarts (milliseconds since the
+    epoch, bumped when two configs are made in the same millisecond)."""
+
+    def __init__(self) -> None:
+        self._last = 0
+
+    def next(self) -> int:
+        self._last = max(self._last + 1, int(time.time() * 1000))
+        return self._last
+
+
+@dataclass
+class Session:
+    identity: EdgeIdentity
+    socket: web.WebSocketResponse
+    remote: str
+    connected_at: datetime
+    last_seen: float = field(default_factory=time.monotonic)
+    sent: Any = None
+    sent_version: int = 0
+    acked_version: int = 0
+    client: protocol.ClientInfo | None = None
+    replaced: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class FailureThrottle:
+    """Slows down addresses that keep presenting bad credentials."""
+
+    def __init__(self) -> None:
+        self._failures: dict[str, deque[float]] = defaultdict(deque)
+
+    def record(self, remote: str) -> None:
+        self._failures[remote].append(time.monotonic())
+
+    def delay(self, remote: str) -> float:
+        recent = self._failures[remote]
+        cutoff = time.monotonic() - FAILURE_WINDOW_SECONDS
+        while recent and recent[0] < cutoff:
+            recent.popleft()
+        excess = len(recent) - FAILURES_BEFORE_SLOWDOWN
+        return 0.0 if excess < 0 else min(MAX_FAILURE_DELAY_SECONDS, 0.25 * 2**excess)
+
+
+class ControlChannel:
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self.sessions: dict[UUID, Session] = {}
+        self.throttle = FailureThrottle()
+        self.versions = VersionClock()
+        self.pushes = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/ws", self.websocket)
+        app.router.add_get("/healthz", self.healthz)
+        return app
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "connected": len(self.sessions)})
+
+    # --- connection -----------------------------------------------------------------------
+
+    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+        socket = web.WebSocketResponse(max_msg_size=1 << 20)
+        await socket.prepare(request)
+        remote = request.remote or "unknown"
+        auth = await self._authenticate(socket, remote)
+        if auth is None:
+            return socket
+        identity, message = auth
+        session = Session(identity, socket, remote, datetime.now(UTC), client=message.client)
+        previous = self.sessions.get(identity.id)
+        self.sessions[identity.id] = session
+        if previous is not None:
+            previous.replaced.set()  # its own handler closes it (one reader per socket)
+        log.info("%s %s connected from %s", identity.role, identity.id, remote)
+        await self.context.presence.connected(identity, message.client)
+        secure = request.secure or _is_loopback(remote)
+        pusher = asyncio.create_task(self._push_loop(session, secure))
+        try:
+            await self._receive_loop(session)
+        finally:
+            pusher.cancel()
+            await asyncio.gather(pusher, return_exceptions=True)
+            if self.sessions.get(identity.id) is session:
+                del self.sessions[identity.id]
+                await self.context.presence.disconnected(identity)
+            log.info("%s %s disconnected", identity.role, identity.id)
+        return socket
+
+    async def _authenticate(
+        self, socket: web.WebSocketResponse, remote: str
+    ) -> tuple[EdgeIdentity, protocol.AuthMessage] | None:
+        delay = self.throttle.delay(remote)
+        try:
+            frame = await asyncio.wait_for(socket.receive(), AUTH_TIMEOUT_SECONDS)
+        except TimeoutError:
+            await socket.close(code=protocol.CLOSE_BAD_REQUEST, message=b"auth timeout")
+            return None
+        if delay:
+            await asyncio.sleep(delay)
+        if frame.type != WSMsgType.TEXT or len(frame.data.encode()) > protocol.MAX_AUTH_FRAME_BYTES:
+            self.throttle.record(remote)
+            await socket.close(code=protocol.CLOSE_BAD_REQUEST, message=b"bad first frame")
+            return None
+        try:
+            message = protocol.client_message.validate_json(frame.data)
+        except ValidationError:
+            message = None
+        if not isinstance(message, protocol.AuthMessage):
+            self.throttle.record(remote)
+            await socket.close(code=protocol.CLOSE_BAD_REQUEST, message=b"expected auth")
+            return None
+        identity = self.context.state.authenticate(message.api_key)
+        if identity is None:
+            self.throttle.record(remote)
+            log.warning("refused an unknown API key from %s", remote)
+            await socket.close(code=protocol.CLOSE_UNAUTHORIZED, message=b"unauthorized")
+            return None
+        return identity, message
+
+    async def _receive_loop(self, session: Session) -> None:
+        timeout = self.context.settings.heartbeat_timeout
+        while True:
+            receive = asyncio.ensure_future(session.socket.receive(timeout=timeout))
+            replaced = asyncio.ensure_future(session.replaced.wait())
+            await asyncio.wait({receive, replaced}, return_when=asyncio.FIRST_COMPLETED)
+            replaced.cancel()
+            if session.replaced.is_set():
+                receive.cancel()
+                await asyncio.gather(receive, return_exceptions=True)
+                await session.socket.close(code=protocol.CLOSE_REPLACED, message=b"replaced")
+                return
+            try:
+                frame = receive.result()
+            except TimeoutError:
+                log.info(
+                    "%s %s silent for %.0fs", session.identity.role, session.identity.id, timeout
+                )
+                await session.socket.close(code=protocol.CLOSE_TIMEOUT, message=b"silent")
+                return
+            if frame.type in (
+                WSMsgType.CLOSE,
+                WSMsgType.CLOSING,
+                WSMsgType.CLOSED,
+                WSMsgType.ERROR,
+            ):
+                return
+            if frame.type != WSMsgType.TEXT:
+                continue
+            session.last_seen = time.monotonic()
+            try:
+                message = protocol.client_message.validate_json(frame.data)
+            except ValidationError as error:
+                log.warning("malformed frame from %s: %s", session.identity.id, error)
+                continue
+            if isinstance(message, protocol.AckMessage):
+                session.acked_version = max(session.acked_version, message.version)
+                if not message.ok:
+                    log.warning(
+                        "%s %s refused config %d: %s",
+                        session.identity.role, session.identity.id, message.version, message.error,
+                    )  # fmt: skip
+                await self.context.presence.acknowledged(session.identity, message)
+            elif isinstance(message, protocol.StatusMessage):
+                session.client = message.data.client
+                await self.context.presence.reported(session.identity, message.data)
+            self.context.presence.seen(session.identity)
+
+    # --- pushing ----------------------------------------------------------------------------
+
+    async def _push_loop(self, session: Session, secure: bool) -> None:
+        state = self.context.state
+        seen = -1
+        while True:
+            seen = state.generation
+            await self._push(session, secure)
+            await state.changed(seen)
+            await asyncio.sleep(0.05)  # let a burst of changes settle into one push
+
+    async def _push(self, session: Session, secure: bool) -> None:
+        identity = session.identity
+        topology = self.context.state.topology()
+        if identity.role != "agent" or identity.id not in topology.agents:
+            return
+        private_key = await self._private_key(identity) if secure else None
+        rendered = edge_config.agent_config(topology, identity.id, 0, private_key)
+        comparable = rendered.model_dump(exclude={"version"})
+        if comparable == session.sent:
+            return
+        version = self.versions.next()
+        message = protocol.AgentConfigMessage(data=rendered.model_copy(update={"version": version}))
+        await session.socket.send_str(protocol.encode(message))
+        session.sent, session.sent_version = comparable, version
+        self.pushes += 1
+
+    async def _private_key(self, identity: EdgeIdentity) -> str | None:
+        agent = self.context.state.agents.get(identity.id)
+        if agent is None:
+            return None
+        data = await self.context.kube.read_secret(
+            agent.namespace, credentials_secret_name(agent.name)
+        )
+        return (data or {}).get(PRIVATE_KEY)
+
+
+def _is_loopback(remote: str) -> bool:
+    try:
+        return ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False

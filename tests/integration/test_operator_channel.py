@@ -1,0 +1,185 @@
+"""The control channel as an edge meets it: a bad key is refused and learns nothing, a good one
+gets its config in the document's shape, changes are pushed within a second, a newer connection
+replaces an older one, and the Agent's state follows the connection."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from kakuremichi import protocol
+from kakuremichi.credentials import generate_api_key
+from kakuremichi.resources import AGENT, TUNNEL
+from tests.infra.cluster import Cluster, unique_name
+from tests.infra.objects import Objects, Secrets
+from tests.infra.polling import wait_until
+from tests.infra.tlsgen import TestCA
+from tests.integration.conftest import OperatorProcess
+
+
+@pytest.fixture
+def agent(
+    kube: Cluster, operator: OperatorProcess
+) -> Iterator[tuple[Objects, dict[str, Any], str]]:
+    agents = Objects(kube, operator.namespace, AGENT)
+    name = unique_name("edge")
+    agents.create(name)
+    status = agents.ready(name)
+    secret = Secrets(kube, operator.namespace).read(status["credentialsSecret"])
+    assert secret is not None
+    yield agents, status, secret["apiKey"]
+    Objects(kube, operator.namespace, TUNNEL).delete_all()
+    agents.delete_all()
+
+
+async def exchange(url: str, first: str | bytes, wait: float = 3.0) -> tuple[int | None, list[str]]:
+    """Send one first frame; return the close code and every text frame received."""
+    received: list[str] = []
+    async with aiohttp.ClientSession() as http, http.ws_connect(f"{url}/ws") as ws:
+        await (ws.send_bytes(first) if isinstance(first, bytes) else ws.send_str(first))
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                frame = await ws.receive(timeout=deadline - time.monotonic())
+            except TimeoutError:
+                break
+            if frame.type == aiohttp.WSMsgType.TEXT:
+                received.append(frame.data)
+            elif frame.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                break
+        return ws.close_code, received
+
+
+def auth(api_key: str) -> str:
+    return protocol.encode(protocol.AuthMessage(api_key=api_key))
+
+
+@pytest.mark.parametrize(
+    ("first", "code"),
+    [
+        (auth(generate_api_key("agent")), protocol.CLOSE_UNAUTHORIZED),
+        ("not json", protocol.CLOSE_BAD_REQUEST),
+        (json.dumps({"type": "heartbeat"}), protocol.CLOSE_BAD_REQUEST),
+        (b"\x00binary", protocol.CLOSE_BAD_REQUEST),
+        (json.dumps({"type": "auth", "apiKey": "agt_" + "a" * 5000}), protocol.CLOSE_BAD_REQUEST),
+    ],
+    ids=["unknown-key", "not-json", "not-auth", "binary", "oversized"],
+)
+def test_refusals_reveal_nothing(operator: OperatorProcess, first: str | bytes, code: int) -> None:
+    close_code, frames = asyncio.run(exchange(operator.control_url, first))
+    assert close_code == code
+    assert frames == []
+
+
+def test_no_auth_within_ten_seconds_is_closed(operator: OperatorProcess) -> None:
+    async def silent() -> int | None:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.ws_connect(f"{operator.control_url}/ws") as ws,
+        ):
+            frame = await ws.receive(timeout=15)
+            assert frame.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            return ws.close_code
+
+    started = time.monotonic()
+    assert asyncio.run(silent()) == protocol.CLOSE_BAD_REQUEST
+    assert 9 <= time.monotonic() - started < 14
+
+
+def test_agent_gets_config_and_pushes_and_its_state_follows(
+    kube: Cluster, operator: OperatorProcess, agent: tuple[Objects, dict[str, Any], str]
+) -> None:
+    agents, status, api_key = agent
+    name = next(iter(agents.created))
+    tunnels = Objects(kube, operator.namespace, TUNNEL)
+    secrets = Secrets(kube, operator.namespace)
+    domain = f"{unique_name('pushed')}.example.com"
+    issued = TestCA().issue(domain)
+    secrets.put_tls("pushed-tls", issued.certificate_pem, issued.private_key_pem)
+
+    async def session() -> tuple[dict[str, Any], dict[str, Any], float]:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.ws_connect(f"{operator.control_url}/ws") as ws,
+        ):
+            await ws.send_str(auth(api_key))
+            first = json.loads((await ws.receive(timeout=10)).data)
+            await ws.send_str(
+                protocol.encode(protocol.AckMessage(version=first["data"]["version"]))
+            )
+            wait_until(lambda: (agents.get(name) or {})["status"]["state"] == "online", "online")
+            started = time.monotonic()
+            await asyncio.to_thread(
+                tunnels.create,
+                "pushed",
+                {"domain": domain, "agent": name, "target": "localhost:8080",
+                 "tls": {"issuer": "Secret", "secretName": "pushed-tls"}},
+            )  # fmt: skip
+            while True:
+                pushed = json.loads((await ws.receive(timeout=30)).data)
+                await ws.send_str(protocol.encode(protocol.HeartbeatMessage()))
+                if pushed["data"]["tunnels"]:
+                    return first, pushed, time.monotonic() - started
+
+    first, pushed, elapsed = asyncio.run(session())
+    assert first["type"] == "config"
+    assert first["data"]["agent"]["virtualIp"] == status["virtualIP"]
+    assert first["data"]["agent"]["subnet"] == status["subnet"]
+    assert first["data"]["agent"]["wireguardPrivateKey"]  # loopback: the key may travel
+    assert first["data"]["tunnels"] == []
+    assert pushed["data"]["version"] > first["data"]["version"]
+    assert pushed["data"]["tunnels"] == [
+        {"domain": domain, "target": "localhost:8080", "enabled": True}
+    ]
+    assert elapsed < 5, f"the push took {elapsed:.1f}s"
+    wait_until(lambda: (agents.get(name) or {})["status"]["state"] == "offline", "offline")
+    assert (agents.get(name) or {})["status"]["lastSeenAt"]
+
+
+def test_a_newer_connection_replaces_the_older(
+    operator: OperatorProcess, agent: tuple[Objects, dict[str, Any], str]
+) -> None:
+    _, _, api_key = agent
+
+    async def two() -> int | None:
+        async with aiohttp.ClientSession() as http:
+            older = await http.ws_connect(f"{operator.control_url}/ws")
+            await older.send_str(auth(api_key))
+            await older.receive(timeout=10)
+            newer = await http.ws_connect(f"{operator.control_url}/ws")
+            await newer.send_str(auth(api_key))
+            assert json.loads((await newer.receive(timeout=10)).data)["type"] == "config"
+            frame = await older.receive(timeout=10)
+            assert frame.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            await newer.close()
+            return older.close_code
+
+    assert asyncio.run(two()) == protocol.CLOSE_REPLACED
+
+
+def test_a_silent_edge_is_dropped_after_the_heartbeat_timeout(
+    operator: OperatorProcess, agent: tuple[Objects, dict[str, Any], str]
+) -> None:
+    agents, _, api_key = agent
+    name = next(iter(agents.created))
+
+    async def silent() -> int | None:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.ws_connect(f"{operator.control_url}/ws", autoping=False) as ws,
+        ):
+            await ws.send_str(auth(api_key))
+            await ws.receive(timeout=10)
+            while True:  # say nothing until control gives up (timeout 5 s in the fixture)
+                frame = await ws.receive(timeout=20)
+                if frame.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+                    return ws.close_code
+
+    assert asyncio.run(silent()) == protocol.CLOSE_TIMEOUT
+    wait_until(lambda: (agents.get(name) or {})["status"]["state"] == "offline", "offline")
