@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -129,6 +130,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
         subnet_excluded=tuple(args.exclude_cidr),
         namespaces=tuple(args.namespace),
         heartbeat_timeout=args.heartbeat_timeout,
+        system_namespace=args.system_namespace,
     )
     settings.subnet_pool()  # refuse a bad pool before connecting anywhere
     asyncio.run(control_main.run(settings, liveness_endpoint=args.liveness))
@@ -188,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument(
         "--namespace", action="append", default=[], metavar="NS",
         help="watch only NS (repeatable); default: all namespaces",
+    )  # fmt: skip
+    operator.add_argument(
+        "--system-namespace", default=os.environ.get("POD_NAMESPACE", "default"), metavar="NS",
+        help="namespace for the Secrets of Gateways (default: the operator's own)",
     )  # fmt: skip
     operator.add_argument(
         "--heartbeat-timeout", type=float, default=30.0, metavar="SECONDS",

@@ -28,23 +28,31 @@ class Objects:
         }
         if spec is not None:
             body["spec"] = spec
-        created = self.custom.create_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, self.kind.plural, body
-        )
+        created = self._call("create", body=body)
         self.created.add(name)
         assert isinstance(created, dict)
         return created
 
+    def _call(self, verb: str, name: str | None = None, body: Any = None) -> Any:
+        """One CustomObjectsApi call, namespaced or cluster-scoped as the kind is."""
+        scope = "namespaced" if self.kind.namespaced else "cluster"
+        method = getattr(self.custom, f"{verb}_{scope}_custom_object")
+        args: list[Any] = [GROUP, VERSION]
+        if self.kind.namespaced:
+            args.append(self.namespace)
+        args.append(self.kind.plural)
+        if name is not None:
+            args.append(name)
+        if body is not None:
+            args.append(body)
+        return method(*args)
+
     def patch_spec(self, name: str, spec: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, self.kind.plural, name, {"spec": spec}
-        )
+        self._call("patch", name, body={"spec": spec})
 
     def delete(self, name: str) -> None:
         try:
-            self.custom.delete_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, self.kind.plural, name
-            )
+            self._call("delete", name)
         except ApiException as error:
             if error.status != 404:
                 raise
@@ -52,9 +60,7 @@ class Objects:
 
     def get(self, name: str) -> dict[str, Any] | None:
         try:
-            found = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, self.kind.plural, name
-            )
+            found = self._call("get", name)
         except ApiException as error:
             if error.status == 404:
                 return None
@@ -63,9 +69,7 @@ class Objects:
         return found
 
     def names(self) -> list[str]:
-        listing = self.custom.list_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, self.kind.plural
-        )
+        listing = self._call("list")
         assert isinstance(listing, dict)
         return [item["metadata"]["name"] for item in listing["items"]]
 
@@ -92,9 +96,14 @@ class Objects:
         )
 
     def delete_all(self, timeout: float = 60) -> None:
-        """Delete every object of this kind in the (test-owned) namespace and wait for it."""
-        for name in self.names():
+        """Delete every object of this kind in the (test-owned) namespace and wait for it;
+        of a cluster-scoped kind, only those this helper created."""
+        owned = self.names() if self.kind.namespaced else list(self.created)
+        for name in owned:
             self.delete(name)
+        if not self.kind.namespaced:
+            wait_until(lambda: not set(owned) & set(self.names()), "the test's objects to go")
+            return
         wait_until(lambda: not self.names(), f"the test's {self.kind.plural} to go", timeout)
 
 

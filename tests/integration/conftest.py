@@ -157,7 +157,8 @@ def operator(
         control_url=f"http://127.0.0.1:{port}",
         args=["--db", f"sqlite:///{db_path}", "--namespace", operator_namespace,
               "--subnet-pool", "1-3", "--control-listen", f"127.0.0.1:{port}",
-              "--control-url", f"http://127.0.0.1:{port}", "--heartbeat-timeout", "5"],
+              "--control-url", f"http://127.0.0.1:{port}", "--heartbeat-timeout", "5",
+              "--system-namespace", operator_namespace],
     )  # fmt: skip
     running.start()
     yield running

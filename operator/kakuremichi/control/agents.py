@@ -23,19 +23,11 @@ from kakuremichi.conditions import (
     set_condition,
 )
 from kakuremichi.control.context import Context
+from kakuremichi.control.credentials_secret import ensure_credentials
 from kakuremichi.control.mirror import AgentRow
-from kakuremichi.credentials import (
-    generate_api_key,
-    generate_wireguard_keypair,
-    is_wireguard_key,
-    wireguard_public_key,
-)
+from kakuremichi.credentials import wireguard_public_key
 from kakuremichi.edge_config import AgentNode
 from kakuremichi.resources import AGENT, GROUP, VERSION, AgentStatus
-
-API_KEY = "apiKey"
-PRIVATE_KEY = "wireguardPrivateKey"
-PUBLIC_KEY = "wireguardPublicKey"
 
 
 def credentials_secret_name(agent_name: str) -> str:
@@ -82,10 +74,13 @@ async def reconcile(
         raise kopf.TemporaryError(str(error), delay=15) from error
 
     secret_name = credentials_secret_name(name)
-    api_key, private_key = await _ensure_credentials(context, body, namespace, secret_name)
+    api_key, private_key = await ensure_credentials(
+        context.kube, namespace, secret_name, "agent", body, {"kakuremichi.io/agent": name}
+    )
     public_key = wireguard_public_key(private_key)
     node = AgentNode(uid, namespace, name, addresses.number, public_key)
     digest = context.state.add_agent(node, api_key)
+    context.state.credential_secrets[uid] = (namespace, secret_name)
     await context.mirror.upsert_agent(
         AgentRow(
             id=uid,
@@ -112,36 +107,6 @@ async def reconcile(
     if current.subnet != str(addresses.subnet):
         kopf.info(body, reason="Provisioned", message=message)
         logger.info("agent %s/%s provisioned: %s", namespace, name, message)
-
-
-async def _ensure_credentials(
-    context: Context, body: kopf.Body, namespace: str, secret_name: str
-) -> tuple[str, str]:
-    """The agent's API key and WireGuard private key, created once and then always reused."""
-    data = await context.kube.read_secret(namespace, secret_name)
-    if data is None:
-        keypair = generate_wireguard_keypair()
-        await context.kube.create_secret(
-            namespace,
-            secret_name,
-            {
-                API_KEY: generate_api_key("agent"),
-                PRIVATE_KEY: keypair.private_key,
-                PUBLIC_KEY: keypair.public_key,
-            },
-            owner=body,
-            labels={
-                "app.kubernetes.io/managed-by": "kakuremichi",
-                "kakuremichi.io/agent": body.metadata.name or "",
-            },
-        )
-        # Read back what is stored: if another reconcile won the race, its keys count.
-        data = await context.kube.read_secret(namespace, secret_name)
-    if data is None or not data.get(API_KEY) or not is_wireguard_key(data.get(PRIVATE_KEY, "")):
-        raise kopf.TemporaryError(
-            f"Secret {namespace}/{secret_name} lacks a valid {API_KEY} or {PRIVATE_KEY}", delay=10
-        )
-    return data[API_KEY], data[PRIVATE_KEY]
 
 
 async def cleanup(context: Context, body: kopf.Body, logger: logging.Logger | Any) -> None:

@@ -22,8 +22,8 @@ from aiohttp import WSMsgType, web
 from pydantic import ValidationError
 
 from kakuremichi import edge_config, protocol
-from kakuremichi.control.agents import PRIVATE_KEY, credentials_secret_name
 from kakuremichi.control.context import Context
+from kakuremichi.control.credentials_secret import PRIVATE_KEY
 from kakuremichi.control.state import EdgeIdentity
 
 AUTH_TIMEOUT_SECONDS = 10.0
@@ -217,26 +217,33 @@ class ControlChannel:
     async def _push(self, session: Session, secure: bool) -> None:
         identity = session.identity
         topology = self.context.state.topology()
-        if identity.role != "agent" or identity.id not in topology.agents:
+        known = topology.agents if identity.role == "agent" else topology.gateways
+        if identity.id not in known:
             return
         private_key = await self._private_key(identity) if secure else None
-        rendered = edge_config.agent_config(topology, identity.id, 0, private_key)
+        message: protocol.AgentConfigMessage | protocol.GatewayConfigMessage
+        if identity.role == "agent":
+            rendered: Any = edge_config.agent_config(topology, identity.id, 0, private_key)
+        else:
+            rendered = edge_config.gateway_config(topology, identity.id, 0, private_key)
         comparable = rendered.model_dump(exclude={"version"})
         if comparable == session.sent:
             return
         version = self.versions.next()
-        message = protocol.AgentConfigMessage(data=rendered.model_copy(update={"version": version}))
+        data = rendered.model_copy(update={"version": version})
+        if identity.role == "agent":
+            message = protocol.AgentConfigMessage(data=data)
+        else:
+            message = protocol.GatewayConfigMessage(data=data)
         await session.socket.send_str(protocol.encode(message))
         session.sent, session.sent_version = comparable, version
         self.pushes += 1
 
     async def _private_key(self, identity: EdgeIdentity) -> str | None:
-        agent = self.context.state.agents.get(identity.id)
-        if agent is None:
+        location = self.context.state.credential_secrets.get(identity.id)
+        if location is None:
             return None
-        data = await self.context.kube.read_secret(
-            agent.namespace, credentials_secret_name(agent.name)
-        )
+        data = await self.context.kube.read_secret(*location)
         return (data or {}).get(PRIVATE_KEY)
 
 

@@ -125,11 +125,18 @@ class Kube:
         self, kind: ResourceKind, namespace: str, name: str, status: dict[str, Any]
     ) -> bool:
         """Merge ``status`` into the object's status; False when the object is gone."""
+        body = {"status": status}
         try:
-            await asyncio.to_thread(
-                self.custom.patch_namespaced_custom_object_status,
-                GROUP, VERSION, namespace, kind.plural, name, {"status": status},
-            )  # fmt: skip
+            if kind.namespaced:
+                await asyncio.to_thread(
+                    self.custom.patch_namespaced_custom_object_status,
+                    GROUP, VERSION, namespace, kind.plural, name, body,
+                )  # fmt: skip
+            else:
+                await asyncio.to_thread(
+                    self.custom.patch_cluster_custom_object_status,
+                    GROUP, VERSION, kind.plural, name, body,
+                )  # fmt: skip
         except ApiException as error:
             if error.status == 404:
                 return False

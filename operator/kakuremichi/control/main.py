@@ -15,7 +15,7 @@ from aiohttp import web
 from sqlalchemy.engine import make_url
 
 from kakuremichi.addressing import SubnetAllocator
-from kakuremichi.control import agents, certificates, tunnels
+from kakuremichi.control import agents, certificates, gateways, tunnels
 from kakuremichi.control.channel import ControlChannel
 from kakuremichi.control.context import Context
 from kakuremichi.control.kube import Kube, load_api_client
@@ -64,6 +64,7 @@ def build_registry(context: Context) -> kopf.OperatorRegistry:
         settings.persistence.finalizer = f"{PREFIX}/finalizer"
         settings.posting.level = logging.INFO
         await agents.restore_allocations(context)
+        await gateways.restore_indexes(context)
         tasks.append(asyncio.create_task(Projector(context).run(), name="projector"))
 
     @kopf.on.cleanup(registry=registry)
@@ -73,6 +74,7 @@ def build_registry(context: Context) -> kopf.OperatorRegistry:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     agents.register(registry, context)
+    gateways.register(registry, context)
     tunnels.register(registry, context)
     certificates.register(registry, context)
     return registry

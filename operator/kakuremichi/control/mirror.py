@@ -22,6 +22,7 @@ from kakuremichi.edge_config import Route
 from kakuremichi.store import (
     Agent,
     Certificate,
+    Gateway,
     Tunnel,
     create_engine_for,
     session_factory,
@@ -41,6 +42,16 @@ class AgentRow:
     wireguard_public_key: str
     virtual_ip: str
     subnet: str
+
+
+@dataclass(frozen=True)
+class GatewayRow:
+    id: UUID
+    name: str
+    api_key_digest: str
+    public_ip: str
+    wireguard_public_key: str
+    region: str | None
 
 
 @dataclass(frozen=True)
@@ -160,22 +171,46 @@ class Mirror:
 
         await self._run(work)
 
-    async def set_agent_presence(
+    async def set_presence(
         self,
-        agent_id: UUID,
+        role: str,
+        edge_id: UUID,
         state: str | None,
         last_seen: datetime | None,
         metadata: dict[str, Any] | None,
     ) -> None:
         def work(session: Session) -> None:
-            agent = session.get(Agent, agent_id)
-            if agent is None:
+            row: Agent | Gateway | None = (
+                session.get(Agent, edge_id) if role == "agent" else session.get(Gateway, edge_id)
+            )
+            if row is None:
                 return
             if state is not None:
-                agent.status = state
+                row.status = state
             if last_seen is not None:
-                agent.last_seen_at = last_seen
+                row.last_seen_at = last_seen
             if metadata:
-                agent.metadata_ = {**(agent.metadata_ or {}), **metadata}
+                row.metadata_ = {**(row.metadata_ or {}), **metadata}
 
         await self._run(work)
+
+    async def upsert_gateway(self, row: GatewayRow) -> None:
+        def work(session: Session) -> None:
+            # public_ip is unique: a row another instance left for this address gives way.
+            session.execute(
+                delete(Gateway).where(Gateway.public_ip == row.public_ip, Gateway.id != row.id)
+            )
+            gateway = session.get(Gateway, row.id) or Gateway(id=row.id, status="offline")
+            gateway.name = row.name
+            gateway.api_key = row.api_key_digest
+            gateway.public_ip = row.public_ip
+            gateway.wireguard_public_key = row.wireguard_public_key
+            gateway.region = row.region
+            session.add(gateway)
+
+        await self._run(work)
+
+    async def delete_gateway(self, gateway_id: UUID) -> None:
+        await self._run(
+            lambda session: session.execute(delete(Gateway).where(Gateway.id == gateway_id))
+        )

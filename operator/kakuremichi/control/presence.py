@@ -18,7 +18,7 @@ from kakuremichi import protocol
 from kakuremichi.control.kube import Kube
 from kakuremichi.control.mirror import Mirror
 from kakuremichi.control.state import ControlState, EdgeIdentity
-from kakuremichi.resources import AGENT, EdgeState
+from kakuremichi.resources import AGENT, GATEWAY, EdgeState
 
 FLUSH_SECONDS = 30.0
 log = logging.getLogger(__name__)
@@ -71,11 +71,16 @@ class Presence:
         state: EdgeState | None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
-        if identity.role != "agent":
-            return
-        agent = self.state.agents.get(identity.id)
-        if agent is None:
-            return
+        if identity.role == "agent":
+            agent = self.state.agents.get(identity.id)
+            if agent is None:
+                return
+            kind, namespace, name = AGENT, agent.namespace, agent.name
+        else:
+            gateway = self.state.gateways.get(identity.id)
+            if gateway is None:
+                return
+            kind, namespace, name = GATEWAY, "", gateway.name
         last_seen = self.last_seen.get(identity.id)
         status: dict[str, Any] = {}
         if state is not None:
@@ -83,5 +88,5 @@ class Presence:
         if last_seen is not None:
             status["lastSeenAt"] = last_seen.isoformat().replace("+00:00", "Z")
         self.flushed[identity.id] = time.monotonic()
-        await self.kube.patch_status(AGENT, agent.namespace, agent.name, status)
-        await self.mirror.set_agent_presence(identity.id, state, last_seen, metadata)
+        await self.kube.patch_status(kind, namespace, name, status)
+        await self.mirror.set_presence(identity.role, identity.id, state, last_seen, metadata)

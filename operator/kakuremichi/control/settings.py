@@ -23,6 +23,8 @@ class ControlSettings(BaseModel):
     subnet_first: int = 1
     subnet_last: int = 254
     subnet_excluded: tuple[str, ...] = ()
+    system_namespace: str = "default"
+    """Namespace for the Secrets of cluster-scoped resources (Gateways)."""
     namespaces: tuple[str, ...] = ()
     """Namespaces to watch; empty means the whole cluster."""
     heartbeat_timeout: float = Field(default=30.0, gt=0)

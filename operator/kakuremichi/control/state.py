@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 from uuid import UUID
 
-from kakuremichi.addressing import SubnetAllocator
+from kakuremichi.addressing import GatewayIndexAllocator, SubnetAllocator
 from kakuremichi.conditions import Condition
-from kakuremichi.edge_config import AgentNode, Topology, domain_holders
+from kakuremichi.edge_config import AgentNode, GatewayNode, Topology, domain_holders
 from kakuremichi.protocol import CertificateBundle
 from kakuremichi.store import Sealer
 from kakuremichi.tunnel_readiness import CertificateVerdict, TunnelFacts, routes
@@ -32,8 +32,13 @@ class ControlState:
     sealer: Sealer
     subnets: SubnetAllocator
     agents: dict[UUID, AgentNode] = field(default_factory=dict)
+    gateways: dict[UUID, GatewayNode] = field(default_factory=dict)
+    """Gateway instances whose public address is known (only those can be peers)."""
+    gateway_indexes: GatewayIndexAllocator = field(default_factory=GatewayIndexAllocator)
     credentials: dict[str, EdgeIdentity] = field(default_factory=dict)
     """API-key digest → the edge it authenticates."""
+    credential_secrets: dict[UUID, tuple[str, str]] = field(default_factory=dict)
+    """Edge id → (namespace, name) of the Secret with its keys."""
     tunnels: dict[UUID, TunnelFacts] = field(default_factory=dict)
     certificate_verdicts: dict[tuple[str, str], CertificateVerdict] = field(default_factory=dict)
     """(namespace, Certificate name) → whether it can be served."""
@@ -76,11 +81,32 @@ class ControlState:
         self.touch()
 
     def _forget_credentials(self, edge_id: UUID) -> None:
+        self.credential_secrets.pop(edge_id, None)
         for stale in [d for d, who in self.credentials.items() if who.id == edge_id]:
             del self.credentials[stale]
 
     def authenticate(self, api_key: str) -> EdgeIdentity | None:
         return self.credentials.get(self.sealer.digest_api_key(api_key))
+
+    # --- gateways -------------------------------------------------------------------------
+
+    def add_gateway_credentials(self, gateway_id: UUID, api_key: str) -> str:
+        """Let a gateway instance connect (even before its address is known)."""
+        digest = self.sealer.digest_api_key(api_key)
+        self._forget_credentials(gateway_id)
+        self.credentials[digest] = EdgeIdentity("gateway", gateway_id)
+        return digest
+
+    def set_gateway(self, gateway: GatewayNode) -> None:
+        if self.gateways.get(gateway.id) != gateway:
+            self.gateways[gateway.id] = gateway
+            self.touch()
+
+    def remove_gateway(self, gateway_id: UUID) -> None:
+        self._forget_credentials(gateway_id)
+        self.gateway_indexes.release(gateway_id)
+        if self.gateways.pop(gateway_id, None) is not None:
+            self.touch()
 
     # --- tunnels and certificates -----------------------------------------------------------
 
@@ -131,6 +157,7 @@ class ControlState:
                 certificates[tunnel.domain] = bundle
         return Topology(
             agents=dict(self.agents),
+            gateways=dict(self.gateways),
             routes=routes(self.tunnels, self.agents),
             certificates=certificates,
         )
