@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -183,3 +184,16 @@ def test_a_silent_edge_is_dropped_after_the_heartbeat_timeout(
 
     assert asyncio.run(silent()) == protocol.CLOSE_TIMEOUT
     wait_until(lambda: (agents.get(name) or {})["status"]["state"] == "offline", "offline")
+
+
+def test_health_and_metrics_are_served(
+    operator: OperatorProcess, agent: tuple[Objects, dict[str, Any], str]
+) -> None:
+    asyncio.run(exchange(operator.control_url, auth(generate_api_key("agent")), wait=1))
+    with urllib.request.urlopen(f"{operator.control_url}/healthz", timeout=5) as response:
+        assert json.load(response)["status"] == "ok"
+    with urllib.request.urlopen(f"{operator.control_url}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    assert 'kakuremichi_auth_failures_total{reason="unknown_key"}' in text
+    assert 'kakuremichi_reconciles_total{kind="Agent",result="ok"}' in text
+    assert 'kakuremichi_connected_edges{role="agent"}' in text

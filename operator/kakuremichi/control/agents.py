@@ -24,6 +24,7 @@ from kakuremichi.conditions import (
 )
 from kakuremichi.control.context import Context
 from kakuremichi.control.credentials_secret import ensure_credentials
+from kakuremichi.control.metrics import counted
 from kakuremichi.control.mirror import AgentRow
 from kakuremichi.credentials import wireguard_public_key
 from kakuremichi.edge_config import AgentNode
@@ -140,6 +141,7 @@ def register(registry: kopf.OperatorRegistry, context: Context) -> None:
     @kopf.on.resume(*resource, registry=registry)
     @kopf.on.create(*resource, registry=registry)
     @kopf.on.update(*resource, registry=registry)
+    @counted("Agent")
     async def agent_reconcile(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -> None:
         await reconcile(context, body, patch, logger)
 

@@ -16,6 +16,7 @@ import kopf
 
 from kakuremichi.conditions import READY, make_condition, set_condition
 from kakuremichi.control.context import Context
+from kakuremichi.control.metrics import counted
 from kakuremichi.control.mirror import CertificateRow
 from kakuremichi.protocol import CertificateBundle
 from kakuremichi.resources import CERTIFICATE, GROUP, VERSION, CertificateSpec, CertificateStatus
@@ -126,6 +127,7 @@ def register(registry: kopf.OperatorRegistry, context: Context) -> None:
     @kopf.on.resume(*resource, registry=registry)
     @kopf.on.create(*resource, registry=registry)
     @kopf.on.update(*resource, registry=registry)
+    @counted("Certificate")
     async def certificate_reconcile(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         await reconcile(context, body, patch)
 

@@ -19,9 +19,11 @@ from typing import Any
 from uuid import UUID
 
 from aiohttp import WSMsgType, web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from kakuremichi import edge_config, protocol
+from kakuremichi.control import metrics
 from kakuremichi.control.context import Context
 from kakuremichi.control.credentials_secret import PRIVATE_KEY
 from kakuremichi.control.state import EdgeIdentity
@@ -83,13 +85,22 @@ class ControlChannel:
         self.sessions: dict[UUID, Session] = {}
         self.throttle = FailureThrottle()
         self.versions = VersionClock()
-        self.pushes = 0
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/ws", self.websocket)
         app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/metrics", self.metrics)
         return app
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        for role in ("agent", "gateway"):
+            metrics.connected_edges.labels(role).set(
+                sum(1 for s in self.sessions.values() if s.identity.role == role)
+            )
+        return web.Response(
+            body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "connected": len(self.sessions)})
@@ -131,12 +142,14 @@ class ControlChannel:
         try:
             frame = await asyncio.wait_for(socket.receive(), AUTH_TIMEOUT_SECONDS)
         except TimeoutError:
+            metrics.auth_failures.labels("timeout").inc()
             await socket.close(code=protocol.CLOSE_BAD_REQUEST, message=b"auth timeout")
             return None
         if delay:
             await asyncio.sleep(delay)
         if frame.type != WSMsgType.TEXT or len(frame.data.encode()) > protocol.MAX_AUTH_FRAME_BYTES:
             self.throttle.record(remote)
+            metrics.auth_failures.labels("malformed").inc()
             await socket.close(code=protocol.CLOSE_BAD_REQUEST, message=b"bad first frame")
             return None
         try:
@@ -145,11 +158,13 @@ class ControlChannel:
             message = None
         if not isinstance(message, protocol.AuthMessage):
             self.throttle.record(remote)
+            metrics.auth_failures.labels("malformed").inc()
             await socket.close(code=protocol.CLOSE_BAD_REQUEST, message=b"expected auth")
             return None
         identity = self.context.state.authenticate(message.api_key)
         if identity is None:
             self.throttle.record(remote)
+            metrics.auth_failures.labels("unknown_key").inc()
             log.warning("refused an unknown API key from %s", remote)
             await socket.close(code=protocol.CLOSE_UNAUTHORIZED, message=b"unauthorized")
             return None
@@ -237,7 +252,7 @@ class ControlChannel:
             message = protocol.GatewayConfigMessage(data=data)
         await session.socket.send_str(protocol.encode(message))
         session.sent, session.sent_version = comparable, version
-        self.pushes += 1
+        metrics.config_pushes.labels(identity.role).inc()
 
     async def _private_key(self, identity: EdgeIdentity) -> str | None:
         location = self.context.state.credential_secrets.get(identity.id)

@@ -20,6 +20,7 @@ from kakuremichi.addressing import AllocationConflict, PoolExhausted
 from kakuremichi.conditions import READY, ConditionStatus, make_condition, set_condition
 from kakuremichi.control.context import Context
 from kakuremichi.control.credentials_secret import ensure_credentials
+from kakuremichi.control.metrics import counted
 from kakuremichi.control.mirror import GatewayRow
 from kakuremichi.credentials import wireguard_public_key
 from kakuremichi.edge_config import GatewayNode
@@ -161,6 +162,7 @@ def register(registry: kopf.OperatorRegistry, context: Context) -> None:
     @kopf.on.resume(*resource, registry=registry)
     @kopf.on.create(*resource, registry=registry)
     @kopf.on.update(*resource, registry=registry)
+    @counted("Gateway")
     async def gateway_reconcile(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         await reconcile(context, body, patch)
 

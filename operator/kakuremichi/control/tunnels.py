@@ -13,6 +13,7 @@ from uuid import UUID
 import kopf
 
 from kakuremichi.control.context import Context
+from kakuremichi.control.metrics import counted
 from kakuremichi.resources import (
     API_VERSION,
     CERTIFICATE,
@@ -97,6 +98,7 @@ def register(registry: kopf.OperatorRegistry, context: Context) -> None:
     @kopf.on.resume(*resource, registry=registry)
     @kopf.on.create(*resource, registry=registry)
     @kopf.on.update(*resource, registry=registry)
+    @counted("Tunnel")
     async def tunnel_reconcile(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         await reconcile(context, body, patch)
 
