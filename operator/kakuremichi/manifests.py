@@ -1,0 +1,226 @@
+"""Kubernetes objects the operator creates for users' workloads, as pure functions.
+
+- the gateway DaemonSet of an InCluster Gateway pool (host network, NET_ADMIN, /dev/net/tun for
+  the userspace WireGuard fallback, the pool's API key from its Secret, the node name from the
+  downward API so control can hand each node its own identity);
+- the agent sidecar container injected into Pods labelled ``kakuremichi.io/agent: <name>``.
+
+Both run the same image and command as users run by hand (``kakuremichi gateway|agent``), so the
+end-to-end tests start the edges with exactly these commands, arguments and credentials.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kakuremichi.resources import API_VERSION, GATEWAY, GatewaySpec
+
+AGENT_LABEL = "kakuremichi.io/agent"
+GATEWAY_LABEL = "kakuremichi.io/gateway"
+CREDENTIALS_MOUNT = "/etc/kakuremichi"
+API_KEY_FILE = f"{CREDENTIALS_MOUNT}/apiKey"
+PRIVATE_KEY_FILE = f"{CREDENTIALS_MOUNT}/wireguardPrivateKey"
+SIDECAR_NAME = "kakuremichi-agent"
+
+
+@dataclass(frozen=True)
+class EdgeImage:
+    """What edges run: the image, its pull policy, and the control URL they dial."""
+
+    image: str
+    control_url: str
+    pull_policy: str = "IfNotPresent"
+
+
+def _resources() -> dict[str, Any]:
+    return {
+        "requests": {"cpu": "50m", "memory": "64Mi"},
+        "limits": {"memory": "256Mi"},
+    }
+
+
+def _tun_volume() -> dict[str, Any]:
+    return {"name": "dev-net-tun", "hostPath": {"path": "/dev/net/tun", "type": "CharDevice"}}
+
+
+def _tun_mount() -> dict[str, Any]:
+    return {"name": "dev-net-tun", "mountPath": "/dev/net/tun"}
+
+
+def gateway_daemonset_name(gateway: str) -> str:
+    return f"kakuremichi-gateway-{gateway}"
+
+
+def gateway_daemonset(
+    gateway: str,
+    gateway_uid: str,
+    spec: GatewaySpec,
+    edge: EdgeImage,
+    namespace: str,
+    pool_secret: str,
+) -> dict[str, Any]:
+    """The DaemonSet that runs one gateway instance on every selected node."""
+    labels = {
+        "app.kubernetes.io/name": "kakuremichi-gateway",
+        "app.kubernetes.io/managed-by": "kakuremichi",
+        GATEWAY_LABEL: gateway,
+    }
+    ports = spec.ports
+    container = {
+        "name": "gateway",
+        "image": edge.image,
+        "imagePullPolicy": edge.pull_policy,
+        "args": [
+            "gateway",
+            "--control-url",
+            edge.control_url,
+            "--api-key-file",
+            API_KEY_FILE,
+            "--node-name",
+            "$(NODE_NAME)",
+            "--http-port",
+            str(ports.http),
+            "--https-port",
+            str(ports.https),
+            "--wireguard-port",
+            str(ports.wireguard),
+        ],
+        "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+        "ports": [
+            {
+                "name": "http",
+                "containerPort": ports.http,
+                "hostPort": ports.http,
+                "protocol": "TCP",
+            },
+            {
+                "name": "https",
+                "containerPort": ports.https,
+                "hostPort": ports.https,
+                "protocol": "TCP",
+            },
+            {
+                "name": "wireguard",
+                "containerPort": ports.wireguard,
+                "hostPort": ports.wireguard,
+                "protocol": "UDP",
+            },
+        ],
+        "securityContext": {
+            "capabilities": {"add": ["NET_ADMIN", "NET_BIND_SERVICE"], "drop": ["ALL"]},
+            "allowPrivilegeEscalation": False,
+        },
+        "volumeMounts": [
+            {"name": "credentials", "mountPath": CREDENTIALS_MOUNT, "readOnly": True},
+            _tun_mount(),
+        ],
+        "resources": _resources(),
+    }
+    pod_spec: dict[str, Any] = {
+        "hostNetwork": True,
+        "dnsPolicy": "ClusterFirstWithHostNet",
+        "containers": [container],
+        "volumes": [
+            {
+                "name": "credentials",
+                "secret": {
+                    "secretName": pool_secret,
+                    "items": [{"key": "apiKey", "path": "apiKey"}],
+                },
+            },
+            _tun_volume(),
+        ],
+        "terminationGracePeriodSeconds": 30,
+    }
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = [
+            t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations
+        ]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {
+            "name": gateway_daemonset_name(gateway),
+            "namespace": namespace,
+            "labels": labels,
+            "ownerReferences": [
+                {
+                    "apiVersion": API_VERSION,
+                    "kind": GATEWAY.kind,
+                    "name": gateway,
+                    "uid": gateway_uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": {
+            "selector": {"matchLabels": {GATEWAY_LABEL: gateway}},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
+    }
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    container: dict[str, Any]
+    volumes: list[dict[str, Any]]
+
+
+def agent_sidecar(credentials_secret: str, edge: EdgeImage) -> Sidecar:
+    """The agent container for a Pod of the origin; credentials come from the Agent's Secret."""
+    container = {
+        "name": SIDECAR_NAME,
+        "image": edge.image,
+        "imagePullPolicy": edge.pull_policy,
+        "args": [
+            "agent",
+            "--control-url",
+            edge.control_url,
+            "--api-key-file",
+            API_KEY_FILE,
+            "--private-key-file",
+            PRIVATE_KEY_FILE,
+        ],
+        "securityContext": {
+            "capabilities": {"add": ["NET_ADMIN"], "drop": ["ALL"]},
+            "allowPrivilegeEscalation": False,
+        },
+        "volumeMounts": [
+            {"name": "kakuremichi-credentials", "mountPath": CREDENTIALS_MOUNT, "readOnly": True},
+            {**_tun_mount(), "name": "kakuremichi-dev-net-tun"},
+        ],
+        "resources": _resources(),
+    }
+    volumes = [
+        {"name": "kakuremichi-credentials", "secret": {"secretName": credentials_secret}},
+        {**_tun_volume(), "name": "kakuremichi-dev-net-tun"},
+    ]
+    return Sidecar(container, volumes)
+
+
+def agent_pod_patch(
+    pod: dict[str, Any], credentials_secret: str, edge: EdgeImage
+) -> list[dict[str, Any]]:
+    """JSON Patch operations that add the agent sidecar (and its volumes) to ``pod``.
+
+    Idempotent: a Pod that already has the sidecar gets no operations."""
+    spec = pod.get("spec") or {}
+    containers = spec.get("containers") or []
+    if any(c.get("name") == SIDECAR_NAME for c in containers):
+        return []
+    sidecar = agent_sidecar(credentials_secret, edge)
+    operations: list[dict[str, Any]] = [
+        {"op": "add", "path": "/spec/containers/-", "value": sidecar.container}
+    ]
+    if spec.get("volumes"):
+        operations += [
+            {"op": "add", "path": "/spec/volumes/-", "value": v} for v in sidecar.volumes
+        ]
+    else:
+        operations.append({"op": "add", "path": "/spec/volumes", "value": sidecar.volumes})
+    return operations

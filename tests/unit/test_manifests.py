@@ -1,0 +1,91 @@
+"""The gateway DaemonSet and the agent sidecar carry what the edges need to run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kakuremichi.manifests import (
+    API_KEY_FILE,
+    SIDECAR_NAME,
+    EdgeImage,
+    agent_pod_patch,
+    agent_sidecar,
+    gateway_daemonset,
+)
+from kakuremichi.resources import GatewaySpec
+
+EDGE = EdgeImage(image="kakuremichi/edge:test", control_url="https://control.example.com")
+
+
+def daemonset(**spec: Any) -> dict[str, Any]:
+    return gateway_daemonset(
+        "edge", "0b0d9a31-5c53-4b43-9d9c-0c1ef8a4b1a2", GatewaySpec.model_validate(spec), EDGE,
+        "kakuremichi-system", "kakuremichi-gateway-edge",
+    )  # fmt: skip
+
+
+def test_daemonset_runs_the_gateway_on_the_host_network() -> None:
+    manifest = daemonset(
+        nodeSelector={"role": "edge"},
+        tolerations=[{"key": "edge", "operator": "Exists", "effect": "NoSchedule"}],
+        ports={"http": 8080, "https": 8443, "wireguard": 51821},
+    )
+    assert manifest["metadata"]["namespace"] == "kakuremichi-system"
+    owner = manifest["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["controller"]) == ("Gateway", "edge", True)
+    pod = manifest["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True
+    assert pod["nodeSelector"] == {"role": "edge"}
+    assert pod["tolerations"] == [{"key": "edge", "operator": "Exists", "effect": "NoSchedule"}]
+    (container,) = pod["containers"]
+    assert container["image"] == "kakuremichi/edge:test"
+    args = container["args"]
+    assert args[0] == "gateway"
+    assert args[args.index("--control-url") + 1] == "https://control.example.com"
+    assert args[args.index("--api-key-file") + 1] == API_KEY_FILE
+    assert args[args.index("--node-name") + 1] == "$(NODE_NAME)"
+    assert args[args.index("--https-port") + 1] == "8443"
+    assert "NET_ADMIN" in container["securityContext"]["capabilities"]["add"]
+    ports = {(p["name"], p["hostPort"], p["protocol"]) for p in container["ports"]}
+    assert ports == {("http", 8080, "TCP"), ("https", 8443, "TCP"), ("wireguard", 51821, "UDP")}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["credentials"]["secret"]["secretName"] == "kakuremichi-gateway-edge"
+    assert volumes["dev-net-tun"]["hostPath"]["path"] == "/dev/net/tun"
+    selector = manifest["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= manifest["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_daemonset_without_placement_leaves_it_out() -> None:
+    pod = daemonset()["spec"]["template"]["spec"]
+    assert "nodeSelector" not in pod and "tolerations" not in pod
+
+
+def test_sidecar_gets_credentials_and_tun() -> None:
+    sidecar = agent_sidecar("kakuremichi-agent-home", EDGE)
+    assert sidecar.container["name"] == SIDECAR_NAME
+    assert sidecar.container["args"][:3] == [
+        "agent",
+        "--control-url",
+        "https://control.example.com",
+    ]
+    assert {
+        "name": "kakuremichi-credentials",
+        "secret": {"secretName": "kakuremichi-agent-home"},
+    } in (sidecar.volumes)
+
+
+def test_pod_patch_adds_sidecar_and_volumes_once() -> None:
+    pod: dict[str, Any] = {"spec": {"containers": [{"name": "app", "image": "nginx"}]}}
+    operations = agent_pod_patch(pod, "kakuremichi-agent-home", EDGE)
+    assert operations[0]["path"] == "/spec/containers/-"
+    volumes = agent_sidecar("kakuremichi-agent-home", EDGE).volumes
+    assert operations[1] == {"op": "add", "path": "/spec/volumes", "value": volumes}
+    pod["spec"]["volumes"] = [{"name": "data", "emptyDir": {}}]
+    appended = agent_pod_patch(pod, "kakuremichi-agent-home", EDGE)
+    assert [op["path"] for op in appended] == [
+        "/spec/containers/-",
+        "/spec/volumes/-",
+        "/spec/volumes/-",
+    ]
+    pod["spec"]["containers"].append(appended[0]["value"])
+    assert agent_pod_patch(pod, "kakuremichi-agent-home", EDGE) == []
