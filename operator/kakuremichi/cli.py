@@ -131,6 +131,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
         namespaces=tuple(args.namespace),
         heartbeat_timeout=args.heartbeat_timeout,
         system_namespace=args.system_namespace,
+        **({"edge_image": args.edge_image} if args.edge_image else {}),
     )
     settings.subnet_pool()  # refuse a bad pool before connecting anywhere
     asyncio.run(control_main.run(settings, liveness_endpoint=args.liveness))
@@ -195,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--system-namespace", default=os.environ.get("POD_NAMESPACE", "default"), metavar="NS",
         help="namespace for the Secrets of Gateways (default: the operator's own)",
     )  # fmt: skip
+    operator.add_argument(
+        "--edge-image", metavar="IMAGE", help="image of gateway DaemonSets and agent sidecars"
+    )
     operator.add_argument(
         "--heartbeat-timeout", type=float, default=30.0, metavar="SECONDS",
         help="an edge silent this long is disconnected and marked offline",

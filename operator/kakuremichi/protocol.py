@@ -16,7 +16,7 @@ from uuid import UUID
 
 from pydantic import Field, TypeAdapter
 
-from kakuremichi.fields import CamelModel, DomainName, PublicIPv4, ResourceName, TargetAddress
+from kakuremichi.fields import CamelModel, DomainName, PublicIPv4, TargetAddress
 
 # A first frame larger than this is refused before it is parsed.
 MAX_AUTH_FRAME_BYTES = 4096
@@ -154,7 +154,7 @@ class AgentConfigMessage(CamelModel):
 class GatewaySelf(CamelModel):
     id: UUID
     public_ip: PublicIPv4
-    name: ResourceName | None = None
+    name: Annotated[str, Field(min_length=1, max_length=253)] | None = None
     index: Annotated[int, Field(ge=1, le=99)]
     """Gateway index g: its address toward agent N is 10.N.0.g."""
     wireguard_port: Port = 51820
@@ -219,7 +219,7 @@ class GatewayConfigMessage(CamelModel):
 class Identity(CamelModel):
     """A node's own credentials, issued to an in-cluster gateway pod on first contact."""
 
-    name: ResourceName
+    name: Annotated[str, Field(min_length=1, max_length=253)]
     api_key: ApiKey
 
 

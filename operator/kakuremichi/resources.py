@@ -155,7 +155,7 @@ class GatewaySpec(CamelModel):
 class GatewayInstanceStatus(CamelModel):
     """One running gateway of the pool (one node of the DaemonSet, or the external host)."""
 
-    name: ResourceName
+    name: Annotated[str, Field(min_length=1, max_length=253)]
     """Instance name: the node name for InCluster pools, the Gateway's name for External ones."""
     index: Annotated[int, Field(ge=1, le=99)]
     """Stable gateway index g: the instance's WireGuard address toward agent N is 10.N.0.g."""

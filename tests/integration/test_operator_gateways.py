@@ -4,14 +4,17 @@ gateway's address inside each agent's subnet, and each agent told about every ga
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
 
 from kakuremichi import protocol
 from kakuremichi.credentials import api_key_role, wireguard_public_key
@@ -121,13 +124,104 @@ def test_external_gateway_serves_every_agent_and_tunnel(
     assert emptied["data"]["gateways"] == []
 
 
-@pytest.mark.parametrize(
-    ("spec", "reason"),
-    [({"mode": "InCluster"}, "Unsupported"), ({"mode": "External"}, "WaitingForAddress")],
-)
+@pytest.mark.parametrize(("spec", "reason"), [({"mode": "External"}, "WaitingForAddress")])
 def test_gateways_that_cannot_run_yet_say_why(
     world: World, spec: dict[str, Any], reason: str
 ) -> None:
     name = unique_name("pending")
     world.gateways.create(name, spec)
     world.gateways.ready(name, "False", reason)
+
+
+@pytest.fixture
+def nodes(kube: Cluster) -> Iterator[Callable[..., str]]:
+    """Node objects (no kubelet behind them): what an InCluster pool admits instances from."""
+    core = client.CoreV1Api(kube.api_client())
+    made: list[str] = []
+
+    def make(**addresses: str) -> str:
+        name = unique_name("node")
+        core.create_node(
+            client.V1Node(metadata=client.V1ObjectMeta(name=name, labels={"role": "edge"}))
+        )
+        core.patch_node_status(
+            name,
+            {"status": {"addresses": [{"type": t, "address": a} for t, a in addresses.items()]}},
+        )
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        with contextlib.suppress(ApiException):
+            core.delete_node(name)
+
+
+async def node_session(url: str, pool_key: str, node: str) -> list[dict[str, Any]]:
+    """Connect as a DaemonSet pod: the pool's key plus the node name; return identity + config."""
+    frames: list[dict[str, Any]] = []
+    async with aiohttp.ClientSession() as http, http.ws_connect(f"{url}/ws") as ws:
+        await ws.send_str(protocol.encode(protocol.AuthMessage(api_key=pool_key, node_name=node)))
+        while len(frames) < 2:
+            frame = await ws.receive(timeout=15)
+            if frame.type != aiohttp.WSMsgType.TEXT:
+                frames.append({"closed": ws.close_code})
+                break
+            frames.append(json.loads(frame.data))
+    return frames
+
+
+def test_in_cluster_pool_rolls_out_and_admits_each_node(
+    world: World, operator: OperatorProcess, kube: Cluster, nodes: Callable[..., str]
+) -> None:
+    name = unique_name("pool")
+    world.gateways.create(
+        name, {"mode": "InCluster", "nodeSelector": {"role": "edge"}, "region": "osaka"}
+    )
+    status = world.gateways.ready(name, "True", "RolledOut")
+    apps = client.AppsV1Api(kube.api_client())
+    daemonset = apps.read_namespaced_daemon_set(f"kakuremichi-gateway-{name}", operator.namespace)
+    assert daemonset.spec is not None and daemonset.spec.template.spec is not None
+    assert daemonset.spec.template.spec.host_network is True
+    assert daemonset.spec.template.spec.node_selector == {"role": "edge"}
+    pool_key = (world.secrets.read(status["credentialsSecret"]) or {})["apiKey"]
+
+    external = nodes(ExternalIP="203.0.113.21", InternalIP="192.168.50.21")
+    internal = nodes(InternalIP="192.168.50.22")
+    identity, config = asyncio.run(node_session(operator.control_url, pool_key, external))
+    assert identity["type"] == "identity" and identity["data"]["name"] == external
+    assert api_key_role(identity["data"]["apiKey"]) == "gateway"
+    assert identity["data"]["apiKey"] != pool_key
+    assert (config["data"]["gateway"]["publicIp"], config["data"]["gateway"]["index"]) == (
+        "203.0.113.21", 1,
+    )  # fmt: skip
+    _, second = asyncio.run(node_session(operator.control_url, pool_key, internal))
+    assert (second["data"]["gateway"]["publicIp"], second["data"]["gateway"]["index"]) == (
+        "192.168.50.22", 2,
+    )  # fmt: skip
+    # The node's own key works by itself afterwards.
+    again = asyncio.run(first_config(operator.control_url, identity["data"]["apiKey"]))
+    assert again["data"]["gateway"]["index"] == 1
+
+    def both_instances() -> list[dict[str, Any]] | None:
+        found = (world.gateways.get(name) or {}).get("status", {}).get("instances", [])
+        return found if len(found) == 2 else None
+
+    instances = wait_until(both_instances, "both instances in status")
+    assert [(i["name"], i["index"]) for i in instances] == [(external, 1), (internal, 2)]
+
+    refused = asyncio.run(node_session(operator.control_url, pool_key, "no-such-node"))
+    assert refused[0]["type"] == "error" and "no Node named no-such-node" in refused[0]["message"]
+    assert refused[1] == {"closed": protocol.CLOSE_BAD_REQUEST}
+
+    client.CoreV1Api(kube.api_client()).delete_node(internal)
+    wait_until(
+        lambda: (
+            [i["name"] for i in (world.gateways.get(name) or {})["status"]["instances"]]
+            == [external]
+        ),
+        "the departed node's instance to be removed",
+    )
+    world.gateways.delete(name)
+    wait_until(lambda: world.secrets.read(f"kakuremichi-gateway-{name}-{external}") is None,
+               "the node's Secret to go")  # fmt: skip

@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from kakuremichi import edge_config, protocol
-from kakuremichi.control import metrics
+from kakuremichi.control import gateways, metrics
 from kakuremichi.control.context import Context
 from kakuremichi.control.credentials_secret import PRIVATE_KEY
 from kakuremichi.control.state import EdgeIdentity
@@ -115,6 +115,11 @@ class ControlChannel:
         if auth is None:
             return socket
         identity, message = auth
+        if identity.role == "pool":
+            admitted = await self._admit_node(socket, identity, message)
+            if admitted is None:
+                return socket
+            identity = admitted
         session = Session(identity, socket, remote, datetime.now(UTC), client=message.client)
         previous = self.sessions.get(identity.id)
         self.sessions[identity.id] = session
@@ -169,6 +174,32 @@ class ControlChannel:
             await socket.close(code=protocol.CLOSE_UNAUTHORIZED, message=b"unauthorized")
             return None
         return identity, message
+
+    async def _admit_node(
+        self, socket: web.WebSocketResponse, pool: EdgeIdentity, message: protocol.AuthMessage
+    ) -> EdgeIdentity | None:
+        """A DaemonSet pod proved its pool; make (or find) its node's own identity."""
+        refusal = "the pool's key must come with nodeName" if not message.node_name else None
+        if message.node_name:
+            try:
+                gateway_id, api_key = await gateways.admit_node(
+                    self.context, pool.id, message.node_name
+                )
+            except gateways.NodeRefused as error:
+                refusal = str(error)
+        if refusal is not None:
+            await socket.send_str(
+                protocol.encode(protocol.ErrorMessage(code="node_refused", message=refusal))
+            )
+            await socket.close(code=protocol.CLOSE_BAD_REQUEST, message=b"node refused")
+            return None
+        name = self.context.state.gateways[gateway_id].name
+        await socket.send_str(
+            protocol.encode(
+                protocol.IdentityMessage(data=protocol.Identity(name=name, api_key=api_key))
+            )
+        )
+        return EdgeIdentity("gateway", gateway_id)
 
     async def _receive_loop(self, session: Session) -> None:
         timeout = self.context.settings.heartbeat_timeout

@@ -1,10 +1,14 @@
 """Gateway reconciler.
 
-A Gateway is a pool of instances. This version runs pools of mode External: one instance on a
-host outside the cluster (installed with the one-liner), with its own API key and WireGuard
-keypair in a Secret of the operator's namespace, a stable gateway index, and the public address
-from spec. InCluster pools (a DaemonSet with one instance per node) and detecting the address from
-the connection are not available yet; their conditions say so.
+A Gateway is a pool of instances, each with its own API key and WireGuard keypair (in a Secret of
+the operator's namespace), a stable gateway index and a public address:
+
+- External: one instance on a host outside the cluster (installed with the one-liner), with the
+  address from spec (detecting it from the connection is not available yet).
+- InCluster: a DaemonSet on the selected nodes. Its pods hold only the pool's shared key; a pod
+  that presents it with its node name is admitted as that node's instance (:func:`admit_node`):
+  control makes the node's own identity, takes the Node's ExternalIP (else InternalIP) unless
+  spec pins one, and hands the API key over. An instance whose Node leaves is removed.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ from uuid import UUID, uuid5
 
 import kopf
 
+from kakuremichi import manifests, validation
 from kakuremichi.addressing import AllocationConflict, PoolExhausted
 from kakuremichi.conditions import READY, ConditionStatus, make_condition, set_condition
 from kakuremichi.control.context import Context
 from kakuremichi.control.credentials_secret import ensure_credentials
 from kakuremichi.control.metrics import counted
 from kakuremichi.control.mirror import GatewayRow
+from kakuremichi.control.state import GatewayPool
 from kakuremichi.credentials import wireguard_public_key
 from kakuremichi.edge_config import GatewayNode
 from kakuremichi.resources import (
@@ -69,9 +75,14 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
         patch.status.update(updated.model_dump(mode="json", by_alias=True, exclude_none=True))
 
     if spec.mode == "InCluster":
-        write(with_ready("False", "Unsupported",
-                         "InCluster gateway pools (DaemonSet) are not available in this version; "
-                         "use mode External"))  # fmt: skip
+        await reconcile_pool(context, body, spec, current)
+        rolled = manifests.gateway_daemonset_name(name)
+        write(
+            {"credentials_secret": credentials_secret_name(name)}
+            | with_ready("True", "RolledOut",
+                         f"DaemonSet {context.settings.system_namespace}/{rolled}; each node's "
+                         "gateway gets its own identity when it connects")
+        )  # fmt: skip
         return
 
     instance_name = name
@@ -134,14 +145,134 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
     )
 
 
+async def reconcile_pool(
+    context: Context, body: kopf.Body, spec: GatewaySpec, current: GatewayStatus
+) -> None:
+    """An InCluster pool: its shared key, its DaemonSet, and the nodes already admitted."""
+    meta = body.metadata
+    name, uid = meta.name or "", UUID(meta.uid)
+    namespace = context.settings.system_namespace
+    secret_name = credentials_secret_name(name)
+    api_key, _ = await ensure_credentials(
+        context.kube, namespace, secret_name, "gateway", body, {"kakuremichi.io/gateway": name}
+    )
+    owner = {"apiVersion": body["apiVersion"], "kind": body["kind"],
+             "metadata": {"name": name, "uid": meta.uid}}  # fmt: skip
+    context.state.add_pool(GatewayPool(uid, name, owner, spec), api_key)
+    edge = manifests.EdgeImage(context.settings.edge_image, context.settings.control_url)
+    await context.kube.apply_daemonset(
+        manifests.gateway_daemonset(name, meta.uid, spec, edge, namespace, secret_name)
+    )
+    for instance in current.instances:  # nodes admitted before a restart keep their identity
+        with contextlib.suppress(kopf.TemporaryError, NodeRefused):
+            await admit_node(context, uid, instance.name)
+
+
+class NodeRefused(Exception):
+    """A node cannot join its pool; the message says why."""
+
+
+def node_secret_name(pool: str, node: str) -> str:
+    return f"kakuremichi-gateway-{pool}-{node}"[:253]
+
+
+async def admit_node(context: Context, pool_uid: UUID, node: str) -> tuple[UUID, str]:
+    """Give ``node`` of an InCluster pool its own gateway identity: API key, WireGuard keypair,
+    index and public address. Returns the instance's id and API key."""
+    pool = context.state.pools.get(pool_uid)
+    if pool is None:
+        raise NodeRefused("the Gateway is gone")
+    addresses = await context.kube.node_addresses(node)
+    if addresses is None:
+        raise NodeRefused(f"there is no Node named {node}")
+    if pool.spec.public_ip:
+        public_ip = pool.spec.public_ip
+    else:
+        public_ip = addresses.get("ExternalIP") or addresses.get("InternalIP") or ""
+        try:
+            validation.public_ipv4(public_ip)
+        except ValueError as error:
+            raise NodeRefused(f"Node {node} has no usable address: {error}") from None
+    found = await context.kube.get_object(GATEWAY, "", pool.name)
+    status = GatewayStatus.model_validate((found or {}).get("status") or {})
+    if pool.spec.public_ip and any(i.name != node for i in status.instances):
+        raise NodeRefused(
+            f"spec.publicIP pins one address, which allows a pool of one node; "
+            f"{status.instances[0].name} already holds it"
+        )
+    gid = instance_id(str(pool.uid), node)
+    namespace = context.settings.system_namespace
+    secret_name = node_secret_name(pool.name, node)
+    api_key, private_key = await ensure_credentials(
+        context.kube, namespace, secret_name, "gateway", pool.owner,
+        {"kakuremichi.io/gateway": pool.name, "kakuremichi.io/node": node[:63]},
+    )  # fmt: skip
+    known = next((i for i in status.instances if i.name == node), None)
+    if known is not None:
+        context.state.gateway_indexes.restore(gid, known.index)
+        index = known.index
+    else:
+        index = context.state.gateway_indexes.allocate(gid)
+    public_key = wireguard_public_key(private_key)
+    digest = context.state.add_gateway_credentials(gid, api_key)
+    context.state.credential_secrets[gid] = (namespace, secret_name)
+    ports = pool.spec.ports
+    context.state.set_gateway(
+        GatewayNode(gid, node, index, public_ip, public_key, ports.wireguard, ports.http,
+                    ports.https)
+    )  # fmt: skip
+    await context.mirror.upsert_gateway(
+        GatewayRow(gid, pool.name, digest, public_ip, public_key, pool.spec.region)
+    )
+    instance = GatewayInstanceStatus(
+        name=node, index=index, public_ip=public_ip, wireguard_public_key=public_key,
+        state=known.state if known else "offline",
+        last_seen_at=known.last_seen_at if known else None,
+    )  # fmt: skip
+    instances = [i for i in status.instances if i.name != node] + [instance]
+    await context.kube.patch_status(
+        GATEWAY, "", pool.name,
+        {"instances": [i.model_dump(mode="json", by_alias=True, exclude_none=True)
+                       for i in sorted(instances, key=lambda i: i.index)]},
+    )  # fmt: skip
+    return gid, api_key
+
+
+async def remove_node(context: Context, node: str) -> None:
+    """A Node left the cluster: its instances leave their pools."""
+    for pool in list(context.state.pools.values()):
+        gid = instance_id(str(pool.uid), node)
+        if gid not in context.state.gateways and gid not in context.state.credential_secrets:
+            continue
+        context.state.remove_gateway(gid)
+        await context.mirror.delete_gateway(gid)
+        await context.kube.delete_secret(
+            context.settings.system_namespace, node_secret_name(pool.name, node)
+        )
+        found = await context.kube.get_object(GATEWAY, "", pool.name)
+        status = GatewayStatus.model_validate((found or {}).get("status") or {})
+        await context.kube.patch_status(
+            GATEWAY, "", pool.name,
+            {"instances": [i.model_dump(mode="json", by_alias=True, exclude_none=True)
+                           for i in status.instances if i.name != node]},
+        )  # fmt: skip
+
+
 async def cleanup(context: Context, body: kopf.Body) -> None:
     meta = body.metadata
-    gid = instance_id(meta.uid, meta.name or "")
-    context.state.remove_gateway(gid)
-    await context.mirror.delete_gateway(gid)
-    await context.kube.delete_secret(
-        context.settings.system_namespace, credentials_secret_name(meta.name or "")
-    )
+    name = meta.name or ""
+    namespace = context.settings.system_namespace
+    status = GatewayStatus.model_validate(dict(body.status))
+    instance_names = {i.name for i in status.instances} | {name}
+    for instance_name in instance_names:
+        gid = instance_id(meta.uid, instance_name)
+        context.state.remove_gateway(gid)
+        await context.mirror.delete_gateway(gid)
+        if instance_name != name:
+            await context.kube.delete_secret(namespace, node_secret_name(name, instance_name))
+    context.state.remove_pool(UUID(meta.uid))
+    await context.kube.delete_secret(namespace, credentials_secret_name(name))
+    # The DaemonSet is garbage-collected with the Gateway (owner reference).
 
 
 async def restore_indexes(context: Context) -> None:
@@ -169,3 +300,9 @@ def register(registry: kopf.OperatorRegistry, context: Context) -> None:
     @kopf.on.delete(*resource, registry=registry)
     async def gateway_cleanup(body: kopf.Body, **_: Any) -> None:
         await cleanup(context, body)
+
+    # Nodes carry no finalizer of ours: the watch's DELETED event is the signal.
+    @kopf.on.event("", "v1", "nodes", registry=registry)
+    async def node_event(type: str, name: str, **_: Any) -> None:
+        if type == "DELETED":
+            await remove_node(context, name)

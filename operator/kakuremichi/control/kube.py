@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -29,7 +29,38 @@ def load_api_client() -> client.ApiClient:
 class Kube:
     def __init__(self, api: client.ApiClient) -> None:
         self.core = client.CoreV1Api(api)
+        self.apps = client.AppsV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+
+    async def apply_daemonset(self, manifest: dict[str, Any]) -> None:
+        """Create the DaemonSet, or replace its spec when it exists."""
+        namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+        try:
+            await asyncio.to_thread(
+                self.apps.create_namespaced_daemon_set, namespace, cast(Any, manifest)
+            )
+        except ApiException as error:
+            if error.status != 409:
+                raise
+            await asyncio.to_thread(
+                self.apps.patch_namespaced_daemon_set,
+                name, namespace, {"metadata": {"labels": manifest["metadata"]["labels"]},
+                                  "spec": manifest["spec"]},
+            )  # fmt: skip
+
+    async def node_addresses(self, name: str) -> dict[str, str] | None:
+        """A Node's addresses by type (ExternalIP, InternalIP, ...); None when it is gone."""
+        try:
+            node = await asyncio.to_thread(self.core.read_node, name)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        addresses = (node.status.addresses if node.status else None) or []
+        found: dict[str, str] = {}
+        for address in addresses:
+            found.setdefault(address.type, address.address)
+        return found
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
         """The Secret's data, decoded; None when it does not exist."""

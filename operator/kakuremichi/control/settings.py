@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kakuremichi import __version__
 from kakuremichi.addressing import SubnetPool
 
 
@@ -23,6 +24,8 @@ class ControlSettings(BaseModel):
     subnet_first: int = 1
     subnet_last: int = 254
     subnet_excluded: tuple[str, ...] = ()
+    edge_image: str = f"kakuremichi/edge:{__version__}"
+    """Image of the gateway DaemonSets and agent sidecars."""
     system_namespace: str = "default"
     """Namespace for the Secrets of cluster-scoped resources (Gateways)."""
     namespaces: tuple[str, ...] = ()

@@ -10,21 +10,34 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 from uuid import UUID
 
 from kakuremichi.addressing import GatewayIndexAllocator, SubnetAllocator
 from kakuremichi.conditions import Condition
 from kakuremichi.edge_config import AgentNode, GatewayNode, Topology, domain_holders
 from kakuremichi.protocol import CertificateBundle
+from kakuremichi.resources import GatewaySpec
 from kakuremichi.store import Sealer
 from kakuremichi.tunnel_readiness import CertificateVerdict, TunnelFacts, routes
 
 
 @dataclass(frozen=True)
 class EdgeIdentity:
-    role: Literal["agent", "gateway"]
+    role: Literal["agent", "gateway", "pool"]
+    """``pool``: the shared key of an InCluster Gateway's DaemonSet, which only buys a node its
+    own ``gateway`` identity."""
     id: UUID
+
+
+@dataclass(frozen=True)
+class GatewayPool:
+    """What control needs to admit the nodes of an InCluster Gateway."""
+
+    uid: UUID
+    name: str
+    owner: dict[str, Any]
+    spec: GatewaySpec
 
 
 @dataclass
@@ -35,6 +48,7 @@ class ControlState:
     gateways: dict[UUID, GatewayNode] = field(default_factory=dict)
     """Gateway instances whose public address is known (only those can be peers)."""
     gateway_indexes: GatewayIndexAllocator = field(default_factory=GatewayIndexAllocator)
+    pools: dict[UUID, GatewayPool] = field(default_factory=dict)
     credentials: dict[str, EdgeIdentity] = field(default_factory=dict)
     """API-key digest → the edge it authenticates."""
     credential_secrets: dict[UUID, tuple[str, str]] = field(default_factory=dict)
@@ -96,6 +110,15 @@ class ControlState:
         self._forget_credentials(gateway_id)
         self.credentials[digest] = EdgeIdentity("gateway", gateway_id)
         return digest
+
+    def add_pool(self, pool: GatewayPool, api_key: str) -> None:
+        self._forget_credentials(pool.uid)
+        self.credentials[self.sealer.digest_api_key(api_key)] = EdgeIdentity("pool", pool.uid)
+        self.pools[pool.uid] = pool
+
+    def remove_pool(self, pool_uid: UUID) -> None:
+        self._forget_credentials(pool_uid)
+        self.pools.pop(pool_uid, None)
 
     def set_gateway(self, gateway: GatewayNode) -> None:
         if self.gateways.get(gateway.id) != gateway:
