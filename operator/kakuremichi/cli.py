@@ -132,6 +132,9 @@ def _cmd_operator(args: argparse.Namespace) -> int:
         heartbeat_timeout=args.heartbeat_timeout,
         system_namespace=args.system_namespace,
         **({"edge_image": args.edge_image} if args.edge_image else {}),
+        webhook_listen=args.webhook_listen,
+        webhook_host=args.webhook_host,
+        **({"webhook_cert_dir": args.webhook_cert_dir} if args.webhook_cert_dir else {}),
     )
     settings.subnet_pool()  # refuse a bad pool before connecting anywhere
     asyncio.run(control_main.run(settings, liveness_endpoint=args.liveness))
@@ -196,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--system-namespace", default=os.environ.get("POD_NAMESPACE", "default"), metavar="NS",
         help="namespace for the Secrets of Gateways (default: the operator's own)",
     )  # fmt: skip
+    operator.add_argument(
+        "--webhook-listen", metavar="HOST:PORT",
+        help="serve the agent sidecar-injection webhook here (default: off)",
+    )  # fmt: skip
+    operator.add_argument(
+        "--webhook-host", default="127.0.0.1", metavar="HOST",
+        help="name or address the API server dials for the webhook (its certificate's SAN)",
+    )  # fmt: skip
+    operator.add_argument("--webhook-cert-dir", type=Path, metavar="DIR")
     operator.add_argument(
         "--edge-image", metavar="IMAGE", help="image of gateway DaemonSets and agent sidecars"
     )

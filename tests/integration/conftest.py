@@ -158,7 +158,9 @@ def operator(
         args=["--db", f"sqlite:///{db_path}", "--namespace", operator_namespace,
               "--subnet-pool", "1-3", "--control-listen", f"127.0.0.1:{port}",
               "--control-url", f"http://127.0.0.1:{port}", "--heartbeat-timeout", "5",
-              "--system-namespace", operator_namespace],
+              "--system-namespace", operator_namespace,
+              "--webhook-listen", f"127.0.0.1:{ports.free_port()}",
+              "--webhook-cert-dir", str(workdir / "webhook")],
     )  # fmt: skip
     running.start()
     yield running

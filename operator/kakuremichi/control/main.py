@@ -15,7 +15,7 @@ from aiohttp import web
 from sqlalchemy.engine import make_url
 
 from kakuremichi.addressing import SubnetAllocator
-from kakuremichi.control import agents, certificates, gateways, tunnels
+from kakuremichi.control import agents, certificates, gateways, tunnels, webhook
 from kakuremichi.control.channel import ControlChannel
 from kakuremichi.control.context import Context
 from kakuremichi.control.kube import Kube, load_api_client
@@ -63,6 +63,13 @@ def build_registry(context: Context) -> kopf.OperatorRegistry:
         )
         settings.persistence.finalizer = f"{PREFIX}/finalizer"
         settings.posting.level = logging.INFO
+        if context.settings.webhook_listen:
+            webhook.configure(
+                settings,
+                context.settings.webhook_listen,
+                context.settings.webhook_host,
+                context.settings.webhook_cert_dir,
+            )
         await agents.restore_allocations(context)
         await gateways.restore_indexes(context)
         tasks.append(asyncio.create_task(Projector(context).run(), name="projector"))
@@ -77,6 +84,7 @@ def build_registry(context: Context) -> kopf.OperatorRegistry:
     gateways.register(registry, context)
     tunnels.register(registry, context)
     certificates.register(registry, context)
+    webhook.register(registry, context)
     return registry
 
 

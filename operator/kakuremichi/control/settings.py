@@ -30,6 +30,11 @@ class ControlSettings(BaseModel):
     """Namespace for the Secrets of cluster-scoped resources (Gateways)."""
     namespaces: tuple[str, ...] = ()
     """Namespaces to watch; empty means the whole cluster."""
+    webhook_listen: str | None = None
+    """host:port of the sidecar-injection webhook; None disables it."""
+    webhook_host: str = "127.0.0.1"
+    """The name or address the API server uses to reach the webhook (in its certificate)."""
+    webhook_cert_dir: Path = Path("/tmp/kakuremichi-webhook")  # noqa: S108 (regenerated each start)
     heartbeat_timeout: float = Field(default=30.0, gt=0)
     """Seconds of silence after which an edge is offline."""
 

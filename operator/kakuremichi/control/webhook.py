@@ -1,0 +1,147 @@
+"""Admission webhook that injects the agent sidecar into Pods labelled
+``kakuremichi.io/agent: <agent name>``.
+
+The label (not an annotation) lets the webhook configuration's object selector keep every other
+Pod away from us, so an operator outage never blocks unrelated workloads. A Pod naming an unknown
+Agent, or a second live Pod for an Agent (both would share one key and one address), is refused
+with a message that says so. The serving certificate is made here with ``cryptography``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import kopf
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from kakuremichi import manifests
+from kakuremichi.control.context import Context
+
+WEBHOOK_CONFIGURATION = "kakuremichi.io"
+
+
+@dataclass(frozen=True)
+class ServingCertificate:
+    certfile: Path
+    keyfile: Path
+    ca_pem: bytes
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def serving_certificate(directory: Path, host: str, days: int = 365) -> ServingCertificate:
+    """A private CA and a serving certificate for ``host`` (a DNS name or an IP address)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.now(UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name("kakuremichi webhook CA"))
+        .issuer_name(_name("kakuremichi webhook CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    try:
+        san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        san = x509.DNSName(host)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(_name(host))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    certfile, keyfile = directory / "webhook.crt", directory / "webhook.key"
+    keyfile.touch(mode=0o600)
+    keyfile.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    certfile.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return ServingCertificate(certfile, keyfile, ca.public_bytes(serialization.Encoding.PEM))
+
+
+def configure(settings: kopf.OperatorSettings, listen: str, host: str, cert_dir: Path) -> None:
+    """Serve the webhook on ``listen``; the API server reaches it at ``host``."""
+    address, _, port = listen.rpartition(":")
+    certificate = serving_certificate(cert_dir, host)
+    settings.admission.server = kopf.WebhookServer(
+        addr=address.strip("[]") or None,
+        port=int(port),
+        host=host,
+        certfile=certificate.certfile,
+        pkeyfile=certificate.keyfile,
+        cadata=certificate.ca_pem,
+    )
+    settings.admission.managed = WEBHOOK_CONFIGURATION
+
+
+def _live(pod: Any) -> bool:
+    status = pod.status.phase if pod.status else None
+    return pod.metadata.deletion_timestamp is None and status not in ("Succeeded", "Failed")
+
+
+def register(registry: kopf.OperatorRegistry, context: Context) -> None:
+    @kopf.on.mutate(
+        "v1", "pods", id="agent-sidecar", operations=["CREATE"],
+        labels={manifests.AGENT_LABEL: kopf.PRESENT}, registry=registry,
+    )  # fmt: skip
+    async def inject_agent(
+        body: kopf.Body, patch: kopf.Patch, namespace: str | None, **_: Any
+    ) -> None:
+        agent_name = body.metadata.labels.get(manifests.AGENT_LABEL, "")
+        namespace = namespace or body.metadata.namespace or ""
+        agent = next(
+            (a for a in context.state.agents.values()
+             if (a.namespace, a.name) == (namespace, agent_name)),
+            None,
+        )  # fmt: skip
+        location = context.state.credential_secrets.get(agent.id) if agent else None
+        if agent is None or location is None:
+            raise kopf.AdmissionError(
+                f"label {manifests.AGENT_LABEL}={agent_name}: there is no provisioned Agent "
+                f"{agent_name} in namespace {namespace}",
+                code=400,
+            )
+        pods = await asyncio.to_thread(
+            context.kube.core.list_namespaced_pod,
+            namespace,
+            label_selector=f"{manifests.AGENT_LABEL}={agent_name}",
+        )
+        live = [p.metadata.name for p in pods.items if p.metadata and _live(p)]
+        if live:
+            raise kopf.AdmissionError(
+                f"Agent {agent_name} already runs in Pod {live[0]}: one Agent is one WireGuard "
+                "identity and address, so it can serve one Pod at a time (use one Agent per "
+                "replica, or a Deployment with strategy Recreate)",
+                code=409,
+            )
+        edge = manifests.EdgeImage(context.settings.edge_image, context.settings.control_url)
+        sidecar = manifests.agent_sidecar(location[1], edge)
+        spec = body.get("spec", {})
+        patch.spec["containers"] = [*spec.get("containers", []), sidecar.container]
+        patch.spec["volumes"] = [*spec.get("volumes", []), *sidecar.volumes]
