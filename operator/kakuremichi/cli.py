@@ -119,6 +119,9 @@ def _cmd_operator(args: argparse.Namespace) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if bool(args.control_tls_cert) != bool(args.control_tls_key):
+        print("--control-tls-cert and --control-tls-key go together", file=sys.stderr)
+        return 2
     first, _, last = args.subnet_pool.partition("-")
     settings = ControlSettings(
         db_url=args.db,
@@ -132,6 +135,8 @@ def _cmd_operator(args: argparse.Namespace) -> int:
         heartbeat_timeout=args.heartbeat_timeout,
         system_namespace=args.system_namespace,
         **({"edge_image": args.edge_image} if args.edge_image else {}),
+        control_tls_cert=args.control_tls_cert,
+        control_tls_key=args.control_tls_key,
         webhook_listen=args.webhook_listen,
         webhook_host=args.webhook_host,
         **({"webhook_cert_dir": args.webhook_cert_dir} if args.webhook_cert_dir else {}),
@@ -180,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument(
         "--control-url", default="http://127.0.0.1:8480", help="URL edges use to reach control"
     )
+    operator.add_argument(
+        "--control-tls-cert", type=Path, metavar="FILE", help="serve the control channel over TLS"
+    )
+    operator.add_argument("--control-tls-key", type=Path, metavar="FILE")
     operator.add_argument(
         "--sealing-key-file", type=Path, help="key sealing database secrets (default: beside --db)"
     )

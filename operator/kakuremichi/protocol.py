@@ -17,6 +17,7 @@ from uuid import UUID
 from pydantic import Field, TypeAdapter
 
 from kakuremichi.fields import CamelModel, DomainName, PublicIPv4, TargetAddress
+from kakuremichi.resources import EdgeClient
 
 # A first frame larger than this is refused before it is parsed.
 MAX_AUTH_FRAME_BYTES = 4096
@@ -38,13 +39,8 @@ ConfigVersion = Annotated[int, Field(ge=0)]
 # --- What an edge sends ------------------------------------------------------------------------
 
 
-class ClientInfo(CamelModel):
-    """What an edge says about itself; lands in the ``metadata`` column and in status."""
-
-    version: Annotated[str, Field(max_length=64)] | None = None
-    os: Annotated[str, Field(max_length=128)] | None = None
-    hostname: Annotated[str, Field(max_length=253)] | None = None
-    wireguard_mode: WireGuardMode | None = None
+ClientInfo = EdgeClient
+"""What an edge says about itself; lands in the ``metadata`` column and in ``status.client``."""
 
 
 class AuthMessage(CamelModel):

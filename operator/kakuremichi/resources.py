@@ -49,6 +49,15 @@ class CommonStatus(CamelModel):
     """The ``metadata.generation`` this status was computed from."""
 
 
+class EdgeClient(CamelModel):
+    """What an edge reported about itself when it last connected."""
+
+    version: Annotated[str, Field(max_length=64)] | None = None
+    os: Annotated[str, Field(max_length=128)] | None = None
+    hostname: Annotated[str, Field(max_length=253)] | None = None
+    wireguard_mode: Literal["kernel", "userspace"] | None = None
+
+
 class EdgeStatus(CommonStatus):
     """Status shared by the two kinds of edge (agents and gateways)."""
 
@@ -56,8 +65,10 @@ class EdgeStatus(CommonStatus):
     """Connection state of the edge: online, offline or error."""
     last_seen_at: datetime | None = None
     """Last time the edge was heard from on the control channel."""
-    credentials_secret: ResourceName | None = None
+    credentials_secret: Annotated[str, Field(max_length=253)] | None = None
     """Secret holding the API key and the WireGuard private key."""
+    client: EdgeClient | None = None
+    """Version, OS and WireGuard mode the edge reported."""
 
 
 # --- Agent -------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ with the reason."""
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import sys
 import urllib.request
@@ -96,6 +97,7 @@ class OperatorProcess:
     log_path: Path
     control_url: str
     args: list[str]
+    ca_file: Path | None = None
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -110,7 +112,9 @@ class OperatorProcess:
         if self.process.poll() is not None:
             raise RuntimeError(f"the operator exited:\n{self.log()[-3000:]}")
         try:
-            with urllib.request.urlopen(f"{self.control_url}/healthz", timeout=2):
+            context = ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else None
+            url = f"{self.control_url}/healthz"
+            with urllib.request.urlopen(url, timeout=2, context=context):
                 return True
         except OSError:
             return False

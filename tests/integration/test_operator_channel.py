@@ -109,12 +109,19 @@ def test_agent_gets_config_and_pushes_and_its_state_follows(
             aiohttp.ClientSession() as http,
             http.ws_connect(f"{operator.control_url}/ws") as ws,
         ):
-            await ws.send_str(auth(api_key))
+            client = protocol.ClientInfo(version="0.1.0", os="linux", wireguard_mode="userspace")
+            await ws.send_str(protocol.encode(protocol.AuthMessage(api_key=api_key, client=client)))
             first = json.loads((await ws.receive(timeout=10)).data)
             await ws.send_str(
                 protocol.encode(protocol.AckMessage(version=first["data"]["version"]))
             )
-            wait_until(lambda: (agents.get(name) or {})["status"]["state"] == "online", "online")
+
+            def online() -> dict[str, Any] | None:
+                status = (agents.get(name) or {}).get("status", {})
+                return status if status.get("state") == "online" else None
+
+            reported = wait_until(online, "online")["client"]
+            assert reported == {"version": "0.1.0", "os": "linux", "wireguardMode": "userspace"}
             started = time.monotonic()
             await asyncio.to_thread(
                 tunnels.create,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import ssl
 import threading
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,8 @@ def build_registry(context: Context) -> kopf.OperatorRegistry:
     gateways.register(registry, context)
     tunnels.register(registry, context)
     certificates.register(registry, context)
-    webhook.register(registry, context)
+    if context.settings.webhook_listen:  # kopf refuses admission handlers without a server
+        webhook.register(registry, context)
     return registry
 
 
@@ -108,7 +110,11 @@ async def run(
     runner = web.AppRunner(channel.app(), access_log=None)
     await runner.setup()
     host, _, port = settings.control_listen.rpartition(":")
-    await web.TCPSite(runner, host.strip("[]") or None, int(port)).start()
+    tls = None
+    if settings.control_tls_cert and settings.control_tls_key:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(settings.control_tls_cert, settings.control_tls_key)
+    await web.TCPSite(runner, host.strip("[]") or None, int(port), ssl_context=tls).start()
     log.info("control channel listening on %s (edges use %s)", settings.control_listen,
              settings.control_url)  # fmt: skip
     presence = asyncio.create_task(context.presence.run(), name="presence")

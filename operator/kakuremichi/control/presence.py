@@ -87,6 +87,8 @@ class Presence:
             status["state"] = state
         if last_seen is not None:
             status["lastSeenAt"] = last_seen.isoformat().replace("+00:00", "Z")
+        if metadata:
+            status["client"] = metadata
         self.flushed[identity.id] = time.monotonic()
         await self.kube.patch_status(kind, namespace, name, status)
         await self.mirror.set_presence(identity.role, identity.id, state, last_seen, metadata)

@@ -17,6 +17,10 @@ class ControlSettings(BaseModel):
     """The SQLite mirror."""
     control_listen: str = "127.0.0.1:8480"
     """host:port the control channel (WebSocket) listens on."""
+    control_tls_cert: Path | None = None
+    control_tls_key: Path | None = None
+    """Serve the control channel over TLS with this certificate (chain) and key. Without TLS,
+    private keys are sent only to edges connecting over loopback."""
     control_url: str = "http://127.0.0.1:8480"
     """The URL edges use to reach the control channel (printed in one-liners, set in sidecars)."""
     sealing_key_file: Path | None = None
