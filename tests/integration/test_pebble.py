@@ -3,7 +3,9 @@ against Pebble's root: the ACME fixture works end to end with a real ACME client
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from acme import challenges, client, messages
 from cryptography import x509
@@ -14,6 +16,19 @@ from josepy import jwa, jwk
 
 from tests.infra import netns, pebble
 from tests.infra.polling import wait_until
+
+T = TypeVar("T")
+
+
+def patiently(call: Callable[[], T]) -> T:
+    """Pebble rejects 5% of nonces on purpose; the acme client retries only once."""
+    for _ in range(5):
+        try:
+            return call()
+        except messages.Error as error:
+            if error.code != "badNonce":
+                raise
+    return call()
 
 
 def test_pebble_issues_after_http01_on_a_test_host(
@@ -33,7 +48,9 @@ def test_pebble_issues_after_http01_on_a_test_host(
     )
     directory = messages.Directory.from_json(network.get(pebble_server.directory_url).json())
     acme = client.ClientV2(directory, network)
-    acme.new_account(messages.NewRegistration.from_data(terms_of_service_agreed=True))
+    patiently(
+        lambda: acme.new_account(messages.NewRegistration.from_data(terms_of_service_agreed=True))
+    )
 
     certificate_key = ec.generate_private_key(ec.SECP256R1())
     csr = (
@@ -42,7 +59,7 @@ def test_pebble_issues_after_http01_on_a_test_host(
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
         .sign(certificate_key, hashes.SHA256())
     )
-    order = acme.new_order(csr.public_bytes(serialization.Encoding.PEM))
+    order = patiently(lambda: acme.new_order(csr.public_bytes(serialization.Encoding.PEM)))
     (authorization,) = order.authorizations
     http01 = next(
         c for c in authorization.body.challenges if isinstance(c.chall, challenges.HTTP01)
@@ -60,8 +77,8 @@ def test_pebble_issues_after_http01_on_a_test_host(
                              + http01.chall.encode("token"), check=False) == validation,
         "the challenge file to be served",
     )  # fmt: skip
-    acme.answer_challenge(http01, response)
-    finalized = acme.poll_and_finalize(order)
+    patiently(lambda: acme.answer_challenge(http01, response))
+    finalized = patiently(lambda: acme.poll_and_finalize(order))
 
     chain = x509.load_pem_x509_certificates(finalized.fullchain_pem.encode())
     root = x509.load_pem_x509_certificate(pebble_server.root_pem().encode())
