@@ -146,6 +146,31 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_agent_command(args: argparse.Namespace) -> int:
+    """Print the one-liner that installs an Agent on a host outside the cluster."""
+    from kubernetes import client
+
+    from kakuremichi.control.agents import credentials_secret_name
+    from kakuremichi.control.channel import one_liner
+    from kakuremichi.control.kube import load_api_client
+
+    core = client.CoreV1Api(load_api_client())
+    try:
+        secret = core.read_namespaced_secret(credentials_secret_name(args.name), args.namespace)
+    except client.exceptions.ApiException as error:
+        if error.status != 404:
+            raise
+        print(
+            f"Agent {args.namespace}/{args.name} has no credentials yet: does it exist, "
+            "and is the operator running?",
+            file=sys.stderr,
+        )
+        return 1
+    api_key = base64.b64decode((secret.data or {})["apiKey"]).decode()
+    print(one_liner("agent", args.control_url.rstrip("/"), api_key))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kakuremichi",
@@ -227,6 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument("--liveness", metavar="URL", help="e.g. http://0.0.0.0:8080/healthz")
     operator.add_argument("-v", "--verbose", action="store_true")
     operator.set_defaults(handler=_cmd_operator)
+
+    agent_command = commands.add_parser(
+        "agent-command", help="print the one-line installer command for an Agent"
+    )
+    agent_command.add_argument("name", help="the Agent's name")
+    agent_command.add_argument("-n", "--namespace", default="default")
+    agent_command.add_argument(
+        "--control-url", default=os.environ.get("KAKUREMICHI_CONTROL_URL"), required=
+        not os.environ.get("KAKUREMICHI_CONTROL_URL"),
+        help="the control plane's public URL (or KAKUREMICHI_CONTROL_URL)",
+    )  # fmt: skip
+    agent_command.set_defaults(handler=_cmd_agent_command)
 
     validate = commands.add_parser(
         "validate", help="check Agent/Gateway/Tunnel/Certificate manifests offline"

@@ -9,7 +9,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPTS = [*sorted(REPO.glob("hack/*.sh")), REPO / ".ci" / "run"]
+SCRIPTS = [
+    *sorted(REPO.glob("hack/*.sh")),
+    REPO / ".ci" / "run",
+    REPO / "operator" / "kakuremichi" / "control" / "install.sh",
+]
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")

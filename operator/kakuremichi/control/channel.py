@@ -15,6 +15,7 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from importlib import resources
 from typing import Any
 from uuid import UUID
 
@@ -91,7 +92,15 @@ class ControlChannel:
         app.router.add_get("/ws", self.websocket)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/install/{role:agent|gateway}.sh", self.installer)
         return app
+
+    async def installer(self, request: web.Request) -> web.Response:
+        """The one-line installer: ``curl -sSL <control>/install/agent.sh | sh -s -- ...``."""
+        return web.Response(
+            text=install_script(request.match_info["role"], self.context.settings.control_url),
+            content_type="text/x-shellscript",
+        )
 
     async def metrics(self, request: web.Request) -> web.Response:
         for role in ("agent", "gateway"):
@@ -291,6 +300,19 @@ class ControlChannel:
             return None
         data = await self.context.kube.read_secret(*location)
         return (data or {}).get(PRIVATE_KEY)
+
+
+def install_script(role: str, control_url: str) -> str:
+    template = resources.files("kakuremichi.control").joinpath("install.sh").read_text()
+    return template.replace("@ROLE@", role).replace("@CONTROL_URL@", control_url)
+
+
+def one_liner(role: str, control_url: str, api_key: str) -> str:
+    """The command that installs an edge, as the data-model document shows it."""
+    return (
+        f"curl -sSL {control_url}/install/{role}.sh | sh -s -- "
+        f"--api-key={api_key} --control-url={control_url}"
+    )
 
 
 def _is_loopback(remote: str) -> bool:

@@ -1,0 +1,128 @@
+#!/bin/sh
+# kakuremichi @ROLE@ installer, served by the control plane at /install/@ROLE@.sh:
+#
+#   curl -sSL @CONTROL_URL@/install/@ROLE@.sh | sh -s -- --api-key=KEY [--control-url=URL]
+#
+# Installs kakuremichi into a virtualenv, writes /etc/kakuremichi/@ROLE@.conf (mode 0600), and
+# creates, enables and starts the systemd unit kakuremichi-@ROLE@. Running it again updates the
+# installation and the configuration in place.
+#
+# Options:
+#   --api-key=KEY        the @ROLE@'s API key (required)
+#   --control-url=URL    where the control plane is (default: @CONTROL_URL@)
+#   --wheel=PATH|URL     install this wheel instead of the package index's release
+#   --index-url=URL      install from this package index
+#   --package=SPEC       what to install (default: kakuremichi)
+#   --prefix=DIR         install below DIR instead of / (no root or systemd needed; nothing started)
+#   --no-start           write everything, but do not enable or start the unit
+set -eu
+
+ROLE="@ROLE@"
+CONTROL_URL="@CONTROL_URL@"
+API_KEY=""
+WHEEL=""
+INDEX_URL=""
+PACKAGE="kakuremichi"
+PREFIX=""
+START=1
+
+fail() {
+  echo "kakuremichi installer: $*" >&2
+  exit 1
+}
+
+for arg in "$@"; do
+  case "$arg" in
+    --api-key=*) API_KEY="${arg#*=}" ;;
+    --control-url=*) CONTROL_URL="${arg#*=}" ;;
+    --wheel=*) WHEEL="${arg#*=}" ;;
+    --index-url=*) INDEX_URL="${arg#*=}" ;;
+    --package=*) PACKAGE="${arg#*=}" ;;
+    --prefix=*) PREFIX="${arg#*=}" ;;
+    --no-start) START=0 ;;
+    -h | --help)
+      sed -n '2,20s/^# \{0,1\}//p' "$0" 2>/dev/null || true
+      exit 0
+      ;;
+    *) fail "unknown option: $arg (see --help)" ;;
+  esac
+done
+
+[ -n "$API_KEY" ] || fail "--api-key=KEY is required"
+case "$API_KEY" in
+  agt_* | gtw_*) ;;
+  *) fail "--api-key does not look like a kakuremichi API key (agt_... or gtw_...)" ;;
+esac
+case "$CONTROL_URL" in
+  http://* | https://*) ;;
+  *) fail "--control-url must be an http:// or https:// URL, got '$CONTROL_URL'" ;;
+esac
+
+if [ -n "$PREFIX" ]; then
+  START=0
+  mkdir -p "$PREFIX" || fail "cannot create $PREFIX"
+  PREFIX=$(cd "$PREFIX" && pwd)
+else
+  [ "$(id -u)" -eq 0 ] || fail "run as root (it writes /etc and /opt and installs a systemd unit)"
+  [ -d /run/systemd/system ] || fail "systemd is not running here; this installer needs it (or use --prefix and run 'kakuremichi $ROLE' yourself)"
+fi
+
+PYTHON=$(command -v python3 || true)
+[ -n "$PYTHON" ] || fail "python3 (3.11 or newer) is required"
+"$PYTHON" -c 'import sys, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null ||
+  fail "python3 3.11 or newer with the venv module is required ($("$PYTHON" --version 2>&1))"
+
+APP="$PREFIX/opt/kakuremichi"
+CONF_DIR="$PREFIX/etc/kakuremichi"
+CONF="$CONF_DIR/$ROLE.conf"
+UNIT="$PREFIX/etc/systemd/system/kakuremichi-$ROLE.service"
+
+echo "kakuremichi installer: installing the $ROLE into $APP"
+[ -x "$APP/venv/bin/python" ] || "$PYTHON" -m venv "$APP/venv" || fail "cannot create a virtualenv in $APP/venv"
+set -- --quiet --upgrade
+[ -z "$INDEX_URL" ] || set -- "$@" --index-url "$INDEX_URL"
+if [ -n "$WHEEL" ]; then set -- "$@" "$WHEEL"; else set -- "$@" "$PACKAGE"; fi
+"$APP/venv/bin/python" -m pip install "$@" || fail "installing kakuremichi failed"
+"$APP/venv/bin/kakuremichi" --version >/dev/null || fail "the installed kakuremichi does not run"
+
+umask 077
+mkdir -p "$CONF_DIR"
+tmp="$CONF.tmp.$$"
+cat >"$tmp" <<EOF
+# Written by the kakuremichi installer. Read by kakuremichi-$ROLE.service.
+KAKUREMICHI_API_KEY=$API_KEY
+KAKUREMICHI_CONTROL_URL=$CONTROL_URL
+EOF
+chmod 600 "$tmp"
+mv -f "$tmp" "$CONF"
+
+umask 022
+mkdir -p "$(dirname "$UNIT")"
+cat >"$UNIT" <<EOF
+[Unit]
+Description=kakuremichi $ROLE
+Documentation=https://kakuremichi.io
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+EnvironmentFile=/etc/kakuremichi/$ROLE.conf
+ExecStart=/opt/kakuremichi/venv/bin/kakuremichi $ROLE
+Restart=always
+RestartSec=3
+AmbientCapabilities=CAP_NET_ADMIN CAP_NET_BIND_SERVICE
+CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_BIND_SERVICE
+NoNewPrivileges=yes
+
+[Install]
+WantedBy=multi-user.target
+EOF
+
+if [ "$START" -eq 1 ]; then
+  systemctl daemon-reload
+  systemctl enable "kakuremichi-$ROLE.service" >/dev/null
+  systemctl restart "kakuremichi-$ROLE.service"
+  echo "kakuremichi installer: kakuremichi-$ROLE is running (journalctl -u kakuremichi-$ROLE)"
+else
+  echo "kakuremichi installer: installed; not started (start: systemctl enable --now kakuremichi-$ROLE)"
+fi

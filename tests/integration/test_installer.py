@@ -1,0 +1,119 @@
+"""The one-line installer: served by control with its URL filled in, printed by
+``kakuremichi agent-command``, and installing an edge from a wheel into a root of its own."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from kakuremichi.resources import AGENT
+from tests.infra.binaries import REPO
+from tests.infra.cluster import Cluster
+from tests.infra.objects import Objects, Secrets
+from tests.integration.conftest import OperatorProcess
+
+KAKUREMICHI = str(Path(sys.executable).parent / "kakuremichi")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), str(REPO)],
+        check=True,
+    )
+    (built,) = out.glob("kakuremichi-*.whl")
+    return built
+
+
+def served_script(operator: OperatorProcess, role: str = "agent") -> str:
+    with urllib.request.urlopen(
+        f"{operator.control_url}/install/{role}.sh", timeout=10
+    ) as response:
+        return str(response.read().decode())
+
+
+def run_script(
+    script: Path, *args: str, user: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run it the way the one-liner does: the script on standard input, ``sh -s -- ARGS``."""
+    command = ["sh", "-s", "--", *args]
+    if user:
+        command = ["setpriv", "--reuid", user, "--regid", user, "--clear-groups", *command]
+    return subprocess.run(
+        command, input=script.read_text(), capture_output=True, text=True, check=False,
+        timeout=600, cwd="/",
+    )  # fmt: skip
+
+
+def test_one_liner_installs_an_agent_into_a_root_of_its_own(
+    kube: Cluster, operator: OperatorProcess, wheel: Path, tmp_path: Path
+) -> None:
+    agents = Objects(kube, operator.namespace, AGENT)
+    agents.create("outside")
+    status = agents.ready("outside")
+    api_key = (Secrets(kube, operator.namespace).read(status["credentialsSecret"]) or {})["apiKey"]
+    printed = subprocess.run(
+        [KAKUREMICHI, "agent-command", "outside", "-n", operator.namespace,
+         "--control-url", operator.control_url],
+        capture_output=True, text=True, check=True,
+        env={**os.environ, "KUBECONFIG": str(kube.kubeconfig)},
+    ).stdout.strip()  # fmt: skip
+    assert printed == (
+        f"curl -sSL {operator.control_url}/install/agent.sh | sh -s -- "
+        f"--api-key={api_key} --control-url={operator.control_url}"
+    )
+    text = served_script(operator)
+    assert 'ROLE="agent"' in text and f'CONTROL_URL="{operator.control_url}"' in text
+    script = tmp_path / "agent.sh"
+    script.write_text(text)
+    if shutil.which("shellcheck"):
+        subprocess.run(["shellcheck", "-s", "sh", str(script)], check=True)
+
+    root = tmp_path / "root"
+    for _ in range(2):  # a second run updates in place
+        result = run_script(script, f"--api-key={api_key}", f"--prefix={root}", f"--wheel={wheel}")
+        assert result.returncode == 0, result.stderr
+    conf = root / "etc" / "kakuremichi" / "agent.conf"
+    assert stat.S_IMODE(conf.stat().st_mode) == 0o600
+    assert f"KAKUREMICHI_API_KEY={api_key}" in conf.read_text()
+    assert f"KAKUREMICHI_CONTROL_URL={operator.control_url}" in conf.read_text()
+    unit = (root / "etc" / "systemd" / "system" / "kakuremichi-agent.service").read_text()
+    assert "ExecStart=/opt/kakuremichi/venv/bin/kakuremichi agent" in unit
+    assert "EnvironmentFile=/etc/kakuremichi/agent.conf" in unit
+    installed = root / "opt" / "kakuremichi" / "venv" / "bin" / "kakuremichi"
+    assert subprocess.run([str(installed), "--version"], capture_output=True, text=True,
+                          check=True).stdout.startswith("kakuremichi ")  # fmt: skip
+    agents.delete_all()
+
+
+@pytest.mark.parametrize(
+    ("args", "user", "message"),
+    [
+        (["--api-key=agt_" + "a" * 32], "65534", "run as root"),
+        (["--api-key=agt_" + "a" * 32], None, "systemd is not running"),
+        ([], None, "--api-key=KEY is required"),
+        (["--api-key=hunter2"], None, "does not look like a kakuremichi API key"),
+        (["--api-key=agt_" + "a" * 32, "--control-url=ftp://x"], None, "http:// or https://"),
+    ],
+    ids=["not-root", "no-systemd", "no-key", "bad-key", "bad-url"],
+)
+def test_installer_refuses_clearly(
+    operator: OperatorProcess, tmp_path: Path, args: list[str], user: str | None, message: str
+) -> None:
+    if message == "systemd is not running" and Path("/run/systemd/system").is_dir():
+        pytest.skip("this machine runs systemd")
+    script = tmp_path / "agent.sh"
+    script.write_text(served_script(operator))
+    script.chmod(0o755)
+    result = run_script(script, *args, user=user)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not (Path("/etc/kakuremichi/agent.conf").exists() and user)
