@@ -123,25 +123,33 @@ def _cmd_operator(args: argparse.Namespace) -> int:
         print("--control-tls-cert and --control-tls-key go together", file=sys.stderr)
         return 2
     first, _, last = args.subnet_pool.partition("-")
-    settings = ControlSettings(
-        db_url=args.db,
-        control_listen=args.control_listen,
-        control_url=args.control_url,
-        sealing_key_file=args.sealing_key_file,
-        subnet_first=int(first),
-        subnet_last=int(last or first),
-        subnet_excluded=tuple(args.exclude_cidr),
-        namespaces=tuple(args.namespace),
-        heartbeat_timeout=args.heartbeat_timeout,
-        system_namespace=args.system_namespace,
-        **({"edge_image": args.edge_image} if args.edge_image else {}),
-        control_tls_cert=args.control_tls_cert,
-        control_tls_key=args.control_tls_key,
-        webhook_listen=args.webhook_listen,
-        webhook_host=args.webhook_host,
-        **({"webhook_cert_dir": args.webhook_cert_dir} if args.webhook_cert_dir else {}),
-    )
-    settings.subnet_pool()  # refuse a bad pool before connecting anywhere
+    try:
+        settings = ControlSettings(
+            db_url=args.db,
+            control_listen=args.control_listen,
+            control_url=args.control_url,
+            sealing_key_file=args.sealing_key_file,
+            subnet_first=int(first),
+            subnet_last=int(last or first),
+            subnet_excluded=tuple(args.exclude_cidr),
+            namespaces=tuple(args.namespace),
+            heartbeat_timeout=args.heartbeat_timeout,
+            system_namespace=args.system_namespace,
+            **({"edge_image": args.edge_image} if args.edge_image else {}),
+            control_tls_cert=args.control_tls_cert,
+            control_tls_key=args.control_tls_key,
+            webhook_listen=args.webhook_listen,
+            webhook_host=args.webhook_host,
+            **({"webhook_cert_dir": args.webhook_cert_dir} if args.webhook_cert_dir else {}),
+        )
+        settings.subnet_pool()  # refuse a bad pool before connecting anywhere
+    except ValidationError as error:
+        for line in describe_errors(error):
+            print(f"kakuremichi operator: {line}", file=sys.stderr)
+        return 2
+    except ValueError as error:
+        print(f"kakuremichi operator: --subnet-pool/--exclude-cidr: {error}", file=sys.stderr)
+        return 2
     asyncio.run(control_main.run(settings, liveness_endpoint=args.liveness))
     return 0
 
@@ -241,7 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--webhook-host", default="127.0.0.1", metavar="HOST",
         help="name or address the API server dials for the webhook (its certificate's SAN)",
     )  # fmt: skip
-    operator.add_argument("--webhook-cert-dir", type=Path, metavar="DIR")
+    operator.add_argument(
+        "--webhook-cert-dir", type=Path, metavar="DIR",
+        help="where the webhook's generated serving certificate is written (a private folder)",
+    )  # fmt: skip
     operator.add_argument(
         "--edge-image", metavar="IMAGE", help="image of gateway DaemonSets and agent sidecars"
     )

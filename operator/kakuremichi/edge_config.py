@@ -53,9 +53,12 @@ class GatewayNode:
 
     id: UUID
     name: str
+    """Instance name: the node's for InCluster pools, the Gateway's for External ones."""
     index: int
     public_ip: str
     public_key: str
+    pool: str = ""
+    """Name of the Gateway resource the instance belongs to."""
     wireguard_port: int = 51820
     http_port: int = 80
     https_port: int = 443
@@ -137,8 +140,14 @@ def agent_config(
 
 
 def gateway_config(
-    topology: Topology, gateway_id: UUID, version: int, private_key: str | None = None
+    topology: Topology,
+    gateway_id: UUID,
+    version: int,
+    private_key: str | None = None,
+    with_certificates: bool = True,
 ) -> GatewayConfig:
+    """The gateway's config; ``with_certificates=False`` leaves out the TLS certificates and
+    their private keys (for connections that are neither TLS nor loopback)."""
     gateway = topology.gateways[gateway_id]
     agents = sorted(topology.agents.values(), key=lambda a: a.subnet_number)
     routes = topology.served_routes()
@@ -177,7 +186,7 @@ def gateway_config(
         certificates=[
             bundle
             for domain, bundle in sorted(topology.certificates.items())
-            if domain in served_domains
+            if domain in served_domains and with_certificates
         ],
         acme_challenges=list(topology.challenges),
     )

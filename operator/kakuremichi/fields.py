@@ -7,6 +7,7 @@ server and the operator reject the same values.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, WithJsonSchema
@@ -111,3 +112,11 @@ def describe_errors(error: ValidationError) -> list[str]:
         message = problem["msg"].removeprefix("Value error, ")
         lines.append(f"{location}: {message}")
     return lines
+
+
+def status_patch(current: BaseModel, updates: Mapping[str, Any]) -> dict[str, Any]:
+    """A merge patch that sets ``updates`` (snake_case field names) and nothing else, so fields
+    other writers own (connection state, node admission) are never overwritten with a stale
+    copy."""
+    updated = current.model_copy(update=dict(updates))
+    return updated.model_dump(mode="json", by_alias=True, include=set(updates))

@@ -139,6 +139,7 @@ def gateway_daemonset(
         pod_spec["tolerations"] = [
             t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations
         ]
+    # (The DaemonSet is replaced whole on every change, so leaving these out removes them.)
     return {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",

@@ -145,8 +145,8 @@ class GatewaySpec(CamelModel):
     """InCluster: a DaemonSet on the selected nodes, one gateway instance per node.
     External: a single host outside the cluster, installed with the one-line installer."""
     public_ip: Annotated[PublicIPv4 | None, Field(alias="publicIP")] = None
-    """Public IPv4 address; detected (node address, or the address the gateway connects from)
-    when absent. Pinning it is allowed only for a pool of one instance."""
+    """Public IPv4 address. InCluster: the Node's ExternalIP, else InternalIP, unless pinned
+    here (then the pool may have one node). External: required."""
     region: RegionName | None = None
     """Where the gateway runs, e.g. tokyo."""
     node_selector: dict[str, str] = Field(default_factory=dict)

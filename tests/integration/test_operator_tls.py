@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from kakuremichi.resources import AGENT
+from kakuremichi.resources import AGENT, GATEWAY, TUNNEL
 from tests.infra import netns, ports
 from tests.infra.cluster import Cluster, unique_name
 from tests.infra.objects import Objects, Secrets
@@ -59,6 +59,7 @@ def remote_operator(
         port = ports.free_port()
         scheme = "https" if tls else "http"
         args = ["--db", f"sqlite:///{workdir / 'k.db'}", "--namespace", namespace,
+                "--system-namespace", namespace,
                 "--control-listen", f"0.0.0.0:{port}",
                 "--control-url", f"{scheme}://{address}:{port}"]  # fmt: skip
         ca_file = None
@@ -115,3 +116,28 @@ def test_a_remote_edge_never_gets_its_key_over_plain_http(
     config = first_config(remote[0], url, agent_key(kube, process.namespace))
     assert config["type"] == "config"
     assert "wireguardPrivateKey" not in config["data"]["agent"]
+
+
+def test_a_remote_gateway_gets_no_certificate_keys_over_plain_http(
+    kube: Cluster, remote_operator: RemoteOperator, remote: tuple[netns.Host, str]
+) -> None:
+    process, url = remote_operator(False)
+    namespace = process.namespace
+    gateways = Objects(kube, namespace, GATEWAY)
+    name = unique_name("plain")
+    gateways.create(name, {"mode": "External", "publicIP": "203.0.113.77"})
+    status = gateways.ready(name)
+    gateway_key = (Secrets(kube, namespace).read(status["credentialsSecret"]) or {})["apiKey"]
+    Objects(kube, namespace, AGENT).create("home")
+    domain = f"{unique_name('plain')}.example.com"
+    issued = TestCA().issue(domain)
+    Secrets(kube, namespace).put_tls("plain-tls", issued.certificate_pem, issued.private_key_pem)
+    tunnels = Objects(kube, namespace, TUNNEL)
+    tunnels.create("plain", {"domain": domain, "agent": "home", "target": "localhost:8080",
+                             "tls": {"issuer": "Secret", "secretName": "plain-tls"}})  # fmt: skip
+    tunnels.ready("plain")
+    config = first_config(remote[0], url, gateway_key)
+    assert [t["domain"] for t in config["data"]["tunnels"]] == [domain]
+    assert config["data"]["certificates"] == []
+    assert "wireguardPrivateKey" not in config["data"]["gateway"]
+    gateways.delete_all()

@@ -28,15 +28,13 @@ from kakuremichi.control.metrics import counted
 from kakuremichi.control.mirror import AgentRow
 from kakuremichi.credentials import wireguard_public_key
 from kakuremichi.edge_config import AgentNode
+from kakuremichi.fields import status_patch
 from kakuremichi.resources import AGENT, GROUP, VERSION, AgentStatus
+from kakuremichi.store import Agent
 
 
 def credentials_secret_name(agent_name: str) -> str:
     return f"kakuremichi-agent-{agent_name}"
-
-
-def _status_patch(status: AgentStatus) -> dict[str, Any]:
-    return status.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 async def reconcile(
@@ -64,13 +62,15 @@ async def reconcile(
             addresses = context.state.subnets.allocate(uid)
     except (PoolExhausted, AllocationConflict) as error:
         reason = "PoolExhausted" if isinstance(error, PoolExhausted) else "SubnetConflict"
-        updated = current.model_copy(
-            update={
-                "conditions": ready("False", reason, str(error)),
-                "observed_generation": generation,
-            }
+        patch.status.update(
+            status_patch(
+                current,
+                {
+                    "conditions": ready("False", reason, str(error)),
+                    "observed_generation": generation,
+                },
+            )
         )
-        patch.status.update(_status_patch(updated))
         kopf.warn(body, reason=reason, message=str(error))
         raise kopf.TemporaryError(str(error), delay=15) from error
 
@@ -79,32 +79,32 @@ async def reconcile(
         context.kube, namespace, secret_name, "agent", body, {"kakuremichi.io/agent": name}
     )
     public_key = wireguard_public_key(private_key)
-    node = AgentNode(uid, namespace, name, addresses.number, public_key)
-    digest = context.state.add_agent(node, api_key)
-    context.state.credential_secrets[uid] = (namespace, secret_name)
+    # The row first: once the state knows the agent, its tunnels' rows may reference it.
     await context.mirror.upsert_agent(
         AgentRow(
             id=uid,
             name=name,
             namespace=namespace,
-            api_key_digest=digest,
+            api_key_digest=context.state.sealer.digest_api_key(api_key),
             wireguard_public_key=public_key,
             virtual_ip=str(addresses.virtual_ip),
             subnet=str(addresses.subnet),
         )
     )
+    context.state.add_agent(AgentNode(uid, namespace, name, addresses.number, public_key), api_key)
+    context.state.credential_secrets[uid] = (namespace, secret_name)
     message = f"subnet {addresses.subnet}, virtual IP {addresses.virtual_ip}"
-    updated = current.model_copy(
-        update={
-            "subnet": str(addresses.subnet),
-            "virtual_ip": str(addresses.virtual_ip),
-            "wireguard_public_key": public_key,
-            "credentials_secret": secret_name,
-            "observed_generation": generation,
-            "conditions": ready("True", "Provisioned", message),
-        }
-    )
-    patch.status.update(_status_patch(updated))
+    updates: dict[str, Any] = {
+        "subnet": str(addresses.subnet),
+        "virtual_ip": str(addresses.virtual_ip),
+        "wireguard_public_key": public_key,
+        "credentials_secret": secret_name,
+        "observed_generation": generation,
+        "conditions": ready("True", "Provisioned", message),
+    }
+    if uid not in context.presence.online:  # e.g. "online" left over from before a restart
+        updates["state"] = "offline"
+    patch.status.update(status_patch(current, updates))
     if current.subnet != str(addresses.subnet):
         kopf.info(body, reason="Provisioned", message=message)
         logger.info("agent %s/%s provisioned: %s", namespace, name, message)
@@ -130,7 +130,7 @@ async def restore_allocations(context: Context) -> None:
             # A younger claimant of a taken subnet is told so when it is reconciled.
             with contextlib.suppress(AllocationConflict):
                 context.state.subnets.restore(UUID(agent["metadata"]["uid"]), subnet)
-    pruned = await context.mirror.prune_agents({UUID(a["metadata"]["uid"]) for a in agents})
+    pruned = await context.mirror.prune(Agent, {UUID(a["metadata"]["uid"]) for a in agents})
     if pruned:
         logging.getLogger(__name__).info("pruned %d agent rows of deleted Agents", pruned)
 

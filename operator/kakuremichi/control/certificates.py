@@ -20,6 +20,7 @@ from kakuremichi.control.metrics import counted
 from kakuremichi.control.mirror import CertificateRow
 from kakuremichi.protocol import CertificateBundle
 from kakuremichi.resources import CERTIFICATE, GROUP, VERSION, CertificateSpec, CertificateStatus
+from kakuremichi.store import Certificate
 from kakuremichi.tls_material import CertificateProblem, inspect
 from kakuremichi.tunnel_readiness import CertificateVerdict
 
@@ -119,6 +120,12 @@ async def compute_status(context: Context, body: kopf.Body) -> dict[str, Any]:
         )
     status = current.model_copy(update=updates)
     return status.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+async def prune_rows(context: Context) -> None:
+    """Drop mirror rows of Certificates deleted while the operator was away."""
+    found = await context.kube.list_objects(CERTIFICATE, context.settings.namespaces)
+    await context.mirror.prune(Certificate, {UUID(c["metadata"]["uid"]) for c in found})
 
 
 def register(registry: kopf.OperatorRegistry, context: Context) -> None:

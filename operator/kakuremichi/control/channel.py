@@ -24,6 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from kakuremichi import edge_config, protocol
+from kakuremichi.addressing import AllocationError
 from kakuremichi.control import gateways, metrics
 from kakuremichi.control.context import Context
 from kakuremichi.control.credentials_secret import PRIVATE_KEY
@@ -135,10 +136,10 @@ class ControlChannel:
         if previous is not None:
             previous.replaced.set()  # its own handler closes it (one reader per socket)
         log.info("%s %s connected from %s", identity.role, identity.id, remote)
-        await self.context.presence.connected(identity, message.client)
         secure = request.secure or _is_loopback(remote)
         pusher = asyncio.create_task(self._push_loop(session, secure))
         try:
+            await self.context.presence.connected(identity, message.client)
             await self._receive_loop(session)
         finally:
             pusher.cancel()
@@ -194,8 +195,11 @@ class ControlChannel:
                 gateway_id, api_key = await gateways.admit_node(
                     self.context, pool.id, message.node_name
                 )
-            except gateways.NodeRefused as error:
+            except (gateways.NodeRefused, AllocationError) as error:
                 refusal = str(error)
+            except Exception:
+                log.exception("admitting node %s failed", message.node_name)
+                refusal = "control could not admit this node now; retry later"
         if refusal is not None:
             await socket.send_str(
                 protocol.encode(protocol.ErrorMessage(code="node_refused", message=refusal))
@@ -265,7 +269,12 @@ class ControlChannel:
         seen = -1
         while True:
             seen = state.generation
-            await self._push(session, secure)
+            try:
+                await self._push(session, secure)
+            except Exception:  # an API hiccup must not silence the edge for good
+                log.exception("pushing config to %s failed; retrying", session.identity.id)
+                await asyncio.sleep(1)
+                continue
             await state.changed(seen)
             await asyncio.sleep(0.05)  # let a burst of changes settle into one push
 
@@ -280,7 +289,10 @@ class ControlChannel:
         if identity.role == "agent":
             rendered: Any = edge_config.agent_config(topology, identity.id, 0, private_key)
         else:
-            rendered = edge_config.gateway_config(topology, identity.id, 0, private_key)
+            # Certificates carry private keys: over plain HTTP from elsewhere they stay home.
+            rendered = edge_config.gateway_config(
+                topology, identity.id, 0, private_key, with_certificates=secure
+            )
         comparable = rendered.model_dump(exclude={"version"})
         if comparable == session.sent:
             return

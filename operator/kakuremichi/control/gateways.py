@@ -30,6 +30,7 @@ from kakuremichi.control.mirror import GatewayRow
 from kakuremichi.control.state import GatewayPool
 from kakuremichi.credentials import wireguard_public_key
 from kakuremichi.edge_config import GatewayNode
+from kakuremichi.fields import status_patch
 from kakuremichi.resources import (
     GATEWAY,
     GROUP,
@@ -38,6 +39,7 @@ from kakuremichi.resources import (
     GatewaySpec,
     GatewayStatus,
 )
+from kakuremichi.store import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +73,7 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
         }
 
     def write(updates: dict[str, Any]) -> None:
-        updated = current.model_copy(update=updates)
-        patch.status.update(updated.model_dump(mode="json", by_alias=True, exclude_none=True))
+        patch.status.update(status_patch(current, updates))
 
     if spec.mode == "InCluster":
         await reconcile_pool(context, body, spec, current)
@@ -106,19 +107,22 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
     public_key = wireguard_public_key(private_key)
     digest = context.state.add_gateway_credentials(gid, api_key)
     public_ip = spec.public_ip or (known.public_ip if known else None)
+    connected = gid in context.presence.online
     instance = GatewayInstanceStatus(
         name=instance_name,
         index=index,
         public_ip=public_ip,
         wireguard_public_key=public_key,
-        state=known.state if known else "offline",
+        state=known.state if known and connected else "offline",
         last_seen_at=known.last_seen_at if known else None,
     )
-    common = {
+    common: dict[str, Any] = {
         "credentials_secret": secret_name,
         "public_ip": public_ip,
         "instances": [instance],
     }
+    if not connected:  # e.g. "online" left over from before a restart
+        common["state"] = "offline"
     if public_ip is None:
         write(common | with_ready(
             "False", "WaitingForAddress",
@@ -128,6 +132,7 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
     node = GatewayNode(
         id=gid,
         name=instance_name,
+        pool=name,
         index=index,
         public_ip=public_ip,
         public_key=public_key,
@@ -135,11 +140,11 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
         http_port=spec.ports.http,
         https_port=spec.ports.https,
     )
-    context.state.set_gateway(node)
-    context.state.credential_secrets[gid] = (context.settings.system_namespace, secret_name)
     await context.mirror.upsert_gateway(
         GatewayRow(gid, instance_name, digest, public_ip, public_key, spec.region)
     )
+    context.state.set_gateway(node)
+    context.state.credential_secrets[gid] = (context.settings.system_namespace, secret_name)
     write(
         common | with_ready("True", "Provisioned", f"gateway index {index}, public IP {public_ip}")
     )
@@ -182,9 +187,13 @@ async def admit_node(context: Context, pool_uid: UUID, node: str) -> tuple[UUID,
     pool = context.state.pools.get(pool_uid)
     if pool is None:
         raise NodeRefused("the Gateway is gone")
-    addresses = await context.kube.node_addresses(node)
-    if addresses is None:
+    found_node = await context.kube.node(node)
+    if found_node is None:
         raise NodeRefused(f"there is no Node named {node}")
+    addresses, labels = found_node
+    # The pool's key is shared by its pods: at least hold it to the nodes the pool selects.
+    if not pool.spec.node_selector.items() <= labels.items():
+        raise NodeRefused(f"Node {node} does not match the Gateway's nodeSelector")
     if pool.spec.public_ip:
         public_ip = pool.spec.public_ip
     else:
@@ -205,7 +214,7 @@ async def admit_node(context: Context, pool_uid: UUID, node: str) -> tuple[UUID,
     secret_name = node_secret_name(pool.name, node)
     api_key, private_key = await ensure_credentials(
         context.kube, namespace, secret_name, "gateway", pool.owner,
-        {"kakuremichi.io/gateway": pool.name, "kakuremichi.io/node": node[:63]},
+        {"kakuremichi.io/gateway": pool.name},
     )  # fmt: skip
     known = next((i for i in status.instances if i.name == node), None)
     if known is not None:
@@ -218,8 +227,8 @@ async def admit_node(context: Context, pool_uid: UUID, node: str) -> tuple[UUID,
     context.state.credential_secrets[gid] = (namespace, secret_name)
     ports = pool.spec.ports
     context.state.set_gateway(
-        GatewayNode(gid, node, index, public_ip, public_key, ports.wireguard, ports.http,
-                    ports.https)
+        GatewayNode(gid, node, index, public_ip, public_key, pool.name, ports.wireguard,
+                    ports.http, ports.https)
     )  # fmt: skip
     await context.mirror.upsert_gateway(
         GatewayRow(gid, pool.name, digest, public_ip, public_key, pool.spec.region)
@@ -279,12 +288,14 @@ async def restore_indexes(context: Context) -> None:
     """Re-register every instance's gateway index from status before any reconcile runs."""
     gateways = await context.kube.list_objects(GATEWAY)
     gateways.sort(key=lambda g: (g["metadata"]["creationTimestamp"], g["metadata"]["uid"]))
+    known: set[UUID] = set()
     for gateway in gateways:
         for instance in (gateway.get("status") or {}).get("instances", []):
+            gid = instance_id(gateway["metadata"]["uid"], instance["name"])
+            known.add(gid)
             with contextlib.suppress(AllocationConflict, ValueError, KeyError):
-                context.state.gateway_indexes.restore(
-                    instance_id(gateway["metadata"]["uid"], instance["name"]), instance["index"]
-                )
+                context.state.gateway_indexes.restore(gid, instance["index"])
+    await context.mirror.prune(Gateway, known)
 
 
 def register(registry: kopf.OperatorRegistry, context: Context) -> None:

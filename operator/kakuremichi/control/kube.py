@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -33,23 +34,34 @@ class Kube:
         self.custom = client.CustomObjectsApi(api)
 
     async def apply_daemonset(self, manifest: dict[str, Any]) -> None:
-        """Create the DaemonSet, or replace its spec when it exists."""
+        """Create the DaemonSet, or replace it whole (so removed selectors and tolerations go)."""
         namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
         try:
+            existing = await asyncio.to_thread(
+                self.apps.read_namespaced_daemon_set, name, namespace
+            )
+        except ApiException as error:
+            if error.status != 404:
+                raise
             await asyncio.to_thread(
                 self.apps.create_namespaced_daemon_set, namespace, cast(Any, manifest)
             )
-        except ApiException as error:
-            if error.status != 409:
-                raise
-            await asyncio.to_thread(
-                self.apps.patch_namespaced_daemon_set,
-                name, namespace, {"metadata": {"labels": manifest["metadata"]["labels"]},
-                                  "spec": manifest["spec"]},
-            )  # fmt: skip
+            return
+        assert existing.metadata is not None
+        body = {
+            **manifest,
+            "metadata": {
+                **manifest["metadata"],
+                "resourceVersion": existing.metadata.resource_version,
+            },
+        }
+        await asyncio.to_thread(
+            self.apps.replace_namespaced_daemon_set, name, namespace, cast(Any, body)
+        )
 
-    async def node_addresses(self, name: str) -> dict[str, str] | None:
-        """A Node's addresses by type (ExternalIP, InternalIP, ...); None when it is gone."""
+    async def node(self, name: str) -> tuple[dict[str, str], dict[str, str]] | None:
+        """A Node's addresses by type (ExternalIP, InternalIP, ...) and its labels; None when
+        it is gone."""
         try:
             node = await asyncio.to_thread(self.core.read_node, name)
         except ApiException as error:
@@ -60,7 +72,21 @@ class Kube:
         found: dict[str, str] = {}
         for address in addresses:
             found.setdefault(address.type, address.address)
-        return found
+        labels = (node.metadata.labels if node.metadata else None) or {}
+        return found, dict(labels)
+
+    async def live_pods(self, namespace: str, label_selector: str) -> list[str]:
+        """Names of Pods matching the selector that are not finished or being deleted."""
+        pods = await asyncio.to_thread(
+            self.core.list_namespaced_pod, namespace, label_selector=label_selector
+        )
+        return [
+            pod.metadata.name or ""
+            for pod in pods.items
+            if pod.metadata
+            and pod.metadata.deletion_timestamp is None
+            and (pod.status.phase if pod.status else None) not in ("Succeeded", "Failed")
+        ]
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
         """The Secret's data, decoded; None when it does not exist."""
@@ -70,7 +96,12 @@ class Kube:
             if error.status == 404:
                 return None
             raise
-        return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+        # Text values only: a Secret may also hold binary keystores nobody here reads.
+        decoded = {}
+        for key, value in (secret.data or {}).items():
+            with contextlib.suppress(UnicodeDecodeError):
+                decoded[key] = base64.b64decode(value).decode()
+        return decoded
 
     async def create_secret(
         self,

@@ -73,6 +73,7 @@ def build_registry(context: Context) -> kopf.OperatorRegistry:
             )
         await agents.restore_allocations(context)
         await gateways.restore_indexes(context)
+        await certificates.prune_rows(context)
         tasks.append(asyncio.create_task(Projector(context).run(), name="projector"))
 
     @kopf.on.cleanup(registry=registry)

@@ -1,8 +1,9 @@
 """The SQLite mirror: rows in the data-model document's schema, written from reconcilers.
 
 The cluster is the source of truth, so every write here is an idempotent upsert of what a
-reconciler just saw, and :meth:`Mirror.prune` drops rows whose objects are gone (after a restart,
-or when the file was deleted). Writes run in a worker thread, one at a time.
+reconciler just saw, and the ``prune_*`` methods drop rows whose objects are gone (run at start,
+since deletions may have happened while the operator was away). Writes run in a worker thread,
+one at a time.
 """
 
 from __future__ import annotations
@@ -105,11 +106,16 @@ class Mirror:
         """Remove the agent's row; its tunnels' rows go with it (ON DELETE CASCADE)."""
         await self._run(lambda session: session.execute(delete(Agent).where(Agent.id == agent_id)))
 
-    async def prune_agents(self, keep: Collection[UUID]) -> int:
+    async def prune(
+        self, table: type[Agent | Gateway | Certificate], keep: Collection[UUID]
+    ) -> int:
+        """Delete the rows of ``table`` whose ids are not in ``keep``; returns how many."""
+
         def work(session: Session) -> int:
-            ids = [i for i in session.scalars(select(Agent.id)) if i not in set(keep)]
+            wanted = set(keep)
+            ids = [i for i in session.scalars(select(table.id)) if i not in wanted]
             if ids:
-                session.execute(delete(Agent).where(Agent.id.in_(ids)))
+                session.execute(delete(table).where(table.id.in_(ids)))
             return len(ids)
 
         return await self._run(work)

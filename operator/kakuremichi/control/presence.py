@@ -80,7 +80,7 @@ class Presence:
             gateway = self.state.gateways.get(identity.id)
             if gateway is None:
                 return
-            kind, namespace, name = GATEWAY, "", gateway.name
+            kind, namespace, name = GATEWAY, "", gateway.pool
         last_seen = self.last_seen.get(identity.id)
         status: dict[str, Any] = {}
         if state is not None:

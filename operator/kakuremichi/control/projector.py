@@ -18,6 +18,7 @@ from kakuremichi.resources import TUNNEL
 from kakuremichi.tunnel_readiness import TunnelVerdict, verdicts
 
 SETTLE_SECONDS = 0.05
+RETRY_SECONDS = 2.0
 log = logging.getLogger(__name__)
 
 
@@ -33,8 +34,10 @@ class Projector:
             await asyncio.sleep(SETTLE_SECONDS)
             try:
                 await self.project()
-            except Exception:  # keep projecting; the next change retries
-                log.exception("projecting tunnel status failed")
+            except Exception:  # keep projecting: try again shortly, not only on a next change
+                log.exception("projecting tunnel status failed; retrying")
+                await asyncio.sleep(RETRY_SECONDS)
+                seen = -1
 
     async def project(self) -> None:
         state = self.context.state

@@ -38,7 +38,9 @@ class ControlSettings(BaseModel):
     """host:port of the sidecar-injection webhook; None disables it."""
     webhook_host: str = "127.0.0.1"
     """The name or address the API server uses to reach the webhook (in its certificate)."""
-    webhook_cert_dir: Path = Path("/tmp/kakuremichi-webhook")  # noqa: S108 (regenerated each start)
+    webhook_cert_dir: Path | None = None
+    """Where the webhook's serving certificate is written; a fresh private temporary folder
+    when unset."""
     heartbeat_timeout: float = Field(default=30.0, gt=0)
     """Seconds of silence after which an edge is offline."""
 

@@ -147,9 +147,11 @@ class ControlState:
         self, key: tuple[str, str], verdict: CertificateVerdict, bundle: CertificateBundle | None
     ) -> None:
         """Record a Certificate's verdict; a ``bundle`` replaces the served one. Without one the
-        last good bundle stays served (until it expires), as a user expects of a bad update."""
+        last good bundle stays served until it expires, as a user expects of a bad update."""
         changed = self.certificate_verdicts.get(key) != verdict
         self.certificate_verdicts[key] = verdict
+        if verdict.reason == "Expired" and self.bundles.pop(key, None) is not None:
+            changed = True
         if bundle is not None and self.bundles.get(key) != bundle:
             self.bundles[key] = bundle
             changed = True

@@ -9,8 +9,8 @@ with a message that says so. The serving certificate is made here with ``cryptog
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
+import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,7 +41,8 @@ def _name(common_name: str) -> x509.Name:
 
 def serving_certificate(directory: Path, host: str, days: int = 365) -> ServingCertificate:
     """A private CA and a serving certificate for ``host`` (a DNS name or an IP address)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory.chmod(0o700)
     now = datetime.now(UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
@@ -73,7 +74,8 @@ def serving_certificate(directory: Path, host: str, days: int = 365) -> ServingC
         .sign(ca_key, hashes.SHA256())
     )
     certfile, keyfile = directory / "webhook.crt", directory / "webhook.key"
-    keyfile.touch(mode=0o600)
+    keyfile.unlink(missing_ok=True)  # never write through something planted there
+    keyfile.touch(mode=0o600, exist_ok=False)
     keyfile.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM,
@@ -85,9 +87,12 @@ def serving_certificate(directory: Path, host: str, days: int = 365) -> ServingC
     return ServingCertificate(certfile, keyfile, ca.public_bytes(serialization.Encoding.PEM))
 
 
-def configure(settings: kopf.OperatorSettings, listen: str, host: str, cert_dir: Path) -> None:
+def configure(
+    settings: kopf.OperatorSettings, listen: str, host: str, cert_dir: Path | None
+) -> None:
     """Serve the webhook on ``listen``; the API server reaches it at ``host``."""
     address, _, port = listen.rpartition(":")
+    cert_dir = cert_dir or Path(tempfile.mkdtemp(prefix="kakuremichi-webhook-"))
     certificate = serving_certificate(cert_dir, host)
     settings.admission.server = kopf.WebhookServer(
         addr=address.strip("[]") or None,
@@ -98,11 +103,6 @@ def configure(settings: kopf.OperatorSettings, listen: str, host: str, cert_dir:
         cadata=certificate.ca_pem,
     )
     settings.admission.managed = WEBHOOK_CONFIGURATION
-
-
-def _live(pod: Any) -> bool:
-    status = pod.status.phase if pod.status else None
-    return pod.metadata.deletion_timestamp is None and status not in ("Succeeded", "Failed")
 
 
 def register(registry: kopf.OperatorRegistry, context: Context) -> None:
@@ -127,12 +127,7 @@ def register(registry: kopf.OperatorRegistry, context: Context) -> None:
                 f"{agent_name} in namespace {namespace}",
                 code=400,
             )
-        pods = await asyncio.to_thread(
-            context.kube.core.list_namespaced_pod,
-            namespace,
-            label_selector=f"{manifests.AGENT_LABEL}={agent_name}",
-        )
-        live = [p.metadata.name for p in pods.items if p.metadata and _live(p)]
+        live = await context.kube.live_pods(namespace, f"{manifests.AGENT_LABEL}={agent_name}")
         if live:
             raise kopf.AdmissionError(
                 f"Agent {agent_name} already runs in Pod {live[0]}: one Agent is one WireGuard "
@@ -141,7 +136,9 @@ def register(registry: kopf.OperatorRegistry, context: Context) -> None:
                 code=409,
             )
         edge = manifests.EdgeImage(context.settings.edge_image, context.settings.control_url)
-        sidecar = manifests.agent_sidecar(location[1], edge)
         spec = body.get("spec", {})
+        if any(c.get("name") == manifests.SIDECAR_NAME for c in spec.get("containers", [])):
+            return  # already there (a re-created Pod, or the user wrote it in)
+        sidecar = manifests.agent_sidecar(location[1], edge)
         patch.spec["containers"] = [*spec.get("containers", []), sidecar.container]
         patch.spec["volumes"] = [*spec.get("volumes", []), *sidecar.volumes]
