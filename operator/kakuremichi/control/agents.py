@@ -24,22 +24,22 @@ from kakuremichi.conditions import (
 )
 from kakuremichi.control.context import Context
 from kakuremichi.control.credentials_secret import ensure_credentials
-from kakuremichi.control.metrics import counted
 from kakuremichi.control.mirror import AgentRow
+from kakuremichi.control.reconciler import register_reconciler
 from kakuremichi.credentials import wireguard_public_key
 from kakuremichi.edge_config import AgentNode
 from kakuremichi.fields import status_patch
-from kakuremichi.resources import AGENT, GROUP, VERSION, AgentStatus
+from kakuremichi.resources import AGENT, AgentStatus
 from kakuremichi.store import Agent
+
+log = logging.getLogger(__name__)
 
 
 def credentials_secret_name(agent_name: str) -> str:
     return f"kakuremichi-agent-{agent_name}"
 
 
-async def reconcile(
-    context: Context, body: kopf.Body, patch: kopf.Patch, logger: logging.Logger | Any
-) -> None:
+async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> None:
     meta = body.metadata
     uid, namespace, name = UUID(meta.uid), meta.namespace or "", meta.name or ""
     generation = meta.get("generation")
@@ -107,16 +107,16 @@ async def reconcile(
     patch.status.update(status_patch(current, updates))
     if current.subnet != str(addresses.subnet):
         kopf.info(body, reason="Provisioned", message=message)
-        logger.info("agent %s/%s provisioned: %s", namespace, name, message)
+        log.info("agent %s/%s provisioned: %s", namespace, name, message)
 
 
-async def cleanup(context: Context, body: kopf.Body, logger: logging.Logger | Any) -> None:
+async def cleanup(context: Context, body: kopf.Body) -> None:
     meta = body.metadata
     uid, namespace, name = UUID(meta.uid), meta.namespace or "", meta.name or ""
     context.state.remove_agent(uid)
     await context.mirror.delete_agent(uid)
     await context.kube.delete_secret(namespace, credentials_secret_name(name))
-    logger.info("agent %s/%s removed; subnet released", namespace, name)
+    log.info("agent %s/%s removed; subnet released", namespace, name)
 
 
 async def restore_allocations(context: Context) -> None:
@@ -132,19 +132,8 @@ async def restore_allocations(context: Context) -> None:
                 context.state.subnets.restore(UUID(agent["metadata"]["uid"]), subnet)
     pruned = await context.mirror.prune(Agent, {UUID(a["metadata"]["uid"]) for a in agents})
     if pruned:
-        logging.getLogger(__name__).info("pruned %d agent rows of deleted Agents", pruned)
+        log.info("pruned %d agent rows of deleted Agents", pruned)
 
 
 def register(registry: kopf.OperatorRegistry, context: Context) -> None:
-    resource = (GROUP, VERSION, AGENT.plural)
-
-    @kopf.on.resume(*resource, registry=registry)
-    @kopf.on.create(*resource, registry=registry)
-    @kopf.on.update(*resource, registry=registry)
-    @counted("Agent")
-    async def agent_reconcile(body: kopf.Body, patch: kopf.Patch, logger: Any, **_: Any) -> None:
-        await reconcile(context, body, patch, logger)
-
-    @kopf.on.delete(*resource, registry=registry)
-    async def agent_cleanup(body: kopf.Body, logger: Any, **_: Any) -> None:
-        await cleanup(context, body, logger)
+    register_reconciler(registry, context, AGENT, reconcile, cleanup)

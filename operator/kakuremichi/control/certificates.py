@@ -16,8 +16,8 @@ import kopf
 
 from kakuremichi.conditions import READY, make_condition, set_condition
 from kakuremichi.control.context import Context
-from kakuremichi.control.metrics import counted
 from kakuremichi.control.mirror import CertificateRow
+from kakuremichi.control.reconciler import register_reconciler
 from kakuremichi.protocol import CertificateBundle
 from kakuremichi.resources import CERTIFICATE, GROUP, VERSION, CertificateSpec, CertificateStatus
 from kakuremichi.store import Certificate
@@ -122,6 +122,13 @@ async def compute_status(context: Context, body: kopf.Body) -> dict[str, Any]:
     return status.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
+async def cleanup(context: Context, body: kopf.Body) -> None:
+    meta = body.metadata
+    context.state.remove_certificate((meta.namespace or "", meta.name or ""))
+    context.state.use_secret(meta.namespace or "", meta.name or "", None)
+    await context.mirror.delete_certificate(UUID(meta.uid))
+
+
 async def prune_rows(context: Context) -> None:
     """Drop mirror rows of Certificates deleted while the operator was away."""
     found = await context.kube.list_objects(CERTIFICATE, context.settings.namespaces)
@@ -129,26 +136,13 @@ async def prune_rows(context: Context) -> None:
 
 
 def register(registry: kopf.OperatorRegistry, context: Context) -> None:
+    register_reconciler(registry, context, CERTIFICATE, reconcile, cleanup)
     resource = (GROUP, VERSION, CERTIFICATE.plural)
-
-    @kopf.on.resume(*resource, registry=registry)
-    @kopf.on.create(*resource, registry=registry)
-    @kopf.on.update(*resource, registry=registry)
-    @counted("Certificate")
-    async def certificate_reconcile(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        await reconcile(context, body, patch)
 
     @kopf.timer(*resource, registry=registry, interval=300, initial_delay=300, idle=60)
     async def certificate_recheck(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         """Expiry happens without any event: look again now and then."""
         await reconcile(context, body, patch)
-
-    @kopf.on.delete(*resource, registry=registry)
-    async def certificate_cleanup(body: kopf.Body, **_: Any) -> None:
-        meta = body.metadata
-        context.state.remove_certificate((meta.namespace or "", meta.name or ""))
-        context.state.use_secret(meta.namespace or "", meta.name or "", None)
-        await context.mirror.delete_certificate(UUID(meta.uid))
 
     def referenced(namespace: str | None, name: str | None, **_: Any) -> bool:
         return bool(context.state.secret_users.get((namespace or "", name or "")))

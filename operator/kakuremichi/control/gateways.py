@@ -25,16 +25,14 @@ from kakuremichi.addressing import AllocationConflict, PoolExhausted
 from kakuremichi.conditions import READY, ConditionStatus, make_condition, set_condition
 from kakuremichi.control.context import Context
 from kakuremichi.control.credentials_secret import ensure_credentials
-from kakuremichi.control.metrics import counted
 from kakuremichi.control.mirror import GatewayRow
+from kakuremichi.control.reconciler import register_reconciler
 from kakuremichi.control.state import GatewayPool
 from kakuremichi.credentials import wireguard_public_key
 from kakuremichi.edge_config import GatewayNode
 from kakuremichi.fields import status_patch
 from kakuremichi.resources import (
     GATEWAY,
-    GROUP,
-    VERSION,
     GatewayInstanceStatus,
     GatewaySpec,
     GatewayStatus,
@@ -299,18 +297,7 @@ async def restore_indexes(context: Context) -> None:
 
 
 def register(registry: kopf.OperatorRegistry, context: Context) -> None:
-    resource = (GROUP, VERSION, GATEWAY.plural)
-
-    @kopf.on.resume(*resource, registry=registry)
-    @kopf.on.create(*resource, registry=registry)
-    @kopf.on.update(*resource, registry=registry)
-    @counted("Gateway")
-    async def gateway_reconcile(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        await reconcile(context, body, patch)
-
-    @kopf.on.delete(*resource, registry=registry)
-    async def gateway_cleanup(body: kopf.Body, **_: Any) -> None:
-        await cleanup(context, body)
+    register_reconciler(registry, context, GATEWAY, reconcile, cleanup)
 
     # Nodes carry no finalizer of ours: the watch's DELETED event is the signal.
     @kopf.on.event("", "v1", "nodes", registry=registry)

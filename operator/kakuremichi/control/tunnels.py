@@ -7,19 +7,16 @@ certificate, so :mod:`kakuremichi.control.projector` computes it from the whole 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 from uuid import UUID
 
 import kopf
 
 from kakuremichi.control.context import Context
-from kakuremichi.control.metrics import counted
+from kakuremichi.control.reconciler import register_reconciler
 from kakuremichi.resources import (
     API_VERSION,
     CERTIFICATE,
-    GROUP,
     TUNNEL,
-    VERSION,
     CertificateSpec,
     TunnelSpec,
     TunnelStatus,
@@ -92,17 +89,10 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
     patch.status["certificate"] = name
 
 
+async def cleanup(context: Context, body: kopf.Body) -> None:
+    # The Certificate it owns is garbage-collected with it.
+    context.state.remove_tunnel(UUID(body.metadata.uid))
+
+
 def register(registry: kopf.OperatorRegistry, context: Context) -> None:
-    resource = (GROUP, VERSION, TUNNEL.plural)
-
-    @kopf.on.resume(*resource, registry=registry)
-    @kopf.on.create(*resource, registry=registry)
-    @kopf.on.update(*resource, registry=registry)
-    @counted("Tunnel")
-    async def tunnel_reconcile(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        await reconcile(context, body, patch)
-
-    @kopf.on.delete(*resource, registry=registry)
-    async def tunnel_cleanup(body: kopf.Body, **_: Any) -> None:
-        # The Certificate it owns is garbage-collected with it.
-        context.state.remove_tunnel(UUID(body.metadata.uid))
+    register_reconciler(registry, context, TUNNEL, reconcile, cleanup)
