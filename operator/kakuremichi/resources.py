@@ -146,7 +146,8 @@ class GatewaySpec(CamelModel):
     External: a single host outside the cluster, installed with the one-line installer."""
     public_ip: Annotated[PublicIPv4 | None, Field(alias="publicIP")] = None
     """Public IPv4 address. InCluster: the Node's ExternalIP, else InternalIP, unless pinned
-    here (then the pool may have one node). External: required."""
+    here (then the pool may have one node). External: from here, else the address the gateway
+    first connects from."""
     region: RegionName | None = None
     """Where the gateway runs, e.g. tokyo."""
     node_selector: dict[str, str] = Field(default_factory=dict)

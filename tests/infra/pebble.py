@@ -10,7 +10,6 @@ validation delay; its default rate of rejected nonces stays on, so clients must 
 from __future__ import annotations
 
 import json
-import socket
 import ssl
 import subprocess
 import urllib.request
@@ -20,7 +19,7 @@ from typing import Any
 
 from tests.infra import binaries
 from tests.infra.polling import wait_until
-from tests.infra.ports import free_port
+from tests.infra.ports import free_port, free_tcp_and_udp_port
 from tests.infra.tlsgen import TestCA
 
 
@@ -98,7 +97,7 @@ def start(
     ca_bundle.write_text(ca.pem)
 
     acme_port, management_port = free_port(), free_port()
-    dns_port, challtestsrv_port = free_port(socket.SOCK_DGRAM), free_port()
+    dns_port, challtestsrv_port = free_tcp_and_udp_port(), free_port()
     config = {
         "pebble": {
             "listenAddress": f"127.0.0.1:{acme_port}",

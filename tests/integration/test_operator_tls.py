@@ -141,3 +141,22 @@ def test_a_remote_gateway_gets_no_certificate_keys_over_plain_http(
     assert config["data"]["certificates"] == []
     assert "wireguardPrivateKey" not in config["data"]["gateway"]
     gateways.delete_all()
+
+
+def test_an_external_gateway_without_address_takes_the_one_it_connects_from(
+    kube: Cluster, remote_operator: RemoteOperator, remote: tuple[netns.Host, str]
+) -> None:
+    process, url = remote_operator(False)
+    gateways = Objects(kube, process.namespace, GATEWAY)
+    name = unique_name("roaming")
+    gateways.create(name, {"mode": "External"})
+    status = gateways.ready(name, "False", "WaitingForAddress")
+    key = (Secrets(kube, process.namespace).read(status["credentialsSecret"]) or {})["apiKey"]
+    host, _ = remote
+    config = first_config(host, url, key)
+    assert config["type"] == "config"
+    assert config["data"]["gateway"]["publicIp"] == host.address
+    status = gateways.ready(name, "True", "Provisioned")
+    assert status["publicIP"] == host.address
+    assert status["instances"][0]["publicIP"] == host.address
+    gateways.delete_all()

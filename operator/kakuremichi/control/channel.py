@@ -130,6 +130,12 @@ class ControlChannel:
             if admitted is None:
                 return socket
             identity = admitted
+        elif identity.id in self.context.state.pending_gateways:
+            try:
+                await gateways.adopt_address(self.context, identity.id, remote)
+            except gateways.NodeRefused as error:
+                await self._refuse(socket, "no_address", str(error))
+                return socket
         session = Session(identity, socket, remote, datetime.now(UTC), client=message.client)
         previous = self.sessions.get(identity.id)
         self.sessions[identity.id] = session
@@ -201,10 +207,7 @@ class ControlChannel:
                 log.exception("admitting node %s failed", message.node_name)
                 refusal = "control could not admit this node now; retry later"
         if refusal is not None:
-            await socket.send_str(
-                protocol.encode(protocol.ErrorMessage(code="node_refused", message=refusal))
-            )
-            await socket.close(code=protocol.CLOSE_BAD_REQUEST, message=b"node refused")
+            await self._refuse(socket, "node_refused", refusal)
             return None
         name = self.context.state.gateways[gateway_id].name
         await socket.send_str(
@@ -213,6 +216,11 @@ class ControlChannel:
             )
         )
         return EdgeIdentity("gateway", gateway_id)
+
+    async def _refuse(self, socket: web.WebSocketResponse, code: str, why: str) -> None:
+        """Tell an authenticated edge why it cannot be served, and close."""
+        await socket.send_str(protocol.encode(protocol.ErrorMessage(code=code, message=why)))
+        await socket.close(code=protocol.CLOSE_BAD_REQUEST, message=code.encode())
 
     async def _receive_loop(self, session: Session) -> None:
         timeout = self.context.settings.heartbeat_timeout

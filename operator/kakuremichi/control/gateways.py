@@ -4,7 +4,7 @@ A Gateway is a pool of instances, each with its own API key and WireGuard keypai
 the operator's namespace), a stable gateway index and a public address:
 
 - External: one instance on a host outside the cluster (installed with the one-liner), with the
-  address from spec (detecting it from the connection is not available yet).
+  address from spec, else the source address of its first connection (:func:`adopt_address`).
 - InCluster: a DaemonSet on the selected nodes. Its pods hold only the pool's shared key; a pod
   that presents it with its node name is admitted as that node's instance (:func:`admit_node`):
   control makes the node's own identity, takes the Node's ExternalIP (else InternalIP) unless
@@ -14,6 +14,7 @@ the operator's namespace), a stable gateway index and a public address:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from typing import Any
 from uuid import UUID, uuid5
@@ -121,31 +122,68 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
     }
     if not connected:  # e.g. "online" left over from before a restart
         common["state"] = "offline"
-    if public_ip is None:
-        write(common | with_ready(
-            "False", "WaitingForAddress",
-            "set spec.publicIP: detecting the address from the connection is not available yet",
-        ))  # fmt: skip
-        return
     node = GatewayNode(
         id=gid,
         name=instance_name,
         pool=name,
         index=index,
-        public_ip=public_ip,
+        public_ip=public_ip or "",
         public_key=public_key,
         wireguard_port=spec.ports.wireguard,
         http_port=spec.ports.http,
         https_port=spec.ports.https,
     )
+    context.state.credential_secrets[gid] = (context.settings.system_namespace, secret_name)
+    if public_ip is None:
+        # Admitted without an address: the first connection's source address becomes it.
+        context.state.pending_gateways[gid] = (node, digest, spec.region)
+        write(common | with_ready(
+            "False", "WaitingForAddress",
+            "no spec.publicIP: the address the gateway first connects from will be used",
+        ))  # fmt: skip
+        return
+    context.state.pending_gateways.pop(gid, None)
     await context.mirror.upsert_gateway(
         GatewayRow(gid, instance_name, digest, public_ip, public_key, spec.region)
     )
     context.state.set_gateway(node)
-    context.state.credential_secrets[gid] = (context.settings.system_namespace, secret_name)
     write(
         common | with_ready("True", "Provisioned", f"gateway index {index}, public IP {public_ip}")
     )
+
+
+async def adopt_address(context: Context, gateway_id: UUID, remote: str) -> None:
+    """An External gateway without spec.publicIP connected: its source address becomes its
+    public address (recorded in status, so it survives restarts)."""
+    node, digest, region = context.state.pending_gateways[gateway_id]
+    try:
+        public_ip = validation.public_ipv4(remote)
+    except ValueError as error:
+        raise NodeRefused(
+            f"cannot use the connection's source address as the public IP ({error}); "
+            "connect from the public address or set spec.publicIP"
+        ) from None
+    node = dataclasses.replace(node, public_ip=public_ip)
+    await context.mirror.upsert_gateway(
+        GatewayRow(gateway_id, node.name, digest, public_ip, node.public_key, region)
+    )
+    found = await context.kube.get_object(GATEWAY, "", node.pool)
+    status = GatewayStatus.model_validate((found or {}).get("status") or {})
+    instances = [
+        i.model_copy(update={"public_ip": public_ip}) if i.name == node.name else i
+        for i in status.instances
+    ]
+    ready = make_condition(
+        READY, "True", "Provisioned", f"gateway index {node.index}, public IP {public_ip} "
+        "(taken from its connection)", observed_generation=status.observed_generation,
+    )  # fmt: skip
+    await context.kube.patch_status(
+        GATEWAY, "", node.pool,
+        status_patch(status, {"public_ip": public_ip, "instances": instances,
+                              "conditions": set_condition(status.conditions, ready)}),
+    )  # fmt: skip
+    del context.state.pending_gateways[gateway_id]
+    context.state.set_gateway(node)
 
 
 async def reconcile_pool(

@@ -49,6 +49,9 @@ class ControlState:
     """Gateway instances whose public address is known (only those can be peers)."""
     gateway_indexes: GatewayIndexAllocator = field(default_factory=GatewayIndexAllocator)
     pools: dict[UUID, GatewayPool] = field(default_factory=dict)
+    pending_gateways: dict[UUID, tuple[GatewayNode, str, str | None]] = field(default_factory=dict)
+    """External instances waiting for their first connection to learn their address:
+    (node without address, API-key digest, region)."""
     credentials: dict[str, EdgeIdentity] = field(default_factory=dict)
     """API-key digest → the edge it authenticates."""
     credential_secrets: dict[UUID, tuple[str, str]] = field(default_factory=dict)
@@ -127,6 +130,7 @@ class ControlState:
 
     def remove_gateway(self, gateway_id: UUID) -> None:
         self._forget_credentials(gateway_id)
+        self.pending_gateways.pop(gateway_id, None)
         self.gateway_indexes.release(gateway_id)
         if self.gateways.pop(gateway_id, None) is not None:
             self.touch()
