@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
+from kubernetes import client
 
 from kakuremichi.resources import AGENT, CERTIFICATE, TUNNEL
 from tests.infra.cluster import Cluster, unique_name
@@ -72,6 +73,17 @@ def test_tunnel_becomes_ready_as_its_agent_and_certificate_arrive(
     wait_until(lambda: domain in mirrored(operator, "certificates", "domain"), "the cert row")
     sealed = mirrored(operator, "certificates", "private_key")
     assert all(key.startswith("s1:") for key in sealed)
+    # kubectl describe tells the story of the transitions.
+    core = client.CoreV1Api(world.tunnels.custom.api_client)
+
+    def all_transitions_reported() -> bool:
+        events = core.list_namespaced_event(
+            operator.namespace, field_selector="involvedObject.kind=Tunnel,involvedObject.name=app"
+        )
+        reasons = {event.reason for event in events.items}
+        return {"AgentNotReady", "SecretNotFound", "Serving"} <= reasons
+
+    wait_until(all_transitions_reported, "the Tunnel's Events")
 
 
 def test_a_taken_domain_is_a_conflict_until_the_holder_leaves(world: World) -> None:

@@ -10,12 +10,13 @@ import asyncio
 import base64
 import contextlib
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any, cast
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from kakuremichi.resources import GROUP, VERSION, ResourceKind
+from kakuremichi.resources import API_VERSION, GROUP, VERSION, ResourceKind
 
 
 def load_api_client() -> client.ApiClient:
@@ -74,6 +75,35 @@ class Kube:
             found.setdefault(address.type, address.address)
         labels = (node.metadata.labels if node.metadata else None) or {}
         return found, dict(labels)
+
+    async def post_event(
+        self,
+        kind: ResourceKind,
+        namespace: str,
+        name: str,
+        uid: str,
+        warning: bool,
+        reason: str,
+        message: str,
+    ) -> None:
+        """A Kubernetes Event on a custom object (what ``kubectl describe`` shows)."""
+        now = datetime.now(UTC)
+        event = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{name}.", namespace=namespace),
+            involved_object=client.V1ObjectReference(
+                api_version=API_VERSION, kind=kind.kind, name=name, namespace=namespace, uid=uid
+            ),
+            reason=reason,
+            message=message[:1024],
+            type="Warning" if warning else "Normal",
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+            source=client.V1EventSource(component="kakuremichi"),
+            reporting_component="kakuremichi.io/operator",
+            reporting_instance="kakuremichi-operator",
+        )
+        await asyncio.to_thread(self.core.create_namespaced_event, namespace, event)
 
     async def live_pods(self, namespace: str, label_selector: str) -> list[str]:
         """Names of Pods matching the selector that are not finished or being deleted."""

@@ -15,7 +15,7 @@ from kakuremichi.conditions import READY, Condition, make_condition, set_conditi
 from kakuremichi.control.context import Context
 from kakuremichi.control.mirror import TunnelRow
 from kakuremichi.resources import TUNNEL
-from kakuremichi.tunnel_readiness import TunnelVerdict, verdicts
+from kakuremichi.tunnel_readiness import TunnelFacts, TunnelVerdict, verdicts
 
 SETTLE_SECONDS = 0.05
 RETRY_SECONDS = 2.0
@@ -38,6 +38,16 @@ class Projector:
                 log.exception("projecting tunnel status failed; retrying")
                 await asyncio.sleep(RETRY_SECONDS)
                 seen = -1
+
+    async def _event(self, tunnel: TunnelFacts, verdict: TunnelVerdict) -> None:
+        """An Event for each transition, so ``kubectl describe tunnel`` tells the story."""
+        try:
+            await self.context.kube.post_event(
+                TUNNEL, tunnel.namespace, tunnel.name, str(tunnel.id),
+                warning=verdict.status != "True", reason=verdict.reason, message=verdict.message,
+            )  # fmt: skip
+        except Exception:  # an Event is worth a log line, not a failed projection
+            log.warning("could not post an Event for Tunnel %s/%s", tunnel.namespace, tunnel.name)
 
     async def project(self) -> None:
         state = self.context.state
@@ -65,6 +75,14 @@ class Projector:
             }
             if await self.context.kube.patch_status(TUNNEL, tunnel.namespace, tunnel.name, status):
                 self.written[tunnel_id] = (verdict, tunnel.generation, conditions)
+                seeded = state.tunnel_conditions.get(tunnel_id, [])
+                prior = (
+                    previous[0].reason
+                    if previous
+                    else next((c.reason for c in seeded if c.type == READY), None)
+                )
+                if prior != verdict.reason:
+                    await self._event(tunnel, verdict)
         for gone in set(self.written) - set(tunnels):
             del self.written[gone]
         served = state.topology().served_routes()
