@@ -102,7 +102,7 @@ prepare_module() {
   go_line=$(grep -m1 -E '^go [0-9]' "$upstream_mod" || echo "go 1.22")
   godebug=$(awk '/^godebug \(/{b=1} b{print} b&&/^\)/{b=0} /^godebug [^(]/{print}' "$upstream_mod")
   wanted=$(
-    printf 'module kakuremichi.invalid/build\n\n%s\n\n' "$go_line"
+    printf 'module kakuremichi.invalid/build\n\n%s\ntoolchain %s\n\n' "$go_line" "$PIN_GO_TOOLCHAIN"
     [ -z "$godebug" ] || printf '%s\n\n' "$godebug"
     printf 'require %s %s\n' "$module" "$version"
     [ -z "$extra" ] || printf '\n%s\n' "$extra"

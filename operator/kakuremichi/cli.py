@@ -233,10 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--exclude-cidr", action="append", default=[], metavar="CIDR",
         help="skip agent subnets overlapping CIDR (repeatable), e.g. 10.96.0.0/12",
     )  # fmt: skip
-    operator.add_argument(
+    scope = operator.add_mutually_exclusive_group()
+    scope.add_argument(
         "--namespace", action="append", default=[], metavar="NS",
         help="watch only NS (repeatable); default: all namespaces",
     )  # fmt: skip
+    scope.add_argument(
+        "--all-namespaces", "-A", action="store_true", help="watch every namespace (the default)"
+    )
     operator.add_argument(
         "--system-namespace", default=os.environ.get("POD_NAMESPACE", "default"), metavar="NS",
         help="namespace for the Secrets of Gateways (default: the operator's own)",
