@@ -85,6 +85,18 @@ def set_condition(conditions: list[Condition], new: Condition) -> list[Condition
     return merged
 
 
+def set_ready(
+    conditions: list[Condition],
+    status: ConditionStatus,
+    reason: str,
+    message: str,
+    observed_generation: int | None,
+) -> list[Condition]:
+    """``conditions`` with their ``Ready`` condition set (see :func:`set_condition`)."""
+    ready = make_condition(READY, status, reason, message, observed_generation=observed_generation)
+    return set_condition(conditions, ready)
+
+
 def find_condition(conditions: list[Condition], type_: str) -> Condition | None:
     return next((c for c in conditions if c.type == type_), None)
 

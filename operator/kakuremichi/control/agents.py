@@ -15,13 +15,7 @@ from uuid import UUID
 import kopf
 
 from kakuremichi.addressing import AllocationConflict, PoolExhausted
-from kakuremichi.conditions import (
-    READY,
-    Condition,
-    ConditionStatus,
-    make_condition,
-    set_condition,
-)
+from kakuremichi.conditions import Condition, ConditionStatus, set_ready
 from kakuremichi.control.context import Context
 from kakuremichi.control.credentials_secret import ensure_credentials
 from kakuremichi.control.mirror import AgentRow
@@ -46,14 +40,7 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
     current = AgentStatus.model_validate(dict(body.status))
 
     def ready(status: ConditionStatus, reason: str, message: str) -> list[Condition]:
-        condition = make_condition(
-            READY,
-            status,
-            reason,
-            message,
-            observed_generation=generation,
-        )
-        return set_condition(current.conditions, condition)
+        return set_ready(current.conditions, status, reason, message, generation)
 
     try:
         if current.subnet:

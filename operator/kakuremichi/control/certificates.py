@@ -14,7 +14,7 @@ from uuid import UUID
 
 import kopf
 
-from kakuremichi.conditions import READY, make_condition, set_condition
+from kakuremichi.conditions import READY, set_ready
 from kakuremichi.control.context import Context
 from kakuremichi.control.mirror import CertificateRow
 from kakuremichi.control.reconciler import register_reconciler
@@ -80,15 +80,14 @@ async def compute_status(context: Context, body: kopf.Body) -> dict[str, Any]:
     context.state.use_secret(namespace, name, spec.secret_name if spec.issuer == "Secret" else None)
     verdict, bundle, info = await evaluate(context, namespace, spec)
     context.state.set_certificate((namespace, name), verdict, bundle)
-    condition = make_condition(
-        READY,
-        "True" if verdict.ready else "False",
-        verdict.reason,
-        verdict.message,
-        observed_generation=meta.get("generation"),
-    )
     updates: dict[str, Any] = {
-        "conditions": set_condition(current.conditions, condition),
+        "conditions": set_ready(
+            current.conditions,
+            "True" if verdict.ready else "False",
+            verdict.reason,
+            verdict.message,
+            meta.get("generation"),
+        ),
         "observed_generation": meta.get("generation"),
     }
     if info is not None:

@@ -23,7 +23,7 @@ import kopf
 
 from kakuremichi import manifests, validation
 from kakuremichi.addressing import AllocationConflict, PoolExhausted
-from kakuremichi.conditions import READY, ConditionStatus, make_condition, set_condition
+from kakuremichi.conditions import ConditionStatus, set_ready
 from kakuremichi.control.context import Context
 from kakuremichi.control.credentials_secret import ensure_credentials
 from kakuremichi.control.mirror import GatewayRow
@@ -59,15 +59,8 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
     current = GatewayStatus.model_validate(dict(body.status))
 
     def with_ready(status: ConditionStatus, reason: str, message: str) -> dict[str, Any]:
-        condition = make_condition(
-            READY,
-            status,
-            reason,
-            message,
-            observed_generation=generation,
-        )
         return {
-            "conditions": set_condition(current.conditions, condition),
+            "conditions": set_ready(current.conditions, status, reason, message, generation),
             "observed_generation": generation,
         }
 
@@ -173,14 +166,15 @@ async def adopt_address(context: Context, gateway_id: UUID, remote: str) -> None
         i.model_copy(update={"public_ip": public_ip}) if i.name == node.name else i
         for i in status.instances
     ]
-    ready = make_condition(
-        READY, "True", "Provisioned", f"gateway index {node.index}, public IP {public_ip} "
-        "(taken from its connection)", observed_generation=status.observed_generation,
+    conditions = set_ready(
+        status.conditions, "True", "Provisioned",
+        f"gateway index {node.index}, public IP {public_ip} (taken from its connection)",
+        status.observed_generation,
     )  # fmt: skip
     await context.kube.patch_status(
         GATEWAY, "", node.pool,
         status_patch(status, {"public_ip": public_ip, "instances": instances,
-                              "conditions": set_condition(status.conditions, ready)}),
+                              "conditions": conditions}),
     )  # fmt: skip
     del context.state.pending_gateways[gateway_id]
     context.state.set_gateway(node)

@@ -11,7 +11,7 @@ import logging
 from typing import Any
 from uuid import UUID
 
-from kakuremichi.conditions import READY, Condition, make_condition, set_condition
+from kakuremichi.conditions import READY, Condition, set_ready
 from kakuremichi.control.context import Context
 from kakuremichi.control.mirror import TunnelRow
 from kakuremichi.resources import TUNNEL
@@ -58,12 +58,9 @@ class Projector:
             previous = self.written.get(tunnel_id)
             if previous and previous[0] == verdict and previous[1] == tunnel.generation:
                 continue
-            conditions = set_condition(
+            conditions = set_ready(
                 previous[2] if previous else state.tunnel_conditions.get(tunnel_id, []),
-                make_condition(
-                    READY, verdict.status, verdict.reason, verdict.message,
-                    observed_generation=tunnel.generation,
-                ),
+                verdict.status, verdict.reason, verdict.message, tunnel.generation,
             )  # fmt: skip
             status: dict[str, Any] = {
                 "conditions": [
