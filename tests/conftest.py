@@ -1,10 +1,16 @@
-"""Shared test configuration: tiers are marked by folder (unit, integration, e2e)."""
+"""Shared test configuration: tiers are marked by folder (unit, integration, e2e).
+
+The fixtures of the integration and end-to-end tiers (a cluster, hosts, the operator…) live in
+``tests.infra.fixtures``; both folders share them, and they start only when a test asks.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+
+from tests.infra.fixtures import *  # noqa: F403
 
 TESTS = Path(__file__).resolve().parent
 

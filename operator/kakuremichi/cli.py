@@ -154,6 +154,111 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_edge(args: argparse.Namespace) -> int:
+    """``kakuremichi gateway`` and ``kakuremichi agent``."""
+    import asyncio
+    import logging
+
+    from kakuremichi.edge.settings import EdgeSettings, MissingApiKey, read_api_key
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    role = args.command
+    try:
+        api_key = read_api_key(args.api_key, args.api_key_file)
+        extra = (
+            {
+                "node_name": args.node_name or None,
+                "listen_address": args.listen_address,
+                "http_port": args.http_port,
+                "https_port": args.https_port,
+                "wireguard_port": args.wireguard_port,
+            }
+            if role == "gateway"
+            else {}
+        )
+        settings = EdgeSettings(
+            control_url=args.control_url or "",
+            api_key=api_key,
+            ca_file=args.ca_file,
+            private_key_file=args.private_key_file,
+            wireguard_interface=args.wireguard_interface or f"km{role}0",
+            wireguard_mode=args.wireguard_mode,
+            metrics_listen=args.metrics_listen or None,
+            **extra,
+        )
+    except MissingApiKey as error:
+        print(f"kakuremichi {role}: {error}", file=sys.stderr)
+        return 2
+    except ValidationError as error:
+        for line in describe_errors(error):
+            print(f"kakuremichi {role}: {line.replace('_', '-')}", file=sys.stderr)
+        return 2
+    if role == "gateway":
+        from kakuremichi.edge.gateway import GatewayEdge
+
+        edge: Any = GatewayEdge(settings)
+    else:
+        from kakuremichi.edge.agent import AgentEdge
+
+        edge = AgentEdge(settings)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio works too
+        asyncio.run(edge.run())
+    else:
+        uvloop.run(edge.run())
+    return 0
+
+
+def _add_edge_parser(commands: Any, role: str, help_text: str, metrics_port: int) -> None:
+    edge = commands.add_parser(role, help=help_text)
+    edge.add_argument(
+        "--control-url", default=os.environ.get("KAKUREMICHI_CONTROL_URL"),
+        help="control's URL, http(s)://HOST[:PORT] (or KAKUREMICHI_CONTROL_URL)",
+    )  # fmt: skip
+    keys = edge.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", help="the API key (or --api-key-file, KAKUREMICHI_API_KEY)")
+    keys.add_argument("--api-key-file", type=Path, metavar="PATH", help="read the API key here")
+    edge.add_argument(
+        "--private-key-file", type=Path, metavar="PATH",
+        help="WireGuard private key (default: the one control sends over TLS or loopback)",
+    )  # fmt: skip
+    edge.add_argument(
+        "--ca-file", type=Path, metavar="PATH",
+        help="CA bundle to trust for an https control URL (besides the system's)",
+    )  # fmt: skip
+    edge.add_argument(
+        "--wireguard-interface", metavar="NAME",
+        help=f"WireGuard interface name (default: km{role}0)",
+    )  # fmt: skip
+    edge.add_argument(
+        "--wireguard-mode", choices=["auto", "kernel", "userspace"], default="auto",
+        help="kernel WireGuard, wireguard-go, or the kernel when it has WireGuard (default)",
+    )  # fmt: skip
+    edge.add_argument(
+        "--metrics-listen", default=f"127.0.0.1:{metrics_port}", metavar="HOST:PORT",
+        help=f"/metrics and /healthz (default 127.0.0.1:{metrics_port}; empty disables)",
+    )  # fmt: skip
+    if role == "gateway":
+        edge.add_argument(
+            "--node-name", metavar="NODE",
+            help="in-cluster pods: the node, presented with the Gateway pool's key",
+        )  # fmt: skip
+        edge.add_argument(
+            "--listen-address", metavar="ADDRESS", help="bind HTTP/HTTPS here (default: all)"
+        )
+        for port in ("http", "https", "wireguard"):
+            edge.add_argument(
+                f"--{port}-port", type=int, metavar="PORT",
+                help=f"override the Gateway's {port} port",
+            )  # fmt: skip
+    edge.add_argument("-v", "--verbose", action="store_true")
+    edge.set_defaults(handler=_cmd_edge)
+
+
 def _cmd_agent_command(args: argparse.Namespace) -> int:
     """Print the one-liner that installs an Agent on a host outside the cluster."""
     from kubernetes import client
@@ -267,6 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument("--liveness", metavar="URL", help="e.g. http://0.0.0.0:8080/healthz")
     operator.add_argument("-v", "--verbose", action="store_true")
     operator.set_defaults(handler=_cmd_operator)
+
+    _add_edge_parser(
+        commands, "gateway", "run a gateway: TLS by SNI, ACME answers, forwarding", 9470
+    )
+    _add_edge_parser(commands, "agent", "run an agent: relay tunnels to their targets", 9471)
 
     agent_command = commands.add_parser(
         "agent-command", help="print the one-line installer command for an Agent"

@@ -26,6 +26,9 @@ CLOSE_UNAUTHORIZED = 4401
 CLOSE_BAD_REQUEST = 4400
 CLOSE_REPLACED = 4409
 CLOSE_TIMEOUT = 4408
+# How often an edge says it is alive, unless control's config says otherwise (control sets it
+# to a third of its heartbeat timeout).
+DEFAULT_HEARTBEAT_SECONDS = 10.0
 
 WireGuardMode = Literal["kernel", "userspace"]
 ApiKey = Annotated[str, Field(min_length=1, max_length=128)]
@@ -34,6 +37,7 @@ IPv4Text = Annotated[str, Field(max_length=15)]
 CidrText = Annotated[str, Field(max_length=18)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 ConfigVersion = Annotated[int, Field(ge=0)]
+HeartbeatSeconds = Annotated[float, Field(gt=0, le=3600)]
 
 
 # --- What an edge sends ------------------------------------------------------------------------
@@ -134,6 +138,7 @@ class AgentTunnel(CamelModel):
 
 class AgentConfig(CamelModel):
     version: ConfigVersion
+    heartbeat_seconds: HeartbeatSeconds = DEFAULT_HEARTBEAT_SECONDS
     agent: AgentSelf
     gateways: list[GatewayPeer] = Field(default_factory=list)
     tunnels: list[AgentTunnel] = Field(default_factory=list)
@@ -197,6 +202,7 @@ class AcmeChallenge(CamelModel):
 
 class GatewayConfig(CamelModel):
     version: ConfigVersion
+    heartbeat_seconds: HeartbeatSeconds = DEFAULT_HEARTBEAT_SECONDS
     gateway: GatewaySelf
     agents: list[AgentPeer] = Field(default_factory=list)
     tunnels: list[GatewayTunnel] = Field(default_factory=list)
@@ -251,3 +257,40 @@ gateway_inbound: TypeAdapter[GatewayInbound] = TypeAdapter(GatewayInbound)
 def encode(message: CamelModel) -> str:
     """One frame: JSON with camelCase names, unset optional values left out."""
     return message.model_dump_json(by_alias=True, exclude_none=True)
+
+
+# --- Between a gateway and an agent, inside WireGuard ------------------------------------------
+
+RELAY_PORT = 8471
+"""The agent accepts the gateways' connections on its virtual IP at this port."""
+RELAY_MAGIC = b"KAKUREMICHI/1 "
+MAX_RELAY_PREAMBLE_BYTES = 300
+
+
+class RelayPreambleError(ValueError):
+    pass
+
+
+def relay_preamble(domain: str) -> bytes:
+    """The line a gateway sends first on each connection to an agent: which tunnel the
+    HTTP/1.1 bytes that follow belong to (a connection carries one tunnel's requests)."""
+    return RELAY_MAGIC + domain.encode("ascii") + b"\r\n"
+
+
+def parse_relay_preamble(buffer: bytes) -> tuple[str, int] | None:
+    """The domain and the preamble's length, or None while the line is incomplete."""
+    end = buffer.find(b"\n", 0, MAX_RELAY_PREAMBLE_BYTES)
+    if end < 0:
+        if len(buffer) >= MAX_RELAY_PREAMBLE_BYTES:
+            raise RelayPreambleError("preamble too long")
+        return None
+    line = buffer[:end].rstrip(b"\r")
+    if not line.startswith(RELAY_MAGIC):
+        raise RelayPreambleError("not a kakuremichi relay connection")
+    try:
+        domain = line[len(RELAY_MAGIC) :].decode("ascii")
+    except UnicodeDecodeError:
+        raise RelayPreambleError("domain is not ASCII") from None
+    if not domain or any(c.isspace() for c in domain):
+        raise RelayPreambleError("malformed domain")
+    return domain.lower(), end + 1

@@ -1,9 +1,10 @@
 """What an edge's WireGuard interface should look like, and how to get there incrementally.
 
 Pure: from a pushed config to an :class:`InterfacePlan` (key, port, addresses, peers), and from
-two plans to the UAPI ``set`` request that turns one into the other without touching peers that
-did not change (so their sessions, and the connections riding them, are never interrupted).
-The same plan drives kernel WireGuard (netlink) and wireguard-go (its UAPI socket).
+two plans to the changes (:func:`plan_changes`) that turn one into the other without touching
+peers that did not change (so their sessions, and the connections riding them, are never
+interrupted). The changes are spelled as a UAPI ``set`` request for wireguard-go
+(:func:`uapi_set`) or as pyroute2 peer dicts for kernel WireGuard (:func:`netlink_peer`).
 """
 
 from __future__ import annotations
@@ -75,28 +76,81 @@ def _hex(key: str) -> str:
     return base64.b64decode(key).hex()
 
 
+@dataclass(frozen=True)
+class PlanChanges:
+    """What differs between two plans; ``None`` and empty mean "leave as it is"."""
+
+    private_key: str | None
+    listen_port: int | None
+    removed: tuple[str, ...]
+    """Public keys of peers to drop."""
+    changed: tuple[Peer, ...]
+    """Peers that are new or differ; each is (re)configured whole."""
+
+
+def plan_changes(target: InterfacePlan, current: InterfacePlan | None = None) -> PlanChanges:
+    """What turns ``current`` (None: a fresh interface) into ``target``; peers equal in both are
+    left out so their sessions go on. Both drivers (UAPI and netlink) apply exactly this."""
+    before = current.peers_by_key if current else {}
+    return PlanChanges(
+        private_key=(
+            target.private_key
+            if current is None or current.private_key != target.private_key
+            else None
+        ),
+        listen_port=(
+            target.listen_port
+            if current is None or current.listen_port != target.listen_port
+            else None
+        ),
+        removed=tuple(sorted(set(before) - set(target.peers_by_key))),
+        changed=tuple(
+            peer for key, peer in sorted(target.peers_by_key.items()) if before.get(key) != peer
+        ),
+    )
+
+
 def uapi_set(target: InterfacePlan, current: InterfacePlan | None = None) -> str:
     """The UAPI ``set`` request turning ``current`` (None: a fresh interface) into ``target``."""
+    changes = plan_changes(target, current)
     lines = ["set=1"]
-    if current is None or current.private_key != target.private_key:
-        lines.append(f"private_key={_hex(target.private_key)}")
-    if target.listen_port is not None and (
-        current is None or current.listen_port != target.listen_port
-    ):
-        lines.append(f"listen_port={target.listen_port}")
-    before = current.peers_by_key if current else {}
-    for key in sorted(set(before) - set(target.peers_by_key)):
+    if changes.private_key is not None:
+        lines.append(f"private_key={_hex(changes.private_key)}")
+    if changes.listen_port is not None:
+        lines.append(f"listen_port={changes.listen_port}")
+    for key in changes.removed:
         lines += [f"public_key={_hex(key)}", "remove=true"]
-    for key, peer in sorted(target.peers_by_key.items()):
-        if before.get(key) == peer:
-            continue  # untouched: its session and traffic go on
-        lines += [f"public_key={_hex(key)}", "replace_allowed_ips=true"]
+    for peer in changes.changed:
+        lines += [f"public_key={_hex(peer.public_key)}", "replace_allowed_ips=true"]
         lines += [f"allowed_ip={ip}" for ip in peer.allowed_ips]
         if peer.endpoint:
             lines.append(f"endpoint={peer.endpoint}")
         if peer.keepalive is not None:
             lines.append(f"persistent_keepalive_interval={peer.keepalive}")
     return "\n".join(lines) + "\n\n"
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    """``"203.0.113.1:51820"`` or ``"[2001:db8::1]:51820"`` as (address, port)."""
+    address, colon, port = endpoint.rpartition(":")
+    if not colon or not address or not port.isdigit():
+        raise ValueError(f"endpoint {endpoint!r} is not address:port")
+    return address.removeprefix("[").removesuffix("]"), int(port)
+
+
+def netlink_peer(peer: Peer) -> dict[str, object]:
+    """The peer as pyroute2's ``WireGuard.set(peer=...)`` takes it, with the same fields (and the
+    same allowed-IP replacement) as the peer's section of :func:`uapi_set`."""
+    fields: dict[str, object] = {
+        "public_key": peer.public_key,
+        "replace_allowed_ips": True,
+        "allowed_ips": list(peer.allowed_ips),
+    }
+    if peer.endpoint:
+        fields["endpoint_addr"], fields["endpoint_port"] = split_endpoint(peer.endpoint)
+    if peer.keepalive is not None:
+        fields["persistent_keepalive"] = peer.keepalive
+    return fields
 
 
 def address_changes(

@@ -16,8 +16,8 @@ import pytest
 from kakuremichi.resources import AGENT
 from tests.infra.binaries import REPO
 from tests.infra.cluster import Cluster
+from tests.infra.fixtures import OperatorProcess
 from tests.infra.objects import Objects, Secrets
-from tests.integration.conftest import OperatorProcess
 
 KAKUREMICHI = str(Path(sys.executable).parent / "kakuremichi")
 

@@ -13,9 +13,9 @@ import pytest
 from kakuremichi.credentials import api_key_role, wireguard_public_key
 from kakuremichi.resources import AGENT
 from tests.infra.cluster import Cluster
+from tests.infra.fixtures import OperatorProcess
 from tests.infra.objects import Objects, Secrets
 from tests.infra.polling import wait_until
-from tests.integration.conftest import OperatorProcess
 
 
 @pytest.fixture

@@ -18,10 +18,10 @@ from kakuremichi import protocol
 from kakuremichi.credentials import generate_api_key
 from kakuremichi.resources import AGENT, TUNNEL
 from tests.infra.cluster import Cluster, unique_name
+from tests.infra.fixtures import OperatorProcess
 from tests.infra.objects import Objects, Secrets
 from tests.infra.polling import wait_until
 from tests.infra.tlsgen import TestCA
-from tests.integration.conftest import OperatorProcess
 
 
 @pytest.fixture

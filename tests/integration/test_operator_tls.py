@@ -14,9 +14,9 @@ import pytest
 from kakuremichi.resources import AGENT, GATEWAY, TUNNEL
 from tests.infra import netns, ports
 from tests.infra.cluster import Cluster, unique_name
+from tests.infra.fixtures import OperatorProcess
 from tests.infra.objects import Objects, Secrets
 from tests.infra.tlsgen import TestCA
-from tests.integration.conftest import OperatorProcess
 
 CLIENT = """
 import asyncio, json, ssl, sys

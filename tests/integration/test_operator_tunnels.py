@@ -13,10 +13,10 @@ from kubernetes import client
 
 from kakuremichi.resources import AGENT, CERTIFICATE, TUNNEL
 from tests.infra.cluster import Cluster, unique_name
+from tests.infra.fixtures import OperatorProcess
 from tests.infra.objects import Objects, Secrets
 from tests.infra.polling import wait_until
 from tests.infra.tlsgen import TestCA
-from tests.integration.conftest import OperatorProcess
 
 
 class World:

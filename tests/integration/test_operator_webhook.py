@@ -13,9 +13,9 @@ from kubernetes.client.exceptions import ApiException
 from kakuremichi.manifests import AGENT_LABEL, SIDECAR_NAME
 from kakuremichi.resources import AGENT
 from tests.infra.cluster import Cluster
+from tests.infra.fixtures import OperatorProcess
 from tests.infra.objects import Objects
 from tests.infra.polling import wait_until
-from tests.integration.conftest import OperatorProcess
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ AGENT_CONFIG: dict[str, Any] = {
     "type": "config",
     "data": {
         "version": 7,
+        "heartbeatSeconds": 10.0,
         "agent": {"id": ID_A, "virtualIp": "10.1.0.100", "subnet": "10.1.0.0/24"},
         "gateways": [
             {"id": ID_B, "publicIp": "1.2.3.4", "wireguardPublicKey": KEY_B,
@@ -33,6 +34,7 @@ GATEWAY_CONFIG: dict[str, Any] = {
     "type": "config",
     "data": {
         "version": 3,
+        "heartbeatSeconds": 10.0,
         "gateway": {"id": ID_B, "publicIp": "1.2.3.4", "index": 1},
         "agents": [
             {"id": ID_A, "virtualIp": "10.1.0.100", "subnet": "10.1.0.0/24",

@@ -301,6 +301,8 @@ class ControlChannel:
             rendered = edge_config.gateway_config(
                 topology, identity.id, 0, private_key, with_certificates=secure
             )
+        # Edges beat three times per timeout, so one lost beat never marks them offline.
+        rendered.heartbeat_seconds = self.context.settings.heartbeat_timeout / 3
         comparable = rendered.model_dump(exclude={"version"})
         if comparable == session.sent:
             return

@@ -1,0 +1,228 @@
+"""The agent's data path: connections from gateways (inside WireGuard) to the tunnels' targets.
+
+Each gateway connection starts with a one-line preamble naming its tunnel
+(:func:`kakuremichi.protocol.relay_preamble`); the agent looks the tunnel up in its own config and
+connects to that tunnel's target, and to nothing else: a name it does not serve gets 404, a target
+that refuses or does not answer gets 502. After that, bytes are spliced both ways with
+backpressure and half-closes passed on; the gateway has already done the HTTP work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Mapping
+from typing import cast
+
+from kakuremichi.edge.pages import error_response
+from kakuremichi.edge.stats import EdgeStats
+from kakuremichi.protocol import RelayPreambleError, parse_relay_preamble
+
+TARGET_CONNECT_TIMEOUT = 5.0
+PREAMBLE_TIMEOUT = 10.0
+RESOLVE_TTL_SECONDS = 30.0
+log = logging.getLogger(__name__)
+
+
+def split_target(target: str) -> tuple[str, int]:
+    host, _, port = target.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class TargetResolver:
+    """Target host names resolved off the loop and cached briefly (``localhost`` on every
+    connection would otherwise cost a getaddrinfo in a thread)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[float, str]] = {}
+
+    async def resolve(self, host: str) -> str:
+        try:
+            ipaddress.ip_address(host)
+            return host
+        except ValueError:
+            pass
+        cached = self._cache.get(host)
+        now = time.monotonic()
+        if cached is not None and now - cached[0] < RESOLVE_TTL_SECONDS:
+            return cached[1]
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, None, type=socket.SOCK_STREAM, family=socket.AF_UNSPEC
+        )
+        address = str(infos[0][4][0])
+        self._cache[host] = (now, address)
+        return address
+
+
+class AgentRelay:
+    """Domain → target of this agent's enabled tunnels, and the open relays."""
+
+    def __init__(self, stats: EdgeStats) -> None:
+        self.stats = stats
+        self.targets: dict[str, str] = {}
+        self.relays: set[GatewayConnection] = set()
+        self.resolver = TargetResolver()
+
+    def set_targets(self, targets: Mapping[str, str]) -> None:
+        """Serve ``targets``; relays of tunnels that were removed, disabled or now point
+        elsewhere are closed, all others go on untouched."""
+        before, self.targets = self.targets, dict(targets)
+        changed = {d for d in before if self.targets.get(d) != before[d]}
+        for relay in list(self.relays):
+            if relay.domain in changed:
+                relay.close()
+
+    def protocol(self) -> GatewayConnection:
+        return GatewayConnection(self)
+
+    def close_all(self) -> None:
+        for relay in list(self.relays):
+            relay.close()
+
+
+class GatewayConnection(asyncio.Protocol):
+    def __init__(self, relay: AgentRelay) -> None:
+        self.relay = relay
+        self.stats = relay.stats
+        self.transport: asyncio.Transport | None = None
+        self.target: TargetConnection | None = None
+        self.domain = ""
+        self.head = bytearray()
+        self.pending: list[bytes] | None = []
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, base)  # uvloop's transports are not subclasses
+        self.transport = transport
+        self.stats.connections_total += 1
+        self.stats.active_connections += 1
+        self.relay.relays.add(self)
+        self.timer = asyncio.get_running_loop().call_later(PREAMBLE_TIMEOUT, self.close)
+
+    def data_received(self, data: bytes) -> None:
+        if self.target is not None and self.target.transport is not None:
+            self.target.transport.write(data)
+            self.stats.received_bytes[self.domain] += len(data)
+            return
+        if self.domain:
+            assert self.pending is not None
+            self.pending.append(data)  # still connecting to the target
+            self.stats.received_bytes[self.domain] += len(data)
+            return
+        self.head += data
+        try:
+            parsed = parse_relay_preamble(bytes(self.head))
+        except RelayPreambleError as error:
+            log.warning("refused a relay connection: %s", error)
+            self.stats.errors["bad_preamble"] += 1
+            self.close()
+            return
+        if parsed is None:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        domain, length = parsed
+        rest = bytes(self.head[length:])
+        self.head = bytearray()
+        target = self.relay.targets.get(domain)
+        if target is None:
+            self.stats.errors["unknown_tunnel"] += 1
+            self.answer(404, f"No tunnel serves {domain} on this agent.")
+            return
+        self.domain = domain
+        assert self.pending is not None
+        if rest:
+            self.pending.append(rest)
+            self.stats.received_bytes[domain] += len(rest)
+        asyncio.get_running_loop().create_task(self.connect(target))
+
+    async def connect(self, target: str) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = split_target(target)
+        connection = TargetConnection(self)
+        try:
+            async with asyncio.timeout(TARGET_CONNECT_TIMEOUT):
+                address = await self.relay.resolver.resolve(host)
+                await loop.create_connection(lambda: connection, address, port)
+        except (OSError, TimeoutError) as error:
+            log.info("target %s of %s unreachable: %s", target, self.domain, error or "timeout")
+            self.stats.errors["target_unreachable"] += 1
+            self.answer(502, f"The service behind {self.domain} is not answering.")
+            return
+        if self.transport is None or self.transport.is_closing():
+            connection.close()
+            return
+        self.target = connection
+        assert connection.transport is not None
+        if self.pending:
+            connection.transport.write(b"".join(self.pending))
+        self.pending = None
+
+    def answer(self, code: int, detail: str) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(error_response(code, detail))
+            self.transport.close()
+
+    def eof_received(self) -> bool | None:
+        return None  # gateways never half-close: a closed upstream is done with the target
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.relay.relays.discard(self)
+        self.stats.active_connections -= 1
+        if self.target is not None:
+            self.target.close()
+
+    def pause_writing(self) -> None:
+        if self.target is not None and self.target.transport is not None:
+            self.target.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.target is not None and self.target.transport is not None:
+            self.target.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class TargetConnection(asyncio.Protocol):
+    def __init__(self, gateway: GatewayConnection) -> None:
+        self.gateway = gateway
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, base)  # uvloop's transports are not subclasses
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        gateway = self.gateway
+        if gateway.transport is not None:
+            gateway.transport.write(data)
+            gateway.stats.sent_bytes[gateway.domain] += len(data)
+
+    def eof_received(self) -> bool | None:
+        transport = self.gateway.transport
+        if transport is not None and transport.can_write_eof() and not transport.is_closing():
+            transport.write_eof()
+            return True
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gateway.close()
+
+    def pause_writing(self) -> None:
+        if self.gateway.transport is not None:
+            self.gateway.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.gateway.transport is not None:
+            self.gateway.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()

@@ -1,0 +1,182 @@
+"""An edge's side of the control channel: authenticate, apply pushed configs, acknowledge,
+beat, report; reconnect with exponential backoff and jitter when the connection drops.
+
+What is being served never depends on this connection: the last applied config keeps serving
+while control is away, and a config equal to the applied one changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import time
+from abc import ABC, abstractmethod
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+from pydantic import TypeAdapter, ValidationError
+
+from kakuremichi import protocol
+from kakuremichi.edge.settings import EdgeSettings
+
+MIN_BACKOFF_SECONDS = 0.5
+MAX_BACKOFF_SECONDS = 30.0
+STABLE_SESSION_SECONDS = 30.0
+log = logging.getLogger(__name__)
+
+
+class ApplyError(RuntimeError):
+    """A config that cannot be applied; the message goes back to control."""
+
+
+class ConfigTarget(ABC):
+    """What the control client drives: an edge that applies configs and reports status."""
+
+    role: str
+    inbound: TypeAdapter[Any]
+
+    @abstractmethod
+    async def apply(self, config: Any) -> None:
+        """Make the edge serve ``config``; raise :class:`ApplyError` and keep the last good one
+        when it cannot."""
+
+    @abstractmethod
+    async def status_report(self) -> protocol.StatusReport: ...
+
+    @abstractmethod
+    def client_info(self) -> protocol.ClientInfo: ...
+
+    def set_connected(self, connected: bool) -> None:  # noqa: B027 - optional hook
+        """Called when the channel comes up or goes down."""
+
+
+def backoff_delay(attempt: int) -> float:
+    """Exponential with full jitter in its upper half: 0.5 s, 1 s, 2 s … up to 30 s."""
+    ceiling = min(MAX_BACKOFF_SECONDS, MIN_BACKOFF_SECONDS * 2**attempt)
+    return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not secrecy
+
+
+class ControlClient:
+    def __init__(self, settings: EdgeSettings, edge: ConfigTarget) -> None:
+        self.settings = settings
+        self.edge = edge
+        self.api_key = settings.api_key.get_secret_value()
+        self.node_name = settings.node_name
+        self.applied_version = -1
+        self.heartbeat_seconds = protocol.DEFAULT_HEARTBEAT_SECONDS
+        self.applied = asyncio.Event()
+        """Set once any config has been applied."""
+
+    def _ssl(self) -> ssl.SSLContext | bool:
+        if not self.settings.control_url.startswith("https://"):
+            return False
+        context = ssl.create_default_context()
+        if self.settings.ca_file is not None:
+            context.load_verify_locations(cafile=str(self.settings.ca_file))
+        return context
+
+    async def run_forever(self) -> None:
+        attempt = 0
+        # A connection attempt that hangs is given up after 10 s and retried.
+        timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            while True:
+                started = time.monotonic()
+                try:
+                    await self._session(http)
+                except (aiohttp.ClientError, OSError, TimeoutError) as error:
+                    log.warning("control channel: %s: %s", type(error).__name__, error)
+                finally:
+                    self.edge.set_connected(False)
+                if time.monotonic() - started > STABLE_SESSION_SECONDS:
+                    attempt = 0
+                delay = backoff_delay(attempt)
+                attempt = min(attempt + 1, 16)
+                log.info("reconnecting to control in %.1fs", delay)
+                await asyncio.sleep(delay)
+
+    async def _session(self, http: aiohttp.ClientSession) -> None:
+        async with http.ws_connect(
+            self.settings.websocket_url,
+            ssl=self._ssl(),
+            timeout=aiohttp.ClientWSTimeout(ws_close=5),
+            autoping=True,
+            max_msg_size=16 << 20,
+        ) as socket:
+            auth = protocol.AuthMessage(
+                api_key=self.api_key, node_name=self.node_name, client=self.edge.client_info()
+            )
+            await socket.send_str(protocol.encode(auth))
+            log.info("connected to control at %s", self.settings.control_url)
+            self.edge.set_connected(True)
+            beats = asyncio.create_task(self._beat(socket))
+            try:
+                async for frame in socket:
+                    if frame.type == aiohttp.WSMsgType.TEXT:
+                        await self._handle(socket, frame.data)
+                    elif frame.type == aiohttp.WSMsgType.ERROR:
+                        break
+            finally:
+                beats.cancel()
+                await asyncio.gather(beats, return_exceptions=True)
+            code = socket.close_code
+            if code == protocol.CLOSE_UNAUTHORIZED:
+                log.error("control refused this edge's API key (close code %s)", code)
+            elif code is not None:
+                log.warning("control closed the channel (code %s)", code)
+
+    async def _handle(self, socket: aiohttp.ClientWebSocketResponse, text: str) -> None:
+        try:
+            message = self.edge.inbound.validate_json(text)
+        except ValidationError as error:
+            log.warning("ignored a frame from control: %s", error.errors()[:3])
+            return
+        if isinstance(message, protocol.IdentityMessage):
+            # This node's own key: reconnections present it instead of the pool's.
+            log.info("control admitted this node as %s", message.data.name)
+            self.api_key, self.node_name = message.data.api_key, None
+        elif isinstance(message, protocol.ErrorMessage):
+            log.error("control: %s: %s", message.code, message.message)
+        elif isinstance(message, protocol.AgentConfigMessage | protocol.GatewayConfigMessage):
+            await self._apply(socket, message.data)
+
+    async def _apply(self, socket: aiohttp.ClientWebSocketResponse, config: Any) -> None:
+        version = int(config.version)
+        if version <= self.applied_version:
+            ack = protocol.AckMessage(version=self.applied_version)
+        else:
+            try:
+                await self.edge.apply(config)
+            except ApplyError as error:
+                log.error("config %d not applied: %s", version, error)
+                ack = protocol.AckMessage(version=version, ok=False, error=str(error)[:4096])
+            else:
+                self.applied_version = version
+                self.heartbeat_seconds = float(config.heartbeat_seconds)
+                self.applied.set()
+                ack = protocol.AckMessage(version=version)
+        await socket.send_str(protocol.encode(ack))
+        await self._report(socket)
+
+    async def _report(self, socket: aiohttp.ClientWebSocketResponse) -> None:
+        report = await self.edge.status_report()
+        await socket.send_str(protocol.encode(protocol.StatusMessage(data=report)))
+
+    async def _beat(self, socket: aiohttp.ClientWebSocketResponse) -> None:
+        last_report = last_beat = time.monotonic()
+        while not socket.closed:
+            # Short naps: the interval control asks for may be shorter than the default.
+            await asyncio.sleep(min(1.0, self.heartbeat_seconds))
+            if time.monotonic() - last_beat < self.heartbeat_seconds:
+                continue
+            last_beat = time.monotonic()
+            with contextlib.suppress(ConnectionError, aiohttp.ClientError):
+                beat = protocol.HeartbeatMessage(sent_at=datetime.now(UTC))
+                await socket.send_str(protocol.encode(beat))
+                if time.monotonic() - last_report >= self.settings.status_interval:
+                    last_report = time.monotonic()
+                    await self._report(socket)

@@ -1,0 +1,41 @@
+"""The gateway's plain-HTTP port: ACME HTTP-01 answers, and a 308 to HTTPS for everything else."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from aiohttp import web
+
+from kakuremichi.edge.https_proxy import host_name
+from kakuremichi.protocol import AcmeChallenge
+
+CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
+
+
+class PlainHttp:
+    def __init__(self, served: Callable[[str], bool], https_port: Callable[[], int]) -> None:
+        self._served = served
+        self._https_port = https_port
+        self._challenges: dict[str, str] = {}
+
+    def set_challenges(self, challenges: Iterable[AcmeChallenge]) -> None:
+        self._challenges = {c.token: c.key_authorization for c in challenges}
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        if path.startswith(CHALLENGE_PREFIX):
+            answer = self._challenges.get(path[len(CHALLENGE_PREFIX) :])
+            if answer is None:
+                raise web.HTTPNotFound(text="unknown ACME challenge token\n")
+            return web.Response(text=answer, content_type="application/octet-stream")
+        name = host_name(request.host.encode("ascii", "replace"))
+        if not self._served(name):
+            raise web.HTTPNotFound(text=f"no tunnel serves {name or 'this name'} here\n")
+        port = self._https_port()
+        authority = name if port == 443 else f"{name}:{port}"
+        raise web.HTTPPermanentRedirect(f"https://{authority}{request.path_qs}")

@@ -1,0 +1,589 @@
+"""The gateway's HTTPS data path: TLS in, HTTP/1.1 over WireGuard to the owning agent.
+
+Built for throughput (see issue 8): asyncio Protocols, no stream wrappers. Each client connection
+is bound to one upstream connection to the agent for as long as it has requests in flight, and
+idle upstream connections are kept per tunnel and reused. Only request heads are rebuilt (to set
+``X-Forwarded-*``, parsed by httptools in C); bodies are passed on as they arrive. Responses are
+passed through untouched: the response parser only watches them, to count status codes and to
+know when an upstream connection is idle again. After an ``Upgrade`` (WebSocket) both directions
+are spliced raw. Backpressure is end to end: a slow reader pauses the other side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import time
+from asyncio import Server
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import cast
+
+import httptools
+
+from kakuremichi.edge.pages import error_response
+from kakuremichi.edge.stats import EdgeStats
+from kakuremichi.protocol import RELAY_PORT, relay_preamble
+
+UPSTREAM_CONNECT_TIMEOUT = 5.0
+"""An agent that does not accept within this gets the client a 502."""
+AGENT_SILENCE_MS = 5000
+"""Data to an agent unacknowledged this long: the connection is dead (TCP_USER_TIMEOUT)."""
+RESPONSE_TIMEOUT = 120.0
+"""No byte of a response this long after the request: 504."""
+CLIENT_IDLE_TIMEOUT = 75.0
+RAW_IDLE_TIMEOUT = 3600.0
+"""Upgraded (WebSocket) connections with no traffic either way this long are closed."""
+POOL_IDLE_TIMEOUT = 15.0
+"""Idle upstream connections are dropped before typical origin keep-alive timeouts hit them."""
+MAX_IDLE_PER_TUNNEL = 256
+MAX_HEAD_BYTES = 64 * 1024
+CONNECTING_BUFFER_BYTES = 256 * 1024
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS"))
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    domain: str
+    agent_ip: str
+    enabled: bool = True
+
+
+@dataclass(slots=True)
+class Pending:
+    """A request sent upstream and not yet answered."""
+
+    sent_at: float
+    is_head: bool
+    replay: bytes | None
+    """The whole request, when it may be sent again on a fresh connection (idempotent, no
+    body) should a reused upstream connection turn out to be closed."""
+
+
+def host_name(host: bytes) -> str:
+    """The name in a Host header, without a port, lower-cased."""
+    name, _, port = host.rpartition(b":")
+    if not name or not port.isdigit():
+        name = host
+    return name.decode("ascii", "replace").strip().rstrip(".").lower()
+
+
+class HttpsProxy:
+    """Routes, the idle upstream pool, and every open connection of one gateway."""
+
+    def __init__(self, stats: EdgeStats, relay_port: int = RELAY_PORT) -> None:
+        self.stats = stats
+        self.relay_port = relay_port
+        self.routes: dict[str, Route] = {}
+        self.idle: dict[tuple[str, str], list[Upstream]] = {}
+        self.clients: set[ClientConnection] = set()
+
+    def set_routes(self, routes: Mapping[str, Route]) -> None:
+        """Serve ``routes`` from the next request on; idle upstream connections toward a
+        place a tunnel no longer goes are closed, all others are left alone."""
+        self.routes = dict(routes)
+        for key, idle in list(self.idle.items()):
+            route = self.routes.get(key[1])
+            if route is None or not route.enabled or route.agent_ip != key[0]:
+                del self.idle[key]
+                for upstream in idle:
+                    upstream.close()
+
+    def protocol(self) -> ClientConnection:
+        return ClientConnection(self)
+
+    def acquire(self, route: Route, client: ClientConnection) -> Upstream:
+        key = (route.agent_ip, route.domain)
+        idle = self.idle.get(key)
+        while idle:
+            upstream = idle.pop()
+            if not upstream.closed:
+                upstream.client = client
+                upstream.reused = True
+                return upstream
+        upstream = Upstream(self, key, client)
+        asyncio.get_running_loop().create_task(upstream.connect())
+        return upstream
+
+    def release(self, upstream: Upstream) -> None:
+        upstream.client = None
+        idle = self.idle.setdefault(upstream.key, [])
+        if upstream.closed or not upstream.reusable or len(idle) >= MAX_IDLE_PER_TUNNEL:
+            upstream.close()
+            return
+        route = self.routes.get(upstream.key[1])
+        if route is None or not route.enabled or route.agent_ip != upstream.key[0]:
+            upstream.close()
+            return
+        upstream.idle_since = time.monotonic()
+        idle.append(upstream)
+
+    def forget(self, upstream: Upstream) -> None:
+        idle = self.idle.get(upstream.key)
+        if idle and upstream in idle:
+            idle.remove(upstream)
+
+    async def sweep_forever(self, every: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(every)
+            self.sweep(time.monotonic())
+
+    def sweep(self, now: float) -> None:
+        """Close what has been idle too long; answer 504 for responses that never start."""
+        for client in list(self.clients):
+            client.check_timeouts(now)
+        for idle in self.idle.values():
+            for upstream in [u for u in idle if now - u.idle_since > POOL_IDLE_TIMEOUT]:
+                upstream.close()
+
+    def close_all(self) -> None:
+        for client in list(self.clients):
+            client.close()
+        for idle in self.idle.values():
+            for upstream in idle:
+                upstream.close()
+        self.idle.clear()
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client's TLS connection (the handshake is done when this is created)."""
+
+    def __init__(self, proxy: HttpsProxy) -> None:
+        self.proxy = proxy
+        self.stats = proxy.stats
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.domain = ""
+        """The name the client asked for in SNI; every request must be for it."""
+        self.client_ip = b""
+        self.upstream: Upstream | None = None
+        self.raw = False
+        self.stopped = False
+        self.keep_alive = True
+        self.deferred: bytes | None = None
+        self.last_active = time.monotonic()
+        # the request being read
+        self.url = b""
+        self.headers: list[bytes] = []
+        self.host = b""
+        self.head_bytes = 0
+        self.chunked = False
+        self.forwarding = False
+        self.has_body = False
+
+    # --- transport callbacks ---------------------------------------------------------------
+
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, base)  # uvloop's transports are not subclasses
+        self.transport = transport
+        tls = transport.get_extra_info("ssl_object")
+        self.domain = getattr(tls.context, "domain", "") if tls is not None else ""
+        peer = transport.get_extra_info("peername")
+        self.client_ip = str(peer[0]).encode() if peer else b""
+        self.stats.connections_total += 1
+        self.stats.active_connections += 1
+        self.proxy.clients.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        self.stats.received_bytes[self.domain] += len(data)
+        if self.raw:
+            if self.upstream is not None:
+                self.upstream.send(data)
+            return
+        if self.stopped:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            if self.stopped or self.upstream is None:
+                return
+            self.raw = True  # WebSocket (or another upgrade): both ways are bytes from here
+            self.upstream.reusable = False
+            offset = int(upgrade.args[0])
+            if offset < len(data):
+                self.upstream.send(data[offset:])
+        except httptools.HttpParserCallbackError:
+            log.exception("request handling failed")
+            self.fail(500, "The gateway failed to handle this request.")
+        except httptools.HttpParserError:
+            self.fail(400, "The request is not valid HTTP/1.1.")
+
+    def eof_received(self) -> bool | None:
+        return None  # TLS: close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.proxy.clients.discard(self)
+        self.stats.active_connections -= 1
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.client_gone()
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.resume_reading()
+
+    # --- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.host = b""
+        self.head_bytes = 0
+        self.chunked = False
+        self.has_body = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.head_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value)
+        lower = name.lower()
+        if lower == b"host":
+            self.host = value
+        elif lower.startswith(b"x-forwarded-"):
+            return  # ours to set: a client must not choose the address the origin sees
+        elif lower == b"transfer-encoding":
+            self.chunked = b"chunked" in value.lower()
+            self.has_body = True
+        elif lower == b"content-length":
+            self.has_body = value.strip() not in (b"0", b"")
+        self.headers.append(name + b": " + value + b"\r\n")
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        if self.head_bytes > MAX_HEAD_BYTES:
+            self.fail(431, "The request head is too large.")
+            return
+        method = parser.get_method()
+        if method == b"CONNECT":
+            self.fail(405, "CONNECT is not supported.")
+            return
+        name = host_name(self.host) or self.domain
+        route = self.proxy.routes.get(name)
+        if route is None or not route.enabled:
+            self.fail(404, f"No tunnel serves {name or 'this name'} here.")
+            return
+        if name != self.domain:
+            self.fail(421, f"This connection is for {self.domain}, not {name}.")
+            return
+        self.keep_alive = parser.should_keep_alive()
+        upstream = self.upstream
+        if upstream is not None and (upstream.closed or upstream.key[0] != route.agent_ip):
+            self.upstream = None
+            upstream.client_gone()
+            upstream = None
+        if upstream is None:
+            upstream = self.upstream = self.proxy.acquire(route, self)
+        head = b"".join((
+            method, b" ", self.url, b" HTTP/", parser.get_http_version().encode(), b"\r\n",
+            *self.headers,
+            b"X-Forwarded-For: ", self.client_ip,
+            b"\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: ", self.host or name.encode(),
+            b"\r\n\r\n",
+        ))  # fmt: skip
+        replay = head if method in IDEMPOTENT and not self.has_body else None
+        upstream.send_request(head, method == b"HEAD", replay)
+        self.forwarding = True
+
+    def on_body(self, body: bytes) -> None:
+        if self.forwarding and self.upstream is not None:
+            if self.chunked:
+                self.upstream.send(b"%x\r\n%b\r\n" % (len(body), body))
+            else:
+                self.upstream.send(body)
+
+    def on_message_complete(self) -> None:
+        if self.forwarding and self.chunked and self.upstream is not None:
+            self.upstream.send(b"0\r\n\r\n")
+        self.forwarding = False
+
+    # --- our own ---------------------------------------------------------------------------
+
+    def fail(self, code: int, detail: str) -> None:
+        """Answer this request ourselves and close, after any responses still in flight."""
+        self.stopped = True
+        self.stats.requests[(self.domain, code)] += 1
+        response = error_response(code, detail)
+        if self.upstream is not None and self.upstream.pending:
+            self.deferred = response
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
+        self.finish(response)
+
+    def finish(self, response: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(response)
+            self.transport.close()
+
+    def upstream_idle(self) -> None:
+        """Every request sent on the upstream connection has its full response."""
+        if self.deferred is not None:
+            self.finish(self.deferred)
+        elif not self.keep_alive and self.transport is not None:
+            self.transport.close()
+
+    def upstream_lost(self, upstream: Upstream, reason: str) -> None:
+        if self.upstream is not upstream:
+            return
+        self.upstream = None
+        if not upstream.pending and not self.raw:
+            if self.deferred is not None:
+                self.finish(self.deferred)
+            elif not self.keep_alive and self.transport is not None:
+                self.transport.close()
+            return
+        if self.raw or upstream.response_started:
+            self.close()
+            return
+        if upstream.reused and all(p.replay is not None for p in upstream.pending):
+            # A kept-alive connection the agent had just closed: nothing was processed, so the
+            # requests go again on a fresh connection.
+            route = self.proxy.routes.get(self.domain)
+            if route is not None and route.enabled:
+                fresh = self.upstream = self.proxy.acquire(route, self)
+                for pending in upstream.pending:
+                    assert pending.replay is not None
+                    fresh.send_request(pending.replay, pending.is_head, None)
+                return
+        self.stats.errors[reason] += 1
+        self.stats.requests[(self.domain, 502)] += 1
+        self.finish(error_response(502, f"The service behind {self.domain} is unreachable."))
+
+    def check_timeouts(self, now: float) -> None:
+        upstream = self.upstream
+        if self.raw:
+            if now - self.last_active > RAW_IDLE_TIMEOUT:
+                self.close()
+        elif upstream is not None and upstream.pending:
+            if not upstream.response_started and now - upstream.pending[0].sent_at > (
+                RESPONSE_TIMEOUT
+            ):
+                self.stats.errors["response_timeout"] += 1
+                self.stats.requests[(self.domain, 504)] += 1
+                self.upstream = None
+                upstream.close()
+                self.finish(error_response(504, f"{self.domain} did not answer in time."))
+        elif now - self.last_active > CLIENT_IDLE_TIMEOUT:
+            self.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Upstream(asyncio.Protocol):
+    """A connection to an agent for one tunnel: HTTP/1.1 after a one-line preamble."""
+
+    def __init__(self, proxy: HttpsProxy, key: tuple[str, str], client: ClientConnection) -> None:
+        self.proxy = proxy
+        self.key = key
+        self.domain = key[1]
+        self.client: ClientConnection | None = client
+        self.transport: asyncio.Transport | None = None
+        self.buffer: list[bytes] | None = [relay_preamble(self.domain)]
+        self.buffered = 0
+        self.pending: deque[Pending] = deque()
+        self.parser = httptools.HttpResponseParser(self)
+        self.status = 0
+        self.head_wait: bytearray | None = None
+        self.untracked = False
+        self.response_started = False
+        self.reusable = True
+        self.reused = False
+        self.closed = False
+        self.idle_since = 0.0
+
+    async def connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(UPSTREAM_CONNECT_TIMEOUT):
+                await loop.create_connection(lambda: self, self.key[0], self.proxy.relay_port)
+        except (OSError, TimeoutError) as error:
+            log.info(
+                "agent %s for %s unreachable: %s", self.key[0], self.domain, error or "timeout"
+            )
+            self._lost("agent_unreachable")
+
+    def send_request(self, head: bytes, is_head: bool, replay: bytes | None) -> None:
+        if is_head:
+            if self.pending or self.untracked:
+                self.untracked = True  # pipelined HEAD: stop watching, never reuse
+                self.reusable = False
+            else:
+                self.head_wait = bytearray()  # the parser cannot be told a HEAD has no body
+        self.pending.append(Pending(time.monotonic(), is_head, replay))
+        self.send(head)
+
+    def send(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+            return
+        if self.buffer is None:
+            return  # closed
+        self.buffer.append(data)
+        self.buffered += len(data)
+        if self.buffered > CONNECTING_BUFFER_BYTES and self.client and self.client.transport:
+            self.client.transport.pause_reading()
+
+    def client_gone(self) -> None:
+        if self.pending or not self.reusable or self.transport is None:
+            self.close()
+        else:
+            self.proxy.release(self)
+
+    def close(self) -> None:
+        self.closed = True
+        self.client = None
+        if self.transport is not None:
+            self.transport.close()
+        self.buffer = None
+
+    # --- transport callbacks ---------------------------------------------------------------
+
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, base)  # uvloop's transports are not subclasses
+        if self.closed:
+            transport.close()
+            return
+        self.transport = transport
+        _fail_fast(transport)
+        if self.buffer:
+            transport.write(b"".join(self.buffer))
+        self.buffer = None
+        if self.buffered > CONNECTING_BUFFER_BYTES and self.client and self.client.transport:
+            self.client.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        if client is None or client.transport is None:
+            self.close()  # nothing may arrive on an idle connection
+            return
+        client.transport.write(data)
+        client.last_active = time.monotonic()
+        self.proxy.stats.sent_bytes[self.domain] += len(data)
+        self.response_started = True
+        if not self.untracked:
+            self._watch(data)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if isinstance(exc, TimeoutError):
+            # The agent stopped acknowledging (it is gone): answer now, do not retry.
+            self.reused = False
+            self._lost("agent_timeout")
+        else:
+            self._lost("agent_closed")
+
+    def pause_writing(self) -> None:
+        if self.client is not None and self.client.transport is not None:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client is not None and self.client.transport is not None:
+            self.client.transport.resume_reading()
+
+    def _lost(self, reason: str) -> None:
+        self.closed = True
+        self.buffer = None
+        self.proxy.forget(self)
+        client, self.client = self.client, None
+        if client is not None:
+            client.upstream_lost(self, reason)
+
+    # --- watching responses ----------------------------------------------------------------
+
+    def _watch(self, data: bytes) -> None:
+        if self.head_wait is not None:
+            self._watch_head_response(data)
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.untracked = True  # 101 Switching Protocols: raw from here
+            self.reusable = False
+        except httptools.HttpParserError:
+            self.untracked = True
+            self.reusable = False
+
+    def _watch_head_response(self, data: bytes) -> None:
+        assert self.head_wait is not None
+        self.head_wait += data
+        end = self.head_wait.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.head_wait) > MAX_HEAD_BYTES:
+                self.head_wait, self.untracked, self.reusable = None, True, False
+            return
+        head, rest = bytes(self.head_wait[:end]), bytes(self.head_wait[end + 4 :])
+        code = head[9:12]
+        if not head.startswith(b"HTTP/1.") or not code.isdigit():
+            self.head_wait, self.untracked, self.reusable = None, True, False
+            return
+        if int(code) < 200:  # an interim response; the real one follows
+            self.head_wait = bytearray()
+            if rest:
+                self._watch_head_response(rest)
+            return
+        self.head_wait = None
+        self.parser = httptools.HttpResponseParser(self)
+        if b"\r\nconnection: close" in head.lower():
+            self.reusable = False
+        self._answered(int(code))
+        if rest and not self.untracked:
+            self._watch(rest)
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+
+    def on_message_complete(self) -> None:
+        if self.status < 200 and self.status != 101:
+            return  # 100 Continue and friends
+        if not self.parser.should_keep_alive():
+            self.reusable = False
+        self._answered(self.status)
+
+    def _answered(self, status: int) -> None:
+        if not self.pending:
+            self.untracked, self.reusable = True, False  # a response nobody asked for
+            return
+        self.pending.popleft()
+        self.proxy.stats.requests[(self.domain, status)] += 1
+        self.response_started = False
+        if not self.pending and self.client is not None:
+            self.client.upstream_idle()
+
+
+def _fail_fast(transport: asyncio.Transport) -> None:
+    """An agent that vanishes (killed, its WireGuard gone) sends no reset: notice within
+    seconds, for requests in flight (unacknowledged data) and for idle pooled connections."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, AGENT_SILENCE_MS)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 5)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 2)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 2)
+    except (OSError, AttributeError):  # not Linux: the response timeout still bounds it
+        pass
+
+
+async def serve(proxy: HttpsProxy, front: ssl.SSLContext, host: str | None, port: int) -> Server:
+    """Listen for TLS on ``host:port``; ``front`` picks each connection's certificate by SNI."""
+    return await asyncio.get_running_loop().create_server(
+        proxy.protocol, host, port, ssl=front, backlog=4096, ssl_handshake_timeout=10.0,
+        reuse_address=True,
+    )  # fmt: skip
