@@ -6,9 +6,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: help deps venv binaries lint typecheck test test-unit test-integration crds \
-	cluster-up cluster-down clean
+	cluster-up cluster-down demo demo-down clean
 
 help:
+	@echo "make demo        (root) install what is needed; a local cluster, the operator, a gateway and"
+	@echo "                 an agent in network namespaces serving a demo tunnel; prints a curl line"
+	@echo "make demo-down   remove everything make demo started (processes, namespaces, cluster, .demo/)"
 	@echo "make test        install what is needed, then lint, type-check and run every test tier"
 	@echo "make test-unit   the fast tier: no root, no network namespaces"
 	@echo "make test-integration  real API server, Pebble, WireGuard, network namespaces (root)"
@@ -59,6 +62,14 @@ cluster-up: binaries
 
 cluster-down:
 	@hack/cluster.sh down
+
+# The README's "run" command: hack/demo.py starts everything (as root), waits for the first HTTPS
+# answer through the gateway and prints the curl command that gets it. Idempotent: it starts over.
+demo: deps binaries $(STAMP)
+	@$(BIN)/python hack/demo.py up
+
+demo-down: $(STAMP)
+	@$(BIN)/python hack/demo.py down
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

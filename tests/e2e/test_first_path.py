@@ -79,7 +79,30 @@ class World:
     gateway: Edge | None = None
     agent: Edge | None = None
     origin: subprocess.Popen[bytes] | None = None
+    ca: TestCA = field(default_factory=TestCA)
+    control_ip: str = ""
+    gateway_args: list[str] = field(default_factory=list)
+    """The DaemonSet container's arguments, credentials already remapped."""
     cleanups: list[Any] = field(default_factory=list)
+
+    def add_node(self, external_ip: str) -> str:
+        """A Node (no kubelet) the gateway pool selects, with its public address."""
+        core = client.CoreV1Api(self.kube.api_client())
+        node = cluster.unique_name("node")
+        labels = {"e2e": self.namespace}
+        core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=node, labels=labels)))
+        self.cleanups.append(lambda: core.delete_node(node))
+        addresses = [{"type": "ExternalIP", "address": external_ip}]
+        core.patch_node_status(node, {"status": {"addresses": addresses}})
+        return node
+
+    def start_gateway(self, host: netns.Host, node: str, *extra: str) -> Edge:
+        """The DaemonSet's pod on ``node``: its command with the node name filled in."""
+        args = [a.replace("$(NODE_NAME)", node) for a in self.gateway_args] + list(extra)
+        log = self.workdir / f"gateway-{node}.log"
+        edge = Edge(host, [KAKUREMICHI, *args], log, {"SSL_CERT_FILE": str(self.ca_file)})
+        edge.start()
+        return edge
 
     @property
     def agents(self) -> Objects:
@@ -148,7 +171,6 @@ def world(
     gateway_host, agent_host, client_host = hosts
     core = client.CoreV1Api(kube.api_client())
     namespace = cluster.unique_name("e2e")
-    node = cluster.unique_name("node")
     made = World(
         kube=kube,
         namespace=namespace,
@@ -165,14 +187,15 @@ def world(
         # The gateway's public side faces the agent (WireGuard) and the client (HTTPS); both
         # edges reach control in the root namespace over links of their own.
         public_ip, _ = netns.link(gateway_host, agent_host, "192.168.250.0")
-        client_side, client_ip = netns.link(gateway_host, client_host, "192.168.251.0")
+        client_side, _ = netns.link(gateway_host, client_host, "192.168.251.0")
         control_ip, _ = netns.link_root(gateway_host, "192.168.252.0")
         netns.link_root(agent_host, "192.168.253.0")
+        made.control_ip = str(control_ip.ip)
         for host in (gateway_host, agent_host):
-            host.set_hosts({CONTROL_NAME: str(control_ip.ip)})
+            host.set_hosts({CONTROL_NAME: made.control_ip})
         client_host.set_hosts({made.domain: str(client_side.ip)})
 
-        ca = TestCA()
+        ca = made.ca
         made.ca_file.write_text(ca.pem)
         control_cert = ca.issue(CONTROL_NAME, str(control_ip.ip))
         (workdir / "control.crt").write_text(control_cert.certificate_pem)
@@ -199,13 +222,7 @@ def world(
         edge_env = {"SSL_CERT_FILE": str(made.ca_file)}
 
         # A node (no kubelet) whose public address faces the agent; an InCluster pool on it.
-        core.create_node(
-            client.V1Node(metadata=client.V1ObjectMeta(name=node, labels={"e2e": namespace}))
-        )
-        made.cleanups.append(lambda: core.delete_node(node))
-        core.patch_node_status(
-            node, {"status": {"addresses": [{"type": "ExternalIP", "address": str(public_ip.ip)}]}}
-        )
+        node = made.add_node(str(public_ip.ip))
         gateways = Objects(kube, namespace, GATEWAY)
         gateways.create(
             made.gateway_name, {"mode": "InCluster", "nodeSelector": {"e2e": namespace}}
@@ -221,11 +238,8 @@ def world(
         (secret_volume,) = [v for v in pod_spec.volumes if v.secret]
         pool = Secrets(kube, namespace).read(secret_volume.secret.secret_name) or {}
         folder = credentials_folder({"apiKey": pool["apiKey"]}, workdir / "gateway-credentials")
-        gateway_args = mounted(container.args, folder, {"NODE_NAME": node})
-        made.gateway = Edge(
-            gateway_host, [KAKUREMICHI, *gateway_args], workdir / "gateway.log", edge_env
-        )
-        made.gateway.start()
+        made.gateway_args = mounted(container.args, folder, {})
+        made.gateway = made.start_gateway(gateway_host, node)
 
         # The Agent, and the sidecar the webhook injects into a labelled Pod.
         made.agents.create("web")
@@ -260,7 +274,6 @@ def world(
         )  # fmt: skip
         made.tunnels.ready("app")
         wait_until(lambda: made.get("/")[0] == 200, "the first HTTPS response", timeout=60)
-        assert str(client_ip.ip)
         yield made
     except BaseException:
         for edge in (made.gateway, made.agent):
@@ -430,6 +443,77 @@ def test_operator_restart_never_interrupts_traffic(world: World) -> None:
     world.operator.restart()
     out, _ = load.communicate(timeout=60)
     assert out.startswith("['200']"), out
+
+
+HOLD_WEBSOCKET = """
+import asyncio, aiohttp, ssl, sys
+async def main():
+    tls = ssl.create_default_context(cafile=sys.argv[2])
+    async with aiohttp.ClientSession() as s, s.ws_connect(sys.argv[1], ssl=tls) as ws:
+        for word in ("before", "after"):
+            if word == "after":
+                await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+            await ws.send_str(word)
+            print((await ws.receive(timeout=10)).data, flush=True)
+asyncio.run(main())
+"""
+
+
+def test_second_gateway_serves_too_and_changes_never_drop_open_connections(
+    world: World,
+) -> None:
+    """A second node joins the pool: the agent peers with both gateways and either one serves
+    the tunnel. Meanwhile a WebSocket through the first gateway stays open across the new
+    WireGuard peer and a tunnel added and removed beside it."""
+    held = subprocess.Popen(
+        world.client_host.command(sys.executable, "-c", HOLD_WEBSOCKET,
+                                  f"wss://{world.domain}/ws", str(world.ca_file)),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert held.stdout is not None and held.stdin is not None
+    assert held.stdout.readline().strip() == "echo: before"
+    second = netns.Host("gateway2")
+    try:
+        public, _ = netns.link(second, world.agent_host, "192.168.249.0")
+        facing_client, _ = netns.link(second, world.client_host, "192.168.248.0")
+        netns.link_root(second, "192.168.247.0")
+        second.set_hosts({CONTROL_NAME: world.control_ip})
+        node = world.add_node(str(public.ip))
+        # (Nodes have a /var/run each; namespaces here share one, so the second gateway's
+        # wireguard-go needs a socket name of its own.)
+        edge = world.start_gateway(second, node, "--wireguard-interface", "kmgateway1")
+        resolve = f"{world.domain}:443:{facing_client.ip}"
+        wait_until(
+            lambda: world.curl("-o", "/dev/null", "-w", "%{http_code}", "--resolve", resolve,
+                               f"https://{world.domain}/").stdout == "200",
+            "the second gateway to serve the tunnel", timeout=60,
+        )  # fmt: skip
+        extra = f"more.{world.domain}"
+        issued = world.ca.issue(extra)
+        Secrets(world.kube, world.namespace).put_tls(
+            "more-tls", issued.certificate_pem, issued.private_key_pem
+        )
+        tls = {"issuer": "Secret", "secretName": "more-tls"}
+        world.tunnels.create(
+            "more", {"domain": extra, "agent": "web", "target": "localhost:8080", "tls": tls}
+        )
+        world.tunnels.ready("more")
+        wait_until(
+            lambda: world.curl("-o", "/dev/null", "-w", "%{http_code}", "--resolve",
+                               f"{extra}:443:{facing_client.ip}", f"https://{extra}/"
+                               ).stdout == "200",
+            "the added tunnel to serve",
+        )  # fmt: skip
+        world.tunnels.delete("more")
+        assert world.get("/")[0] == 200  # the first gateway still serves
+        held.stdin.write("go\n")
+        held.stdin.flush()
+        assert held.stdout.readline().strip() == "echo: after"
+        assert held.wait(timeout=10) == 0
+        edge.kill()
+    finally:
+        held.kill()
+        second.destroy()
 
 
 def test_gateway_metrics_count_requests_by_tunnel_and_code(world: World) -> None:

@@ -57,6 +57,7 @@ class Host:
     name: str = ""
     addresses: list[IPv4Interface] = field(default_factory=list)
     _processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _root_links: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -110,6 +111,10 @@ class Host:
         for process in self._processes:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=5)
+        # The kernel tears a deleted namespace's veths down later, in the background; a root
+        # end still holding its address then would swallow the next run's replies.
+        for root_end in self._root_links:
+            run("ip", "link", "del", root_end, check=False)
         run("ip", "netns", "del", self.name, check=False)
         with contextlib.suppress(FileNotFoundError):
             for path in (Path("/etc/netns") / self.name).iterdir():
@@ -161,6 +166,11 @@ def link_root(host: Host, subnet: str) -> tuple[IPv4Interface, IPv4Interface]:
     run("ip", "link", "set", host_end, "netns", host.name)
     base = subnet.rsplit(".", 1)[0]
     root_address, host_address = IPv4Interface(f"{base}.1/24"), IPv4Interface(f"{base}.2/24")
+    for line in run("ip", "-o", "-4", "addr", "show", "to", f"{base}.0/24").splitlines():
+        stale = line.split()[1].split("@")[0]
+        if stale.startswith("vr"):  # a root end left by an earlier run
+            run("ip", "link", "del", stale, check=False)
+    host._root_links.append(root_end)
     run("ip", "addr", "add", str(root_address), "dev", root_end)
     run("ip", "link", "set", root_end, "up")
     host.exec("ip", "addr", "add", str(host_address), "dev", host_end)

@@ -227,8 +227,7 @@ class UserspaceWireGuard(_Link):
             raise WireGuardError("wireguard-go is not installed")
         # A wireguard-go left by an edge that was killed still holds the name: take it over.
         await asyncio.to_thread(self._delete_stale_link)
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+        await self._take_socket_path()
         self.process = await asyncio.create_subprocess_exec(
             binary, "-f", self.name, preexec_fn=_die_with_parent
         )
@@ -241,6 +240,23 @@ class UserspaceWireGuard(_Link):
         except TimeoutError:
             raise WireGuardError(f"no UAPI socket at {self.socket_path}") from None
         await asyncio.to_thread(self._link_up)
+
+    async def _take_socket_path(self) -> None:
+        """The UAPI socket's path is per host, not per network namespace: refuse to steal
+        one that still answers, remove one left by a dead process."""
+        if not self.socket_path.exists():
+            return
+        try:
+            _, writer = await asyncio.open_unix_connection(str(self.socket_path))
+        except OSError:
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()
+            return
+        writer.close()
+        raise WireGuardError(
+            f"another wireguard-go already serves {self.socket_path}; "
+            "give this edge another --wireguard-interface"
+        )
 
     async def stop(self) -> None:
         if self.process is not None and self.process.returncode is None:

@@ -1,0 +1,914 @@
+#!/usr/bin/env python3
+"""``make demo``: kakuremichi end to end on one Linux machine, as root, without Docker.
+
+    .venv/bin/python hack/demo.py up|down|status
+
+``up`` builds, in this order (everything it makes is named kmdemo-* or lives in .demo/):
+
+1. a local Kubernetes control plane: ``hack/cluster.sh up`` (etcd, kube-apiserver and
+   kube-controller-manager on loopback, the CRDs installed, kubeconfig in .cluster/kubeconfig);
+2. two network namespaces standing in for two machines, joined by veth links::
+
+     root namespace (you, the      kmdemo-gateway               kmdemo-agent
+     API server, the operator)     (a public node)              (behind NAT, beside the origin)
+     kmdemo-gw 192.168.239.1 ───── to-root 192.168.239.2
+                                   to-agent 192.168.238.1 ───── to-gateway 192.168.238.2
+     kmdemo-ag 192.168.237.1 ────────────────────────────────── to-root 192.168.237.2
+
+3. ``kakuremichi operator`` in the root namespace, its control channel on TLS at
+   https://control.kakuremichi.test:PORT (192.168.239.1, a certificate from the demo CA in
+   .demo/ca.pem; both namespaces resolve the name through /etc/netns/<namespace>/hosts);
+4. a Node (there is no kubelet) whose ExternalIP 192.168.238.1 is the gateway's WireGuard
+   endpoint, and a Gateway pool on it; the gateway runs in kmdemo-gateway with the arguments
+   and the API key of the DaemonSet the operator renders, as the kubelet would run it;
+5. an Agent, and a Pod labelled ``kakuremichi.io/agent: demo`` into which the operator's webhook
+   injects the agent sidecar; the agent runs in kmdemo-agent with the sidecar's arguments and
+   credentials, beside the demo origin (hack/demo_origin.py on 127.0.0.1:8080);
+6. a Tunnel publishing demo.kakuremichi.test with a certificate from the demo CA;
+
+then waits for the first HTTPS answer through the gateway and prints the curl command that gets
+it. ``down`` removes all of it, the cluster included. Both are idempotent: ``up`` on a running
+demo first takes it down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import http.client
+import ipaddress
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from kakuremichi.manifests import (
+    AGENT_LABEL,
+    CREDENTIALS_MOUNT,
+    SIDECAR_NAME,
+    gateway_daemonset_name,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+STATE = REPO / ".demo"
+CLUSTER_DIR = REPO / ".cluster"
+KUBECONFIG = CLUSTER_DIR / "kubeconfig"
+CLUSTER_SCRIPT = REPO / "hack" / "cluster.sh"
+BUILD_SCRIPT = REPO / "hack" / "build-binaries.sh"
+ORIGIN_SCRIPT = REPO / "hack" / "demo_origin.py"
+KAKUREMICHI = Path(sys.executable).parent / "kakuremichi"
+PROCESSES_FILE = STATE / "processes.json"
+
+NAMESPACE = "kakuremichi-demo"  # Kubernetes namespace of the demo's objects
+DOMAIN = "demo.kakuremichi.test"
+CONTROL_NAME = "control.kakuremichi.test"
+NODE = "kmdemo-node"
+NODE_LABEL = "kakuremichi-demo"
+CERT_NAME = "demo-tls"  # the kubernetes.io/tls Secret the Tunnel serves
+
+# Network namespaces, and the root ends of their links (deleting a namespace deletes its links).
+GATEWAY_NS = "kmdemo-gateway"
+AGENT_NS = "kmdemo-agent"
+NETWORK_NAMESPACES = (GATEWAY_NS, AGENT_NS)
+GATEWAY_ROOT_LINK = "kmdemo-gw"
+AGENT_ROOT_LINK = "kmdemo-ag"
+ROOT_LINKS = (GATEWAY_ROOT_LINK, AGENT_ROOT_LINK)
+CONTROL_IP = "192.168.239.1"  # root end of the gateway's link: control listens here
+GATEWAY_IP = "192.168.239.2"  # the gateway, as you reach it from the root namespace
+PUBLIC_IP = "192.168.238.1"  # the gateway facing the agent: the Node's ExternalIP
+AGENT_PUBLIC_IP = "192.168.238.2"
+AGENT_ROOT_IP = "192.168.237.1"
+AGENT_IP = "192.168.237.2"
+SUBNETS = ("192.168.237.0/24", "192.168.238.0/24", "192.168.239.0/24")
+PREFERRED_CONTROL_PORT = 8443
+ORIGIN_PORT = 8080
+# wireguard-go keeps its UAPI socket in /var/run/wireguard/<interface>.sock, one folder for all
+# namespaces: names of our own keep the demo clear of other edges on this machine (the tests').
+WIREGUARD_UAPI_DIR = Path("/var/run/wireguard")
+WIREGUARD_INTERFACES = {"gateway": "kmdemo-wg-gw", "agent": "kmdemo-wg-ag"}
+
+# Started processes, in the order `down` stops them.
+PROCESS_NAMES = ("origin", "agent", "gateway", "operator")
+
+# Debian package of each command the demo runs (`make deps` installs them).
+TOOLS = {
+    "ip": "iproute2",
+    "wireguard-go": "wireguard-go",
+    "curl": "curl",
+    "openssl": "openssl",
+    "setsid": "util-linux",
+}
+
+# --- what a user would apply -----------------------------------------------------------------
+
+NODE_YAML = f"""\
+apiVersion: v1
+kind: Node
+metadata:
+  name: {NODE}
+  labels:
+    {NODE_LABEL}: "true"
+"""
+
+GATEWAY_YAML = f"""\
+apiVersion: kakuremichi.io/v1alpha1
+kind: Gateway
+metadata:
+  name: demo
+spec:
+  mode: InCluster
+  nodeSelector:
+    {NODE_LABEL}: "true"
+"""
+
+AGENT_YAML = f"""\
+apiVersion: kakuremichi.io/v1alpha1
+kind: Agent
+metadata:
+  name: demo
+  namespace: {NAMESPACE}
+spec:
+  displayName: kakuremichi demo
+"""
+
+POD_YAML = f"""\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: demo-origin
+  namespace: {NAMESPACE}
+  labels:
+    {AGENT_LABEL}: demo
+spec:
+  containers:
+  - name: origin
+    image: demo-origin
+"""
+
+TUNNEL_YAML = f"""\
+apiVersion: kakuremichi.io/v1alpha1
+kind: Tunnel
+metadata:
+  name: demo
+  namespace: {NAMESPACE}
+spec:
+  domain: {DOMAIN}
+  agent: demo
+  target: localhost:{ORIGIN_PORT}
+  tls:
+    issuer: Secret
+    secretName: {CERT_NAME}
+"""
+
+T = TypeVar("T")
+
+
+class DemoError(Exception):
+    """A failure to report in a sentence (and maybe a log tail), without a traceback."""
+
+
+# --- pure helpers ------------------------------------------------------------------------------
+
+
+def edge_command(args: Sequence[str], folder: Path, env: Mapping[str, str]) -> list[str]:
+    """A container's arguments as the kubelet would run them with its Secret volume at
+    ``folder``: ``$(VAR)`` references expanded from ``env``, the mount point moved."""
+    out = []
+    for arg in args:
+        for name, value in env.items():
+            arg = arg.replace(f"$({name})", value)
+        if arg == CREDENTIALS_MOUNT or arg.startswith(f"{CREDENTIALS_MOUNT}/"):
+            arg = str(folder) + arg[len(CREDENTIALS_MOUNT) :]
+        out.append(arg)
+    return out
+
+
+def curl_command(ca_file: Path) -> list[str]:
+    """What a user runs to reach the demo: from the root namespace, straight to the gateway."""
+    return [
+        "curl",
+        "--cacert",
+        str(ca_file),
+        "--resolve",
+        f"{DOMAIN}:443:{GATEWAY_IP}",
+        f"https://{DOMAIN}/",
+    ]
+
+
+def hosts_file(entries: Mapping[str, str]) -> str:
+    """/etc/hosts text: ``ip netns exec`` bind-mounts /etc/netns/<ns>/hosts over /etc/hosts."""
+    lines = ["127.0.0.1 localhost"] + [f"{ip} {name}" for name, ip in entries.items()]
+    return "\n".join(lines) + "\n"
+
+
+def secret_volume_name(pod_spec: Mapping[str, Any], mount_path: str, container: str) -> str:
+    """The Secret behind the volume ``container`` mounts at ``mount_path``."""
+    (spec,) = [c for c in pod_spec["containers"] if c["name"] == container]
+    (mount,) = [m for m in spec.get("volumeMounts", []) if m["mountPath"] == mount_path]
+    (volume,) = [v for v in pod_spec["volumes"] if v["name"] == mount["name"]]
+    name: str = volume["secret"]["secretName"]
+    return name
+
+
+# --- commands and processes --------------------------------------------------------------------
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def step(message: str) -> None:
+    say(f"==> {message}")
+
+
+def run(
+    *args: str,
+    check: bool = True,
+    env: Mapping[str, str] | None = None,
+    input_text: str | None = None,
+    timeout: float = 120,
+) -> str:
+    """Run a command; its stdout, or DemoError with its stderr when it fails and ``check``."""
+    try:
+        result = subprocess.run(  # noqa: S603 - our own commands, no shell
+            list(args),
+            input=input_text,
+            capture_output=True,
+            text=True,
+            check=False,
+            env=None if env is None else {**os.environ, **env},
+            timeout=timeout,
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        if check:
+            raise DemoError(f"{shlex.join(args)}: {error}") from None
+        return ""
+    if check and result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip()
+        raise DemoError(f"{shlex.join(args)} failed ({result.returncode}):\n{detail}")
+    return result.stdout
+
+
+def in_namespace(namespace: str, *args: str) -> list[str]:
+    return ["ip", "netns", "exec", namespace, *args]
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks (tells a reused pid apart); None once it is gone
+    or a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    if not fields or fields[0] in ("Z", "X"):
+        return None
+    return fields[19]
+
+
+def _load_processes() -> dict[str, dict[str, Any]]:
+    try:
+        loaded: dict[str, dict[str, Any]] = json.loads(PROCESSES_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded
+
+
+def _alive(entry: Mapping[str, Any]) -> bool:
+    started = _start_time(int(entry["pid"]))
+    return started is not None and started == entry["start"]
+
+
+def spawn(name: str, command: Sequence[str], env: Mapping[str, str] | None = None) -> int:
+    """Start a long-running process detached from this one (its own session, output to
+    .demo/NAME.log), and record its pid for `down`."""
+    log = STATE / f"{name}.log"
+    with log.open("ab") as out:
+        process = subprocess.Popen(  # noqa: S603 - our own commands, no shell
+            list(command),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+    processes = _load_processes()
+    processes[name] = {
+        "pid": process.pid,
+        "start": _start_time(process.pid) or "",
+        "command": list(command),
+    }
+    PROCESSES_FILE.write_text(json.dumps(processes, indent=2) + "\n")
+    return process.pid
+
+
+def log_tail(name: str, lines: int = 25) -> str:
+    try:
+        text = (STATE / f"{name}.log").read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def wait_for(
+    probe: Callable[[], T | None],
+    what: str,
+    timeout: float = 60,
+    watch: Sequence[str] = (),
+    interval: float = 0.2,
+) -> T:
+    """Call ``probe`` until it returns something truthy and return that. Fails after
+    ``timeout``, or as soon as one of the ``watch``ed processes has exited (with its log)."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        try:
+            result = probe()
+        except (DemoError, OSError, ValueError, KeyError) as error:
+            last_error = error
+            result = None
+        if result:
+            return result
+        processes = _load_processes()
+        for name in watch:
+            if name in processes and not _alive(processes[name]):
+                raise DemoError(
+                    f"the {name} exited while waiting for {what}; "
+                    f"the end of .demo/{name}.log:\n{log_tail(name)}"
+                )
+        if time.monotonic() >= deadline:
+            detail = f"\nlast error: {last_error}" if last_error else ""
+            raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
+        time.sleep(interval)
+
+
+# --- Kubernetes --------------------------------------------------------------------------------
+
+
+class Kube:
+    """kubectl against the demo's cluster."""
+
+    def __init__(self) -> None:
+        folder = run(str(BUILD_SCRIPT), "kubectl").strip().splitlines()[-1]
+        self.kubectl_path = Path(folder) / "kubectl"
+
+    def __call__(self, *args: str, input_text: str | None = None, check: bool = True) -> str:
+        return run(
+            str(self.kubectl_path),
+            "--kubeconfig",
+            str(KUBECONFIG),
+            *args,
+            input_text=input_text,
+            check=check,
+        )
+
+    def apply(self, manifest: str) -> None:
+        self("apply", "-f", "-", input_text=manifest)
+
+    def get(self, *args: str) -> dict[str, Any] | None:
+        """An object as JSON, or None when it does not exist (yet)."""
+        out = self("get", *args, "-o", "json", "--ignore-not-found")
+        if not out.strip():
+            return None
+        found: dict[str, Any] = json.loads(out)
+        return found
+
+    def secret(self, name: str) -> dict[str, str]:
+        """A Secret's data, decoded."""
+        found = self.get("secret", name, "-n", NAMESPACE)
+        if found is None:
+            raise DemoError(f"Secret {NAMESPACE}/{name} does not exist")
+        return {k: base64.b64decode(v).decode() for k, v in (found.get("data") or {}).items()}
+
+    def ready(self, kind: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        """The object when its Ready condition is True."""
+        scope = ["-n", namespace] if namespace else []
+        found = self.get(kind, name, *scope)
+        conditions = ((found or {}).get("status") or {}).get("conditions") or []
+        if any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions):
+            return found
+        return None
+
+
+# --- certificates ------------------------------------------------------------------------------
+
+
+class DemoCA:
+    """A throw-away certificate authority: control's serving certificate, the tunnel's."""
+
+    def __init__(self) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kakuremichi demo CA")])
+        now = datetime.now(UTC)
+        usage = x509.KeyUsage(
+            digital_signature=True,
+            key_cert_sign=True,
+            crl_sign=True,
+            content_commitment=False,
+            key_encipherment=False,
+            data_encipherment=False,
+            key_agreement=False,
+            encipher_only=False,
+            decipher_only=False,
+        )
+        self.certificate = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(usage, critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+
+    @property
+    def pem(self) -> str:
+        return self.certificate.public_bytes(serialization.Encoding.PEM).decode()
+
+    def issue(self, *names: str) -> tuple[str, str]:
+        """(certificate, private key) in PEM for DNS names and IP addresses."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        start = datetime.now(UTC) - timedelta(minutes=5)
+        alt_names: list[x509.GeneralName] = []
+        for name in names:
+            try:
+                alt_names.append(x509.IPAddress(ipaddress.ip_address(name)))
+            except ValueError:
+                alt_names.append(x509.DNSName(name))
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(self.certificate.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(start + timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+        return (
+            certificate.public_bytes(serialization.Encoding.PEM).decode(),
+            _key_pem(key),
+        )
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+
+
+def write_private(path: Path, text: str) -> Path:
+    path.touch(mode=0o600)
+    path.write_text(text)
+    return path
+
+
+def credentials_folder(secret: Mapping[str, str], folder: Path) -> Path:
+    """A Secret volume as the kubelet mounts it: one file per key, in a private folder."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for key, value in secret.items():
+        write_private(folder / key, value)
+    return folder
+
+
+# --- the network -------------------------------------------------------------------------------
+
+
+def _namespaces() -> list[str]:
+    listing = run("ip", "netns", "list", check=False)
+    return [line.split()[0] for line in listing.splitlines() if line.strip()]
+
+
+def _link_exists(name: str) -> bool:
+    return bool(run("ip", "-br", "link", "show", "dev", name, check=False).strip())
+
+
+def check_subnets() -> None:
+    """Refuse to start when this machine already uses one of the demo's subnets."""
+    taken = run("ip", "-o", "-4", "addr", "show")
+    for subnet in SUBNETS:
+        network = ipaddress.ip_network(subnet)
+        for line in taken.splitlines():
+            used = ipaddress.ip_interface(line.split()[3])
+            if used.network.overlaps(network):
+                raise DemoError(
+                    f"{subnet} is already in use on this machine ({line.split()[1]}: {used});"
+                    " the demo needs 192.168.237.0/24 to 192.168.239.0/24"
+                )
+
+
+def network_up() -> None:
+    """The two namespaces and the three links of the module's picture."""
+    for namespace in NETWORK_NAMESPACES:
+        run("ip", "netns", "add", namespace)
+        run(*in_namespace(namespace, "ip", "link", "set", "lo", "up"))
+
+    def root_link(namespace: str, root_end: str, root_ip: str, host_ip: str) -> None:
+        run("ip", "link", "add", "to-root", "netns", namespace, "type", "veth",
+            "peer", "name", root_end)  # fmt: skip
+        run("ip", "addr", "add", f"{root_ip}/24", "dev", root_end)
+        run("ip", "link", "set", root_end, "up")
+        run(*in_namespace(namespace, "ip", "addr", "add", f"{host_ip}/24", "dev", "to-root"))
+        run(*in_namespace(namespace, "ip", "link", "set", "to-root", "up"))
+        run(*in_namespace(namespace, "ip", "route", "add", "default", "via", root_ip))
+
+    root_link(GATEWAY_NS, GATEWAY_ROOT_LINK, CONTROL_IP, GATEWAY_IP)
+    root_link(AGENT_NS, AGENT_ROOT_LINK, AGENT_ROOT_IP, AGENT_IP)
+    # The "internet" between the gateway's public address and the agent.
+    run("ip", "link", "add", "to-agent", "netns", GATEWAY_NS, "type", "veth",
+        "peer", "name", "to-gateway", "netns", AGENT_NS)  # fmt: skip
+    for namespace, device, address in (
+        (GATEWAY_NS, "to-agent", PUBLIC_IP),
+        (AGENT_NS, "to-gateway", AGENT_PUBLIC_IP),
+    ):
+        run(*in_namespace(namespace, "ip", "addr", "add", f"{address}/24", "dev", device))
+        run(*in_namespace(namespace, "ip", "link", "set", device, "up"))
+    # Both edges find control by name; the agent reaches 192.168.239.1 through its default
+    # route, since every address of the root namespace is local to it.
+    for namespace in NETWORK_NAMESPACES:
+        folder = Path("/etc/netns") / namespace
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "hosts").write_text(hosts_file({CONTROL_NAME: CONTROL_IP}))
+
+
+def _free_port(host: str, preferred: int = 0) -> int:
+    for port in (preferred, 0) if preferred else (0,):
+        with socket.socket() as probe:
+            # As servers bind: a port left in TIME_WAIT by the previous demo is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            bound: int = probe.getsockname()[1]
+            return bound
+    raise DemoError(f"no free port on {host}")
+
+
+def _kill_namespace_processes(namespace: str, grace: float = 3.0) -> int:
+    """TERM, then KILL, every process in network namespace ``namespace``; how many there were."""
+    seen = 0
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = [int(p) for p in run("ip", "netns", "pids", namespace, check=False).split()]
+        if not pids:
+            break
+        seen = max(seen, len(pids))
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if not run("ip", "netns", "pids", namespace, check=False).split():
+                return seen
+            time.sleep(0.05)
+    return seen
+
+
+# --- up ----------------------------------------------------------------------------------------
+
+
+def preflight() -> None:
+    if sys.platform != "linux":
+        raise DemoError("the demo needs Linux (network namespaces)")
+    if os.geteuid() != 0:
+        raise DemoError(
+            "the demo needs root: it creates network namespaces and veth links "
+            "(run `sudo make demo`)"
+        )
+    missing = sorted({package for tool, package in TOOLS.items() if shutil.which(tool) is None})
+    if missing:
+        raise DemoError(
+            f"missing Debian packages: {' '.join(missing)} (`make deps` installs them: "
+            f"apt-get install {' '.join(missing)})"
+        )
+    if not Path("/dev/net/tun").exists():
+        raise DemoError("/dev/net/tun is missing: wireguard-go needs the tun device")
+    if not KAKUREMICHI.exists():
+        raise DemoError(
+            f"{KAKUREMICHI} is missing: run the demo with the project's venv (make demo)"
+        )
+
+
+def demo_present() -> bool:
+    return (
+        STATE.exists()
+        or any(n in _namespaces() for n in NETWORK_NAMESPACES)
+        or any(_link_exists(link) for link in ROOT_LINKS)
+    )
+
+
+def up() -> None:
+    started = time.monotonic()
+    preflight()
+    if demo_present():
+        step("a demo is already here: taking it down first")
+        down(quiet=True)
+    check_subnets()
+
+    STATE.mkdir(mode=0o700)
+    step("starting the local cluster (hack/cluster.sh up)")
+    run(str(CLUSTER_SCRIPT), "up", env={"KAKUREMICHI_CLUSTER_DIR": str(CLUSTER_DIR)}, timeout=600)
+    kube = Kube()
+
+    step(f"network namespaces {GATEWAY_NS} and {AGENT_NS}")
+    network_up()
+
+    step("a demo CA, control's certificate and the tunnel's")
+    ca = DemoCA()
+    ca_file = STATE / "ca.pem"
+    ca_file.write_text(ca.pem)
+    write_private(STATE / "ca.key", _key_pem(ca.key))
+    cert, key = ca.issue(CONTROL_NAME, CONTROL_IP)
+    (STATE / "control.crt").write_text(cert)
+    write_private(STATE / "control.key", key)
+    cert, key = ca.issue(DOMAIN)
+    (STATE / f"{CERT_NAME}.crt").write_text(cert)
+    write_private(STATE / f"{CERT_NAME}.key", key)
+
+    port = _free_port(CONTROL_IP, PREFERRED_CONTROL_PORT)
+    control_url = f"https://{CONTROL_NAME}:{port}"
+    step(f"the operator, control channel {control_url} ({CONTROL_IP})")
+    kube("create", "namespace", NAMESPACE)
+    spawn(
+        "operator",
+        [str(KAKUREMICHI), "operator",
+         "--db", f"sqlite:///{STATE / 'kakuremichi.db'}",
+         "--namespace", NAMESPACE, "--system-namespace", NAMESPACE,
+         "--control-listen", f"{CONTROL_IP}:{port}", "--control-url", control_url,
+         "--control-tls-cert", str(STATE / "control.crt"),
+         "--control-tls-key", str(STATE / "control.key"),
+         "--webhook-listen", f"127.0.0.1:{_free_port('127.0.0.1')}",
+         "--webhook-cert-dir", str(STATE / "webhook")],
+        env={"KUBECONFIG": str(KUBECONFIG)},
+    )  # fmt: skip
+    wait_for(lambda: _healthy(port, ca_file), "the operator's /healthz", 90, ["operator"])
+    edge_env = {"SSL_CERT_FILE": str(ca_file)}
+
+    step(f"a Node ({NODE}, ExternalIP {PUBLIC_IP}) and the Gateway pool demo on it")
+    kube.apply(NODE_YAML)
+    patch = {"status": {"addresses": [{"type": "ExternalIP", "address": PUBLIC_IP}]}}
+    kube("patch", "node", NODE, "--subresource=status", "--type=merge", "-p", json.dumps(patch))
+    kube.apply(GATEWAY_YAML)
+    daemonset_name = gateway_daemonset_name("demo")
+    daemonset = wait_for(
+        lambda: kube.get("daemonset", daemonset_name, "-n", NAMESPACE),
+        f"the DaemonSet {daemonset_name}",
+        60,
+        ["operator"],
+    )
+    pod_spec = daemonset["spec"]["template"]["spec"]
+    (container,) = pod_spec["containers"]
+    pool = kube.secret(secret_volume_name(pod_spec, CREDENTIALS_MOUNT, container["name"]))
+    folder = credentials_folder({"apiKey": pool["apiKey"]}, STATE / "gateway-credentials")
+    gateway_args = edge_command(container["args"], folder, {"NODE_NAME": NODE})
+    gateway_args += ["--wireguard-interface", WIREGUARD_INTERFACES["gateway"]]
+    spawn("gateway", in_namespace(GATEWAY_NS, str(KAKUREMICHI), *gateway_args), edge_env)
+
+    step("the Agent demo, and a Pod into which the webhook injects its sidecar")
+    kube.apply(AGENT_YAML)
+    wait_for(
+        lambda: kube.ready("agents.kakuremichi.io", "demo", NAMESPACE),
+        "the Agent to be Ready",
+        60,
+        ["operator"],
+    )
+    wait_for(
+        lambda: kube.get("mutatingwebhookconfiguration", "kakuremichi.io"),
+        "the webhook configuration",
+        60,
+        ["operator"],
+    )
+    pod = wait_for(lambda: _create_injected_pod(kube), "the sidecar injection", 60, ["operator"])
+    (sidecar,) = [c for c in pod["spec"]["containers"] if c["name"] == SIDECAR_NAME]
+    credentials = kube.secret(secret_volume_name(pod["spec"], CREDENTIALS_MOUNT, SIDECAR_NAME))
+    folder = credentials_folder(credentials, STATE / "agent-credentials")
+    agent_args = edge_command(sidecar["args"], folder, {})
+    agent_args += ["--wireguard-interface", WIREGUARD_INTERFACES["agent"]]
+    spawn("agent", in_namespace(AGENT_NS, str(KAKUREMICHI), *agent_args), edge_env)
+
+    step(f"the demo origin on 127.0.0.1:{ORIGIN_PORT} beside the agent")
+    spawn(
+        "origin",
+        in_namespace(AGENT_NS, sys.executable, str(ORIGIN_SCRIPT), "127.0.0.1", str(ORIGIN_PORT)),
+    )
+    origin_probe = in_namespace(AGENT_NS, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                "--max-time", "2", f"http://127.0.0.1:{ORIGIN_PORT}/")  # fmt: skip
+    wait_for(lambda: run(*origin_probe, check=False) == "200", "the origin", 30, ["origin"])
+
+    step(f"the Tunnel demo: https://{DOMAIN} -> agent demo -> localhost:{ORIGIN_PORT}")
+    cert_files = [f"--cert={STATE / CERT_NAME}.crt", f"--key={STATE / CERT_NAME}.key"]
+    kube("create", "secret", "tls", CERT_NAME, "-n", NAMESPACE, *cert_files)
+    kube.apply(TUNNEL_YAML)
+    wait_for(
+        lambda: kube.ready("tunnels.kakuremichi.io", "demo", NAMESPACE),
+        "the Tunnel to be Ready",
+        60,
+        ["operator"],
+    )
+
+    step("waiting for the first HTTPS answer through the gateway")
+    watch = ["operator", "gateway", "agent", "origin"]
+    wait_for(lambda: probe_demo(ca_file) == "200", "HTTP 200 through the gateway", 120, watch)
+    summary(kube, time.monotonic() - started)
+
+
+def _healthy(port: int, ca_file: Path) -> bool:
+    context = ssl.create_default_context(cafile=str(ca_file))
+    connection = http.client.HTTPSConnection(CONTROL_IP, port, context=context, timeout=2)
+    try:
+        connection.request("GET", "/healthz")
+        return connection.getresponse().status == 200
+    finally:
+        connection.close()
+
+
+def _create_injected_pod(kube: Kube) -> dict[str, Any] | None:
+    """Create the labelled Pod; the created object if the webhook gave it the sidecar, else
+    None (the Pod deleted again, to try once more)."""
+    kube("delete", "pod", "demo-origin", "-n", NAMESPACE, "--ignore-not-found", "--wait=true",
+         "--timeout=20s")  # fmt: skip
+    pod: dict[str, Any] = json.loads(kube("create", "-f", "-", "-o", "json", input_text=POD_YAML))
+    if any(c["name"] == SIDECAR_NAME for c in pod["spec"]["containers"]):
+        return pod
+    return None
+
+
+def probe_demo(ca_file: Path) -> str:
+    """The HTTP status (text) of the printed curl command; "000" when no answer came."""
+    command = curl_command(ca_file)
+    return run(command[0], "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5",
+               *command[1:], check=False)  # fmt: skip
+
+
+def summary(kube: Kube, seconds: float) -> None:
+    kubectl = kube.kubectl_path
+    say("")
+    say(f"kakuremichi demo is up ({seconds:.0f}s). Reach it over HTTPS through the gateway")
+    say("(as root, on this machine):")
+    say("")
+    say(shlex.join(curl_command(STATE / "ca.pem")))
+    say("")
+    say(f"  logs       {STATE}/{{operator,gateway,agent,origin}}.log")
+    say(f"  resources  export KUBECONFIG={KUBECONFIG}")
+    say(f"             {kubectl} get kakuremichi -A")
+    say(f"             {kubectl} get kmtunnel -n {NAMESPACE} -o yaml")
+    say(f"  edges      ip netns exec {GATEWAY_NS} curl -s 127.0.0.1:9470/metrics")
+    say(f"             ip netns exec {AGENT_NS} curl -s 127.0.0.1:9471/metrics")
+    say(f"  status     {sys.executable} hack/demo.py status")
+    say("  stop       make demo-down")
+
+
+# --- down and status ---------------------------------------------------------------------------
+
+
+def _stray_operators() -> list[int]:
+    """Operators of this demo whose pid file is gone: their --db names the state folder."""
+    marker = f"sqlite:///{STATE}/"
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "operator" in argv and any(arg.startswith(marker) for arg in argv):
+            found.append(int(proc.name))
+    return found
+
+
+def _stop(pids: Sequence[int], grace: float = 10.0) -> None:
+    """TERM, then KILL after ``grace`` seconds, each process (and its process group)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_start_time(pid) for pid in pids):
+        time.sleep(0.1)
+    for pid in pids:
+        if _start_time(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def down(quiet: bool = False) -> None:
+    if os.geteuid() != 0:
+        raise DemoError(
+            "the demo needs root to remove its network namespaces (sudo make demo-down)"
+        )
+    removed: list[str] = []
+    processes = _load_processes()
+    pids = [
+        int(processes[name]["pid"])
+        for name in PROCESS_NAMES
+        if name in processes and _alive(processes[name])
+    ]
+    pids += [pid for pid in _stray_operators() if pid not in pids]
+    if pids:
+        _stop(pids)
+        removed.append(f"{len(pids)} processes")
+    present = _namespaces()
+    for namespace in NETWORK_NAMESPACES:
+        if namespace in present:
+            _kill_namespace_processes(namespace)
+            run("ip", "netns", "del", namespace, check=False)
+            removed.append(f"namespace {namespace}")
+        shutil.rmtree(Path("/etc/netns") / namespace, ignore_errors=True)
+    for link in ROOT_LINKS:  # gone with their namespaces, unless a run stopped half-way
+        if _link_exists(link):
+            run("ip", "link", "del", link, check=False)
+            removed.append(f"link {link}")
+    for interface in WIREGUARD_INTERFACES.values():
+        with contextlib.suppress(FileNotFoundError):
+            (WIREGUARD_UAPI_DIR / f"{interface}.sock").unlink()
+    if CLUSTER_DIR.exists():
+        run(str(CLUSTER_SCRIPT), "down", env={"KAKUREMICHI_CLUSTER_DIR": str(CLUSTER_DIR)},
+            check=False)  # fmt: skip
+        removed.append(f"the cluster ({CLUSTER_DIR.name}/)")
+    if STATE.exists():
+        shutil.rmtree(STATE)
+        removed.append(f"{STATE.name}/")
+    if not quiet:
+        say(f"demo down: removed {', '.join(removed)}" if removed else "demo down: nothing was up")
+
+
+def status() -> int:
+    """Say what runs; 0 when the demo serves."""
+    processes = _load_processes()
+    if not processes and not demo_present():
+        say("demo: down")
+        return 1
+    for name in reversed(PROCESS_NAMES):
+        entry = processes.get(name)
+        state = "running" if entry and _alive(entry) else "not running"
+        pid = f" (pid {entry['pid']})" if entry else ""
+        say(f"  {name:9}{state}{pid}")
+    present = _namespaces()
+    for namespace in NETWORK_NAMESPACES:
+        say(f"  {namespace:15}{'present' if namespace in present else 'missing'}")
+    cluster = run(str(CLUSTER_SCRIPT), "status", env={"KAKUREMICHI_CLUSTER_DIR": str(CLUSTER_DIR)},
+                  check=False).strip()  # fmt: skip
+    say(f"  cluster  {cluster or 'down'}")
+    code = probe_demo(STATE / "ca.pem") if (STATE / "ca.pem").exists() else "000"
+    serving = code == "200"
+    say(f"demo: {'serving' if serving else 'not serving'} (HTTP {code})")
+    if serving:
+        say(shlex.join(curl_command(STATE / "ca.pem")))
+    return 0 if serving else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hack/demo.py",
+        description="kakuremichi end to end on this machine: cluster, operator, gateway, agent.",
+    )
+    parser.add_argument("command", choices=["up", "down", "status"])
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "up":
+            up()
+        elif args.command == "down":
+            down()
+        else:
+            return status()
+    except DemoError as error:
+        print(f"demo: error: {error}", file=sys.stderr)
+        if args.command == "up" and STATE.exists():
+            print(
+                f"demo: what was started is left for a look (logs in {STATE}); "
+                "`make demo-down` removes it, `make demo` starts over",
+                file=sys.stderr,
+            )
+        return 1
+    except KeyboardInterrupt:
+        print("demo: interrupted; `make demo-down` removes what was started", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

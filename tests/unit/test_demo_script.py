@@ -1,0 +1,89 @@
+"""hack/demo.py (``make demo``): the pure pieces: running the operator's containers the way the
+kubelet would, and the command it prints."""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+from pathlib import Path
+from types import ModuleType
+
+from kakuremichi.manifests import (
+    EdgeImage,
+    agent_sidecar,
+    gateway_daemonset,
+)
+from kakuremichi.resources import GatewaySpec
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load_demo() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("kakuremichi_demo", REPO / "hack" / "demo.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+demo = _load_demo()
+EDGE = EdgeImage(image="edge:test", control_url="https://control.example:8443")
+
+
+def test_gateway_daemonset_args_run_with_the_folder_and_the_node_name(tmp_path: Path) -> None:
+    daemonset = gateway_daemonset(
+        "demo", "uid-1", GatewaySpec(), EDGE, "kakuremichi-demo", "pool-secret"
+    )
+    pod_spec = daemonset["spec"]["template"]["spec"]
+    (container,) = pod_spec["containers"]
+    args = demo.edge_command(container["args"], tmp_path / "creds", {"NODE_NAME": "node-a"})
+    assert args[0] == "gateway"
+    assert args[args.index("--api-key-file") + 1] == str(tmp_path / "creds" / "apiKey")
+    assert args[args.index("--node-name") + 1] == "node-a"
+    assert args[args.index("--control-url") + 1] == "https://control.example:8443"
+    assert not any("$(" in arg or arg.startswith("/etc/kakuremichi") for arg in args)
+    secret = demo.secret_volume_name(pod_spec, "/etc/kakuremichi", container["name"])
+    assert secret == "pool-secret"
+
+
+def test_sidecar_args_and_its_secret(tmp_path: Path) -> None:
+    sidecar = agent_sidecar("agent-creds", EDGE)
+    pod_spec = {
+        "containers": [{"name": "web"}, sidecar.container],
+        "volumes": sidecar.volumes,
+    }
+    args = demo.edge_command(sidecar.container["args"], tmp_path, {})
+    assert args[args.index("--private-key-file") + 1] == str(tmp_path / "wireguardPrivateKey")
+    name = demo.secret_volume_name(pod_spec, "/etc/kakuremichi", sidecar.container["name"])
+    assert name == "agent-creds"
+
+
+def test_only_the_mount_point_itself_is_remapped(tmp_path: Path) -> None:
+    args = ["--x", "/etc/kakuremichi-other/file", "/etc/kakuremichi", "a$(MISSING)b"]
+    assert demo.edge_command(args, tmp_path, {}) == [
+        "--x",
+        "/etc/kakuremichi-other/file",
+        str(tmp_path),
+        "a$(MISSING)b",
+    ]
+
+
+def test_printed_command_starts_with_curl_and_pins_the_gateway(tmp_path: Path) -> None:
+    line = shlex.join(demo.curl_command(tmp_path / "ca.pem"))
+    assert line.startswith("curl ")
+    assert f"--cacert {tmp_path / 'ca.pem'}" in line
+    assert f"--resolve {demo.DOMAIN}:443:{demo.GATEWAY_IP}" in line
+    assert line.endswith(f"https://{demo.DOMAIN}/")
+
+
+def test_hosts_file_maps_control() -> None:
+    assert demo.hosts_file({"control.kakuremichi.test": "192.168.239.1"}) == (
+        "127.0.0.1 localhost\n192.168.239.1 control.kakuremichi.test\n"
+    )
+
+
+def test_demo_subnets_stay_clear_of_the_tests() -> None:
+    """The tests link namespaces on 192.168.240-253.0/24 and name them kmt-*."""
+    thirds = {int(subnet.split(".")[2]) for subnet in demo.SUBNETS}
+    assert thirds.isdisjoint(range(240, 254))
+    assert all(not name.startswith("kmt-") for name in demo.NETWORK_NAMESPACES)

@@ -1,0 +1,233 @@
+"""The gateway's HTTPS proxy and the agent's relay, wired on loopback (no root, no WireGuard):
+the HTTP/1.1 behaviour a client sees — keep-alive, pipelining, HEAD, chunked bodies, errors —
+and the upstream pool's reuse and recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from kakuremichi.edge.agent_relay import AgentRelay
+from kakuremichi.edge.https_proxy import HttpsProxy, Route, serve
+from kakuremichi.edge.sni import SniContexts
+from kakuremichi.edge.stats import EdgeStats
+from kakuremichi.protocol import CertificateBundle
+from tests.e2e import origin
+from tests.infra.ports import free_port
+from tests.infra.tlsgen import TestCA
+
+DOMAIN = "app.example.com"
+
+
+@dataclass
+class Stack:
+    https_port: int
+    relay: AgentRelay
+    proxy: HttpsProxy
+    gateway_stats: EdgeStats
+    agent_stats: EdgeStats
+    client_tls: ssl.SSLContext
+    origin_port: int
+
+    async def connect(
+        self, name: str = DOMAIN
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection(
+            "127.0.0.1", self.https_port, ssl=self.client_tls, server_hostname=name
+        )
+
+
+@asynccontextmanager
+async def stack(agent_listening: bool = True) -> AsyncIterator[Stack]:
+    ca = TestCA()
+    issued = ca.issue(DOMAIN)
+    runner = web.AppRunner(origin.app(), access_log=None)
+    await runner.setup()
+    origin_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", origin_port).start()
+    agent_stats, gateway_stats = EdgeStats("agent"), EdgeStats("gateway")
+    relay = AgentRelay(agent_stats)
+    relay.set_targets({DOMAIN: f"localhost:{origin_port}"})
+    relay_port = free_port()
+    loop = asyncio.get_running_loop()
+    relay_server = (
+        await loop.create_server(relay.protocol, "127.0.0.1", relay_port)
+        if agent_listening
+        else None
+    )
+    proxy = HttpsProxy(gateway_stats, relay_port=relay_port)
+    proxy.set_routes({DOMAIN: Route(DOMAIN, "127.0.0.1")})
+    sni = SniContexts()
+    sni.install(
+        sni.prepare(
+            [CertificateBundle(domain=DOMAIN, certificate=issued.certificate_pem,
+                               private_key=issued.private_key_pem)]
+        )
+    )  # fmt: skip
+    https_port = free_port()
+    server = await serve(proxy, sni.front, "127.0.0.1", https_port)
+    try:
+        yield Stack(
+            https_port, relay, proxy, gateway_stats, agent_stats,
+            ssl.create_default_context(cadata=ca.pem), origin_port,
+        )  # fmt: skip
+    finally:
+        server.close()
+        proxy.close_all()
+        relay.close_all()
+        if relay_server is not None:
+            relay_server.close()
+        await runner.cleanup()
+
+
+async def read_response(
+    reader: asyncio.StreamReader, head_only: bool = False
+) -> tuple[int, dict[str, str], bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    lines = head.decode().split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {
+        k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)
+    }
+    if head_only:
+        return status, headers, b""
+    if "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    elif headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            chunk = await reader.readexactly(size + 2)
+            if size == 0:
+                break
+            body += chunk[:-2]
+    else:
+        body = await reader.read()
+    return status, headers, body
+
+
+def request(path: str, method: str = "GET", host: str = DOMAIN, extra: str = "") -> bytes:
+    return f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_keep_alive_pipelining_and_head_on_one_connection() -> None:
+    async def scenario() -> None:
+        async with stack() as s:
+            reader, writer = await s.connect()
+            writer.write(request("/headers"))
+            status, _, body = await read_response(reader)
+            assert status == 200 and json.loads(body)["headers"]["X-Forwarded-Proto"] == "https"
+            writer.write(request("/", "HEAD"))
+            status, headers, _ = await read_response(reader, head_only=True)
+            assert status == 200 and int(headers["content-length"]) > 0
+            writer.write(request("/bytes/10") + request("/bytes/20") + request("/"))
+            sizes = [len((await read_response(reader))[2]) for _ in range(3)]
+            assert sizes == [10, 20, len("hello from the origin\n")]
+            writer.close()
+            assert s.gateway_stats.requests[(DOMAIN, 200)] == 5
+            assert s.agent_stats.connections_total == 1  # one upstream carried them all
+
+    run(scenario)
+
+
+def test_chunked_upload_is_streamed_through() -> None:
+    async def scenario() -> None:
+        async with stack() as s:
+            reader, writer = await s.connect()
+            writer.write(request("/echo", "POST", extra="Transfer-Encoding: chunked\r\n"))
+            for part in (b"hello ", b"chunked ", b"world"):
+                writer.write(b"%x\r\n%b\r\n" % (len(part), part))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            status, _, body = await read_response(reader)
+            assert (status, body) == (200, b"hello chunked world")
+            writer.close()
+
+    run(scenario)
+
+
+def test_wrong_or_unknown_host_and_disabled_tunnels_are_answered_by_the_gateway() -> None:
+    async def scenario() -> None:
+        async with stack() as s:
+            reader, writer = await s.connect()
+            s.proxy.routes["other.example.com"] = Route("other.example.com", "127.0.0.1")
+            writer.write(request("/", host="other.example.com"))
+            status, headers, _ = await read_response(reader)
+            assert status == 421 and headers["connection"] == "close"
+            reader, writer = await s.connect()
+            writer.write(request("/", host="nowhere.example.com"))
+            assert (await read_response(reader))[0] == 404
+            s.proxy.set_routes({DOMAIN: Route(DOMAIN, "127.0.0.1", enabled=False)})
+            reader, writer = await s.connect()
+            writer.write(request("/"))
+            assert (await read_response(reader))[0] == 404
+
+    run(scenario)
+
+
+def test_target_down_and_agent_unreachable_give_502() -> None:
+    async def scenario() -> None:
+        async with stack() as s:
+            s.relay.set_targets({DOMAIN: f"127.0.0.1:{free_port()}"})
+            reader, writer = await s.connect()
+            writer.write(request("/"))
+            status, _, body = await read_response(reader)
+            assert status == 502 and b"not answering" in body
+        async with stack(agent_listening=False) as s:
+            reader, writer = await s.connect()
+            writer.write(request("/"))
+            status, _, body = await read_response(reader)
+            assert status == 502 and b"unreachable" in body
+            assert s.gateway_stats.errors["agent_unreachable"] == 1
+
+    run(scenario)
+
+
+def test_idle_upstreams_are_reused_and_replaced_when_the_agent_closed_them() -> None:
+    async def scenario() -> None:
+        async with stack() as s:
+            for _ in range(3):  # one client connection after another
+                reader, writer = await s.connect()
+                writer.write(request("/"))
+                assert (await read_response(reader))[0] == 200
+                writer.close()
+                await asyncio.sleep(0.05)
+            assert s.agent_stats.connections_total == 1
+            # The agent side goes away while the upstream sits idle in the pool; the next
+            # request must not see it.
+            s.relay.close_all()
+            reader, writer = await s.connect()
+            writer.write(request("/"))
+            assert (await read_response(reader))[0] == 200
+            assert s.agent_stats.connections_total == 2
+
+    run(scenario)
+
+
+def test_websocket_upgrade_is_spliced_both_ways() -> None:
+    async def scenario() -> None:
+        async with stack() as s:
+            reader, writer = await s.connect()
+            writer.write(request("/ws", extra=(
+                "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            )))  # fmt: skip
+            status, headers, _ = await read_response(reader, head_only=True)
+            assert status == 101 and headers["upgrade"].lower() == "websocket"
+            mask = b"\x01\x02\x03\x04"
+            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(b"ping"))
+            writer.write(b"\x81\x84" + mask + payload)  # a masked text frame "ping"
+            frame = await asyncio.wait_for(reader.readexactly(2 + len("echo: ping")), 10)
+            assert frame[2:] == b"echo: ping"
+
+    run(scenario)
