@@ -20,7 +20,8 @@
    .demo/ca.pem; both namespaces resolve the name through /etc/netns/<namespace>/hosts);
 4. a Node (there is no kubelet) whose ExternalIP 192.168.238.1 is the gateway's WireGuard
    endpoint, and a Gateway pool on it; the gateway runs in kmdemo-gateway with the arguments
-   and the API key of the DaemonSet the operator renders, as the kubelet would run it;
+   and the API key of the DaemonSet the operator renders, as the kubelet would run it (plus a
+   WireGuard interface name of the demo's own);
 5. an Agent, and a Pod labelled ``kakuremichi.io/agent: demo`` into which the operator's webhook
    injects the agent sidecar; the agent runs in kmdemo-agent with the sidecar's arguments and
    credentials, beside the demo origin (hack/demo_origin.py on 127.0.0.1:8080);
@@ -340,7 +341,7 @@ def wait_for(
     while True:
         try:
             result = probe()
-        except (DemoError, OSError, ValueError, KeyError) as error:
+        except (DemoError, OSError, ValueError, KeyError, http.client.HTTPException) as error:
             last_error = error
             result = None
         if result:
@@ -685,6 +686,7 @@ def up() -> None:
     pool = kube.secret(secret_volume_name(pod_spec, CREDENTIALS_MOUNT, container["name"]))
     folder = credentials_folder({"apiKey": pool["apiKey"]}, STATE / "gateway-credentials")
     gateway_args = edge_command(container["args"], folder, {"NODE_NAME": NODE})
+    # The one addition to the DaemonSet's arguments: a WireGuard interface name of our own.
     gateway_args += ["--wireguard-interface", WIREGUARD_INTERFACES["gateway"]]
     spawn("gateway", in_namespace(GATEWAY_NS, str(KAKUREMICHI), *gateway_args), edge_env)
 

@@ -159,7 +159,12 @@ def _cmd_edge(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
-    from kakuremichi.edge.settings import EdgeSettings, MissingApiKey, read_api_key
+    from kakuremichi.edge.settings import (
+        EdgeSettings,
+        MissingApiKey,
+        read_api_key,
+        read_private_key,
+    )
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -194,7 +199,13 @@ def _cmd_edge(args: argparse.Namespace) -> int:
         return 2
     except ValidationError as error:
         for line in describe_errors(error):
-            print(f"kakuremichi {role}: {line.replace('_', '-')}", file=sys.stderr)
+            field, _, why = line.partition(": ")
+            print(f"kakuremichi {role}: --{field.replace('_', '-')}: {why}", file=sys.stderr)
+        return 2
+    try:
+        read_private_key(settings.private_key_file)
+    except ValueError as error:
+        print(f"kakuremichi {role}: {error}", file=sys.stderr)
         return 2
     if role == "gateway":
         from kakuremichi.edge.gateway import GatewayEdge

@@ -418,6 +418,11 @@ def test_killed_agent_goes_offline_and_comes_back(world: World) -> None:
         "the Agent to be online again",
     )
     wait_until(lambda: world.get("/")[0] == 200, "serving again", timeout=30)
+    reported = wait_until(
+        lambda: (world.agents.get("web") or {}).get("status", {}).get("client"),
+        "the agent's report of itself",
+    )
+    assert reported["wireguardMode"] in ("userspace", "kernel") and reported["version"]
 
 
 def test_operator_restart_never_interrupts_traffic(world: World) -> None:

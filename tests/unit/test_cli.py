@@ -101,3 +101,20 @@ metadata: {name: ignored}
         captured.err
     )
     assert "ConfigMap" not in captured.out + captured.err
+
+
+def test_edges_refuse_to_start_without_a_key_or_with_a_bad_url(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("KAKUREMICHI_API_KEY", raising=False)
+    monkeypatch.delenv("KAKUREMICHI_CONTROL_URL", raising=False)
+    assert main(["agent", "--control-url", "https://control.example.com"]) == 2
+    assert "no API key" in capsys.readouterr().err
+    assert main(["gateway", "--api-key", "gtw_x", "--control-url", "control:8480"]) == 2
+    assert "--control-url: must be an http:// or https:// URL" in (capsys.readouterr().err)
+    bad_key = tmp_path / "key"
+    bad_key.write_text("short")
+    code = main(["agent", "--api-key", "agt_x", "--control-url", "http://c",
+                 "--private-key-file", str(bad_key)])  # fmt: skip
+    assert code == 2
+    assert "not a WireGuard key" in capsys.readouterr().err

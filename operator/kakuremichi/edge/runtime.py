@@ -12,7 +12,6 @@ import socket
 import time
 from abc import abstractmethod
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -20,25 +19,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kakuremichi import __version__, protocol
 from kakuremichi.edge.control_client import ApplyError, ConfigTarget, ControlClient
-from kakuremichi.edge.settings import EdgeSettings
+from kakuremichi.edge.settings import EdgeSettings, read_private_key
 from kakuremichi.edge.stats import EdgeStats, PeerSample
 from kakuremichi.edge.wireguard import WireGuardError, WireGuardInterface, open_wireguard
 from kakuremichi.wireguard_plan import InterfacePlan
 
 SUPERVISE_SECONDS = 2.0
 log = logging.getLogger(__name__)
-
-
-def read_private_key(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        key = path.read_text().strip()
-    except OSError as error:
-        raise SystemExit(f"--private-key-file {path}: {error.strerror}") from None
-    if len(key) != 44 or not key.endswith("="):
-        raise SystemExit(f"--private-key-file {path}: not a WireGuard key (base64, 44 characters)")
-    return key
 
 
 class EdgeRuntime(ConfigTarget):

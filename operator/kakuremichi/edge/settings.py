@@ -71,3 +71,16 @@ def read_api_key(explicit: str | None, key_file: Path | None) -> str:
     if not value:
         raise MissingApiKey("no API key: give --api-key, --api-key-file or KAKUREMICHI_API_KEY")
     return value
+
+
+def read_private_key(path: Path | None) -> str | None:
+    """The WireGuard private key in ``--private-key-file``, checked for shape."""
+    if path is None:
+        return None
+    try:
+        key = path.read_text().strip()
+    except OSError as error:
+        raise ValueError(f"--private-key-file {path}: {error.strerror}") from None
+    if len(key) != 44 or not key.endswith("="):
+        raise ValueError(f"--private-key-file {path}: not a WireGuard key (base64, 44 characters)")
+    return key
