@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help deps venv binaries lint typecheck test test-unit test-integration crds \
+.PHONY: help deps venv binaries lint typecheck test test-unit test-integration test-e2e crds \
 	cluster-up cluster-down demo demo-down clean
 
 help:
@@ -15,6 +15,7 @@ help:
 	@echo "make test        install what is needed, then lint, type-check and run every test tier"
 	@echo "make test-unit   the fast tier: no root, no network namespaces"
 	@echo "make test-integration  real API server, Pebble, WireGuard, network namespaces (root)"
+	@echo "make test-e2e    gateway, agent, origin and client in namespaces, driven through the API server"
 	@echo "make cluster-up  a local API server for kubectl (hack/cluster.sh); make cluster-down"
 	@echo "make crds        regenerate crds/ from the models"
 	@echo "make lint        ruff check + format check; make typecheck: mypy --strict"
@@ -51,6 +52,9 @@ test-unit: $(STAMP)
 
 test-integration: deps binaries $(STAMP)
 	$(BIN)/pytest tests/integration
+
+test-e2e: deps binaries $(STAMP)
+	$(BIN)/pytest tests/e2e
 
 test: deps binaries $(STAMP) lint typecheck
 	$(BIN)/kakuremichi crds --check crds

@@ -440,8 +440,9 @@ CERTIFICATE = ResourceKind(
         PrinterColumn("Secret", ".spec.secretName", priority=1),
         READY_COLUMN,
         REASON_COLUMN,
-        PrinterColumn("Expires", ".status.notAfter", "date"),
-        PrinterColumn("Renewal", ".status.renewalTime", "date", priority=1),
+        # (kubectl shows a "date" column in the future as <invalid>: these stay timestamps.)
+        PrinterColumn("Expires", ".status.notAfter"),
+        PrinterColumn("Renewal", ".status.renewalTime", priority=1),
         AGE_COLUMN,
     ),
 )
