@@ -27,7 +27,7 @@ import pytest
 from kubernetes import client
 
 from kakuremichi.manifests import AGENT_LABEL, CREDENTIALS_MOUNT, SIDECAR_NAME
-from kakuremichi.resources import AGENT, GATEWAY, TUNNEL
+from kakuremichi.resources import AGENT, CERTIFICATE, GATEWAY, TUNNEL
 from tests.e2e.origin import pattern_bytes
 from tests.infra import cluster, netns, ports, wireguard
 from tests.infra.cluster import Cluster
@@ -227,7 +227,7 @@ def world(
         gateways.create(
             made.gateway_name, {"mode": "InCluster", "nodeSelector": {"e2e": namespace}}
         )
-        made.cleanups.append(lambda: gateways.delete(made.gateway_name))
+        made.cleanups.append(gateways.delete_all)  # waits: the operator must see it go
         apps = client.AppsV1Api(kube.api_client())
         daemonset: Any = wait_until(
             lambda: _read_daemonset(apps, f"kakuremichi-gateway-{made.gateway_name}", namespace),
@@ -287,7 +287,9 @@ def world(
             with contextlib.suppress(Exception):
                 core.delete_collection_namespaced_pod(namespace)
             with contextlib.suppress(Exception):
+                # While the operator runs: its finalizers must see everything go.
                 made.tunnels.delete_all()
+                Objects(kube, namespace, CERTIFICATE).delete_all()
                 made.agents.delete_all()
             for cleanup in reversed(made.cleanups):
                 with contextlib.suppress(Exception):
