@@ -18,6 +18,7 @@ import yaml
 from pydantic import ValidationError
 
 from kakuremichi import __version__, crd
+from kakuremichi.control.settings import LETS_ENCRYPT, LETS_ENCRYPT_STAGING
 from kakuremichi.fields import describe_errors
 from kakuremichi.resources import API_VERSION, KINDS, ResourceKind
 
@@ -141,6 +142,13 @@ def _cmd_operator(args: argparse.Namespace) -> int:
             webhook_listen=args.webhook_listen,
             webhook_host=args.webhook_host,
             **({"webhook_cert_dir": args.webhook_cert_dir} if args.webhook_cert_dir else {}),
+            acme_directory=args.acme_directory,
+            acme_email=args.acme_email,
+            acme_eab_kid=args.acme_eab_kid,
+            acme_eab_hmac_key=args.acme_eab_hmac_key,
+            acme_ca_file=args.acme_ca_file,
+            acme_profile=args.acme_profile,
+            acme_retry_base=args.acme_retry_base,
         )
         settings.subnet_pool()  # refuse a bad pool before connecting anywhere
     except ValidationError as error:
@@ -379,6 +387,28 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument(
         "--heartbeat-timeout", type=float, default=30.0, metavar="SECONDS",
         help="an edge silent this long is disconnected and marked offline",
+    )  # fmt: skip
+    acme = operator.add_argument_group("ACME (Tunnels and Certificates with issuer ACME)")
+    acme.add_argument(
+        "--acme-directory", metavar="URL",
+        default=os.environ.get("KAKUREMICHI_ACME_DIRECTORY", LETS_ENCRYPT),
+        help="ACME directory (default: Let's Encrypt production; staging: "
+        f"{LETS_ENCRYPT_STAGING})",
+    )  # fmt: skip
+    acme.add_argument("--acme-email", metavar="EMAIL", help="account contact for expiry notices")
+    acme.add_argument("--acme-eab-kid", metavar="KID", help="External Account Binding key id")
+    acme.add_argument(
+        "--acme-eab-hmac-key", metavar="KEY",
+        default=os.environ.get("KAKUREMICHI_ACME_EAB_HMAC_KEY"),
+        help="External Account Binding HMAC key, base64url (or KAKUREMICHI_ACME_EAB_HMAC_KEY)",
+    )  # fmt: skip
+    acme.add_argument(
+        "--acme-ca-file", type=Path, metavar="FILE", help="CA bundle to trust for the directory"
+    )
+    acme.add_argument("--acme-profile", metavar="NAME", help="certificate profile to request")
+    acme.add_argument(
+        "--acme-retry-base", type=float, default=30.0, metavar="SECONDS",
+        help="delay after a first failure; doubles with each further one, up to an hour",
     )  # fmt: skip
     operator.add_argument("--liveness", metavar="URL", help="e.g. http://0.0.0.0:8080/healthz")
     operator.add_argument("-v", "--verbose", action="store_true")

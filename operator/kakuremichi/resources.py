@@ -275,6 +275,12 @@ class CertificateStatus(CommonStatus):
     """When renewal is due."""
     last_renewed_at: datetime | None = None
     """When the certificate was last issued or renewed."""
+    order_url: Annotated[str, Field(max_length=2048)] | None = None
+    """The ACME order in progress, kept so that a restart resumes it."""
+    failed_attempts: Annotated[int, Field(ge=0)] | None = None
+    """ACME attempts that failed in a row (they are retried with growing delays)."""
+    next_attempt_at: datetime | None = None
+    """When the next ACME attempt is due after a failure."""
 
 
 # --- Objects -----------------------------------------------------------------------------------

@@ -136,5 +136,5 @@ def test_acme_issuance_is_reported_as_unavailable_for_now(world: World) -> None:
         "acme", {"domain": f"{unique_name('acme')}.example.com", "agent": "home",
                  "target": "localhost:8080"},
     )  # fmt: skip
-    world.certificates.ready("acme", "False", "IssuerUnavailable")
-    world.tunnels.ready("acme", "False", "IssuerUnavailable")
+    world.certificates.ready("acme", "False", "NoGatewayOnline")
+    world.tunnels.ready("acme", "False", "NoGatewayOnline")

@@ -1,9 +1,10 @@
-"""Certificate reconciler for certificates the user keeps in a ``kubernetes.io/tls`` Secret.
+"""Certificate reconciler: the certificate in the ``kubernetes.io/tls`` Secret is what is served.
 
-The Secret is parsed and checked (covers the domain, valid now, key matches); a good one is
-mirrored (private key sealed) and served, a bad or missing one makes ``Ready=False`` say why while
-the gateways keep serving the last good certificate. ACME issuance comes with its own issue: until
-then an ACME Certificate says so in its condition.
+With ``issuer: Secret`` the user keeps that Secret; with ``issuer: ACME`` the
+:mod:`~kakuremichi.control.acme_issuer` writes it. Either way the Secret is parsed and checked
+(covers the domain, valid now, key matches); a good one is mirrored (private key sealed) and
+served, a bad or missing one makes ``Ready=False`` say why while the gateways keep serving the
+last good certificate.
 """
 
 from __future__ import annotations
@@ -26,18 +27,13 @@ from kakuremichi.tunnel_readiness import CertificateVerdict
 
 
 async def evaluate(
-    context: Context, namespace: str, spec: CertificateSpec
+    context: Context, namespace: str, name: str, spec: CertificateSpec
 ) -> tuple[CertificateVerdict, CertificateBundle | None, Any]:
     """The verdict on a Certificate, the bundle to serve (when good) and its details."""
-    if spec.issuer == "ACME":
-        return (
-            CertificateVerdict(
-                False, "IssuerUnavailable", "ACME issuance is not available in this version yet"
-            ),
-            None,
-            None,
-        )
     data = await context.kube.read_secret(namespace, spec.secret_name)
+    if spec.issuer == "ACME" and not _usable(data, spec.domain):
+        # Nothing to serve yet: the issuer says where it stands (Issuing, NoGatewayOnline, …).
+        return context.acme.verdict((namespace, name)), None, None
     if data is None:
         return (
             CertificateVerdict(
@@ -52,11 +48,26 @@ async def evaluate(
     except CertificateProblem as problem:
         return CertificateVerdict(False, problem.reason, str(problem)), None, None
     bundle = CertificateBundle(domain=spec.domain, certificate=chain, private_key=key)
-    return (
-        CertificateVerdict(True, "Valid", f"valid until {info.not_after.isoformat()}"),
-        bundle,
-        info,
-    )
+    verdict = CertificateVerdict(True, "Valid", f"valid until {info.not_after.isoformat()}")
+    if spec.issuer == "ACME":
+        renewal = context.acme.verdict((namespace, name))
+        if renewal.reason not in ("Issuing", "NoGatewayOnline") and not renewal.ready:
+            # Still served; say why the renewal has not happened.
+            verdict = CertificateVerdict(
+                True, "RenewalFailed", f"{verdict.message}; renewal failed: {renewal.message}"
+            )
+    return verdict, bundle, info
+
+
+def _usable(data: dict[str, str] | None, domain: str) -> bool:
+    if not data:
+        return False
+    try:
+        inspect(data.get("tls.crt", "").encode(), data.get("tls.key", "").encode(), domain,
+                datetime.now(UTC))  # fmt: skip
+    except CertificateProblem:
+        return False
+    return True
 
 
 async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> None:
@@ -78,7 +89,9 @@ async def compute_status(context: Context, body: kopf.Body) -> dict[str, Any]:
     spec = CertificateSpec.model_validate(dict(body.spec))
     current = CertificateStatus.model_validate(dict(body.status))
     context.state.use_secret(namespace, name, spec.secret_name if spec.issuer == "Secret" else None)
-    verdict, bundle, info = await evaluate(context, namespace, spec)
+    if spec.issuer == "ACME":
+        context.acme.ensure(namespace, name)
+    verdict, bundle, info = await evaluate(context, namespace, name, spec)
     context.state.set_certificate((namespace, name), verdict, bundle)
     updates: dict[str, Any] = {
         "conditions": set_ready(
@@ -123,6 +136,7 @@ async def compute_status(context: Context, body: kopf.Body) -> dict[str, Any]:
 
 async def cleanup(context: Context, body: kopf.Body) -> None:
     meta = body.metadata
+    await context.acme.stop(meta.namespace or "", meta.name or "")
     context.state.remove_certificate((meta.namespace or "", meta.name or ""))
     context.state.use_secret(meta.namespace or "", meta.name or "", None)
     await context.mirror.delete_certificate(UUID(meta.uid))

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kakuremichi.control.kube import Kube
 from kakuremichi.control.mirror import Mirror
 from kakuremichi.control.presence import Presence
 from kakuremichi.control.settings import ControlSettings
 from kakuremichi.control.state import ControlState
+
+if TYPE_CHECKING:
+    from kakuremichi.control.acme_issuer import AcmeIssuer
 
 
 @dataclass
@@ -18,3 +22,5 @@ class Context:
     kube: Kube
     mirror: Mirror
     presence: Presence
+    acme: AcmeIssuer = field(init=False)
+    """Set right after construction (it needs the context itself)."""

@@ -147,16 +147,7 @@ class Kube:
                 name=name,
                 namespace=namespace,
                 labels=dict(labels),
-                owner_references=[
-                    client.V1OwnerReference(
-                        api_version=owner["apiVersion"],
-                        kind=owner["kind"],
-                        name=owner["metadata"]["name"],
-                        uid=owner["metadata"]["uid"],
-                        controller=True,
-                        block_owner_deletion=True,
-                    )
-                ],
+                owner_references=[_owner_reference(owner)],
             ),
             type="Opaque",
             string_data=dict(data),
@@ -168,6 +159,54 @@ class Kube:
                 return False
             raise
         return True
+
+    async def put_tls_secret(
+        self,
+        namespace: str,
+        name: str,
+        chain: str,
+        key: str,
+        owner: Mapping[str, Any],
+        labels: Mapping[str, str],
+    ) -> None:
+        """Write a ``kubernetes.io/tls`` Secret. A new one is owned by ``owner`` (and goes with
+        it); an existing one keeps its owners, so a Secret the user made stays the user's."""
+        data = {"tls.crt": chain, "tls.key": key}
+        try:
+            await asyncio.to_thread(
+                self.core.patch_namespaced_secret, name, namespace, {"stringData": data}
+            )
+            return
+        except ApiException as error:
+            if error.status != 404:
+                raise
+        body = client.V1Secret(
+            metadata=client.V1ObjectMeta(
+                name=name,
+                namespace=namespace,
+                labels=dict(labels),
+                owner_references=[_owner_reference(owner)],
+            ),
+            type="kubernetes.io/tls",
+            string_data=data,
+        )
+        await asyncio.to_thread(self.core.create_namespaced_secret, namespace, body)
+
+    async def write_secret(
+        self, namespace: str, name: str, data: Mapping[str, str], labels: Mapping[str, str]
+    ) -> None:
+        """Create or update an Opaque Secret that belongs to no object."""
+        body = client.V1Secret(
+            metadata=client.V1ObjectMeta(name=name, namespace=namespace, labels=dict(labels)),
+            type="Opaque",
+            string_data=dict(data),
+        )
+        try:
+            await asyncio.to_thread(self.core.create_namespaced_secret, namespace, body)
+        except ApiException as error:
+            if error.status != 409:
+                raise
+            await asyncio.to_thread(self.core.replace_namespaced_secret, name, namespace, body)
 
     async def delete_secret(self, namespace: str, name: str) -> None:
         try:
@@ -261,3 +300,15 @@ def _items(listing: object) -> list[dict[str, Any]]:
     assert isinstance(listing, dict)
     items: list[dict[str, Any]] = listing["items"]
     return items
+
+
+def _owner_reference(owner: Mapping[str, Any]) -> client.V1OwnerReference:
+    """Owned objects go when ``owner`` goes (Kubernetes' garbage collector)."""
+    return client.V1OwnerReference(
+        api_version=owner["apiVersion"],
+        kind=owner["kind"],
+        name=owner["metadata"]["name"],
+        uid=owner["metadata"]["uid"],
+        controller=True,
+        block_owner_deletion=True,
+    )

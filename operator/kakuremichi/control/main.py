@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 
 from kakuremichi.addressing import SubnetAllocator
 from kakuremichi.control import agents, certificates, gateways, tunnels, webhook
+from kakuremichi.control.acme_issuer import AcmeIssuer
 from kakuremichi.control.channel import ControlChannel
 from kakuremichi.control.context import Context
 from kakuremichi.control.kube import Kube, load_api_client
@@ -78,6 +79,7 @@ def build_registry(context: Context) -> kopf.OperatorRegistry:
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
+        await context.acme.close()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -107,6 +109,7 @@ async def run(
         mirror=mirror,
         presence=Presence(state, kube, mirror),
     )
+    context.acme = AcmeIssuer(context)
     channel = ControlChannel(context)
     runner = web.AppRunner(channel.app(), access_log=None)
     await runner.setup()

@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from kakuremichi import __version__
 from kakuremichi.addressing import SubnetPool
 
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
+
 
 class ControlSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -41,6 +44,22 @@ class ControlSettings(BaseModel):
     webhook_cert_dir: Path | None = None
     """Where the webhook's serving certificate is written; a fresh private temporary folder
     when unset."""
+    acme_directory: str = LETS_ENCRYPT
+    """ACME directory URL: Let's Encrypt production by default; staging is
+    https://acme-staging-v02.api.letsencrypt.org/directory; any RFC 8555 server works."""
+    acme_email: str | None = None
+    """Contact address for the ACME account (expiry notices)."""
+    acme_eab_kid: str | None = None
+    acme_eab_hmac_key: str | None = None
+    """External Account Binding, for CAs that require it (base64url HMAC key)."""
+    acme_ca_file: Path | None = None
+    """CA bundle to trust for the directory's HTTPS (default: the system's)."""
+    acme_profile: str | None = None
+    """Certificate profile to request, for servers that offer profiles."""
+    acme_account_secret: str = "kakuremichi-acme-account"  # noqa: S105 - a name, not a secret
+    """Secret (system namespace) holding the account key and URI."""
+    acme_retry_base: float = Field(default=30.0, gt=0)
+    """First delay after a failed attempt; each failure doubles it, up to an hour."""
     heartbeat_timeout: float = Field(default=30.0, gt=0)
     """Seconds of silence after which an edge is offline."""
 

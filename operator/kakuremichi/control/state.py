@@ -16,7 +16,7 @@ from uuid import UUID
 from kakuremichi.addressing import GatewayIndexAllocator, SubnetAllocator
 from kakuremichi.conditions import Condition
 from kakuremichi.edge_config import AgentNode, GatewayNode, Topology, domain_holders
-from kakuremichi.protocol import CertificateBundle
+from kakuremichi.protocol import AcmeChallenge, CertificateBundle
 from kakuremichi.resources import GatewaySpec
 from kakuremichi.store import Sealer
 from kakuremichi.tunnel_readiness import CertificateVerdict, TunnelFacts, routes
@@ -63,6 +63,8 @@ class ControlState:
     """(namespace, Certificate name) → the last good certificate and key."""
     secret_users: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     """(namespace, Secret name) → the Certificates that read it."""
+    challenges: dict[tuple[str, str], AcmeChallenge] = field(default_factory=dict)
+    """(namespace, Certificate name) → its pending HTTP-01 challenge, served by gateways."""
     tunnel_conditions: dict[UUID, list[Condition]] = field(default_factory=dict)
     """Conditions each Tunnel had when first seen, so transition times survive restarts."""
     generation: int = 0
@@ -176,6 +178,15 @@ class ControlState:
         self.bundles.pop(key, None)
         self.touch()
 
+    def set_challenge(self, key: tuple[str, str], challenge: AcmeChallenge | None) -> None:
+        if challenge is None:
+            changed = self.challenges.pop(key, None) is not None
+        else:
+            changed = self.challenges.get(key) != challenge
+            self.challenges[key] = challenge
+        if changed:
+            self.touch()
+
     def topology(self) -> Topology:
         # Each domain is served with the certificate of the Tunnel that holds it.
         holders = domain_holders((t.domain, t.claim) for t in self.tunnels.values())
@@ -189,4 +200,5 @@ class ControlState:
             gateways=dict(self.gateways),
             routes=routes(self.tunnels, self.agents),
             certificates=certificates,
+            challenges=tuple(self.challenges[k] for k in sorted(self.challenges)),
         )

@@ -1,0 +1,315 @@
+"""ACME issuance and renewal for Certificates with ``issuer: ACME``: one task per Certificate.
+
+Each task loops: while the Secret holds a good certificate that is not due, it sleeps until the
+renewal time (2/3 of the lifetime, or the server's ARI window when it offers one). When a
+certificate is needed it waits for a gateway to be online, orders (the order URL is written to
+status first, so a restart resumes it), pushes the HTTP-01 token to every gateway, checks
+through each online gateway's public HTTP port that the token is served, answers, finalizes with
+a fresh key (kept in a Secret before finalization) and writes the ``kubernetes.io/tls`` Secret.
+The Certificate reconciler then serves it like any other. Failures become ``Ready=False`` with
+the ACME problem, an Event, and a retry after a delay that doubles (or the server's
+``Retry-After``); the current certificate keeps being served meanwhile.
+
+Blocking ``acme`` calls run in worker threads; nothing here blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from kakuremichi.control.acme import AcmeProblem, AcmeSession, generate_account_key
+from kakuremichi.protocol import AcmeChallenge
+from kakuremichi.resources import CERTIFICATE, CertificateSpec, CertificateStatus
+from kakuremichi.tls_material import CertificateInfo, CertificateProblem, inspect
+from kakuremichi.tunnel_readiness import CertificateVerdict
+
+MAX_RETRY_SECONDS = 3600.0
+MAX_SLEEP_SECONDS = 3600.0
+SELF_CHECK_SECONDS = 30.0
+GATEWAY_WAIT_SECONDS = 2.0
+MANAGED_BY = {"app.kubernetes.io/managed-by": "kakuremichi"}
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from kakuremichi.control.context import Context
+
+Key = tuple[str, str]
+
+
+def retry_delay(base: float, failures: int, retry_after: float | None) -> float:
+    """Seconds before the next attempt: the server's ``Retry-After`` when it gave one, else
+    ``base`` doubled per failure in a row, capped at an hour."""
+    if retry_after is not None:
+        return max(1.0, retry_after)
+    return float(min(MAX_RETRY_SECONDS, base * 2 ** max(0, failures - 1)))
+
+
+def pending_key_secret(certificate: str) -> str:
+    return f"{certificate}-acme-key"
+
+
+class AcmeIssuer:
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self.tasks: dict[Key, asyncio.Task[None]] = {}
+        self.wake: dict[Key, asyncio.Event] = {}
+        self.verdicts: dict[Key, CertificateVerdict] = {}
+        self._session: AcmeSession | None = None
+        self._session_lock = asyncio.Lock()
+
+    # --- what the Certificate reconciler uses ------------------------------------------------
+
+    def verdict(self, key: Key) -> CertificateVerdict:
+        return self.verdicts.get(key) or CertificateVerdict(
+            False, "Issuing", "obtaining a certificate from the ACME server"
+        )
+
+    def ensure(self, namespace: str, name: str) -> None:
+        """Run (or nudge) the task of this Certificate."""
+        key = (namespace, name)
+        task = self.tasks.get(key)
+        if task is not None and not task.done():
+            self.wake[key].set()
+            return
+        self.wake[key] = asyncio.Event()
+        self.tasks[key] = asyncio.create_task(self._run(key), name=f"acme {namespace}/{name}")
+
+    async def stop(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        task = self.tasks.pop(key, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self.wake.pop(key, None)
+        self.verdicts.pop(key, None)
+        self.context.state.set_challenge(key, None)
+
+    async def close(self) -> None:
+        for namespace, name in list(self.tasks):
+            await self.stop(namespace, name)
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    async def _run(self, key: Key) -> None:
+        from kakuremichi.control.certificates import refresh  # (imports this module)
+
+        namespace, name = key
+        while True:
+            try:
+                delay = await self._step(key)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("ACME for %s/%s failed unexpectedly", namespace, name)
+                delay = self.context.settings.acme_retry_base
+            with contextlib.suppress(Exception):
+                await refresh(self.context, namespace, name)
+            if delay is None:
+                return
+            await self._sleep(key, delay)
+
+    async def _sleep(self, key: Key, seconds: float) -> None:
+        event = self.wake[key]
+        event.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), max(0.0, min(seconds, MAX_SLEEP_SECONDS)))
+
+    async def _step(self, key: Key) -> float | None:
+        """One look at the Certificate; returns how long to sleep (None: it is gone)."""
+        namespace, name = key
+        kube = self.context.kube
+        body = await kube.get_object(CERTIFICATE, namespace, name)
+        if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+            return None
+        spec = CertificateSpec.model_validate(body.get("spec") or {})
+        if spec.issuer != "ACME":
+            return None
+        status = CertificateStatus.model_validate(body.get("status") or {})
+        now = datetime.now(UTC)
+        current = await self._current(namespace, spec, now)
+        if current is not None:
+            chain, info = current
+            due = await self._renewal_due(chain, info)
+            if not spec.auto_renew or now < due:
+                self.verdicts.pop(key, None)
+                return (due - now).total_seconds() if spec.auto_renew else MAX_SLEEP_SECONDS
+        if status.next_attempt_at is not None and now < status.next_attempt_at:
+            return (status.next_attempt_at - now).total_seconds()
+        if not self._online_gateways():
+            self.verdicts[key] = CertificateVerdict(
+                False, "NoGatewayOnline",
+                "waiting for a gateway to come online to answer the HTTP-01 challenge",
+            )  # fmt: skip
+            return GATEWAY_WAIT_SECONDS
+        try:
+            await self._issue(key, body, spec, status)
+        except AcmeProblem as problem:
+            failures = (status.failed_attempts or 0) + 1
+            delay = retry_delay(
+                self.context.settings.acme_retry_base, failures, problem.retry_after
+            )
+            message = f"{problem.detail} (attempt {failures}; next in {delay:.0f}s)"
+            self.verdicts[key] = CertificateVerdict(False, problem.reason, message)
+            log.warning("ACME for %s/%s: %s", namespace, name, message)
+            await kube.patch_status(CERTIFICATE, namespace, name, {
+                "failedAttempts": failures,
+                "nextAttemptAt": (now + timedelta(seconds=delay)).isoformat(),
+            })  # fmt: skip
+            await self._event(body, True, problem.reason, message)
+            return delay
+        finally:
+            self.context.state.set_challenge(key, None)
+        self.verdicts.pop(key, None)
+        await kube.patch_status(
+            CERTIFICATE, namespace, name,
+            {"orderURL": None, "failedAttempts": None, "nextAttemptAt": None},
+        )  # fmt: skip
+        await self._event(body, False, "Issued", f"certificate for {spec.domain} issued")
+        return 0.0  # look again at once: the new certificate's renewal time
+
+    async def _current(
+        self, namespace: str, spec: CertificateSpec, now: datetime
+    ) -> tuple[str, CertificateInfo] | None:
+        data = await self.context.kube.read_secret(namespace, spec.secret_name)
+        if not data:
+            return None
+        chain, key = data.get("tls.crt", ""), data.get("tls.key", "")
+        try:
+            return chain, inspect(chain.encode(), key.encode(), spec.domain, now)
+        except CertificateProblem:
+            return None
+
+    async def _renewal_due(self, chain: str, info: CertificateInfo) -> datetime:
+        due = info.renewal_time()
+        try:
+            session = await self.session()
+            suggested = await asyncio.to_thread(session.renewal_window_start, chain)
+        except AcmeProblem:
+            suggested = None
+        return suggested if suggested is not None else due
+
+    def _online_gateways(self) -> list[tuple[str, int]]:
+        """(public IP, HTTP port) of each connected gateway instance."""
+        state = self.context.state
+        found = []
+        for edge_id, identity in self.context.presence.online.items():
+            gateway = state.gateways.get(edge_id)
+            if identity.role == "gateway" and gateway is not None:
+                found.append((gateway.public_ip, gateway.http_port))
+        return sorted(found)
+
+    # --- one issuance ------------------------------------------------------------------------
+
+    async def _issue(
+        self, key: Key, body: dict[str, Any], spec: CertificateSpec, status: CertificateStatus
+    ) -> None:
+        namespace, name = key
+        kube, settings = self.context.kube, self.context.settings
+        session = await self.session()
+        self.verdicts[key] = CertificateVerdict(
+            False, "Issuing", f"ordering a certificate for {spec.domain}"
+        )
+        order = None
+        if status.order_url:
+            order = await asyncio.to_thread(session.order, status.order_url)
+        key_pem = (await kube.read_secret(namespace, pending_key_secret(name)) or {}).get("tls.key")
+        if order is None or order.status == "invalid" or key_pem is None:
+            order = await asyncio.to_thread(session.new_order, spec.domain, settings.acme_profile)
+            # Written before any next step: a restart picks the order up again.
+            await kube.patch_status(CERTIFICATE, namespace, name, {"orderURL": order.url})
+            key_pem = generate_account_key()
+            await kube.delete_secret(namespace, pending_key_secret(name))
+            await kube.create_secret(
+                namespace, pending_key_secret(name), {"tls.key": key_pem}, owner=body,
+                labels=MANAGED_BY,
+            )  # fmt: skip
+        for token, challenge in order.challenges:
+            authorization = session.key_authorization(challenge)
+            self.context.state.set_challenge(
+                key, AcmeChallenge(domain=spec.domain, token=token, key_authorization=authorization)
+            )
+            await self._self_check(spec.domain, token, authorization)
+            await asyncio.to_thread(session.answer, challenge)
+        chain = await asyncio.to_thread(session.finalize, order.url, key_pem, spec.domain)
+        await kube.put_tls_secret(
+            namespace, spec.secret_name, chain, key_pem, owner=body, labels=MANAGED_BY
+        )
+        await kube.delete_secret(namespace, pending_key_secret(name))
+        log.info("ACME: issued a certificate for %s (%s/%s)", spec.domain, namespace, name)
+
+    async def _self_check(self, domain: str, token: str, expected: str) -> None:
+        """Every online gateway must serve the token on its public HTTP port before the ACME
+        server is asked to look: a failure here costs no failed validation at the CA."""
+        path = f"/.well-known/acme-challenge/{token}"
+        deadline = asyncio.get_running_loop().time() + SELF_CHECK_SECONDS
+        problems: dict[str, str] = {}
+        timeout = aiohttp.ClientTimeout(total=3)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            while True:
+                problems = {}
+                for address, port in self._online_gateways():
+                    where = f"{address}:{port}"
+                    try:
+                        async with http.get(
+                            f"http://{where}{path}", headers={"Host": domain}, allow_redirects=False
+                        ) as response:
+                            text = await response.text()
+                            if response.status != 200 or text.strip() != expected:
+                                problems[where] = f"answered {response.status}"
+                    except (aiohttp.ClientError, TimeoutError, OSError) as error:
+                        problems[where] = f"{type(error).__name__}: {error}".rstrip(": ")
+                if not problems and self._online_gateways():
+                    return
+                if asyncio.get_running_loop().time() > deadline:
+                    listed = "; ".join(f"{k} {v}" for k, v in sorted(problems.items()))
+                    raise AcmeProblem(
+                        "challengeNotServed",
+                        f"gateways do not serve the HTTP-01 token for {domain} on their public "
+                        f"HTTP port ({listed or 'no gateway online'})",
+                    )
+                await asyncio.sleep(0.5)
+
+    # --- the account -------------------------------------------------------------------------
+
+    async def session(self) -> AcmeSession:
+        """The account's session: its key and URI live in a Secret, made on first use."""
+        async with self._session_lock:
+            if self._session is not None:
+                return self._session
+            settings, kube = self.context.settings, self.context.kube
+            namespace, secret = settings.system_namespace, settings.acme_account_secret
+            stored = await kube.read_secret(namespace, secret) or {}
+            key_pem = stored.get("accountKey") or generate_account_key()
+            same_server = stored.get("directory") == settings.acme_directory
+            uri = stored.get("accountURI") if same_server else None
+            ca_file = str(settings.acme_ca_file) if settings.acme_ca_file else None
+            session = await asyncio.to_thread(
+                AcmeSession, settings.acme_directory, key_pem, ca_file, uri
+            )
+            if uri is None:
+                uri = await asyncio.to_thread(
+                    session.register,
+                    settings.acme_email,
+                    settings.acme_eab_kid,
+                    settings.acme_eab_hmac_key,
+                )
+                data = {"accountKey": key_pem, "accountURI": uri,
+                        "directory": settings.acme_directory}  # fmt: skip
+                await kube.write_secret(namespace, secret, data, labels=MANAGED_BY)
+                log.info("ACME account %s at %s", uri, settings.acme_directory)
+            self._session = session
+            return session
+
+    async def _event(self, body: dict[str, Any], warning: bool, reason: str, message: str) -> None:
+        meta = body.get("metadata", {})
+        with contextlib.suppress(Exception):
+            await self.context.kube.post_event(
+                CERTIFICATE, meta.get("namespace", ""), meta.get("name", ""), meta.get("uid", ""),
+                warning, reason, message,
+            )  # fmt: skip
