@@ -69,6 +69,10 @@ class World:
     agent: Edge | None = None
     origin: subprocess.Popen[bytes] | None = None
     ca: TestCA = field(default_factory=TestCA)
+    client_ca_file: Path | None = None
+    """What curl in the client trusts, when not the test CA (e.g. Pebble's root)."""
+    node: str = ""
+    """The first gateway's Node."""
     control_ip: str = ""
     gateway_public_ip: str = ""
     extra_hosts: list[netns.Host] = field(default_factory=list)
@@ -106,7 +110,13 @@ class World:
     def curl(self, *args: str, host: str | None = None) -> subprocess.CompletedProcess[str]:
         """curl from the client namespace, trusting the test CA."""
         command = self.client_host.command(
-            "curl", "-sS", "--max-time", "15", "--cacert", str(self.ca_file), *args
+            "curl",
+            "-sS",
+            "--max-time",
+            "15",
+            "--cacert",
+            str(self.client_ca_file or self.ca_file),
+            *args,
         )
         return subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
 
@@ -230,7 +240,7 @@ def running_world(
         edge_env = {"SSL_CERT_FILE": str(made.ca_file)}
 
         # A node (no kubelet) whose public address faces the agent; an InCluster pool on it.
-        node = made.add_node(made.gateway_public_ip)
+        node = made.node = made.add_node(made.gateway_public_ip)
         gateways = Objects(kube, namespace, GATEWAY)
         gateways.create(
             made.gateway_name, {"mode": "InCluster", "nodeSelector": {"e2e": namespace}}

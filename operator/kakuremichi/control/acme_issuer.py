@@ -31,7 +31,8 @@ from kakuremichi.tunnel_readiness import CertificateVerdict
 
 MAX_RETRY_SECONDS = 3600.0
 MAX_SLEEP_SECONDS = 3600.0
-SELF_CHECK_SECONDS = 30.0
+SELF_CHECK_SECONDS = 10.0
+"""Gateways apply a pushed token within a second or so; longer means they cannot serve it."""
 GATEWAY_WAIT_SECONDS = 2.0
 MANAGED_BY = {"app.kubernetes.io/managed-by": "kakuremichi"}
 log = logging.getLogger(__name__)

@@ -1,0 +1,164 @@
+"""ACME end to end against Pebble: a Tunnel with the default TLS settings gets a publicly
+trusted (here: Pebble-trusted) certificate through HTTP-01 answered by the gateway, serves it,
+renews it, reports failures with backoff, and takes everything with it when deleted.
+
+Pebble runs with its default rate of rejected nonces; its ``shortlived`` profile (60 s) makes
+renewal come within the test. The gateway's public address is its address on the link to the
+root namespace, where Pebble and the operator's self-check reach its HTTP port.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from kakuremichi.resources import CERTIFICATE
+from tests.e2e.world import World, running_world, skip_unless_possible
+from tests.infra import binaries, pebble
+from tests.infra.cluster import Cluster
+from tests.infra.objects import Objects, Secrets
+from tests.infra.polling import wait_until
+
+pytestmark = pytest.mark.acme
+GATEWAY_ROOT_SIDE = "192.168.252.2"  # running_world's gateway end of its link to the root
+
+
+@pytest.fixture(scope="module")
+def world(
+    kube: Cluster, namespaces_supported: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[World]:
+    skip_unless_possible()
+    reason = binaries.missing("pebble", "pebble-challtestsrv")
+    if reason:
+        pytest.skip(reason)
+    workdir = tmp_path_factory.mktemp("acme")
+    server = pebble.start(
+        workdir / "pebble", default_ipv4=GATEWAY_ROOT_SIDE, short_validity_seconds=60
+    )
+    try:
+        operator_args = [
+            "--acme-directory", server.directory_url, "--acme-ca-file", str(server.ca_bundle),
+            "--acme-email", "admin@example.com", "--acme-profile", "shortlived",
+            "--acme-retry-base", "1",
+        ]  # fmt: skip
+        with running_world(
+            kube, workdir, public_on_root_link=True, operator_args=operator_args
+        ) as made:
+            root = workdir / "pebble-root.pem"
+            root.write_text(server.root_pem())
+            made.client_ca_file = root
+            yield made
+    finally:
+        server.stop()
+
+
+def certificates(world: World) -> Objects:
+    return Objects(world.kube, world.namespace, CERTIFICATE)
+
+
+def status_of(world: World, name: str) -> dict[str, Any]:
+    return dict((certificates(world).get(name) or {}).get("status") or {})
+
+
+def served_serial(world: World, domain: str) -> str:
+    """The serial of the certificate the gateway presents for ``domain``."""
+    chain = world.client_host.exec(
+        "sh", "-c",
+        f"openssl s_client -connect {domain}:443 -servername {domain} </dev/null 2>/dev/null"
+        " | openssl x509 -noout -serial",
+        check=False,
+    )  # fmt: skip
+    return chain.strip()
+
+
+def secret_serial(world: World, name: str) -> str:
+    chain = (Secrets(world.kube, world.namespace).read(name) or {}).get("tls.crt", "")
+    return world.client_host.exec(
+        "openssl", "x509", "-noout", "-serial", input_text=chain, check=False
+    ).strip()
+
+
+def test_a_tunnel_gets_a_certificate_serves_it_and_renews_it(world: World) -> None:
+    world.tunnels.create(
+        "app", {"domain": world.domain, "agent": "web", "target": "localhost:8080"}
+    )
+    issued = certificates(world).ready("app", timeout=120)
+    assert issued["notBefore"] and issued["notAfter"] and issued["renewalTime"]
+    secret = Secrets(world.kube, world.namespace).read("app-tls") or {}
+    assert secret["tls.crt"].count("BEGIN CERTIFICATE") >= 2  # leaf and intermediate
+    assert "PRIVATE KEY" in secret["tls.key"]
+    world.tunnels.ready("app")
+    # curl checks the chain against Pebble's root and the name.
+    wait_until(lambda: world.get("/")[0] == 200, "HTTPS with the ACME certificate", timeout=30)
+    with sqlite3.connect(world.operator.db_path) as db:
+        row = db.execute(
+            "SELECT expires_at, last_renewed_at FROM certificates WHERE domain = ?",
+            (world.domain,),
+        ).fetchone()
+    assert row is not None and all(row)
+
+    first = secret_serial(world, "app-tls")
+    renewed = wait_until(
+        lambda: (s := status_of(world, "app")).get("notBefore") != issued["notBefore"] and s,
+        "the renewal of the 60-second certificate",
+        timeout=120,
+    )
+    assert renewed["notAfter"] > issued["notAfter"]
+    wait_until(
+        lambda: served_serial(world, world.domain) == secret_serial(world, "app-tls") != first,
+        "the renewed certificate to be served",
+        timeout=30,
+    )
+    assert world.get("/")[0] == 200
+
+
+def test_a_gateway_that_cannot_serve_the_token_fails_with_backoff_then_recovers(
+    world: World,
+) -> None:
+    # The gateway listens for HTTP elsewhere than its Gateway says, so the token is not served
+    # where the CA (and control's self-check) look for it.
+    assert world.gateway is not None
+    world.gateway.kill()
+    world.gateway = world.start_gateway(world.gateway_host, world.node, "--http-port", "8081")
+    domain = f"broken.{world.domain}"
+    world.tunnels.create("broken", {"domain": domain, "agent": "web", "target": "localhost:8080"})
+    failed = certificates(world).ready("broken", "False", "AcmeChallengeNotServed", timeout=60)
+    assert f"do not serve the HTTP-01 token for {domain}" in (
+        certificates(world).condition("broken") or {}
+    ).get("message", "")
+    assert failed["failedAttempts"] >= 1 and failed["nextAttemptAt"]
+    # The delay doubles with each failure (base 1 s here).
+    wait_until(
+        lambda: (
+            "(attempt 2; next in 2s)"
+            in (certificates(world).condition("broken") or {}).get("message", "")
+        ),
+        "a second failed attempt, retried after twice the delay",
+        timeout=60,
+    )
+    events = world.kube.kubectl(
+        "get", "events", "-n", world.namespace,
+        "--field-selector", "involvedObject.name=broken,reason=AcmeChallengeNotServed",
+    )  # fmt: skip
+    assert "AcmeChallengeNotServed" in events
+
+    world.gateway.kill()
+    world.gateway = world.start_gateway(world.gateway_host, world.node)
+    recovered = certificates(world).ready("broken", timeout=120)
+    assert "failedAttempts" not in recovered and "orderURL" not in recovered
+
+
+def test_deleting_the_tunnel_takes_certificate_secret_and_row(world: World) -> None:
+    secrets = Secrets(world.kube, world.namespace)
+    assert secrets.read("broken-tls") is not None
+    world.tunnels.delete("broken")
+    wait_until(lambda: certificates(world).get("broken") is None, "the Certificate to go")
+    wait_until(lambda: secrets.read("broken-tls") is None, "its Secret to go")
+    with sqlite3.connect(world.operator.db_path) as db:
+        rows = db.execute(
+            "SELECT 1 FROM certificates WHERE domain = ?", (f"broken.{world.domain}",)
+        ).fetchall()
+    assert rows == []
