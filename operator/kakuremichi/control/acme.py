@@ -26,6 +26,7 @@ from kakuremichi import __version__
 
 USER_AGENT = f"kakuremichi/{__version__}"
 PROBLEM_PREFIX = "urn:ietf:params:acme:error:"
+BAD_NONCE_RETRIES = 5
 
 
 class AcmeProblem(Exception):
@@ -60,7 +61,17 @@ def retry_after_seconds(header: str | None, now: float | None = None) -> float |
 
 
 class _Network(client.ClientNetwork):
-    """Keeps ``Retry-After`` of problem responses (the library drops headers)."""
+    """Keeps ``Retry-After`` of problem responses (the library drops headers), and retries
+    rejected nonces a few times (the library retries once; servers may reject any nonce)."""
+
+    def post(self, *args: Any, **kwargs: Any) -> requests.Response:
+        for attempt in range(BAD_NONCE_RETRIES):
+            try:
+                return super().post(*args, **kwargs)
+            except messages.Error as error:
+                if error.code != "badNonce" or attempt == BAD_NONCE_RETRIES - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     @classmethod
     def _check_response(
