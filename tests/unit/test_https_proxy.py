@@ -231,3 +231,16 @@ def test_websocket_upgrade_is_spliced_both_ways() -> None:
             assert frame[2:] == b"echo: ping"
 
     run(scenario)
+
+
+def test_requests_pipelined_behind_a_refused_one_are_not_forwarded() -> None:
+    async def scenario() -> None:
+        async with stack() as s:
+            reader, writer = await s.connect()
+            writer.write(request("/", host="nowhere.example.com") + request("/headers"))
+            status, _, _ = await read_response(reader)
+            assert status == 404
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, nothing more
+            assert s.agent_stats.connections_total == 0
+
+    run(scenario)

@@ -101,6 +101,7 @@ class AcmeIssuer:
         from kakuremichi.control.certificates import refresh  # (imports this module)
 
         namespace, name = key
+        shown: CertificateVerdict | None = None
         while True:
             try:
                 delay = await self._step(key)
@@ -109,11 +110,26 @@ class AcmeIssuer:
             except Exception:
                 log.exception("ACME for %s/%s failed unexpectedly", namespace, name)
                 delay = self.context.settings.acme_retry_base
-            with contextlib.suppress(Exception):
-                await refresh(self.context, namespace, name)
+            # Status is written when there is news, not on every look.
+            verdict = self.verdicts.get(key)
+            if verdict != shown or delay == 0.0:
+                shown = verdict
+                with contextlib.suppress(Exception):
+                    await refresh(self.context, namespace, name)
             if delay is None:
                 return
-            await self._sleep(key, delay)
+            if verdict is not None and verdict.reason == "NoGatewayOnline":
+                await self._until_gateway(key)
+            else:
+                await self._sleep(key, delay)
+
+    async def _until_gateway(self, key: Key) -> None:
+        """Wait without API calls until a gateway is online (or the Certificate changes)."""
+        event = self.wake[key]
+        event.clear()
+        while not self._online_gateways() and not event.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), GATEWAY_WAIT_SECONDS)
 
     async def _sleep(self, key: Key, seconds: float) -> None:
         event = self.wake[key]

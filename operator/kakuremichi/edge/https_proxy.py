@@ -260,6 +260,8 @@ class ClientConnection(asyncio.Protocol):
         self.headers.append(name + b": " + value + b"\r\n")
 
     def on_headers_complete(self) -> None:
+        if self.stopped:
+            return  # pipelined behind a request answered here: the connection is closing
         parser = self.parser
         if self.head_bytes > MAX_HEAD_BYTES:
             self.fail(431, "The request head is too large.")
@@ -312,6 +314,7 @@ class ClientConnection(asyncio.Protocol):
     def fail(self, code: int, detail: str) -> None:
         """Answer this request ourselves and close, after any responses still in flight."""
         self.stopped = True
+        self.forwarding = False
         self.stats.requests[(self.domain, code)] += 1
         response = error_response(code, detail)
         if self.upstream is not None and self.upstream.pending:
