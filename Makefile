@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: help deps venv binaries lint typecheck test test-unit test-integration test-e2e crds \
-	cluster-up cluster-down demo demo-down clean
+	cluster-up cluster-down demo demo-down bench clean
 
 help:
 	@echo "make demo        (root) install what is needed; a local cluster, the operator, a gateway and"
@@ -16,6 +16,7 @@ help:
 	@echo "make test-unit   the fast tier: no root, no network namespaces"
 	@echo "make test-integration  real API server, Pebble, WireGuard, network namespaces (root)"
 	@echo "make test-e2e    gateway, agent, origin and client in namespaces, driven through the API server"
+	@echo "make bench       the data plane against routed WireGuard and nginx; bench/RESULTS.md"
 	@echo "make cluster-up  a local API server for kubectl (hack/cluster.sh); make cluster-down"
 	@echo "make crds        regenerate crds/ from the models"
 	@echo "make lint        ruff check + format check; make typecheck: mypy --strict"
@@ -45,7 +46,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 crds: $(STAMP)
-	$(BIN)/kakuremichi crds --output-dir crds
+	$(BIN)/kakuremichi crds --output-dir crds && cp crds/*.yaml charts/kakuremichi/crds/
 
 test-unit: $(STAMP)
 	$(BIN)/pytest tests/unit
@@ -59,6 +60,11 @@ test-e2e: deps binaries $(STAMP)
 test: deps binaries $(STAMP) lint typecheck
 	$(BIN)/kakuremichi crds --check crds
 	$(BIN)/pytest tests
+
+# Benchmarks (not part of the test suite): root; installs nginx and wrk; writes bench/RESULTS.md.
+bench: deps binaries $(STAMP)
+	@hack/install-deps.sh bench
+	$(BIN)/python bench/dataplane.py
 
 cluster-up: binaries
 	@hack/cluster.sh up >/dev/null
@@ -77,3 +83,12 @@ demo-down: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# kakuremichi on a local kind cluster, for a machine with Docker, kind, helm and kubectl:
+# builds the edge image, installs the chart and applies examples/quickstart/ (hack/kind-up.sh).
+.PHONY: kind-up kind-down
+kind-up:
+	@hack/kind-up.sh
+
+kind-down:
+	@hack/kind-down.sh

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the test suite and the demo use, when they are missing and we are
+# Installs the Debian packages the test suite and the demo use (and, with `bench`, the benchmarks), when they are missing and we are
 # root. Without root it only reports what is missing; tests that need a missing tool skip with
 # the reason. Go (for hack/build-binaries.sh) must already be installed: Debian's is too old.
 set -euo pipefail
@@ -15,6 +15,10 @@ wanted=(
   flock:util-linux
   shellcheck:shellcheck
 )
+# `hack/install-deps.sh bench`: also what `make bench` measures with and against.
+if [ "${1:-}" = "bench" ]; then
+  wanted+=(nginx:nginx wrk:wrk)
+fi
 
 missing=()
 for pair in "${wanted[@]}"; do

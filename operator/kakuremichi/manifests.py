@@ -107,7 +107,11 @@ def gateway_daemonset(
                 "protocol": "UDP",
             },
         ],
+        # Root in the container: the image's default user is unprivileged, and Kubernetes does
+        # not grant added capabilities (NET_ADMIN for WireGuard) to non-root users.
         "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": False,
             "capabilities": {"add": ["NET_ADMIN", "NET_BIND_SERVICE"], "drop": ["ALL"]},
             "allowPrivilegeEscalation": False,
         },
@@ -187,7 +191,9 @@ def agent_sidecar(credentials_secret: str, edge: EdgeImage) -> Sidecar:
             "--private-key-file",
             PRIVATE_KEY_FILE,
         ],
-        "securityContext": {
+        "securityContext": {  # root for NET_ADMIN, as for gateways
+            "runAsUser": 0,
+            "runAsNonRoot": False,
             "capabilities": {"add": ["NET_ADMIN"], "drop": ["ALL"]},
             "allowPrivilegeEscalation": False,
         },
