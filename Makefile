@@ -17,6 +17,7 @@ help:
 	@echo "make test-integration  real API server, Pebble, WireGuard, network namespaces (root)"
 	@echo "make test-e2e    gateway, agent, origin and client in namespaces, driven through the API server"
 	@echo "make bench       the data plane against routed WireGuard and nginx; bench/RESULTS.md"
+	@echo "make kind-up     (Docker) a kind cluster with the image, the chart and the quick start; make kind-down"
 	@echo "make cluster-up  a local API server for kubectl (hack/cluster.sh); make cluster-down"
 	@echo "make crds        regenerate crds/ from the models"
 	@echo "make lint        ruff check + format check; make typecheck: mypy --strict"

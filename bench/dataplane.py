@@ -460,7 +460,9 @@ def versions() -> dict[str, str]:
         )
 
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model")), "?")
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?"
+    )
     return {
         "machine": f"{os.cpu_count()} CPUs ({cpu}), {platform.system()} {platform.release()}",
         "python": platform.python_version(),

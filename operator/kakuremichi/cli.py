@@ -137,10 +137,12 @@ def _cmd_operator(args: argparse.Namespace) -> int:
             heartbeat_timeout=args.heartbeat_timeout,
             system_namespace=args.system_namespace,
             **({"edge_image": args.edge_image} if args.edge_image else {}),
+            edge_ca_file=args.edge_ca_file,
             control_tls_cert=args.control_tls_cert,
             control_tls_key=args.control_tls_key,
             webhook_listen=args.webhook_listen,
             webhook_host=args.webhook_host,
+            webhook_service=args.webhook_service,
             **({"webhook_cert_dir": args.webhook_cert_dir} if args.webhook_cert_dir else {}),
             acme_directory=args.acme_directory,
             acme_email=args.acme_email,
@@ -158,6 +160,18 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"kakuremichi operator: --subnet-pool/--exclude-cidr: {error}", file=sys.stderr)
         return 2
+    if args.edge_ca_file is not None and not args.edge_ca_file.is_file():
+        print(f"kakuremichi operator: --edge-ca-file {args.edge_ca_file}: no such file",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if args.webhook_service:
+        from kakuremichi.control.webhook import ServiceReference
+
+        try:
+            ServiceReference.parse(args.webhook_service)
+        except ValueError as error:
+            print(f"kakuremichi operator: --webhook-service: {error}", file=sys.stderr)
+            return 2
     asyncio.run(control_main.run(settings, liveness_endpoint=args.liveness))
     return 0
 
@@ -196,6 +210,7 @@ def _cmd_edge(args: argparse.Namespace) -> int:
             control_url=args.control_url or "",
             api_key=api_key,
             ca_file=args.ca_file,
+            ca_pem=os.environ.get("KAKUREMICHI_CONTROL_CA") or None,
             private_key_file=args.private_key_file,
             wireguard_interface=args.wireguard_interface or f"km{role}0",
             wireguard_mode=args.wireguard_mode,
@@ -247,7 +262,8 @@ def _add_edge_parser(commands: Any, role: str, help_text: str, metrics_port: int
     )  # fmt: skip
     edge.add_argument(
         "--ca-file", type=Path, metavar="PATH",
-        help="CA bundle to trust for an https control URL (besides the system's)",
+        help="CA bundle to trust for an https control URL (besides the system's; "
+        "or the PEM itself in KAKUREMICHI_CONTROL_CA)",
     )  # fmt: skip
     edge.add_argument(
         "--wireguard-interface", metavar="NAME",
@@ -378,12 +394,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="name or address the API server dials for the webhook (its certificate's SAN)",
     )  # fmt: skip
     operator.add_argument(
+        "--webhook-service", metavar="NAMESPACE/NAME:PORT",
+        help="register the webhook by this Service (in a cluster) instead of --webhook-host",
+    )  # fmt: skip
+    operator.add_argument(
         "--webhook-cert-dir", type=Path, metavar="DIR",
         help="where the webhook's generated serving certificate is written (a private folder)",
     )  # fmt: skip
     operator.add_argument(
         "--edge-image", metavar="IMAGE", help="image of gateway DaemonSets and agent sidecars"
     )
+    operator.add_argument(
+        "--edge-ca-file", type=Path, metavar="FILE",
+        help="CA (PEM) in-cluster edges trust for --control-url (a private CA, e.g. the chart's)",
+    )  # fmt: skip
     operator.add_argument(
         "--heartbeat-timeout", type=float, default=30.0, metavar="SECONDS",
         help="an edge silent this long is disconnected and marked offline",

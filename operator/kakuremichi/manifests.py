@@ -22,6 +22,7 @@ CREDENTIALS_MOUNT = "/etc/kakuremichi"
 API_KEY_FILE = f"{CREDENTIALS_MOUNT}/apiKey"
 PRIVATE_KEY_FILE = f"{CREDENTIALS_MOUNT}/wireguardPrivateKey"
 SIDECAR_NAME = "kakuremichi-agent"
+CONTROL_CA_ENV = "KAKUREMICHI_CONTROL_CA"
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,11 @@ class EdgeImage:
     image: str
     control_url: str
     pull_policy: str = "IfNotPresent"
+    control_ca: str | None = None
+    """PEM of the CA the edges trust for ``control_url`` (a private CA), if any."""
+
+    def env(self) -> list[dict[str, Any]]:
+        return [{"name": CONTROL_CA_ENV, "value": self.control_ca}] if self.control_ca else []
 
 
 def _resources() -> dict[str, Any]:
@@ -86,7 +92,10 @@ def gateway_daemonset(
             "--wireguard-port",
             str(ports.wireguard),
         ],
-        "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+        "env": [
+            {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+            *edge.env(),
+        ],
         "ports": [
             {
                 "name": "http",
@@ -191,6 +200,7 @@ def agent_sidecar(credentials_secret: str, edge: EdgeImage) -> Sidecar:
             "--private-key-file",
             PRIVATE_KEY_FILE,
         ],
+        **({"env": edge.env()} if edge.control_ca else {}),
         "securityContext": {  # root for NET_ADMIN, as for gateways
             "runAsUser": 0,
             "runAsNonRoot": False,

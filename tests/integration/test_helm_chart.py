@@ -115,9 +115,8 @@ def test_chart_lints_and_renders(helm: Helm, variant: str) -> None:
     if variant == "defaults":
         assert "--all-namespaces" in args
         assert "--control-url=https://km-kakuremichi.kmsys.svc:8480" in args
-        # The webhook Service's ClusterIP (kube-apiserver does not resolve cluster DNS names).
-        assert "--webhook-host=$(KM_KAKUREMICHI_WEBHOOK_SERVICE_HOST)" in args
-        assert only(docs, "Deployment")["spec"]["template"]["spec"]["enableServiceLinks"] is True
+        # Registered by Service reference: the API server resolves it (not cluster DNS).
+        assert "--webhook-service=kmsys/km-kakuremichi-webhook:9443" in args
         assert service["spec"]["type"] == "ClusterIP"
         assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "km-kakuremichi-data"
         # No webhook configuration of our own: the operator (kopf) manages it.
@@ -272,11 +271,9 @@ def installed(
             (tmp_path / name).chmod(0o600)
         port, liveness = ports.free_port(), ports.free_port()
         env = kubelet_env(kube, system)
-        # In a Pod, the API server would dial the webhook Service's ClusterIP.
+        # In a Pod, the API server would call the webhook through its Service.
         in_pod = localize(chart_container["args"], env, {})
-        webhook_ip = kube.kubectl("get", "service", f"{fullname}-webhook", "-n", system,
-                                  "-o", "jsonpath={.spec.clusterIP}")  # fmt: skip
-        assert flag_value(in_pod, "--webhook-host") == webhook_ip
+        assert flag_value(in_pod, "--webhook-service") == f"{system}/{fullname}-webhook:9443"
         assert flag_value(in_pod, "--system-namespace") == system
         args = localize(
             chart_container["args"],
@@ -286,8 +283,10 @@ def installed(
                 "--control-listen": f"127.0.0.1:{port}",
                 "--control-tls-cert": str(tmp_path / "tls.crt"),
                 "--control-tls-key": str(tmp_path / "tls.key"),
+                "--edge-ca-file": str(tmp_path / "ca.crt"),
                 "--webhook-listen": f"127.0.0.1:{ports.free_port()}",
-                "--webhook-host": "127.0.0.1",  # no kube-proxy here: dial the process itself
+                # No kube-proxy here: the API server dials the process itself, by URL.
+                "--webhook-service": "",
                 "--webhook-cert-dir": str(tmp_path / "webhook"),
                 "--liveness": f"http://127.0.0.1:{liveness}/healthz",
             },

@@ -118,3 +118,12 @@ def test_edges_refuse_to_start_without_a_key_or_with_a_bad_url(
                  "--private-key-file", str(bad_key)])  # fmt: skip
     assert code == 2
     assert "not a WireGuard key" in capsys.readouterr().err
+
+
+def test_operator_refuses_a_bad_webhook_service_or_a_missing_edge_ca(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main(["operator", "--webhook-service", "kakuremichi/webhook"]) == 2
+    assert "--webhook-service: expected NAMESPACE/NAME:PORT" in capsys.readouterr().err
+    assert main(["operator", "--edge-ca-file", str(tmp_path / "missing.pem")]) == 2
+    assert "--edge-ca-file" in capsys.readouterr().err

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from kakuremichi.manifests import (
     API_KEY_FILE,
     SIDECAR_NAME,
@@ -89,3 +91,27 @@ def test_pod_patch_adds_sidecar_and_volumes_once() -> None:
     ]
     pod["spec"]["containers"].append(appended[0]["value"])
     assert agent_pod_patch(pod, "kakuremichi-agent-home", EDGE) == []
+
+
+def test_a_private_control_ca_reaches_gateways_and_sidecars_as_an_environment_variable() -> None:
+    from kakuremichi.manifests import CONTROL_CA_ENV, agent_sidecar, gateway_daemonset
+    from kakuremichi.resources import GatewaySpec
+
+    edge = EdgeImage(image="edge:test", control_url="https://control.svc:8480", control_ca="PEM")
+    daemonset = gateway_daemonset("pool", "uid", GatewaySpec(), edge, "system", "pool-secret")
+    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
+    assert {"name": CONTROL_CA_ENV, "value": "PEM"} in container["env"]
+    sidecar = agent_sidecar("credentials", edge).container
+    assert sidecar["env"] == [{"name": CONTROL_CA_ENV, "value": "PEM"}]
+    assert "env" not in agent_sidecar("credentials", EDGE).container
+
+
+def test_a_webhook_service_reference_names_the_service_and_its_certificate() -> None:
+    from kakuremichi.control.webhook import ServiceReference
+
+    service = ServiceReference.parse("kakuremichi/km-webhook:9443")
+    assert (service.namespace, service.name, service.port) == ("kakuremichi", "km-webhook", 9443)
+    assert service.host == "km-webhook.kakuremichi.svc"
+    for bad in ("km-webhook:9443", "kakuremichi/km-webhook", "ns/name:port"):
+        with pytest.raises(ValueError, match="NAMESPACE/NAME:PORT"):
+            ServiceReference.parse(bad)

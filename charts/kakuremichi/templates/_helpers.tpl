@@ -61,14 +61,6 @@ app.kubernetes.io/part-of: kakuremichi
 {{/* What the API server dials for the webhook. Not the Service's DNS name: kube-apiserver
 does not resolve cluster DNS. By default the webhook Service's ClusterIP, which the kubelet puts
 into the Pod's environment (service links) and expands in the args. */}}
-{{- define "kakuremichi.webhookHost" -}}
-{{- if .Values.webhook.host }}
-{{- .Values.webhook.host }}
-{{- else }}
-{{- printf "$(%s_SERVICE_HOST)" (printf "%s-webhook" (include "kakuremichi.fullname" .) | upper | replace "-" "_") }}
-{{- end }}
-{{- end }}
-
 {{/* The URL edges dial: controlUrl, else the Ingress's, else the in-cluster Service's. */}}
 {{- define "kakuremichi.controlUrl" -}}
 {{- if .Values.controlUrl }}

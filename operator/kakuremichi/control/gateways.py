@@ -194,7 +194,7 @@ async def reconcile_pool(
     owner = {"apiVersion": body["apiVersion"], "kind": body["kind"],
              "metadata": {"name": name, "uid": meta.uid}}  # fmt: skip
     context.state.add_pool(GatewayPool(uid, name, owner, spec), api_key)
-    edge = manifests.EdgeImage(context.settings.edge_image, context.settings.control_url)
+    edge = context.settings.edge()
     await context.kube.apply_daemonset(
         manifests.gateway_daemonset(name, meta.uid, spec, edge, namespace, secret_name)
     )

@@ -66,11 +66,13 @@ def build_registry(context: Context) -> kopf.OperatorRegistry:
         settings.persistence.finalizer = f"{PREFIX}/finalizer"
         settings.posting.level = logging.INFO
         if context.settings.webhook_listen:
+            service = context.settings.webhook_service
             webhook.configure(
                 settings,
                 context.settings.webhook_listen,
                 context.settings.webhook_host,
                 context.settings.webhook_cert_dir,
+                webhook.ServiceReference.parse(service) if service else None,
             )
         await agents.restore_allocations(context)
         await gateways.restore_indexes(context)

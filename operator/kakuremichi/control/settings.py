@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kakuremichi import __version__
 from kakuremichi.addressing import SubnetPool
+from kakuremichi.manifests import EdgeImage
 
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
@@ -31,6 +32,10 @@ class ControlSettings(BaseModel):
     subnet_first: int = 1
     subnet_last: int = 254
     subnet_excluded: tuple[str, ...] = ()
+    edge_ca_file: Path | None = None
+    """CA bundle (PEM) that in-cluster edges trust for ``control_url``: put into the gateway
+    DaemonSets and agent sidecars as ``KAKUREMICHI_CONTROL_CA`` (a CA is public; this spares
+    copying a Secret into every namespace)."""
     edge_image: str = f"kakuremichi/edge:{__version__}"
     """Image of the gateway DaemonSets and agent sidecars."""
     system_namespace: str = "default"
@@ -39,6 +44,9 @@ class ControlSettings(BaseModel):
     """Namespaces to watch; empty means the whole cluster."""
     webhook_listen: str | None = None
     """host:port of the sidecar-injection webhook; None disables it."""
+    webhook_service: str | None = None
+    """``NAMESPACE/NAME:PORT`` of a Service in front of the webhook: registered by Service
+    reference (in a cluster), instead of ``https://webhook_host:port``."""
     webhook_host: str = "127.0.0.1"
     """The name or address the API server uses to reach the webhook (in its certificate)."""
     webhook_cert_dir: Path | None = None
@@ -62,6 +70,11 @@ class ControlSettings(BaseModel):
     """First delay after a failed attempt; each failure doubles it, up to an hour."""
     heartbeat_timeout: float = Field(default=30.0, gt=0)
     """Seconds of silence after which an edge is offline."""
+
+    def edge(self) -> EdgeImage:
+        """What the operator renders into gateway DaemonSets and agent sidecars."""
+        ca = self.edge_ca_file.read_text() if self.edge_ca_file else None
+        return EdgeImage(self.edge_image, self.control_url, control_ca=ca)
 
     def subnet_pool(self) -> SubnetPool:
         return SubnetPool.parse(self.subnet_first, self.subnet_last, self.subnet_excluded)

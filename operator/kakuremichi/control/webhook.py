@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -87,20 +88,66 @@ def serving_certificate(directory: Path, host: str, days: int = 365) -> ServingC
     return ServingCertificate(certfile, keyfile, ca.public_bytes(serialization.Encoding.PEM))
 
 
+@dataclass(frozen=True)
+class ServiceReference:
+    """A Service in front of the webhook: ``NAMESPACE/NAME:PORT``."""
+
+    namespace: str
+    name: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> ServiceReference:
+        namespace, slash, rest = text.partition("/")
+        name, colon, port = rest.partition(":")
+        if not (slash and namespace and name and colon and port.isdigit()):
+            raise ValueError(f"expected NAMESPACE/NAME:PORT, got {text!r}")
+        return cls(namespace, name, int(port))
+
+    @property
+    def host(self) -> str:
+        """The name the API server verifies in the serving certificate."""
+        return f"{self.name}.{self.namespace}.svc"
+
+
+class ServiceWebhookServer(kopf.WebhookServer):
+    """Registers the webhook by Service reference instead of URL: the API server resolves a
+    Service itself, where it could not resolve a cluster DNS name in a URL."""
+
+    def __init__(self, service: ServiceReference, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.service = service
+
+    async def __call__(self, fn: Any) -> AsyncIterator[Any]:
+        async for config in super().__call__(fn):
+            reference = {"namespace": self.service.namespace, "name": self.service.name,
+                         "port": self.service.port, "path": ""}  # fmt: skip
+            yield {"service": reference, **({"caBundle": config["caBundle"]}
+                                             if "caBundle" in config else {})}  # fmt: skip
+
+
 def configure(
-    settings: kopf.OperatorSettings, listen: str, host: str, cert_dir: Path | None
+    settings: kopf.OperatorSettings,
+    listen: str,
+    host: str,
+    cert_dir: Path | None,
+    service: ServiceReference | None = None,
 ) -> None:
-    """Serve the webhook on ``listen``; the API server reaches it at ``host``."""
+    """Serve the webhook on ``listen``; the API server reaches it through ``service`` when
+    given, else at ``host``."""
     address, _, port = listen.rpartition(":")
     cert_dir = cert_dir or Path(tempfile.mkdtemp(prefix="kakuremichi-webhook-"))
-    certificate = serving_certificate(cert_dir, host)
-    settings.admission.server = kopf.WebhookServer(
-        addr=address.strip("[]") or None,
-        port=int(port),
-        host=host,
-        certfile=certificate.certfile,
-        pkeyfile=certificate.keyfile,
-        cadata=certificate.ca_pem,
+    certificate = serving_certificate(cert_dir, service.host if service else host)
+    options: dict[str, Any] = {
+        "addr": address.strip("[]") or None,
+        "port": int(port),
+        "host": host,
+        "certfile": certificate.certfile,
+        "pkeyfile": certificate.keyfile,
+        "cadata": certificate.ca_pem,
+    }
+    settings.admission.server = (
+        ServiceWebhookServer(service, **options) if service else kopf.WebhookServer(**options)
     )
     settings.admission.managed = WEBHOOK_CONFIGURATION
 
@@ -135,7 +182,7 @@ def register(registry: kopf.OperatorRegistry, context: Context) -> None:
                 "replica, or a Deployment with strategy Recreate)",
                 code=409,
             )
-        edge = manifests.EdgeImage(context.settings.edge_image, context.settings.control_url)
+        edge = context.settings.edge()
         spec = body.get("spec", {})
         if any(c.get("name") == manifests.SIDECAR_NAME for c in spec.get("containers", [])):
             return  # already there (a re-created Pod, or the user wrote it in)

@@ -77,6 +77,8 @@ class ControlClient:
         context = ssl.create_default_context()
         if self.settings.ca_file is not None:
             context.load_verify_locations(cafile=str(self.settings.ca_file))
+        if self.settings.ca_pem:
+            context.load_verify_locations(cadata=self.settings.ca_pem)
         return context
 
     async def run_forever(self) -> None:

@@ -24,6 +24,8 @@ class EdgeSettings(BaseModel):
     ca_file: Path | None = None
     """CA bundle to trust for an https control URL, besides the system's (SSL_CERT_FILE works
     too)."""
+    ca_pem: str | None = None
+    """The same as PEM text (``KAKUREMICHI_CONTROL_CA``, set by the operator's manifests)."""
     private_key_file: Path | None = None
     """WireGuard private key; without it, the key control sends over TLS or loopback."""
     wireguard_interface: str = Field(default="kakuremichi0", max_length=15)
