@@ -199,7 +199,7 @@ def test_syntax_and_help(script: Path) -> None:
 
 def test_make_targets() -> None:
     result = subprocess.run(
-        ["make", "--no-print-directory", "-n", "kind-up", "kind-down"], cwd=REPO, capture_output=True, text=True,
-        check=True, env={**os.environ, "MAKEFLAGS": ""},
+        ["make", "--no-print-directory", "-n", "kind-up", "kind-down"], cwd=REPO,
+        capture_output=True, text=True, check=True, env={**os.environ, "MAKEFLAGS": ""},
     )  # fmt: skip
     assert result.stdout.split() == ["hack/kind-up.sh", "hack/kind-down.sh"]
