@@ -60,7 +60,7 @@ test-e2e: deps binaries $(STAMP)
 
 test: deps binaries $(STAMP) lint typecheck
 	$(BIN)/kakuremichi crds --check crds
-	$(BIN)/pytest tests
+	$(BIN)/pytest tests/unit tests/integration tests/e2e  # fastest tier first
 
 # Benchmarks (not part of the test suite): root; installs nginx and wrk; writes bench/RESULTS.md.
 bench: deps binaries $(STAMP)

@@ -11,7 +11,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from kakuremichi.tls_material import CertificateProblem, covers, inspect
 from tests.infra.tlsgen import TestCA
 
-NOW = datetime.now(UTC)
+
+def now() -> datetime:
+    """Read per test: a module-level "now" goes stale when the suite runs for minutes."""
+    return datetime.now(UTC)
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +25,17 @@ def ca() -> TestCA:
 def test_valid_material_is_described(ca: TestCA) -> None:
     issued = ca.issue("app.example.com", valid_for=timedelta(days=90))
     chain = (issued.certificate_pem + ca.pem).encode()
-    info = inspect(chain, issued.private_key_pem.encode(), "app.example.com", NOW)
+    info = inspect(chain, issued.private_key_pem.encode(), "app.example.com", now())
     assert info.dns_names == ("app.example.com",)
-    assert info.not_before < NOW < info.not_after
+    assert info.not_before < now() < info.not_after
     assert info.renewal_time() == info.not_before + (info.not_after - info.not_before) * 2 / 3
 
 
 def test_wildcard_certificates_cover_one_level(ca: TestCA) -> None:
     issued = ca.issue("*.example.com")
-    inspect(issued.certificate_pem.encode(), issued.private_key_pem.encode(), "a.example.com", NOW)
+    inspect(
+        issued.certificate_pem.encode(), issued.private_key_pem.encode(), "a.example.com", now()
+    )
     assert covers("*.example.com", "a.example.com")
     assert not covers("*.example.com", "a.b.example.com")
     assert not covers("*.example.com", "example.com")
@@ -68,12 +73,12 @@ def test_problems_say_what_to_fix(ca: TestCA, case: str, reason: str, message: s
         chain, key = other.certificate_pem.encode(), other.private_key_pem.encode()
     elif case == "expired":
         old = ca.issue(
-            "app.example.com", not_before=NOW - timedelta(days=10), valid_for=timedelta(days=1)
+            "app.example.com", not_before=now() - timedelta(days=10), valid_for=timedelta(days=1)
         )
         chain, key = old.certificate_pem.encode(), old.private_key_pem.encode()
     elif case == "future":
-        later = ca.issue("app.example.com", not_before=NOW + timedelta(days=1))
+        later = ca.issue("app.example.com", not_before=now() + timedelta(days=1))
         chain, key = later.certificate_pem.encode(), later.private_key_pem.encode()
     with pytest.raises(CertificateProblem, match=message) as problem:
-        inspect(chain, key, "app.example.com", NOW)
+        inspect(chain, key, "app.example.com", now())
     assert problem.value.reason == reason
