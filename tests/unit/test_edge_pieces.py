@@ -142,3 +142,18 @@ def test_unchanged_certificates_are_not_reloaded_and_bad_ones_are_refused() -> N
     with pytest.raises(CertificateError, match=r"a\.example\.com"):
         contexts.prepare([broken])
     assert contexts.domains() == {"a.example.com"}  # still serving the last good one
+
+
+def test_edges_lift_their_open_file_limit_to_the_hard_limit() -> None:
+    import resource
+
+    from kakuremichi.edge.runtime import raise_file_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+        raised = raise_file_limit()
+        assert raised == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert raised == hard or hard == resource.RLIM_INFINITY
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -176,7 +176,8 @@ class AcmeIssuer:
             log.warning("ACME for %s/%s: %s", namespace, name, message)
             await kube.patch_status(CERTIFICATE, namespace, name, {
                 "failedAttempts": failures,
-                "nextAttemptAt": (now + timedelta(seconds=delay)).isoformat(),
+                # (From now, not from the attempt's start: it may have taken a while.)
+                "nextAttemptAt": (datetime.now(UTC) + timedelta(seconds=delay)).isoformat(),
             })  # fmt: skip
             await self._event(body, True, problem.reason, message)
             return delay

@@ -64,7 +64,7 @@ class ControlClient:
     def __init__(self, settings: EdgeSettings, edge: ConfigTarget) -> None:
         self.settings = settings
         self.edge = edge
-        self.api_key = settings.api_key.get_secret_value()
+        self.initial_key = self.api_key = settings.api_key.get_secret_value()
         self.node_name = settings.node_name
         self.applied_version = -1
         self.heartbeat_seconds = protocol.DEFAULT_HEARTBEAT_SECONDS
@@ -126,7 +126,11 @@ class ControlClient:
                 beats.cancel()
                 await asyncio.gather(beats, return_exceptions=True)
             code = socket.close_code
-            if code == protocol.CLOSE_UNAUTHORIZED:
+            if code == protocol.CLOSE_UNAUTHORIZED and self.api_key != self.initial_key:
+                # The node's own key is gone (its Gateway was re-created): be admitted again.
+                log.warning("control refused this node's key; presenting the pool's key again")
+                self.api_key, self.node_name = self.initial_key, self.settings.node_name
+            elif code == protocol.CLOSE_UNAUTHORIZED:
                 log.error("control refused this edge's API key (close code %s)", code)
             elif code is not None:
                 log.warning("control closed the channel (code %s)", code)

@@ -7,6 +7,7 @@ import base64
 import contextlib
 import logging
 import platform
+import resource
 import signal
 import socket
 import time
@@ -195,6 +196,7 @@ class EdgeRuntime(ConfigTarget):
 
     async def start(self) -> None:
         """Bring up WireGuard and /metrics before control is dialled."""
+        raise_file_limit()
         self.wireguard = await self._open_wireguard()
         self.stats.wireguard_mode = self.wireguard.mode
         await self._serve_metrics()
@@ -226,3 +228,17 @@ class EdgeRuntime(ConfigTarget):
 
     def background_tasks(self) -> list[asyncio.Task[Any]]:
         return []
+
+
+def raise_file_limit() -> int:
+    """Every connection is a file descriptor (two on the gateway): lift the soft limit (often
+    1024) to the hard one, as nginx's worker_rlimit_nofile would."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            log.warning("could not raise the open-file limit above %d", soft)
+    return soft
