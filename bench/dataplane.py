@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -405,12 +405,99 @@ spec:
 """
 
 
+IDLE_CLIENT = """
+import asyncio, resource, ssl, sys
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+tls = ssl.create_default_context()
+tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+request = f"GET /1k HTTP/1.1\\r\\nHost: {host}\\r\\n\\r\\n".encode()
+async def one(limit):
+    async with limit:
+        reader, writer = await asyncio.open_connection(host, port, ssl=tls)
+        writer.write(request)
+        await reader.readuntil(b"\\r\\n\\r\\n")
+        await reader.readexactly(1024)
+        return writer
+async def main():
+    limit = asyncio.Semaphore(200)
+    writers = await asyncio.gather(*(one(limit) for _ in range(count)))
+    print("open", len(writers), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+asyncio.run(main())
+"""
+
+
+def rss_kib(pids: Sequence[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def edge_pids(namespace: str, role: str) -> list[int]:
+    """The ``kakuremichi <role>`` processes in ``namespace``."""
+    found = []
+    for pid in sh("ip", "netns", "pids", namespace).split():
+        with contextlib.suppress(OSError):
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if any(part.endswith(b"kakuremichi") for part in command) and role.encode() in command:
+                found.append(int(pid))
+    return found
+
+
+def nginx_pids(name: str) -> list[int]:
+    master = int((WORK / f"{name}.pid").read_text())
+    children = sh("pgrep", "-P", str(master), check=False).split()
+    return [master, *map(int, children)]
+
+
+def idle_connection_kib(count: int) -> dict[str, float]:
+    """Memory per idle keep-alive TLS connection: RSS growth with ``count`` connections that
+    each made one request, divided by ``count``."""
+    results = {}
+
+    def kakuremichi() -> list[int]:
+        return edge_pids(demo.GATEWAY_NS, "gateway") + edge_pids(demo.AGENT_NS, "agent")
+
+    def hand_built() -> list[int]:
+        return nginx_pids("hand-built")
+
+    setups: dict[str, tuple[Callable[[], list[int]], int]] = {
+        "kakuremichi": (kakuremichi, 443),
+        "hand-built": (hand_built, HAND_BUILT_PORT),
+    }
+    for variant, (pids, port) in setups.items():
+        before = rss_kib(pids())
+        client = subprocess.Popen(
+            ["ip", "netns", "exec", CLIENT_NS, sys.executable, "-c", IDLE_CLIENT, DOMAIN,
+             str(port), str(count)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert client.stdout is not None
+        assert client.stdin is not None
+        line = client.stdout.readline()
+        if line.startswith("open"):
+            time.sleep(1)
+            results[variant] = (rss_kib(pids()) - before) / count
+        client.stdin.write("\n")
+        client.stdin.flush()
+        client.wait(timeout=60)
+        progress(f"  {variant:18} {results.get(variant, float('nan')):.1f} KiB per idle connection")
+        time.sleep(2)
+    return results
+
+
 # --- reporting -----------------------------------------------------------------------------------
 
 RATIOS = (
     ("rps", "routed"), ("mib_s", "routed"),
     ("rps", "hand-built"), ("mib_s", "hand-built"), ("p99_ms", "hand-built"),
-    ("new_tls_per_s", "hand-built"),
+    ("new_tls_per_s", "hand-built"), ("idle_kib", "hand-built"),
 )  # fmt: skip
 
 
@@ -436,9 +523,12 @@ def ratio_lines(figures: Figures) -> list[str]:
 
 
 def table(figures: Figures) -> str:
-    columns = ("rps", "p50_ms", "p99_ms", "new_tls_per_s", "mib_s")
-    header = "| variant | req/s | p50 ms | p99 ms | new TLS/s | MiB/s (100 MiB) |"
-    rows = [header, "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    columns = ("rps", "p50_ms", "p99_ms", "new_tls_per_s", "mib_s", "idle_kib")
+    header = (
+        "| variant | req/s | p50 ms | p99 ms | new TLS/s | MiB/s (100 MiB) "
+        "| KiB per idle TLS connection |"
+    )
+    rows = [header, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for variant in (*VARIANTS, *PLAIN_VARIANTS):
         cells = []
         for column in columns:
@@ -507,6 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=8, help="per wrk run")
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--idle", type=int, default=10000, help="idle connections for memory")
     parser.add_argument("--keep", action="store_true", help="leave the demo up afterwards")
     parser.add_argument("--reuse-demo", action="store_true", help="use a demo that is already up")
     args = parser.parse_args(argv)
@@ -524,6 +615,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for number in range(1, args.rounds + 1):
             progress(f"round {number}/{args.rounds}")
             measure_round(figures, args.seconds, args.connections)
+        progress(f"memory with {args.idle} idle keep-alive TLS connections")
+        for variant, kib in idle_connection_kib(args.idle).items():
+            figures.add(variant, "idle_kib", kib)
         first = time_to_first_response()
         text = write_results(figures, args.rounds, args.seconds, args.connections, first)
         print(text)
