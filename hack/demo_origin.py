@@ -1,7 +1,7 @@
 """The demo origin: what a user runs behind an agent. ``python demo_origin.py HOST PORT``.
 
-``make demo`` (hack/demo.py) runs it in the agent's network namespace; it is a copy of the
-end-to-end tests' origin (tests/e2e/origin.py), so the demo depends on no test code.
+``make demo`` (hack/demo.py) runs it in the agent's network namespace; the end-to-end tests
+run it too (tests/e2e/origin.py only swaps the page at ``/``).
 
 - ``/`` a page saying how the request got here;
 - ``/headers`` answers with the request's method, path and headers as JSON;
@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Awaitable, Callable
 
 from aiohttp import WSMsgType, web
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 PATTERN = bytes(range(256)) * 256  # 64 KiB
 
@@ -97,9 +100,9 @@ async def events(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def app() -> web.Application:
+def app(root: Handler = hello) -> web.Application:
     application = web.Application()
-    application.router.add_get("/", hello)
+    application.router.add_get("/", root)
     application.router.add_get("/headers", headers)
     application.router.add_get("/bytes/{size:\\d+}", stream_bytes)
     application.router.add_post("/echo", echo)

@@ -274,12 +274,13 @@ class AcmeSession:
             raise _problem(error) from None
         return str(orderr.fullchain_pem)
 
-    def renewal_window_start(self, chain_pem: str) -> datetime | None:
-        """The server's suggested renewal time (ARI), or None when it offers none."""
+    def renewal_window_start(self, chain_pem: str) -> tuple[datetime | None, datetime | None]:
+        """The server's suggested renewal time (ARI) and when to ask again; (None, None) when
+        it offers none."""
         if "renewalInfo" not in self.directory:
-            return None
+            return None, None
         try:
-            suggested, _ = self.acme.renewal_time(chain_pem.encode())
+            suggested, recheck = self.acme.renewal_time(chain_pem.encode())
         except Exception:
-            return None
-        return suggested
+            return None, None
+        return suggested, recheck

@@ -61,6 +61,8 @@ class AcmeIssuer:
         self.tasks: dict[Key, asyncio.Task[None]] = {}
         self.wake: dict[Key, asyncio.Event] = {}
         self.verdicts: dict[Key, CertificateVerdict] = {}
+        self._ari: dict[Key, tuple[str, datetime | None, datetime]] = {}
+        """Per Certificate: (chain, ARI's suggested renewal, when to ask again)."""
         self._session: AcmeSession | None = None
         self._session_lock = asyncio.Lock()
 
@@ -89,6 +91,7 @@ class AcmeIssuer:
             await asyncio.gather(task, return_exceptions=True)
         self.wake.pop(key, None)
         self.verdicts.pop(key, None)
+        self._ari.pop(key, None)
         self.context.state.set_challenge(key, None)
 
     async def close(self) -> None:
@@ -152,10 +155,13 @@ class AcmeIssuer:
         current = await self._current(namespace, spec, now)
         if current is not None:
             chain, info = current
-            due = await self._renewal_due(chain, info)
-            if not spec.auto_renew or now < due:
+            if not spec.auto_renew:
                 self.verdicts.pop(key, None)
-                return (due - now).total_seconds() if spec.auto_renew else MAX_SLEEP_SECONDS
+                return MAX_SLEEP_SECONDS
+            due = await self._renewal_due(key, chain, info)
+            if now < due:
+                self.verdicts.pop(key, None)
+                return (due - now).total_seconds()
         if status.next_attempt_at is not None and now < status.next_attempt_at:
             return (status.next_attempt_at - now).total_seconds()
         if not self._online_gateways():
@@ -203,14 +209,21 @@ class AcmeIssuer:
         except CertificateProblem:
             return None
 
-    async def _renewal_due(self, chain: str, info: CertificateInfo) -> datetime:
-        due = info.renewal_time()
-        try:
-            session = await self.session()
-            suggested = await asyncio.to_thread(session.renewal_window_start, chain)
-        except AcmeProblem:
-            suggested = None
-        return suggested if suggested is not None else due
+    async def _renewal_due(self, key: Key, chain: str, info: CertificateInfo) -> datetime:
+        """ARI's suggestion when the server offers one (asked again only when it says so),
+        else 2/3 of the lifetime."""
+        cached = self._ari.get(key)
+        now = datetime.now(UTC)
+        if cached is None or cached[0] != chain or now >= cached[2]:
+            try:
+                session = await self.session()
+                suggested, recheck = await asyncio.to_thread(session.renewal_window_start, chain)
+            except AcmeProblem:
+                suggested, recheck = None, None
+            cached = (chain, suggested, _aware(recheck) or now + timedelta(hours=6))
+            self._ari[key] = cached
+        suggested = _aware(cached[1])
+        return suggested if suggested is not None else info.renewal_time()
 
     def _online_gateways(self) -> list[tuple[str, int]]:
         """(public IP, HTTP port) of each connected gateway instance."""
@@ -331,3 +344,10 @@ class AcmeIssuer:
                 CERTIFICATE, meta.get("namespace", ""), meta.get("name", ""), meta.get("uid", ""),
                 warning, reason, message,
             )  # fmt: skip
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """The acme library mixes aware times with naive local ones (its "now")."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.astimezone(UTC)

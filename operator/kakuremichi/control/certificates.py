@@ -31,22 +31,22 @@ async def evaluate(
 ) -> tuple[CertificateVerdict, CertificateBundle | None, Any]:
     """The verdict on a Certificate, the bundle to serve (when good) and its details."""
     data = await context.kube.read_secret(namespace, spec.secret_name)
-    if spec.issuer == "ACME" and not _usable(data, spec.domain):
-        # Nothing to serve yet: the issuer says where it stands (Issuing, NoGatewayOnline, …).
-        return context.acme.verdict((namespace, name)), None, None
+    problem: CertificateVerdict | None = None
     if data is None:
-        return (
-            CertificateVerdict(
-                False, "SecretNotFound", f"Secret {namespace}/{spec.secret_name} does not exist"
-            ),
-            None,
-            None,
+        problem = CertificateVerdict(
+            False, "SecretNotFound", f"Secret {namespace}/{spec.secret_name} does not exist"
         )
-    chain, key = data.get("tls.crt", ""), data.get("tls.key", "")
-    try:
-        info = inspect(chain.encode(), key.encode(), spec.domain, datetime.now(UTC))
-    except CertificateProblem as problem:
-        return CertificateVerdict(False, problem.reason, str(problem)), None, None
+    else:
+        chain, key = data.get("tls.crt", ""), data.get("tls.key", "")
+        try:
+            info = inspect(chain.encode(), key.encode(), spec.domain, datetime.now(UTC))
+        except CertificateProblem as error:
+            problem = CertificateVerdict(False, error.reason, str(error))
+    if problem is not None:
+        if spec.issuer == "ACME":
+            # Nothing to serve yet: the issuer says where it stands (Issuing, NoGatewayOnline…).
+            return context.acme.verdict((namespace, name)), None, None
+        return problem, None, None
     bundle = CertificateBundle(domain=spec.domain, certificate=chain, private_key=key)
     verdict = CertificateVerdict(True, "Valid", f"valid until {info.not_after.isoformat()}")
     if spec.issuer == "ACME":
@@ -57,17 +57,6 @@ async def evaluate(
                 True, "RenewalFailed", f"{verdict.message}; renewal failed: {renewal.message}"
             )
     return verdict, bundle, info
-
-
-def _usable(data: dict[str, str] | None, domain: str) -> bool:
-    if not data:
-        return False
-    try:
-        inspect(data.get("tls.crt", "").encode(), data.get("tls.key", "").encode(), domain,
-                datetime.now(UTC))  # fmt: skip
-    except CertificateProblem:
-        return False
-    return True
 
 
 async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> None:

@@ -140,6 +140,7 @@ class Kube:
         data: Mapping[str, str],
         owner: Mapping[str, Any],
         labels: Mapping[str, str],
+        kind: str = "Opaque",
     ) -> bool:
         """Create the Secret owned by ``owner``; False when it already exists."""
         body = client.V1Secret(
@@ -149,7 +150,7 @@ class Kube:
                 labels=dict(labels),
                 owner_references=[_owner_reference(owner)],
             ),
-            type="Opaque",
+            type=kind,
             string_data=dict(data),
         )
         try:
@@ -180,17 +181,12 @@ class Kube:
         except ApiException as error:
             if error.status != 404:
                 raise
-        body = client.V1Secret(
-            metadata=client.V1ObjectMeta(
-                name=name,
-                namespace=namespace,
-                labels=dict(labels),
-                owner_references=[_owner_reference(owner)],
-            ),
-            type="kubernetes.io/tls",
-            string_data=data,
-        )
-        await asyncio.to_thread(self.core.create_namespaced_secret, namespace, body)
+        if not await self.create_secret(
+            namespace, name, data, owner, labels, kind="kubernetes.io/tls"
+        ):  # made meanwhile by someone else: update that one
+            await asyncio.to_thread(
+                self.core.patch_namespaced_secret, name, namespace, {"stringData": data}
+            )
 
     async def write_secret(
         self, namespace: str, name: str, data: Mapping[str, str], labels: Mapping[str, str]
