@@ -262,35 +262,5 @@ def encode(message: CamelModel) -> str:
 # --- Between a gateway and an agent, inside WireGuard ------------------------------------------
 
 RELAY_PORT = 8471
-"""The agent accepts the gateways' connections on its virtual IP at this port."""
-RELAY_MAGIC = b"KAKUREMICHI/1 "
-MAX_RELAY_PREAMBLE_BYTES = 300
-
-
-class RelayPreambleError(ValueError):
-    pass
-
-
-def relay_preamble(domain: str) -> bytes:
-    """The line a gateway sends first on each connection to an agent: which tunnel the
-    HTTP/1.1 bytes that follow belong to (a connection carries one tunnel's requests)."""
-    return RELAY_MAGIC + domain.encode("ascii") + b"\r\n"
-
-
-def parse_relay_preamble(buffer: bytes) -> tuple[str, int] | None:
-    """The domain and the preamble's length, or None while the line is incomplete."""
-    end = buffer.find(b"\n", 0, MAX_RELAY_PREAMBLE_BYTES)
-    if end < 0:
-        if len(buffer) >= MAX_RELAY_PREAMBLE_BYTES:
-            raise RelayPreambleError("preamble too long")
-        return None
-    line = buffer[:end].rstrip(b"\r")
-    if not line.startswith(RELAY_MAGIC):
-        raise RelayPreambleError("not a kakuremichi relay connection")
-    try:
-        domain = line[len(RELAY_MAGIC) :].decode("ascii")
-    except UnicodeDecodeError:
-        raise RelayPreambleError("domain is not ASCII") from None
-    if not domain or any(c.isspace() for c in domain):
-        raise RelayPreambleError("malformed domain")
-    return domain.lower(), end + 1
+"""The agent accepts the gateways' connections on its virtual IP at this port; their wire
+format is in :mod:`kakuremichi.edge.mux`."""

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from kakuremichi import protocol
 from kakuremichi.edge.control_client import MAX_BACKOFF_SECONDS, backoff_delay
 from kakuremichi.edge.https_proxy import host_name
 from kakuremichi.edge.pages import error_response
@@ -31,20 +30,6 @@ from tests.infra.tlsgen import TestCA
 )
 def test_host_header_names(header: bytes, name: str) -> None:
     assert host_name(header) == name
-
-
-def test_relay_preamble_round_trips_and_refuses_garbage() -> None:
-    line = protocol.relay_preamble("app.example.com")
-    assert protocol.parse_relay_preamble(line + b"GET / HTTP/1.1\r\n") == (
-        "app.example.com",
-        len(line),
-    )
-    assert protocol.parse_relay_preamble(line[:5]) is None  # incomplete: wait for more
-    for bad in (b"GET / HTTP/1.1\r\n", b"KAKUREMICHI/1 \r\n", b"KAKUREMICHI/1 a b\r\n"):
-        with pytest.raises(protocol.RelayPreambleError):
-            protocol.parse_relay_preamble(bad)
-    with pytest.raises(protocol.RelayPreambleError):
-        protocol.parse_relay_preamble(b"x" * protocol.MAX_RELAY_PREAMBLE_BYTES)
 
 
 def test_error_pages_are_complete_responses_that_close() -> None:

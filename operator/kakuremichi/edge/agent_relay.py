@@ -1,10 +1,10 @@
-"""The agent's data path: connections from gateways (inside WireGuard) to the tunnels' targets.
+"""The agent's data path: streams from gateways (inside WireGuard) to the tunnels' targets.
 
-Each gateway connection starts with a one-line preamble naming its tunnel
-(:func:`kakuremichi.protocol.relay_preamble`); the agent looks the tunnel up in its own config and
-connects to that tunnel's target, and to nothing else: a name it does not serve gets 404, a target
-that refuses or does not answer gets 502. After that, bytes are spliced both ways with
-backpressure and half-closes passed on; the gateway has already done the HTTP work.
+Gateways connect to the agent's virtual IP and open streams over that connection
+(:mod:`kakuremichi.edge.mux`), each naming its tunnel; the agent looks the tunnel up in its own
+config and connects to that tunnel's target, and to nothing else: a name it does not serve gets
+404, a target that refuses or does not answer gets 502. After that, bytes are spliced both ways
+with backpressure and half-closes passed on; the gateway has already done the HTTP work.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ import time
 from collections.abc import Mapping
 from typing import cast
 
+from kakuremichi.edge.mux import MuxConnection, MuxStream
 from kakuremichi.edge.pages import error_response
 from kakuremichi.edge.stats import EdgeStats
-from kakuremichi.protocol import RelayPreambleError, parse_relay_preamble
 
 TARGET_CONNECT_TIMEOUT = 5.0
-PREAMBLE_TIMEOUT = 10.0
 RESOLVE_TTL_SECONDS = 30.0
 log = logging.getLogger(__name__)
 
@@ -64,6 +63,7 @@ class AgentRelay:
         self.stats = stats
         self.targets: dict[str, str] = {}
         self.relays: set[GatewayConnection] = set()
+        self.connections: set[MuxConnection] = set()
         self.resolver = TargetResolver()
 
     def set_targets(self, targets: Mapping[str, str]) -> None:
@@ -75,69 +75,49 @@ class AgentRelay:
             if relay.domain in changed:
                 relay.close()
 
-    def protocol(self) -> GatewayConnection:
-        return GatewayConnection(self)
+    def protocol(self) -> MuxConnection:
+        """For each connection from a gateway."""
+        connection = MuxConnection(
+            accept=lambda domain: GatewayConnection(self, domain),
+            on_lost=self.connections.discard,
+        )
+        self.connections.add(connection)
+        return connection
 
     def close_all(self) -> None:
         for relay in list(self.relays):
             relay.close()
+        for connection in list(self.connections):
+            connection.close()
 
 
 class GatewayConnection(asyncio.Protocol):
-    def __init__(self, relay: AgentRelay) -> None:
+    """One stream from a gateway: one tunnel's bytes, to and from one target connection."""
+
+    def __init__(self, relay: AgentRelay, domain: str) -> None:
         self.relay = relay
         self.stats = relay.stats
-        self.transport: asyncio.Transport | None = None
+        self.domain = domain
+        self.transport: MuxStream | None = None
         self.target: TargetConnection | None = None
-        self.domain = ""
-        self.head = bytearray()
-        self.pending: list[bytes] | None = []
-        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, base)  # uvloop's transports are not subclasses
-        self.transport = transport
+        transport = self.transport = cast(MuxStream, base)
         self.stats.connections_total += 1
         self.stats.active_connections += 1
         self.relay.relays.add(self)
-        self.timer = asyncio.get_running_loop().call_later(PREAMBLE_TIMEOUT, self.close)
-
-    def data_received(self, data: bytes) -> None:
-        if self.target is not None and self.target.transport is not None:
-            self.target.transport.write(data)
-            self.stats.received_bytes[self.domain] += len(data)
-            return
-        if self.domain:
-            assert self.pending is not None
-            self.pending.append(data)  # still connecting to the target
-            self.stats.received_bytes[self.domain] += len(data)
-            return
-        self.head += data
-        try:
-            parsed = parse_relay_preamble(bytes(self.head))
-        except RelayPreambleError as error:
-            log.warning("refused a relay connection: %s", error)
-            self.stats.errors["bad_preamble"] += 1
-            self.close()
-            return
-        if parsed is None:
-            return
-        if self.timer is not None:
-            self.timer.cancel()
-        domain, length = parsed
-        rest = bytes(self.head[length:])
-        self.head = bytearray()
-        target = self.relay.targets.get(domain)
+        target = self.relay.targets.get(self.domain)
         if target is None:
             self.stats.errors["unknown_tunnel"] += 1
-            self.answer(404, f"No tunnel serves {domain} on this agent.")
+            self.answer(404, f"No tunnel serves {self.domain} on this agent.")
             return
-        self.domain = domain
-        assert self.pending is not None
-        if rest:
-            self.pending.append(rest)
-            self.stats.received_bytes[domain] += len(rest)
+        transport.pause_reading()  # until the target is connected: the stream holds the bytes
         asyncio.get_running_loop().create_task(self.connect(target))
+
+    def data_received(self, data: bytes) -> None:
+        self.stats.received_bytes[self.domain] += len(data)
+        if self.target is not None and self.target.transport is not None:
+            self.target.transport.write(data)
 
     async def connect(self, target: str) -> None:
         loop = asyncio.get_running_loop()
@@ -156,10 +136,7 @@ class GatewayConnection(asyncio.Protocol):
             connection.close()
             return
         self.target = connection
-        assert connection.transport is not None
-        if self.pending:
-            connection.transport.write(b"".join(self.pending))
-        self.pending = None
+        self.transport.resume_reading()
 
     def answer(self, code: int, detail: str) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -170,8 +147,6 @@ class GatewayConnection(asyncio.Protocol):
         return None  # gateways never half-close: a closed upstream is done with the target
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
         self.relay.relays.discard(self)
         self.stats.active_connections -= 1
         if self.target is not None:

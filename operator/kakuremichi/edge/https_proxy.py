@@ -1,19 +1,20 @@
 """The gateway's HTTPS data path: TLS in, HTTP/1.1 over WireGuard to the owning agent.
 
 Built for throughput (see issue 8): asyncio Protocols, no stream wrappers. Each client connection
-is bound to one upstream connection to the agent for as long as it has requests in flight, and
-idle upstream connections are kept per tunnel and reused. Only request heads are rebuilt (to set
-``X-Forwarded-*``, parsed by httptools in C); bodies are passed on as they arrive. Responses are
-passed through untouched: the response parser only watches them, to count status codes and to
-know when an upstream connection is idle again. After an ``Upgrade`` (WebSocket) both directions
-are spliced raw. Backpressure is end to end: a slow reader pauses the other side.
+is bound to one upstream stream to the agent for as long as it has requests in flight, and idle
+upstream streams are kept per tunnel and reused. Streams to one agent share one TCP connection
+(:mod:`kakuremichi.edge.mux`), so requests from many clients travel in shared segments. Only
+request heads are rebuilt (to set ``X-Forwarded-*``, parsed by httptools in C); bodies are
+passed on as they arrive. Responses are passed through untouched: the response parser only
+watches them, to count status codes and to know when an upstream stream is idle again. After
+an ``Upgrade`` (WebSocket) both directions are spliced raw. Backpressure is end to end: a slow
+reader pauses the other side.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import ssl
 import time
 from asyncio import Server
@@ -24,14 +25,11 @@ from typing import cast
 
 import httptools
 
+from kakuremichi.edge.mux import MuxDialer, MuxStream, PeerUnreachable
 from kakuremichi.edge.pages import error_response
 from kakuremichi.edge.stats import EdgeStats
-from kakuremichi.protocol import RELAY_PORT, relay_preamble
+from kakuremichi.protocol import RELAY_PORT
 
-UPSTREAM_CONNECT_TIMEOUT = 5.0
-"""An agent that does not accept within this gets the client a 502."""
-AGENT_SILENCE_MS = 5000
-"""Data to an agent unacknowledged this long: the connection is dead (TCP_USER_TIMEOUT)."""
 RESPONSE_TIMEOUT = 120.0
 """No byte of a response this long after the request: 504."""
 CLIENT_IDLE_TIMEOUT = 75.0
@@ -41,7 +39,6 @@ POOL_IDLE_TIMEOUT = 15.0
 """Idle upstream connections are dropped before typical origin keep-alive timeouts hit them."""
 MAX_IDLE_PER_TUNNEL = 256
 MAX_HEAD_BYTES = 64 * 1024
-CONNECTING_BUFFER_BYTES = 256 * 1024
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS"))
 log = logging.getLogger(__name__)
 
@@ -77,7 +74,7 @@ class HttpsProxy:
 
     def __init__(self, stats: EdgeStats, relay_port: int = RELAY_PORT) -> None:
         self.stats = stats
-        self.relay_port = relay_port
+        self.dialer = MuxDialer(relay_port)
         self.routes: dict[str, Route] = {}
         self.idle: dict[tuple[str, str], list[Upstream]] = {}
         self.clients: set[ClientConnection] = set()
@@ -86,6 +83,7 @@ class HttpsProxy:
         """Serve ``routes`` from the next request on; idle upstream connections toward a
         place a tunnel no longer goes are closed, all others are left alone."""
         self.routes = dict(routes)
+        self.dialer.keep_only({r.agent_ip for r in self.routes.values() if r.enabled})
         for key, idle in list(self.idle.items()):
             route = self.routes.get(key[1])
             if route is None or not route.enabled or route.agent_ip != key[0]:
@@ -106,7 +104,7 @@ class HttpsProxy:
                 upstream.reused = True
                 return upstream
         upstream = Upstream(self, key, client)
-        asyncio.get_running_loop().create_task(upstream.connect())
+        self.dialer.open_stream(route.agent_ip, route.domain, upstream)
         return upstream
 
     def release(self, upstream: Upstream) -> None:
@@ -120,6 +118,7 @@ class HttpsProxy:
             upstream.close()
             return
         upstream.idle_since = time.monotonic()
+        upstream.is_replay = False
         idle.append(upstream)
 
     def forget(self, upstream: Upstream) -> None:
@@ -147,6 +146,7 @@ class HttpsProxy:
             for upstream in idle:
                 upstream.close()
         self.idle.clear()
+        self.dialer.close_all()
 
 
 class ClientConnection(asyncio.Protocol):
@@ -349,12 +349,13 @@ class ClientConnection(asyncio.Protocol):
         if self.raw or upstream.response_started:
             self.close()
             return
-        if upstream.reused and all(p.replay is not None for p in upstream.pending):
-            # A kept-alive connection the agent had just closed: nothing was processed, so the
-            # requests go again on a fresh connection.
+        if upstream.may_replay and all(p.replay is not None for p in upstream.pending):
+            # A kept-alive stream the agent had just closed, or a connection that had died
+            # unnoticed: nothing was processed, so the requests go again, once, on a fresh one.
             route = self.proxy.routes.get(self.domain)
             if route is not None and route.enabled:
                 fresh = self.upstream = self.proxy.acquire(route, self)
+                fresh.is_replay = True
                 for pending in upstream.pending:
                     assert pending.replay is not None
                     fresh.send_request(pending.replay, pending.is_head, None)
@@ -386,16 +387,14 @@ class ClientConnection(asyncio.Protocol):
 
 
 class Upstream(asyncio.Protocol):
-    """A connection to an agent for one tunnel: HTTP/1.1 after a one-line preamble."""
+    """A stream to an agent for one tunnel, carrying HTTP/1.1."""
 
     def __init__(self, proxy: HttpsProxy, key: tuple[str, str], client: ClientConnection) -> None:
         self.proxy = proxy
         self.key = key
         self.domain = key[1]
         self.client: ClientConnection | None = client
-        self.transport: asyncio.Transport | None = None
-        self.buffer: list[bytes] | None = [relay_preamble(self.domain)]
-        self.buffered = 0
+        self.transport: MuxStream | None = None
         self.pending: deque[Pending] = deque()
         self.parser = httptools.HttpResponseParser(self)
         self.status = 0
@@ -404,19 +403,19 @@ class Upstream(asyncio.Protocol):
         self.response_started = False
         self.reusable = True
         self.reused = False
+        """Taken from the idle pool (the agent may have closed it meanwhile)."""
+        self.is_replay = False
         self.closed = False
         self.idle_since = 0.0
 
-    async def connect(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(UPSTREAM_CONNECT_TIMEOUT):
-                await loop.create_connection(lambda: self, self.key[0], self.proxy.relay_port)
-        except (OSError, TimeoutError) as error:
-            log.info(
-                "agent %s for %s unreachable: %s", self.key[0], self.domain, error or "timeout"
-            )
-            self._lost("agent_unreachable")
+    @property
+    def may_replay(self) -> bool:
+        """Requests lost here may go again: the stream or its connection may have been dead
+        before they were sent, and they are not themselves a replay."""
+        reused = self.reused or (
+            self.transport is not None and self.transport.on_existing_connection
+        )
+        return reused and not self.is_replay
 
     def send_request(self, head: bytes, is_head: bool, replay: bytes | None) -> None:
         if is_head:
@@ -431,13 +430,6 @@ class Upstream(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         if self.transport is not None:
             self.transport.write(data)
-            return
-        if self.buffer is None:
-            return  # closed
-        self.buffer.append(data)
-        self.buffered += len(data)
-        if self.buffered > CONNECTING_BUFFER_BYTES and self.client and self.client.transport:
-            self.client.transport.pause_reading()
 
     def client_gone(self) -> None:
         if self.pending or not self.reusable or self.transport is None:
@@ -450,22 +442,11 @@ class Upstream(asyncio.Protocol):
         self.client = None
         if self.transport is not None:
             self.transport.close()
-        self.buffer = None
 
     # --- transport callbacks ---------------------------------------------------------------
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, base)  # uvloop's transports are not subclasses
-        if self.closed:
-            transport.close()
-            return
-        self.transport = transport
-        _fail_fast(transport)
-        if self.buffer:
-            transport.write(b"".join(self.buffer))
-        self.buffer = None
-        if self.buffered > CONNECTING_BUFFER_BYTES and self.client and self.client.transport:
-            self.client.transport.resume_reading()
+        self.transport = cast(MuxStream, base)
 
     def data_received(self, data: bytes) -> None:
         client = self.client
@@ -485,8 +466,10 @@ class Upstream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if isinstance(exc, TimeoutError):
             # The agent stopped acknowledging (it is gone): answer now, do not retry.
-            self.reused = False
+            self.is_replay = True
             self._lost("agent_timeout")
+        elif isinstance(exc, PeerUnreachable):
+            self._lost("agent_unreachable")
         else:
             self._lost("agent_closed")
 
@@ -500,7 +483,6 @@ class Upstream(asyncio.Protocol):
 
     def _lost(self, reason: str) -> None:
         self.closed = True
-        self.buffer = None
         self.proxy.forget(self)
         client, self.client = self.client, None
         if client is not None:
@@ -566,22 +548,6 @@ class Upstream(asyncio.Protocol):
         self.response_started = False
         if not self.pending and self.client is not None:
             self.client.upstream_idle()
-
-
-def _fail_fast(transport: asyncio.Transport) -> None:
-    """An agent that vanishes (killed, its WireGuard gone) sends no reset: notice within
-    seconds, for requests in flight (unacknowledged data) and for idle pooled connections."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, AGENT_SILENCE_MS)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 5)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 2)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 2)
-    except (OSError, AttributeError):  # not Linux: the response timeout still bounds it
-        pass
 
 
 async def serve(proxy: HttpsProxy, front: ssl.SSLContext, host: str | None, port: int) -> Server:
