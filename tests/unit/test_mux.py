@@ -217,10 +217,11 @@ def test_a_peer_breaking_the_rules_is_cut_off() -> None:
 
     async def scenario() -> None:
         assert await exchange(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") in (b"", b"<reset>")
-        too_big = mux.HEADER.pack(mux.DATA, 1, mux.WINDOW_BYTES + 1)
+        too_big = mux.HEADER.pack(mux.DATA, 1, mux.MAX_FRAME_BYTES + 1)
         assert await exchange(mux.HELLO + too_big) in (b"", b"<reset>")
         opened = mux.frame(mux.OPEN, 1, b"app.example.com")
-        beyond = mux.frame(mux.DATA, 1, b"x" * mux.WINDOW_BYTES) + mux.frame(mux.DATA, 1, b"x")
+        full = mux.frame(mux.DATA, 1, b"x" * mux.MAX_FRAME_BYTES)
+        beyond = full * (mux.WINDOW_BYTES // mux.MAX_FRAME_BYTES) + mux.frame(mux.DATA, 1, b"x")
         assert await exchange(mux.HELLO + opened + beyond) in (b"", b"<reset>")
         assert await exchange(mux.HELLO + mux.frame(9, 1)) in (b"", b"<reset>")
 

@@ -26,9 +26,12 @@ from typing import Any, cast
 HELLO = b"KAKUREMICHI/2 mux\r\n"
 HEADER = struct.Struct("!BII")
 OPEN, DATA, EOF, CLOSE, WINDOW = 1, 2, 3, 4, 5
-WINDOW_BYTES = 256 * 1024
+WINDOW_BYTES = 512 * 1024
 """Per stream and direction: bytes in flight or buffered at the receiver, at most."""
-CREDIT_BATCH = WINDOW_BYTES // 4
+MAX_FRAME_BYTES = 64 * 1024
+"""A receiver hands a frame on only once it is complete: frames much smaller than the window
+keep credit flowing back while the rest of the window is still on the way."""
+CREDIT_BATCH = 64 * 1024
 """Credit goes back in batches of at least this (one WINDOW frame per 64 KiB handed on)."""
 OUTBOX_HIGH_WATER = 64 * 1024
 """Bytes a stream holds for lack of credit before it asks its writer to pause."""
@@ -91,7 +94,7 @@ class MuxStream:
         """Bytes the peer may still send before we return credit."""
         self.handed_on = 0
         """Received, handed to our protocol, not yet returned as credit."""
-        self.outbox: list[bytes] = []
+        self.outbox: list[bytes | memoryview] = []
         self.outbox_bytes = 0
         self.inbox: list[bytes] = []
         self.inbox_eof = False
@@ -109,18 +112,15 @@ class MuxStream:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.closing or self.eof_wanted or not data:
             return
-        data = bytes(data)
-        if not self.outbox and self.credit > 0:
-            if len(data) <= self.credit:
-                self.credit -= len(data)
-                self.connection.send(DATA, self.id, data)
-                return
-            self.connection.send(DATA, self.id, data[: self.credit])
-            data = data[self.credit :]
-            self.credit = 0
+        if not isinstance(data, bytes):
+            data = bytes(data)  # callers may reuse their buffer; frames wait for the flush
+        if not self.outbox and len(data) <= self.credit and len(data) <= MAX_FRAME_BYTES:
+            self.credit -= len(data)
+            self.connection.send(DATA, self.id, data)
+            return
         self.outbox.append(data)
         self.outbox_bytes += len(data)
-        self.update_writing()
+        self._drain()
 
     def writelines(self, chunks: list[bytes]) -> None:
         for chunk in chunks:
@@ -240,15 +240,19 @@ class MuxStream:
     def _drain(self) -> None:
         if self.closed:
             return
-        while self.outbox and self.credit > 0:
-            data = self.outbox[0]
-            if len(data) <= self.credit:
-                self.outbox.pop(0)
+        outbox = self.outbox
+        while outbox and self.credit > 0:
+            data = outbox[0]
+            size = min(len(data), self.credit, MAX_FRAME_BYTES)
+            if size == len(data):
+                outbox.pop(0)
+                piece: bytes | memoryview = data
             else:
-                data, self.outbox[0] = data[: self.credit], data[self.credit :]
-            self.credit -= len(data)
-            self.outbox_bytes -= len(data)
-            self.connection.send(DATA, self.id, data)
+                view = memoryview(data)
+                piece, outbox[0] = view[:size], view[size:]
+            self.credit -= size
+            self.outbox_bytes -= size
+            self.connection.send(DATA, self.id, piece)
         if self.outbox:
             self.update_writing()
             return
@@ -284,7 +288,7 @@ class MuxConnection(asyncio.Protocol):
         self.streams: dict[int, MuxStream] = {}
         self.streams_opened = 0
         self.next_id = 1
-        self.frames: list[bytes] = [] if accept is not None else [HELLO]
+        self.frames: list[bytes | memoryview] = [] if accept is not None else [HELLO]
         self.flush_handle: asyncio.Handle | None = None
         self.buffer = bytearray()
         self.awaiting_hello = accept is not None
@@ -334,7 +338,7 @@ class MuxConnection(asyncio.Protocol):
 
     # --- sending ---------------------------------------------------------------------------
 
-    def send(self, kind: int, stream_id: int, payload: bytes = b"") -> None:
+    def send(self, kind: int, stream_id: int, payload: bytes | memoryview = b"") -> None:
         if self.is_lost:
             return
         self.frames.append(HEADER.pack(kind, stream_id, len(payload)))
@@ -372,22 +376,28 @@ class MuxConnection(asyncio.Protocol):
             self.flush()
 
     def data_received(self, data: bytes) -> None:
-        buffer = self.buffer
-        buffer += data
+        if self.buffer:  # the rest of a frame: join once, then parse from immutable bytes
+            self.buffer += data
+            data = bytes(self.buffer)
+            self.buffer = bytearray()
         try:
-            if self.awaiting_hello and not self._read_hello():
-                return
-            offset, end = 0, len(buffer)
+            if self.awaiting_hello:
+                self.buffer += data
+                if not self._read_hello():
+                    return
+                data, self.buffer = bytes(self.buffer), bytearray()
+            offset, end = 0, len(data)
             while end - offset >= HEADER.size and not self.is_lost:
-                kind, stream_id, length = HEADER.unpack_from(buffer, offset)
-                if length > WINDOW_BYTES:
+                kind, stream_id, length = HEADER.unpack_from(data, offset)
+                if length > MAX_FRAME_BYTES:
                     raise MuxError(f"a frame of {length} bytes")
                 start = offset + HEADER.size
                 if end - start < length:
                     break
                 offset = start + length
-                self._dispatch(kind, stream_id, bytes(buffer[start:offset]))
-            del buffer[:offset]
+                self._dispatch(kind, stream_id, data[start:offset])
+            if offset < end and not self.is_lost:
+                self.buffer = bytearray(data[offset:])
         except MuxError as error:
             log.warning("closing a tunnel connection: %s", error)
             self.buffer = bytearray()
