@@ -268,12 +268,20 @@ def kakuremichi_over_plain_link() -> Iterator[None]:
     vip = agent_virtual_ip()
     ns(demo.GATEWAY_NS, "ip", "route", "add", f"{vip}/32", "via", demo.AGENT_PUBLIC_IP,
        "src", demo.PUBLIC_IP)  # fmt: skip
-    time.sleep(16)  # let the gateway's idle upstream connections (WireGuard-sourced) expire
+    drop_gateway_to_agent_connection(vip)  # it was made from the WireGuard address
     try:
         yield
     finally:
         ns(demo.GATEWAY_NS, "ip", "route", "del", f"{vip}/32", check=False)
-        time.sleep(16)
+        drop_gateway_to_agent_connection(vip)
+
+
+def drop_gateway_to_agent_connection(vip: str) -> None:
+    """The gateway keeps one connection to the agent for as long as it works; a route change
+    does not move it (its source address stays), so destroy it (``ss -K``) and let the gateway
+    connect again on the new path with its next request."""
+    ns(demo.GATEWAY_NS, "ss", "-K", "dst", vip, "dport", "=", "8471", check=False)
+    time.sleep(0.5)
 
 
 def url(variant: str, body: str) -> str:

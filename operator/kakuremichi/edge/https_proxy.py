@@ -119,6 +119,8 @@ class HttpsProxy:
             return
         upstream.idle_since = time.monotonic()
         upstream.is_replay = False
+        if upstream.transport is not None:
+            upstream.transport.resume_reading()  # its last client may have paused it
         idle.append(upstream)
 
     def forget(self, upstream: Upstream) -> None:
@@ -330,11 +332,19 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
 
     def upstream_idle(self) -> None:
-        """Every request sent on the upstream connection has its full response."""
+        """Every request sent on the upstream stream has its full response."""
         if self.deferred is not None:
             self.finish(self.deferred)
         elif not self.keep_alive and self.transport is not None:
             self.transport.close()
+        elif not self.forwarding and not self.raw and self.upstream is not None:
+            # Between requests a client holds nothing upstream (as nginx's keepalive pool):
+            # idle clients cost no stream or origin connection, and the next request of any
+            # client of this tunnel reuses it.
+            upstream, self.upstream = self.upstream, None
+            self.proxy.release(upstream)
+            if self.transport is not None:
+                self.transport.resume_reading()  # in case the upstream had paused us
 
     def upstream_lost(self, upstream: Upstream, reason: str) -> None:
         if self.upstream is not upstream:
