@@ -28,6 +28,7 @@ import httptools
 from kakuremichi.edge.mux import MuxDialer, MuxStream, PeerUnreachable
 from kakuremichi.edge.pages import error_response
 from kakuremichi.edge.stats import EdgeStats
+from kakuremichi.edge.tls import TlsServerConnection
 from kakuremichi.protocol import RELAY_PORT
 
 RESPONSE_TIMEOUT = 120.0
@@ -153,6 +154,13 @@ class HttpsProxy:
 
 class ClientConnection(asyncio.Protocol):
     """One client's TLS connection (the handshake is done when this is created)."""
+
+    __slots__ = (
+        "chunked", "client_ip", "deferred", "domain", "forwarding", "has_body", "head_bytes",
+        "headers", "host", "keep_alive", "last_active", "parser", "proxy", "raw", "stats",
+        "stopped", "transport", "upstream", "url",
+    )  # fmt: skip
+    # slots: thousands of idle keep-alive clients are the gateway's main memory cost
 
     def __init__(self, proxy: HttpsProxy) -> None:
         self.proxy = proxy
@@ -563,6 +571,6 @@ class Upstream(asyncio.Protocol):
 async def serve(proxy: HttpsProxy, front: ssl.SSLContext, host: str | None, port: int) -> Server:
     """Listen for TLS on ``host:port``; ``front`` picks each connection's certificate by SNI."""
     return await asyncio.get_running_loop().create_server(
-        proxy.protocol, host, port, ssl=front, backlog=4096, ssl_handshake_timeout=10.0,
-        reuse_address=True,
+        lambda: TlsServerConnection(front, proxy.protocol, proxy.stats), host, port,
+        backlog=4096, reuse_address=True,
     )  # fmt: skip
