@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from uuid import UUID
 
 from kakuremichi import addressing
@@ -92,11 +93,33 @@ class Topology:
 
     def served_routes(self) -> list[Route]:
         """Routes whose agent exists and whose claim holds the domain, sorted by domain."""
+        return list(self._served)
+
+    @cached_property
+    def _served(self) -> tuple[Route, ...]:
+        # Computed once per topology: every connected edge's config is rendered from it.
         holders = domain_holders((r.domain, r.claim) for r in self.routes)
-        return sorted(
-            (r for r in self.routes if holders[r.domain] == r.claim and r.agent_id in self.agents),
-            key=lambda r: r.domain,
+        return tuple(
+            sorted(
+                (
+                    r
+                    for r in self.routes
+                    if holders[r.domain] == r.claim and r.agent_id in self.agents
+                ),
+                key=lambda r: r.domain,
+            )
         )
+
+    def served_routes_of(self, agent_id: UUID) -> list[Route]:
+        """The served routes through one agent, sorted by domain."""
+        return list(self._served_by_agent.get(agent_id, ()))
+
+    @cached_property
+    def _served_by_agent(self) -> dict[UUID, list[Route]]:
+        by_agent: dict[UUID, list[Route]] = {}
+        for route in self._served:
+            by_agent.setdefault(route.agent_id, []).append(route)
+        return by_agent
 
 
 def domain_holders(claims: Iterable[tuple[str, Claim]]) -> dict[str, Claim]:
@@ -133,8 +156,7 @@ def agent_config(
         ],
         tunnels=[
             AgentTunnel(domain=route.domain, target=route.target, enabled=route.enabled)
-            for route in topology.served_routes()
-            if route.agent_id == agent_id
+            for route in topology.served_routes_of(agent_id)
         ],
     )
 

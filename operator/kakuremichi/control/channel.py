@@ -61,6 +61,10 @@ class Session:
     acked_version: int = 0
     client: protocol.ClientInfo | None = None
     replaced: asyncio.Event = field(default_factory=asyncio.Event)
+    private_key: str | None = None
+    """The edge's WireGuard private key, read from its Secret once per session (keys are never
+    rotated under a live identity): a change that fans out to every edge must not cost one API
+    call per connected edge."""
 
 
 class FailureThrottle:
@@ -87,6 +91,7 @@ class ControlChannel:
         self.sessions: dict[UUID, Session] = {}
         self.throttle = FailureThrottle()
         self.versions = VersionClock()
+        self._cached_topology: tuple[int, edge_config.Topology] | None = None
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -288,11 +293,13 @@ class ControlChannel:
 
     async def _push(self, session: Session, secure: bool) -> None:
         identity = session.identity
-        topology = self.context.state.topology()
+        topology = self._topology()
         known = topology.agents if identity.role == "agent" else topology.gateways
         if identity.id not in known:
             return
-        private_key = await self._private_key(identity) if secure else None
+        if secure and session.private_key is None:
+            session.private_key = await self._private_key(identity)
+        private_key = session.private_key if secure else None
         message: protocol.AgentConfigMessage | protocol.GatewayConfigMessage
         if identity.role == "agent":
             rendered: Any = edge_config.agent_config(topology, identity.id, 0, private_key)
@@ -315,6 +322,14 @@ class ControlChannel:
         await session.socket.send_str(protocol.encode(message))
         session.sent, session.sent_version = comparable, version
         metrics.config_pushes.labels(identity.role).inc()
+
+    def _topology(self) -> edge_config.Topology:
+        """The state's topology, computed once per state generation and shared by every
+        session's push (a change wakes them all at once)."""
+        generation = self.context.state.generation
+        if self._cached_topology is None or self._cached_topology[0] != generation:
+            self._cached_topology = (generation, self.context.state.topology())
+        return self._cached_topology[1]
 
     async def _private_key(self, identity: EdgeIdentity) -> str | None:
         location = self.context.state.credential_secrets.get(identity.id)

@@ -1,7 +1,9 @@
 """Kubernetes API calls the reconcilers make beyond what kopf does for them.
 
 The official client is synchronous, so every call runs in a worker thread and the operator's
-event loop never blocks on the network.
+event loop never blocks on the network. The calls have threads (and pooled connections) of their
+own, so a burst of them is neither capped by the loop's small default pool nor queued behind
+other blocking work (the mirror's writes, ACME).
 """
 
 from __future__ import annotations
@@ -9,14 +11,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from kakuremichi.resources import API_VERSION, GROUP, VERSION, ResourceKind
+
+T = TypeVar("T")
+CONCURRENT_CALLS = 16
+"""Kubernetes calls in flight at once (worker threads, and pooled connections to match)."""
 
 
 def load_api_client() -> client.ApiClient:
@@ -25,7 +33,9 @@ def load_api_client() -> client.ApiClient:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     except config.ConfigException:
         config.load_kube_config()  # type: ignore[no-untyped-call]
-    return client.ApiClient()
+    configuration = client.Configuration.get_default_copy()
+    configuration.connection_pool_maxsize = CONCURRENT_CALLS
+    return client.ApiClient(configuration)
 
 
 class Kube:
@@ -33,20 +43,24 @@ class Kube:
         self.core = client.CoreV1Api(api)
         self.apps = client.AppsV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self._threads = ThreadPoolExecutor(CONCURRENT_CALLS, thread_name_prefix="kube")
+
+    async def _call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``function(*args, **kwargs)`` in one of the Kubernetes worker threads."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._threads, functools.partial(function, *args, **kwargs)
+        )
 
     async def apply_daemonset(self, manifest: dict[str, Any]) -> None:
         """Create the DaemonSet, or replace it whole (so removed selectors and tolerations go)."""
         namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
         try:
-            existing = await asyncio.to_thread(
-                self.apps.read_namespaced_daemon_set, name, namespace
-            )
+            existing = await self._call(self.apps.read_namespaced_daemon_set, name, namespace)
         except ApiException as error:
             if error.status != 404:
                 raise
-            await asyncio.to_thread(
-                self.apps.create_namespaced_daemon_set, namespace, cast(Any, manifest)
-            )
+            await self._call(self.apps.create_namespaced_daemon_set, namespace, cast(Any, manifest))
             return
         assert existing.metadata is not None
         body = {
@@ -56,15 +70,13 @@ class Kube:
                 "resourceVersion": existing.metadata.resource_version,
             },
         }
-        await asyncio.to_thread(
-            self.apps.replace_namespaced_daemon_set, name, namespace, cast(Any, body)
-        )
+        await self._call(self.apps.replace_namespaced_daemon_set, name, namespace, cast(Any, body))
 
     async def node(self, name: str) -> tuple[dict[str, str], dict[str, str]] | None:
         """A Node's addresses by type (ExternalIP, InternalIP, ...) and its labels; None when
         it is gone."""
         try:
-            node = await asyncio.to_thread(self.core.read_node, name)
+            node = await self._call(self.core.read_node, name)
         except ApiException as error:
             if error.status == 404:
                 return None
@@ -103,11 +115,11 @@ class Kube:
             reporting_component="kakuremichi.io/operator",
             reporting_instance="kakuremichi-operator",
         )
-        await asyncio.to_thread(self.core.create_namespaced_event, namespace, event)
+        await self._call(self.core.create_namespaced_event, namespace, event)
 
     async def live_pods(self, namespace: str, label_selector: str) -> list[str]:
         """Names of Pods matching the selector that are not finished or being deleted."""
-        pods = await asyncio.to_thread(
+        pods = await self._call(
             self.core.list_namespaced_pod, namespace, label_selector=label_selector
         )
         return [
@@ -121,7 +133,7 @@ class Kube:
     async def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
         """The Secret's data, decoded; None when it does not exist."""
         try:
-            secret = await asyncio.to_thread(self.core.read_namespaced_secret, name, namespace)
+            secret = await self._call(self.core.read_namespaced_secret, name, namespace)
         except ApiException as error:
             if error.status == 404:
                 return None
@@ -154,7 +166,7 @@ class Kube:
             string_data=dict(data),
         )
         try:
-            await asyncio.to_thread(self.core.create_namespaced_secret, namespace, body)
+            await self._call(self.core.create_namespaced_secret, namespace, body)
         except ApiException as error:
             if error.status == 409:
                 return False
@@ -174,7 +186,7 @@ class Kube:
         it); an existing one keeps its owners, so a Secret the user made stays the user's."""
         data = {"tls.crt": chain, "tls.key": key}
         try:
-            await asyncio.to_thread(
+            await self._call(
                 self.core.patch_namespaced_secret, name, namespace, {"stringData": data}
             )
             return
@@ -184,7 +196,7 @@ class Kube:
         if not await self.create_secret(
             namespace, name, data, owner, labels, kind="kubernetes.io/tls"
         ):  # made meanwhile by someone else: update that one
-            await asyncio.to_thread(
+            await self._call(
                 self.core.patch_namespaced_secret, name, namespace, {"stringData": data}
             )
 
@@ -198,15 +210,15 @@ class Kube:
             string_data=dict(data),
         )
         try:
-            await asyncio.to_thread(self.core.create_namespaced_secret, namespace, body)
+            await self._call(self.core.create_namespaced_secret, namespace, body)
         except ApiException as error:
             if error.status != 409:
                 raise
-            await asyncio.to_thread(self.core.replace_namespaced_secret, name, namespace, body)
+            await self._call(self.core.replace_namespaced_secret, name, namespace, body)
 
     async def delete_secret(self, namespace: str, name: str) -> None:
         try:
-            await asyncio.to_thread(self.core.delete_namespaced_secret, name, namespace)
+            await self._call(self.core.delete_namespaced_secret, name, namespace)
         except ApiException as error:
             if error.status != 404:
                 raise
@@ -215,7 +227,7 @@ class Kube:
         self, kind: ResourceKind, namespace: str, name: str
     ) -> dict[str, Any] | None:
         try:
-            found = await asyncio.to_thread(
+            found = await self._call(
                 self.custom.get_namespaced_custom_object,
                 GROUP,
                 VERSION,
@@ -231,7 +243,7 @@ class Kube:
         return found
 
     async def create_object(self, kind: ResourceKind, namespace: str, body: dict[str, Any]) -> None:
-        await asyncio.to_thread(
+        await self._call(
             self.custom.create_namespaced_custom_object,
             GROUP,
             VERSION,
@@ -243,7 +255,7 @@ class Kube:
     async def patch_object(
         self, kind: ResourceKind, namespace: str, name: str, patch: dict[str, Any]
     ) -> None:
-        await asyncio.to_thread(
+        await self._call(
             self.custom.patch_namespaced_custom_object,
             GROUP, VERSION, namespace, kind.plural, name, patch,
         )  # fmt: skip
@@ -255,12 +267,12 @@ class Kube:
         body = {"status": status}
         try:
             if kind.namespaced:
-                await asyncio.to_thread(
+                await self._call(
                     self.custom.patch_namespaced_custom_object_status,
                     GROUP, VERSION, namespace, kind.plural, name, body,
                 )  # fmt: skip
             else:
-                await asyncio.to_thread(
+                await self._call(
                     self.custom.patch_cluster_custom_object_status,
                     GROUP, VERSION, kind.plural, name, body,
                 )  # fmt: skip
@@ -277,7 +289,7 @@ class Kube:
         if kind.namespaced and namespaces:
             items: list[dict[str, Any]] = []
             for namespace in namespaces:
-                listing = await asyncio.to_thread(
+                listing = await self._call(
                     self.custom.list_namespaced_custom_object,
                     GROUP,
                     VERSION,
@@ -286,7 +298,7 @@ class Kube:
                 )
                 items.extend(_items(listing))
             return items
-        listing = await asyncio.to_thread(
+        listing = await self._call(
             self.custom.list_cluster_custom_object, GROUP, VERSION, kind.plural
         )
         return _items(listing)

@@ -8,9 +8,11 @@ import base64
 import logging
 import ssl
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import kopf
 from aiohttp import web
 from sqlalchemy.engine import make_url
@@ -47,13 +49,46 @@ def load_sealer(settings: ControlSettings) -> Sealer:
     return Sealer.from_key_file(path)
 
 
+# kopf's own HTTP session opens a new connection for every request in flight, without a
+# limit: a burst of thousands of new objects held hundreds of TLS connections (each with its
+# buffers, over 100 KiB) and most of the operator's memory. Requests beyond these wait instead.
+KOPF_REQUEST_CONNECTIONS = 32
+WATCH_STREAMS_PER_NAMESPACE = 6  # agents, tunnels, certificates, secrets, and some to spare
+
+
+def bounded_session(info: kopf.ConnectionInfo, namespaces: tuple[str, ...]) -> kopf.AiohttpSession:
+    """kopf's session as kopf would build it from ``info``, with a bounded connection pool (the
+    long-lived watch streams get connections of their own on top of the requests')."""
+    streams = WATCH_STREAMS_PER_NAMESPACE * max(1, len(namespaces)) + 4  # + cluster-scoped kinds
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="kopf")
+        auth = info.as_aiohttp_basic_auth()
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(
+            limit=KOPF_REQUEST_CONNECTIONS + streams, ssl=info.as_ssl_context()
+        ),
+        headers=info.as_http_headers(),
+        auth=auth,
+        proxy=info.proxy_url,
+        trust_env=info.trust_env,
+    )
+    return kopf.AiohttpSession(
+        server=info.server,
+        priority=info.priority,
+        default_namespace=info.default_namespace,
+        expiration=info.expiration,
+        aiohttp_session=session,
+    )
+
+
 def build_registry(context: Context) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     tasks: list[asyncio.Task[None]] = []
 
     @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        return kopf.login_via_client(**kwargs)
+    async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
+        info = kopf.login_via_client(**kwargs)
+        return None if info is None else bounded_session(info, context.settings.namespaces)
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:

@@ -2,8 +2,8 @@
 
 The cluster is the source of truth, so every write here is an idempotent upsert of what a
 reconciler just saw, and the ``prune_*`` methods drop rows whose objects are gone (run at start,
-since deletions may have happened while the operator was away). Writes run in a worker thread,
-one at a time.
+since deletions may have happened while the operator was away). Writes run one at a time in a
+thread of their own, so a burst of them never holds the threads other blocking calls need.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -78,13 +79,14 @@ class Mirror:
         upgrade(url)
         self._sessions = session_factory(create_engine_for(url))
         self._lock = threading.Lock()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="mirror")
 
     async def _run(self, work: Callable[[Session], T]) -> T:
         def in_thread() -> T:
             with self._lock, self._sessions.begin() as session:
                 return work(session)
 
-        return await asyncio.to_thread(in_thread)
+        return await asyncio.get_running_loop().run_in_executor(self._writer, in_thread)
 
     async def upsert_agent(self, row: AgentRow) -> None:
         def work(session: Session) -> None:

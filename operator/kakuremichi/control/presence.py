@@ -2,7 +2,9 @@
 resources' status and the mirror.
 
 Heartbeats only touch memory; ``lastSeenAt`` is flushed at most once per ``FLUSH_SECONDS`` per
-edge, and state changes (connect, disconnect, a refused config) are written at once.
+edge, and state changes (connect, disconnect, a refused config) are written at once. An ack or a
+status report that changes nothing written (state, client metadata) is only a sign of life: a
+config that fans out to every edge must not cost two API writes per edge.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class Presence:
         self.online: dict[UUID, EdgeIdentity] = {}
         self.last_seen: dict[UUID, datetime] = {}
         self.flushed: dict[UUID, float] = {}
+        self.written: dict[UUID, tuple[EdgeState | None, dict[str, Any]]] = {}
+        """The state and client metadata last written for each edge."""
 
     async def connected(self, identity: EdgeIdentity, client: protocol.ClientInfo | None) -> None:
         self.online[identity.id] = identity
@@ -47,11 +51,21 @@ class Presence:
         await self._write(identity, "offline")
 
     async def acknowledged(self, identity: EdgeIdentity, ack: protocol.AckMessage) -> None:
-        await self._write(identity, "online" if ack.ok else "error")
+        await self._write_if_changed(identity, "online" if ack.ok else "error")
 
     async def reported(self, identity: EdgeIdentity, report: protocol.StatusReport) -> None:
         metadata = report.client.model_dump(by_alias=True, exclude_none=True)
-        await self._write(identity, "error" if report.state == "error" else "online", metadata)
+        state: EdgeState = "error" if report.state == "error" else "online"
+        await self._write_if_changed(identity, state, metadata)
+
+    async def _write_if_changed(
+        self, identity: EdgeIdentity, state: EdgeState, metadata: dict[str, Any] | None = None
+    ) -> None:
+        written_state, written_metadata = self.written.get(identity.id, (None, {}))
+        if state == written_state and (not metadata or metadata == written_metadata):
+            self.seen(identity)
+            return
+        await self._write(identity, state, metadata)
 
     async def run(self) -> None:
         """Flush last-seen times of connected edges now and then."""
@@ -90,5 +104,10 @@ class Presence:
         if metadata:
             status["client"] = metadata
         self.flushed[identity.id] = time.monotonic()
+        previous_state, previous_metadata = self.written.get(identity.id, (None, {}))
+        self.written[identity.id] = (
+            state if state is not None else previous_state,
+            metadata or previous_metadata,
+        )
         await self.kube.patch_status(kind, namespace, name, status)
         await self.mirror.set_presence(identity.role, identity.id, state, last_seen, metadata)

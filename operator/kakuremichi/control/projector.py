@@ -1,13 +1,21 @@
 """Writes what follows from the whole state: Tunnel conditions and the tunnels table.
 
 It waits for the state to change, lets a burst of changes settle for a moment, then writes only
-what differs from what it wrote before, so a steady cluster costs no API calls.
+what differs from what it wrote before, so a steady cluster costs no API calls. The tunnels table
+is synced first (one transaction), then the statuses are patched a few at a time.
+
+A Tunnel that was just created has a Certificate nobody has looked at yet; for a short while
+(:data:`PENDING_GRACE_SECONDS`) it gets no ``CertificatePending`` condition, since the
+Certificate's own reconcile normally decides within that time: that saves each new Tunnel a
+status write and a Warning Event that would be stale a moment later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from typing import Any
 from uuid import UUID
 
@@ -19,6 +27,9 @@ from kakuremichi.tunnel_readiness import TunnelFacts, TunnelVerdict, verdicts
 
 SETTLE_SECONDS = 0.05
 RETRY_SECONDS = 2.0
+PENDING_GRACE_SECONDS = 10.0
+CONCURRENT_WRITES = 16
+PENDING = "CertificatePending"
 log = logging.getLogger(__name__)
 
 
@@ -26,18 +37,26 @@ class Projector:
     def __init__(self, context: Context) -> None:
         self.context = context
         self.written: dict[UUID, tuple[TunnelVerdict, int, list[Condition]]] = {}
+        self.first_seen: dict[UUID, float] = {}
 
     async def run(self) -> None:
         seen = -1
+        due: float | None = None
         while True:
-            seen = await self.context.state.changed(seen)
+            if due is None:
+                seen = await self.context.state.changed(seen)
+            else:  # a held-back Tunnel's grace ends: look again even without a change
+                with contextlib.suppress(TimeoutError):
+                    seen = await asyncio.wait_for(
+                        self.context.state.changed(seen), max(0.0, due - time.monotonic())
+                    )
             await asyncio.sleep(SETTLE_SECONDS)
             try:
-                await self.project()
+                due = await self.project()
             except Exception:  # keep projecting: try again shortly, not only on a next change
                 log.exception("projecting tunnel status failed; retrying")
                 await asyncio.sleep(RETRY_SECONDS)
-                seen = -1
+                seen, due = -1, None
 
     async def _event(self, tunnel: TunnelFacts, verdict: TunnelVerdict) -> None:
         """An Event for each transition, so ``kubectl describe tunnel`` tells the story."""
@@ -49,41 +68,73 @@ class Projector:
         except Exception:  # an Event is worth a log line, not a failed projection
             log.warning("could not post an Event for Tunnel %s/%s", tunnel.namespace, tunnel.name)
 
-    async def project(self) -> None:
+    async def project(self) -> float | None:
+        """One pass; returns when the earliest held-back Tunnel is due (monotonic), if any."""
         state = self.context.state
         tunnels = dict(state.tunnels)
-        results = verdicts(tunnels, state.agents, state.certificate_verdicts)
-        for tunnel_id, verdict in results.items():
-            tunnel = tunnels[tunnel_id]
-            previous = self.written.get(tunnel_id)
-            if previous and previous[0] == verdict and previous[1] == tunnel.generation:
-                continue
-            conditions = set_ready(
-                previous[2] if previous else state.tunnel_conditions.get(tunnel_id, []),
-                verdict.status, verdict.reason, verdict.message, tunnel.generation,
-            )  # fmt: skip
-            status: dict[str, Any] = {
-                "conditions": [
-                    c.model_dump(mode="json", by_alias=True, exclude_none=True) for c in conditions
-                ],
-                "observedGeneration": tunnel.generation,
-                "url": verdict.url,
-                "certificate": tunnel.certificate,
-            }
-            if await self.context.kube.patch_status(TUNNEL, tunnel.namespace, tunnel.name, status):
-                self.written[tunnel_id] = (verdict, tunnel.generation, conditions)
-                seeded = state.tunnel_conditions.get(tunnel_id, [])
-                prior = (
-                    previous[0].reason
-                    if previous
-                    else next((c.reason for c in seeded if c.type == READY), None)
-                )
-                if prior != verdict.reason:
-                    await self._event(tunnel, verdict)
-        for gone in set(self.written) - set(tunnels):
-            del self.written[gone]
+        # The table first: it is one transaction, and it need not wait for the API writes.
         served = state.topology().served_routes()
         by_claim = {t.claim: t for t in tunnels.values()}
         await self.context.mirror.sync_tunnels(
             [TunnelRow(by_claim[r.claim].id, r, by_claim[r.claim].description) for r in served]
         )
+        results = verdicts(tunnels, state.agents, state.certificate_verdicts)
+        now = time.monotonic()
+        due: float | None = None
+        writes = []
+        for tunnel_id, verdict in results.items():
+            tunnel = tunnels[tunnel_id]
+            previous = self.written.get(tunnel_id)
+            if previous and previous[0] == verdict and previous[1] == tunnel.generation:
+                continue
+            seeded = state.tunnel_conditions.get(tunnel_id, [])
+            if verdict.reason == PENDING and previous is None and not seeded:
+                held_until = self.first_seen.setdefault(tunnel_id, now) + PENDING_GRACE_SECONDS
+                if now < held_until:
+                    due = held_until if due is None else min(due, held_until)
+                    continue
+            writes.append(self._write(tunnel, verdict, previous, seeded))
+        for gone in set(self.first_seen) - set(tunnels):
+            del self.first_seen[gone]
+        for gone in set(self.written) - set(tunnels):
+            del self.written[gone]
+        limit = asyncio.Semaphore(CONCURRENT_WRITES)
+
+        async def bounded(write: Any) -> None:
+            async with limit:
+                await write
+
+        outcomes = await asyncio.gather(*(bounded(w) for w in writes), return_exceptions=True)
+        failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
+        if failure is not None:
+            raise failure
+        return due
+
+    async def _write(
+        self,
+        tunnel: TunnelFacts,
+        verdict: TunnelVerdict,
+        previous: tuple[TunnelVerdict, int, list[Condition]] | None,
+        seeded: list[Condition],
+    ) -> None:
+        conditions = set_ready(
+            previous[2] if previous else seeded,
+            verdict.status, verdict.reason, verdict.message, tunnel.generation,
+        )  # fmt: skip
+        status: dict[str, Any] = {
+            "conditions": [
+                c.model_dump(mode="json", by_alias=True, exclude_none=True) for c in conditions
+            ],
+            "observedGeneration": tunnel.generation,
+            "url": verdict.url,
+            "certificate": tunnel.certificate,
+        }
+        if await self.context.kube.patch_status(TUNNEL, tunnel.namespace, tunnel.name, status):
+            self.written[tunnel.id] = (verdict, tunnel.generation, conditions)
+            prior = (
+                previous[0].reason
+                if previous
+                else next((c.reason for c in seeded if c.type == READY), None)
+            )
+            if prior != verdict.reason:
+                await self._event(tunnel, verdict)

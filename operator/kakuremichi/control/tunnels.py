@@ -10,6 +10,7 @@ from datetime import datetime
 from uuid import UUID
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from kakuremichi.control.context import Context
 from kakuremichi.control.reconciler import register_reconciler
@@ -38,33 +39,41 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
     namespace, name = meta.namespace or "", meta.name or ""
     spec = TunnelSpec.model_validate(dict(body.spec))
     wanted = certificate_spec(name, spec).model_dump(mode="json", by_alias=True)
-    existing = await context.kube.get_object(CERTIFICATE, namespace, name)
-    if existing is None:
-        await context.kube.create_object(
-            CERTIFICATE,
-            namespace,
-            {
-                "apiVersion": API_VERSION,
-                "kind": CERTIFICATE.kind,
-                "metadata": {
+    certificate = {
+        "apiVersion": API_VERSION,
+        "kind": CERTIFICATE.kind,
+        "metadata": {
+            "name": name,
+            "labels": {"app.kubernetes.io/managed-by": "kakuremichi"},
+            "ownerReferences": [
+                {
+                    "apiVersion": API_VERSION,
+                    "kind": TUNNEL.kind,
                     "name": name,
-                    "labels": {"app.kubernetes.io/managed-by": "kakuremichi"},
-                    "ownerReferences": [
-                        {
-                            "apiVersion": API_VERSION,
-                            "kind": TUNNEL.kind,
-                            "name": name,
-                            "uid": meta.uid,
-                            "controller": True,
-                            "blockOwnerDeletion": True,
-                        }
-                    ],
-                },
-                "spec": wanted,
-            },
-        )
-    elif {k: existing["spec"].get(k) for k in wanted} != wanted:
-        await context.kube.patch_object(CERTIFICATE, namespace, name, {"spec": wanted})
+                    "uid": meta.uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": wanted,
+    }
+    # A Tunnel seen for the first time has no Certificate yet: create it without asking first
+    # (one call instead of two for each new Tunnel); otherwise look, and fix what differs.
+    created_now = False
+    if not body.status.get("certificate"):
+        try:
+            await context.kube.create_object(CERTIFICATE, namespace, certificate)
+            created_now = True
+        except ApiException as error:
+            if error.status != 409:
+                raise
+    if not created_now:
+        existing = await context.kube.get_object(CERTIFICATE, namespace, name)
+        if existing is None:
+            await context.kube.create_object(CERTIFICATE, namespace, certificate)
+        elif {k: existing["spec"].get(k) for k in wanted} != wanted:
+            await context.kube.patch_object(CERTIFICATE, namespace, name, {"spec": wanted})
 
     created = datetime.fromisoformat(str(meta["creationTimestamp"]).replace("Z", "+00:00"))
     context.state.tunnel_conditions.setdefault(

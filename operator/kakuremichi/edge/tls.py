@@ -199,6 +199,8 @@ class TlsServerConnection(asyncio.Protocol):
                 return
             app.data_received(data)
             app = self.app
+            if not self.incoming.pending and not tls.pending():
+                break  # all read: skip the read that would only raise SSLWantReadError
         self._flush()  # key updates, session tickets
 
     def _read_later(self) -> None:
