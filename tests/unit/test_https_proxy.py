@@ -11,8 +11,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import pytest
 from aiohttp import web
 
+from kakuremichi.edge import tls
 from kakuremichi.edge.agent_relay import AgentRelay
 from kakuremichi.edge.https_proxy import HttpsProxy, Route, serve
 from kakuremichi.edge.sni import SniContexts
@@ -242,5 +244,27 @@ def test_requests_pipelined_behind_a_refused_one_are_not_forwarded() -> None:
             assert status == 404
             assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, nothing more
             assert s.agent_stats.connections_total == 0
+
+    run(scenario)
+
+
+def test_unknown_names_and_silent_clients_get_no_tls_session(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(tls, "HANDSHAKE_TIMEOUT", 0.3)
+
+    async def scenario() -> None:
+        async with stack() as s:
+            with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+                await s.connect("other.example.com")
+            assert s.gateway_stats.errors["tls_handshake"] == 1
+            reader, writer = await asyncio.open_connection("127.0.0.1", s.https_port)
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing sent
+            writer.close()
+            assert s.gateway_stats.errors["tls_handshake_timeout"] == 1
+            reader, writer = await s.connect()  # the listener is unaffected
+            writer.write(request("/"))
+            assert (await read_response(reader))[0] == 200
+            writer.close()
 
     run(scenario)
