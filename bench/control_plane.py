@@ -858,6 +858,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="where clusters and operator logs go (default: a temporary folder)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    # Always a cluster of its own: the runs create hundreds of objects and stop what they start.
+    os.environ.pop(cluster.EXISTING_CLUSTER_FLAG, None)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     sizes = args.sizes or (SMOKE_SIZES if args.smoke else DEFAULT_SIZES)
     global PROFILE
