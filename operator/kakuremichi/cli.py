@@ -133,6 +133,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
             subnet_first=int(first),
             subnet_last=int(last or first),
             subnet_excluded=tuple(args.exclude_cidr),
+            subnet_third_octets=args.subnet_third_octets,
             namespaces=tuple(args.namespace),
             heartbeat_timeout=args.heartbeat_timeout,
             system_namespace=args.system_namespace,
@@ -158,7 +159,10 @@ def _cmd_operator(args: argparse.Namespace) -> int:
             print(f"kakuremichi operator: {line}", file=sys.stderr)
         return 2
     except ValueError as error:
-        print(f"kakuremichi operator: --subnet-pool/--exclude-cidr: {error}", file=sys.stderr)
+        print(
+            f"kakuremichi operator: --subnet-pool/--subnet-third-octets/--exclude-cidr: {error}",
+            file=sys.stderr,
+        )
         return 2
     if args.edge_ca_file is not None and not args.edge_ca_file.is_file():
         print(f"kakuremichi operator: --edge-ca-file {args.edge_ca_file}: no such file",
@@ -368,6 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument(
         "--subnet-pool", default="1-254", metavar="FIRST-LAST",
         help="agent subnets 10.N.0.0/24 for N in FIRST..LAST",
+    )  # fmt: skip
+    operator.add_argument(
+        "--subnet-third-octets", type=int, metavar="K",
+        default=os.environ.get("KAKUREMICHI_SUBNET_THIRD_OCTETS", "1"),
+        help="enlarge the agent pool to 10.N.M.0/24 for M in 0..K-1 (1..256; default 1: the "
+        "data-model document's 10.N.0.0/24 only, 254 agents); every 10.N.0.0/24 goes first",
     )  # fmt: skip
     operator.add_argument(
         "--exclude-cidr", action="append", default=[], metavar="CIDR",

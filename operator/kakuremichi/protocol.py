@@ -127,7 +127,7 @@ class GatewayPeer(CamelModel):
     wireguard_public_key: WireGuardKey
     wireguard_port: Port = 51820
     address: IPv4Text
-    """The gateway's WireGuard address inside this agent's subnet (10.N.0.g)."""
+    """The gateway's WireGuard address inside this agent's subnet (10.N.M.g)."""
 
 
 class AgentTunnel(CamelModel):
@@ -157,7 +157,7 @@ class GatewaySelf(CamelModel):
     public_ip: PublicIPv4
     name: Annotated[str, Field(min_length=1, max_length=253)] | None = None
     index: Annotated[int, Field(ge=1, le=99)]
-    """Gateway index g: its address toward agent N is 10.N.0.g."""
+    """Gateway index g: its address toward the agent of 10.N.M.0/24 is 10.N.M.g."""
     wireguard_port: Port = 51820
     http_port: Port = 80
     https_port: Port = 443
@@ -173,7 +173,7 @@ class AgentPeer(CamelModel):
     subnet: CidrText
     wireguard_public_key: WireGuardKey
     address: IPv4Text
-    """This gateway's own address inside the agent's subnet (10.N.0.g)."""
+    """This gateway's own address inside the agent's subnet (10.N.M.g)."""
 
 
 class GatewayTunnel(CamelModel):

@@ -85,7 +85,8 @@ class AgentStatus(EdgeStatus):
     """Generated identity and connection state of an agent."""
 
     subnet: Annotated[str, Field(max_length=18)] | None = None
-    """The agent's own /24, e.g. 10.1.0.0/24 (allocated by the operator)."""
+    """The agent's own /24, e.g. 10.1.0.0/24 (allocated by the operator; 10.N.M.0/24 with M > 0
+    only in an enlarged pool)."""
     virtual_ip: Annotated[str, Field(max_length=15)] | None = Field(default=None, alias="virtualIP")
     """The agent's WireGuard address, e.g. 10.1.0.100 (the .100 of its subnet)."""
     wireguard_public_key: Annotated[str, Field(max_length=64)] | None = None
@@ -170,7 +171,8 @@ class GatewayInstanceStatus(CamelModel):
     name: Annotated[str, Field(min_length=1, max_length=253)]
     """Instance name: the node name for InCluster pools, the Gateway's name for External ones."""
     index: Annotated[int, Field(ge=1, le=99)]
-    """Stable gateway index g: the instance's WireGuard address toward agent N is 10.N.0.g."""
+    """Stable gateway index g: the instance's WireGuard address toward the agent of
+    10.N.M.0/24 is 10.N.M.g."""
     public_ip: Annotated[PublicIPv4 | None, Field(alias="publicIP")] = None
     """The instance's public address."""
     wireguard_public_key: Annotated[str, Field(max_length=64)] | None = None

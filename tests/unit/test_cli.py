@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kakuremichi.cli import main
+from kakuremichi.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -127,3 +127,17 @@ def test_operator_refuses_a_bad_webhook_service_or_a_missing_edge_ca(
     assert "--webhook-service: expected NAMESPACE/NAME:PORT" in capsys.readouterr().err
     assert main(["operator", "--edge-ca-file", str(tmp_path / "missing.pem")]) == 2
     assert "--edge-ca-file" in capsys.readouterr().err
+
+
+def test_operator_subnet_third_octets_from_flag_or_environment(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert main(["operator", "--subnet-third-octets", "0"]) == 2
+    assert "third octets must be 1-256" in capsys.readouterr().err
+    monkeypatch.setenv("KAKUREMICHI_SUBNET_THIRD_OCTETS", "4")
+    args = build_parser().parse_args(["operator"])
+    assert args.subnet_third_octets == 4
+    args = build_parser().parse_args(["operator", "--subnet-third-octets", "2"])
+    assert args.subnet_third_octets == 2
+    monkeypatch.delenv("KAKUREMICHI_SUBNET_THIRD_OCTETS")
+    assert build_parser().parse_args(["operator"]).subnet_third_octets == 1

@@ -87,6 +87,23 @@ def test_gateway_sees_every_agent_and_its_own_addresses() -> None:
     assert [c.domain for c in config.certificates] == ["app.example.com"]
 
 
+def test_agents_of_an_enlarged_pool_use_their_third_octet_everywhere() -> None:
+    far = AgentNode(uuid.uuid4(), "default", "far", 2 * 256 + 1, key())  # 10.1.2.0/24
+    routes = (route("far.example.com", far),)
+    world = Topology(agents={a.id: a for a in (far, HOME)},
+                     gateways={g.id: g for g in (TOKYO, OSAKA)}, routes=routes)  # fmt: skip
+    mine = agent_config(world, far.id, version=1)
+    assert (mine.agent.virtual_ip, mine.agent.subnet) == ("10.1.2.100", "10.1.2.0/24")
+    assert [g.address for g in mine.gateways] == ["10.1.2.1", "10.1.2.2"]
+    theirs = gateway_config(world, OSAKA.id, version=1)
+    # The document's subnets first, as allocated.
+    assert [(a.subnet, a.address) for a in theirs.agents] == [
+        ("10.1.0.0/24", "10.1.0.2"),
+        ("10.1.2.0/24", "10.1.2.2"),
+    ]
+    assert [t.agent_virtual_ip for t in theirs.tunnels] == ["10.1.2.100"]
+
+
 def test_oldest_claim_holds_a_domain_whatever_the_order() -> None:
     first = route("app.example.com", HOME, minutes=0, name="first")
     second = route("app.example.com", OFFICE, minutes=5, name="second", target="localhost:9")

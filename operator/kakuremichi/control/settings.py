@@ -32,6 +32,9 @@ class ControlSettings(BaseModel):
     subnet_first: int = 1
     subnet_last: int = 254
     subnet_excluded: tuple[str, ...] = ()
+    subnet_third_octets: int = 1
+    """K: agent subnets 10.N.M.0/24 for M in 0..K-1. 1 is the data-model document's plan
+    (10.N.0.0/24, 254 agents); a larger K enlarges the pool (all 10.N.0.0/24 go first)."""
     edge_ca_file: Path | None = None
     """CA bundle (PEM) that in-cluster edges trust for ``control_url``: put into the gateway
     DaemonSets and agent sidecars as ``KAKUREMICHI_CONTROL_CA`` (a CA is public; this spares
@@ -77,4 +80,6 @@ class ControlSettings(BaseModel):
         return EdgeImage(self.edge_image, self.control_url, control_ca=ca)
 
     def subnet_pool(self) -> SubnetPool:
-        return SubnetPool.parse(self.subnet_first, self.subnet_last, self.subnet_excluded)
+        return SubnetPool.parse(
+            self.subnet_first, self.subnet_last, self.subnet_excluded, self.subnet_third_octets
+        )
