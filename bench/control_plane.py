@@ -17,8 +17,9 @@ kube-controller-manager on loopback, the CRDs installed) with the real operator 
   the last client has received and acknowledged the config carrying it is measured:
   a new Gateway (every agent gets a new peer), then a new Agent (every gateway gets a new peer).
 
-The address plan bounds the fan-out: 254 agent subnets (10.N.0.0/24) and 99 gateway indexes,
-so at most 254 + 99 edges can be connected to one operator at once (see bench/README.md).
+The document's address plan holds 254 agent subnets (10.N.0.0/24) and 99 gateway indexes; the
+fan-out starts the operator with ``--subnet-third-octets`` large enough for its agents
+(10.N.M.0/24), so 1,000 edges (902 agents + 98 gateways by default) can be connected at once.
 
 Progress goes to stderr, the table to stdout; ``bench/RESULTS-control-plane.md`` keeps the
 latest figures (date, machine, versions) and ``bench/control_plane.json`` the raw numbers.
@@ -70,9 +71,11 @@ SECRET = "bench-wildcard-tls"
 ZONE = "bench.kakuremichi.test"
 DEFAULT_SIZES = ((50, 1000), (125, 2500), (250, 5000))
 SMOKE_SIZES = ((3, 12),)
-# The address plan's bounds: subnets 1..254, gateway indexes 1..99; one of each is kept for
-# the change that fans out.
-MAX_AGENTS, MAX_GATEWAYS = 254, 99
+# The address plan's bounds: subnets 10.N.M.0/24 (N in 1..254, M in 0..255: the operator is given
+# as many third octets as the agents need), gateway indexes 1..99; one agent subnet and one gateway
+# index are kept for the change that fans out. 902 + 98 = 1,000 connected edges by default.
+SUBNETS_PER_OCTET, THIRD_OCTETS_MAX, MAX_GATEWAYS = 254, 256, 99
+FANOUT_AGENTS, FANOUT_GATEWAYS = 902, MAX_GATEWAYS - 1
 GOAL_SCALE_SECONDS, GOAL_RSS_MIB, GOAL_FANOUT_SECONDS = 120.0, 300.0, 1.0
 
 
@@ -89,6 +92,9 @@ class Operator:
 
     workdir: Path
     kubeconfig: Path
+    subnet_last: int = SUBNETS_PER_OCTET
+    third_octets: int = 1
+    """``--subnet-pool 1-<subnet_last> --subnet-third-octets <third_octets>``."""
     port: int = field(default_factory=ports.free_port)
     process: subprocess.Popen[bytes] | None = None
 
@@ -105,6 +111,8 @@ class Operator:
             str(KAKUREMICHI), "operator", "--db", f"sqlite:///{self.db_path}",
             "--namespace", NAMESPACE, "--system-namespace", NAMESPACE,
             "--control-listen", f"127.0.0.1:{self.port}", "--control-url", self.url,
+            "--subnet-pool", f"1-{self.subnet_last}",
+            "--subnet-third-octets", str(self.third_octets),
         ]  # fmt: skip
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         with (self.workdir / "operator.log").open("ab") as log:
@@ -192,7 +200,9 @@ def profiled(operator: Operator, name: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def system(workdir: Path) -> Iterator[tuple[cluster.Cluster, Operator]]:
+def system(
+    workdir: Path, subnet_last: int = SUBNETS_PER_OCTET, third_octets: int = 1
+) -> Iterator[tuple[cluster.Cluster, Operator]]:
     """A fresh local control plane with the bench namespace, and the operator on it."""
     reason = binaries.missing("kube-apiserver", "etcd", "kube-controller-manager", "kubectl")
     if reason:
@@ -200,7 +210,7 @@ def system(workdir: Path) -> Iterator[tuple[cluster.Cluster, Operator]]:
     workdir.mkdir(parents=True)
     progress("starting a local API server (hack/cluster.sh up)")
     kube = cluster.start(workdir / "cluster")
-    operator = Operator(workdir, kube.kubeconfig)
+    operator = Operator(workdir, kube.kubeconfig, subnet_last, third_octets)
     try:
         kube.kubectl("create", "namespace", NAMESPACE)
         progress(f"starting the operator (control channel {operator.url})")
@@ -501,6 +511,8 @@ class LoadClient:
         self.heartbeat_seconds = protocol.DEFAULT_HEARTBEAT_SECONDS
         self.waiting: tuple[Callable[[Any], bool], asyncio.Future[float]] | None = None
         self.error: str | None = None
+        self.subnet: str | None = None
+        """An agent's subnet, from its first config."""
 
     def expect(self, predicate: Callable[[Any], bool]) -> asyncio.Future[float]:
         """A future of the moment a config satisfying ``predicate`` is acknowledged."""
@@ -536,6 +548,8 @@ class LoadClient:
         if not isinstance(message, protocol.AgentConfigMessage | protocol.GatewayConfigMessage):
             return
         config = message.data
+        if isinstance(config, protocol.AgentConfig):
+            self.subnet = config.agent.subnet
         if config.version > self.version:
             self.version = config.version
             self.heartbeat_seconds = config.heartbeat_seconds
@@ -580,16 +594,24 @@ def _quantile(values: Sequence[float], q: float) -> float:
 
 
 async def fanout_run(
-    agents: int, gateways: int, workdir: Path, parallel: int
+    agents: int,
+    gateways: int,
+    workdir: Path,
+    parallel: int,
+    subnet_last: int = SUBNETS_PER_OCTET,
 ) -> list[FanoutResult]:
-    if not 1 <= agents < MAX_AGENTS or not 1 <= gateways < MAX_GATEWAYS:
+    # The agents and the one the change adds, on as few third octets as they need.
+    third_octets = -(-(agents + 1) // subnet_last)
+    if not 1 <= third_octets <= THIRD_OCTETS_MAX or not 1 <= gateways < MAX_GATEWAYS:
         raise ValueError(
-            f"the address plan allows {MAX_AGENTS} agents and {MAX_GATEWAYS} gateway instances; "
-            "one of each is kept for the change: at most "
-            f"{MAX_AGENTS - 1} agents and {MAX_GATEWAYS - 1} gateways"
+            f"the address plan allows {subnet_last * THIRD_OCTETS_MAX} agents and "
+            f"{MAX_GATEWAYS} gateway instances; one of each is kept for the change: at most "
+            f"{subnet_last * THIRD_OCTETS_MAX - 1} agents and {MAX_GATEWAYS - 1} gateways"
         )
     results = []
-    with system(workdir) as (kube, operator):
+    progress(f"fan-out: operator with --subnet-pool 1-{subnet_last} "
+             f"--subnet-third-octets {third_octets}")  # fmt: skip
+    with system(workdir, subnet_last, third_octets) as (kube, operator):
         async with Api(kube.kubeconfig) as api:
             agent_names = [f"a{i}" for i in range(agents)]
             gateway_names = [f"g{i}" for i in range(gateways)]
@@ -624,6 +646,8 @@ async def fanout_run(
                 if failed:
                     raise RuntimeError(f"{len(failed)} clients failed: {failed[0].error}")
                 progress(f"  all {len(clients)} hold their first config after {connect_s:.1f}s")
+                thirds = sorted({int(c.subnet.split(".")[2]) for c in clients if c.subnet})
+                progress(f"  agent subnets 10.N.M.0/24 with M in {thirds[0]}..{thirds[-1]}")
                 await asyncio.sleep(3)  # let presence writes of the connections settle
                 agent_clients = [c for c in clients if c.role == "agent"]
                 gateway_clients = [c for c in clients if c.role == "gateway"]
@@ -840,13 +864,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--sizes", type=parse_sizes, default=None,
         help="AGENTS/TUNNELS,... of the scale run (default 50/1000,125/2500,250/5000)",
     )  # fmt: skip
-    parser.add_argument("--fanout-agents", type=int, default=MAX_AGENTS - 1)
-    parser.add_argument("--fanout-gateways", type=int, default=MAX_GATEWAYS - 1)
+    parser.add_argument(
+        "--fanout-agents", type=int, default=FANOUT_AGENTS,
+        help=f"connected agents (default {FANOUT_AGENTS}); the operator gets enough third octets",
+    )  # fmt: skip
+    parser.add_argument(
+        "--fanout-gateways", type=int, default=FANOUT_GATEWAYS,
+        help=f"connected gateways (default and at most {FANOUT_GATEWAYS}: one index is kept)",
+    )  # fmt: skip
     parser.add_argument("--parallel", type=int, default=32, help="concurrent API requests")
     parser.add_argument("--only", choices=("scale", "fanout"), help="run one of the two")
     parser.add_argument(
         "--smoke", action="store_true",
-        help="tiny sizes (3/12, fan-out 3 agents + 2 gateways); no results file",
+        help="tiny sizes (3/12, fan-out 3 agents + 2 gateways, agent subnets 10.1-2.M.0/24 so "
+        "the enlarged pool is used); no results file",
     )  # fmt: skip
     parser.add_argument("--no-write", action="store_true", help="do not write the results files")
     parser.add_argument(
@@ -879,7 +910,11 @@ async def _main(args: argparse.Namespace, sizes: Iterable[tuple[int, int]]) -> i
             scale.append(await scale_run(agents, tunnels, base / f"scale-{run}", args.parallel))
     if args.only in (None, "fanout"):
         fanout = await fanout_run(
-            args.fanout_agents, args.fanout_gateways, base / "fanout", args.parallel
+            args.fanout_agents,
+            args.fanout_gateways,
+            base / "fanout",
+            args.parallel,
+            subnet_last=2 if args.smoke else SUBNETS_PER_OCTET,
         )
     print(table(scale, fanout))
     print()
