@@ -64,23 +64,39 @@ def octets_of(number: int) -> tuple[int, int]:
 
 
 def subnet_for(number: int) -> IPv4Network:
-    second, third = octets_of(number)
-    return IPv4Network(f"10.{second}.{third}.0/24")
+    return IPv4Network(subnet_text(number))
 
 
 def virtual_ip_for(number: int) -> IPv4Address:
-    second, third = octets_of(number)
-    return IPv4Address(f"10.{second}.{third}.{AGENT_HOST}")
+    return IPv4Address(virtual_ip_text(number))
 
 
 def gateway_address(subnet_number: int, gateway_index: int) -> IPv4Address:
     """Gateway g's WireGuard address inside agent subnet ``10.N.M.0/24``: ``10.N.M.g``."""
+    return IPv4Address(gateway_address_text(subnet_number, gateway_index))
+
+
+# The same as text, without building ipaddress objects: every config push renders one address
+# per agent and gateway, and parsing them back dominated the cost of a fan-out.
+
+
+def subnet_text(number: int) -> str:
+    second, third = octets_of(number)
+    return f"10.{second}.{third}.0/24"
+
+
+def virtual_ip_text(number: int) -> str:
+    second, third = octets_of(number)
+    return f"10.{second}.{third}.{AGENT_HOST}"
+
+
+def gateway_address_text(subnet_number: int, gateway_index: int) -> str:
     second, third = octets_of(subnet_number)
     if not GATEWAY_INDEX_FIRST <= gateway_index <= GATEWAY_INDEX_LAST:
         raise ValueError(
             f"gateway index must be {GATEWAY_INDEX_FIRST}-{GATEWAY_INDEX_LAST}, got {gateway_index}"
         )
-    return IPv4Address(f"10.{second}.{third}.{gateway_index}")
+    return f"10.{second}.{third}.{gateway_index}"
 
 
 def subnet_number(subnet: str) -> int:

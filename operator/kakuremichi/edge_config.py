@@ -37,15 +37,16 @@ class AgentNode:
     namespace: str
     name: str
     subnet_number: int
+    """:mod:`addressing`'s number: ``10.N.M.0/24`` is ``M * 256 + N``."""
     public_key: str
 
-    @property
+    @cached_property
     def virtual_ip(self) -> str:
-        return str(addressing.virtual_ip_for(self.subnet_number))
+        return addressing.virtual_ip_text(self.subnet_number)
 
-    @property
+    @cached_property
     def subnet(self) -> str:
-        return str(addressing.subnet_for(self.subnet_number))
+        return addressing.subnet_text(self.subnet_number)
 
 
 @dataclass(frozen=True)
@@ -115,11 +116,75 @@ class Topology:
         return list(self._served_by_agent.get(agent_id, ()))
 
     @cached_property
-    def _served_by_agent(self) -> dict[UUID, list[Route]]:
+    def _served_by_agent(self) -> dict[UUID, tuple[Route, ...]]:
         by_agent: dict[UUID, list[Route]] = {}
         for route in self._served:
             by_agent.setdefault(route.agent_id, []).append(route)
-        return by_agent
+        return {agent_id: tuple(routes) for agent_id, routes in by_agent.items()}
+
+    # Computed once per topology and shared by every config rendered from it: a change fans out
+    # to every connected edge, so per-edge work must stay small (bench/README.md).
+
+    @cached_property
+    def gateways_by_index(self) -> tuple[GatewayNode, ...]:
+        return tuple(sorted(self.gateways.values(), key=lambda g: g.index))
+
+    @cached_property
+    def agents_by_subnet(self) -> tuple[AgentNode, ...]:
+        """In allocation order: the document's 10.N.0.0/24 first."""
+        return tuple(sorted(self.agents.values(), key=lambda a: a.subnet_number))
+
+    @cached_property
+    def _gateway_peers(self) -> dict[UUID, GatewayPeer]:
+        """Each gateway as agents see it, validated once (its public IP's check is the costly
+        part); only ``address`` differs per agent. (An AgentPeer has no such check: building
+        it anew is as cheap as copying.)"""
+        return {
+            gateway.id: GatewayPeer(
+                id=gateway.id,
+                public_ip=gateway.public_ip,
+                wireguard_public_key=gateway.public_key,
+                wireguard_port=gateway.wireguard_port,
+                address="",
+            )
+            for gateway in self.gateways_by_index
+        }
+
+    @cached_property
+    def _gateway_tunnels(self) -> tuple[GatewayTunnel, ...]:
+        return tuple(
+            GatewayTunnel(
+                domain=route.domain,
+                agent_virtual_ip=self.agents[route.agent_id].virtual_ip,
+                target=route.target,
+                enabled=route.enabled,
+            )
+            for route in self._served
+        )
+
+
+def agent_inputs(topology: Topology, agent_id: UUID) -> tuple[object, ...]:
+    """All of ``topology`` that :func:`agent_config` reads for this agent: equal inputs render
+    equal configs, so an edge whose inputs did not change need not be rendered again."""
+    return (
+        topology.agents.get(agent_id),
+        topology.gateways_by_index,
+        topology._served_by_agent.get(agent_id, ()),
+    )
+
+
+def gateway_inputs(
+    topology: Topology, gateway_id: UUID, with_certificates: bool = True
+) -> tuple[object, ...]:
+    """All of ``topology`` that :func:`gateway_config` reads (see :func:`agent_inputs`).
+    Comparing two of them is cheap when nothing changed: the parts are the same objects."""
+    return (
+        topology.gateways.get(gateway_id),
+        topology.agents_by_subnet,
+        topology._served,
+        topology.certificates if with_certificates else None,
+        topology.challenges,
+    )
 
 
 def domain_holders(claims: Iterable[tuple[str, Claim]]) -> dict[str, Claim]:
@@ -135,7 +200,7 @@ def agent_config(
     topology: Topology, agent_id: UUID, version: int, private_key: str | None = None
 ) -> AgentConfig:
     agent = topology.agents[agent_id]
-    gateways = sorted(topology.gateways.values(), key=lambda g: g.index)
+    peers = topology._gateway_peers
     return AgentConfig(
         version=version,
         agent=AgentSelf(
@@ -145,14 +210,12 @@ def agent_config(
             wireguard_private_key=private_key,
         ),
         gateways=[
-            GatewayPeer(
-                id=gateway.id,
-                public_ip=gateway.public_ip,
-                wireguard_public_key=gateway.public_key,
-                wireguard_port=gateway.wireguard_port,
-                address=str(addressing.gateway_address(agent.subnet_number, gateway.index)),
+            peers[gateway.id].model_copy(
+                update={
+                    "address": addressing.gateway_address_text(agent.subnet_number, gateway.index)
+                }
             )
-            for gateway in gateways
+            for gateway in topology.gateways_by_index
         ],
         tunnels=[
             AgentTunnel(domain=route.domain, target=route.target, enabled=route.enabled)
@@ -171,9 +234,7 @@ def gateway_config(
     """The gateway's config; ``with_certificates=False`` leaves out the TLS certificates and
     their private keys (for connections that are neither TLS nor loopback)."""
     gateway = topology.gateways[gateway_id]
-    agents = sorted(topology.agents.values(), key=lambda a: a.subnet_number)
-    routes = topology.served_routes()
-    served_domains = {route.domain for route in routes}
+    served_domains = {route.domain for route in topology._served}
     return GatewayConfig(
         version=version,
         gateway=GatewaySelf(
@@ -192,19 +253,11 @@ def gateway_config(
                 virtual_ip=agent.virtual_ip,
                 subnet=agent.subnet,
                 wireguard_public_key=agent.public_key,
-                address=str(addressing.gateway_address(agent.subnet_number, gateway.index)),
+                address=addressing.gateway_address_text(agent.subnet_number, gateway.index),
             )
-            for agent in agents
+            for agent in topology.agents_by_subnet
         ],
-        tunnels=[
-            GatewayTunnel(
-                domain=route.domain,
-                agent_virtual_ip=topology.agents[route.agent_id].virtual_ip,
-                target=route.target,
-                enabled=route.enabled,
-            )
-            for route in routes
-        ],
+        tunnels=list(topology._gateway_tunnels),
         certificates=[
             bundle
             for domain, bundle in sorted(topology.certificates.items())

@@ -14,8 +14,10 @@ from kakuremichi.edge_config import (
     Route,
     Topology,
     agent_config,
+    agent_inputs,
     domain_holders,
     gateway_config,
+    gateway_inputs,
 )
 from kakuremichi.protocol import CertificateBundle
 
@@ -130,3 +132,42 @@ def test_disabled_tunnels_are_pushed_with_enabled_false() -> None:
     config = gateway_config(topology(route("app.example.com", HOME, enabled=False)), TOKYO.id, 1)
     assert [(t.domain, t.enabled) for t in config.tunnels] == [("app.example.com", False)]
     assert [c.domain for c in config.certificates] == ["app.example.com"]
+
+
+def test_inputs_change_exactly_when_a_config_may_change() -> None:
+    """The control channel skips rendering an edge whose inputs are equal: a change that
+    concerns other edges must leave them equal, one that concerns this edge must not."""
+    before = topology(route("app.example.com", HOME))
+    same = topology(route("app.example.com", HOME))
+    assert agent_inputs(before, HOME.id) == agent_inputs(same, HOME.id)
+    assert gateway_inputs(before, TOKYO.id) == gateway_inputs(same, TOKYO.id)
+    # A new agent: every gateway's config changes, no other agent's.
+    newcomer = AgentNode(uuid.uuid4(), "default", "new", 3, key())
+    grown = Topology(agents={**before.agents, newcomer.id: newcomer},
+                     gateways=before.gateways, routes=before.routes,
+                     certificates=before.certificates)  # fmt: skip
+    assert agent_inputs(grown, HOME.id) == agent_inputs(before, HOME.id)
+    assert gateway_inputs(grown, TOKYO.id) != gateway_inputs(before, TOKYO.id)
+    # A new gateway: every agent's config changes, no other gateway's.
+    third = GatewayNode(uuid.uuid4(), "kyoto", 3, "203.0.113.3", key())
+    wider = Topology(agents=before.agents, gateways={**before.gateways, third.id: third},
+                     routes=before.routes, certificates=before.certificates)  # fmt: skip
+    assert agent_inputs(wider, HOME.id) != agent_inputs(before, HOME.id)
+    assert gateway_inputs(wider, TOKYO.id) == gateway_inputs(before, TOKYO.id)
+    # A tunnel of another agent: gateways, not the first agent.
+    routed = topology(route("app.example.com", HOME), route("office.example.com", OFFICE))
+    assert agent_inputs(routed, HOME.id) == agent_inputs(before, HOME.id)
+    assert agent_inputs(routed, OFFICE.id) != agent_inputs(before, OFFICE.id)
+    assert gateway_inputs(routed, TOKYO.id) != gateway_inputs(before, TOKYO.id)
+    # Equal inputs render equal configs.
+    assert agent_config(grown, HOME.id, 1) == agent_config(before, HOME.id, 1)
+    assert gateway_config(wider, TOKYO.id, 1) == gateway_config(before, TOKYO.id, 1)
+
+
+def test_configs_rendered_from_shared_parts_stay_apart() -> None:
+    """Agents share each gateway's validated peer; a copy per agent carries its own address."""
+    world = topology()
+    home, office = agent_config(world, HOME.id, 1), agent_config(world, OFFICE.id, 1)
+    assert [g.address for g in home.gateways] == ["10.1.0.1", "10.1.0.2"]
+    assert [g.address for g in office.gateways] == ["10.2.0.1", "10.2.0.2"]
+    assert agent_config(world, HOME.id, 1) == home

@@ -56,8 +56,12 @@ class Session:
     remote: str
     connected_at: datetime
     last_seen: float = field(default_factory=time.monotonic)
-    sent: Any = None
+    sent: str | None = None
+    """The last config sent, as JSON without its version."""
     sent_version: int = 0
+    inputs: tuple[object, ...] | None = None
+    """What that config was rendered from (``edge_config.*_inputs``): unchanged inputs skip the
+    rendering, so a change that concerns some edges costs the others next to nothing."""
     acked_version: int = 0
     client: protocol.ClientInfo | None = None
     replaced: asyncio.Event = field(default_factory=asyncio.Event)
@@ -300,6 +304,15 @@ class ControlChannel:
         if secure and session.private_key is None:
             session.private_key = await self._private_key(identity)
         private_key = session.private_key if secure else None
+        # Edges beat three times per timeout, so one lost beat never marks them offline.
+        heartbeat_seconds = self.context.settings.heartbeat_timeout / 3
+        if identity.role == "agent":
+            inputs = edge_config.agent_inputs(topology, identity.id)
+        else:
+            inputs = edge_config.gateway_inputs(topology, identity.id, with_certificates=secure)
+        inputs += (private_key, heartbeat_seconds)
+        if inputs == session.inputs:
+            return
         message: protocol.AgentConfigMessage | protocol.GatewayConfigMessage
         if identity.role == "agent":
             rendered: Any = edge_config.agent_config(topology, identity.id, 0, private_key)
@@ -308,10 +321,10 @@ class ControlChannel:
             rendered = edge_config.gateway_config(
                 topology, identity.id, 0, private_key, with_certificates=secure
             )
-        # Edges beat three times per timeout, so one lost beat never marks them offline.
-        rendered.heartbeat_seconds = self.context.settings.heartbeat_timeout / 3
-        comparable = rendered.model_dump(exclude={"version"})
+        rendered.heartbeat_seconds = heartbeat_seconds
+        comparable = rendered.model_dump_json(exclude={"version"})
         if comparable == session.sent:
+            session.inputs = inputs
             return
         version = self.versions.next()
         data = rendered.model_copy(update={"version": version})
@@ -320,7 +333,7 @@ class ControlChannel:
         else:
             message = protocol.GatewayConfigMessage(data=data)
         await session.socket.send_str(protocol.encode(message))
-        session.sent, session.sent_version = comparable, version
+        session.sent, session.sent_version, session.inputs = comparable, version, inputs
         metrics.config_pushes.labels(identity.role).inc()
 
     def _topology(self) -> edge_config.Topology:
