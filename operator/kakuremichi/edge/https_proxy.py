@@ -487,6 +487,7 @@ class Upstream(asyncio.Protocol):
             self.is_replay = True
             self._lost("agent_timeout")
         elif isinstance(exc, PeerUnreachable):
+            self.is_replay = True  # a second connect would only make the client wait again
             self._lost("agent_unreachable")
         else:
             self._lost("agent_closed")
