@@ -26,8 +26,10 @@ from typing import Any, cast
 HELLO = b"KAKUREMICHI/2 mux\r\n"
 HEADER = struct.Struct("!BII")
 OPEN, DATA, EOF, CLOSE, WINDOW = 1, 2, 3, 4, 5
-WINDOW_BYTES = 512 * 1024
-"""Per stream and direction: bytes in flight or buffered at the receiver, at most."""
+WINDOW_BYTES = 2 * 1024 * 1024
+"""Per stream and direction: bytes in flight or buffered at the receiver, at most. It caps one
+stream's throughput at WINDOW_BYTES per round trip (about 550 Mbit/s at 30 ms) and what a slow
+client can make its gateway hold for it."""
 MAX_FRAME_BYTES = 64 * 1024
 """A receiver hands a frame on only once it is complete: frames much smaller than the window
 keep credit flowing back while the rest of the window is still on the way."""
