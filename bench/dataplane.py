@@ -326,11 +326,53 @@ PLAIN_VARIANTS = ("hand-built-plain", "kakuremichi-plain")
 TLS_VARIANTS = ("hand-built", "kakuremichi")
 
 
+CPU_ROLES = ("proxy", "agent", "origin", "wireguard")
+"""Processes whose CPU time per request is recorded (``cpu_<role>`` figures, µs)."""
+
+
+def _wireguard_go_pids(prefix: str) -> list[int]:
+    return [int(p) for p in sh("pgrep", "-f", f"wireguard-go.* {prefix}", check=False).split()]
+
+
+def role_pids(variant: str) -> dict[str, list[int]]:
+    """The processes doing each variant's work (wrk, the client, is left out)."""
+    origin = nginx_pids("origin")
+    if variant == "kakuremichi":
+        return {
+            "proxy": edge_pids(demo.GATEWAY_NS, "gateway"),
+            "agent": edge_pids(demo.AGENT_NS, "agent"),
+            "origin": origin,
+            "wireguard": _wireguard_go_pids("kmdemo-wg-"),
+        }
+    routed = {"origin": origin, "wireguard": _wireguard_go_pids("kmb-wg-")}
+    return {"proxy": nginx_pids("hand-built"), **routed} if variant == "hand-built" else routed
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def measure_round(figures: Figures, seconds: int, connections: int) -> None:
     for variant in VARIANTS:
+        roles = role_pids(variant) if variant != "direct" else {}
+        before = {role: cpu_seconds(pids) for role, pids in roles.items()}
         result = wrk(url(variant, BODY_1K), seconds, connections)
+        requests = result.get("rps", 0.0) * seconds
+        if requests:
+            spent = {r: (cpu_seconds(p) - before[r]) * 1e6 / requests for r, p in roles.items()}
+            for role, micros in spent.items():
+                figures.add(variant, f"cpu_{role}", micros)
+            if spent:
+                figures.add(variant, "cpu_total", sum(spent.values()))
         rps, p50, p99 = (result.get(k, 0.0) for k in ("rps", "p50_ms", "p99_ms"))
-        progress(f"  {variant:18} {rps:9.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms")
+        cpu = figures.samples.get((variant, "cpu_total"), [0.0])[-1] if roles else 0.0
+        progress(f"  {variant:18} {rps:9.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms"
+                 + (f"  {cpu:5.0f} µs CPU/req" if cpu else ""))  # fmt: skip
         for name in ("rps", "p50_ms", "p99_ms"):
             figures.add(variant, name, result.get(name))
         if variant in TLS_VARIANTS:
@@ -548,6 +590,20 @@ def table(figures: Figures) -> str:
     return "\n".join(rows)
 
 
+def cpu_table(figures: Figures) -> str:
+    rows = [
+        "| variant | " + " | ".join(CPU_ROLES) + " | total |",
+        "| --- |" + " ---: |" * (len(CPU_ROLES) + 1),
+    ]
+    for variant in ("routed", "hand-built", "kakuremichi"):
+        cells = []
+        for figure in (*(f"cpu_{role}" for role in CPU_ROLES), "cpu_total"):
+            value = figures.median(variant, figure)
+            cells.append("—" if value is None else f"{value:.1f}")
+        rows.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def versions() -> dict[str, str]:
     def first_line(*command: str) -> str:
         done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -583,6 +639,11 @@ def write_results(figures: Figures, rounds: int, seconds: int, connections: int,
         *(f"- {key}: {value}" for key, value in info.items()),
         "",
         table(figures),
+        "",
+        "CPU time per request in the keep-alive 1 KiB runs, µs, by process (proxy: kakuremichi's "
+        "gateway or the hand-built nginx; wireguard: both wireguard-go processes; wrk left out):",
+        "",
+        cpu_table(figures),
         "",
         "Control plane: time from `kubectl apply` of a Tunnel (Secret-backed certificate) to the "
         "first HTTPS 200 through the gateway: "
