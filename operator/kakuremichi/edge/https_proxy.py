@@ -100,10 +100,11 @@ class HttpsProxy:
         idle = self.idle.get(key)
         while idle:
             upstream = idle.pop()
-            if not upstream.closed:
+            if not upstream.closed and upstream.reusable:
                 upstream.client = client
                 upstream.reused = True
                 return upstream
+            upstream.close()  # e.g. bytes arrived after its last response: not trustworthy
         upstream = Upstream(self, key, client)
         self.dialer.open_stream(route.agent_ip, route.domain, upstream)
         return upstream
