@@ -7,6 +7,7 @@ not hold, so the Certificate's ``Ready=False`` condition can tell the user what 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -53,6 +54,30 @@ def covers(pattern: str, domain: str) -> bool:
 
 def inspect(chain_pem: bytes, key_pem: bytes, domain: str, now: datetime) -> CertificateInfo:
     """Check a PEM chain (leaf first) and PEM private key for serving ``domain`` at ``now``."""
+    names, not_before, not_after, serial_number = _parse(chain_pem, key_pem)
+    if not any(covers(name, domain) for name in names):
+        shown = ", ".join(names) or "no DNS names"
+        raise CertificateProblem("DomainMismatch", f"the certificate covers {shown}, not {domain}")
+    if now < not_before:
+        raise CertificateProblem("NotYetValid", f"the certificate is valid only from {not_before}")
+    if now >= not_after:
+        raise CertificateProblem("Expired", f"the certificate expired at {not_after}")
+    return CertificateInfo(
+        domain=domain,
+        not_before=not_before,
+        not_after=not_after,
+        serial_number=serial_number,
+        dns_names=names,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _parse(chain_pem: bytes, key_pem: bytes) -> tuple[tuple[str, ...], datetime, datetime, int]:
+    """The leaf's DNS names, validity and serial number, once the key is known to match it.
+
+    Cached by content: thousands of Certificates often share one wildcard Secret, and loading
+    (and checking) its private key costs far more than the checks that depend on the domain and
+    the time. Failures are not cached (they raise)."""
     try:
         chain = x509.load_pem_x509_certificates(chain_pem)
     except ValueError:
@@ -72,22 +97,8 @@ def inspect(chain_pem: bytes, key_pem: bytes, domain: str, now: datetime) -> Cer
         raise CertificateProblem(
             "KeyMismatch", "tls.key does not belong to the first certificate of tls.crt"
         )
-    names = _dns_names(leaf)
-    if not any(covers(name, domain) for name in names):
-        shown = ", ".join(names) or "no DNS names"
-        raise CertificateProblem("DomainMismatch", f"the certificate covers {shown}, not {domain}")
-    not_before, not_after = leaf.not_valid_before_utc, leaf.not_valid_after_utc
-    if now < not_before:
-        raise CertificateProblem("NotYetValid", f"the certificate is valid only from {not_before}")
-    if now >= not_after:
-        raise CertificateProblem("Expired", f"the certificate expired at {not_after}")
-    return CertificateInfo(
-        domain=domain,
-        not_before=not_before,
-        not_after=not_after,
-        serial_number=leaf.serial_number,
-        dns_names=tuple(names),
-    )
+    names = tuple(_dns_names(leaf))
+    return names, leaf.not_valid_before_utc, leaf.not_valid_after_utc, leaf.serial_number
 
 
 def _dns_names(certificate: x509.Certificate) -> list[str]:
