@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import functools
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -25,6 +26,10 @@ from kakuremichi.resources import API_VERSION, GROUP, VERSION, ResourceKind
 T = TypeVar("T")
 CONCURRENT_CALLS = 16
 """Kubernetes calls in flight at once (worker threads, and pooled connections to match)."""
+SECRET_CACHE_SECONDS = 5.0
+"""How long a read of a Secret may be served again to ``read_secret(..., cached=True)``
+(writes made here and :meth:`Kube.forget_secret`, called on the Secret's watch events, end it
+sooner)."""
 
 
 def load_api_client() -> client.ApiClient:
@@ -44,6 +49,8 @@ class Kube:
         self.apps = client.AppsV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self._threads = ThreadPoolExecutor(CONCURRENT_CALLS, thread_name_prefix="kube")
+        self._secrets: dict[tuple[str, str], tuple[float, asyncio.Future[dict[str, str] | None]]]
+        self._secrets = {}
 
     async def _call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``function(*args, **kwargs)`` in one of the Kubernetes worker threads."""
@@ -130,8 +137,45 @@ class Kube:
             and (pod.status.phase if pod.status else None) not in ("Succeeded", "Failed")
         ]
 
-    async def read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
-        """The Secret's data, decoded; None when it does not exist."""
+    async def read_secret(
+        self, namespace: str, name: str, *, cached: bool = False
+    ) -> dict[str, str] | None:
+        """The Secret's data, decoded; None when it does not exist.
+
+        ``cached``: a read made (or in flight) less than :data:`SECRET_CACHE_SECONDS` ago may
+        answer, so thousands of Certificates that share one Secret read it once, not once each.
+        """
+        if not cached:
+            return await self._read_secret(namespace, name)
+        key, now = (namespace, name), time.monotonic()
+        entry = self._secrets.get(key)
+        if entry is None or entry[0] <= now:
+            if len(self._secrets) > 256:
+                self._secrets = {k: e for k, e in self._secrets.items() if e[0] > now}
+            entry = (now + SECRET_CACHE_SECONDS, asyncio.ensure_future(self._read_secret(*key)))
+            self._secrets[key] = entry
+        try:
+            data = await asyncio.shield(entry[1])
+        except Exception:
+            if self._secrets.get(key) is entry:
+                del self._secrets[key]
+            raise
+        return None if data is None else dict(data)
+
+    async def _secret_write(
+        self, namespace: str, name: str, function: Callable[..., T], *args: Any
+    ) -> T:
+        """A call that changes the Secret ``namespace/name``; cached reads of it end."""
+        try:
+            return await self._call(function, *args)
+        finally:
+            self.forget_secret(namespace, name)
+
+    def forget_secret(self, namespace: str, name: str) -> None:
+        """The Secret changed: the next cached read asks the API server again."""
+        self._secrets.pop((namespace, name), None)
+
+    async def _read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
         try:
             secret = await self._call(self.core.read_namespaced_secret, name, namespace)
         except ApiException as error:
@@ -166,7 +210,9 @@ class Kube:
             string_data=dict(data),
         )
         try:
-            await self._call(self.core.create_namespaced_secret, namespace, body)
+            await self._secret_write(
+                namespace, name, self.core.create_namespaced_secret, namespace, body
+            )
         except ApiException as error:
             if error.status == 409:
                 return False
@@ -186,9 +232,10 @@ class Kube:
         it); an existing one keeps its owners, so a Secret the user made stays the user's."""
         data = {"tls.crt": chain, "tls.key": key}
         try:
-            await self._call(
-                self.core.patch_namespaced_secret, name, namespace, {"stringData": data}
-            )
+            await self._secret_write(
+                namespace, name, self.core.patch_namespaced_secret, name, namespace,
+                {"stringData": data},
+            )  # fmt: skip
             return
         except ApiException as error:
             if error.status != 404:
@@ -196,9 +243,10 @@ class Kube:
         if not await self.create_secret(
             namespace, name, data, owner, labels, kind="kubernetes.io/tls"
         ):  # made meanwhile by someone else: update that one
-            await self._call(
-                self.core.patch_namespaced_secret, name, namespace, {"stringData": data}
-            )
+            await self._secret_write(
+                namespace, name, self.core.patch_namespaced_secret, name, namespace,
+                {"stringData": data},
+            )  # fmt: skip
 
     async def write_secret(
         self, namespace: str, name: str, data: Mapping[str, str], labels: Mapping[str, str]
@@ -210,15 +258,21 @@ class Kube:
             string_data=dict(data),
         )
         try:
-            await self._call(self.core.create_namespaced_secret, namespace, body)
+            await self._secret_write(
+                namespace, name, self.core.create_namespaced_secret, namespace, body
+            )
         except ApiException as error:
             if error.status != 409:
                 raise
-            await self._call(self.core.replace_namespaced_secret, name, namespace, body)
+            await self._secret_write(
+                namespace, name, self.core.replace_namespaced_secret, name, namespace, body
+            )
 
     async def delete_secret(self, namespace: str, name: str) -> None:
         try:
-            await self._call(self.core.delete_namespaced_secret, name, namespace)
+            await self._secret_write(
+                namespace, name, self.core.delete_namespaced_secret, name, namespace
+            )
         except ApiException as error:
             if error.status != 404:
                 raise
