@@ -138,3 +138,23 @@ def test_acme_issuance_is_reported_as_unavailable_for_now(world: World) -> None:
     )  # fmt: skip
     world.certificates.ready("acme", "False", "NoGatewayOnline")
     world.tunnels.ready("acme", "False", "NoGatewayOnline")
+
+
+def test_deletion_without_finalizers_cleans_up(world: World, operator: OperatorProcess) -> None:
+    """Tunnels and Certificates carry no finalizer: the watch's DELETED events clean up, and the
+    garbage collector takes the Certificate with its Tunnel."""
+    domain = f"{unique_name('gone')}.example.com"
+    world.agents.create("home")
+    world.tls_secret("gone-tls", domain)
+    world.secret_tunnel("gone", domain, "home", "gone-tls")
+    world.tunnels.ready("gone")
+    world.certificates.ready("gone")
+    wait_until(lambda: domain in mirrored(operator, "certificates", "domain"), "the cert row")
+    wait_until(lambda: domain in mirrored(operator, "tunnels", "domain"), "the tunnel row")
+    for objects in (world.tunnels, world.certificates):
+        found = objects.get("gone")
+        assert found is not None and not found["metadata"].get("finalizers")
+    world.tunnels.delete("gone")
+    wait_until(lambda: world.certificates.get("gone") is None, "the Certificate to be collected")
+    wait_until(lambda: domain not in mirrored(operator, "tunnels", "domain"), "tunnel row gone")
+    wait_until(lambda: domain not in mirrored(operator, "certificates", "domain"), "cert row gone")

@@ -9,7 +9,9 @@ last good certificate.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import asyncio
+import logging
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 from uuid import UUID
 
@@ -20,17 +22,22 @@ from kakuremichi.control.context import Context
 from kakuremichi.control.mirror import CertificateRow
 from kakuremichi.control.reconciler import register_reconciler
 from kakuremichi.protocol import CertificateBundle
-from kakuremichi.resources import CERTIFICATE, GROUP, VERSION, CertificateSpec, CertificateStatus
+from kakuremichi.resources import CERTIFICATE, CertificateSpec, CertificateStatus
 from kakuremichi.store import Certificate
 from kakuremichi.tls_material import CertificateProblem, inspect
 from kakuremichi.tunnel_readiness import CertificateVerdict
+
+RECHECK_SECONDS = 300.0
+log = logging.getLogger(__name__)
 
 
 async def evaluate(
     context: Context, namespace: str, name: str, spec: CertificateSpec
 ) -> tuple[CertificateVerdict, CertificateBundle | None, Any]:
     """The verdict on a Certificate, the bundle to serve (when good) and its details."""
-    data = await context.kube.read_secret(namespace, spec.secret_name)
+    # Cached for a moment (and forgotten on the Secret's watch events): Certificates that share
+    # one Secret, as thousands may, read it once.
+    data = await context.kube.read_secret(namespace, spec.secret_name, cached=True)
     problem: CertificateVerdict | None = None
     if data is None:
         problem = CertificateVerdict(
@@ -82,6 +89,10 @@ async def compute_status(context: Context, body: kopf.Body) -> dict[str, Any]:
         context.acme.ensure(namespace, name)
     verdict, bundle, info = await evaluate(context, namespace, name, spec)
     context.state.set_certificate((namespace, name), verdict, bundle)
+    if info is not None:
+        context.state.certificate_expiry[(namespace, name)] = info.not_after
+    else:
+        context.state.certificate_expiry.pop((namespace, name), None)
     updates: dict[str, Any] = {
         "conditions": set_ready(
             current.conditions,
@@ -137,14 +148,44 @@ async def prune_rows(context: Context) -> None:
     await context.mirror.prune(Certificate, {UUID(c["metadata"]["uid"]) for c in found})
 
 
-def register(registry: kopf.OperatorRegistry, context: Context) -> None:
-    register_reconciler(registry, context, CERTIFICATE, reconcile, cleanup)
-    resource = (GROUP, VERSION, CERTIFICATE.plural)
+async def recheck(context: Context) -> None:
+    """Expiry happens without any event: look again at the Certificates whose certificate has
+    expired since, at once, and at those that are not Ready (not yet valid, say) every
+    :data:`RECHECK_SECONDS`. One task for all, instead of a kopf timer per Certificate (a task
+    each, and a finalizer each)."""
+    state = context.state
+    last_full = asyncio.get_running_loop().time()
+    while True:
+        now = datetime.now(UTC)
+        wake = now + timedelta(seconds=RECHECK_SECONDS)
+        for key, expiry in list(state.certificate_expiry.items()):
+            if expiry < wake and state.certificate_verdicts.get(key, _EXPIRED).ready:
+                wake = expiry
+        await asyncio.sleep(max(1.0, (wake - now).total_seconds()))
+        now = datetime.now(UTC)
+        full = asyncio.get_running_loop().time() - last_full >= RECHECK_SECONDS
+        if full:
+            last_full = asyncio.get_running_loop().time()
+        due = [
+            key
+            for key, verdict in list(state.certificate_verdicts.items())
+            if (verdict.ready and state.certificate_expiry.get(key, now) <= now)
+            or (full and not verdict.ready)
+        ]
+        for namespace, name in due:
+            try:
+                await refresh(context, namespace, name)
+            except Exception:  # the next round tries again
+                log.exception("rechecking Certificate %s/%s failed", namespace, name)
 
-    @kopf.timer(*resource, registry=registry, interval=300, initial_delay=300, idle=60)
-    async def certificate_recheck(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        """Expiry happens without any event: look again now and then."""
-        await reconcile(context, body, patch)
+
+_EXPIRED = CertificateVerdict(False, "Expired", "")
+
+
+def register(registry: kopf.OperatorRegistry, context: Context) -> None:
+    # No finalizer: the cleanup concerns the in-memory state, the ACME task and the mirror's
+    # row, which the start-up prune (prune_rows) drops for Certificates deleted meanwhile.
+    register_reconciler(registry, context, CERTIFICATE, reconcile, cleanup, finalizer=False)
 
     def referenced(namespace: str | None, name: str | None, **_: Any) -> bool:
         return bool(context.state.secret_users.get((namespace or "", name or "")))
@@ -152,6 +193,7 @@ def register(registry: kopf.OperatorRegistry, context: Context) -> None:
     @kopf.on.event("", "v1", "secrets", registry=registry, when=referenced)
     async def secret_changed(name: str, namespace: str | None, **_: Any) -> None:
         """A Secret that a Certificate reads changed: make that Certificate look again."""
+        context.kube.forget_secret(namespace or "", name)
         users = context.state.secret_users.get((namespace or "", name), set())
         for certificate in sorted(users):
             await refresh(context, namespace or "", certificate)

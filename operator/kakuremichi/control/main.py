@@ -113,6 +113,7 @@ def build_registry(context: Context) -> kopf.OperatorRegistry:
         await gateways.restore_indexes(context)
         await certificates.prune_rows(context)
         tasks.append(asyncio.create_task(Projector(context).run(), name="projector"))
+        tasks.append(asyncio.create_task(certificates.recheck(context), name="recheck"))
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
@@ -61,6 +62,8 @@ class ControlState:
     """(namespace, Certificate name) → whether it can be served."""
     bundles: dict[tuple[str, str], CertificateBundle] = field(default_factory=dict)
     """(namespace, Certificate name) → the last good certificate and key."""
+    certificate_expiry: dict[tuple[str, str], datetime] = field(default_factory=dict)
+    """(namespace, Certificate name) → when its (good) certificate expires."""
     secret_users: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     """(namespace, Secret name) → the Certificates that read it."""
     challenges: dict[tuple[str, str], AcmeChallenge] = field(default_factory=dict)
@@ -175,6 +178,7 @@ class ControlState:
 
     def remove_certificate(self, key: tuple[str, str]) -> None:
         self.certificate_verdicts.pop(key, None)
+        self.certificate_expiry.pop(key, None)
         self.bundles.pop(key, None)
         self.touch()
 

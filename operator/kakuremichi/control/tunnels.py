@@ -99,9 +99,12 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
 
 
 async def cleanup(context: Context, body: kopf.Body) -> None:
-    # The Certificate it owns is garbage-collected with it.
+    # The Certificate it owns is garbage-collected with it; the tunnels table follows the state
+    # (the projector's next pass drops the row).
     context.state.remove_tunnel(UUID(body.metadata.uid))
 
 
 def register(registry: kopf.OperatorRegistry, context: Context) -> None:
-    register_reconciler(registry, context, TUNNEL, reconcile, cleanup)
+    # No finalizer: all the cleanup concerns is the in-memory state (rebuilt from the cluster on
+    # every start) and the tunnels table (written from that state).
+    register_reconciler(registry, context, TUNNEL, reconcile, cleanup, finalizer=False)
