@@ -27,10 +27,19 @@ from kakuremichi.tunnel_readiness import TunnelFacts, TunnelVerdict, verdicts
 
 SETTLE_SECONDS = 0.05
 RETRY_SECONDS = 2.0
-PENDING_GRACE_SECONDS = 10.0
+PENDING_GRACE_SECONDS = 60.0
+"""Long enough for a burst of thousands of new Tunnels: under such load a Certificate waits its
+turn for tens of seconds, and a ``CertificatePending`` write (and Warning Event) per Tunnel in the
+meantime doubled the writes the burst costs."""
 CONCURRENT_WRITES = 16
+WRITES_PER_PASS = 512
+"""A pass writes at most this many statuses, then the next begins at once: the tunnels table is
+synced at the start of every pass, and a pass of thousands of writes held it (and the verdicts
+being written) back for a minute during a burst."""
 PENDING = "CertificatePending"
 log = logging.getLogger(__name__)
+Written = tuple[TunnelVerdict, int, list[Condition]]
+Write = tuple[TunnelFacts, TunnelVerdict, Written | None, list[Condition]]
 
 
 class Projector:
@@ -81,7 +90,7 @@ class Projector:
         results = verdicts(tunnels, state.agents, state.certificate_verdicts)
         now = time.monotonic()
         due: float | None = None
-        writes = []
+        writes: list[Write] = []  # (tunnel, verdict, what was written before, seeded conditions)
         for tunnel_id, verdict in results.items():
             tunnel = tunnels[tunnel_id]
             previous = self.written.get(tunnel_id)
@@ -93,16 +102,18 @@ class Projector:
                 if now < held_until:
                     due = held_until if due is None else min(due, held_until)
                     continue
-            writes.append(self._write(tunnel, verdict, previous, seeded))
+            writes.append((tunnel, verdict, previous, seeded))
         for gone in set(self.first_seen) - set(tunnels):
             del self.first_seen[gone]
         for gone in set(self.written) - set(tunnels):
             del self.written[gone]
+        if len(writes) > WRITES_PER_PASS:
+            writes, due = writes[:WRITES_PER_PASS], now  # the rest in the next pass, at once
         limit = asyncio.Semaphore(CONCURRENT_WRITES)
 
-        async def bounded(write: Any) -> None:
+        async def bounded(write: Write) -> None:
             async with limit:
-                await write
+                await self._write(*write)
 
         outcomes = await asyncio.gather(*(bounded(w) for w in writes), return_exceptions=True)
         failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
