@@ -164,12 +164,14 @@ class Mirror:
 
         def work(session: Session) -> None:
             wanted = {row.id: row for row in rows}
-            for tunnel in session.scalars(select(Tunnel)):
-                if tunnel.id not in wanted:
+            existing = {tunnel.id: tunnel for tunnel in session.scalars(select(Tunnel))}
+            for tunnel_id, tunnel in existing.items():
+                if tunnel_id not in wanted:
                     session.delete(tunnel)
             session.flush()
             for row in wanted.values():
-                tunnel = session.get(Tunnel, row.id) or Tunnel(id=row.id)
+                # From the rows just read: a new one is not looked up (a query each).
+                tunnel = existing.get(row.id) or Tunnel(id=row.id)
                 tunnel.domain = row.route.domain
                 tunnel.agent_id = row.route.agent_id
                 tunnel.target = row.route.target
