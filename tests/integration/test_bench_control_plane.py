@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.infra import binaries, cluster
+from tests.infra import binaries
 
 SCRIPT = binaries.REPO / "bench" / "control_plane.py"
 
