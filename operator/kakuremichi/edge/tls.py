@@ -57,6 +57,8 @@ class TlsServerConnection(asyncio.Protocol):
         self.timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._give_up)
 
     def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return  # a failed handshake or a close in progress: nothing more is read
         self.incoming.write(data)
         if self.app is None and not self._handshake():
             return
