@@ -209,12 +209,7 @@ class AcmeSession:
     def order(self, url: str) -> Order | None:
         """The order at ``url`` now; None when the server no longer knows it."""
         try:
-            response = self.acme._post_as_get(url)
-            body = messages.Order.from_json(response.json())
-            authorizations = [
-                self.acme._authzr_from_response(self.acme._post_as_get(u), uri=u)
-                for u in body.authorizations
-            ]
+            body, authorizations = self._fetch_order(url)
         except AcmeProblem as problem:
             if problem.kind in ("malformed", "notFound") or "404" in problem.detail:
                 return None
@@ -222,6 +217,15 @@ class AcmeSession:
         except Exception as error:
             raise _problem(error) from None
         return self._order(url, body, authorizations)
+
+    def _fetch_order(self, url: str) -> tuple[messages.Order, list[messages.AuthorizationResource]]:
+        """The order at ``url`` and its authorizations, as the server has them now."""
+        body = messages.Order.from_json(self.acme._post_as_get(url).json())
+        authorizations = [
+            self.acme._authzr_from_response(self.acme._post_as_get(u), uri=u)
+            for u in body.authorizations
+        ]
+        return body, authorizations
 
     def _order(
         self, url: str, body: messages.Order, authorizations: list[messages.AuthorizationResource]
@@ -251,12 +255,7 @@ class AcmeSession:
         """Wait for the order's authorizations, finalize it with a CSR of ``key_pem`` (unless
         that already happened) and return the full chain, PEM."""
         try:
-            response = self.acme._post_as_get(url)
-            body = messages.Order.from_json(response.json())
-            authorizations = [
-                self.acme._authzr_from_response(self.acme._post_as_get(u), uri=u)
-                for u in body.authorizations
-            ]
+            body, authorizations = self._fetch_order(url)
             orderr = messages.OrderResource(
                 body=body,
                 uri=url,
