@@ -124,10 +124,6 @@ class MuxStream:
         self.outbox_bytes += len(data)
         self._drain()
 
-    def writelines(self, chunks: list[bytes]) -> None:
-        for chunk in chunks:
-            self.write(chunk)
-
     def write_eof(self) -> None:
         if self.closing or self.eof_wanted:
             return
@@ -169,15 +165,7 @@ class MuxStream:
             self.inbox_eof = False
             self._eof()
 
-    def is_reading(self) -> bool:
-        return not self.reading_paused
-
-    def get_write_buffer_size(self) -> int:
-        return self.outbox_bytes
-
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name == "stream_id":
-            return self.id
         if name in ("peername", "sockname") and self.connection.transport is not None:
             return self.connection.transport.get_extra_info(name, default)
         return default

@@ -100,10 +100,6 @@ class TlsServerConnection(asyncio.Protocol):
             return
         self._flush()
 
-    def writelines(self, chunks: list[bytes]) -> None:
-        for chunk in chunks:
-            self.write(chunk)
-
     def can_write_eof(self) -> bool:
         return False
 
@@ -138,21 +134,9 @@ class TlsServerConnection(asyncio.Protocol):
                 self.read_scheduled = True
                 asyncio.get_running_loop().call_soon(self._read_later)
 
-    def is_reading(self) -> bool:
-        return not self.reading_paused
-
-    def get_write_buffer_size(self) -> int:
-        return 0 if self.transport is None else self.transport.get_write_buffer_size()
-
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "ssl_object":
             return self.tls
-        if name == "sslcontext":
-            return self.tls.context
-        if name == "cipher":
-            return self.tls.cipher()
-        if name == "peercert":
-            return self.tls.getpeercert()
         if self.transport is None:
             return default
         return self.transport.get_extra_info(name, default)
