@@ -29,8 +29,8 @@ help:
 deps:
 	@hack/install-deps.sh
 
-# kube-apiserver, etcd, kube-controller-manager, kubectl, helm, Pebble: built from the Go module
-# proxy into ~/.cache/kakuremichi (reused when present).
+# kube-apiserver, etcd, kube-controller-manager, kubectl, helm, Pebble, wireguard-go: built from
+# the Go module proxy into ~/.cache/kakuremichi (reused when present).
 binaries:
 	@hack/build-binaries.sh >/dev/null
 

@@ -100,7 +100,8 @@ def veth(a: str, b: str, a_address: str, b_address: str, name: str) -> None:
 
 
 def wireguard_pair() -> None:
-    """The routed variant's own WireGuard (wireguard-go, like kakuremichi's on this machine)."""
+    """The routed variant's own WireGuard (wireguard-go, the one kakuremichi's edges run: first
+    on PATH, from hack/build-binaries.sh)."""
     keys = {}
     for side in ("gw", "ag"):
         private = sh("wg", "genkey").strip()
@@ -673,6 +674,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("make bench needs root (network namespaces)", file=sys.stderr)
         return 2
+    # The wireguard-go hack/build-binaries.sh builds, as the demo's edges run it (also with
+    # --reuse-demo): the routed pair and the versions line use it too.
+    demo.use_built_binaries()
     for tool in ("nginx", "wrk", "wg", "wireguard-go"):
         if shutil.which(tool) is None:
             print(f"make bench needs {tool}: run hack/install-deps.sh bench", file=sys.stderr)

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Builds the test binaries (kube-apiserver, kube-controller-manager, kubectl, etcd, helm, pebble,
-# pebble-challtestsrv) at the versions pinned in hack/binaries/versions.env, from the Go module
-# proxy with the ordinary go tools, into a cache outside the clone. Binaries already built are
-# reused, so a second run is a fast no-op.
+# pebble-challtestsrv) and the wireguard-go the tests, the demo and the benchmark run, at the
+# versions pinned in hack/binaries/versions.env, from the Go module proxy with the ordinary go
+# tools, into a cache outside the clone. Binaries already built are reused, so a second run is a
+# fast no-op.
 #
 # Usage: hack/build-binaries.sh [-h] [COMPONENT...]
-#   COMPONENT: kube-apiserver kube-controller-manager kubectl etcd helm pebble pebble-challtestsrv,
-#              or the groups "kubernetes" (the three Kubernetes binaries) and "all" (the default).
+#   COMPONENT: kube-apiserver kube-controller-manager kubectl etcd helm pebble pebble-challtestsrv
+#              wireguard-go, or the groups "kubernetes" (the three Kubernetes binaries) and "all"
+#              (the default).
 #
 # Environment:
 #   KAKUREMICHI_CACHE   cache root (default: $HOME/.cache/kakuremichi). Layout:
@@ -26,7 +28,7 @@ script_path="${script_dir}/$(basename "${BASH_SOURCE[0]}")"
 # shellcheck source-path=SCRIPTDIR source=binaries/versions.env disable=SC1091
 . "${script_dir}/binaries/versions.env"
 
-all_components=(kube-apiserver kube-controller-manager kubectl etcd helm pebble pebble-challtestsrv)
+all_components=(kube-apiserver kube-controller-manager kubectl etcd helm pebble pebble-challtestsrv wireguard-go)
 cache=${KAKUREMICHI_CACHE:-${HOME}/.cache/kakuremichi}
 current="${cache}/bin/current"
 tmp_paths=()
@@ -36,7 +38,7 @@ die() {
   log "error: $*"
   exit 1
 }
-usage() { sed -n '2,22s/^# \{0,1\}//p' "$script_path"; }
+usage() { sed -n '2,24s/^# \{0,1\}//p' "$script_path"; }
 
 # shellcheck disable=SC2317  # only invoked by the EXIT trap
 cleanup() {
@@ -51,6 +53,7 @@ version_of() {
     etcd) echo "$PIN_ETCD" ;;
     helm) echo "$PIN_HELM" ;;
     pebble | pebble-challtestsrv) echo "$PIN_PEBBLE" ;;
+    wireguard-go) echo "$PIN_WIREGUARD_GO" ;;
     *) die "unknown component: $1" ;;
   esac
 }
@@ -235,6 +238,17 @@ build_pebble() {
   fallback=$(pebble_from_debian "$c") || die "no ${c}: the Go build failed and Debian's pebble package is not available"
 }
 
+build_wireguard_go() {
+  local v=$PIN_WIREGUARD_GO
+  # The module root is wireguard-go's main package, so "go install" names the binary after the
+  # module (wireguard); it is installed as wireguard-go, the name the edges and the tests run.
+  # Its version is a constant in its source: nothing to stamp.
+  make_tmp_dir
+  GOBIN=$tmp CGO_ENABLED=0 go install -trimpath -ldflags "-s -w" "golang.zx2c4.com/wireguard@${v}" ||
+    die "go install golang.zx2c4.com/wireguard@${v} failed"
+  install_binary "${tmp}/wireguard" wireguard-go
+}
+
 # Makes sure component $1 exists; sets target to the binary to link and status to what was done.
 target="" status=""
 ensure() {
@@ -252,7 +266,7 @@ ensure() {
     return 0
   fi
   case "$c" in
-    kube-apiserver | kube-controller-manager | kubectl | etcd | helm)
+    kube-apiserver | kube-controller-manager | kubectl | etcd | helm | wireguard-go)
       command -v go >/dev/null 2>&1 || die "go is not on PATH; it is needed to build ${c}"
       ;;
   esac
@@ -263,6 +277,7 @@ ensure() {
     etcd) build_etcd ;;
     helm) build_helm ;;
     pebble | pebble-challtestsrv) build_pebble "$c" ;;
+    wireguard-go) build_wireguard_go ;;
   esac
   if [ -n "$fallback" ]; then
     target=$fallback
@@ -287,7 +302,7 @@ main() {
         ;;
       all) requested+=("${all_components[@]}") ;;
       kubernetes) requested+=(kube-apiserver kube-controller-manager kubectl) ;;
-      kube-apiserver | kube-controller-manager | kubectl | etcd | helm | pebble | pebble-challtestsrv)
+      kube-apiserver | kube-controller-manager | kubectl | etcd | helm | pebble | pebble-challtestsrv | wireguard-go)
         requested+=("$r")
         ;;
       *)

@@ -107,10 +107,10 @@ WIREGUARD_INTERFACES = {"gateway": "kmdemo-wg-gw", "agent": "kmdemo-wg-ag"}
 # Started processes, in the order `down` stops them.
 PROCESS_NAMES = ("origin", "agent", "gateway", "operator")
 
-# Debian package of each command the demo runs (`make deps` installs them).
+# Debian package of each command the demo runs (`make deps` installs them). wireguard-go is not
+# one: hack/build-binaries.sh builds the current release (use_built_binaries).
 TOOLS = {
     "ip": "iproute2",
-    "wireguard-go": "wireguard-go",
     "curl": "curl",
     "openssl": "openssl",
     "setsid": "util-linux",
@@ -359,6 +359,16 @@ def wait_for(
         time.sleep(interval)
 
 
+def use_built_binaries() -> Path:
+    """Put hack/build-binaries.sh's folder first on PATH (building wireguard-go there when it is
+    not yet), for this process and every one it starts: the edges and the benchmark then run
+    that wireguard-go, the current release, rather than Debian's older package."""
+    folder = run(str(BUILD_SCRIPT), "wireguard-go", timeout=600).strip().splitlines()[-1]
+    rest = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != folder]
+    os.environ["PATH"] = os.pathsep.join([folder, *rest])
+    return Path(folder)
+
+
 # --- Kubernetes --------------------------------------------------------------------------------
 
 
@@ -600,6 +610,7 @@ def preflight() -> None:
             "the demo needs root: it creates network namespaces and veth links "
             "(run `sudo make demo`)"
         )
+    use_built_binaries()
     missing = sorted({package for tool, package in TOOLS.items() if shutil.which(tool) is None})
     if missing:
         raise DemoError(

@@ -4,10 +4,10 @@
 # the reason. Go (for hack/build-binaries.sh) must already be installed: Debian's is too old.
 set -euo pipefail
 
-# command:package pairs
+# command:package pairs. Not wireguard-go: hack/build-binaries.sh builds the current release
+# (Debian's package is 0.0.20220316, without TUN offloads); wg still comes from wireguard-tools.
 wanted=(
   wg:wireguard-tools
-  wireguard-go:wireguard-go
   ip:iproute2
   curl:curl
   openssl:openssl

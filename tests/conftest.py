@@ -10,9 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.infra import binaries
 from tests.infra.fixtures import *  # noqa: F403
 
 TESTS = Path(__file__).resolve().parent
+
+# The binaries hack/build-binaries.sh builds win over the system's (wireguard-go above all).
+binaries.put_first_on_path()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,5 +1,6 @@
 """WireGuard interfaces for test hosts: kernel WireGuard where the kernel has it, otherwise
-``wireguard-go`` (Debian's userspace implementation), configured with ``wg`` either way.
+``wireguard-go`` (the userspace implementation: the one hack/build-binaries.sh builds, which
+tests/conftest.py puts first on PATH, else the system's), configured with ``wg`` either way.
 
 wireguard-go keeps its UAPI socket in /var/run/wireguard/<interface>.sock, one folder for every
 namespace, so interface names are unique per test run, not just per namespace.
@@ -39,7 +40,7 @@ def kernel_wireguard_missing() -> str | None:
 
 def userspace_wireguard_missing() -> str | None:
     if shutil.which("wireguard-go") is None:
-        return "wireguard-go is not installed (Debian package wireguard-go)"
+        return "wireguard-go is not installed: run hack/build-binaries.sh wireguard-go"
     if not Path("/dev/net/tun").exists():
         return "/dev/net/tun is missing"
     return None

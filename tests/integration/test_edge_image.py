@@ -129,7 +129,11 @@ def dockerfile() -> tuple[dict[str, str], list[Stage]]:
 def _builder_and_final(parsed: tuple[dict[str, str], list[Stage]]) -> tuple[Stage, Stage]:
     _, all_stages = parsed
     final = all_stages[-1]
-    (copy,) = [i for i in final.all("COPY") if i.value.startswith("--from=")]
+    (copy,) = [
+        i
+        for i in final.all("COPY")
+        if i.value.startswith("--from=") and i.value.split()[-1] == VENV
+    ]
     source_stage = copy.value.split()[0].removeprefix("--from=")
     (builder,) = [s for s in all_stages if s.name == source_stage]
     return builder, final
@@ -354,13 +358,50 @@ def test_the_final_stage_runs_the_builders_venv(
 ) -> None:
     builder, final = _builder_and_final(dockerfile)
     copies = [i.value.split() for i in final.all("COPY")]
-    assert copies == [[f"--from={builder.name}", VENV, VENV]], "only the venv comes from builder"
+    from_builder = [c for c in copies if c[0] == f"--from={builder.name}"]
+    assert from_builder == [[f"--from={builder.name}", VENV, VENV]], "only the venv from builder"
     env = " ".join(i.value for i in final.all("ENV"))
     assert f"PATH={VENV}/bin:$PATH" in env
     (entrypoint,) = final.all("ENTRYPOINT")
     assert json.loads(entrypoint.value) == ["kakuremichi"]
     # The final stage derives from the builder's own base, so the venv's python is there too.
     assert final.base == builder.base
+
+
+def _pins() -> dict[str, str]:
+    """hack/binaries/versions.env: the versions hack/build-binaries.sh builds."""
+    text = (REPO / "hack" / "binaries" / "versions.env").read_text()
+    return dict(
+        _assignment(line) for line in text.splitlines() if line.strip() and not line.startswith("#")
+    )
+
+
+def test_wireguard_go_is_the_pinned_build(dockerfile: tuple[dict[str, str], list[Stage]]) -> None:
+    """The image's wireguard-go is built from the Go module the tests, the demo and the benchmark
+    run (hack/build-binaries.sh wireguard-go), with the same Go, not Debian's package."""
+    global_args, all_stages = dockerfile
+    pins = _pins()
+    assert global_args["WIREGUARD_GO_VERSION"] == pins["PIN_WIREGUARD_GO"], (
+        "ARG WIREGUARD_GO_VERSION follows PIN_WIREGUARD_GO in hack/binaries/versions.env"
+    )
+    final = all_stages[-1]
+    (copy,) = [
+        i.value.split() for i in final.all("COPY") if i.value.endswith(" /usr/bin/wireguard-go")
+    ]
+    source, binary = copy[0].removeprefix("--from="), copy[1]
+    (stage,) = [s for s in all_stages if s.name == source]
+    base = expand(stage.base, global_args)
+    assert base.startswith("golang:") and base.split(":")[1].split("@")[0].startswith(
+        pins["PIN_GO_TOOLCHAIN"].removeprefix("go")
+    ), f"{base}: the Go of PIN_GO_TOOLCHAIN"
+    (build,) = stage.all("RUN")
+    assert "CGO_ENABLED=0" in build.value  # static: no tie to the Go image's libc
+    install = shlex.split(build.value)
+    assert "golang.zx2c4.com/wireguard@${WIREGUARD_GO_VERSION}" in install, build.value
+    gobin = next(w.removeprefix("GOBIN=") for w in install if w.startswith("GOBIN="))
+    assert binary == f"{gobin}/wireguard", "go install names the binary after the module"
+    apt = " ".join(i.value for s in all_stages for i in s.all("RUN") if "apt-get" in i.value)
+    assert "wireguard-go" not in apt, "not Debian's wireguard-go"
 
 
 def test_version_of_the_installed_package(image_venv: ImageVenv) -> None:
