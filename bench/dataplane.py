@@ -491,12 +491,15 @@ def rss_kib(pids: Sequence[int]) -> int:
 
 
 def edge_pids(namespace: str, role: str) -> list[int]:
-    """The ``kakuremichi <role>`` processes in ``namespace``."""
+    """The ``kakuremichi <role>`` processes in ``namespace`` (a gateway's HTTPS workers too)."""
     found = []
     for pid in sh("ip", "netns", "pids", namespace).split():
         with contextlib.suppress(OSError):
             command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if any(part.endswith(b"kakuremichi") for part in command) and role.encode() in command:
+            named = any(part.endswith(b"kakuremichi") for part in command)
+            edge = named and role.encode() in command
+            worker = role == "gateway" and b"kakuremichi.edge.https_workers" in command
+            if edge or worker:
                 found.append(int(pid))
     return found
 

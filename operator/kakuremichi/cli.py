@@ -206,6 +206,7 @@ def _cmd_edge(args: argparse.Namespace) -> int:
                 "http_port": args.http_port,
                 "https_port": args.https_port,
                 "wireguard_port": args.wireguard_port,
+                "workers": _worker_count(args.workers),
             }
             if role == "gateway"
             else {}
@@ -251,6 +252,15 @@ def _cmd_edge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker_count(value: str) -> int | str:
+    """``auto``: one per CPU; a number is checked by the settings model (1..256)."""
+    from kakuremichi.edge.https_workers import default_worker_count
+
+    if value.strip().lower() == "auto":
+        return default_worker_count()
+    return value.strip()
+
+
 def _add_edge_parser(commands: Any, role: str, help_text: str, metrics_port: int) -> None:
     edge = commands.add_parser(role, help=help_text)
     edge.add_argument(
@@ -294,6 +304,11 @@ def _add_edge_parser(commands: Any, role: str, help_text: str, metrics_port: int
                 f"--{port}-port", type=int, metavar="PORT",
                 help=f"override the Gateway's {port} port",
             )  # fmt: skip
+        edge.add_argument(
+            "--workers", metavar="N", default=os.environ.get("KAKUREMICHI_WORKERS", "auto"),
+            help="processes serving HTTPS: a number, or auto (default: one per CPU; or "
+            "KAKUREMICHI_WORKERS)",
+        )  # fmt: skip
     edge.add_argument("-v", "--verbose", action="store_true")
     edge.set_defaults(handler=_cmd_edge)
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -269,6 +271,60 @@ def test_gateway_metrics_count_requests_by_tunnel_and_code(world: World) -> None
     assert f'kakuremichi_gateway_requests_total{{code="200",tunnel="{world.domain}"}}' in metrics
     assert 'kakuremichi_gateway_info{version="' in metrics
     assert 'wireguard_mode="userspace"' in metrics or 'wireguard_mode="kernel"' in metrics
+
+
+def _https_workers(world: World) -> list[int]:
+    assert world.gateway is not None and world.gateway.process is not None
+    done = subprocess.run(["pgrep", "-P", str(world.gateway.process.pid), "-f", "https_workers"],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    return sorted(int(pid) for pid in done.stdout.split())
+
+
+def _fresh_connections(world: World, url: str, count: int, *args: str) -> list[str]:
+    """The status of ``count`` requests, each on a connection of its own."""
+    script = f'for i in $(seq {count}); do curl -s -o /dev/null -w "%{{http_code}}\\n" $@; done'
+    done = world.client_host.exec("sh", "-c", script, "curl-loop", "--max-time", "10",
+                                  "--cacert", str(world.ca_file), *args, url)  # fmt: skip
+    return done.split()
+
+
+def test_https_workers_serve_every_change_and_a_dead_one_is_replaced(world: World) -> None:
+    """The gateway serves HTTPS from one process per CPU (``--workers auto``): a tunnel added
+    is served on every new connection once it is Ready, whichever process accepts it, and a
+    worker that dies is replaced while the others keep serving."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: the gateway runs no extra HTTPS worker")
+    workers = _https_workers(world)
+    assert len(workers) == len(os.sched_getaffinity(0)) - 1, world.gateway and world.gateway.tail()
+    extra = f"workers.{world.domain}"
+    issued = world.ca.issue(extra)
+    Secrets(world.kube, world.namespace).put_tls(
+        "workers-tls", issued.certificate_pem, issued.private_key_pem
+    )
+    tls = {"issuer": "Secret", "secretName": "workers-tls"}
+    world.tunnels.create(
+        "workers", {"domain": extra, "agent": "web", "target": "localhost:8080", "tls": tls}
+    )
+    try:
+        world.tunnels.ready("workers")
+        gateway_ip = world.client_host.exec("getent", "hosts", world.domain).split()[0]
+        resolve = f"{extra}:443:{gateway_ip}"
+        wait_until(lambda: _fresh_connections(world, f"https://{extra}/", 1, "--resolve",
+                                              resolve) == ["200"],
+                   "the added tunnel to serve")  # fmt: skip
+        # Reuse-port spreads new connections over the processes: all of them serve it now.
+        assert (
+            _fresh_connections(world, f"https://{extra}/", 24, "--resolve", resolve) == ["200"] * 24
+        )
+        os.kill(workers[0], signal.SIGKILL)
+        wait_until(lambda: len(_https_workers(world)) == len(workers)
+                   and workers[0] not in _https_workers(world),
+                   "another worker in place of the killed one", timeout=20)  # fmt: skip
+        assert _fresh_connections(world, f"https://{world.domain}/", 24) == ["200"] * 24
+        assert world.gateway is not None
+        assert "HTTPS worker 1 exited" in world.gateway.log.read_text(errors="replace")
+    finally:
+        world.tunnels.delete("workers")
 
 
 def test_deleted_tunnel_name_is_refused_at_the_handshake(world: World) -> None:

@@ -118,6 +118,10 @@ def test_edges_refuse_to_start_without_a_key_or_with_a_bad_url(
                  "--private-key-file", str(bad_key)])  # fmt: skip
     assert code == 2
     assert "not a WireGuard key" in capsys.readouterr().err
+    for workers in ("0", "many"):
+        monkeypatch.setenv("KAKUREMICHI_WORKERS", workers)
+        assert main(["gateway", "--api-key", "gtw_x", "--control-url", "http://c"]) == 2
+        assert "--workers: " in capsys.readouterr().err
 
 
 def test_operator_refuses_a_bad_webhook_service_or_a_missing_edge_ca(

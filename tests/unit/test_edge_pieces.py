@@ -132,7 +132,7 @@ def test_unchanged_certificates_are_not_reloaded_and_bad_ones_are_refused() -> N
 def test_edges_lift_their_open_file_limit_to_the_hard_limit() -> None:
     import resource
 
-    from kakuremichi.edge.runtime import raise_file_limit
+    from kakuremichi.edge.file_limit import raise_file_limit
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:

@@ -2,7 +2,8 @@
 
 Applying a config prepares everything that can fail first (certificates), then changes WireGuard
 incrementally, then swaps routes, certificates and challenges in one step, then (re)binds the
-ports if they changed. A config that fails leaves the previous one serving.
+ports if they changed, then waits until every HTTPS worker process serves the new routes. A
+config that fails leaves the previous one serving.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from kakuremichi import protocol
 from kakuremichi.edge.control_client import ApplyError
 from kakuremichi.edge.http_port import PlainHttp
 from kakuremichi.edge.https_proxy import HttpsProxy, Route, serve
+from kakuremichi.edge.https_workers import HttpsWorkers, WorkerFailed, WorkerRoute
 from kakuremichi.edge.runtime import EdgeRuntime
 from kakuremichi.edge.settings import EdgeSettings
 from kakuremichi.edge.sni import CertificateError, SniContexts
@@ -34,6 +36,7 @@ class GatewayEdge(EdgeRuntime):
         super().__init__(settings)
         self.sni = SniContexts()
         self.proxy = HttpsProxy(self.stats)
+        self.workers = HttpsWorkers(settings.workers - 1, self.stats)
         self.plain = PlainHttp(self._serves, lambda: self.https_port or 443)
         self.https_server: asyncio.Server | None = None
         self.https_port: int | None = None
@@ -57,15 +60,19 @@ class GatewayEdge(EdgeRuntime):
             plan = dataclasses.replace(plan, listen_port=settings.wireguard_port)
         await self.apply_wireguard(plan)
         self.sni.install(certificates)
-        self.proxy.set_routes(
-            {t.domain: Route(t.domain, t.agent_virtual_ip, t.enabled) for t in config.tunnels}
-        )
+        routes = [WorkerRoute(domain=t.domain, agent_ip=t.agent_virtual_ip, enabled=t.enabled)
+                  for t in config.tunnels]  # fmt: skip
+        self.proxy.set_routes({r.domain: Route(r.domain, r.agent_ip, r.enabled) for r in routes})
         self.plain.set_challenges(config.acme_challenges)
         self.stats.tunnels = sum(1 for t in config.tunnels if t.enabled)
         await self._listen(
             settings.http_port or config.gateway.http_port,
             settings.https_port or config.gateway.https_port,
         )
+        try:
+            await self.workers.apply_routes(routes, config.certificates)
+        except WorkerFailed as error:
+            raise ApplyError(str(error)) from None
 
     async def _listen(self, http_port: int, https_port: int) -> None:
         host = self.settings.listen_address
@@ -73,8 +80,11 @@ class GatewayEdge(EdgeRuntime):
             if self.https_server is None or self.https_port != https_port:
                 if self.https_server is not None:
                     self.https_server.close()
-                self.https_server = await serve(self.proxy, self.sni.front, host, https_port)
+                self.https_server = await serve(
+                    self.proxy, self.sni.front, host, https_port, self.workers.count > 0
+                )
                 self.https_port = https_port
+                await self.workers.listen(self.https_server.sockets)
                 log.info("HTTPS on %s:%d", host or "*", https_port)
             if self.http_runner is None or self.http_port != http_port:
                 if self.http_runner is not None:
@@ -94,6 +104,7 @@ class GatewayEdge(EdgeRuntime):
         if self.https_server is not None:
             self.https_server.close()
         self.proxy.close_all()
+        await self.workers.stop()
         if self.http_runner is not None:
             await self.http_runner.cleanup()
         await super().stop()

@@ -570,9 +570,12 @@ class Upstream(asyncio.Protocol):
             self.client.upstream_idle()
 
 
-async def serve(proxy: HttpsProxy, front: ssl.SSLContext, host: str | None, port: int) -> Server:
-    """Listen for TLS on ``host:port``; ``front`` picks each connection's certificate by SNI."""
+async def serve(
+    proxy: HttpsProxy, front: ssl.SSLContext, host: str | None, port: int, reuse_port: bool = False
+) -> Server:
+    """Listen for TLS on ``host:port``; ``front`` picks each connection's certificate by SNI.
+    ``reuse_port``: HTTPS worker processes listen on the same port."""
     return await asyncio.get_running_loop().create_server(
         lambda: TlsServerConnection(front, proxy.protocol, proxy.stats), host, port,
-        backlog=4096, reuse_address=True,
+        backlog=4096, reuse_address=True, reuse_port=reuse_port or None,
     )  # fmt: skip

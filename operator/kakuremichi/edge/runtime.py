@@ -7,7 +7,6 @@ import base64
 import contextlib
 import logging
 import platform
-import resource
 import signal
 import socket
 import time
@@ -20,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kakuremichi import __version__, protocol
 from kakuremichi.edge.control_client import ApplyError, ConfigTarget, ControlClient
+from kakuremichi.edge.file_limit import raise_file_limit
 from kakuremichi.edge.settings import EdgeSettings, read_private_key
 from kakuremichi.edge.stats import EdgeStats, PeerSample
 from kakuremichi.edge.wireguard import WireGuardError, WireGuardInterface, open_wireguard
@@ -73,7 +73,7 @@ class EdgeRuntime(ConfigTarget):
                 for p in self.stats.peers
             ],
             tunnels=self.stats.tunnels,
-            active_connections=max(0, self.stats.active_connections),
+            active_connections=max(0, self.stats.combined().active_connections),
             requests_total=self.stats.requests_total,
         )
 
@@ -228,17 +228,3 @@ class EdgeRuntime(ConfigTarget):
 
     def background_tasks(self) -> list[asyncio.Task[Any]]:
         return []
-
-
-def raise_file_limit() -> int:
-    """Every connection is a file descriptor (two on the gateway): lift the soft limit (often
-    1024) to the hard one, as nginx's worker_rlimit_nofile would."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft < wanted:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-            soft = wanted
-        except (ValueError, OSError):
-            log.warning("could not raise the open-file limit above %d", soft)
-    return soft

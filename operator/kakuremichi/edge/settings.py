@@ -40,6 +40,8 @@ class EdgeSettings(BaseModel):
     https_port: Port | None = None
     wireguard_port: Port | None = None
     """Override the Gateway's ports from control's config."""
+    workers: int = Field(default=1, ge=1, le=256)
+    """Processes serving the HTTPS port (the gateway's own included)."""
 
     @field_validator("control_url")
     @classmethod

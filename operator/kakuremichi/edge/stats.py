@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
+from pydantic import BaseModel, ConfigDict, Field
 
 from kakuremichi import __version__
 
@@ -25,6 +26,44 @@ class PeerSample:
     """Unix seconds; 0 before the first handshake."""
     rx_bytes: int
     tx_bytes: int
+
+
+class DataPathCounters(BaseModel):
+    """What one process serving the HTTPS port counted: a gateway's HTTPS workers report theirs
+    to the gateway process, which exposes the sum."""
+
+    model_config = ConfigDict(frozen=True)
+
+    received_bytes: dict[str, int] = Field(default_factory=dict)
+    sent_bytes: dict[str, int] = Field(default_factory=dict)
+    requests: list[tuple[str, int, int]] = Field(default_factory=list)
+    """(tunnel, status code, count)"""
+    connections_total: int = 0
+    active_connections: int = 0
+    errors: dict[str, int] = Field(default_factory=dict)
+
+    def plus(self, other: DataPathCounters, *, active: bool = True) -> DataPathCounters:
+        """The sum; ``active=False`` leaves ``other``'s open connections out (its process is
+        gone, so they are closed)."""
+        requests: defaultdict[tuple[str, int], int] = defaultdict(int)
+        for domain, code, count in (*self.requests, *other.requests):
+            requests[(domain, code)] += count
+        return DataPathCounters(
+            received_bytes=_add(self.received_bytes, other.received_bytes),
+            sent_bytes=_add(self.sent_bytes, other.sent_bytes),
+            requests=[(domain, code, count) for (domain, code), count in requests.items()],
+            connections_total=self.connections_total + other.connections_total,
+            active_connections=self.active_connections
+            + (other.active_connections if active else 0),
+            errors=_add(self.errors, other.errors),
+        )
+
+
+def _add(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    total = dict(a)
+    for key, count in b.items():
+        total[key] = total.get(key, 0) + count
+    return total
 
 
 @dataclass
@@ -46,10 +85,40 @@ class EdgeStats:
     tunnels: int = 0
     control_connected: bool = False
     peers: list[PeerSample] = field(default_factory=list)
+    workers: dict[int, DataPathCounters] = field(default_factory=dict)
+    """The latest counters of each HTTPS worker process (gateways), by worker slot."""
+    retired: DataPathCounters = field(default_factory=DataPathCounters)
+    """What worker processes that have exited had counted."""
+
+    def counters(self) -> DataPathCounters:
+        """This process's own data-path counters."""
+        return DataPathCounters(
+            received_bytes=dict(self.received_bytes),
+            sent_bytes=dict(self.sent_bytes),
+            requests=[(domain, code, count) for (domain, code), count in self.requests.items()],
+            connections_total=self.connections_total,
+            active_connections=self.active_connections,
+            errors=dict(self.errors),
+        )
+
+    def combined(self) -> DataPathCounters:
+        """This process's counters plus every worker's."""
+        total = self.counters().plus(self.retired)
+        for counters in self.workers.values():
+            total = total.plus(counters)
+        return total
+
+    def retire(self, slot: int) -> None:
+        """Worker ``slot`` exited: keep what it counted, not its connections."""
+        counters = self.workers.pop(slot, None)
+        if counters is not None:
+            self.retired = self.retired.plus(counters, active=False)
 
     @property
     def requests_total(self) -> int:
-        return sum(self.requests.values())
+        if not self.workers and not self.retired.requests:
+            return sum(self.requests.values())
+        return sum(count for _, _, count in self.combined().requests)
 
     def registry(self) -> CollectorRegistry:
         registry = CollectorRegistry(auto_describe=False)
@@ -63,6 +132,7 @@ class _Collector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self.stats
+        data = s.combined()
         prefix = f"kakuremichi_{s.role}"
         info = GaugeMetricFamily(
             f"{prefix}_info", "Version and WireGuard mode", labels=["version", "wireguard_mode"]
@@ -74,9 +144,9 @@ class _Collector(Collector):
             "Bytes relayed, by tunnel and direction",
             labels=["tunnel", "direction"],
         )
-        for domain, count in sorted(s.received_bytes.items()):
+        for domain, count in sorted(data.received_bytes.items()):
             traffic.add_metric([domain, "in"], count)
-        for domain, count in sorted(s.sent_bytes.items()):
+        for domain, count in sorted(data.sent_bytes.items()):
             traffic.add_metric([domain, "out"], count)
         yield traffic
         if s.role == "gateway":
@@ -85,17 +155,17 @@ class _Collector(Collector):
                 "Requests by tunnel and status code",
                 labels=["tunnel", "code"],
             )
-            for (domain, code), count in sorted(s.requests.items()):
+            for domain, code, count in sorted(data.requests):
                 requests.add_metric([domain, str(code)], count)
             yield requests
         yield CounterMetricFamily(
-            f"{prefix}_connections", "Connections accepted", value=s.connections_total
+            f"{prefix}_connections", "Connections accepted", value=data.connections_total
         )
         yield GaugeMetricFamily(
-            f"{prefix}_active_connections", "Connections open now", value=s.active_connections
+            f"{prefix}_active_connections", "Connections open now", value=data.active_connections
         )
         errors = CounterMetricFamily(f"{prefix}_errors", "Errors by kind", labels=["kind"])
-        for kind, count in sorted(s.errors.items()):
+        for kind, count in sorted(data.errors.items()):
             errors.add_metric([kind], count)
         yield errors
         yield GaugeMetricFamily(
