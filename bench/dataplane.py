@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -358,10 +359,23 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def client_cpu_seconds() -> float:
+    """CPU time of the finished child processes (wrk and curl, run through ``ip netns exec``)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def machine_idle() -> tuple[int, int]:
+    """(idle + iowait, total) jiffies of the whole machine."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields)
+
+
 def measure_round(figures: Figures, seconds: int, connections: int) -> None:
     for variant in VARIANTS:
         roles = role_pids(variant) if variant != "direct" else {}
         before = {role: cpu_seconds(pids) for role, pids in roles.items()}
+        client_before, machine_before = client_cpu_seconds(), machine_idle()
         result = wrk(url(variant, BODY_1K), seconds, connections)
         requests = result.get("rps", 0.0) * seconds
         if requests:
@@ -370,6 +384,11 @@ def measure_round(figures: Figures, seconds: int, connections: int) -> None:
                 figures.add(variant, f"cpu_{role}", micros)
             if spent:
                 figures.add(variant, "cpu_total", sum(spent.values()))
+            client = (client_cpu_seconds() - client_before) * 1e6 / requests
+            figures.add(variant, "cpu_client", client)
+            (idle_now, total_now), (idle_then, total_then) = machine_idle(), machine_before
+            idle, total = idle_now - idle_then, total_now - total_then
+            figures.add(variant, "idle_pct", 100 * idle / total if total else None)
         rps, p50, p99 = (result.get(k, 0.0) for k in ("rps", "p50_ms", "p99_ms"))
         cpu = figures.samples.get((variant, "cpu_total"), [0.0])[-1] if roles else 0.0
         progress(f"  {variant:18} {rps:9.0f} req/s  p50 {p50:6.2f} ms  p99 {p99:6.2f} ms"
@@ -596,12 +615,13 @@ def table(figures: Figures) -> str:
 
 def cpu_table(figures: Figures) -> str:
     rows = [
-        "| variant | " + " | ".join(CPU_ROLES) + " | total |",
-        "| --- |" + " ---: |" * (len(CPU_ROLES) + 1),
+        "| variant | " + " | ".join(CPU_ROLES) + " | total | client (wrk) | machine idle % |",
+        "| --- |" + " ---: |" * (len(CPU_ROLES) + 3),
     ]
-    for variant in ("routed", "hand-built", "kakuremichi"):
+    for variant in ("direct", "routed", "hand-built", "kakuremichi"):
         cells = []
-        for figure in (*(f"cpu_{role}" for role in CPU_ROLES), "cpu_total"):
+        roles = (*(f"cpu_{role}" for role in CPU_ROLES), "cpu_total", "cpu_client", "idle_pct")
+        for figure in roles:
             value = figures.median(variant, figure)
             cells.append("—" if value is None else f"{value:.1f}")
         rows.append(f"| {variant} | " + " | ".join(cells) + " |")
@@ -645,7 +665,9 @@ def write_results(figures: Figures, rounds: int, seconds: int, connections: int,
         table(figures),
         "",
         "CPU time per request in the keep-alive 1 KiB runs, µs, by process (proxy: kakuremichi's "
-        "gateway or the hand-built nginx; wireguard: both wireguard-go processes; wrk left out):",
+        "gateway with its HTTPS workers, or the hand-built nginx; wireguard: both wireguard-go "
+        "processes; total: all of these; client: wrk, which shares the two CPUs; machine idle: "
+        "the share of both CPUs nobody used during the run):",
         "",
         cpu_table(figures),
         "",
