@@ -54,6 +54,8 @@ def load_sealer(settings: ControlSettings) -> Sealer:
 # buffers, over 100 KiB) and most of the operator's memory. Requests beyond these wait instead.
 KOPF_REQUEST_CONNECTIONS = 32
 WATCH_STREAMS_PER_NAMESPACE = 6  # agents, tunnels, certificates, secrets, and some to spare
+LIST_CHUNK_SIZE = 500
+"""Objects per page when kopf lists a resource (at the start of each watch)."""
 
 
 def bounded_session(info: kopf.ConnectionInfo, namespaces: tuple[str, ...]) -> kopf.AiohttpSession:
@@ -100,6 +102,9 @@ def build_registry(context: Context) -> kopf.OperatorRegistry:
         )
         settings.persistence.finalizer = f"{PREFIX}/finalizer"
         settings.posting.level = logging.INFO
+        # kopf lists everything again whenever a watch restarts; in pages, the decoded body of
+        # one LIST of thousands of Tunnels (~80 MiB of Python objects at 5,000) is never whole.
+        settings.watching.chunk_size = LIST_CHUNK_SIZE
         if context.settings.webhook_listen:
             service = context.settings.webhook_service
             webhook.configure(
