@@ -65,11 +65,11 @@ class GatewayEdge(EdgeRuntime):
         self.proxy.set_routes({r.domain: Route(r.domain, r.agent_ip, r.enabled) for r in routes})
         self.plain.set_challenges(config.acme_challenges)
         self.stats.tunnels = sum(1 for t in config.tunnels if t.enabled)
-        await self._listen(
-            settings.http_port or config.gateway.http_port,
-            settings.https_port or config.gateway.https_port,
-        )
         try:
+            await self._listen(
+                settings.http_port or config.gateway.http_port,
+                settings.https_port or config.gateway.https_port,
+            )
             await self.workers.apply_routes(routes, config.certificates)
         except WorkerFailed as error:
             raise ApplyError(str(error)) from None

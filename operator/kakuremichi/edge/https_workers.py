@@ -151,7 +151,7 @@ class HttpsWorkers:
         self.stopping = False
         await asyncio.gather(*(self._start(slot) for slot in range(1, self.count + 1)))
         if self.config is not None:
-            await asyncio.gather(*(w.wait_applied(self.sequence) for w in self.workers.values()))
+            await self._until_applied(list(self.workers.values()))
 
     async def apply_routes(
         self, routes: Sequence[WorkerRoute], certificates: Sequence[CertificateBundle]
@@ -167,6 +167,11 @@ class HttpsWorkers:
         workers = list(self.workers.values())
         for worker in workers:
             worker.send(line)
+        await self._until_applied(workers)
+
+    async def _until_applied(self, workers: Sequence[_Worker]) -> None:
+        """Until ``workers`` serve the latest config; a worker that has not within
+        :data:`APPLY_TIMEOUT` is killed (and replaced) and the config fails."""
         try:
             async with asyncio.timeout(APPLY_TIMEOUT):
                 await asyncio.gather(*(w.wait_applied(self.sequence) for w in workers))
@@ -175,8 +180,9 @@ class HttpsWorkers:
             for worker in slow:  # the supervisor starts a fresh one with the config
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.kill()
+            names = ", ".join(str(w.slot) for w in slow) or "?"
             raise WorkerFailed(
-                f"HTTPS worker {slow[0].slot} did not apply the config in {APPLY_TIMEOUT:.0f} s"
+                f"HTTPS worker {names} did not apply the config in {APPLY_TIMEOUT:.0f} s"
             ) from None
 
     async def stop(self) -> None:
