@@ -306,8 +306,8 @@ def _add_edge_parser(commands: Any, role: str, help_text: str, metrics_port: int
             )  # fmt: skip
         edge.add_argument(
             "--workers", metavar="N", default=os.environ.get("KAKUREMICHI_WORKERS", "auto"),
-            help="processes serving HTTPS: a number, or auto (default: one per CPU; or "
-            "KAKUREMICHI_WORKERS)",
+            help="processes serving HTTPS: a number, or auto (default: one per CPU, within the "
+            "pod's CPU limit and one per 128 MiB of its memory limit; or KAKUREMICHI_WORKERS)",
         )  # fmt: skip
     edge.add_argument("-v", "--verbose", action="store_true")
     edge.set_defaults(handler=_cmd_edge)

@@ -43,13 +43,18 @@ def test_auto_workers_follow_the_pods_cpu_limit(cpu_max: str, cpus: int | None) 
     assert quota_cpus(cpu_max) == cpus
 
 
-def test_auto_workers_are_one_per_cpu_within_the_quota(tmp_path: Path) -> None:
+def test_auto_workers_are_one_per_cpu_within_the_cpu_and_memory_limits(tmp_path: Path) -> None:
     available = len(os.sched_getaffinity(0))
-    quota = tmp_path / "cpu.max"
-    quota.write_text("max 100000\n")
-    assert default_worker_count(quota) == available
-    quota.write_text("100000 100000\n")
-    assert default_worker_count(quota) == 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    (tmp_path / "memory.max").write_text("max\n")
+    assert default_worker_count(tmp_path) == available
+    (tmp_path / "cpu.max").write_text("100000 100000\n")
+    assert default_worker_count(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text("6400000 100000\n")  # 64 CPUs
+    (tmp_path / "memory.max").write_text(f"{256 * 2**20}\n")  # the gateway pod's limit
+    assert default_worker_count(tmp_path) == min(available, 2)
+    (tmp_path / "memory.max").write_text(f"{64 * 2**20}\n")
+    assert default_worker_count(tmp_path) == 1
     assert default_worker_count(tmp_path / "missing") == available
 
 

@@ -75,15 +75,26 @@ class WorkerReport(BaseModel):
     counters: DataPathCounters | None = None
 
 
-def default_worker_count(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+MEMORY_PER_PROCESS = 128 * 1024 * 1024
+"""What ``auto`` budgets per HTTPS process under a memory limit: ~45 MiB at rest, the rest for
+connections (~18 KiB each when idle)."""
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def default_worker_count(cgroup: Path = CGROUP) -> int:
     """``auto``: one process per CPU this process may run on, no more than its cgroup's CPU
-    quota allows (a pod's CPU limit), rounded up."""
-    cpus = max(1, len(os.sched_getaffinity(0)))
+    quota allows (a pod's CPU limit, rounded up), and one per :data:`MEMORY_PER_PROCESS` of its
+    memory limit (the gateway pod's 256 MiB: two)."""
+    count = max(1, len(os.sched_getaffinity(0)))
     with contextlib.suppress(OSError):
-        quota = quota_cpus(cpu_max.read_text())
+        quota = quota_cpus((cgroup / "cpu.max").read_text())
         if quota is not None:
-            cpus = min(cpus, quota)
-    return cpus
+            count = min(count, quota)
+    with contextlib.suppress(OSError, ValueError):
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit.isdigit():
+            count = min(count, max(1, int(limit) // MEMORY_PER_PROCESS))
+    return count
 
 
 def quota_cpus(cpu_max: str) -> int | None:
