@@ -43,7 +43,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -59,13 +59,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.infra import binaries, cluster, ports  # noqa: E402
+from tests.infra.fixtures import OperatorProcess  # noqa: E402
 
 from kakuremichi import __version__, protocol  # noqa: E402
 from kakuremichi.resources import API_VERSION, GROUP, VERSION  # noqa: E402
 
 RESULTS_MD = REPO / "bench" / "RESULTS-control-plane.md"
 RESULTS_JSON = REPO / "bench" / "control_plane.json"
-KAKUREMICHI = Path(sys.executable).parent / "kakuremichi"
 NAMESPACE = "kmbench"
 SECRET = "bench-wildcard-tls"
 ZONE = "bench.kakuremichi.test"
@@ -86,63 +86,9 @@ def progress(message: str) -> None:
 # --- the system under test -----------------------------------------------------------------------
 
 
-@dataclass
-class Operator:
-    """``kakuremichi operator`` as users run it, watching the bench namespace."""
-
-    workdir: Path
-    kubeconfig: Path
-    subnet_last: int = SUBNETS_PER_OCTET
-    third_octets: int = 1
-    """``--subnet-pool 1-<subnet_last> --subnet-third-octets <third_octets>``."""
-    port: int = field(default_factory=ports.free_port)
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def db_path(self) -> Path:
-        return self.workdir / "kakuremichi.db"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        command = [
-            str(KAKUREMICHI), "operator", "--db", f"sqlite:///{self.db_path}",
-            "--namespace", NAMESPACE, "--system-namespace", NAMESPACE,
-            "--control-listen", f"127.0.0.1:{self.port}", "--control-url", self.url,
-            "--subnet-pool", f"1-{self.subnet_last}",
-            "--subnet-third-octets", str(self.third_octets),
-        ]  # fmt: skip
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
-        with (self.workdir / "operator.log").open("ab") as log:
-            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 90
-        while not self._healthy():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the operator exited; see {self.workdir / 'operator.log'}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("the operator's /healthz did not answer within 90 s")
-            time.sleep(0.2)
-
-    def _healthy(self) -> bool:
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(f"{self.url}/healthz", timeout=2):
-                return True
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
+class Operator(OperatorProcess):
+    """``kakuremichi operator`` as users run it, watching the bench namespace (the test suite's
+    operator process), with its memory and CPU time."""
 
     def memory_kib(self) -> tuple[int, int]:
         """(VmRSS, VmHWM) in KiB."""
@@ -213,10 +159,18 @@ def system(
     workdir.mkdir(parents=True)
     progress("starting a local API server (hack/cluster.sh up)")
     kube = cluster.start(workdir / "cluster")
-    operator = Operator(workdir, kube.kubeconfig, subnet_last, third_octets)
+    url = f"http://127.0.0.1:{ports.free_port()}"
+    operator = Operator(
+        kube=kube, namespace=NAMESPACE, db_path=workdir / "kakuremichi.db",
+        log_path=workdir / "operator.log", control_url=url, start_timeout=90,
+        args=["--db", f"sqlite:///{workdir / 'kakuremichi.db'}",
+              "--namespace", NAMESPACE, "--system-namespace", NAMESPACE,
+              "--control-listen", url.removeprefix("http://"), "--control-url", url,
+              "--subnet-pool", f"1-{subnet_last}", "--subnet-third-octets", str(third_octets)],
+    )  # fmt: skip
     try:
         kube.kubectl("create", "namespace", NAMESPACE)
-        progress(f"starting the operator (control channel {operator.url})")
+        progress(f"starting the operator (control channel {operator.control_url})")
         operator.start()
         yield kube, operator
     finally:
@@ -660,7 +614,8 @@ async def fanout_run(
             connector = aiohttp.TCPConnector(limit=0)
             async with aiohttp.ClientSession(connector=connector) as http:
                 start = time.monotonic()
-                tasks = [asyncio.create_task(c.run(http, f"{operator.url}/ws")) for c in clients]
+                websocket = f"{operator.control_url}/ws"
+                tasks = [asyncio.create_task(c.run(http, websocket)) for c in clients]
                 await asyncio.wait_for(
                     asyncio.gather(*(c.first_config.wait() for c in clients)), 300
                 )

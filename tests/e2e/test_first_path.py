@@ -32,7 +32,6 @@ from tests.e2e.world import (
 )
 from tests.infra import netns
 from tests.infra.cluster import Cluster
-from tests.infra.objects import Secrets
 from tests.infra.polling import wait_until
 
 
@@ -43,15 +42,7 @@ def world(
     """The world, serving one Tunnel whose certificate comes from a Secret the test CA signed."""
     skip_unless_possible()
     with running_world(kube, tmp_path_factory.mktemp("e2e")) as made:
-        issued = made.ca.issue(made.domain)
-        Secrets(kube, made.namespace).put_tls(
-            "app-tls", issued.certificate_pem, issued.private_key_pem
-        )
-        made.tunnels.create(
-            "app",
-            {"domain": made.domain, "agent": "web", "target": "localhost:8080",
-             "tls": {"issuer": "Secret", "secretName": "app-tls"}},
-        )  # fmt: skip
+        made.create_tunnel("app", made.domain)
         made.tunnels.ready("app")
         wait_until(lambda: made.get("/")[0] == 200, "the first HTTPS response", timeout=60)
         yield made
@@ -239,14 +230,7 @@ def test_second_gateway_serves_too_and_changes_never_drop_open_connections(
             "the second gateway to serve the tunnel", timeout=60,
         )  # fmt: skip
         extra = f"more.{world.domain}"
-        issued = world.ca.issue(extra)
-        Secrets(world.kube, world.namespace).put_tls(
-            "more-tls", issued.certificate_pem, issued.private_key_pem
-        )
-        tls = {"issuer": "Secret", "secretName": "more-tls"}
-        world.tunnels.create(
-            "more", {"domain": extra, "agent": "web", "target": "localhost:8080", "tls": tls}
-        )
+        world.create_tunnel("more", extra)
         world.tunnels.ready("more")
         wait_until(
             lambda: world.curl("-o", "/dev/null", "-w", "%{http_code}", "--resolve",
@@ -297,14 +281,7 @@ def test_https_workers_serve_every_change_and_a_dead_one_is_replaced(world: Worl
     workers = _https_workers(world)
     assert len(workers) == len(os.sched_getaffinity(0)) - 1, world.gateway and world.gateway.tail()
     extra = f"workers.{world.domain}"
-    issued = world.ca.issue(extra)
-    Secrets(world.kube, world.namespace).put_tls(
-        "workers-tls", issued.certificate_pem, issued.private_key_pem
-    )
-    tls = {"issuer": "Secret", "secretName": "workers-tls"}
-    world.tunnels.create(
-        "workers", {"domain": extra, "agent": "web", "target": "localhost:8080", "tls": tls}
-    )
+    world.create_tunnel("workers", extra)
     try:
         world.tunnels.ready("workers")
         gateway_ip = world.client_host.exec("getent", "hosts", world.domain).split()[0]

@@ -101,6 +101,7 @@ class OperatorProcess:
     health_url: str | None = None
     """Where this machine reaches /healthz, when not at ``control_url`` (a name only the
     edges' namespaces resolve)."""
+    start_timeout: float = 60.0
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -108,7 +109,7 @@ class OperatorProcess:
         command = [str(Path(sys.executable).parent / "kakuremichi"), "operator", *self.args]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self.healthy, "the operator's control channel", timeout=60)
+        wait_until(self.healthy, "the operator's control channel", timeout=self.start_timeout)
 
     def healthy(self) -> bool:
         assert self.process is not None
