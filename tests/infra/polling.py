@@ -28,3 +28,15 @@ def wait_until(
             detail = f" (last error: {last_error!r})" if last_error else ""
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
         time.sleep(interval)
+
+
+def holds_for(
+    probe: Callable[[], object], what: str, seconds: float, interval: float = 0.1
+) -> None:
+    """Fail naming ``what`` unless ``probe`` stays truthy for ``seconds`` (a state that must
+    not be overwritten)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not probe():
+            raise AssertionError(f"{what}: it stopped holding")
+        time.sleep(interval)

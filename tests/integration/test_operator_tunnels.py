@@ -15,7 +15,7 @@ from kakuremichi.resources import AGENT, CERTIFICATE, TUNNEL
 from tests.infra.cluster import Cluster, unique_name
 from tests.infra.fixtures import OperatorProcess
 from tests.infra.objects import Objects, Secrets
-from tests.infra.polling import wait_until
+from tests.infra.polling import holds_for, wait_until
 from tests.infra.tlsgen import TestCA
 
 
@@ -138,6 +138,13 @@ def test_acme_issuance_is_reported_as_unavailable_for_now(world: World) -> None:
     )  # fmt: skip
     world.certificates.ready("acme", "False", "NoGatewayOnline")
     world.tunnels.ready("acme", "False", "NoGatewayOnline")
+    # The reconciler's first verdict ("Issuing") must not land after the ACME task's newer one
+    # and stay: CI once saw exactly that.
+    holds_for(
+        lambda: (world.certificates.condition("acme") or {}).get("reason") == "NoGatewayOnline",
+        "Certificate acme to stay NoGatewayOnline",
+        seconds=3.0,
+    )
 
 
 def test_deletion_without_finalizers_cleans_up(world: World, operator: OperatorProcess) -> None:

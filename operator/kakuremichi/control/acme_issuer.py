@@ -116,12 +116,16 @@ class AcmeIssuer:
             # Status is written when there is news, not on every look.
             verdict = self.verdicts.get(key)
             if verdict != shown or delay == 0.0:
-                shown = verdict
-                with contextlib.suppress(Exception):
+                try:
                     await refresh(self.context, namespace, name)
+                    shown = verdict
+                except Exception as error:
+                    log.warning("writing the status of %s/%s failed: %s", namespace, name, error)
             if delay is None:
                 return
-            if verdict is not None and verdict.reason == "NoGatewayOnline":
+            if verdict != shown:  # the news is not written yet: try again soon, not at the end
+                await self._sleep(key, min(delay, self.context.settings.acme_retry_base))
+            elif verdict is not None and verdict.reason == "NoGatewayOnline":
                 await self._until_gateway(key)
             else:
                 await self._sleep(key, delay)

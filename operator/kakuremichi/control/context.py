@@ -10,6 +10,7 @@ from kakuremichi.control.mirror import Mirror
 from kakuremichi.control.presence import Presence
 from kakuremichi.control.settings import ControlSettings
 from kakuremichi.control.state import ControlState
+from kakuremichi.control.status_locks import StatusLocks
 
 if TYPE_CHECKING:
     from kakuremichi.control.acme_issuer import AcmeIssuer
@@ -22,5 +23,7 @@ class Context:
     kube: Kube
     mirror: Mirror
     presence: Presence
+    status_locks: StatusLocks
+    """Held while an object's status is computed and written: most have several writers."""
     acme: AcmeIssuer = field(init=False)
     """Set right after construction (it needs the context itself)."""

@@ -160,22 +160,23 @@ async def adopt_address(context: Context, gateway_id: UUID, remote: str) -> None
     await context.mirror.upsert_gateway(
         GatewayRow(gateway_id, node.name, digest, public_ip, node.public_key, region)
     )
-    found = await context.kube.get_object(GATEWAY, "", node.pool)
-    status = GatewayStatus.model_validate((found or {}).get("status") or {})
-    instances = [
-        i.model_copy(update={"public_ip": public_ip}) if i.name == node.name else i
-        for i in status.instances
-    ]
-    conditions = set_ready(
-        status.conditions, "True", "Provisioned",
-        f"gateway index {node.index}, public IP {public_ip} (taken from its connection)",
-        status.observed_generation,
-    )  # fmt: skip
-    await context.kube.patch_status(
-        GATEWAY, "", node.pool,
-        status_patch(status, {"public_ip": public_ip, "instances": instances,
-                              "conditions": conditions}),
-    )  # fmt: skip
+    async with context.status_locks.of(GATEWAY, "", node.pool):  # read, modify, write
+        found = await context.kube.get_object(GATEWAY, "", node.pool)
+        status = GatewayStatus.model_validate((found or {}).get("status") or {})
+        instances = [
+            i.model_copy(update={"public_ip": public_ip}) if i.name == node.name else i
+            for i in status.instances
+        ]
+        conditions = set_ready(
+            status.conditions, "True", "Provisioned",
+            f"gateway index {node.index}, public IP {public_ip} (taken from its connection)",
+            status.observed_generation,
+        )  # fmt: skip
+        await context.kube.patch_status(
+            GATEWAY, "", node.pool,
+            status_patch(status, {"public_ip": public_ip, "instances": instances,
+                                  "conditions": conditions}),
+        )  # fmt: skip
     del context.state.pending_gateways[gateway_id]
     context.state.set_gateway(node)
 
@@ -217,6 +218,12 @@ async def admit_node(context: Context, pool_uid: UUID, node: str) -> tuple[UUID,
     pool = context.state.pools.get(pool_uid)
     if pool is None:
         raise NodeRefused("the Gateway is gone")
+    # Admissions read, extend and write the pool's instance list: one at a time per pool.
+    async with context.status_locks.of(GATEWAY, "", pool.name):
+        return await _admit_node(context, pool, node)
+
+
+async def _admit_node(context: Context, pool: GatewayPool, node: str) -> tuple[UUID, str]:
     found_node = await context.kube.node(node)
     if found_node is None:
         raise NodeRefused(f"there is no Node named {node}")
@@ -288,13 +295,14 @@ async def remove_node(context: Context, node: str) -> None:
         await context.kube.delete_secret(
             context.settings.system_namespace, node_secret_name(pool.name, node)
         )
-        found = await context.kube.get_object(GATEWAY, "", pool.name)
-        status = GatewayStatus.model_validate((found or {}).get("status") or {})
-        await context.kube.patch_status(
-            GATEWAY, "", pool.name,
-            {"instances": [i.model_dump(mode="json", by_alias=True, exclude_none=True)
-                           for i in status.instances if i.name != node]},
-        )  # fmt: skip
+        async with context.status_locks.of(GATEWAY, "", pool.name):  # read, modify, write
+            found = await context.kube.get_object(GATEWAY, "", pool.name)
+            status = GatewayStatus.model_validate((found or {}).get("status") or {})
+            await context.kube.patch_status(
+                GATEWAY, "", pool.name,
+                {"instances": [i.model_dump(mode="json", by_alias=True, exclude_none=True)
+                               for i in status.instances if i.name != node]},
+            )  # fmt: skip
 
 
 async def cleanup(context: Context, body: kopf.Body) -> None:

@@ -28,6 +28,7 @@ from kakuremichi.control.presence import Presence
 from kakuremichi.control.projector import Projector
 from kakuremichi.control.settings import ControlSettings
 from kakuremichi.control.state import ControlState
+from kakuremichi.control.status_locks import StatusLocks
 from kakuremichi.store import Sealer
 
 PREFIX = "kakuremichi.io"
@@ -145,12 +146,14 @@ async def run(
     mirror = await asyncio.to_thread(Mirror, settings.db_url)
     state = ControlState(load_sealer(settings), SubnetAllocator(settings.subnet_pool()))
     kube = Kube(load_api_client())
+    status_locks = StatusLocks()
     context = Context(
         settings=settings,
         state=state,
         kube=kube,
         mirror=mirror,
-        presence=Presence(state, kube, mirror),
+        presence=Presence(state, kube, mirror, status_locks),
+        status_locks=status_locks,
     )
     context.acme = AcmeIssuer(context)
     channel = ControlChannel(context)

@@ -20,6 +20,7 @@ from kakuremichi import protocol
 from kakuremichi.control.kube import Kube
 from kakuremichi.control.mirror import Mirror
 from kakuremichi.control.state import ControlState, EdgeIdentity
+from kakuremichi.control.status_locks import StatusLocks
 from kakuremichi.resources import AGENT, GATEWAY, EdgeState
 
 FLUSH_SECONDS = 30.0
@@ -27,10 +28,13 @@ log = logging.getLogger(__name__)
 
 
 class Presence:
-    def __init__(self, state: ControlState, kube: Kube, mirror: Mirror) -> None:
+    def __init__(
+        self, state: ControlState, kube: Kube, mirror: Mirror, status_locks: StatusLocks
+    ) -> None:
         self.state = state
         self.kube = kube
         self.mirror = mirror
+        self.status_locks = status_locks
         self.online: dict[UUID, EdgeIdentity] = {}
         self.last_seen: dict[UUID, datetime] = {}
         self.flushed: dict[UUID, float] = {}
@@ -109,5 +113,8 @@ class Presence:
             state if state is not None else previous_state,
             metadata or previous_metadata,
         )
-        await self.kube.patch_status(kind, namespace, name, status)
+        # Under the object's status lock: a reconcile that found the edge away and is about to
+        # write "offline" finishes first, so this newer state is the one that stays.
+        async with self.status_locks.of(kind, namespace, name):
+            await self.kube.patch_status(kind, namespace, name, status)
         await self.mirror.set_presence(identity.role, identity.id, state, last_seen, metadata)

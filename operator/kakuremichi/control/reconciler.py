@@ -39,7 +39,18 @@ def register_reconciler(
     @kopf.on.update(*resource, registry=registry, id="reconcile")
     @counted(kind.kind)
     async def on_change(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-        await reconcile(context, body, patch)
+        # The status is written here, under the object's status lock, instead of being left in
+        # kopf's patch: kopf applies that after the handler returns, possibly over a newer
+        # status another writer (presence, the ACME task) wrote meanwhile, which would then
+        # stay stale until the next change.
+        namespace, name = body.metadata.namespace or "", body.metadata.name or ""
+        async with context.status_locks.of(kind, namespace, name):
+            try:
+                await reconcile(context, body, patch)
+            finally:  # (also when it failed: the status then says why)
+                status = patch.pop("status", None)
+                if status:
+                    await context.kube.patch_status(kind, namespace, name, dict(status))
 
     if finalizer:
 
