@@ -2,7 +2,8 @@
 
 pydantic's JSON schema is turned into a Kubernetes *structural* schema: references are inlined,
 optional values lose their ``null`` branch (absent means unset), ``const`` becomes ``enum`` and
-``additionalProperties: false`` is dropped (the API server prunes unknown fields instead).
+``additionalProperties: false`` is dropped (the API server prunes unknown fields instead). The one
+union a structural schema allows, Kubernetes' int-or-string (resource quantities), is kept.
 """
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ def _convert(node: dict[str, Any], definitions: dict[str, Any]) -> dict[str, Any
         name = node["$ref"].rsplit("/", 1)[-1]
         merged = {**definitions[name], **{k: v for k, v in node.items() if k != "$ref"}}
         return _convert(merged, definitions)
+    if node.get("x-kubernetes-int-or-string"):
+        union = ("anyOf", "x-kubernetes-int-or-string")
+        rest = _convert({k: v for k, v in node.items() if k not in union}, definitions)
+        return rest | {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "x-kubernetes-int-or-string": True,
+        }
     if "anyOf" in node:
         branches = [b for b in node["anyOf"] if b.get("type") != "null"]
         if len(branches) != 1:

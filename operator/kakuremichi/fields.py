@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    ValidationError,
+    WithJsonSchema,
+)
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict
 
@@ -23,9 +30,13 @@ def cel_match(pattern: str) -> str:
     return f"self.matches('{literal}')"
 
 
-def cel_rule(rule: str, message: str) -> JsonDict:
-    """One entry of a CRD schema's ``x-kubernetes-validations``."""
-    return {"rule": rule, "message": message}
+def cel_rule(rule: str, message: str, field_path: str | None = None) -> JsonDict:
+    """One entry of a CRD schema's ``x-kubernetes-validations``; ``field_path`` (relative,
+    e.g. ``.limits.memory``) is the field the API server's error then names."""
+    entry: JsonDict = {"rule": rule, "message": message}
+    if field_path is not None:
+        entry["fieldPath"] = field_path
+    return entry
 
 
 def _string_schema(**schema: Any) -> WithJsonSchema:
@@ -89,6 +100,26 @@ RegionName = Annotated[
     AfterValidator(validation.region),
     _string_schema(
         minLength=1, maxLength=validation.REGION_MAX_LENGTH, pattern=validation.REGION_PATTERN
+    ),
+]
+
+
+def _quantity_text(value: object) -> object:
+    """YAML's ``cpu: 2`` arrives as an integer; the API server keeps it as one (int-or-string)."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity_text),
+    AfterValidator(validation.quantity),
+    # As Kubernetes' own quantities: an integer or a string with the pattern.
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": validation.QUANTITY_PATTERN,
+            "x-kubernetes-int-or-string": True,
+        }
     ),
 ]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kakuremichi.resources import API_VERSION, GATEWAY, GatewaySpec
+from kakuremichi.resources import API_VERSION, GATEWAY, GatewayResources, GatewaySpec
 
 AGENT_LABEL = "kakuremichi.io/agent"
 GATEWAY_LABEL = "kakuremichi.io/gateway"
@@ -39,11 +39,8 @@ class EdgeImage:
         return [{"name": CONTROL_CA_ENV, "value": self.control_ca}] if self.control_ca else []
 
 
-def _resources() -> dict[str, Any]:
-    return {
-        "requests": {"cpu": "50m", "memory": "64Mi"},
-        "limits": {"memory": "256Mi"},
-    }
+def _sidecar_resources() -> dict[str, Any]:
+    return GatewayResources().as_container_resources()  # (the gateway's defaults suit it too)
 
 
 def _tun_volume() -> dict[str, Any]:
@@ -128,7 +125,8 @@ def gateway_daemonset(
             {"name": "credentials", "mountPath": CREDENTIALS_MOUNT, "readOnly": True},
             _tun_mount(),
         ],
-        "resources": _resources(),
+        # The gateway sizes its HTTPS processes from these limits (cgroup cpu.max/memory.max).
+        "resources": (spec.resources or GatewayResources()).as_container_resources(),
     }
     pod_spec: dict[str, Any] = {
         "hostNetwork": True,
@@ -211,7 +209,7 @@ def agent_sidecar(credentials_secret: str, edge: EdgeImage) -> Sidecar:
             {"name": "kakuremichi-credentials", "mountPath": CREDENTIALS_MOUNT, "readOnly": True},
             {**_tun_mount(), "name": "kakuremichi-dev-net-tun"},
         ],
-        "resources": _resources(),
+        "resources": _sidecar_resources(),
     }
     volumes = [
         {"name": "kakuremichi-credentials", "secret": {"secretName": credentials_secret}},

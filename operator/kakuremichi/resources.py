@@ -14,11 +14,13 @@ from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
 from pydantic import ConfigDict, Field, model_validator
 
+from kakuremichi import validation
 from kakuremichi.conditions import Condition
 from kakuremichi.fields import (
     CamelModel,
     DomainName,
     PublicIPv4,
+    Quantity,
     RegionName,
     ResourceName,
     TargetAddress,
@@ -106,6 +108,86 @@ class Toleration(CamelModel):
     toleration_seconds: int | None = None
 
 
+GATEWAY_MEMORY_PER_PROCESS = "128Mi"
+"""Memory limit per HTTPS process of a gateway: ``--workers auto`` runs one per this much."""
+
+
+class ResourceRequests(CamelModel):
+    """What the scheduler reserves on the node for each gateway pod."""
+
+    cpu: Quantity | None = "50m"
+    memory: Quantity | None = "64Mi"
+
+
+class ResourceLimits(CamelModel):
+    """The most each gateway pod may use. The gateway serves HTTPS from one process per CPU
+    these allow and per 128Mi of memory (at least one)."""
+
+    cpu: Quantity | None = None
+    """Unset by default: the gateway may use every CPU of its node."""
+    memory: Quantity = "256Mi"
+    """At least 128Mi."""
+
+
+def _at_most(smaller: str, larger: str) -> str:
+    """CEL: the quantity at ``smaller`` does not exceed the one at ``larger`` (when both are
+    set and well-formed; the pattern reports malformed ones)."""
+    checks = [f"!has(self.{part.split('.')[0]}) || !has(self.{part})" for part in (smaller, larger)]
+    checks += [f"!isQuantity(string(self.{part}))" for part in (smaller, larger)]
+    comparison = f"quantity(string(self.{smaller})).compareTo(quantity(string(self.{larger}))) <= 0"
+    return " || ".join([*checks, comparison])
+
+
+class GatewayResources(CamelModel):
+    """CPU and memory of each pod of an InCluster pool (as in a container's ``resources``)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel_rule(
+                    _at_most("requests.cpu", "limits.cpu"),
+                    "requests.cpu must not exceed limits.cpu", ".requests.cpu",
+                ),
+                cel_rule(
+                    _at_most("requests.memory", "limits.memory"),
+                    "requests.memory must not exceed limits.memory", ".requests.memory",
+                ),
+                cel_rule(
+                    "!has(self.limits) || !has(self.limits.memory) || "
+                    "!isQuantity(string(self.limits.memory)) || "
+                    "quantity(string(self.limits.memory)).compareTo("
+                    f"quantity('{GATEWAY_MEMORY_PER_PROCESS}')) >= 0",
+                    f"limits.memory must be at least {GATEWAY_MEMORY_PER_PROCESS}",
+                    ".limits.memory",
+                ),
+            ]
+        }
+    )  # fmt: skip
+
+    requests: ResourceRequests = Field(
+        default_factory=ResourceRequests, json_schema_extra={"default": {}}
+    )
+    limits: ResourceLimits = Field(
+        default_factory=ResourceLimits, json_schema_extra={"default": {}}
+    )
+
+    @model_validator(mode="after")
+    def _requests_within_limits(self) -> Self:
+        amount = validation.quantity_amount
+        for resource in ("cpu", "memory"):
+            requested = getattr(self.requests, resource)
+            limit = getattr(self.limits, resource)
+            if requested is not None and limit is not None and amount(requested) > amount(limit):
+                raise ValueError(f"requests.{resource} must not exceed limits.{resource}")
+        if amount(self.limits.memory) < amount(GATEWAY_MEMORY_PER_PROCESS):
+            raise ValueError(f"limits.memory must be at least {GATEWAY_MEMORY_PER_PROCESS}")
+        return self
+
+    def as_container_resources(self) -> dict[str, dict[str, str]]:
+        """The ``resources`` of the gateway container."""
+        return self.model_dump(exclude_none=True)
+
+
 class GatewayPorts(CamelModel):
     """Ports a gateway listens on, on its host's network."""
 
@@ -135,8 +217,9 @@ class GatewaySpec(CamelModel):
                 cel_rule(
                     "!has(self.mode) || self.mode == 'InCluster' || ("
                     "(!has(self.nodeSelector) || size(self.nodeSelector) == 0) && "
-                    "(!has(self.tolerations) || size(self.tolerations) == 0))",
-                    "nodeSelector and tolerations apply only to mode InCluster",
+                    "(!has(self.tolerations) || size(self.tolerations) == 0) && "
+                    "!has(self.resources))",
+                    "nodeSelector, tolerations and resources apply only to mode InCluster",
                 )
             ]
         }
@@ -157,11 +240,16 @@ class GatewaySpec(CamelModel):
     """Taints the DaemonSet tolerates (mode InCluster)."""
     ports: GatewayPorts = Field(default_factory=GatewayPorts, json_schema_extra={"default": {}})
     """Listening ports."""
+    resources: GatewayResources | None = None
+    """CPU and memory of each gateway pod (mode InCluster). Unset: requests 50m CPU and 64Mi,
+    limit 256Mi (two HTTPS processes). Raise the limits to serve more from each node."""
 
     @model_validator(mode="after")
     def _placement_only_in_cluster(self) -> Self:
-        if self.mode == "External" and (self.node_selector or self.tolerations):
-            raise ValueError("nodeSelector and tolerations apply only to mode InCluster")
+        if self.mode == "External" and (
+            self.node_selector or self.tolerations or self.resources is not None
+        ):
+            raise ValueError("nodeSelector, tolerations and resources apply only to mode InCluster")
         return self
 
 

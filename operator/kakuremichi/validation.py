@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 
 # Resource names: the document allows 1-64 of [A-Za-z0-9_-]; Kubernetes object names are lower-case
 # RFC 1123 labels. The name must satisfy both, since ``metadata.name`` becomes the ``name`` column.
@@ -47,11 +48,24 @@ IPV4_TARGET_PATTERN = rf"^{_OCTET}(\.{_OCTET}){{3}}:"
 REGION_MAX_LENGTH = 32
 REGION_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$"
 
+# Kubernetes resource quantities as people write them for CPU and memory: a plain decimal number
+# with an optional suffix (no signs or exponents, which the API server would take but nobody
+# means for a pod's resources).
+_QUANTITY_SUFFIXES = {
+    "m": Decimal("0.001"), "": Decimal(1),
+    "k": Decimal(10**3), "M": Decimal(10**6), "G": Decimal(10**9), "T": Decimal(10**12),
+    "P": Decimal(10**15), "E": Decimal(10**18),
+    "Ki": Decimal(2**10), "Mi": Decimal(2**20), "Gi": Decimal(2**30), "Ti": Decimal(2**40),
+    "Pi": Decimal(2**50), "Ei": Decimal(2**60),
+}  # fmt: skip
+QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
+
 _name_re = re.compile(NAME_PATTERN)
 _lower_label_re = re.compile(rf"^{_LOWER_LABEL}$")
 _any_case_label_re = re.compile(rf"^{_ANY_CASE_LABEL}$")
 _digits_re = re.compile(r"^[0-9]+$")
 _region_re = re.compile(REGION_PATTERN)
+_quantity_re = re.compile(QUANTITY_PATTERN)
 _numeric_host_re = re.compile(r"^[0-9.]+$")
 
 
@@ -149,6 +163,24 @@ def region(value: str) -> str:
             "and '-'"
         )
     return value
+
+
+def quantity(value: str) -> str:
+    """A CPU or memory amount the way a Pod's resources take it, e.g. ``500m``, ``2``, ``256Mi``."""
+    if not _quantity_re.match(value):
+        raise ValueError(
+            f"{value!r} is not a resource quantity: a number with an optional suffix, e.g. 500m "
+            "or 2 (CPUs), 256Mi or 1Gi (memory)"
+        )
+    return value
+
+
+def quantity_amount(value: str) -> Decimal:
+    """The amount a quantity stands for (CPUs, bytes)."""
+    match = _quantity_re.match(quantity(value))
+    assert match is not None
+    suffix = match.group(2) or ""
+    return Decimal(value.removesuffix(suffix)) * _QUANTITY_SUFFIXES[suffix]
 
 
 @dataclass(frozen=True)

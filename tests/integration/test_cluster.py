@@ -9,8 +9,10 @@ from typing import Any
 import pytest
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
 
-from kakuremichi.resources import GROUP, KINDS, VERSION
+from kakuremichi.fields import describe_errors
+from kakuremichi.resources import GROUP, KINDS, VERSION, GatewaySpec
 from tests.infra.cluster import Cluster, unique_name
 from tests.infra.polling import wait_until
 from tests.unit.test_validation import (
@@ -215,3 +217,45 @@ def test_a_service_account_is_refused_outside_its_role(kube: Cluster, namespace:
         with pytest.raises(ApiException) as error:
             forbidden()
         assert error.value.status == 403
+
+
+def gateway(name: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "Gateway", "metadata": {"name": name},
+            "spec": spec}  # fmt: skip
+
+
+# (resources, what the refusal says): the API server and the model must agree on each.
+GATEWAY_RESOURCES_REFUSED = [
+    ({"limits": {"cpu": "2 cores"}}, "spec.resources.limits.cpu"),
+    ({"limits": {"memory": "-1Gi"}}, "spec.resources.limits.memory"),
+    ({"requests": {"cpu": "3"}, "limits": {"cpu": 2}}, "requests.cpu must not exceed limits.cpu"),
+    ({"requests": {"memory": "1Gi"}}, "requests.memory must not exceed limits.memory"),
+    ({"limits": {"memory": "100Mi"}}, "limits.memory must be at least 128Mi"),
+]
+
+
+def test_gateway_resources_schema_agrees_with_the_model(kube: Cluster) -> None:
+    api = client.CustomObjectsApi(kube.api_client())
+
+    def create(body: dict[str, Any]) -> dict[str, Any]:
+        return as_object(api.create_cluster_custom_object(GROUP, VERSION, "gateways", body,
+                                                          dry_run="All"))  # fmt: skip
+
+    created = create(gateway("pool", resources={"limits": {"cpu": 4, "memory": "1Gi"}}))
+    resources = created["spec"]["resources"]
+    assert resources == {"requests": {"cpu": "50m", "memory": "64Mi"},
+                         "limits": {"cpu": 4, "memory": "1Gi"}}  # fmt: skip
+    assert GatewaySpec.model_validate(created["spec"]).resources is not None
+    assert "resources" not in create(gateway("plain"))["spec"]  # unset stays unset
+    for index, (resources, expected) in enumerate(GATEWAY_RESOURCES_REFUSED):
+        with pytest.raises(ApiException) as error:
+            create(gateway(f"bad{index}", resources=resources))
+        assert error.value.status == 422, error.value.body
+        assert expected in str(error.value.body), (resources, error.value.body)
+        with pytest.raises(ValidationError) as refused:
+            GatewaySpec.model_validate({"resources": resources})
+        lines = "\n".join(describe_errors(refused.value))
+        assert expected.removeprefix("spec.") in lines, (resources, lines)
+    with pytest.raises(ApiException) as error:
+        create(gateway("outside", mode="External", resources={}))
+    assert "resources apply only to mode InCluster" in str(error.value.body)

@@ -225,3 +225,30 @@ def test_in_cluster_pool_rolls_out_and_admits_each_node(
     world.gateways.delete(name)
     wait_until(lambda: world.secrets.read(f"kakuremichi-gateway-{name}-{external}") is None,
                "the node's Secret to go")  # fmt: skip
+
+
+def test_in_cluster_pool_pods_get_the_resources_asked_for(
+    world: World, operator: OperatorProcess, kube: Cluster
+) -> None:
+    """The gateway sizes its HTTPS processes from its pod's limits, so these are the knob."""
+    name = unique_name("sized")
+    apps = client.AppsV1Api(kube.api_client())
+
+    def container_resources() -> dict[str, Any]:
+        found = apps.read_namespaced_daemon_set(f"kakuremichi-gateway-{name}", operator.namespace)
+        assert found.spec is not None and found.spec.template.spec is not None
+        resources = found.spec.template.spec.containers[0].resources
+        assert resources is not None
+        return {"requests": resources.requests, "limits": resources.limits}
+
+    world.gateways.create(name, {"mode": "InCluster"})
+    world.gateways.ready(name, "True", "RolledOut")
+    assert container_resources() == {
+        "requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"},
+    }  # fmt: skip
+    world.gateways.patch_spec(name, {"resources": {"limits": {"cpu": 4, "memory": "1Gi"}}})
+    wait_until(
+        lambda: container_resources()["limits"] == {"cpu": "4", "memory": "1Gi"},
+        "the DaemonSet to carry the new limits",
+    )
+    assert container_resources()["requests"] == {"cpu": "50m", "memory": "64Mi"}

@@ -57,6 +57,19 @@ def test_daemonset_runs_the_gateway_on_the_host_network() -> None:
     assert selector.items() <= manifest["spec"]["template"]["metadata"]["labels"].items()
 
 
+def test_daemonset_pods_get_the_pools_resources_or_the_defaults() -> None:
+    def resources(manifest: dict[str, Any]) -> Any:
+        return manifest["spec"]["template"]["spec"]["containers"][0]["resources"]
+
+    assert resources(daemonset()) == {
+        "requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"},
+    }  # fmt: skip
+    sized = daemonset(resources={"requests": {"memory": "256Mi"}, "limits": {"memory": "1Gi"}})
+    assert resources(sized) == {
+        "requests": {"cpu": "50m", "memory": "256Mi"}, "limits": {"memory": "1Gi"},
+    }  # fmt: skip
+
+
 def test_daemonset_without_placement_leaves_it_out() -> None:
     pod = daemonset()["spec"]["template"]["spec"]
     assert "nodeSelector" not in pod and "tolerations" not in pod

@@ -8,14 +8,18 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from kakuremichi.edge.https_workers import MEMORY_PER_PROCESS
 from kakuremichi.fields import describe_errors
 from kakuremichi.resources import (
+    GATEWAY_MEMORY_PER_PROCESS,
     Agent,
     AgentStatus,
     Certificate,
     Gateway,
+    GatewaySpec,
     Tunnel,
 )
+from kakuremichi.validation import quantity_amount
 
 
 def load(text: str) -> dict[str, Any]:
@@ -104,7 +108,21 @@ def test_tunnel_errors_name_the_field_and_why(
         ({"region": "Tokyo"}, "spec.region: 'Tokyo' is not a valid region"),
         ({"ports": {"http": 0}}, "spec.ports.http: Input should be greater than or equal to 1"),
         ({"ports": {"http": 443}}, "spec.ports: http and https must be different ports"),
-        ({"mode": "External", "nodeSelector": {"a": "b"}}, "spec: nodeSelector and tolerations"),
+        ({"mode": "External", "nodeSelector": {"a": "b"}}, "spec: nodeSelector, tolerations"),
+        ({"mode": "External", "resources": {}}, "spec: nodeSelector, tolerations and resources"),
+        (
+            {"resources": {"limits": {"cpu": "two"}}},
+            "spec.resources.limits.cpu: 'two' is not a resource quantity",
+        ),
+        ({"resources": {"limits": {"cpu": True}}}, "spec.resources.limits.cpu: Input should be"),
+        (
+            {"resources": {"requests": {"cpu": "1500m"}, "limits": {"cpu": 1}}},
+            "spec.resources: requests.cpu must not exceed limits.cpu",
+        ),
+        (
+            {"resources": {"limits": {"memory": "127Mi"}}},
+            "spec.resources: limits.memory must be at least 128Mi",
+        ),
     ],
 )
 def test_gateway_errors_name_the_field(spec: dict[str, Any], expected: str) -> None:
@@ -127,6 +145,20 @@ def test_gateway_defaults_for_a_daemonset() -> None:
         51820,
     )
     assert gateway.spec.public_ip is None
+    assert gateway.spec.resources is None
+
+
+def test_gateway_resources_take_what_a_pod_takes_and_keep_the_other_defaults() -> None:
+    spec = GatewaySpec.model_validate({"resources": {"limits": {"cpu": 2, "memory": "0.5Gi"}}})
+    assert spec.resources is not None
+    assert spec.resources.as_container_resources() == {
+        "requests": {"cpu": "50m", "memory": "64Mi"},
+        "limits": {"cpu": "2", "memory": "0.5Gi"},
+    }
+
+
+def test_the_memory_per_process_is_the_gateways_own() -> None:
+    assert quantity_amount(GATEWAY_MEMORY_PER_PROCESS) == MEMORY_PER_PROCESS
 
 
 def test_certificate_requires_domain_and_secret() -> None:

@@ -3,6 +3,9 @@ it should with a message that says why."""
 
 from __future__ import annotations
 
+import re
+from decimal import Decimal
+
 import pytest
 
 from kakuremichi import validation
@@ -163,3 +166,19 @@ def test_region_accepts(value: str) -> None:
 def test_region_rejects(value: str) -> None:
     with pytest.raises(ValueError, match="not a valid region"):
         validation.region(value)
+
+
+@pytest.mark.parametrize(
+    ("text", "amount"),
+    [("50m", "0.05"), ("2", "2"), ("1.5", "1.5"), ("64Mi", str(64 * 2**20)), ("1G", "1e9"),
+     ("0.5Gi", str(2**29))],
+)  # fmt: skip
+def test_quantity_amounts(text: str, amount: str) -> None:
+    assert validation.quantity_amount(text) == Decimal(amount)
+
+
+@pytest.mark.parametrize("text", ["", "two", "-1", "+1", "1e3", "1.", ".5", "1 Gi", "1gi", "5mi"])
+def test_quantity_rejects_what_nobody_means(text: str) -> None:
+    with pytest.raises(ValueError, match="is not a resource quantity"):
+        validation.quantity(text)
+    assert not re.search(validation.QUANTITY_PATTERN, text)
