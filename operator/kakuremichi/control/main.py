@@ -57,6 +57,9 @@ KOPF_REQUEST_CONNECTIONS = 32
 WATCH_STREAMS_PER_NAMESPACE = 6  # agents, tunnels, certificates, secrets, and some to spare
 LIST_CHUNK_SIZE = 500
 """Objects per page when kopf lists a resource (at the start of each watch)."""
+KOPF_WORKERS_PER_KIND = 200
+"""Objects of one kind that kopf handles at once (the rest wait in the watch stream)."""
+KOPF_WORKER_IDLE_SECONDS = 1.0
 
 
 def bounded_session(info: kopf.ConnectionInfo, namespaces: tuple[str, ...]) -> kopf.AiohttpSession:
@@ -106,6 +109,13 @@ def build_registry(context: Context) -> kopf.OperatorRegistry:
         # kopf lists everything again whenever a watch restarts; in pages, the decoded body of
         # one LIST of thousands of Tunnels (~80 MiB of Python objects at 5,000) is never whole.
         settings.watching.chunk_size = LIST_CHUNK_SIZE
+        # At most this many objects of a kind in flight: a burst (5,000 Tunnels applied at once,
+        # or a restart's resume) is worked through a window of objects instead of all at once,
+        # each with its body, handler and queued API calls alive; peak RSS at 250 Agents / 5,000
+        # Tunnels fell from ~430 to ~260 MiB, and the run got faster. An idle per-object worker
+        # leaves after a second (kopf's default, 5 s, would hold a place that long).
+        settings.queueing.worker_limit = KOPF_WORKERS_PER_KIND
+        settings.queueing.idle_timeout = KOPF_WORKER_IDLE_SECONDS
         if context.settings.webhook_listen:
             service = context.settings.webhook_service
             webhook.configure(
