@@ -5,6 +5,7 @@ restart is downloaded rather than ordered again."""
 from __future__ import annotations
 
 import sys
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,8 @@ def test_an_order_survives_a_restart_by_its_url(
     done = again.order(order.url)
     assert done is not None and done.status == "valid" and not done.challenges
     assert again.finalize(order.url, key, domain) == chain
+
+    # The server's renewal window (ARI) for it: inside the certificate's validity.
+    suggested, recheck = again.renewal_window_start(chain)
+    assert suggested is not None and recheck is not None
+    assert leaf.not_valid_before_utc <= suggested.astimezone(UTC) <= leaf.not_valid_after_utc

@@ -21,6 +21,7 @@ from kakuremichi.conditions import READY, set_ready
 from kakuremichi.control.context import Context
 from kakuremichi.control.mirror import CertificateRow
 from kakuremichi.control.reconciler import register_reconciler
+from kakuremichi.fields import status_patch
 from kakuremichi.protocol import CertificateBundle
 from kakuremichi.resources import CERTIFICATE, CertificateSpec, CertificateStatus
 from kakuremichi.store import Certificate
@@ -132,8 +133,9 @@ async def compute_status(context: Context, body: kopf.Body) -> dict[str, Any]:
         (kopf.info if verdict.ready else kopf.warn)(
             body, reason=verdict.reason, message=verdict.message
         )
-    status = current.model_copy(update=updates)
-    return status.model_dump(mode="json", by_alias=True, exclude_none=True)
+    # Only what this computes: the ACME task owns orderURL, failedAttempts and nextAttemptAt,
+    # and the body here may be older than its last write.
+    return status_patch(current, updates)
 
 
 async def cleanup(context: Context, body: kopf.Body) -> None:
