@@ -129,13 +129,18 @@ class ResourceLimits(CamelModel):
     """At least 128Mi."""
 
 
-def _at_most(smaller: str, larger: str) -> str:
-    """CEL: the quantity at ``smaller`` does not exceed the one at ``larger`` (when both are
-    set and well-formed; the pattern reports malformed ones)."""
-    checks = [f"!has(self.{part.split('.')[0]}) || !has(self.{part})" for part in (smaller, larger)]
-    checks += [f"!isQuantity(string(self.{part}))" for part in (smaller, larger)]
-    comparison = f"quantity(string(self.{smaller})).compareTo(quantity(string(self.{larger}))) <= 0"
-    return " || ".join([*checks, comparison])
+def _quantity_rule(left: str, operator: str, right: str) -> str:
+    """CEL: ``left operator right``, each a field path under ``self`` (``requests.cpu``) or a
+    quoted literal (``'128Mi'``); it holds while a field is unset or malformed (the pattern
+    reports malformed ones)."""
+    fields = [side for side in (left, right) if not side.startswith("'")]
+    checks = [f"!has(self.{path.split('.')[0]}) || !has(self.{path})" for path in fields]
+    checks += [f"!isQuantity(string(self.{path}))" for path in fields]
+
+    def amount(side: str) -> str:
+        return f"quantity({side})" if side.startswith("'") else f"quantity(string(self.{side}))"
+
+    return " || ".join([*checks, f"{amount(left)}.compareTo({amount(right)}) {operator} 0"])
 
 
 class GatewayResources(CamelModel):
@@ -145,18 +150,15 @@ class GatewayResources(CamelModel):
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel_rule(
-                    _at_most("requests.cpu", "limits.cpu"),
+                    _quantity_rule("requests.cpu", "<=", "limits.cpu"),
                     "requests.cpu must not exceed limits.cpu", ".requests.cpu",
                 ),
                 cel_rule(
-                    _at_most("requests.memory", "limits.memory"),
+                    _quantity_rule("requests.memory", "<=", "limits.memory"),
                     "requests.memory must not exceed limits.memory", ".requests.memory",
                 ),
                 cel_rule(
-                    "!has(self.limits) || !has(self.limits.memory) || "
-                    "!isQuantity(string(self.limits.memory)) || "
-                    "quantity(string(self.limits.memory)).compareTo("
-                    f"quantity('{GATEWAY_MEMORY_PER_PROCESS}')) >= 0",
+                    _quantity_rule("limits.memory", ">=", f"'{GATEWAY_MEMORY_PER_PROCESS}'"),
                     f"limits.memory must be at least {GATEWAY_MEMORY_PER_PROCESS}",
                     ".limits.memory",
                 ),
