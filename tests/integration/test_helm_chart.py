@@ -31,7 +31,10 @@ from tests.infra.tlsgen import TestCA
 CHART = binaries.REPO / "charts" / "kakuremichi"
 WEBHOOK_CONFIGURATION = "kakuremichi.io"
 # What a missing permission looks like in the operator's log (kopf and the kubernetes client).
-RBAC_TROUBLE = re.compile(r"\b403\b|forbidden|Not enough (RBAC )?permissions", re.IGNORECASE)
+# A status code, not the milliseconds of a log timestamp ("05:31:14,403").
+RBAC_TROUBLE = re.compile(
+    r"(?<![,.])\b403\b|forbidden|Not enough (RBAC )?permissions", re.IGNORECASE
+)
 
 
 @dataclass
