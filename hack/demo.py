@@ -63,6 +63,7 @@ from kakuremichi.manifests import (
     AGENT_LABEL,
     CREDENTIALS_MOUNT,
     SIDECAR_NAME,
+    STATE_MOUNT,
     gateway_daemonset_name,
 )
 
@@ -187,15 +188,19 @@ class DemoError(Exception):
 # --- pure helpers ------------------------------------------------------------------------------
 
 
-def edge_command(args: Sequence[str], folder: Path, env: Mapping[str, str]) -> list[str]:
-    """A container's arguments as the kubelet would run them with its Secret volume at
-    ``folder``: ``$(VAR)`` references expanded from ``env``, the mount point moved."""
+def edge_command(
+    args: Sequence[str], mounts: Mapping[str, Path], env: Mapping[str, str]
+) -> list[str]:
+    """A container's arguments as the kubelet would run them with its volumes at the folders
+    of ``mounts`` (mount point → folder): ``$(VAR)`` references expanded from ``env``, the
+    mount points moved."""
     out = []
     for arg in args:
         for name, value in env.items():
             arg = arg.replace(f"$({name})", value)
-        if arg == CREDENTIALS_MOUNT or arg.startswith(f"{CREDENTIALS_MOUNT}/"):
-            arg = str(folder) + arg[len(CREDENTIALS_MOUNT) :]
+        for mount, folder in mounts.items():
+            if arg == mount or arg.startswith(f"{mount}/"):
+                arg = str(folder) + arg[len(mount) :]
         out.append(arg)
     return out
 
@@ -696,7 +701,8 @@ def up() -> None:
     (container,) = pod_spec["containers"]
     pool = kube.secret(secret_volume_name(pod_spec, CREDENTIALS_MOUNT, container["name"]))
     folder = credentials_folder({"apiKey": pool["apiKey"]}, STATE / "gateway-credentials")
-    gateway_args = edge_command(container["args"], folder, {"NODE_NAME": NODE})
+    mounts = {CREDENTIALS_MOUNT: folder, STATE_MOUNT: STATE / "gateway-state"}
+    gateway_args = edge_command(container["args"], mounts, {"NODE_NAME": NODE})
     # The one addition to the DaemonSet's arguments: a WireGuard interface name of our own.
     gateway_args += ["--wireguard-interface", WIREGUARD_INTERFACES["gateway"]]
     spawn("gateway", in_namespace(GATEWAY_NS, str(KAKUREMICHI), *gateway_args), edge_env)
@@ -719,7 +725,8 @@ def up() -> None:
     (sidecar,) = [c for c in pod["spec"]["containers"] if c["name"] == SIDECAR_NAME]
     credentials = kube.secret(secret_volume_name(pod["spec"], CREDENTIALS_MOUNT, SIDECAR_NAME))
     folder = credentials_folder(credentials, STATE / "agent-credentials")
-    agent_args = edge_command(sidecar["args"], folder, {})
+    mounts = {CREDENTIALS_MOUNT: folder, STATE_MOUNT: STATE / "agent-state"}
+    agent_args = edge_command(sidecar["args"], mounts, {})
     agent_args += ["--wireguard-interface", WIREGUARD_INTERFACES["agent"]]
     spawn("agent", in_namespace(AGENT_NS, str(KAKUREMICHI), *agent_args), edge_env)
 

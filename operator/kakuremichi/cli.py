@@ -217,6 +217,7 @@ def _cmd_edge(args: argparse.Namespace) -> int:
             ca_file=args.ca_file,
             ca_pem=os.environ.get("KAKUREMICHI_CONTROL_CA") or None,
             private_key_file=args.private_key_file,
+            state_dir=args.state_dir,
             wireguard_interface=args.wireguard_interface or f"km{role}0",
             wireguard_mode=args.wireguard_mode,
             metrics_listen=args.metrics_listen or None,
@@ -278,6 +279,12 @@ def _add_edge_parser(commands: Any, role: str, help_text: str, metrics_port: int
         "--ca-file", type=Path, metavar="PATH",
         help="CA bundle to trust for an https control URL (besides the system's; "
         "or the PEM itself in KAKUREMICHI_CONTROL_CA)",
+    )  # fmt: skip
+    state_dir = os.environ.get("KAKUREMICHI_STATE_DIR")
+    edge.add_argument(
+        "--state-dir", type=Path, metavar="DIR", default=Path(state_dir) if state_dir else None,
+        help="keep the last applied config here (mode 0600: it holds private keys), so that a "
+        "restart serves it while control is unreachable (or KAKUREMICHI_STATE_DIR)",
     )  # fmt: skip
     edge.add_argument(
         "--wireguard-interface", metavar="NAME",

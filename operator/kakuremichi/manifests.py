@@ -21,6 +21,9 @@ GATEWAY_LABEL = "kakuremichi.io/gateway"
 CREDENTIALS_MOUNT = "/etc/kakuremichi"
 API_KEY_FILE = f"{CREDENTIALS_MOUNT}/apiKey"
 PRIVATE_KEY_FILE = f"{CREDENTIALS_MOUNT}/wireguardPrivateKey"
+STATE_MOUNT = "/var/lib/kakuremichi"
+"""The edge's saved config (``--state-dir``): an emptyDir, so it outlives a container restart
+(a crash, an OOM kill, a node reboot) but not the Pod."""
 SIDECAR_NAME = "kakuremichi-agent"
 CONTROL_CA_ENV = "KAKUREMICHI_CONTROL_CA"
 
@@ -88,6 +91,8 @@ def gateway_daemonset(
             str(ports.https),
             "--wireguard-port",
             str(ports.wireguard),
+            "--state-dir",
+            STATE_MOUNT,
         ],
         "env": [
             {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
@@ -123,6 +128,7 @@ def gateway_daemonset(
         },
         "volumeMounts": [
             {"name": "credentials", "mountPath": CREDENTIALS_MOUNT, "readOnly": True},
+            {"name": "state", "mountPath": STATE_MOUNT},
             _tun_mount(),
         ],
         # The gateway sizes its HTTPS processes from these limits (cgroup cpu.max/memory.max).
@@ -140,6 +146,7 @@ def gateway_daemonset(
                     "items": [{"key": "apiKey", "path": "apiKey"}],
                 },
             },
+            {"name": "state", "emptyDir": {}},
             _tun_volume(),
         ],
         "terminationGracePeriodSeconds": 30,
@@ -197,6 +204,8 @@ def agent_sidecar(credentials_secret: str, edge: EdgeImage) -> Sidecar:
             API_KEY_FILE,
             "--private-key-file",
             PRIVATE_KEY_FILE,
+            "--state-dir",
+            STATE_MOUNT,
         ],
         **({"env": edge.env()} if edge.control_ca else {}),
         "securityContext": {  # root for NET_ADMIN, as for gateways
@@ -207,12 +216,14 @@ def agent_sidecar(credentials_secret: str, edge: EdgeImage) -> Sidecar:
         },
         "volumeMounts": [
             {"name": "kakuremichi-credentials", "mountPath": CREDENTIALS_MOUNT, "readOnly": True},
+            {"name": "kakuremichi-state", "mountPath": STATE_MOUNT},
             {**_tun_mount(), "name": "kakuremichi-dev-net-tun"},
         ],
         "resources": _sidecar_resources(),
     }
     volumes = [
         {"name": "kakuremichi-credentials", "secret": {"secretName": credentials_secret}},
+        {"name": "kakuremichi-state", "emptyDir": {}},
         {**_tun_volume(), "name": "kakuremichi-dev-net-tun"},
     ]
     return Sidecar(container, volumes)

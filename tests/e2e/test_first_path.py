@@ -186,6 +186,36 @@ def test_operator_restart_never_interrupts_traffic(world: World) -> None:
     assert out.startswith("['200']"), out
 
 
+def test_edges_restarted_while_control_is_down_serve_their_saved_config(world: World) -> None:
+    """Control is down and both edges restart (a power cut at the origin's site, a node
+    reboot): each serves the config it saved in its state folder (the Pod's emptyDir), so the
+    site is back without control; control's return changes nothing a user sees."""
+    assert world.gateway is not None and world.agent is not None
+    saved = [world.state_dir(f"gateway-{world.node}"), world.state_dir("agent")]
+    assert [p.name for folder in saved for p in folder.iterdir()] == [
+        "gateway-config.json", "agent-config.json",
+    ]  # fmt: skip
+    world.operator.stop()
+    try:
+        restarted_at = {}
+        for edge in (world.gateway, world.agent):
+            edge.kill()
+            restarted_at[edge.log] = edge.log.stat().st_size
+            edge.start()
+        wait_until(lambda: world.get("/")[0] == 200, "serving without control", timeout=30)
+        for log, offset in restarted_at.items():
+            since = log.read_bytes()[offset:].decode(errors="replace")
+            assert "serving the saved config" in since, since
+            assert "connected to control" not in since
+    finally:
+        world.operator.start()
+    wait_until(
+        lambda: (world.agents.get("web") or {}).get("status", {}).get("state") == "online",
+        "the Agent to be online again",
+    )
+    assert world.get("/")[0] == 200
+
+
 HOLD_WEBSOCKET = """
 import asyncio, aiohttp, ssl, sys
 async def main():

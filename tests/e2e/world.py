@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from kakuremichi.manifests import AGENT_LABEL, CREDENTIALS_MOUNT, SIDECAR_NAME
+from kakuremichi.manifests import AGENT_LABEL, CREDENTIALS_MOUNT, SIDECAR_NAME, STATE_MOUNT
 from kakuremichi.resources import AGENT, CERTIFICATE, GATEWAY, TUNNEL
 from tests.infra import cluster, netns, ports, wireguard
 from tests.infra.cluster import Cluster
@@ -93,11 +93,20 @@ class World:
 
     def start_gateway(self, host: netns.Host, node: str, *extra: str) -> Edge:
         """The DaemonSet's pod on ``node``: its command with the node name filled in."""
-        args = [a.replace("$(NODE_NAME)", node) for a in self.gateway_args] + list(extra)
+        args = [
+            a.replace("$(NODE_NAME)", node).replace(
+                STATE_MOUNT, str(self.state_dir(f"gateway-{node}"))
+            )
+            for a in self.gateway_args
+        ] + list(extra)
         log = self.workdir / f"gateway-{node}.log"
         edge = Edge(host, [KAKUREMICHI, *args], log, {"SSL_CERT_FILE": str(self.ca_file)})
         edge.start()
         return edge
+
+    def state_dir(self, edge: str) -> Path:
+        """The edge's own emptyDir (``--state-dir``)."""
+        return self.workdir / f"{edge}-state"
 
     @property
     def agents(self) -> Objects:
@@ -159,14 +168,16 @@ def credentials_folder(secret: dict[str, str], folder: Path) -> Path:
     return folder
 
 
-def mounted(args: list[str], folder: Path, env: dict[str, str]) -> list[str]:
-    """The container's arguments with the Secret mount point moved to ``folder`` and
-    ``$(VAR)`` references expanded the way the kubelet does."""
+def mounted(args: list[str], mounts: dict[str, Path], env: dict[str, str]) -> list[str]:
+    """The container's arguments with its mount points moved to folders (``mounts``: mount
+    point → folder) and ``$(VAR)`` references expanded the way the kubelet does."""
     out = []
     for arg in args:
         for name, value in env.items():
             arg = arg.replace(f"$({name})", value)
-        out.append(arg.replace(CREDENTIALS_MOUNT, str(folder)))
+        for mount, folder in mounts.items():
+            arg = arg.replace(mount, str(folder))
+        out.append(arg)
     return out
 
 
@@ -268,7 +279,7 @@ def running_world(
         (secret_volume,) = [v for v in pod_spec.volumes if v.secret]
         pool = Secrets(kube, namespace).read(secret_volume.secret.secret_name) or {}
         folder = credentials_folder({"apiKey": pool["apiKey"]}, workdir / "gateway-credentials")
-        made.gateway_args = mounted(container.args, folder, {})
+        made.gateway_args = mounted(container.args, {CREDENTIALS_MOUNT: folder}, {})
         made.gateway = made.start_gateway(gateway_host, node)
 
         # The Agent, and the sidecar the webhook injects into a labelled Pod.
@@ -288,8 +299,10 @@ def running_world(
         (volume,) = [v for v in pod.spec.volumes if v.secret]
         credentials = Secrets(kube, namespace).read(volume.secret.secret_name) or {}
         folder = credentials_folder(credentials, workdir / "agent-credentials")
+        mounts = {CREDENTIALS_MOUNT: folder, STATE_MOUNT: made.state_dir("agent")}
         made.agent = Edge(
-            agent_host, [KAKUREMICHI, *mounted(sidecar.args, folder, {})],
+            agent_host,
+            [KAKUREMICHI, *mounted(sidecar.args, mounts, {})],
             workdir / "agent.log", edge_env,
         )  # fmt: skip
         made.agent.start()

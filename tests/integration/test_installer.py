@@ -86,7 +86,11 @@ def test_one_liner_installs_an_agent_into_a_root_of_its_own(
     assert f"KAKUREMICHI_API_KEY={api_key}" in conf.read_text()
     assert f"KAKUREMICHI_CONTROL_URL={operator.control_url}" in conf.read_text()
     unit = (root / "etc" / "systemd" / "system" / "kakuremichi-agent.service").read_text()
-    assert "ExecStart=/opt/kakuremichi/venv/bin/kakuremichi agent" in unit
+    assert (
+        "ExecStart=/opt/kakuremichi/venv/bin/kakuremichi agent --state-dir /var/lib/kakuremichi"
+        in unit
+    )
+    assert "StateDirectory=kakuremichi\nStateDirectoryMode=0700" in unit
     assert "EnvironmentFile=/etc/kakuremichi/agent.conf" in unit
     installed = root / "opt" / "kakuremichi" / "venv" / "bin" / "kakuremichi"
     assert subprocess.run([str(installed), "--version"], capture_output=True, text=True,

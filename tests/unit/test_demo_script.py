@@ -36,12 +36,14 @@ def test_gateway_daemonset_args_run_with_the_folder_and_the_node_name(tmp_path: 
     )
     pod_spec = daemonset["spec"]["template"]["spec"]
     (container,) = pod_spec["containers"]
-    args = demo.edge_command(container["args"], tmp_path / "creds", {"NODE_NAME": "node-a"})
+    mounts = {"/etc/kakuremichi": tmp_path / "creds", "/var/lib/kakuremichi": tmp_path / "state"}
+    args = demo.edge_command(container["args"], mounts, {"NODE_NAME": "node-a"})
     assert args[0] == "gateway"
     assert args[args.index("--api-key-file") + 1] == str(tmp_path / "creds" / "apiKey")
     assert args[args.index("--node-name") + 1] == "node-a"
     assert args[args.index("--control-url") + 1] == "https://control.example:8443"
-    assert not any("$(" in arg or arg.startswith("/etc/kakuremichi") for arg in args)
+    assert args[args.index("--state-dir") + 1] == str(tmp_path / "state")
+    assert not any("$(" in arg or arg.startswith(tuple(mounts)) for arg in args)
     secret = demo.secret_volume_name(pod_spec, "/etc/kakuremichi", container["name"])
     assert secret == "pool-secret"
 
@@ -52,7 +54,7 @@ def test_sidecar_args_and_its_secret(tmp_path: Path) -> None:
         "containers": [{"name": "web"}, sidecar.container],
         "volumes": sidecar.volumes,
     }
-    args = demo.edge_command(sidecar.container["args"], tmp_path, {})
+    args = demo.edge_command(sidecar.container["args"], {"/etc/kakuremichi": tmp_path}, {})
     assert args[args.index("--private-key-file") + 1] == str(tmp_path / "wireguardPrivateKey")
     name = demo.secret_volume_name(pod_spec, "/etc/kakuremichi", sidecar.container["name"])
     assert name == "agent-creds"
@@ -60,7 +62,7 @@ def test_sidecar_args_and_its_secret(tmp_path: Path) -> None:
 
 def test_only_the_mount_point_itself_is_remapped(tmp_path: Path) -> None:
     args = ["--x", "/etc/kakuremichi-other/file", "/etc/kakuremichi", "a$(MISSING)b"]
-    assert demo.edge_command(args, tmp_path, {}) == [
+    assert demo.edge_command(args, {"/etc/kakuremichi": tmp_path}, {}) == [
         "--x",
         "/etc/kakuremichi-other/file",
         str(tmp_path),

@@ -9,6 +9,7 @@ import pytest
 from kakuremichi.manifests import (
     API_KEY_FILE,
     SIDECAR_NAME,
+    STATE_MOUNT,
     EdgeImage,
     agent_pod_patch,
     agent_sidecar,
@@ -97,11 +98,7 @@ def test_pod_patch_adds_sidecar_and_volumes_once() -> None:
     assert operations[1] == {"op": "add", "path": "/spec/volumes", "value": volumes}
     pod["spec"]["volumes"] = [{"name": "data", "emptyDir": {}}]
     appended = agent_pod_patch(pod, "kakuremichi-agent-home", EDGE)
-    assert [op["path"] for op in appended] == [
-        "/spec/containers/-",
-        "/spec/volumes/-",
-        "/spec/volumes/-",
-    ]
+    assert [op["path"] for op in appended] == ["/spec/containers/-"] + ["/spec/volumes/-"] * 3
     pod["spec"]["containers"].append(appended[0]["value"])
     assert agent_pod_patch(pod, "kakuremichi-agent-home", EDGE) == []
 
@@ -128,3 +125,18 @@ def test_a_webhook_service_reference_names_the_service_and_its_certificate() -> 
     for bad in ("km-webhook:9443", "kakuremichi/km-webhook", "ns/name:port"):
         with pytest.raises(ValueError, match="NAMESPACE/NAME:PORT"):
             ServiceReference.parse(bad)
+
+
+def test_gateways_and_sidecars_keep_their_saved_config_across_container_restarts() -> None:
+    gateway_pod = daemonset()["spec"]["template"]["spec"]
+    sidecar = agent_sidecar("kakuremichi-agent-home", EDGE)
+    for container, volumes in (
+        (gateway_pod["containers"][0], gateway_pod["volumes"]),
+        (sidecar.container, sidecar.volumes),
+    ):
+        args = container["args"]
+        assert args[args.index("--state-dir") + 1] == STATE_MOUNT
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == STATE_MOUNT]
+        assert not mount.get("readOnly")
+        (volume,) = [v for v in volumes if v["name"] == mount["name"]]
+        assert volume["emptyDir"] == {}  # on disk: a node reboot keeps it, the Pod's end does not

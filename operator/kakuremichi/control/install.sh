@@ -107,7 +107,9 @@ After=network-online.target
 
 [Service]
 EnvironmentFile=/etc/kakuremichi/$ROLE.conf
-ExecStart=/opt/kakuremichi/venv/bin/kakuremichi $ROLE
+ExecStart=/opt/kakuremichi/venv/bin/kakuremichi $ROLE --state-dir /var/lib/kakuremichi
+StateDirectory=kakuremichi
+StateDirectoryMode=0700
 Restart=always
 RestartSec=3
 AmbientCapabilities=CAP_NET_ADMIN CAP_NET_BIND_SERVICE

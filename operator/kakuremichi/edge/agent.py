@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 class AgentEdge(EdgeRuntime):
     role = "agent"
     inbound = protocol.agent_inbound
+    config_type = protocol.AgentConfig
 
     def __init__(self, settings: EdgeSettings) -> None:
         super().__init__(settings)

@@ -2,7 +2,8 @@
 beat, report; reconnect with exponential backoff and jitter when the connection drops.
 
 What is being served never depends on this connection: the last applied config keeps serving
-while control is away, and a config equal to the applied one changes nothing.
+while control is away (and, with ``--state-dir``, across a restart), and a config equal to the
+applied one changes nothing.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class ConfigTarget(ABC):
 
     def set_connected(self, connected: bool) -> None:  # noqa: B027 - optional hook
         """Called when the channel comes up or goes down."""
+
+    def credentials_refused(self) -> None:  # noqa: B027 - optional hook
+        """Called when control refuses the key the edge started with (its object is gone)."""
 
 
 def backoff_delay(attempt: int) -> float:
@@ -132,6 +136,7 @@ class ControlClient:
                 self.api_key, self.node_name = self.initial_key, self.settings.node_name
             elif code == protocol.CLOSE_UNAUTHORIZED:
                 log.error("control refused this edge's API key (close code %s)", code)
+                self.edge.credentials_refused()
             elif code is not None:
                 log.warning("control closed the channel (code %s)", code)
 

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 class GatewayEdge(EdgeRuntime):
     role = "gateway"
     inbound = protocol.gateway_inbound
+    config_type = protocol.GatewayConfig
 
     def __init__(self, settings: EdgeSettings) -> None:
         super().__init__(settings)

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from kakuremichi import __version__, protocol
 from kakuremichi.edge.control_client import ApplyError, ConfigTarget, ControlClient
 from kakuremichi.edge.file_limit import raise_file_limit
+from kakuremichi.edge.saved_config import ConfigFile
 from kakuremichi.edge.settings import EdgeSettings, read_private_key
 from kakuremichi.edge.stats import EdgeStats, PeerSample
 from kakuremichi.edge.wireguard import WireGuardError, WireGuardInterface, open_wireguard
@@ -31,9 +32,16 @@ log = logging.getLogger(__name__)
 
 class EdgeRuntime(ConfigTarget):
     role = "edge"
+    config_type: Any
 
     def __init__(self, settings: EdgeSettings) -> None:
         self.settings = settings
+        self.saved_config: ConfigFile[Any] | None = None
+        if settings.state_dir is not None:
+            self.saved_config = ConfigFile(
+                settings.state_dir, self.role, self.config_type, settings.control_url,
+                settings.api_key.get_secret_value(), settings.node_name,
+            )  # fmt: skip
         self.stats = EdgeStats(self.role)
         self.wireguard: WireGuardInterface | None = None
         self.file_private_key = read_private_key(settings.private_key_file)
@@ -80,7 +88,11 @@ class EdgeRuntime(ConfigTarget):
     def set_connected(self, connected: bool) -> None:
         self.stats.control_connected = connected
 
-    async def apply(self, config: Any) -> None:
+    def credentials_refused(self) -> None:
+        if self.saved_config is not None:
+            self.saved_config.forget()
+
+    async def apply(self, config: Any, *, save: bool = True) -> None:
         try:
             await self.apply_config(config)
         except ApplyError as error:
@@ -90,6 +102,29 @@ class EdgeRuntime(ConfigTarget):
         self.error = None
         self.stats.config_version = int(config.version)
         self.stats.config_applied_at = time.time()
+        if save and self.saved_config is not None:
+            try:
+                await asyncio.to_thread(self.saved_config.save, config)
+            except OSError as error:  # serving goes on; only a restart would miss it
+                log.warning("cannot save the config to %s: %s", self.saved_config.path, error)
+
+    async def restore_saved_config(self) -> None:
+        """Serve the config saved by the last run until control sends the current one."""
+        if self.saved_config is None:
+            return
+        saved = await asyncio.to_thread(self.saved_config.load)
+        if saved is None:
+            return
+        log.info(
+            "serving the saved config (version %d, saved %s) from %s until control sends the "
+            "current one",
+            saved.config.version, saved.saved_at.isoformat(timespec="seconds"),
+            self.saved_config.path,
+        )  # fmt: skip
+        try:
+            await self.apply(saved.config, save=False)
+        except ApplyError as error:
+            log.error("the saved config cannot be applied: %s", error)
 
     @abstractmethod
     async def apply_config(self, config: Any) -> None: ...
@@ -218,6 +253,7 @@ class EdgeRuntime(ConfigTarget):
             loop.add_signal_handler(sig, stopping.set)
         try:
             await self.start()
+            await self.restore_saved_config()
             self.tasks.append(asyncio.create_task(self.control.run_forever(), name="control"))
             self.tasks.append(asyncio.create_task(self._supervise_wireguard(), name="wireguard"))
             self.tasks.extend(self.background_tasks())

@@ -28,6 +28,9 @@ class EdgeSettings(BaseModel):
     """The same as PEM text (``KAKUREMICHI_CONTROL_CA``, set by the operator's manifests)."""
     private_key_file: Path | None = None
     """WireGuard private key; without it, the key control sends over TLS or loopback."""
+    state_dir: Path | None = None
+    """Where the last applied config is kept, so that a restart serves it while control is away
+    (None: kept in memory only)."""
     wireguard_interface: str = Field(default="kakuremichi0", max_length=15)
     wireguard_mode: WireGuardChoice = "auto"
     metrics_listen: str | None = None
