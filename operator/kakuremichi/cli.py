@@ -123,6 +123,17 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     if bool(args.control_tls_cert) != bool(args.control_tls_key):
         print("--control-tls-cert and --control-tls-key go together", file=sys.stderr)
         return 2
+    from kakuremichi.control.installer import (
+        EdgeWheelError,
+        check_edge_wheel,
+        default_edge_wheel,
+    )
+
+    try:
+        edge_wheel = check_edge_wheel(args.edge_wheel) if args.edge_wheel else default_edge_wheel()
+    except EdgeWheelError as error:
+        print(f"kakuremichi operator: --edge-wheel {error}", file=sys.stderr)
+        return 2
     first, _, last = args.subnet_pool.partition("-")
     try:
         settings = ControlSettings(
@@ -139,6 +150,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
             system_namespace=args.system_namespace,
             **({"edge_image": args.edge_image} if args.edge_image else {}),
             edge_ca_file=args.edge_ca_file,
+            edge_wheel=edge_wheel,
             control_tls_cert=args.control_tls_cert,
             control_tls_key=args.control_tls_key,
             webhook_listen=args.webhook_listen,
@@ -275,10 +287,11 @@ def _add_edge_parser(commands: Any, role: str, help_text: str, metrics_port: int
         "--private-key-file", type=Path, metavar="PATH",
         help="WireGuard private key (default: the one control sends over TLS or loopback)",
     )  # fmt: skip
+    ca_file = os.environ.get("KAKUREMICHI_CA_FILE")
     edge.add_argument(
-        "--ca-file", type=Path, metavar="PATH",
-        help="CA bundle to trust for an https control URL (besides the system's; "
-        "or the PEM itself in KAKUREMICHI_CONTROL_CA)",
+        "--ca-file", type=Path, metavar="PATH", default=Path(ca_file) if ca_file else None,
+        help="CA bundle to trust for an https control URL (besides the system's; or "
+        "KAKUREMICHI_CA_FILE, or the PEM itself in KAKUREMICHI_CONTROL_CA)",
     )  # fmt: skip
     state_dir = os.environ.get("KAKUREMICHI_STATE_DIR")
     edge.add_argument(
@@ -325,7 +338,7 @@ def _cmd_agent_command(args: argparse.Namespace) -> int:
     from kubernetes import client
 
     from kakuremichi.control.agents import credentials_secret_name
-    from kakuremichi.control.channel import one_liner
+    from kakuremichi.control.installer import one_liner
     from kakuremichi.control.kube import load_api_client
 
     core = client.CoreV1Api(load_api_client())
@@ -439,6 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument(
         "--edge-ca-file", type=Path, metavar="FILE",
         help="CA (PEM) in-cluster edges trust for --control-url (a private CA, e.g. the chart's)",
+    )  # fmt: skip
+    operator.add_argument(
+        "--edge-wheel", type=Path, metavar="FILE",
+        help="the kakuremichi wheel of this release, served to the one-line installer (default: "
+        "the image's own, /usr/share/kakuremichi/kakuremichi-VERSION-py3-none-any.whl)",
     )  # fmt: skip
     operator.add_argument(
         "--heartbeat-timeout", type=float, default=30.0, metavar="SECONDS",

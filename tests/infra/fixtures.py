@@ -149,27 +149,34 @@ def operator_namespace(kube: cluster.Cluster) -> Iterator[str]:
     kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
+def local_operator(
+    kube: cluster.Cluster, namespace: str, workdir: Path, *extra_args: str
+) -> OperatorProcess:
+    """The operator watching ``namespace``, with a small subnet pool (10.1-3.0.0/24), its
+    control channel on loopback; not started yet."""
+    db_path = workdir / "kakuremichi.db"
+    port = ports.free_port()
+    return OperatorProcess(
+        kube=kube,
+        namespace=namespace,
+        db_path=db_path,
+        log_path=workdir / "operator.log",
+        control_url=f"http://127.0.0.1:{port}",
+        args=["--db", f"sqlite:///{db_path}", "--namespace", namespace,
+              "--subnet-pool", "1-3", "--control-listen", f"127.0.0.1:{port}",
+              "--control-url", f"http://127.0.0.1:{port}", "--heartbeat-timeout", "5",
+              "--system-namespace", namespace,
+              "--webhook-listen", f"127.0.0.1:{ports.free_port()}",
+              "--webhook-cert-dir", str(workdir / "webhook"), *extra_args],
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def operator(
     kube: cluster.Cluster, operator_namespace: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    """The operator watching one namespace, with a small subnet pool (10.1-3.0.0/24)."""
-    workdir = tmp_path_factory.mktemp("operator")
-    db_path = workdir / "kakuremichi.db"
-    port = ports.free_port()
-    running = OperatorProcess(
-        kube=kube,
-        namespace=operator_namespace,
-        db_path=db_path,
-        log_path=workdir / "operator.log",
-        control_url=f"http://127.0.0.1:{port}",
-        args=["--db", f"sqlite:///{db_path}", "--namespace", operator_namespace,
-              "--subnet-pool", "1-3", "--control-listen", f"127.0.0.1:{port}",
-              "--control-url", f"http://127.0.0.1:{port}", "--heartbeat-timeout", "5",
-              "--system-namespace", operator_namespace,
-              "--webhook-listen", f"127.0.0.1:{ports.free_port()}",
-              "--webhook-cert-dir", str(workdir / "webhook")],
-    )  # fmt: skip
+    """The operator watching one namespace (:func:`local_operator`)."""
+    running = local_operator(kube, operator_namespace, tmp_path_factory.mktemp("operator"))
     running.start()
     yield running
     running.stop()

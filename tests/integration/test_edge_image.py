@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 
 from kakuremichi import manifests
+from kakuremichi.control.installer import IMAGE_WHEEL_DIR, check_edge_wheel, default_edge_wheel
 from kakuremichi.resources import GatewaySpec
 from tests.infra.binaries import REPO, cache_dir
 
@@ -359,7 +360,9 @@ def test_the_final_stage_runs_the_builders_venv(
     builder, final = _builder_and_final(dockerfile)
     copies = [i.value.split() for i in final.all("COPY")]
     from_builder = [c for c in copies if c[0] == f"--from={builder.name}"]
-    assert from_builder == [[f"--from={builder.name}", VENV, VENV]], "only the venv from builder"
+    assert from_builder[0] == [f"--from={builder.name}", VENV, VENV]
+    wheel = [f"--from={builder.name}", "/wheels/kakuremichi-*.whl", f"{IMAGE_WHEEL_DIR}/"]
+    assert from_builder[1:] == [wheel], "the venv, and the wheel the operator serves"
     env = " ".join(i.value for i in final.all("ENV"))
     assert f"PATH={VENV}/bin:$PATH" in env
     (entrypoint,) = final.all("ENTRYPOINT")
@@ -402,6 +405,17 @@ def test_wireguard_go_is_the_pinned_build(dockerfile: tuple[dict[str, str], list
     assert binary == f"{gobin}/wireguard", "go install names the binary after the module"
     apt = " ".join(i.value for s in all_stages for i in s.all("RUN") if "apt-get" in i.value)
     assert "wireguard-go" not in apt, "not Debian's wireguard-go"
+
+
+def test_the_image_keeps_the_wheel_the_operator_serves(image_venv: ImageVenv) -> None:
+    """The wheel the final stage copies from the builder's wheelhouse is the one the operator
+    looks for by default (its release), so the one-line installer installs the image's code."""
+    (built,) = (image_venv.root / "wheels").glob("kakuremichi-*.whl")
+    kept = image_venv.root / IMAGE_WHEEL_DIR.relative_to("/")
+    kept.mkdir(parents=True)
+    shutil.copy2(built, kept)
+    assert default_edge_wheel(kept) == kept / built.name
+    assert check_edge_wheel(kept / built.name) == kept / built.name
 
 
 def test_version_of_the_installed_package(image_venv: ImageVenv) -> None:

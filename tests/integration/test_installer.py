@@ -8,16 +8,20 @@ import shutil
 import stat
 import subprocess
 import sys
+import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from kakuremichi import __version__
 from kakuremichi.resources import AGENT
 from tests.infra.binaries import REPO
 from tests.infra.cluster import Cluster
-from tests.infra.fixtures import OperatorProcess
+from tests.infra.fixtures import OperatorProcess, local_operator
 from tests.infra.objects import Objects, Secrets
+from tests.infra.tlsgen import TestCA
 
 KAKUREMICHI = str(Path(sys.executable).parent / "kakuremichi")
 
@@ -31,6 +35,19 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     (built,) = out.glob("kakuremichi-*.whl")
     return built
+
+
+@pytest.fixture(scope="module")
+def operator(
+    kube: Cluster, operator_namespace: str, wheel: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    """The operator serving this checkout's wheel to the installer, as the image's serves its
+    own (``--edge-wheel``)."""
+    workdir = tmp_path_factory.mktemp("operator")
+    running = local_operator(kube, operator_namespace, workdir, "--edge-wheel", str(wheel))
+    running.start()
+    yield running
+    running.stop()
 
 
 def served_script(operator: OperatorProcess, role: str = "agent") -> str:
@@ -77,14 +94,24 @@ def test_one_liner_installs_an_agent_into_a_root_of_its_own(
     if shutil.which("shellcheck"):
         subprocess.run(["shellcheck", "-s", "sh", str(script)], check=True)
 
+    # By default the host installs control's own release, fetched from control (here trusting
+    # a private CA as well); a second run, from a wheel given by hand, updates in place.
     root = tmp_path / "root"
-    for _ in range(2):  # a second run updates in place
-        result = run_script(script, f"--api-key={api_key}", f"--prefix={root}", f"--wheel={wheel}")
-        assert result.returncode == 0, result.stderr
+    ca_file = tmp_path / "private-ca.pem"
+    ca_file.write_text(TestCA().pem)
+    first = run_script(script, f"--api-key={api_key}", f"--prefix={root}", f"--ca-file={ca_file}")
+    assert first.returncode == 0, first.stderr
+    assert f"downloading {operator.control_url}/install/{wheel.name}" in first.stdout
     conf = root / "etc" / "kakuremichi" / "agent.conf"
+    assert "KAKUREMICHI_CA_FILE=/etc/kakuremichi/control-ca.pem" in conf.read_text()
+    assert (conf.parent / "control-ca.pem").read_text() == ca_file.read_text()
+    second = run_script(script, f"--api-key={api_key}", f"--prefix={root}", f"--wheel={wheel}")
+    assert second.returncode == 0, second.stderr
+    assert "downloading" not in second.stdout
     assert stat.S_IMODE(conf.stat().st_mode) == 0o600
     assert f"KAKUREMICHI_API_KEY={api_key}" in conf.read_text()
     assert f"KAKUREMICHI_CONTROL_URL={operator.control_url}" in conf.read_text()
+    assert "KAKUREMICHI_CA_FILE" not in conf.read_text()
     unit = (root / "etc" / "systemd" / "system" / "kakuremichi-agent.service").read_text()
     assert (
         "ExecStart=/opt/kakuremichi/venv/bin/kakuremichi agent --state-dir /var/lib/kakuremichi"
@@ -94,8 +121,21 @@ def test_one_liner_installs_an_agent_into_a_root_of_its_own(
     assert "EnvironmentFile=/etc/kakuremichi/agent.conf" in unit
     installed = root / "opt" / "kakuremichi" / "venv" / "bin" / "kakuremichi"
     assert subprocess.run([str(installed), "--version"], capture_output=True, text=True,
-                          check=True).stdout.startswith("kakuremichi ")  # fmt: skip
+                          check=True).stdout.strip() == f"kakuremichi {__version__}"  # fmt: skip
     agents.delete_all()
+
+
+def test_control_serves_its_own_wheel_and_nothing_else(
+    operator: OperatorProcess, wheel: Path
+) -> None:
+    assert f'SERVED_WHEEL="{wheel.name}"' in served_script(operator, "gateway")
+    url = f"{operator.control_url}/install/{wheel.name}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.read() == wheel.read_bytes()
+    for other in ("kakuremichi-0.0.1-py3-none-any.whl", "kakuremichi-..%2F..%2Fetc%2Fpasswd.whl"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{operator.control_url}/install/{other}", timeout=10)
+        assert refused.value.code == 404
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import sqlite3
 import stat
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from kakuremichi.cli import build_parser, main
+from kakuremichi.control.installer import install_script, release_wheel_name
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -131,6 +133,25 @@ def test_operator_refuses_a_bad_webhook_service_or_a_missing_edge_ca(
     assert "--webhook-service: expected NAMESPACE/NAME:PORT" in capsys.readouterr().err
     assert main(["operator", "--edge-ca-file", str(tmp_path / "missing.pem")]) == 2
     assert "--edge-ca-file" in capsys.readouterr().err
+
+
+def test_operator_serves_only_a_wheel_of_its_own_release(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    older = tmp_path / "kakuremichi-0.0.1-py3-none-any.whl"
+    older.write_bytes(b"PK")
+    assert main(["operator", "--edge-wheel", str(older)]) == 2
+    assert f"--edge-wheel {older}: release 0.0.1, but this operator is" in capsys.readouterr().err
+    assert main(["operator", "--edge-wheel", str(tmp_path / "agent.tar.gz")]) == 2
+    assert "not a kakuremichi wheel" in capsys.readouterr().err
+    assert main(["operator", "--edge-wheel", str(tmp_path / release_wheel_name())]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_without_a_served_wheel_the_installer_uses_the_package_index() -> None:
+    script = install_script("agent", "https://control.example.com", None)
+    assert 'SERVED_WHEEL=""' in script
+    assert not re.search(r"@[A-Z_]+@", script), "every placeholder filled in"
 
 
 def test_operator_subnet_third_octets_from_flag_or_environment(

@@ -15,7 +15,6 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import resources
 from typing import Any
 from uuid import UUID
 
@@ -28,6 +27,7 @@ from kakuremichi.addressing import AllocationError
 from kakuremichi.control import gateways, metrics
 from kakuremichi.control.context import Context
 from kakuremichi.control.credentials_secret import PRIVATE_KEY
+from kakuremichi.control.installer import install_script
 from kakuremichi.control.state import EdgeIdentity
 
 AUTH_TIMEOUT_SECONDS = 10.0
@@ -103,14 +103,24 @@ class ControlChannel:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/install/{role:agent|gateway}.sh", self.installer)
+        app.router.add_get(r"/install/{wheel:kakuremichi-[^/]+\.whl}", self.wheel)
         return app
 
     async def installer(self, request: web.Request) -> web.Response:
         """The one-line installer: ``curl -sSL <control>/install/agent.sh | sh -s -- ...``."""
+        settings = self.context.settings
+        wheel = settings.edge_wheel.name if settings.edge_wheel else None
         return web.Response(
-            text=install_script(request.match_info["role"], self.context.settings.control_url),
+            text=install_script(request.match_info["role"], settings.control_url, wheel),
             content_type="text/x-shellscript",
         )
+
+    async def wheel(self, request: web.Request) -> web.StreamResponse:
+        """The operator's own release, which the installer installs by default."""
+        served = self.context.settings.edge_wheel
+        if served is None or request.match_info["wheel"] != served.name:
+            raise web.HTTPNotFound(text="no such wheel here\n")
+        return web.FileResponse(served, headers={"Content-Type": "application/octet-stream"})
 
     async def metrics(self, request: web.Request) -> web.Response:
         for role in ("agent", "gateway"):
@@ -350,19 +360,6 @@ class ControlChannel:
             return None
         data = await self.context.kube.read_secret(*location)
         return (data or {}).get(PRIVATE_KEY)
-
-
-def install_script(role: str, control_url: str) -> str:
-    template = resources.files("kakuremichi.control").joinpath("install.sh").read_text()
-    return template.replace("@ROLE@", role).replace("@CONTROL_URL@", control_url)
-
-
-def one_liner(role: str, control_url: str, api_key: str) -> str:
-    """The command that installs an edge, as the data-model document shows it."""
-    return (
-        f"curl -sSL {control_url}/install/{role}.sh | sh -s -- "
-        f"--api-key={api_key} --control-url={control_url}"
-    )
 
 
 def _is_loopback(remote: str) -> bool:

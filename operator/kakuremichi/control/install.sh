@@ -10,7 +10,10 @@
 # Options:
 #   --api-key=KEY        the @ROLE@'s API key (required)
 #   --control-url=URL    where the control plane is (default: @CONTROL_URL@)
-#   --wheel=PATH|URL     install this wheel instead of the package index's release
+#   --wheel=PATH|URL     install this wheel (default: the control plane's own release when it
+#                        serves one, else the package index's)
+#   --ca-file=PATH       CA bundle to trust for an https control URL signed by a private CA
+#                        (kept as /etc/kakuremichi/control-ca.pem for the service)
 #   --index-url=URL      install from this package index
 #   --package=SPEC       what to install (default: kakuremichi)
 #   --prefix=DIR         install below DIR instead of / (no root or systemd needed; nothing started)
@@ -21,6 +24,8 @@ ROLE="@ROLE@"
 CONTROL_URL="@CONTROL_URL@"
 API_KEY=""
 WHEEL=""
+SERVED_WHEEL="@SERVED_WHEEL@"
+CA_FILE=""
 INDEX_URL=""
 PACKAGE="kakuremichi"
 PREFIX=""
@@ -36,12 +41,13 @@ for arg in "$@"; do
     --api-key=*) API_KEY="${arg#*=}" ;;
     --control-url=*) CONTROL_URL="${arg#*=}" ;;
     --wheel=*) WHEEL="${arg#*=}" ;;
+    --ca-file=*) CA_FILE="${arg#*=}" ;;
     --index-url=*) INDEX_URL="${arg#*=}" ;;
     --package=*) PACKAGE="${arg#*=}" ;;
     --prefix=*) PREFIX="${arg#*=}" ;;
     --no-start) START=0 ;;
     -h | --help)
-      sed -n '2,20s/^# \{0,1\}//p' "$0" 2>/dev/null || true
+      sed -n '2,23s/^# \{0,1\}//p' "$0" 2>/dev/null || true
       exit 0
       ;;
     *) fail "unknown option: $arg (see --help)" ;;
@@ -57,6 +63,7 @@ case "$CONTROL_URL" in
   http://* | https://*) ;;
   *) fail "--control-url must be an http:// or https:// URL, got '$CONTROL_URL'" ;;
 esac
+[ -z "$CA_FILE" ] || [ -r "$CA_FILE" ] || fail "--ca-file=$CA_FILE: no such readable file"
 
 if [ -n "$PREFIX" ]; then
   START=0
@@ -77,6 +84,22 @@ CONF_DIR="$PREFIX/etc/kakuremichi"
 CONF="$CONF_DIR/$ROLE.conf"
 UNIT="$PREFIX/etc/systemd/system/kakuremichi-$ROLE.service"
 
+if [ -z "$WHEEL" ] && [ -z "$INDEX_URL" ] && [ "$PACKAGE" = kakuremichi ] && [ -n "$SERVED_WHEEL" ]; then
+  # The control plane's own release, so the edge speaks its protocol. Python fetches it (it is
+  # needed anyway), trusting --ca-file too: pip would trust only its own CA bundle.
+  DOWNLOAD=$(mktemp -d "${TMPDIR:-/tmp}/kakuremichi-install.XXXXXX") || fail "cannot make a temporary folder"
+  trap 'rm -rf "$DOWNLOAD"' EXIT
+  WHEEL="$DOWNLOAD/$SERVED_WHEEL"
+  echo "kakuremichi installer: downloading $CONTROL_URL/install/$SERVED_WHEEL"
+  "$PYTHON" -c '
+import ssl, sys, urllib.request
+url, out, ca = sys.argv[1:]
+tls = ssl.create_default_context(cafile=ca or None)
+with urllib.request.urlopen(url, context=tls, timeout=300) as got, open(out, "wb") as wheel:
+    wheel.write(got.read())
+' "$CONTROL_URL/install/$SERVED_WHEEL" "$WHEEL" "$CA_FILE" || fail "cannot download the wheel from $CONTROL_URL (for a private CA, add --ca-file=PATH)"
+fi
+
 echo "kakuremichi installer: installing the $ROLE into $APP"
 [ -x "$APP/venv/bin/python" ] || "$PYTHON" -m venv "$APP/venv" || fail "cannot create a virtualenv in $APP/venv"
 set -- --quiet --upgrade
@@ -93,6 +116,10 @@ cat >"$tmp" <<EOF
 KAKUREMICHI_API_KEY=$API_KEY
 KAKUREMICHI_CONTROL_URL=$CONTROL_URL
 EOF
+if [ -n "$CA_FILE" ]; then
+  cp "$CA_FILE" "$CONF_DIR/control-ca.pem" || fail "cannot copy $CA_FILE"
+  echo "KAKUREMICHI_CA_FILE=/etc/kakuremichi/control-ca.pem" >>"$tmp"
+fi
 chmod 600 "$tmp"
 mv -f "$tmp" "$CONF"
 

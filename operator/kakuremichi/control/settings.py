@@ -39,6 +39,9 @@ class ControlSettings(BaseModel):
     """CA bundle (PEM) that in-cluster edges trust for ``control_url``: put into the gateway
     DaemonSets and agent sidecars as ``KAKUREMICHI_CONTROL_CA`` (a CA is public; this spares
     copying a Secret into every namespace)."""
+    edge_wheel: Path | None = None
+    """The kakuremichi wheel of this release, served to the one-line installer at
+    ``/install/<wheel name>`` (None: hosts install from the package index)."""
     edge_image: str = f"kakuremichi/edge:{__version__}"
     """Image of the gateway DaemonSets and agent sidecars."""
     system_namespace: str = "default"
