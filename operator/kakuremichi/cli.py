@@ -333,28 +333,54 @@ def _add_edge_parser(commands: Any, role: str, help_text: str, metrics_port: int
     edge.set_defaults(handler=_cmd_edge)
 
 
-def _cmd_agent_command(args: argparse.Namespace) -> int:
-    """Print the one-liner that installs an Agent on a host outside the cluster."""
+def _cmd_install_command(args: argparse.Namespace) -> int:
+    """Print the one-liner that installs an Agent, or an External Gateway, on a host outside
+    the cluster."""
     from kubernetes import client
 
-    from kakuremichi.control.agents import credentials_secret_name
+    from kakuremichi.control import agents, gateways
     from kakuremichi.control.installer import one_liner
     from kakuremichi.control.kube import load_api_client
+    from kakuremichi.resources import GATEWAY, GROUP, VERSION
 
-    core = client.CoreV1Api(load_api_client())
+    api = load_api_client()
+    role: str = args.role
+    if role == "agent":
+        what, namespace = f"Agent {args.namespace}/{args.name}", args.namespace
+        secret_name = agents.credentials_secret_name(args.name)
+    else:
+        what, namespace = f"Gateway {args.name}", args.system_namespace
+        secret_name = gateways.credentials_secret_name(args.name)
+        try:
+            gateway: Any = client.CustomObjectsApi(api).get_cluster_custom_object(
+                GROUP, VERSION, GATEWAY.plural, args.name
+            )
+        except client.exceptions.ApiException as error:
+            if error.status != 404:
+                raise
+            print(f"{what} does not exist", file=sys.stderr)
+            return 1
+        mode = (gateway.get("spec") or {}).get("mode")
+        if mode != "External":
+            print(
+                f"{what} is {mode}: the operator runs its pods (a DaemonSet); the one-liner is "
+                "for External gateways",
+                file=sys.stderr,
+            )
+            return 1
     try:
-        secret = core.read_namespaced_secret(credentials_secret_name(args.name), args.namespace)
+        secret = client.CoreV1Api(api).read_namespaced_secret(secret_name, namespace)
     except client.exceptions.ApiException as error:
         if error.status != 404:
             raise
         print(
-            f"Agent {args.namespace}/{args.name} has no credentials yet: does it exist, "
+            f"{what} has no credentials yet (Secret {namespace}/{secret_name}): does it exist, "
             "and is the operator running?",
             file=sys.stderr,
         )
         return 1
     api_key = base64.b64decode((secret.data or {})["apiKey"]).decode()
-    print(one_liner("agent", args.control_url.rstrip("/"), api_key))
+    print(one_liner(role, args.control_url.rstrip("/"), api_key, args.ca_file))
     return 0
 
 
@@ -493,17 +519,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_edge_parser(commands, "agent", "run an agent: relay tunnels to their targets", 9471)
 
-    agent_command = commands.add_parser(
-        "agent-command", help="print the one-line installer command for an Agent"
-    )
-    agent_command.add_argument("name", help="the Agent's name")
-    agent_command.add_argument("-n", "--namespace", default="default")
-    agent_command.add_argument(
-        "--control-url", default=os.environ.get("KAKUREMICHI_CONTROL_URL"), required=
-        not os.environ.get("KAKUREMICHI_CONTROL_URL"),
-        help="the control plane's public URL (or KAKUREMICHI_CONTROL_URL)",
-    )  # fmt: skip
-    agent_command.set_defaults(handler=_cmd_agent_command)
+    for role, kind in (("agent", "an Agent"), ("gateway", "an External Gateway")):
+        install = commands.add_parser(
+            f"{role}-command", help=f"print the one-line installer command for {kind}"
+        )
+        install.add_argument("name", help=f"the {role.capitalize()}'s name")
+        if role == "agent":
+            install.add_argument("-n", "--namespace", default="default")
+        else:
+            install.add_argument(
+                "--system-namespace", metavar="NS",
+                default=os.environ.get("KAKUREMICHI_SYSTEM_NAMESPACE")
+                or os.environ.get("POD_NAMESPACE", "kakuremichi"),
+                help="where the operator keeps Gateway credentials: the chart's namespace "
+                "(KAKUREMICHI_SYSTEM_NAMESPACE, else the operator pod's, else kakuremichi)",
+            )  # fmt: skip
+        install.add_argument(
+            "--control-url", default=os.environ.get("KAKUREMICHI_CONTROL_URL"), required=
+            not os.environ.get("KAKUREMICHI_CONTROL_URL"),
+            help="the control plane's public URL (or KAKUREMICHI_CONTROL_URL)",
+        )  # fmt: skip
+        install.add_argument(
+            "--ca-file", metavar="PATH",
+            help="the CA of a control URL signed by a private CA, as a path on the host: curl "
+            "and the installer trust it, the service keeps a copy",
+        )  # fmt: skip
+        install.set_defaults(handler=_cmd_install_command, role=role)
 
     validate = commands.add_parser(
         "validate", help="check Agent/Gateway/Tunnel/Certificate manifests offline"

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from kakuremichi import __version__
-from kakuremichi.resources import AGENT
+from kakuremichi.resources import AGENT, GATEWAY
 from tests.infra.binaries import REPO
-from tests.infra.cluster import Cluster
+from tests.infra.cluster import Cluster, unique_name
 from tests.infra.fixtures import OperatorProcess, local_operator
 from tests.infra.objects import Objects, Secrets
 from tests.infra.tlsgen import TestCA
@@ -123,6 +123,40 @@ def test_one_liner_installs_an_agent_into_a_root_of_its_own(
     assert subprocess.run([str(installed), "--version"], capture_output=True, text=True,
                           check=True).stdout.strip() == f"kakuremichi {__version__}"  # fmt: skip
     agents.delete_all()
+
+
+def install_command(kube: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [KAKUREMICHI, *args], capture_output=True, text=True, check=False, timeout=60,
+        env={**os.environ, "KUBECONFIG": str(kube.kubeconfig)},
+    )  # fmt: skip
+
+
+def test_gateway_command_prints_the_one_liner_of_an_external_gateway_only(
+    kube: Cluster, operator: OperatorProcess
+) -> None:
+    gateways = Objects(kube, operator.namespace, GATEWAY)
+    external, pool = unique_name("kmout"), unique_name("kmpool")
+    url, system = operator.control_url, ("--system-namespace", operator.namespace)
+    try:
+        gateways.create(external, {"mode": "External", "publicIP": "203.0.113.77"})
+        status = gateways.ready(external)
+        secret = Secrets(kube, operator.namespace).read(status["credentialsSecret"]) or {}
+        done = install_command(kube, "gateway-command", external, *system, "--control-url", url,
+                               "--ca-file", "/etc/ssl/my ca.pem")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == (
+            f"curl -sSL --cacert '/etc/ssl/my ca.pem' {url}/install/gateway.sh | sh -s -- "
+            f"--api-key={secret['apiKey']} --control-url={url} --ca-file='/etc/ssl/my ca.pem'"
+        )
+        gateways.create(pool, {"mode": "InCluster"})
+        refused = install_command(kube, "gateway-command", pool, *system, "--control-url", url)
+        assert refused.returncode == 1
+        assert f"Gateway {pool} is InCluster" in refused.stderr and "gtw_" not in refused.stdout
+        missing = install_command(kube, "gateway-command", "nope", *system, "--control-url", url)
+        assert (missing.returncode, missing.stderr.strip()) == (1, "Gateway nope does not exist")
+    finally:
+        gateways.delete_all()
 
 
 def test_control_serves_its_own_wheel_and_nothing_else(

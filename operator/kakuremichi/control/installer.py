@@ -7,6 +7,7 @@ without a package index that has it.
 from __future__ import annotations
 
 import re
+import shlex
 from importlib import resources
 from pathlib import Path
 
@@ -57,9 +58,16 @@ def install_script(role: str, control_url: str, served_wheel: str | None) -> str
     )
 
 
-def one_liner(role: str, control_url: str, api_key: str) -> str:
-    """The command that installs an edge, as the data-model document shows it."""
+def one_liner(role: str, control_url: str, api_key: str, ca_file: str | None = None) -> str:
+    """The command that installs an edge, as the data-model document shows it (with
+    ``ca_file``, a path on the host, for a control URL signed by a private CA)."""
+    if ca_file is None:
+        return (
+            f"curl -sSL {control_url}{ROUTE_PREFIX}{role}.sh | sh -s -- "
+            f"--api-key={api_key} --control-url={control_url}"
+        )
+    ca = shlex.quote(ca_file)
     return (
-        f"curl -sSL {control_url}{ROUTE_PREFIX}{role}.sh | sh -s -- "
-        f"--api-key={api_key} --control-url={control_url}"
+        f"curl -sSL --cacert {ca} {control_url}{ROUTE_PREFIX}{role}.sh | sh -s -- "
+        f"--api-key={api_key} --control-url={control_url} --ca-file={ca}"
     )
