@@ -82,6 +82,8 @@ class Route:
     target: str
     enabled: bool
     claim: Claim
+    h2c: bool = False
+    """The target speaks HTTP/2 without TLS (the Tunnel's appProtocol H2C)."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,7 @@ class Topology:
                 agent_virtual_ip=self.agents[route.agent_id].virtual_ip,
                 target=route.target,
                 enabled=route.enabled,
+                app_protocol="H2C" if route.h2c else None,
             )
             for route in self._served
         )

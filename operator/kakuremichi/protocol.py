@@ -17,7 +17,7 @@ from uuid import UUID
 from pydantic import Field, TypeAdapter
 
 from kakuremichi.fields import CamelModel, DomainName, PublicIPv4, TargetAddress
-from kakuremichi.resources import EdgeClient
+from kakuremichi.resources import AppProtocol, EdgeClient
 
 # A first frame larger than this is refused before it is parsed.
 MAX_AUTH_FRAME_BYTES = 4096
@@ -181,6 +181,8 @@ class GatewayTunnel(CamelModel):
     agent_virtual_ip: IPv4Text
     target: TargetAddress
     enabled: bool = True
+    app_protocol: AppProtocol | None = None
+    """None: HTTP1 (left out of the message, as older gateways expect)."""
 
 
 class CertificateBundle(CamelModel):

@@ -288,6 +288,8 @@ class GatewayStatus(EdgeStatus):
 # --- Certificates and Tunnels ------------------------------------------------------------------
 
 Issuer = Literal["ACME", "Secret"]
+AppProtocol = Literal["HTTP1", "H2C"]
+"""What a tunnel's target speaks: HTTP/1.1, or HTTP/2 without TLS (h2c, e.g. gRPC)."""
 """ACME: the operator obtains and renews the certificate and writes it to the Secret.
 Secret: the user maintains a kubernetes.io/tls Secret; the operator reads and validates it."""
 
@@ -324,6 +326,11 @@ class TunnelSpec(CamelModel):
     """Name of the Agent (same namespace) that reaches the target."""
     target: TargetAddress
     """host:port the agent forwards to, e.g. localhost:8080."""
+    app_protocol: AppProtocol = "HTTP1"
+    """What the target speaks. HTTP1 (default): HTTP/1.1; the gateway reads each request and
+    adds X-Forwarded-For/-Proto/-Host. H2C: HTTP/2 without TLS, as gRPC servers speak it;
+    clients must negotiate HTTP/2 (ALPN h2) and their connection is passed to the target as it
+    is, without X-Forwarded-* headers."""
     enabled: bool = True
     """When false the tunnel is kept but not routed."""
     description: Annotated[str, Field(max_length=1024)] | None = None

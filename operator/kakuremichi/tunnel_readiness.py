@@ -33,6 +33,7 @@ class TunnelFacts:
     certificate: str
     """Name of the Certificate resource that serves it (same namespace)."""
     description: str | None = None
+    app_protocol: str = "HTTP1"
 
     @property
     def claim(self) -> Claim:
@@ -107,7 +108,14 @@ def routes(
     keeps only the claim that holds each domain)."""
     by_name = agents_by_name(agents)
     return tuple(
-        Route(t.domain, by_name[(t.namespace, t.agent)].id, t.target, t.enabled, t.claim)
+        Route(
+            t.domain,
+            by_name[(t.namespace, t.agent)].id,
+            t.target,
+            t.enabled,
+            t.claim,
+            h2c=t.app_protocol == "H2C",
+        )
         for t in tunnels.values()
         if (t.namespace, t.agent) in by_name
     )

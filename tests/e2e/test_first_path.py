@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +34,8 @@ from tests.e2e.world import (
 from tests.infra import netns
 from tests.infra.cluster import Cluster
 from tests.infra.polling import wait_until
+
+GRPC_ORIGIN = str(Path(__file__).with_name("grpc_origin.py"))
 
 
 @pytest.fixture(scope="module")
@@ -332,6 +335,52 @@ def test_https_workers_serve_every_change_and_a_dead_one_is_replaced(world: Worl
         assert "HTTPS worker 1 exited" in world.gateway.log.read_text(errors="replace")
     finally:
         world.tunnels.delete("workers")
+
+
+GRPC_CLIENT = """
+import grpc, sys
+target, name, ca = sys.argv[1:4]
+credentials = grpc.ssl_channel_credentials(open(ca, "rb").read())
+options = (("grpc.ssl_target_name_override", name), ("grpc.default_authority", name))
+with grpc.secure_channel(target, credentials, options=options) as channel:
+    print(channel.unary_unary("/kakuremichi.test.Echo/Say")(b"hello", timeout=10).decode())
+    call = channel.unary_stream("/kakuremichi.test.Echo/Count")(b"3", timeout=10)
+    print(",".join(message.decode() for message in call))
+    print(dict(call.trailing_metadata())["x-counted"])
+"""
+
+
+def test_grpc_reaches_an_h2c_service_with_its_trailers(world: World) -> None:
+    """A Tunnel with appProtocol H2C publishes a gRPC service (HTTP/2 without TLS behind the
+    agent): a gRPC client over TLS gets its unary answer, its stream and the trailers that end
+    it; a client without HTTP/2 is told to use it."""
+    grpc_server = world.agent_host.spawn(
+        [sys.executable, GRPC_ORIGIN, "127.0.0.1", "50051"], log=world.workdir / "grpc.log"
+    )
+    domain = f"grpc.{world.domain}"
+    world.create_tunnel("grpc", domain, target="localhost:50051", appProtocol="H2C")
+    try:
+        world.tunnels.ready("grpc")
+        gateway_ip = world.client_host.exec("getent", "hosts", world.domain).split()[0]
+
+        def call() -> str:
+            done = subprocess.run(
+                world.client_host.command(sys.executable, "-c", GRPC_CLIENT, f"{gateway_ip}:443",
+                                          domain, str(world.ca_file)),
+                capture_output=True, text=True, check=False, timeout=60,
+            )  # fmt: skip
+            return done.stdout
+
+        assert wait_until(call, "a gRPC call through the tunnel", timeout=30).splitlines() == [
+            "echo: hello", "0,1,2", "3",
+        ]  # fmt: skip
+        http1 = world.curl("--http1.1", "-w", "\n%{http_code}", "--resolve",
+                           f"{domain}:443:{gateway_ip}", f"https://{domain}/")  # fmt: skip
+        assert http1.stdout.endswith("\n505") and "HTTP/2" in http1.stdout
+    finally:
+        world.tunnels.delete("grpc")
+        grpc_server.kill()
+        grpc_server.wait(timeout=10)
 
 
 def test_deleted_tunnel_name_is_refused_at_the_handshake(world: World) -> None:

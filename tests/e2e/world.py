@@ -116,16 +116,17 @@ class World:
     def tunnels(self) -> Objects:
         return Objects(self.kube, self.namespace, TUNNEL)
 
-    def create_tunnel(self, name: str, domain: str) -> None:
-        """A Tunnel to the origin beside agent ``web``, its certificate in Secret
-        ``<name>-tls`` signed by the test CA."""
+    def create_tunnel(self, name: str, domain: str, **spec: str) -> None:
+        """A Tunnel to the origin beside agent ``web`` (or to ``spec``'s target), its
+        certificate in Secret ``<name>-tls`` signed by the test CA."""
         issued = self.ca.issue(domain)
         Secrets(self.kube, self.namespace).put_tls(
             f"{name}-tls", issued.certificate_pem, issued.private_key_pem
         )
         tls = {"issuer": "Secret", "secretName": f"{name}-tls"}
         self.tunnels.create(
-            name, {"domain": domain, "agent": "web", "target": "localhost:8080", "tls": tls}
+            name,
+            {"domain": domain, "agent": "web", "target": "localhost:8080", "tls": tls, **spec},
         )
 
     def curl(self, *args: str, host: str | None = None) -> subprocess.CompletedProcess[str]:

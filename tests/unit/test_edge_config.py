@@ -19,7 +19,7 @@ from kakuremichi.edge_config import (
     gateway_config,
     gateway_inputs,
 )
-from kakuremichi.protocol import CertificateBundle
+from kakuremichi.protocol import CertificateBundle, GatewayConfigMessage
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -37,7 +37,7 @@ OSAKA = GatewayNode(uuid.uuid4(), "osaka", 2, "203.0.113.2", key(), wireguard_po
 def route(domain: str, agent: AgentNode, minutes: int = 0, name: str = "t", **kw: object) -> Route:
     claim = Claim(T0 + timedelta(minutes=minutes), agent.namespace, name)
     return Route(domain, agent.id, str(kw.get("target", "localhost:8080")),
-                 bool(kw.get("enabled", True)), claim)  # fmt: skip
+                 bool(kw.get("enabled", True)), claim, bool(kw.get("h2c", False)))  # fmt: skip
 
 
 def topology(*routes: Route) -> Topology:
@@ -171,3 +171,14 @@ def test_configs_rendered_from_shared_parts_stay_apart() -> None:
     assert [g.address for g in home.gateways] == ["10.1.0.1", "10.1.0.2"]
     assert [g.address for g in office.gateways] == ["10.2.0.1", "10.2.0.2"]
     assert agent_config(world, HOME.id, 1) == home
+
+
+def test_gateways_learn_which_targets_speak_h2c_and_older_messages_stay_as_they_were() -> None:
+    config = gateway_config(
+        topology(route("app.example.com", HOME), route("grpc.example.com", HOME, h2c=True)),
+        TOKYO.id, 1,
+    )  # fmt: skip
+    protocols = {t.domain: t.app_protocol for t in config.tunnels}
+    assert protocols == {"app.example.com": None, "grpc.example.com": "H2C"}
+    encoded = GatewayConfigMessage(data=config).model_dump_json(by_alias=True, exclude_none=True)
+    assert encoded.count('"appProtocol"') == 1

@@ -268,3 +268,85 @@ def test_unknown_names_and_silent_clients_get_no_tls_session(
             writer.close()
 
     run(scenario)
+
+
+H2C_DOMAIN = "grpc.example.com"
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def test_an_h2c_tunnel_passes_http2_clients_through_and_answers_others_505() -> None:
+    """A target that speaks h2c (gRPC): TLS offers h2; an HTTP/2 client's bytes reach the
+    target untouched from the preface on, and the target's bytes come back; a client without
+    HTTP/2 gets 505 over HTTP/1.1; the HTTP/1.1 tunnel beside it still negotiates http/1.1."""
+
+    async def scenario() -> None:
+        received = bytearray()
+
+        async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while chunk := await reader.read(65536):
+                received.extend(chunk)
+                writer.write(b"from-target:" + chunk)
+                await writer.drain()
+            writer.close()
+
+        target_server = await asyncio.start_server(target, "127.0.0.1", 0)
+        target_port = target_server.sockets[0].getsockname()[1]
+        ca = TestCA()
+        bundles = [
+            CertificateBundle(domain=name, certificate=issued.certificate_pem,
+                              private_key=issued.private_key_pem)
+            for name, issued in ((n, ca.issue(n)) for n in (H2C_DOMAIN, DOMAIN))
+        ]  # fmt: skip
+        stats = EdgeStats("gateway")
+        relay = AgentRelay(EdgeStats("agent"))
+        relay.set_targets({H2C_DOMAIN: f"localhost:{target_port}", DOMAIN: "localhost:1"})
+        relay_port = free_port()
+        loop = asyncio.get_running_loop()
+        relay_server = await loop.create_server(relay.protocol, "127.0.0.1", relay_port)
+        proxy = HttpsProxy(stats, relay_port=relay_port)
+        proxy.set_routes({H2C_DOMAIN: Route(H2C_DOMAIN, "127.0.0.1", h2c=True),
+                          DOMAIN: Route(DOMAIN, "127.0.0.1")})  # fmt: skip
+        sni = SniContexts()
+        sni.install(sni.prepare(bundles, h2_domains={H2C_DOMAIN}))
+        https_port = free_port()
+        server = await serve(proxy, sni.front, "127.0.0.1", https_port)
+
+        async def connect(
+            name: str, alpn: list[str]
+        ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str | None]:
+            client_tls = ssl.create_default_context(cadata=ca.pem)
+            client_tls.set_alpn_protocols(alpn)
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", https_port, ssl=client_tls, server_hostname=name
+            )
+            return reader, writer, writer.get_extra_info("ssl_object").selected_alpn_protocol()
+
+        try:
+            reader, writer, chosen = await connect(H2C_DOMAIN, ["h2", "http/1.1"])
+            assert chosen == "h2"
+            frames = H2_PREFACE + bytes(range(256)) * 64  # not HTTP/1.1 in any way
+            writer.write(frames)
+            await writer.drain()
+            echoed = await asyncio.wait_for(reader.readexactly(len(frames) + 12), 10)
+            assert echoed.startswith(b"from-target:")
+            assert bytes(received[: len(frames)]) == frames  # untouched, no headers added
+            writer.close()
+
+            reader, writer, chosen = await connect(H2C_DOMAIN, ["http/1.1"])
+            assert chosen is None
+            writer.write(request("/", host=H2C_DOMAIN))
+            status, _, body = await read_response(reader)
+            assert status == 505 and b"HTTP/2" in body
+            writer.close()
+
+            _, writer, chosen = await connect(DOMAIN, ["h2", "http/1.1"])
+            assert chosen == "http/1.1"
+            writer.close()
+        finally:
+            server.close()
+            proxy.close_all()
+            relay.close_all()
+            relay_server.close()
+            target_server.close()
+
+    asyncio.run(scenario())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -70,3 +71,10 @@ def test_disabled_tunnel_is_not_ready_but_still_routed_as_disabled() -> None:
 def test_routes_skip_tunnels_of_missing_agents() -> None:
     ghost = tunnel("ghost", agent="ghost")
     assert routes({ghost.id: ghost}, {HOME.id: HOME}) == ()
+
+
+def test_an_h2c_tunnel_routes_as_h2c() -> None:
+    grpc = dataclasses.replace(tunnel("grpc"), app_protocol="H2C")
+    plain = tunnel("web", domain="web.example.com")
+    found = {r.domain: r.h2c for r in routes({grpc.id: grpc, plain.id: plain}, {HOME.id: HOME})}
+    assert found == {"app.example.com": True, "web.example.com": False}

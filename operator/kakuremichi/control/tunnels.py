@@ -92,6 +92,7 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
             generation=int(meta.get("generation") or 0),
             certificate=name,
             description=spec.description,
+            app_protocol=spec.app_protocol,
         )
     )
     # No status here: the projector writes url and certificate with the Ready condition, in one

@@ -19,7 +19,7 @@ from kakuremichi import protocol
 from kakuremichi.edge.control_client import ApplyError
 from kakuremichi.edge.http_port import PlainHttp
 from kakuremichi.edge.https_proxy import HttpsProxy, Route, serve
-from kakuremichi.edge.https_workers import HttpsWorkers, WorkerFailed, WorkerRoute
+from kakuremichi.edge.https_workers import HttpsWorkers, WorkerFailed, WorkerRoute, h2c_domains
 from kakuremichi.edge.runtime import EdgeRuntime
 from kakuremichi.edge.settings import EdgeSettings
 from kakuremichi.edge.sni import CertificateError, SniContexts
@@ -52,8 +52,11 @@ class GatewayEdge(EdgeRuntime):
         assert isinstance(config, protocol.GatewayConfig)
         settings = self.settings
         key = self.private_key(config.gateway.wireguard_private_key)
+        routes = [WorkerRoute(domain=t.domain, agent_ip=t.agent_virtual_ip, enabled=t.enabled,
+                              h2c=t.app_protocol == "H2C")
+                  for t in config.tunnels]  # fmt: skip
         try:
-            certificates = self.sni.prepare(config.certificates)
+            certificates = self.sni.prepare(config.certificates, h2c_domains(routes))
         except CertificateError as error:
             raise ApplyError(str(error)) from None
         plan = gateway_plan(config, key)
@@ -61,9 +64,9 @@ class GatewayEdge(EdgeRuntime):
             plan = dataclasses.replace(plan, listen_port=settings.wireguard_port)
         await self.apply_wireguard(plan)
         self.sni.install(certificates)
-        routes = [WorkerRoute(domain=t.domain, agent_ip=t.agent_virtual_ip, enabled=t.enabled)
-                  for t in config.tunnels]  # fmt: skip
-        self.proxy.set_routes({r.domain: Route(r.domain, r.agent_ip, r.enabled) for r in routes})
+        self.proxy.set_routes(
+            {r.domain: Route(r.domain, r.agent_ip, r.enabled, r.h2c) for r in routes}
+        )
         self.plain.set_challenges(config.acme_challenges)
         self.stats.tunnels = sum(1 for t in config.tunnels if t.enabled)
         try:

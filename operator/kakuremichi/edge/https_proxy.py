@@ -9,6 +9,11 @@ passed on as they arrive. Responses are passed through untouched: the response p
 watches them, to count status codes and to know when an upstream stream is idle again. After
 an ``Upgrade`` (WebSocket) both directions are spliced raw. Backpressure is end to end: a slow
 reader pauses the other side.
+
+Tunnels whose target speaks h2c (HTTP/2 without TLS, e.g. gRPC) are different: their TLS offers
+only ``h2``, and a client that negotiates it has its decrypted connection spliced raw to a
+stream of its own from the first byte (HTTP/2's preface and frames pass untouched, trailers
+included; no X-Forwarded-* headers). A client there without HTTP/2 is answered 505.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ class Route:
     domain: str
     agent_ip: str
     enabled: bool = True
+    h2c: bool = False
+    """The target speaks HTTP/2 without TLS: HTTP/2 clients are passed through."""
 
 
 @dataclass(slots=True)
@@ -198,6 +205,19 @@ class ClientConnection(asyncio.Protocol):
         self.stats.connections_total += 1
         self.stats.active_connections += 1
         self.proxy.clients.add(self)
+        if tls is not None and tls.selected_alpn_protocol() == "h2":
+            self._pass_through()
+
+    def _pass_through(self) -> None:
+        """An HTTP/2 client of an h2c tunnel: every byte both ways, on a stream of its own."""
+        route = self.proxy.routes.get(self.domain)
+        if route is None or not route.enabled or not route.h2c:
+            self.close()  # the tunnel changed during the handshake
+            return
+        self.raw = True
+        upstream = self.upstream = Upstream(self.proxy, (route.agent_ip, route.domain), self)
+        upstream.untracked, upstream.reusable = True, False
+        self.proxy.dialer.open_stream(route.agent_ip, route.domain, upstream)
 
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
@@ -288,6 +308,10 @@ class ClientConnection(asyncio.Protocol):
             return
         if name != self.domain:
             self.fail(421, f"This connection is for {self.domain}, not {name}.")
+            return
+        if route.h2c:
+            self.fail(505, f"{name} is served over HTTP/2 only (its service speaks h2c, e.g. "
+                           "gRPC): use an HTTP/2 client.")  # fmt: skip
             return
         self.keep_alive = parser.should_keep_alive()
         upstream = self.upstream

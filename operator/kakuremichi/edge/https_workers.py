@@ -53,6 +53,12 @@ class WorkerRoute(BaseModel):
     domain: str
     agent_ip: str
     enabled: bool = True
+    h2c: bool = False
+
+
+def h2c_domains(routes: Sequence[WorkerRoute]) -> set[str]:
+    """The domains whose targets speak h2c: their TLS offers HTTP/2."""
+    return {r.domain.lower() for r in routes if r.h2c}
 
 
 class WorkerConfig(BaseModel):
@@ -311,13 +317,13 @@ class _WorkerProcess:
 
     def apply(self, config: WorkerConfig) -> None:
         try:
-            prepared = self.sni.prepare(config.certificates)
+            prepared = self.sni.prepare(config.certificates, h2c_domains(config.routes))
         except CertificateError as error:
             self.report(WorkerReport(error=str(error)))
             return
         self.sni.install(prepared)
         self.proxy.set_routes(
-            {r.domain: Route(r.domain, r.agent_ip, r.enabled) for r in config.routes}
+            {r.domain: Route(r.domain, r.agent_ip, r.enabled, r.h2c) for r in config.routes}
         )
         self.report(WorkerReport(applied=config.sequence))
 

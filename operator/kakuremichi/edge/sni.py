@@ -1,8 +1,12 @@
 """TLS server contexts chosen by SNI from the certificates control pushed.
 
 A name with no certificate gets a handshake failure (``unrecognized_name``), never another
-domain's certificate. Contexts are rebuilt only for certificates whose PEM changed, so a push
-that repeats them costs nothing and open connections keep what they negotiated.
+domain's certificate. Contexts are rebuilt only for certificates whose PEM (or protocol) changed,
+so a push that repeats them costs nothing and open connections keep what they negotiated.
+
+ALPN is per domain: ``http/1.1`` for tunnels whose target speaks HTTP/1.1, ``h2`` for those
+whose target speaks h2c (the connection is then passed through; a client that does not offer
+``h2`` negotiates nothing and is answered 505 over HTTP/1.1).
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ import hashlib
 import os
 import ssl
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 from kakuremichi.protocol import CertificateBundle
 
 ALPN = ["http/1.1"]
+ALPN_H2 = ["h2"]
 
 
 class DomainContext(ssl.SSLContext):
@@ -29,24 +34,28 @@ class CertificateError(ValueError):
     pass
 
 
-def _server_context(cls: type[ssl.SSLContext] = ssl.SSLContext) -> ssl.SSLContext:
+def _server_context(
+    cls: type[ssl.SSLContext] = ssl.SSLContext, alpn: list[str] = ALPN
+) -> ssl.SSLContext:
     context = cls(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(ALPN)
+    context.set_alpn_protocols(alpn)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     return context
 
 
-def _fingerprint(bundle: CertificateBundle) -> str:
+def _fingerprint(bundle: CertificateBundle, h2: bool) -> str:
     digest = hashlib.sha256(bundle.certificate.encode())
     digest.update(bundle.private_key.encode())
+    digest.update(b"h2" if h2 else b"http/1.1")
     return digest.hexdigest()
 
 
-def load_context(bundle: CertificateBundle) -> DomainContext:
-    """A context serving ``bundle``. ``ssl`` loads keys only from files: they are written to a
-    private folder (mode 0700, on /dev/shm when it exists) and removed at once."""
-    context = _server_context(DomainContext)
+def load_context(bundle: CertificateBundle, h2: bool = False) -> DomainContext:
+    """A context serving ``bundle`` (offering ALPN ``h2`` alone when ``h2``). ``ssl`` loads keys
+    only from files: they are written to a private folder (mode 0700, on /dev/shm when it
+    exists) and removed at once."""
+    context = _server_context(DomainContext, ALPN_H2 if h2 else ALPN)
     assert isinstance(context, DomainContext)
     context.domain = bundle.domain
     shm = "/dev/shm"  # noqa: S108 - mkdtemp below makes a private 0700 folder; RAM, not disk
@@ -74,18 +83,20 @@ class SniContexts:
         self.front.sni_callback = self._choose
 
     def prepare(
-        self, bundles: Iterable[CertificateBundle]
+        self, bundles: Iterable[CertificateBundle], h2_domains: Collection[str] = ()
     ) -> tuple[dict[str, DomainContext], dict[str, str]]:
-        """Load what changed (may raise :class:`CertificateError`) without serving it yet."""
+        """Load what changed (may raise :class:`CertificateError`) without serving it yet;
+        ``h2_domains`` offer HTTP/2 (their targets speak h2c)."""
         contexts: dict[str, DomainContext] = {}
         fingerprints: dict[str, str] = {}
         for bundle in bundles:
             domain = bundle.domain.lower()
-            fingerprint = _fingerprint(bundle)
+            h2 = domain in h2_domains
+            fingerprint = _fingerprint(bundle, h2)
             if self._fingerprints.get(domain) == fingerprint:
                 contexts[domain] = self._contexts[domain]
             else:
-                contexts[domain] = load_context(bundle)
+                contexts[domain] = load_context(bundle, h2)
             fingerprints[domain] = fingerprint
         return contexts, fingerprints
 
