@@ -12,10 +12,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
 
+from kakuremichi.edge import https_workers
 from kakuremichi.edge.agent_relay import AgentRelay
 from kakuremichi.edge.https_proxy import HttpsProxy, Route, serve
 from kakuremichi.edge.https_workers import (
@@ -194,6 +196,38 @@ async def a_dead_worker_is_replaced() -> None:
         statuses = await asyncio.gather(*(made.get(SECOND) for _ in range(40)))
         assert statuses == [200] * 40
         assert made.stats.errors["https_worker_exit"] == 1
+
+
+def test_a_worker_that_cannot_be_started_is_retried_until_it_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Starting a replacement fails twice (say, no file descriptors left): the slot is tried
+    again, each time later, until a worker serves in it."""
+    monkeypatch.setattr(https_workers, "RESTART_DELAY", 0.05)
+    real_start = asyncio.create_subprocess_exec
+    failures = [OSError(24, "Too many open files")] * 2
+
+    async def flaky_start(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        if failures:
+            raise failures.pop()
+        return await real_start(*args, **kwargs)
+
+    async def scenario() -> None:
+        async with gateway(worker_count=1) as made:
+            await made.apply(FIRST, SECOND)
+            first = made.workers.workers[1].process.pid
+            monkeypatch.setattr(asyncio, "create_subprocess_exec", flaky_start)
+            os.kill(first, signal.SIGKILL)
+            replaced = made.workers.workers
+            await until(lambda: 1 in replaced and replaced[1].process.pid != first, "a worker")
+            assert not failures and made.stats.errors["https_worker_start"] == 2
+            # It died young: a second death waits longer than the first.
+            assert made.workers.restart_delays[1] > https_workers.RESTART_DELAY
+            await replaced[1].wait_applied(made.workers.sequence)
+            statuses = await asyncio.gather(*(made.get(SECOND) for _ in range(20)))
+            assert statuses == [200] * 20
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
 
 
 @pytest.mark.parametrize("signal_number", [None, signal.SIGTERM])

@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,6 +42,10 @@ APPLY_TIMEOUT = 15.0
 REPORT_INTERVAL = 0.25
 """How often a worker sends its counters (when they changed)."""
 RESTART_DELAY = 1.0
+RESTART_MAX_DELAY = 30.0
+"""A worker that keeps dying young, or cannot be started, is retried ever more slowly."""
+STABLE_SECONDS = 60.0
+"""A worker that served this long died of something else than its start: retry at once."""
 STOP_TIMEOUT = 5.0
 LINE_LIMIT = 1 << 28
 """A config carries every certificate the gateway serves: lines can be large."""
@@ -123,6 +128,7 @@ class _Worker:
     def __init__(self, slot: int, process: asyncio.subprocess.Process) -> None:
         self.slot = slot
         self.process = process
+        self.started = time.monotonic()
         self.applied = -1
         self.error: str | None = None
         self.changed = asyncio.Event()
@@ -157,6 +163,7 @@ class HttpsWorkers:
         self.sequence = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
+        self.restart_delays: dict[int, float] = {}
 
     async def listen(self, listening: Sequence[socket.socket]) -> None:
         """(Re)start every worker on the addresses of the gateway's ``listening`` sockets (which
@@ -273,15 +280,33 @@ class HttpsWorkers:
         self.stats.retire(worker.slot)
         if self.stopping:
             return
-        log.error("HTTPS worker %d exited with %d; starting another", worker.slot, code)
         self.stats.errors["https_worker_exit"] += 1
-        await asyncio.sleep(RESTART_DELAY)
-        if self.stopping or worker.slot in self.workers:
-            return
-        try:
-            await self._start(worker.slot)
-        except OSError:
-            log.exception("starting HTTPS worker %d failed", worker.slot)
+        delay = RESTART_DELAY
+        if time.monotonic() - worker.started < STABLE_SECONDS:
+            delay = self.restart_delays.get(worker.slot, RESTART_DELAY)
+        log.error(
+            "HTTPS worker %d exited with %d; starting another in %.0f s", worker.slot, code, delay
+        )
+        await self._restart(worker.slot, delay)
+
+    async def _restart(self, slot: int, delay: float) -> None:
+        """Start a worker in ``slot`` after ``delay``, and keep trying (each wait twice the
+        last, up to :data:`RESTART_MAX_DELAY`) while it cannot be started: a slot is never
+        left empty for good."""
+        while True:
+            self.restart_delays[slot] = min(delay * 2, RESTART_MAX_DELAY)
+            await asyncio.sleep(delay)
+            if self.stopping or slot in self.workers:
+                return
+            try:
+                await self._start(slot)
+                return
+            except OSError as error:
+                self.stats.errors["https_worker_start"] += 1
+                delay = self.restart_delays[slot]
+                log.error(
+                    "starting HTTPS worker %d failed: %s; again in %.0f s", slot, error, delay
+                )
 
 
 def _reuseport_listener(family: int, address: tuple[str, int]) -> socket.socket:
