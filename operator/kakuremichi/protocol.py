@@ -26,6 +26,8 @@ CLOSE_UNAUTHORIZED = 4401
 CLOSE_BAD_REQUEST = 4400
 CLOSE_REPLACED = 4409
 CLOSE_TIMEOUT = 4408
+CLOSE_TRY_AGAIN = 4503
+"""Control has just started and does not know every key yet: come back in a second or two."""
 # How often an edge says it is alive, unless control's config says otherwise (control sets it
 # to a third of its heartbeat timeout).
 DEFAULT_HEARTBEAT_SECONDS = 10.0

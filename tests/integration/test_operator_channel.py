@@ -73,9 +73,41 @@ def auth(api_key: str) -> str:
     ids=["unknown-key", "not-json", "not-auth", "binary", "oversized"],
 )
 def test_refusals_reveal_nothing(operator: OperatorProcess, first: str | bytes, code: int) -> None:
-    close_code, frames = asyncio.run(exchange(operator.control_url, first))
+    close_code, frames = refused(operator, first)
     assert close_code == code
     assert frames == []
+
+
+def refused(operator: OperatorProcess, first: str | bytes) -> tuple[int | None, list[str]]:
+    """The answer to ``first`` once control has started (before, an unknown key is asked to
+    come back: it may be one control has not re-learned yet)."""
+
+    def answer() -> tuple[int | None, list[str]] | None:
+        code, frames = asyncio.run(exchange(operator.control_url, first))
+        return None if code == protocol.CLOSE_TRY_AGAIN else (code, frames)
+
+    return wait_until(answer, "control to know every key")
+
+
+def test_a_restarted_control_asks_edges_back_instead_of_refusing_them(
+    operator: OperatorProcess, agent: tuple[Objects, dict[str, Any], str]
+) -> None:
+    """Right after a restart control has not re-learned every key: a valid key is answered
+    "come back" (4503) until it is known, never refused; once every Agent and Gateway has been
+    reconciled, an unknown key is refused as before."""
+    _, _, api_key = agent
+    operator.restart()  # returns as soon as the channel answers
+    codes: list[int | None] = []
+
+    def accepted() -> bool:
+        code, frames = asyncio.run(exchange(operator.control_url, auth(api_key), wait=1.0))
+        codes.append(code)
+        return any(json.loads(f)["type"] == "config" for f in frames)
+
+    wait_until(accepted, "the agent's key to be accepted again", timeout=60, interval=0.05)
+    assert protocol.CLOSE_UNAUTHORIZED not in codes, codes
+    assert set(codes[:-1]) <= {protocol.CLOSE_TRY_AGAIN}, codes
+    assert refused(operator, auth(generate_api_key("agent")))[0] == protocol.CLOSE_UNAUTHORIZED
 
 
 def test_no_auth_within_ten_seconds_is_closed(operator: OperatorProcess) -> None:

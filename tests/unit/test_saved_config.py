@@ -180,6 +180,38 @@ def test_control_refusing_the_key_removes_the_saved_config(tmp_path: Path) -> No
     asyncio.run(scenario())
 
 
+def test_control_starting_up_keeps_the_saved_config(tmp_path: Path) -> None:
+    """Close code 4503: control has just started and does not know the key yet. Nothing is
+    given up, and the edge comes back within a couple of seconds."""
+
+    async def starting(request: web.Request) -> web.WebSocketResponse:
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        await socket.receive()
+        await socket.close(code=protocol.CLOSE_TRY_AGAIN, message=b"starting")
+        return socket
+
+    async def scenario() -> None:
+        app = web.Application()
+        app.router.add_get("/ws", starting)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        edge = await started(settings(tmp_path, url=f"http://127.0.0.1:{port}"))
+        try:
+            await edge.apply(config(1))
+            for _ in range(3):
+                await session_once(edge.control)
+            assert (tmp_path / "gateway-config.json").exists()
+            assert edge.control.api_key == "gtw_first"
+        finally:
+            await edge.stop()
+            await runner.cleanup()
+
+    asyncio.run(scenario())
+
+
 async def session_once(control: ControlClient) -> None:
     import aiohttp
 

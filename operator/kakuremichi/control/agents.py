@@ -106,9 +106,10 @@ async def cleanup(context: Context, body: kopf.Body) -> None:
     log.info("agent %s/%s removed; subnet released", namespace, name)
 
 
-async def restore_allocations(context: Context) -> None:
+async def restore_allocations(context: Context) -> set[str]:
     """Re-register every Agent's subnet from status, oldest first, before any reconcile runs:
-    a new Agent must never be given a subnet an existing one already holds."""
+    a new Agent must never be given a subnet an existing one already holds. Returns the
+    Agents' uids."""
     agents = await context.kube.list_objects(AGENT, context.settings.namespaces)
     agents.sort(key=lambda a: (a["metadata"]["creationTimestamp"], a["metadata"]["uid"]))
     for agent in agents:
@@ -120,6 +121,7 @@ async def restore_allocations(context: Context) -> None:
     pruned = await context.mirror.prune(Agent, {UUID(a["metadata"]["uid"]) for a in agents})
     if pruned:
         log.info("pruned %d agent rows of deleted Agents", pruned)
+    return {str(a["metadata"]["uid"]) for a in agents}
 
 
 def register(registry: kopf.OperatorRegistry, context: Context) -> None:

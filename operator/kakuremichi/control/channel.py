@@ -202,6 +202,10 @@ class ControlChannel:
             await socket.close(code=protocol.CLOSE_BAD_REQUEST, message=b"expected auth")
             return None
         identity = self.context.state.authenticate(message.api_key)
+        if identity is None and self.context.state.startup.open:
+            metrics.auth_failures.labels("starting").inc()
+            await socket.close(code=protocol.CLOSE_TRY_AGAIN, message=b"starting")
+            return None
         if identity is None:
             self.throttle.record(remote)
             metrics.auth_failures.labels("unknown_key").inc()

@@ -322,8 +322,9 @@ async def cleanup(context: Context, body: kopf.Body) -> None:
     # The DaemonSet is garbage-collected with the Gateway (owner reference).
 
 
-async def restore_indexes(context: Context) -> None:
-    """Re-register every instance's gateway index from status before any reconcile runs."""
+async def restore_indexes(context: Context) -> set[str]:
+    """Re-register every instance's gateway index from status before any reconcile runs.
+    Returns the Gateways' uids."""
     gateways = await context.kube.list_objects(GATEWAY)
     gateways.sort(key=lambda g: (g["metadata"]["creationTimestamp"], g["metadata"]["uid"]))
     known: set[UUID] = set()
@@ -334,6 +335,7 @@ async def restore_indexes(context: Context) -> None:
             with contextlib.suppress(AllocationConflict, ValueError, KeyError):
                 context.state.gateway_indexes.restore(gid, instance["index"])
     await context.mirror.prune(Gateway, known)
+    return {str(g["metadata"]["uid"]) for g in gateways}
 
 
 def register(registry: kopf.OperatorRegistry, context: Context) -> None:

@@ -125,8 +125,9 @@ def build_registry(context: Context) -> kopf.OperatorRegistry:
                 context.settings.webhook_cert_dir,
                 webhook.ServiceReference.parse(service) if service else None,
             )
-        await agents.restore_allocations(context)
-        await gateways.restore_indexes(context)
+        edges = await agents.restore_allocations(context)
+        edges |= await gateways.restore_indexes(context)
+        context.state.startup.expect(edges)  # their keys are known once each is reconciled
         await certificates.prune_rows(context)
         tasks.append(asyncio.create_task(Projector(context).run(), name="projector"))
         tasks.append(asyncio.create_task(certificates.recheck(context), name="recheck"))

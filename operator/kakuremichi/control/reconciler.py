@@ -48,6 +48,7 @@ def register_reconciler(
             try:
                 await reconcile(context, body, patch)
             finally:  # (also when it failed: the status then says why)
+                context.state.startup.reconciled(body.metadata.uid or "")
                 status = patch.pop("status", None)
                 if status:
                     await context.kube.patch_status(kind, namespace, name, dict(status))
@@ -56,6 +57,7 @@ def register_reconciler(
 
         @kopf.on.delete(*resource, registry=registry, id="cleanup")
         async def on_delete(body: kopf.Body, **_: Any) -> None:
+            context.state.startup.reconciled(body.metadata.uid or "")
             await cleanup(context, body)
 
         return
@@ -65,4 +67,5 @@ def register_reconciler(
 
     @kopf.on.event(*resource, registry=registry, id="cleanup", when=deleted)
     async def on_deleted(body: kopf.Body, **_: Any) -> None:
+        context.state.startup.reconciled(body.metadata.uid or "")
         await cleanup(context, body)

@@ -16,6 +16,7 @@ from uuid import UUID
 
 from kakuremichi.addressing import GatewayIndexAllocator, SubnetAllocator
 from kakuremichi.conditions import Condition
+from kakuremichi.control.startup_window import StartupWindow
 from kakuremichi.edge_config import AgentNode, GatewayNode, Topology, domain_holders
 from kakuremichi.protocol import AcmeChallenge, CertificateBundle
 from kakuremichi.resources import GatewaySpec
@@ -56,6 +57,8 @@ class ControlState:
     credentials: dict[str, EdgeIdentity] = field(default_factory=dict)
     """API-key digest → the edge it authenticates."""
     credential_secrets: dict[UUID, tuple[str, str]] = field(default_factory=dict)
+    startup: StartupWindow = field(default_factory=StartupWindow)
+    """While open, an unknown key may belong to an object not reconciled again yet."""
     """Edge id → (namespace, name) of the Secret with its keys."""
     tunnels: dict[UUID, TunnelFacts] = field(default_factory=dict)
     certificate_verdicts: dict[tuple[str, str], CertificateVerdict] = field(default_factory=dict)

@@ -27,6 +27,8 @@ from kakuremichi.edge.settings import EdgeSettings
 MIN_BACKOFF_SECONDS = 0.5
 MAX_BACKOFF_SECONDS = 30.0
 STABLE_SESSION_SECONDS = 30.0
+TRY_AGAIN_SECONDS = 2.0
+"""Control asked to come back (it has just started): about this soon, whatever the backoff."""
 log = logging.getLogger(__name__)
 
 
@@ -92,20 +94,25 @@ class ControlClient:
         async with aiohttp.ClientSession(timeout=timeout) as http:
             while True:
                 started = time.monotonic()
+                code = None
                 try:
-                    await self._session(http)
+                    code = await self._session(http)
                 except (aiohttp.ClientError, OSError, TimeoutError) as error:
                     log.warning("control channel: %s: %s", type(error).__name__, error)
                 finally:
                     self.edge.set_connected(False)
                 if time.monotonic() - started > STABLE_SESSION_SECONDS:
                     attempt = 0
-                delay = backoff_delay(attempt)
-                attempt = min(attempt + 1, 16)
+                if code == protocol.CLOSE_TRY_AGAIN:
+                    delay = random.uniform(TRY_AGAIN_SECONDS / 2, TRY_AGAIN_SECONDS)  # noqa: S311
+                else:
+                    delay = backoff_delay(attempt)
+                    attempt = min(attempt + 1, 16)
                 log.info("reconnecting to control in %.1fs", delay)
                 await asyncio.sleep(delay)
 
-    async def _session(self, http: aiohttp.ClientSession) -> None:
+    async def _session(self, http: aiohttp.ClientSession) -> int | None:
+        """One connection, until it closes; returns control's close code."""
         async with http.ws_connect(
             self.settings.websocket_url,
             ssl=self._ssl(),
@@ -137,8 +144,11 @@ class ControlClient:
             elif code == protocol.CLOSE_UNAUTHORIZED:
                 log.error("control refused this edge's API key (close code %s)", code)
                 self.edge.credentials_refused()
+            elif code == protocol.CLOSE_TRY_AGAIN:
+                log.info("control is starting and does not know this key yet; trying again")
             elif code is not None:
                 log.warning("control closed the channel (code %s)", code)
+            return code
 
     async def _handle(self, socket: aiohttp.ClientWebSocketResponse, text: str) -> None:
         try:
