@@ -339,7 +339,7 @@ def _cmd_install_command(args: argparse.Namespace) -> int:
     from kubernetes import client
 
     from kakuremichi.control import agents, gateways
-    from kakuremichi.control.installer import one_liner
+    from kakuremichi.control.installer import one_liner, plain_http_warning
     from kakuremichi.control.kube import load_api_client
     from kakuremichi.resources import GATEWAY, GROUP, VERSION
 
@@ -380,7 +380,10 @@ def _cmd_install_command(args: argparse.Namespace) -> int:
         )
         return 1
     api_key = base64.b64decode((secret.data or {})["apiKey"]).decode()
-    print(one_liner(role, args.control_url.rstrip("/"), api_key, args.ca_file))
+    control_url = args.control_url.rstrip("/")
+    if warning := plain_http_warning(control_url):
+        print(f"kakuremichi {role}-command: warning: {warning}", file=sys.stderr)
+    print(one_liner(role, control_url, api_key, args.ca_file))
     return 0
 
 

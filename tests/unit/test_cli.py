@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from kakuremichi.cli import build_parser, main
-from kakuremichi.control.installer import install_script, release_wheel_name
+from kakuremichi.control.installer import install_script, plain_http_warning, release_wheel_name
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -166,3 +166,10 @@ def test_operator_subnet_third_octets_from_flag_or_environment(
     assert args.subnet_third_octets == 2
     monkeypatch.delenv("KAKUREMICHI_SUBNET_THIRD_OCTETS")
     assert build_parser().parse_args(["operator"]).subnet_third_octets == 1
+
+
+def test_a_plain_http_control_url_is_fine_on_loopback_only() -> None:
+    assert plain_http_warning("http://127.0.0.1:8480") is None
+    assert plain_http_warning("https://control.example.com") is None
+    warning = plain_http_warning("http://control.example.com")
+    assert warning is not None and "only over TLS" in warning and "https://" in warning

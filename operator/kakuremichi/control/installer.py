@@ -10,6 +10,7 @@ import re
 import shlex
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from kakuremichi import __version__
 
@@ -55,6 +56,18 @@ def install_script(role: str, control_url: str, served_wheel: str | None) -> str
         template.replace("@ROLE@", role)
         .replace("@CONTROL_URL@", control_url)
         .replace("@SERVED_WHEEL@", served_wheel or "")
+    )
+
+
+def plain_http_warning(control_url: str) -> str | None:
+    """Why an http:// control URL will not do for a host elsewhere, or None."""
+    parsed = urlsplit(control_url)
+    if parsed.scheme != "http" or (parsed.hostname or "") in ("localhost", "127.0.0.1", "::1"):
+        return None
+    return (
+        f"{control_url} is plain HTTP: control sends an edge its WireGuard private key (and a "
+        "gateway its certificates) only over TLS, so the installed edge would get no key; use "
+        "the https:// URL of the control channel"
     )
 
 
