@@ -288,10 +288,10 @@ class GatewayStatus(EdgeStatus):
 # --- Certificates and Tunnels ------------------------------------------------------------------
 
 Issuer = Literal["ACME", "Secret"]
-AppProtocol = Literal["HTTP1", "H2C"]
-"""What a tunnel's target speaks: HTTP/1.1, or HTTP/2 without TLS (h2c, e.g. gRPC)."""
 """ACME: the operator obtains and renews the certificate and writes it to the Secret.
 Secret: the user maintains a kubernetes.io/tls Secret; the operator reads and validates it."""
+AppProtocol = Literal["HTTP1", "H2C"]
+"""What a tunnel's target speaks: HTTP/1.1, or HTTP/2 without TLS (h2c, e.g. gRPC)."""
 
 _SECRET_NEEDS_NAME = cel_rule(
     "!has(self.issuer) || self.issuer != 'Secret' || has(self.secretName)",

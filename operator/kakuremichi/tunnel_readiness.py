@@ -15,6 +15,7 @@ from uuid import UUID
 
 from kakuremichi.conditions import ConditionStatus
 from kakuremichi.edge_config import AgentNode, Claim, Route, domain_holders
+from kakuremichi.resources import AppProtocol
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class TunnelFacts:
     certificate: str
     """Name of the Certificate resource that serves it (same namespace)."""
     description: str | None = None
-    app_protocol: str = "HTTP1"
+    app_protocol: AppProtocol = "HTTP1"
 
     @property
     def claim(self) -> Claim:

@@ -221,10 +221,36 @@ def test_a_worker_that_cannot_be_started_is_retried_until_it_runs(
             replaced = made.workers.workers
             await until(lambda: 1 in replaced and replaced[1].process.pid != first, "a worker")
             assert not failures and made.stats.errors["https_worker_start"] == 2
-            # It died young: a second death waits longer than the first.
-            assert made.workers.restart_delays[1] > https_workers.RESTART_DELAY
             await replaced[1].wait_applied(made.workers.sequence)
             statuses = await asyncio.gather(*(made.get(SECOND) for _ in range(20)))
+            assert statuses == [200] * 20
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_worker_that_cannot_be_started_at_first_is_retried_while_the_others_serve(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(https_workers, "RESTART_DELAY", 0.05)
+    real_start = asyncio.create_subprocess_exec
+    calls = 0
+
+    async def second_fails_once(*args: Any, **kwargs: Any) -> asyncio.subprocess.Process:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise OSError(24, "Too many open files")
+        return await real_start(*args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", second_fails_once)
+
+    async def scenario() -> None:
+        async with gateway(worker_count=2) as made:
+            assert made.stats.errors["https_worker_start"] == 1
+            workers = made.workers.workers
+            await until(lambda: set(workers) == {1, 2}, "the second slot filled")
+            await workers[2].wait_applied(made.workers.sequence)
+            statuses = await asyncio.gather(*(made.get(FIRST) for _ in range(20)))
             assert statuses == [200] * 20
 
     asyncio.run(asyncio.wait_for(scenario(), 60))

@@ -182,7 +182,7 @@ def test_control_refusing_the_key_removes_the_saved_config(tmp_path: Path) -> No
 
 def test_control_starting_up_keeps_the_saved_config(tmp_path: Path) -> None:
     """Close code 4503: control has just started and does not know the key yet. Nothing is
-    given up, and the edge comes back within a couple of seconds."""
+    given up: neither the saved config nor the key."""
 
     async def starting(request: web.Request) -> web.WebSocketResponse:
         socket = web.WebSocketResponse()
@@ -210,6 +210,31 @@ def test_control_starting_up_keeps_the_saved_config(tmp_path: Path) -> None:
             await runner.cleanup()
 
     asyncio.run(scenario())
+
+
+def test_a_saved_config_that_breaks_the_edge_is_set_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever goes wrong applying it, the edge goes on to dial control, and the next start
+    does not stumble on the same file."""
+
+    async def scenario() -> None:
+        first = await started(settings(tmp_path))
+        await first.apply(config(1))
+        await first.stop()
+
+        async def broken(self: GatewayEdge, config: object) -> None:
+            raise RuntimeError("unexpected")
+
+        monkeypatch.setattr(GatewayEdge, "apply_config", broken)
+        again = await started(settings(tmp_path))  # does not raise
+        await again.stop()
+
+    caplog.set_level(logging.ERROR)
+    asyncio.run(scenario())
+    assert "setting it aside" in caplog.text
+    assert not (tmp_path / "gateway-config.json").exists()
+    assert (tmp_path / "gateway-config.json.bad").exists()
 
 
 async def session_once(control: ControlClient) -> None:

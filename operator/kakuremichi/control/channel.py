@@ -203,7 +203,7 @@ class ControlChannel:
             return None
         identity = self.context.state.authenticate(message.api_key)
         if identity is None and self.context.state.startup.open:
-            metrics.auth_failures.labels("starting").inc()
+            metrics.auth_deferred.inc()
             await socket.close(code=protocol.CLOSE_TRY_AGAIN, message=b"starting")
             return None
         if identity is None:

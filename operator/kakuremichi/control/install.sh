@@ -94,7 +94,9 @@ if [ -z "$WHEEL" ] && [ -z "$INDEX_URL" ] && [ "$PACKAGE" = kakuremichi ] && [ -
   "$PYTHON" -c '
 import ssl, sys, urllib.request
 url, out, ca = sys.argv[1:]
-tls = ssl.create_default_context(cafile=ca or None)
+tls = ssl.create_default_context()
+if ca:
+    tls.load_verify_locations(cafile=ca)
 with urllib.request.urlopen(url, context=tls, timeout=300) as got, open(out, "wb") as wheel:
     wheel.write(got.read())
 ' "$CONTROL_URL/install/$SERVED_WHEEL" "$WHEEL" "$CA_FILE" || fail "cannot download the wheel from $CONTROL_URL (for a private CA, add --ca-file=PATH)"

@@ -26,6 +26,11 @@ config_pushes = Counter(
 auth_failures = Counter(
     "kakuremichi_auth_failures", "Refused first frames by reason", ["reason"], registry=registry
 )
+auth_deferred = Counter(
+    "kakuremichi_auth_deferred",
+    "Unknown keys asked to come back (4503) while control re-learns keys after a start",
+    registry=registry,
+)
 
 
 def counted(kind: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:

@@ -47,8 +47,10 @@ def register_reconciler(
         async with context.status_locks.of(kind, namespace, name):
             try:
                 await reconcile(context, body, patch)
-            finally:  # (also when it failed: the status then says why)
+                # Its keys are known now (a failed reconcile may not have got that far: the
+                # startup window then waits for its retry, or for its deadline).
                 context.state.startup.reconciled(body.metadata.uid or "")
+            finally:  # (also when it failed: the status then says why)
                 status = patch.pop("status", None)
                 if status:
                     await context.kube.patch_status(kind, namespace, name, dict(status))

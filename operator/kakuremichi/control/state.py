@@ -57,9 +57,9 @@ class ControlState:
     credentials: dict[str, EdgeIdentity] = field(default_factory=dict)
     """API-key digest → the edge it authenticates."""
     credential_secrets: dict[UUID, tuple[str, str]] = field(default_factory=dict)
+    """Edge id → (namespace, name) of the Secret with its keys."""
     startup: StartupWindow = field(default_factory=StartupWindow)
     """While open, an unknown key may belong to an object not reconciled again yet."""
-    """Edge id → (namespace, name) of the Secret with its keys."""
     tunnels: dict[UUID, TunnelFacts] = field(default_factory=dict)
     certificate_verdicts: dict[tuple[str, str], CertificateVerdict] = field(default_factory=dict)
     """(namespace, Certificate name) → whether it can be served."""

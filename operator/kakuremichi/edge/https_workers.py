@@ -25,8 +25,9 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -173,9 +174,23 @@ class HttpsWorkers:
         await self._stop_workers()
         self.addresses = [(s.family, s.getsockname()[:2]) for s in listening]
         self.stopping = False
-        await asyncio.gather(*(self._start(slot) for slot in range(1, self.count + 1)))
+        started = await asyncio.gather(
+            *(self._start(slot) for slot in range(1, self.count + 1)), return_exceptions=True
+        )
+        for slot, outcome in enumerate(started, start=1):
+            if isinstance(outcome, OSError):  # the others serve; this slot is tried again
+                self.stats.errors["https_worker_start"] += 1
+                log.error("starting HTTPS worker %d failed: %s", slot, outcome)
+                self._spawn(self._restart(slot, RESTART_DELAY), f"https-worker-{slot}-restart")
+            elif isinstance(outcome, BaseException):
+                raise outcome
         if self.config is not None:
             await self._until_applied(list(self.workers.values()))
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coroutine, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def apply_routes(
         self, routes: Sequence[WorkerRoute], certificates: Sequence[CertificateBundle]
@@ -234,8 +249,10 @@ class HttpsWorkers:
         self.workers.clear()
 
     async def _start(self, slot: int) -> None:
-        sockets = [_reuseport_listener(family, address) for family, address in self.addresses]
+        sockets: list[socket.socket] = []
         try:
+            for family, address in self.addresses:
+                sockets.append(_reuseport_listener(family, address))
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "kakuremichi.edge.https_workers",
                 "--slot", str(slot),
@@ -250,9 +267,7 @@ class HttpsWorkers:
                 listener.close()
         worker = _Worker(slot, process)
         self.workers[slot] = worker
-        task = asyncio.create_task(self._follow(worker), name=f"https-worker-{slot}")
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self._spawn(self._follow(worker), f"https-worker-{slot}")
         if self.config is not None:  # it accepts connections once it serves a config
             worker.send(self.config.model_dump_json().encode() + b"\n")
         log.info("HTTPS worker %d started (pid %d)", slot, process.pid)

@@ -125,6 +125,9 @@ class EdgeRuntime(ConfigTarget):
             await self.apply(saved.config, save=False)
         except ApplyError as error:
             log.error("the saved config cannot be applied: %s", error)
+        except Exception:  # never keep an edge from dialling control over its saved config
+            log.exception("applying the saved config failed; setting it aside")
+            await asyncio.to_thread(self.saved_config.set_aside)
 
     @abstractmethod
     async def apply_config(self, config: Any) -> None: ...

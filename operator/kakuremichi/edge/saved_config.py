@@ -105,6 +105,11 @@ class ConfigFile(Generic[ConfigT]):
                 temporary.unlink()
             raise
 
+    def set_aside(self) -> None:
+        """Keep a file that broke the edge for a look, out of the way of the next start."""
+        with contextlib.suppress(OSError):
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.bad"))
+
     def forget(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
