@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import Field, TypeAdapter
+from pydantic import ConfigDict, Field, TypeAdapter
 
 from kakuremichi.fields import CamelModel, DomainName, PublicIPv4, TargetAddress
 from kakuremichi.resources import AppProtocol, EdgeClient
@@ -108,10 +108,19 @@ ClientMessage = Annotated[
 client_message: TypeAdapter[ClientMessage] = TypeAdapter(ClientMessage)
 
 
+class FromControl(CamelModel):
+    """What control sends: edges read it tolerantly, ignoring fields they do not know, so a
+    newer control that adds a field (say a Tunnel's appProtocol) does not make an older edge
+    refuse every config from then on; it serves what it understands. (What edges send, above,
+    stays strict: control refuses what it does not expect.)"""
+
+    model_config = ConfigDict(extra="ignore")
+
+
 # --- What control sends to an agent ------------------------------------------------------------
 
 
-class AgentSelf(CamelModel):
+class AgentSelf(FromControl):
     id: UUID
     virtual_ip: IPv4Text
     """e.g. 10.1.0.100"""
@@ -121,7 +130,7 @@ class AgentSelf(CamelModel):
     """Sent only over TLS or loopback, to edges that do not already hold it."""
 
 
-class GatewayPeer(CamelModel):
+class GatewayPeer(FromControl):
     """A gateway as an agent sees it: a WireGuard peer to dial."""
 
     id: UUID
@@ -132,13 +141,13 @@ class GatewayPeer(CamelModel):
     """The gateway's WireGuard address inside this agent's subnet (10.N.M.g)."""
 
 
-class AgentTunnel(CamelModel):
+class AgentTunnel(FromControl):
     domain: DomainName
     target: TargetAddress
     enabled: bool = True
 
 
-class AgentConfig(CamelModel):
+class AgentConfig(FromControl):
     version: ConfigVersion
     heartbeat_seconds: HeartbeatSeconds = DEFAULT_HEARTBEAT_SECONDS
     agent: AgentSelf
@@ -146,7 +155,7 @@ class AgentConfig(CamelModel):
     tunnels: list[AgentTunnel] = Field(default_factory=list)
 
 
-class AgentConfigMessage(CamelModel):
+class AgentConfigMessage(FromControl):
     type: Literal["config"] = "config"
     data: AgentConfig
 
@@ -154,7 +163,7 @@ class AgentConfigMessage(CamelModel):
 # --- What control sends to a gateway -----------------------------------------------------------
 
 
-class GatewaySelf(CamelModel):
+class GatewaySelf(FromControl):
     id: UUID
     public_ip: PublicIPv4
     name: Annotated[str, Field(min_length=1, max_length=253)] | None = None
@@ -167,7 +176,7 @@ class GatewaySelf(CamelModel):
     """Sent only over TLS or loopback, to edges that do not already hold it."""
 
 
-class AgentPeer(CamelModel):
+class AgentPeer(FromControl):
     """An agent as a gateway sees it: a WireGuard peer that dials in."""
 
     id: UUID
@@ -178,16 +187,17 @@ class AgentPeer(CamelModel):
     """This gateway's own address inside the agent's subnet (10.N.M.g)."""
 
 
-class GatewayTunnel(CamelModel):
+class GatewayTunnel(FromControl):
     domain: DomainName
     agent_virtual_ip: IPv4Text
     target: TargetAddress
     enabled: bool = True
     app_protocol: AppProtocol | None = None
-    """None: HTTP1 (left out of the message, as older gateways expect)."""
+    """None: HTTP1 (then left out of the message: gateways of releases before it refuse
+    fields they do not know)."""
 
 
-class CertificateBundle(CamelModel):
+class CertificateBundle(FromControl):
     domain: DomainName
     certificate: str
     """Full chain, PEM."""
@@ -195,7 +205,7 @@ class CertificateBundle(CamelModel):
     """PEM; sent only over TLS or loopback."""
 
 
-class AcmeChallenge(CamelModel):
+class AcmeChallenge(FromControl):
     """A pending HTTP-01 challenge: serve ``key_authorization`` at
     ``/.well-known/acme-challenge/<token>`` for ``domain``."""
 
@@ -204,7 +214,7 @@ class AcmeChallenge(CamelModel):
     key_authorization: Annotated[str, Field(min_length=1, max_length=512)]
 
 
-class GatewayConfig(CamelModel):
+class GatewayConfig(FromControl):
     version: ConfigVersion
     heartbeat_seconds: HeartbeatSeconds = DEFAULT_HEARTBEAT_SECONDS
     gateway: GatewaySelf
@@ -214,7 +224,7 @@ class GatewayConfig(CamelModel):
     acme_challenges: list[AcmeChallenge] = Field(default_factory=list)
 
 
-class GatewayConfigMessage(CamelModel):
+class GatewayConfigMessage(FromControl):
     type: Literal["config"] = "config"
     data: GatewayConfig
 
@@ -222,19 +232,19 @@ class GatewayConfigMessage(CamelModel):
 # --- Either role -------------------------------------------------------------------------------
 
 
-class Identity(CamelModel):
+class Identity(FromControl):
     """A node's own credentials, issued to an in-cluster gateway pod on first contact."""
 
     name: Annotated[str, Field(min_length=1, max_length=253)]
     api_key: ApiKey
 
 
-class IdentityMessage(CamelModel):
+class IdentityMessage(FromControl):
     type: Literal["identity"] = "identity"
     data: Identity
 
 
-class ErrorMessage(CamelModel):
+class ErrorMessage(FromControl):
     """Sent before control closes a connection for a reason the edge can act on."""
 
     type: Literal["error"] = "error"
@@ -242,7 +252,7 @@ class ErrorMessage(CamelModel):
     message: Annotated[str, Field(max_length=4096)]
 
 
-class ServerHeartbeat(CamelModel):
+class ServerHeartbeat(FromControl):
     type: Literal["heartbeat"] = "heartbeat"
     sent_at: datetime | None = None
 

@@ -145,3 +145,16 @@ def test_encode_leaves_out_unset_optionals() -> None:
     assert "wireguardPrivateKey" not in protocol.encode(
         protocol.agent_inbound.validate_python(AGENT_CONFIG)
     )
+
+
+def test_edges_read_what_control_sends_tolerantly() -> None:
+    """A newer control may add fields (at any depth): an edge ignores what it does not know and
+    applies the rest, instead of refusing every config until it is upgraded."""
+    newer = json.loads(json.dumps(AGENT_CONFIG))
+    newer["data"]["drainBy"] = "2027-01-01T00:00:00Z"
+    newer["data"]["tunnels"][0]["appProtocol"] = "H3"
+    newer["data"]["gateways"][0]["weight"] = 3
+    message = protocol.agent_inbound.validate_python(newer)
+    assert isinstance(message, protocol.AgentConfigMessage)
+    assert message.data.tunnels[0].domain == AGENT_CONFIG["data"]["tunnels"][0]["domain"]
+    assert "drainBy" not in protocol.encode(message)
