@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.infra import binaries, cluster, netns, pebble, ports, wireguard
+from tests.infra import binaries, cluster, netns, pebble, ports, tlsgen, wireguard
 from tests.infra.polling import wait_until
 
 
@@ -150,24 +150,40 @@ def operator_namespace(kube: cluster.Cluster) -> Iterator[str]:
 
 
 def local_operator(
-    kube: cluster.Cluster, namespace: str, workdir: Path, *extra_args: str
+    kube: cluster.Cluster,
+    namespace: str,
+    workdir: Path,
+    *extra_args: str,
+    tls: tlsgen.TestCA | None = None,
 ) -> OperatorProcess:
     """The operator watching ``namespace``, with a small subnet pool (10.1-3.0.0/24), its
-    control channel on loopback; not started yet."""
+    control channel on loopback (over TLS with a certificate of ``tls``, when given); not
+    started yet."""
     db_path = workdir / "kakuremichi.db"
     port = ports.free_port()
+    scheme, tls_args, ca_file = "http", [], None
+    if tls is not None:
+        serving = tls.issue("127.0.0.1")
+        (workdir / "control.crt").write_text(serving.certificate_pem)
+        (workdir / "control.key").write_text(serving.private_key_pem)
+        ca_file = workdir / "control-ca.pem"
+        ca_file.write_text(tls.pem)
+        scheme = "https"
+        tls_args = ["--control-tls-cert", str(workdir / "control.crt"),
+                    "--control-tls-key", str(workdir / "control.key")]  # fmt: skip
     return OperatorProcess(
         kube=kube,
         namespace=namespace,
         db_path=db_path,
         log_path=workdir / "operator.log",
-        control_url=f"http://127.0.0.1:{port}",
+        control_url=f"{scheme}://127.0.0.1:{port}",
+        ca_file=ca_file,
         args=["--db", f"sqlite:///{db_path}", "--namespace", namespace,
               "--subnet-pool", "1-3", "--control-listen", f"127.0.0.1:{port}",
-              "--control-url", f"http://127.0.0.1:{port}", "--heartbeat-timeout", "5",
+              "--control-url", f"{scheme}://127.0.0.1:{port}", "--heartbeat-timeout", "5",
               "--system-namespace", namespace,
               "--webhook-listen", f"127.0.0.1:{ports.free_port()}",
-              "--webhook-cert-dir", str(workdir / "webhook"), *extra_args],
+              "--webhook-cert-dir", str(workdir / "webhook"), *tls_args, *extra_args],
     )  # fmt: skip
 
 

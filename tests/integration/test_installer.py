@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import ssl
 import stat
 import subprocess
 import sys
@@ -123,6 +124,42 @@ def test_one_liner_installs_an_agent_into_a_root_of_its_own(
     assert subprocess.run([str(installed), "--version"], capture_output=True, text=True,
                           check=True).stdout.strip() == f"kakuremichi {__version__}"  # fmt: skip
     agents.delete_all()
+
+
+def test_over_a_private_ca_the_installer_needs_and_keeps_it(
+    kube: Cluster, wheel: Path, tmp_path: Path
+) -> None:
+    """Control on TLS with a certificate of a private CA: without --ca-file the wheel cannot be
+    fetched and the script says what to add; with it, the wheel comes over verified TLS and the
+    service is given the CA."""
+    namespace = unique_name("kmtlsinst")
+    kube.kubectl("create", "namespace", namespace)
+    (tmp_path / "operator").mkdir()
+    tls_operator = local_operator(
+        kube, namespace, tmp_path / "operator", "--edge-wheel", str(wheel), tls=TestCA()
+    )
+    tls_operator.start()
+    try:
+        url = tls_operator.control_url
+        context = ssl.create_default_context(cafile=str(tls_operator.ca_file))
+        with urllib.request.urlopen(f"{url}/install/agent.sh", context=context) as response:
+            script = tmp_path / "agent.sh"
+            script.write_bytes(response.read())
+        api_key = "agt_" + "a" * 43
+        untrusted = run_script(script, f"--api-key={api_key}", f"--prefix={tmp_path / 'a'}")
+        assert untrusted.returncode != 0
+        assert "for a private CA, add --ca-file=PATH" in untrusted.stderr
+        root = tmp_path / "b"
+        trusted = run_script(script, f"--api-key={api_key}", f"--prefix={root}",
+                             f"--ca-file={tls_operator.ca_file}")  # fmt: skip
+        assert trusted.returncode == 0, trusted.stderr
+        assert f"downloading {url}/install/{wheel.name}" in trusted.stdout
+        conf = (root / "etc" / "kakuremichi" / "agent.conf").read_text()
+        assert f"KAKUREMICHI_CONTROL_URL={url}" in conf
+        assert "KAKUREMICHI_CA_FILE=/etc/kakuremichi/control-ca.pem" in conf
+    finally:
+        tls_operator.stop()
+        kube.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
 
 
 def install_command(kube: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
