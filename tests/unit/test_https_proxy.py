@@ -350,3 +350,41 @@ def test_an_h2c_tunnel_passes_http2_clients_through_and_answers_others_505() -> 
             target_server.close()
 
     asyncio.run(scenario())
+
+
+def test_a_chunked_request_reaches_the_target_with_its_trailers() -> None:
+    """Trailers of a chunked request body (e.g. a checksum sent after the data) arrive at the
+    target, but for fields a trailer must not carry and X-Forwarded-* ones."""
+
+    async def scenario() -> None:
+        received = bytearray()
+        complete = asyncio.Event()
+
+        async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while chunk := await reader.read(65536):
+                received.extend(chunk)
+                if b"\r\n0\r\n" in received and received.endswith(b"\r\n\r\n"):
+                    complete.set()
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    await writer.drain()
+            writer.close()
+
+        target_server = await asyncio.start_server(target, "127.0.0.1", 0)
+        target_port = target_server.sockets[0].getsockname()[1]
+        async with stack() as made:
+            made.relay.set_targets({DOMAIN: f"localhost:{target_port}"})
+            reader, writer = await made.connect()
+            writer.write(
+                b"POST /upload HTTP/1.1\r\nHost: " + DOMAIN.encode() + b"\r\n"
+                b"Transfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"
+                b"3\r\nabc\r\n0\r\nX-Sum: 42\r\nHost: elsewhere.example.com\r\n"
+                b"X-Forwarded-For: 6.6.6.6\r\nX-Other: 1\r\n\r\n"
+            )
+            status, _, body = await read_response(reader)
+            assert (status, body) == (200, b"ok")
+            await asyncio.wait_for(complete.wait(), 5)
+            writer.close()
+        target_server.close()
+        assert received.endswith(b"3\r\nabc\r\n0\r\nX-Sum: 42\r\nX-Other: 1\r\n\r\n"), received
+
+    asyncio.run(scenario())

@@ -46,6 +46,8 @@ POOL_IDLE_TIMEOUT = 15.0
 MAX_IDLE_PER_TUNNEL = 256
 MAX_HEAD_BYTES = 64 * 1024
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS"))
+NOT_TRAILERS = frozenset((b"content-length", b"transfer-encoding", b"host", b"trailer"))
+"""Fields a trailer must not carry (RFC 9110 6.5.1): dropped, the others passed on."""
 log = logging.getLogger(__name__)
 
 
@@ -166,7 +168,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "chunked", "client_ip", "deferred", "domain", "forwarding", "has_body", "head_bytes",
         "headers", "host", "keep_alive", "last_active", "parser", "proxy", "raw", "stats",
-        "stopped", "transport", "upstream", "url",
+        "stopped", "trailers", "transport", "upstream", "url",
     )  # fmt: skip
     # slots: thousands of idle keep-alive clients are the gateway's main memory cost
 
@@ -192,6 +194,7 @@ class ClientConnection(asyncio.Protocol):
         self.chunked = False
         self.forwarding = False
         self.has_body = False
+        self.trailers: list[bytes] = []
 
     # --- transport callbacks ---------------------------------------------------------------
 
@@ -271,6 +274,7 @@ class ClientConnection(asyncio.Protocol):
         self.head_bytes = 0
         self.chunked = False
         self.has_body = False
+        self.trailers = []
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -279,6 +283,14 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_bytes += len(name) + len(value)
         lower = name.lower()
+        if self.forwarding:  # after the body: a trailer of a chunked body, passed on at its end
+            if (
+                self.head_bytes <= MAX_HEAD_BYTES
+                and lower not in NOT_TRAILERS
+                and not lower.startswith(b"x-forwarded-")
+            ):
+                self.trailers.append(name + b": " + value + b"\r\n")
+            return
         if lower == b"host":
             self.host = value
         elif lower.startswith(b"x-forwarded-"):
@@ -341,7 +353,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if self.forwarding and self.chunked and self.upstream is not None:
-            self.upstream.send(b"0\r\n\r\n")
+            self.upstream.send(b"".join((b"0\r\n", *self.trailers, b"\r\n")))
         self.forwarding = False
 
     # --- our own ---------------------------------------------------------------------------
