@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 from aiohttp import web
+from prometheus_client import generate_latest
 
 from kakuremichi.edge import tls
 from kakuremichi.edge.agent_relay import AgentRelay
@@ -331,6 +332,11 @@ def test_an_h2c_tunnel_passes_http2_clients_through_and_answers_others_505() -> 
             assert echoed.startswith(b"from-target:")
             assert bytes(received[: len(frames)]) == frames  # untouched, no headers added
             writer.close()
+            exposition = generate_latest(stats.registry()).decode()
+            assert (
+                f'kakuremichi_gateway_http2_connections_total{{tunnel="{H2C_DOMAIN}"}} 1.0'
+                in exposition
+            )
 
             reader, writer, chosen = await connect(H2C_DOMAIN, ["http/1.1"])
             assert chosen is None

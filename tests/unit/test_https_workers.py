@@ -66,7 +66,7 @@ def test_counters_of_exited_workers_are_kept_without_their_connections() -> None
     stats.active_connections = 1
     stats.workers[1] = DataPathCounters(
         requests=[(FIRST, 200, 3), (FIRST, 502, 1)], active_connections=4, connections_total=5,
-        sent_bytes={FIRST: 10},
+        sent_bytes={FIRST: 10}, http2_connections={SECOND: 2},
     )  # fmt: skip
     assert stats.requests_total == 6
     assert stats.combined().active_connections == 5
@@ -77,6 +77,7 @@ def test_counters_of_exited_workers_are_kept_without_their_connections() -> None
     assert combined.active_connections == 2  # the exited worker's 4 are gone
     assert combined.connections_total == 5
     assert combined.sent_bytes == {FIRST: 10}
+    assert combined.http2_connections == {SECOND: 2}
 
 
 @dataclass

@@ -218,6 +218,7 @@ class ClientConnection(asyncio.Protocol):
             self.close()  # the tunnel changed during the handshake
             return
         self.raw = True
+        self.stats.http2_connections[self.domain] += 1
         upstream = self.upstream = Upstream(self.proxy, (route.agent_ip, route.domain), self)
         upstream.untracked, upstream.reusable = True, False
         self.proxy.dialer.open_stream(route.agent_ip, route.domain, upstream)

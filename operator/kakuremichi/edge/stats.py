@@ -41,6 +41,8 @@ class DataPathCounters(BaseModel):
     connections_total: int = 0
     active_connections: int = 0
     errors: dict[str, int] = Field(default_factory=dict)
+    http2_connections: dict[str, int] = Field(default_factory=dict)
+    """HTTP/2 connections passed through to h2c targets, by tunnel."""
 
     def plus(self, other: DataPathCounters, *, active: bool = True) -> DataPathCounters:
         """The sum; ``active=False`` leaves ``other``'s open connections out (its process is
@@ -56,6 +58,7 @@ class DataPathCounters(BaseModel):
             active_connections=self.active_connections
             + (other.active_connections if active else 0),
             errors=_add(self.errors, other.errors),
+            http2_connections=_add(self.http2_connections, other.http2_connections),
         )
 
 
@@ -79,6 +82,9 @@ class EdgeStats:
     connections_total: int = 0
     active_connections: int = 0
     errors: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    http2_connections: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    """HTTP/2 connections passed through to h2c targets, by tunnel (their requests are not
+    seen, so not in ``requests``)."""
     config_version: int = 0
     config_applied_at: float = 0.0
     config_errors: int = 0
@@ -99,6 +105,7 @@ class EdgeStats:
             connections_total=self.connections_total,
             active_connections=self.active_connections,
             errors=dict(self.errors),
+            http2_connections=dict(self.http2_connections),
         )
 
     def combined(self) -> DataPathCounters:
@@ -158,6 +165,14 @@ class _Collector(Collector):
             for domain, code, count in sorted(data.requests):
                 requests.add_metric([domain, str(code)], count)
             yield requests
+            http2 = CounterMetricFamily(
+                f"{prefix}_http2_connections",
+                "HTTP/2 connections passed through to h2c targets (gRPC), by tunnel",
+                labels=["tunnel"],
+            )
+            for domain, count in sorted(data.http2_connections.items()):
+                http2.add_metric([domain], count)
+            yield http2
         yield CounterMetricFamily(
             f"{prefix}_connections", "Connections accepted", value=data.connections_total
         )
