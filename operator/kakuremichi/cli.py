@@ -274,6 +274,11 @@ def _worker_count(value: str) -> int | str:
     return value.strip()
 
 
+def _env_path(variable: str) -> Path | None:
+    value = os.environ.get(variable)
+    return Path(value) if value else None
+
+
 def _add_edge_parser(commands: Any, role: str, help_text: str, metrics_port: int) -> None:
     edge = commands.add_parser(role, help=help_text)
     edge.add_argument(
@@ -287,15 +292,13 @@ def _add_edge_parser(commands: Any, role: str, help_text: str, metrics_port: int
         "--private-key-file", type=Path, metavar="PATH",
         help="WireGuard private key (default: the one control sends over TLS or loopback)",
     )  # fmt: skip
-    ca_file = os.environ.get("KAKUREMICHI_CA_FILE")
     edge.add_argument(
-        "--ca-file", type=Path, metavar="PATH", default=Path(ca_file) if ca_file else None,
+        "--ca-file", type=Path, metavar="PATH", default=_env_path("KAKUREMICHI_CA_FILE"),
         help="CA bundle to trust for an https control URL (besides the system's; or "
         "KAKUREMICHI_CA_FILE, or the PEM itself in KAKUREMICHI_CONTROL_CA)",
     )  # fmt: skip
-    state_dir = os.environ.get("KAKUREMICHI_STATE_DIR")
     edge.add_argument(
-        "--state-dir", type=Path, metavar="DIR", default=Path(state_dir) if state_dir else None,
+        "--state-dir", type=Path, metavar="DIR", default=_env_path("KAKUREMICHI_STATE_DIR"),
         help="keep the last applied config here (mode 0600: it holds private keys), so that a "
         "restart serves it while control is unreachable (or KAKUREMICHI_STATE_DIR)",
     )  # fmt: skip

@@ -8,6 +8,8 @@ import asyncio
 import json
 import logging
 import stat
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -151,31 +153,41 @@ def test_a_config_that_cannot_be_saved_still_serves(
     assert "cannot save the config" in caplog.text
 
 
-def test_control_refusing_the_key_removes_the_saved_config(tmp_path: Path) -> None:
-    async def refuse(request: web.Request) -> web.WebSocketResponse:
+@asynccontextmanager
+async def control_closing_with(code: int) -> AsyncIterator[str]:
+    """A control that reads the edge's auth message and closes with ``code``; yields its URL."""
+
+    async def close(request: web.Request) -> web.WebSocketResponse:
         socket = web.WebSocketResponse()
         await socket.prepare(request)
-        await socket.receive()  # the edge's auth message
-        await socket.close(code=protocol.CLOSE_UNAUTHORIZED, message=b"unauthorized")
+        await socket.receive()
+        await socket.close(code=code)
         return socket
 
+    app = web.Application()
+    app.router.add_get("/ws", close)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def test_control_refusing_the_key_removes_the_saved_config(tmp_path: Path) -> None:
     async def scenario() -> None:
-        app = web.Application()
-        app.router.add_get("/ws", refuse)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        edge = await started(settings(tmp_path, url=f"http://127.0.0.1:{port}"))
-        try:
-            await edge.apply(config(1))
-            assert (tmp_path / "gateway-config.json").exists()
-            await session_once(edge.control)
-            assert not (tmp_path / "gateway-config.json").exists()
-            assert edge.sni.domains() == {DOMAIN}  # what runs keeps running until it stops
-        finally:
-            await edge.stop()
-            await runner.cleanup()
+        async with control_closing_with(protocol.CLOSE_UNAUTHORIZED) as url:
+            edge = await started(settings(tmp_path, url=url))
+            try:
+                await edge.apply(config(1))
+                assert (tmp_path / "gateway-config.json").exists()
+                await session_once(edge.control)
+                assert not (tmp_path / "gateway-config.json").exists()
+                assert edge.sni.domains() == {DOMAIN}  # what runs keeps running until it stops
+            finally:
+                await edge.stop()
 
     asyncio.run(scenario())
 
@@ -184,30 +196,17 @@ def test_control_starting_up_keeps_the_saved_config(tmp_path: Path) -> None:
     """Close code 4503: control has just started and does not know the key yet. Nothing is
     given up: neither the saved config nor the key."""
 
-    async def starting(request: web.Request) -> web.WebSocketResponse:
-        socket = web.WebSocketResponse()
-        await socket.prepare(request)
-        await socket.receive()
-        await socket.close(code=protocol.CLOSE_TRY_AGAIN, message=b"starting")
-        return socket
-
     async def scenario() -> None:
-        app = web.Application()
-        app.router.add_get("/ws", starting)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        edge = await started(settings(tmp_path, url=f"http://127.0.0.1:{port}"))
-        try:
-            await edge.apply(config(1))
-            for _ in range(3):
-                await session_once(edge.control)
-            assert (tmp_path / "gateway-config.json").exists()
-            assert edge.control.api_key == "gtw_first"
-        finally:
-            await edge.stop()
-            await runner.cleanup()
+        async with control_closing_with(protocol.CLOSE_TRY_AGAIN) as url:
+            edge = await started(settings(tmp_path, url=url))
+            try:
+                await edge.apply(config(1))
+                for _ in range(3):
+                    await session_once(edge.control)
+                assert (tmp_path / "gateway-config.json").exists()
+                assert edge.control.api_key == "gtw_first"
+            finally:
+                await edge.stop()
 
     asyncio.run(scenario())
 
