@@ -1,16 +1,15 @@
 """What each edge should run, computed from the control plane's view of the resources.
 
-Pure functions: the control server keeps a :class:`Topology` up to date from the reconcilers and
-renders each connected edge's ``config`` from it. Which tunnel owns a domain is decided here too
-(:func:`domain_holders`): the claim with the oldest creation timestamp, so the answer is the same
-after any restart and a second claim never displaces the first.
+Pure functions: the control plane's snapshot (:mod:`kakuremichi.snapshot`) holds a
+:class:`Topology` and renders each connected edge's ``config`` from it. Which Tunnel holds a
+domain is not decided here: the routes come decided (:mod:`kakuremichi.ownership`), one per
+held domain.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from functools import cached_property
 from uuid import UUID
 
@@ -66,22 +65,18 @@ class GatewayNode:
     https_port: int = 443
 
 
-@dataclass(frozen=True, order=True)
-class Claim:
-    """A Tunnel's claim on its domain; ordering is the tie-break for who holds it."""
-
-    created: datetime
-    namespace: str
-    name: str
-
-
 @dataclass(frozen=True)
 class Route:
+    """A held domain and where it goes."""
+
     domain: str
-    agent_id: UUID
+    tunnel_id: UUID
+    """The Tunnel that holds the domain."""
+    agent_id: UUID | None
+    """Its Agent; None while that Agent is not provisioned: the gateways answer 503 (the
+    domain is still the holder's, never a younger claim's)."""
     target: str
     enabled: bool
-    claim: Claim
     h2c: bool = False
     """The target speaks HTTP/2 without TLS (the Tunnel's appProtocol H2C)."""
 
@@ -91,27 +86,14 @@ class Topology:
     agents: Mapping[UUID, AgentNode] = field(default_factory=dict)
     gateways: Mapping[UUID, GatewayNode] = field(default_factory=dict)
     routes: tuple[Route, ...] = ()
+    """One per held domain, sorted by domain."""
     certificates: Mapping[str, CertificateBundle] = field(default_factory=dict)
+    """Domain → the certificate its holder serves."""
     challenges: tuple[AcmeChallenge, ...] = ()
 
     def served_routes(self) -> list[Route]:
-        """Routes whose agent exists and whose claim holds the domain, sorted by domain."""
-        return list(self._served)
-
-    @cached_property
-    def _served(self) -> tuple[Route, ...]:
-        # Computed once per topology: every connected edge's config is rendered from it.
-        holders = domain_holders((r.domain, r.claim) for r in self.routes)
-        return tuple(
-            sorted(
-                (
-                    r
-                    for r in self.routes
-                    if holders[r.domain] == r.claim and r.agent_id in self.agents
-                ),
-                key=lambda r: r.domain,
-            )
-        )
+        """Routes that reach an agent, sorted by domain."""
+        return [r for r in self.routes if r.agent_id is not None]
 
     def served_routes_of(self, agent_id: UUID) -> list[Route]:
         """The served routes through one agent, sorted by domain."""
@@ -120,12 +102,19 @@ class Topology:
     @cached_property
     def _served_by_agent(self) -> dict[UUID, tuple[Route, ...]]:
         by_agent: dict[UUID, list[Route]] = {}
-        for route in self._served:
-            by_agent.setdefault(route.agent_id, []).append(route)
+        for route in self.routes:
+            if route.agent_id is not None:
+                by_agent.setdefault(route.agent_id, []).append(route)
         return {agent_id: tuple(routes) for agent_id, routes in by_agent.items()}
 
     # Computed once per topology and shared by every config rendered from it: a change fans out
     # to every connected edge, so per-edge work must stay small (bench/README.md).
+
+    @cached_property
+    def served_certificates(self) -> tuple[CertificateBundle, ...]:
+        """The certificates of held domains, by domain."""
+        held = {route.domain for route in self.routes}
+        return tuple(b for d, b in sorted(self.certificates.items()) if d in held)
 
     @cached_property
     def gateways_by_index(self) -> tuple[GatewayNode, ...]:
@@ -157,12 +146,14 @@ class Topology:
         return tuple(
             GatewayTunnel(
                 domain=route.domain,
-                agent_virtual_ip=self.agents[route.agent_id].virtual_ip,
+                agent_virtual_ip=(
+                    self.agents[route.agent_id].virtual_ip if route.agent_id is not None else None
+                ),
                 target=route.target,
                 enabled=route.enabled,
                 app_protocol="H2C" if route.h2c else None,
             )
-            for route in self._served
+            for route in self.routes
         )
 
 
@@ -184,19 +175,10 @@ def gateway_inputs(
     return (
         topology.gateways.get(gateway_id),
         topology.agents_by_subnet,
-        topology._served,
+        topology.routes,
         topology.certificates if with_certificates else None,
         topology.challenges,
     )
-
-
-def domain_holders(claims: Iterable[tuple[str, Claim]]) -> dict[str, Claim]:
-    """Domain → the claim that holds it: the oldest, then by namespace and name."""
-    holders: dict[str, Claim] = {}
-    for domain, claim in claims:
-        if domain not in holders or claim < holders[domain]:
-            holders[domain] = claim
-    return holders
 
 
 def agent_config(
@@ -237,7 +219,6 @@ def gateway_config(
     """The gateway's config; ``with_certificates=False`` leaves out the TLS certificates and
     their private keys (for connections that are neither TLS nor loopback)."""
     gateway = topology.gateways[gateway_id]
-    served_domains = {route.domain for route in topology._served}
     return GatewayConfig(
         version=version,
         gateway=GatewaySelf(
@@ -261,10 +242,6 @@ def gateway_config(
             for agent in topology.agents_by_subnet
         ],
         tunnels=list(topology._gateway_tunnels),
-        certificates=[
-            bundle
-            for domain, bundle in sorted(topology.certificates.items())
-            if domain in served_domains and with_certificates
-        ],
+        certificates=list(topology.served_certificates) if with_certificates else [],
         acme_challenges=list(topology.challenges),
     )

@@ -70,6 +70,34 @@ DomainName = Annotated[
     ),
 ]
 
+DomainPattern = Annotated[
+    str,
+    AfterValidator(validation.domain_pattern),
+    _string_schema(
+        minLength=1,
+        maxLength=validation.DOMAIN_MAX_LENGTH,
+        pattern=validation.DOMAIN_PATTERN_PATTERN,
+        **{
+            "x-kubernetes-validations": [
+                cel_rule(
+                    "!" + cel_match(validation.NUMERIC_LAST_LABEL_PATTERN),
+                    "must be a domain name, not an IP address: "
+                    "the last label must not be all-numeric",
+                )
+            ]
+        },
+    ),
+]
+"""``app.example.com``, or ``*.example.com`` for every name below ``example.com``."""
+
+NamespaceName = Annotated[
+    str,
+    AfterValidator(validation.namespace_name),
+    _string_schema(
+        minLength=1, maxLength=validation.NAMESPACE_MAX_LENGTH, pattern=validation.NAMESPACE_PATTERN
+    ),
+]
+
 TargetAddress = Annotated[
     str,
     AfterValidator(validation.target_address),

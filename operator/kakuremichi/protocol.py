@@ -189,7 +189,9 @@ class AgentPeer(FromControl):
 
 class GatewayTunnel(FromControl):
     domain: DomainName
-    agent_virtual_ip: IPv4Text
+    agent_virtual_ip: IPv4Text | None = None
+    """None: the domain's holder has no provisioned Agent now; the gateway answers 503 (it
+    never routes the domain elsewhere)."""
     target: TargetAddress
     enabled: bool = True
     app_protocol: AppProtocol | None = None
@@ -207,7 +209,8 @@ class CertificateBundle(FromControl):
 
 class AcmeChallenge(FromControl):
     """A pending HTTP-01 challenge: serve ``key_authorization`` at
-    ``/.well-known/acme-challenge/<token>`` for ``domain``."""
+    ``/.well-known/acme-challenge/<token>`` to requests for ``domain`` (their Host), and to
+    no other."""
 
     domain: DomainName
     token: Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_-]+$")]

@@ -1,4 +1,4 @@
-"""The four custom resources: Agent, Gateway, Tunnel and Certificate.
+"""The custom resources: Agent, Gateway, Tunnel, Certificate and TenantPolicy.
 
 These models are the single definition of each resource: the operator parses objects with them and
 ``kakuremichi crds`` generates the CRD YAML from them (:mod:`kakuremichi.crd`). Everything the
@@ -19,6 +19,8 @@ from kakuremichi.conditions import Condition
 from kakuremichi.fields import (
     CamelModel,
     DomainName,
+    DomainPattern,
+    NamespaceName,
     PublicIPv4,
     Quantity,
     RegionName,
@@ -382,6 +384,58 @@ class CertificateStatus(CommonStatus):
     """When the next ACME attempt is due after a failure."""
 
 
+# --- TenantPolicy ------------------------------------------------------------------------------
+
+
+class NamespaceSelector(CamelModel):
+    """The namespaces a TenantPolicy applies to: those named, and those whose labels match."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel_rule(
+                    "(has(self.matchNames) && size(self.matchNames) > 0) || has(self.matchLabels)",
+                    "give matchNames, matchLabels or both",
+                )
+            ]
+        }
+    )
+
+    match_names: list[NamespaceName] = Field(default_factory=list, max_length=1024)
+    """Namespaces selected by name."""
+    match_labels: Annotated[dict[str, str], Field(max_length=64)] | None = None
+    """Namespaces whose labels include all of these. ``{}`` selects every namespace."""
+
+    @model_validator(mode="after")
+    def _something_selected(self) -> Self:
+        if not self.match_names and self.match_labels is None:
+            raise ValueError("give matchNames, matchLabels or both")
+        return self
+
+
+class TenantPolicySpec(CamelModel):
+    """What the selected namespaces may claim, and how much they may run. With no TenantPolicy
+    in the cluster every namespace may claim any domain (the first claim holds); once there is
+    one, a namespace may claim only the domains of the policies that select it, and one that
+    none selects may claim no domain and run no Agent."""
+
+    namespaces: NamespaceSelector
+    """The namespaces this policy applies to."""
+    domains: list[DomainPattern] = Field(default_factory=list, max_length=1024)
+    """Domains the selected namespaces may claim: exact names (app.example.com) and
+    *.example.com for every name below example.com."""
+    max_agents: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    """Agents each selected namespace may run (the oldest count; the others get no subnet).
+    Several policies selecting a namespace: the smallest limit applies."""
+    max_tunnels: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
+    """Tunnels each selected namespace may have (the oldest count; the others are not
+    routed). Several policies selecting a namespace: the smallest limit applies."""
+
+
+class TenantPolicyStatus(CommonStatus):
+    """Whether the operator applies the policy."""
+
+
 # --- Objects -----------------------------------------------------------------------------------
 
 
@@ -419,6 +473,7 @@ Agent = Resource[AgentSpec, AgentStatus]
 Gateway = Resource[GatewaySpec, GatewayStatus]
 Tunnel = Resource[TunnelSpec, TunnelStatus]
 Certificate = Resource[CertificateSpec, CertificateStatus]
+TenantPolicy = Resource[TenantPolicySpec, TenantPolicyStatus]
 
 
 # --- Definitions for the CRDs ------------------------------------------------------------------
@@ -552,4 +607,21 @@ CERTIFICATE = ResourceKind(
     ),
 )
 
-KINDS: tuple[ResourceKind, ...] = (AGENT, GATEWAY, TUNNEL, CERTIFICATE)
+TENANT_POLICY = ResourceKind(
+    kind="TenantPolicy",
+    plural="tenantpolicies",
+    short_names=("kmtenant",),
+    namespaced=False,
+    model=TenantPolicy,
+    spec=TenantPolicySpec,
+    status=TenantPolicyStatus,
+    columns=(
+        PrinterColumn("Max Agents", ".spec.maxAgents", "integer"),
+        PrinterColumn("Max Tunnels", ".spec.maxTunnels", "integer"),
+        PrinterColumn("Domains", ".spec.domains", priority=1),
+        READY_COLUMN,
+        AGE_COLUMN,
+    ),
+)
+
+KINDS: tuple[ResourceKind, ...] = (AGENT, GATEWAY, TUNNEL, CERTIFICATE, TENANT_POLICY)

@@ -4,41 +4,20 @@ A Tunnel's readiness depends on other resources (its Agent, the other claims on 
 certificate), so it is computed from the whole picture every time that picture changes, rather
 than from the Tunnel's own events alone. That is what lets a Tunnel recover by itself when its
 Agent comes back or the holder of its domain goes away.
+
+:data:`READY_RULES` is the one precedence order of the ``Ready`` reasons: the first rule that
+applies gives the verdict (docs/resources.md shows the same table).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from uuid import UUID
 
 from kakuremichi.conditions import ConditionStatus
-from kakuremichi.edge_config import AgentNode, Claim, Route, domain_holders
-from kakuremichi.resources import AppProtocol
-
-
-@dataclass(frozen=True)
-class TunnelFacts:
-    """What a Tunnel resource says, as the reconciler last saw it."""
-
-    id: UUID
-    namespace: str
-    name: str
-    domain: str
-    agent: str
-    target: str
-    enabled: bool
-    created: datetime
-    generation: int
-    certificate: str
-    """Name of the Certificate resource that serves it (same namespace)."""
-    description: str | None = None
-    app_protocol: AppProtocol = "HTTP1"
-
-    @property
-    def claim(self) -> Claim:
-        return Claim(self.created, self.namespace, self.name)
+from kakuremichi.edge_config import AgentNode, Route
+from kakuremichi.ownership import DomainOwnership, TunnelFacts
 
 
 @dataclass(frozen=True)
@@ -56,67 +35,143 @@ class TunnelVerdict:
     url: str
 
 
+@dataclass(frozen=True)
+class Picture:
+    """What a rule may look at besides the Tunnel itself."""
+
+    ownership: DomainOwnership
+    agents: Mapping[tuple[str, str], AgentNode]
+    """(namespace, name) → provisioned Agent."""
+    certificates: Mapping[tuple[str, str], CertificateVerdict]
+
+
+Finding = tuple[str, str] | None
+"""(reason, message) when a rule applies."""
+
+
+@dataclass(frozen=True)
+class ReadyRule:
+    reason: str
+    """The reason it gives, or ``<Certificate's reason>`` for the certificate rule."""
+    meaning: str
+    finding: Callable[[TunnelFacts, Picture], Finding]
+
+
+def _not_holder(standing: str) -> Callable[[TunnelFacts, Picture], Finding]:
+    def finding(tunnel: TunnelFacts, picture: Picture) -> Finding:
+        refusal = picture.ownership.refusals.get(tunnel.id)
+        if refusal is None or refusal.reason != standing:
+            return None
+        return refusal.reason, refusal.message
+
+    return finding
+
+
+def _agent_missing(tunnel: TunnelFacts, picture: Picture) -> Finding:
+    if (tunnel.namespace, tunnel.agent) in picture.agents:
+        return None
+    return "AgentNotReady", (
+        f"Agent {tunnel.namespace}/{tunnel.agent} does not exist or is not provisioned "
+        f"({tunnel.domain} stays this Tunnel's meanwhile)"
+    )
+
+
+def _certificate_not_ready(tunnel: TunnelFacts, picture: Picture) -> Finding:
+    certificate = picture.certificates.get((tunnel.namespace, tunnel.certificate))
+    if certificate is not None and certificate.ready:
+        return None
+    why = certificate.message if certificate else "not yet reconciled"
+    reason = certificate.reason if certificate else "CertificatePending"
+    return reason, f"Certificate {tunnel.certificate}: {why}"
+
+
+def _disabled(tunnel: TunnelFacts, picture: Picture) -> Finding:
+    return None if tunnel.enabled else ("Disabled", "spec.enabled is false")
+
+
+def _serving(tunnel: TunnelFacts, picture: Picture) -> Finding:
+    return "Serving", f"https://{tunnel.domain} routes to {tunnel.target}"
+
+
+READY_RULES: tuple[ReadyRule, ...] = (
+    ReadyRule(
+        "QuotaExceeded",
+        "the namespace has more Tunnels than a TenantPolicy selecting it allows "
+        "(`maxTunnels`) and this one is not among the oldest: it claims nothing",
+        _not_holder("QuotaExceeded"),
+    ),
+    ReadyRule(
+        "DomainNotAllowed",
+        "TenantPolicies exist and none that selects the namespace lists the domain: it "
+        "claims nothing",
+        _not_holder("DomainNotAllowed"),
+    ),
+    ReadyRule(
+        "DomainConflict",
+        "an older Tunnel holds the domain (the message names it only when it is in the same "
+        "namespace); this one takes over once the holder is deleted",
+        _not_holder("DomainConflict"),
+    ),
+    ReadyRule(
+        "AgentNotReady",
+        "the Tunnel holds the domain but its Agent does not exist or has no subnet yet "
+        "(`PoolExhausted`, `QuotaExceeded`): the gateways answer 503 for the domain, which "
+        "no other Tunnel gets meanwhile",
+        _agent_missing,
+    ),
+    ReadyRule(
+        "<Certificate's reason>",
+        "the Certificate is not ready, and its reason is passed on: `CertificatePending`, "
+        "`SecretNotFound`, `SecretNotOwned`, `DomainMismatch`, `Expired`, `Issuing`, "
+        "`NoGatewayOnline`, `DomainNotHeld`, `Acme…`",
+        _certificate_not_ready,
+    ),
+    ReadyRule("Disabled", "`spec.enabled` is false: routed, answered 404", _disabled),
+    ReadyRule("Serving", "`Ready=True`: the domain routes to the target", _serving),
+)
+
+
 def agents_by_name(agents: Mapping[UUID, AgentNode]) -> dict[tuple[str, str], AgentNode]:
     return {(agent.namespace, agent.name): agent for agent in agents.values()}
 
 
 def verdicts(
     tunnels: Mapping[UUID, TunnelFacts],
+    ownership: DomainOwnership,
     agents: Mapping[UUID, AgentNode],
     certificates: Mapping[tuple[str, str], CertificateVerdict],
 ) -> dict[UUID, TunnelVerdict]:
-    by_name = agents_by_name(agents)
-    holders = domain_holders((t.domain, t.claim) for t in tunnels.values())
-    holder_names = {(t.domain, t.claim): f"{t.namespace}/{t.name}" for t in tunnels.values()}
+    picture = Picture(ownership, agents_by_name(agents), certificates)
     result: dict[UUID, TunnelVerdict] = {}
     for tunnel in tunnels.values():
-        url = f"https://{tunnel.domain}"
-        holder = holders[tunnel.domain]
-        certificate = certificates.get((tunnel.namespace, tunnel.certificate))
-        if holder != tunnel.claim:
-            verdict = TunnelVerdict(
-                "False",
-                "DomainConflict",
-                f"{tunnel.domain} is already claimed by Tunnel "
-                f"{holder_names[(tunnel.domain, holder)]}",
-                url,
-            )
-        elif (tunnel.namespace, tunnel.agent) not in by_name:
-            verdict = TunnelVerdict(
-                "False",
-                "AgentNotReady",
-                f"Agent {tunnel.namespace}/{tunnel.agent} does not exist or is not provisioned",
-                url,
-            )
-        elif certificate is None or not certificate.ready:
-            why = certificate.message if certificate else "not yet reconciled"
-            reason = certificate.reason if certificate else "CertificatePending"
-            verdict = TunnelVerdict(
-                "False", reason, f"Certificate {tunnel.certificate}: {why}", url
-            )
-        elif not tunnel.enabled:
-            verdict = TunnelVerdict("False", "Disabled", "spec.enabled is false", url)
-        else:
-            verdict = TunnelVerdict("True", "Serving", f"{url} routes to {tunnel.target}", url)
-        result[tunnel.id] = verdict
+        for rule in READY_RULES:
+            found = rule.finding(tunnel, picture)
+            if found is not None:
+                reason, message = found
+                status: ConditionStatus = "True" if reason == "Serving" else "False"
+                result[tunnel.id] = TunnelVerdict(
+                    status, reason, message, f"https://{tunnel.domain}"
+                )
+                break
     return result
 
 
-def routes(
-    tunnels: Mapping[UUID, TunnelFacts], agents: Mapping[UUID, AgentNode]
-) -> tuple[Route, ...]:
-    """Routes for the edge configs: every tunnel whose Agent is provisioned (the Topology then
-    keeps only the claim that holds each domain)."""
+def routes(ownership: DomainOwnership, agents: Mapping[UUID, AgentNode]) -> tuple[Route, ...]:
+    """One route per held domain, sorted by domain: to the holder's Agent, or to none (the
+    gateways answer 503) while that Agent is not provisioned. Never to a younger claim."""
     by_name = agents_by_name(agents)
-    return tuple(
-        Route(
-            t.domain,
-            by_name[(t.namespace, t.agent)].id,
-            t.target,
-            t.enabled,
-            t.claim,
-            h2c=t.app_protocol == "H2C",
+    found = []
+    for domain in sorted(ownership.holders):
+        holder = ownership.holders[domain]
+        agent = by_name.get((holder.namespace, holder.agent))
+        found.append(
+            Route(
+                domain,
+                holder.id,
+                agent.id if agent is not None else None,
+                holder.target,
+                holder.enabled,
+                h2c=holder.app_protocol == "H2C",
+            )
         )
-        for t in tunnels.values()
-        if (t.namespace, t.agent) in by_name
-    )
+    return tuple(found)

@@ -45,6 +45,12 @@ TARGET_PATTERN = rf"^({_ANY_CASE_LABEL}(\.{_ANY_CASE_LABEL})*|\[[0-9A-Fa-f:.]{{2
 NUMERIC_TARGET_HOST_PATTERN = r"^[0-9.]+:"
 IPV4_TARGET_PATTERN = rf"^{_OCTET}(\.{_OCTET}){{3}}:"
 
+# A TenantPolicy's domains: exact names, or ``*.suffix`` for every name below a suffix.
+DOMAIN_PATTERN_PATTERN = rf"^(\*\.)?{_LOWER_LABEL}(\.{_LOWER_LABEL})+$"
+# Namespace names are RFC 1123 labels.
+NAMESPACE_MAX_LENGTH = 63
+NAMESPACE_PATTERN = rf"^{_LOWER_LABEL}$"
+
 REGION_MAX_LENGTH = 32
 REGION_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$"
 
@@ -104,6 +110,23 @@ def domain_name(value: str) -> str:
         _check_label(value, label, _lower_label_re)
     if _digits_re.match(labels[-1]):
         raise ValueError(f"{value!r}: the last label must not be all-numeric")
+    return value
+
+
+def domain_pattern(value: str) -> str:
+    """A name a TenantPolicy lets namespaces claim: ``app.example.com``, or ``*.example.com``
+    for every name below ``example.com``."""
+    domain_name(value.removeprefix("*.") if value.startswith("*.") else value)
+    return value
+
+
+def namespace_name(value: str) -> str:
+    """A Kubernetes namespace name: a lower-case RFC 1123 label."""
+    if not value:
+        raise ValueError("must not be empty")
+    if len(value) > NAMESPACE_MAX_LENGTH:
+        raise ValueError(f"must be at most {NAMESPACE_MAX_LENGTH} characters, got {len(value)}")
+    _check_label(value, value, _lower_label_re)
     return value
 
 

@@ -9,6 +9,7 @@ root namespace, where Pebble and the operator's self-check reach its HTTP port.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -16,15 +17,17 @@ from typing import Any
 
 import pytest
 
-from kakuremichi.resources import CERTIFICATE
+from kakuremichi.resources import AGENT, CERTIFICATE, TUNNEL
 from tests.e2e.world import World, running_world, skip_unless_possible
 from tests.infra import binaries, pebble
-from tests.infra.cluster import Cluster
+from tests.infra.cluster import Cluster, unique_name
 from tests.infra.objects import Objects, Secrets
-from tests.infra.polling import wait_until
+from tests.infra.polling import holds_for, wait_until
 
 pytestmark = pytest.mark.acme
 GATEWAY_ROOT_SIDE = "192.168.252.2"  # running_world's gateway end of its link to the root
+RIVAL = unique_name("rival")
+"""A second namespace the operator watches: another tenant."""
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +42,12 @@ def world(
     server = pebble.start(
         workdir / "pebble", default_ipv4=GATEWAY_ROOT_SIDE, short_validity_seconds=60
     )
+    kube.kubectl("create", "namespace", RIVAL)
     try:
         operator_args = [
             "--acme-directory", server.directory_url, "--acme-ca-file", str(server.ca_bundle),
             "--acme-email", "admin@example.com", "--acme-profile", "shortlived",
-            "--acme-retry-base", "1",
+            "--acme-retry-base", "1", "--namespace", RIVAL,
         ]  # fmt: skip
         with running_world(
             kube, workdir, public_on_root_link=True, operator_args=operator_args
@@ -51,9 +55,14 @@ def world(
             root = workdir / "pebble-root.pem"
             root.write_text(server.root_pem())
             made.client_ca_file = root
-            yield made
+            try:
+                yield made
+            finally:
+                for kind in (TUNNEL, AGENT):
+                    Objects(kube, RIVAL, kind).delete_all()
     finally:
         server.stop()
+        kube.kubectl("delete", "namespace", RIVAL, "--wait=false", check=False)
 
 
 def certificates(world: World) -> Objects:
@@ -139,6 +148,25 @@ def test_a_gateway_that_cannot_serve_the_token_fails_with_backoff_then_recovers(
     world.gateway = world.start_gateway(world.gateway_host, world.node, "--http-port", "8081")
     domain = f"broken.{world.domain}"
     world.tunnels.create("broken", {"domain": domain, "agent": "web", "target": "localhost:8080"})
+    # While the token waits (the self-check fails for 10 s an attempt), ask the gateway for it
+    # as a CA validating another of its names would: it is no proof for any other Host.
+    saved = world.state_dir(f"gateway-{world.node}") / "gateway-config.json"
+
+    def pending_token() -> str | None:
+        challenges = json.loads(saved.read_text())["config"].get("acmeChallenges") or []
+        return next((c["token"] for c in challenges if c["domain"] == domain), None)
+
+    token = wait_until(pending_token, "the token in the gateway's config", timeout=60)
+
+    def answer(host: str) -> str:
+        return world.gateway_host.exec(
+            "curl", "-s", "-w", " %{http_code}", "-H", f"Host: {host}",
+            f"http://127.0.0.1:8081/.well-known/acme-challenge/{token}", check=False,
+        )  # fmt: skip
+
+    assert answer(world.domain).endswith(" 404")
+    assert answer(f"other.{world.domain}").endswith(" 404")
+    assert answer(domain).startswith(f"{token}.")
     failed = certificates(world).ready("broken", "False", "AcmeChallengeNotServed", timeout=60)
     assert f"do not serve the HTTP-01 token for {domain}" in (
         certificates(world).condition("broken") or {}
@@ -163,6 +191,36 @@ def test_a_gateway_that_cannot_serve_the_token_fails_with_backoff_then_recovers(
     world.gateway = world.start_gateway(world.gateway_host, world.node)
     recovered = certificates(world).ready("broken", timeout=120)
     assert "failedAttempts" not in recovered and "orderURL" not in recovered
+
+
+def orders_at_pebble(world: World) -> int:
+    """Orders Pebble has taken so far (it logs each)."""
+    log = world.workdir / "pebble" / "pebble.log"
+    return log.read_text(errors="replace").count("Added order")
+
+
+def test_no_order_for_a_claim_from_another_namespace(world: World) -> None:
+    """A rival namespace claims the domain the first Tunnel holds, with the default ACME
+    settings: the CA is never asked (not one more order at Pebble), and the rival gets
+    neither the holder's certificate nor one of its own."""
+    assert certificates(world).ready("app")
+    before = orders_at_pebble(world)
+    Objects(world.kube, RIVAL, AGENT).create("web")
+    rivals = Objects(world.kube, RIVAL, TUNNEL)
+    rivals.create("app", {"domain": world.domain, "agent": "web", "target": "localhost:80"})
+    rival_certificates = Objects(world.kube, RIVAL, CERTIFICATE)
+    rival_certificates.ready("app", "False", "DomainNotHeld")
+    rivals.ready("app", "False", "DomainConflict")
+    holds_for(
+        lambda: (
+            orders_at_pebble(world) == before
+            and (rival_certificates.condition("app") or {}).get("reason") == "DomainNotHeld"
+        ),
+        "no order for the rival's claim",
+        seconds=5.0,
+    )
+    assert Secrets(world.kube, RIVAL).read("app-tls") is None
+    rivals.delete("app")
 
 
 def test_deleting_the_tunnel_takes_certificate_secret_and_row(world: World) -> None:

@@ -195,7 +195,7 @@ def test_edges_restarted_while_control_is_down_serve_their_saved_config(world: W
     site is back without control; control's return changes nothing a user sees."""
     assert world.gateway is not None and world.agent is not None
     gateway_file = world.state_dir(f"gateway-{world.node}") / "gateway-config.json"
-    agent_file = world.state_dir("agent") / "agent-config.json"
+    agent_file = world.state_dir(f"agent-{world.namespace}-web-0") / "agent-config.json"
     assert gateway_file.is_file() and agent_file.is_file()
     world.operator.stop()
     try:

@@ -75,6 +75,8 @@ class World:
     """The first gateway's Node."""
     control_ip: str = ""
     gateway_public_ip: str = ""
+    gateway_client_ip: str = ""
+    """The gateway's address on the client's link (where the client's names resolve)."""
     extra_hosts: list[netns.Host] = field(default_factory=list)
     gateway_args: list[str] = field(default_factory=list)
     """The DaemonSet container's arguments, credentials already remapped."""
@@ -101,6 +103,31 @@ class World:
         ] + list(extra)
         log = self.workdir / f"gateway-{node}.log"
         edge = Edge(host, [KAKUREMICHI, *args], log, {"SSL_CERT_FILE": str(self.ca_file)})
+        edge.start()
+        return edge
+
+    def start_agent(
+        self, namespace: str, agent: str, host: netns.Host, pod: str = "", *extra: str
+    ) -> Edge:
+        """Agent ``namespace/agent``'s sidecar, as the webhook injects it into a labelled Pod
+        (named ``pod``, default ``<agent>-0``), running in ``host`` (``extra``: more
+        arguments, e.g. a WireGuard interface name of its own beside another agent's)."""
+        Objects(self.kube, namespace, AGENT).ready(agent)
+        core = client.CoreV1Api(self.kube.api_client())
+        made: Any = wait_until(
+            lambda: core.create_namespaced_pod(namespace, _labelled_pod(agent, pod)),
+            "the webhook to inject the sidecar",
+        )
+        (sidecar,) = [c for c in made.spec.containers if c.name == SIDECAR_NAME]
+        (volume,) = [v for v in made.spec.volumes if v.secret]
+        credentials = Secrets(self.kube, namespace).read(volume.secret.secret_name) or {}
+        label = f"agent-{namespace}-{made.metadata.name}"
+        folder = credentials_folder(credentials, self.workdir / f"{label}-credentials")
+        mounts = {CREDENTIALS_MOUNT: folder, STATE_MOUNT: self.state_dir(label)}
+        edge = Edge(
+            host, [KAKUREMICHI, *mounted(sidecar.args, mounts, {}), *extra],
+            self.workdir / f"{label}.log", {"SSL_CERT_FILE": str(self.ca_file)},
+        )  # fmt: skip
         edge.start()
         return edge
 
@@ -235,7 +262,8 @@ def running_world(
         made.control_ip = str(control_ip.ip)
         for host in (gateway_host, agent_host):
             host.set_hosts({CONTROL_NAME: made.control_ip})
-        client_host.set_hosts({made.domain: str(client_side.ip)})
+        made.gateway_client_ip = str(client_side.ip)
+        client_host.set_hosts({made.domain: made.gateway_client_ip})
 
         ca = made.ca
         made.ca_file.write_text(ca.pem)
@@ -261,7 +289,6 @@ def running_world(
                   "--webhook-cert-dir", str(workdir / "webhook"), *operator_args],
         )  # fmt: skip
         made.operator.start()
-        edge_env = {"SSL_CERT_FILE": str(made.ca_file)}
 
         # A node (no kubelet) whose public address faces the agent; an InCluster pool on it.
         node = made.node = made.add_node(made.gateway_public_ip)
@@ -285,28 +312,13 @@ def running_world(
 
         # The Agent, and the sidecar the webhook injects into a labelled Pod.
         made.agents.create("web")
-        made.agents.ready("web")
         wait_until(
             lambda: kube.kubectl(
                 "get", "mutatingwebhookconfiguration", "kakuremichi.io", check=False
             ),
             "the webhook configuration",
         )
-        pod: Any = wait_until(
-            lambda: core.create_namespaced_pod(namespace, _labelled_pod("web")),
-            "the webhook to inject the sidecar",
-        )
-        (sidecar,) = [c for c in pod.spec.containers if c.name == SIDECAR_NAME]
-        (volume,) = [v for v in pod.spec.volumes if v.secret]
-        credentials = Secrets(kube, namespace).read(volume.secret.secret_name) or {}
-        folder = credentials_folder(credentials, workdir / "agent-credentials")
-        mounts = {CREDENTIALS_MOUNT: folder, STATE_MOUNT: made.state_dir("agent")}
-        made.agent = Edge(
-            agent_host,
-            [KAKUREMICHI, *mounted(sidecar.args, mounts, {})],
-            workdir / "agent.log", edge_env,
-        )  # fmt: skip
-        made.agent.start()
+        made.agent = made.start_agent(namespace, "web", agent_host)
         made.start_origin()
         yield made
     except BaseException:
@@ -343,8 +355,8 @@ def _read_daemonset(apps: client.AppsV1Api, name: str, namespace: str) -> Any:
         return None
 
 
-def _labelled_pod(agent: str) -> client.V1Pod:
+def _labelled_pod(agent: str, name: str = "") -> client.V1Pod:
     return client.V1Pod(
-        metadata=client.V1ObjectMeta(name=f"{agent}-0", labels={AGENT_LABEL: agent}),
+        metadata=client.V1ObjectMeta(name=name or f"{agent}-0", labels={AGENT_LABEL: agent}),
         spec=client.V1PodSpec(containers=[client.V1Container(name="web", image="origin")]),
     )

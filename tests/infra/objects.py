@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kubernetes import client
@@ -67,6 +68,13 @@ class Objects:
             raise
         assert isinstance(found, dict)
         return found
+
+    def wait_past_creation(self, name: str) -> None:
+        """Until the second after the object's creation: claims are ordered by creation time
+        (whole seconds in Kubernetes), then uid, so an object made now is surely younger."""
+        stamp = (self.get(name) or {})["metadata"]["creationTimestamp"]
+        created = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+        wait_until(lambda: datetime.now(UTC) >= created + timedelta(seconds=1), "the next second")
 
     def names(self) -> list[str]:
         listing = self._call("list")

@@ -71,7 +71,8 @@ def test_names_scope_and_subresources(kind: Any) -> None:
     assert spec["names"]["categories"] == ["kakuremichi"]
     assert spec["names"]["plural"] == kind.plural
     assert not set(spec["names"]["shortNames"]) & TAKEN_SHORT_NAMES
-    assert spec["scope"] == ("Cluster" if kind.kind == "Gateway" else "Namespaced")
+    assert spec["scope"] == ("Namespaced" if kind.namespaced else "Cluster")
+    assert kind.namespaced == (kind.kind not in ("Gateway", "TenantPolicy"))
     (version,) = spec["versions"]
     assert version["name"] == "v1alpha1"
     assert version["served"] and version["storage"]
@@ -121,7 +122,7 @@ def test_specs_and_statuses_match_the_brief() -> None:
     def props(kind: Any, part: str) -> set[str]:
         return set(openapi(crd.custom_resource_definition(kind))["properties"][part]["properties"])
 
-    agent, gateway, tunnel, certificate = KINDS
+    agent, gateway, tunnel, certificate, tenant_policy = KINDS
     assert props(agent, "spec") == {"displayName"}
     assert {"state", "lastSeenAt", "credentialsSecret", "subnet", "virtualIP"} <= props(
         agent, "status"
@@ -132,6 +133,8 @@ def test_specs_and_statuses_match_the_brief() -> None:
     )
     assert {"domain", "agent", "target", "enabled", "description", "tls"} <= props(tunnel, "spec")
     assert "url" in props(tunnel, "status")
+    assert props(tenant_policy, "spec") == {"namespaces", "domains", "maxAgents", "maxTunnels"}
+    assert tenant_policy.short_names == ("kmtenant",) and not tenant_policy.namespaced
     assert {"domain", "secretName", "autoRenew", "issuer"} <= props(certificate, "spec")
     assert {"notBefore", "notAfter", "renewalTime", "lastRenewedAt"} <= props(certificate, "status")
     tunnel_spec = openapi(crd.custom_resource_definition(tunnel))["properties"]["spec"]

@@ -1,27 +1,23 @@
-"""Each edge's config follows from the resources: every agent peers with every gateway, a domain
-belongs to its oldest claim, tunnels of missing agents are not routed."""
+"""Each edge's config follows from the topology: every agent peers with every gateway, an agent
+gets only its own tunnels, a held domain without an agent is pushed without one (503). Who holds
+a domain is decided before (tests/unit/test_ownership.py)."""
 
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
 
 from kakuremichi.credentials import generate_wireguard_keypair
 from kakuremichi.edge_config import (
     AgentNode,
-    Claim,
     GatewayNode,
     Route,
     Topology,
     agent_config,
     agent_inputs,
-    domain_holders,
     gateway_config,
     gateway_inputs,
 )
 from kakuremichi.protocol import CertificateBundle, GatewayConfigMessage
-
-T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def key() -> str:
@@ -34,10 +30,10 @@ TOKYO = GatewayNode(uuid.uuid4(), "tokyo", 1, "203.0.113.1", key())
 OSAKA = GatewayNode(uuid.uuid4(), "osaka", 2, "203.0.113.2", key(), wireguard_port=51821)
 
 
-def route(domain: str, agent: AgentNode, minutes: int = 0, name: str = "t", **kw: object) -> Route:
-    claim = Claim(T0 + timedelta(minutes=minutes), agent.namespace, name)
-    return Route(domain, agent.id, str(kw.get("target", "localhost:8080")),
-                 bool(kw.get("enabled", True)), claim, bool(kw.get("h2c", False)))  # fmt: skip
+def route(domain: str, agent: AgentNode | None, **kw: object) -> Route:
+    return Route(domain, uuid.uuid5(uuid.NAMESPACE_DNS, domain), agent.id if agent else None,
+                 str(kw.get("target", "localhost:8080")), bool(kw.get("enabled", True)),
+                 bool(kw.get("h2c", False)))  # fmt: skip
 
 
 def topology(*routes: Route) -> Topology:
@@ -106,26 +102,17 @@ def test_agents_of_an_enlarged_pool_use_their_third_octet_everywhere() -> None:
     assert [t.agent_virtual_ip for t in theirs.tunnels] == ["10.1.2.100"]
 
 
-def test_oldest_claim_holds_a_domain_whatever_the_order() -> None:
-    first = route("app.example.com", HOME, minutes=0, name="first")
-    second = route("app.example.com", OFFICE, minutes=5, name="second", target="localhost:9")
-    for routes in ((first, second), (second, first)):
-        served = topology(*routes).served_routes()
-        assert [(r.claim.name, r.target) for r in served] == [("first", "localhost:8080")]
-    holders = domain_holders([("a.example.com", second.claim), ("a.example.com", first.claim)])
-    assert holders["a.example.com"] == first.claim
-
-
-def test_same_second_claims_break_ties_by_namespace_then_name() -> None:
-    a = Claim(T0, "alpha", "z")
-    b = Claim(T0, "beta", "a")
-    assert domain_holders([("x.example.com", b), ("x.example.com", a)])["x.example.com"] == a
-
-
-def test_tunnel_of_a_missing_agent_is_not_routed() -> None:
-    ghost = AgentNode(uuid.uuid4(), "default", "ghost", 9, key())
-    config = gateway_config(topology(route("ghost.example.com", ghost)), TOKYO.id, 1)
-    assert config.tunnels == []
+def test_a_held_domain_whose_agent_is_missing_is_pushed_without_an_agent() -> None:
+    """The gateway then answers 503: the domain stays its holder's, under its certificate."""
+    world = topology(route("app.example.com", None), route("home.example.com", HOME))
+    config = gateway_config(world, TOKYO.id, 1)
+    assert [(t.domain, t.agent_virtual_ip) for t in config.tunnels] == [
+        ("app.example.com", None),
+        ("home.example.com", "10.1.0.100"),
+    ]
+    assert [c.domain for c in config.certificates] == ["app.example.com"]
+    assert [r.domain for r in world.served_routes()] == ["home.example.com"]
+    assert [t.domain for t in agent_config(world, HOME.id, 1).tunnels] == ["home.example.com"]
 
 
 def test_disabled_tunnels_are_pushed_with_enabled_false() -> None:

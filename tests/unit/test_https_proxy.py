@@ -178,6 +178,30 @@ def test_wrong_or_unknown_host_and_disabled_tunnels_are_answered_by_the_gateway(
     run(scenario)
 
 
+def test_a_held_domain_without_agent_answers_503_and_reaches_no_agent() -> None:
+    """The domain's holder has no agent now: its visitors get the standard 503 page under
+    the holder's certificate, and nothing reaches any agent (not another tenant's either)."""
+
+    async def scenario() -> None:
+        async with stack() as s:
+            reader, writer = await s.connect()
+            writer.write(request("/"))
+            assert (await read_response(reader))[0] == 200  # kept upstream: must not be used
+            s.proxy.set_routes({DOMAIN: Route(DOMAIN, None)})
+            served_before = s.agent_stats.connections_total
+            for _ in range(2):
+                reader, writer = await s.connect()
+                writer.write(request("/") + request("/"))
+                status, headers, body = await read_response(reader)
+                assert (status, headers["connection"]) == (503, "close")
+                assert b"not reachable right now" in body
+                assert await reader.read() == b""  # the pipelined one was not forwarded
+            assert s.agent_stats.connections_total == served_before
+            assert s.gateway_stats.requests[(DOMAIN, 503)] == 2
+
+    run(scenario)
+
+
 def test_target_down_and_agent_unreachable_give_502() -> None:
     async def scenario() -> None:
         async with stack() as s:

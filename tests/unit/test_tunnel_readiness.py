@@ -1,23 +1,33 @@
-"""A Tunnel's readiness follows from the whole picture, and says why it does not serve."""
+"""A Tunnel's readiness follows from the whole picture, says why it does not serve, and takes its
+reasons from one precedence table (which docs/resources.md shows)."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from kakuremichi.credentials import generate_wireguard_keypair
 from kakuremichi.edge_config import AgentNode
-from kakuremichi.tunnel_readiness import CertificateVerdict, TunnelFacts, routes, verdicts
+from kakuremichi.ownership import Tenancy, TenantRule, TunnelFacts, decide_domains
+from kakuremichi.tunnel_readiness import (
+    READY_RULES,
+    CertificateVerdict,
+    routes,
+    verdicts,
+)
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 HOME = AgentNode(uuid.uuid4(), "default", "home", 1, generate_wireguard_keypair().public_key)
 GOOD = CertificateVerdict(True, "Valid", "valid")
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "resources.md"
 
 
 def tunnel(name: str, domain: str = "app.example.com", agent: str = "home", minutes: int = 0,
-           enabled: bool = True) -> TunnelFacts:  # fmt: skip
-    return TunnelFacts(uuid.uuid4(), "default", name, domain, agent, "localhost:8080", enabled,
+           enabled: bool = True, namespace: str = "default") -> TunnelFacts:  # fmt: skip
+    return TunnelFacts(uuid.uuid4(), namespace, name, domain, agent, "localhost:8080", enabled,
                        T0 + timedelta(minutes=minutes), 1, name)  # fmt: skip
 
 
@@ -28,10 +38,12 @@ def verdict_of(
     *tunnels: TunnelFacts,
     certificates: dict[str, CertificateVerdict] | None = None,
     agents: tuple[AgentNode, ...] = (HOME,),
+    tenancy: Tenancy | None = None,
 ) -> Verdicts:
-    certs = {("default", t.name): GOOD for t in tunnels}
+    certs = {(t.namespace, t.name): GOOD for t in tunnels}
     certs |= {("default", k): v for k, v in (certificates or {}).items()}
-    result = verdicts({t.id: t for t in tunnels}, {a.id: a for a in agents}, certs)
+    ownership = decide_domains(tunnels, tenancy or Tenancy())
+    result = verdicts({t.id: t for t in tunnels}, ownership, {a.id: a for a in agents}, certs)
     return {
         t.name: (result[t.id].status, result[t.id].reason, result[t.id].message) for t in tunnels
     }
@@ -47,11 +59,20 @@ def test_missing_agent() -> None:
     assert "default/ghost" in message
 
 
-def test_conflict_names_the_holder_and_the_holder_keeps_serving() -> None:
+def test_conflict_in_one_namespace_names_the_holder_which_keeps_serving() -> None:
     result = verdict_of(tunnel("second", minutes=5), tunnel("first"))
     assert result["first"][:2] == ("True", "Serving")
     assert result["second"][:2] == ("False", "DomainConflict")
-    assert "already claimed by Tunnel default/first" in result["second"][2]
+    assert "already claimed by Tunnel first of this namespace" in result["second"][2]
+
+
+def test_a_conflict_with_another_namespace_names_nobody() -> None:
+    holder = tunnel("secret-project", namespace="team-a")
+    result = verdict_of(tunnel("probe", minutes=5, namespace="team-b"), holder)
+    reason, message = result["probe"][1:]
+    assert reason == "DomainConflict"
+    assert message == "app.example.com is already claimed by another namespace"
+    assert "team-a" not in message and "secret-project" not in message
 
 
 def test_certificate_problem_is_passed_through() -> None:
@@ -61,20 +82,64 @@ def test_certificate_problem_is_passed_through() -> None:
     assert message.startswith("Certificate app: the certificate expired")
 
 
-def test_disabled_tunnel_is_not_ready_but_still_routed_as_disabled() -> None:
+def test_disabled_tunnel_is_not_ready_but_keeps_its_domain() -> None:
     off = tunnel("app", enabled=False)
-    assert verdict_of(off)["app"][:2] == ("False", "Disabled")
-    (route,) = routes({off.id: off}, {HOME.id: HOME})
-    assert route.enabled is False
+    later = tunnel("later", minutes=1, namespace="other")
+    assert verdict_of(off, later)["app"][:2] == ("False", "Disabled")
+    ownership = decide_domains([off, later], Tenancy())
+    (route,) = routes(ownership, {HOME.id: HOME})
+    assert (route.tunnel_id, route.enabled) == (off.id, False)
 
 
-def test_routes_skip_tunnels_of_missing_agents() -> None:
-    ghost = tunnel("ghost", agent="ghost")
-    assert routes({ghost.id: ghost}, {HOME.id: HOME}) == ()
+def test_a_holder_without_agent_keeps_its_domain_unrouted() -> None:
+    holder = tunnel("holder", agent="ghost")
+    younger = tunnel("younger", minutes=1, namespace="other")
+    ownership = decide_domains([holder, younger], Tenancy())
+    (route,) = routes(ownership, {HOME.id: HOME})
+    assert (route.tunnel_id, route.agent_id) == (holder.id, None)
 
 
 def test_an_h2c_tunnel_routes_as_h2c() -> None:
     grpc = dataclasses.replace(tunnel("grpc"), app_protocol="H2C")
     plain = tunnel("web", domain="web.example.com")
-    found = {r.domain: r.h2c for r in routes({grpc.id: grpc, plain.id: plain}, {HOME.id: HOME})}
+    ownership = decide_domains([grpc, plain], Tenancy())
+    found = {r.domain: r.h2c for r in routes(ownership, {HOME.id: HOME})}
     assert found == {"app.example.com": True, "web.example.com": False}
+
+
+def test_precedence_follows_the_table() -> None:
+    """A Tunnel that is over quota, not allowed its domain, without agent, certificate or
+    enablement reports the first rule of the table, and each fix uncovers the next."""
+    policy = TenantRule("team", match_names=frozenset({"default"}), domains=frozenset(
+        {"ok.example.com"}), max_tunnels=1)  # fmt: skip
+    tenancy = Tenancy((policy,))
+    bad = CertificateVerdict(False, "SecretNotFound", "no Secret")
+    older = tunnel("older", domain="ok.example.com", minutes=-1)
+    worst = tunnel("worst", domain="app.example.com", agent="ghost", enabled=False)
+    seen = [verdict_of(older, worst, certificates={"worst": bad}, tenancy=tenancy)["worst"][1]]
+    seen.append(verdict_of(worst, certificates={"worst": bad}, tenancy=tenancy)["worst"][1])
+    allowed = Tenancy((dataclasses.replace(policy, domains=frozenset({"app.example.com"})),))
+    holder = tunnel("holder", domain="app.example.com", minutes=-5, namespace="x")
+    seen.append(
+        verdict_of(holder, worst, certificates={"worst": bad}, tenancy=Tenancy())["worst"][1]
+    )
+    seen.append(verdict_of(worst, certificates={"worst": bad}, tenancy=allowed)["worst"][1])
+    fixed = dataclasses.replace(worst, agent="home")
+    seen.append(verdict_of(fixed, certificates={"worst": bad}, tenancy=allowed)["worst"][1])
+    seen.append(verdict_of(fixed, tenancy=allowed)["worst"][1])
+    seen.append(verdict_of(dataclasses.replace(fixed, enabled=True), tenancy=allowed)["worst"][1])
+    table = [r.reason for r in READY_RULES]
+    assert seen == [
+        "QuotaExceeded", "DomainNotAllowed", "DomainConflict", "AgentNotReady",
+        "SecretNotFound", "Disabled", "Serving",
+    ]  # fmt: skip
+    assert [table.index(r if r in table else "<Certificate's reason>") for r in seen] == list(
+        range(len(table))
+    )
+
+
+def test_the_documented_table_is_the_codes() -> None:
+    text = DOCS.read_text()
+    section = text[text.index("### Why a Tunnel is not Ready") :]
+    documented = re.findall(r"^\| \d+ \| `?([^`|]+?)`? \|", section, flags=re.MULTILINE)
+    assert documented == [r.reason for r in READY_RULES]

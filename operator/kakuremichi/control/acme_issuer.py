@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from kakuremichi.control.acme import AcmeProblem, AcmeSession, generate_account_key
+from kakuremichi.control.kube import MANAGED_BY, SecretNotOwned, StoredSecret
 from kakuremichi.protocol import AcmeChallenge
 from kakuremichi.resources import CERTIFICATE, CertificateSpec, CertificateStatus
 from kakuremichi.tls_material import CertificateInfo, CertificateProblem, inspect
@@ -34,7 +35,10 @@ MAX_SLEEP_SECONDS = 3600.0
 SELF_CHECK_SECONDS = 10.0
 """Gateways apply a pushed token within a second or so; longer means they cannot serve it."""
 GATEWAY_WAIT_SECONDS = 2.0
-MANAGED_BY = {"app.kubernetes.io/managed-by": "kakuremichi"}
+FOREIGN_SECRET_RECHECK_SECONDS = 60.0
+CERTIFICATE_LABEL = "kakuremichi.io/certificate"
+"""On the Secrets the operator writes for a Certificate (its name): the operator watches
+Secrets with this label, and a user's Secret with it is noticed at once too."""
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
@@ -55,6 +59,18 @@ def pending_key_secret(certificate: str) -> str:
     return f"{certificate}-acme-key"
 
 
+def secret_labels(certificate: str) -> dict[str, str]:
+    return {**MANAGED_BY, CERTIFICATE_LABEL: certificate}
+
+
+class Abandoned(Exception):
+    """The Certificate's Tunnel no longer holds the domain: the order is dropped."""
+
+
+WAIT_FOR_HOLDER = -1.0
+"""What :meth:`AcmeIssuer._step` returns when only a change of the domain's holder can help."""
+
+
 class AcmeIssuer:
     def __init__(self, context: Context) -> None:
         self.context = context
@@ -65,6 +81,10 @@ class AcmeIssuer:
         """Per Certificate: (chain, ARI's suggested renewal, when to ask again)."""
         self._session: AcmeSession | None = None
         self._session_lock = asyncio.Lock()
+        self._awaiting_holder: dict[Key, str] = {}
+        """Certificates whose Tunnel does not hold the domain (→ domain): one watcher wakes
+        them when that changes, instead of each polling."""
+        self._holder_watch: asyncio.Task[None] | None = None
 
     # --- what the Certificate reconciler uses ------------------------------------------------
 
@@ -82,6 +102,8 @@ class AcmeIssuer:
             return
         self.wake[key] = asyncio.Event()
         self.tasks[key] = asyncio.create_task(self._run(key), name=f"acme {namespace}/{name}")
+        if self._holder_watch is None or self._holder_watch.done():
+            self._holder_watch = asyncio.create_task(self._watch_holders(), name="acme holders")
 
     async def stop(self, namespace: str, name: str) -> None:
         key = (namespace, name)
@@ -92,11 +114,31 @@ class AcmeIssuer:
         self.wake.pop(key, None)
         self.verdicts.pop(key, None)
         self._ari.pop(key, None)
+        self._awaiting_holder.pop(key, None)
         self.context.state.set_challenge(key, None)
 
     async def close(self) -> None:
         for namespace, name in list(self.tasks):
             await self.stop(namespace, name)
+        if self._holder_watch is not None:
+            self._holder_watch.cancel()
+            await asyncio.gather(self._holder_watch, return_exceptions=True)
+
+    def _may_issue(self, key: Key, domain: str) -> bool:
+        return self.context.state.snapshot().may_issue(key, domain)
+
+    async def _watch_holders(self) -> None:
+        """Wake the Certificates whose Tunnel has come to hold their domain."""
+        state, seen = self.context.state, -1
+        while True:
+            seen = await state.changed(seen)
+            if not self._awaiting_holder:
+                continue
+            snapshot = state.snapshot()
+            for key, domain in list(self._awaiting_holder.items()):
+                if snapshot.may_issue(key, domain) and key in self.wake:
+                    del self._awaiting_holder[key]
+                    self.wake[key].set()
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -124,7 +166,9 @@ class AcmeIssuer:
             if delay is None:
                 return
             if verdict != shown:  # the news is not written yet: try again soon, not at the end
-                await self._sleep(key, min(delay, self.context.settings.acme_retry_base))
+                await self._sleep(key, min(abs(delay), self.context.settings.acme_retry_base))
+            elif delay == WAIT_FOR_HOLDER:
+                await self._until_holder(key)
             elif verdict is not None and verdict.reason == "NoGatewayOnline":
                 await self._until_gateway(key)
             else:
@@ -137,6 +181,16 @@ class AcmeIssuer:
         while not self._online_gateways() and not event.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), GATEWAY_WAIT_SECONDS)
+
+    async def _until_holder(self, key: Key) -> None:
+        """Wait until :meth:`_watch_holders` sees this Certificate's Tunnel hold the domain
+        (or the Certificate changes)."""
+        event = self.wake[key]
+        event.clear()
+        if key not in self._awaiting_holder:  # woken already (it leaves the set when woken)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), MAX_SLEEP_SECONDS)
 
     async def _sleep(self, key: Key, seconds: float) -> None:
         event = self.wake[key]
@@ -155,8 +209,16 @@ class AcmeIssuer:
         if spec.issuer != "ACME":
             return None
         status = CertificateStatus.model_validate(body.get("status") or {})
+        uid = str(body["metadata"]["uid"])
         now = datetime.now(UTC)
-        current = await self._current(namespace, spec, now)
+        stored = await kube.stored_secret(namespace, spec.secret_name)
+        if stored is not None and not stored.owned_by(uid):
+            # Someone else's Secret: never written over, and what it holds is not ours.
+            self.verdicts[key] = CertificateVerdict(
+                False, "SecretNotOwned", str(SecretNotOwned(namespace, spec.secret_name))
+            )
+            return FOREIGN_SECRET_RECHECK_SECONDS
+        current = self._current(stored, spec, now)
         if current is not None:
             chain, info = current
             if not spec.auto_renew:
@@ -166,6 +228,8 @@ class AcmeIssuer:
             if now < due:
                 self.verdicts.pop(key, None)
                 return (due - now).total_seconds()
+        if not self._may_issue(key, spec.domain):
+            return await self._not_holder(key, spec.domain, status)
         if status.next_attempt_at is not None and now < status.next_attempt_at:
             return (status.next_attempt_at - now).total_seconds()
         if not self._online_gateways():
@@ -176,6 +240,11 @@ class AcmeIssuer:
             return GATEWAY_WAIT_SECONDS
         try:
             await self._issue(key, body, spec, status)
+        except Abandoned:
+            return await self._not_holder(key, spec.domain, status)
+        except SecretNotOwned as error:
+            self.verdicts[key] = CertificateVerdict(False, "SecretNotOwned", str(error))
+            return FOREIGN_SECRET_RECHECK_SECONDS
         except AcmeProblem as problem:
             failures = (status.failed_attempts or 0) + 1
             delay = retry_delay(
@@ -201,13 +270,30 @@ class AcmeIssuer:
         await self._event(body, False, "Issued", f"certificate for {spec.domain} issued")
         return 0.0  # look again at once: the new certificate's renewal time
 
-    async def _current(
-        self, namespace: str, spec: CertificateSpec, now: datetime
+    async def _not_holder(self, key: Key, domain: str, status: CertificateStatus) -> float:
+        """No order for a domain this Certificate's Tunnel does not hold; one in flight is
+        dropped. Wait until the holder changes."""
+        self.verdicts[key] = CertificateVerdict(
+            False, "DomainNotHeld",
+            f"no Tunnel of this namespace that uses this Certificate holds {domain}: no "
+            "certificate is ordered for it",
+        )  # fmt: skip
+        if status.order_url:
+            namespace, name = key
+            await self.context.kube.patch_status(CERTIFICATE, namespace, name, {"orderURL": None})
+            log.info("ACME: dropped the order of %s/%s (%s changed hands)", namespace, name, domain)
+        self._awaiting_holder[key] = domain
+        if self._may_issue(key, domain):  # (it changed meanwhile: the watcher saw it first)
+            self._awaiting_holder.pop(key, None)
+            return 0.0
+        return WAIT_FOR_HOLDER
+
+    def _current(
+        self, stored: StoredSecret | None, spec: CertificateSpec, now: datetime
     ) -> tuple[str, CertificateInfo] | None:
-        data = await self.context.kube.read_secret(namespace, spec.secret_name)
-        if not data:
+        if stored is None or not stored.data:
             return None
-        chain, key = data.get("tls.crt", ""), data.get("tls.key", "")
+        chain, key = stored.data.get("tls.crt", ""), stored.data.get("tls.key", "")
         try:
             return chain, inspect(chain.encode(), key.encode(), spec.domain, now)
         except CertificateProblem:
@@ -246,6 +332,14 @@ class AcmeIssuer:
     ) -> None:
         namespace, name = key
         kube, settings = self.context.kube, self.context.settings
+        uid = str(body["metadata"]["uid"])
+
+        def still_holder() -> None:
+            # Asked before every step that commits to the domain: an order for a domain that
+            # changed hands (holder deleted and re-created elsewhere, policy changed) is dropped.
+            if not self._may_issue(key, spec.domain):
+                raise Abandoned
+
         session = await self.session()
         self.verdicts[key] = CertificateVerdict(
             False, "Issuing", f"ordering a certificate for {spec.domain}"
@@ -253,29 +347,36 @@ class AcmeIssuer:
         order = None
         if status.order_url:
             order = await asyncio.to_thread(session.order, status.order_url)
-        key_pem = (await kube.read_secret(namespace, pending_key_secret(name)) or {}).get("tls.key")
+        pending = await kube.stored_secret(namespace, pending_key_secret(name))
+        key_pem = pending.data.get("tls.key") if pending and pending.owned_by(uid) else None
         if order is None or order.status == "invalid" or key_pem is None:
+            still_holder()
             order = await asyncio.to_thread(session.new_order, spec.domain, settings.acme_profile)
             # Written before any next step: a restart picks the order up again.
             await kube.patch_status(CERTIFICATE, namespace, name, {"orderURL": order.url})
             key_pem = generate_account_key()
-            await kube.delete_secret(namespace, pending_key_secret(name))
-            await kube.create_secret(
+            await kube.delete_secret(namespace, pending_key_secret(name), owner_uid=uid)
+            if not await kube.create_secret(
                 namespace, pending_key_secret(name), {"tls.key": key_pem}, owner=body,
-                labels=MANAGED_BY,
-            )  # fmt: skip
+                labels=secret_labels(name),
+            ):  # fmt: skip
+                raise SecretNotOwned(namespace, pending_key_secret(name))
         for token, challenge in order.challenges:
+            still_holder()
             authorization = session.key_authorization(challenge)
             self.context.state.set_challenge(
                 key, AcmeChallenge(domain=spec.domain, token=token, key_authorization=authorization)
             )
             await self._self_check(spec.domain, token, authorization)
+            still_holder()
             await asyncio.to_thread(session.answer, challenge)
+        still_holder()
         chain = await asyncio.to_thread(session.finalize, order.url, key_pem, spec.domain)
+        still_holder()
         await kube.put_tls_secret(
-            namespace, spec.secret_name, chain, key_pem, owner=body, labels=MANAGED_BY
+            namespace, spec.secret_name, chain, key_pem, owner=body, labels=secret_labels(name)
         )
-        await kube.delete_secret(namespace, pending_key_secret(name))
+        await kube.delete_secret(namespace, pending_key_secret(name), owner_uid=uid)
         log.info("ACME: issued a certificate for %s (%s/%s)", spec.domain, namespace, name)
 
     async def _self_check(self, domain: str, token: str, expected: str) -> None:

@@ -1,14 +1,19 @@
-"""Agent reconciler: addresses, credentials, mirror row, status.
+"""Agent reconciler: quota, addresses, credentials, mirror row, status.
 
 Level-triggered and idempotent: every create, update and resume runs the same
 :func:`reconcile`, which reads what exists (status, Secret) before creating anything, so a
-restart or a repeated event never allocates twice or rotates keys.
+restart or a repeated event never allocates twice or rotates keys. An Agent beyond its
+namespace's quota (TenantPolicy ``maxAgents``, oldest first) gets no subnet; :func:`readmit`
+reconciles it again as soon as the snapshot admits it (an older Agent deleted, a policy
+changed), and takes the subnet of one the snapshot no longer admits.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -19,10 +24,11 @@ from kakuremichi.conditions import Condition, ConditionStatus, set_ready
 from kakuremichi.control.context import Context
 from kakuremichi.control.credentials_secret import ensure_credentials
 from kakuremichi.control.mirror import AgentRow
-from kakuremichi.control.reconciler import register_reconciler
-from kakuremichi.credentials import wireguard_public_key
+from kakuremichi.control.reconciler import reconcile_again, register_reconciler
+from kakuremichi.credentials import is_wireguard_key, wireguard_public_key
 from kakuremichi.edge_config import AgentNode
 from kakuremichi.fields import status_patch
+from kakuremichi.ownership import AgentClaim
 from kakuremichi.resources import AGENT, AgentStatus
 from kakuremichi.store import Agent
 
@@ -42,6 +48,28 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
     def ready(status: ConditionStatus, reason: str, message: str) -> list[Condition]:
         return set_ready(current.conditions, status, reason, message, generation)
 
+    context.state.claim_agent(claim_of(meta))
+    refusal = context.state.snapshot().agent_refusals.get(uid)
+    if refusal is not None:
+        # Beyond its namespace's quota: no subnet (a held one goes back to the pool) and no
+        # keys known to control, so it cannot starve the other tenants' Agents.
+        context.state.refuse_agent(uid)
+        await context.mirror.delete_agent(uid)
+        patch.status.update(
+            status_patch(
+                current,
+                {
+                    "conditions": ready("False", "QuotaExceeded", refusal),
+                    "observed_generation": generation,
+                    "subnet": None,
+                    "virtual_ip": None,
+                },
+            )
+        )
+        if not any(c.type == "Ready" and c.reason == "QuotaExceeded" for c in current.conditions):
+            await context.kube.announce(AGENT, body, True, "QuotaExceeded", refusal)
+        return
+
     try:
         if current.subnet:
             addresses = context.state.subnets.restore(uid, current.subnet)
@@ -49,17 +77,23 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
             addresses = context.state.subnets.allocate(uid)
     except (PoolExhausted, AllocationConflict) as error:
         reason = "PoolExhausted" if isinstance(error, PoolExhausted) else "SubnetConflict"
+        # A conflict's holder is another tenant's Agent, maybe: it is not named.
+        message = (
+            str(error)
+            if isinstance(error, PoolExhausted)
+            else f"subnet {current.subnet} is already allocated to another Agent"
+        )
         patch.status.update(
             status_patch(
                 current,
                 {
-                    "conditions": ready("False", reason, str(error)),
+                    "conditions": ready("False", reason, message),
                     "observed_generation": generation,
                 },
             )
         )
-        kopf.warn(body, reason=reason, message=str(error))
-        raise kopf.TemporaryError(str(error), delay=15) from error
+        await context.kube.announce(AGENT, body, True, reason, message)
+        raise kopf.TemporaryError(message, delay=15) from error
 
     secret_name = credentials_secret_name(name)
     api_key, private_key = await ensure_credentials(
@@ -93,7 +127,7 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
         updates["state"] = "offline"
     patch.status.update(status_patch(current, updates))
     if current.subnet != str(addresses.subnet):
-        kopf.info(body, reason="Provisioned", message=message)
+        await context.kube.announce(AGENT, body, False, "Provisioned", message)
         log.info("agent %s/%s provisioned: %s", namespace, name, message)
 
 
@@ -102,26 +136,66 @@ async def cleanup(context: Context, body: kopf.Body) -> None:
     uid, namespace, name = UUID(meta.uid), meta.namespace or "", meta.name or ""
     context.state.remove_agent(uid)
     await context.mirror.delete_agent(uid)
-    await context.kube.delete_secret(namespace, credentials_secret_name(name))
+    # (Only the Secret made for this Agent: another of that name is not the operator's.)
+    await context.kube.delete_secret(namespace, credentials_secret_name(name), owner_uid=str(uid))
     log.info("agent %s/%s removed; subnet released", namespace, name)
 
 
+def claim_of(meta: Any) -> AgentClaim:
+    created = datetime.fromisoformat(str(meta["creationTimestamp"]).replace("Z", "+00:00"))
+    return AgentClaim(UUID(meta["uid"]), meta.get("namespace") or "", meta["name"], created)
+
+
 async def restore_allocations(context: Context) -> set[str]:
-    """Re-register every Agent's subnet from status, oldest first, before any reconcile runs:
-    a new Agent must never be given a subnet an existing one already holds. Returns the
-    Agents' uids."""
+    """Before any reconcile runs: record every Agent's claim (quotas count them oldest first)
+    and re-register the subnet and keys of each admitted one from status, oldest first: a new
+    Agent must never be given a subnet an existing one already holds, and Tunnels must not
+    look unserved until their Agent's turn comes. Returns the Agents' uids."""
     agents = await context.kube.list_objects(AGENT, context.settings.namespaces)
     agents.sort(key=lambda a: (a["metadata"]["creationTimestamp"], a["metadata"]["uid"]))
     for agent in agents:
-        subnet = (agent.get("status") or {}).get("subnet")
-        if subnet:
-            # A younger claimant of a taken subnet is told so when it is reconciled.
-            with contextlib.suppress(AllocationConflict):
-                context.state.subnets.restore(UUID(agent["metadata"]["uid"]), subnet)
+        context.state.claim_agent(claim_of(agent["metadata"]))
+    refusals = context.state.snapshot().agent_refusals
+    for agent in agents:
+        meta, status = agent["metadata"], agent.get("status") or {}
+        uid = UUID(meta["uid"])
+        subnet = status.get("subnet")
+        if not subnet or uid in refusals:
+            continue  # (an Agent over quota gives its subnet back when reconciled)
+        # A younger claimant of a taken subnet is told so when it is reconciled.
+        with contextlib.suppress(AllocationConflict, ValueError):
+            addresses = context.state.subnets.restore(uid, subnet)
+            public_key = status.get("wireguardPublicKey") or ""
+            if is_wireguard_key(public_key):
+                node = AgentNode(uid, meta.get("namespace") or "", meta["name"],
+                                 addresses.number, public_key)  # fmt: skip
+                context.state.restore_agent(node)
     pruned = await context.mirror.prune(Agent, {UUID(a["metadata"]["uid"]) for a in agents})
     if pruned:
         log.info("pruned %d agent rows of deleted Agents", pruned)
     return {str(a["metadata"]["uid"]) for a in agents}
+
+
+async def readmit(context: Context) -> None:
+    """Reconcile again each Agent whose admission changed in the snapshot: one over quota that
+    now fits (an older one was deleted, a policy raised its limit), or one provisioned that no
+    longer does (a policy lowered it)."""
+    state, seen = context.state, -1
+    while True:
+        seen = await state.changed(seen)
+        await asyncio.sleep(0.05)  # let a burst settle
+        refusals = state.snapshot().agent_refusals
+        changed = [
+            claim
+            for uid, claim in list(state.agent_claims.items())
+            if (uid in refusals and uid in state.agents)  # over quota now: give the subnet back
+            or (uid not in refusals and uid in state.quota_refused)  # fits now
+        ]
+        for claim in changed:
+            try:
+                await reconcile_again(context, AGENT, reconcile, claim.namespace, claim.name)
+            except Exception:  # the next change tries again
+                log.exception("reconciling Agent %s/%s again failed", claim.namespace, claim.name)
 
 
 def register(registry: kopf.OperatorRegistry, context: Context) -> None:

@@ -1,10 +1,16 @@
 """Certificate reconciler: the certificate in the ``kubernetes.io/tls`` Secret is what is served.
 
 With ``issuer: Secret`` the user keeps that Secret; with ``issuer: ACME`` the
-:mod:`~kakuremichi.control.acme_issuer` writes it. Either way the Secret is parsed and checked
-(covers the domain, valid now, key matches); a good one is mirrored (private key sealed) and
-served, a bad or missing one makes ``Ready=False`` say why while the gateways keep serving the
-last good certificate.
+:mod:`~kakuremichi.control.acme_issuer` writes it, and only into a Secret it made for that
+Certificate (any other of that name is ``SecretNotOwned``, left alone and not served). Either
+way the Secret is parsed and checked (covers the domain, valid now, key matches); a good one is
+mirrored (private key sealed) and, when the Certificate's Tunnel holds the domain, served; a bad
+or missing one makes ``Ready=False`` say why while the gateways keep serving the last good
+certificate.
+
+Secrets are read by name, never listed: the operator watches only Secrets labelled
+``kakuremichi.io/certificate`` (its own, and users' that carry the label) and looks again at the
+others a Certificate reads again on a timer (:func:`recheck_sources`).
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from uuid import UUID
 import kopf
 
 from kakuremichi.conditions import READY, set_ready
+from kakuremichi.control.acme_issuer import CERTIFICATE_LABEL
 from kakuremichi.control.context import Context
+from kakuremichi.control.kube import SecretNotOwned
 from kakuremichi.control.mirror import CertificateRow
 from kakuremichi.control.reconciler import register_reconciler
 from kakuremichi.fields import status_patch
@@ -29,16 +37,28 @@ from kakuremichi.tls_material import CertificateProblem, inspect
 from kakuremichi.tunnel_readiness import CertificateVerdict
 
 RECHECK_SECONDS = 300.0
+SOURCE_RECHECK_SECONDS = 60.0
+"""The longest the operator goes without reading again a Secret that a Certificate reads and
+that it does not watch (no ``kakuremichi.io/certificate`` label)."""
+SOURCE_RECHECK_MIN_SECONDS = 1.0
 log = logging.getLogger(__name__)
 
 
 async def evaluate(
-    context: Context, namespace: str, name: str, spec: CertificateSpec
+    context: Context, namespace: str, name: str, uid: str, spec: CertificateSpec
 ) -> tuple[CertificateVerdict, CertificateBundle | None, Any]:
     """The verdict on a Certificate, the bundle to serve (when good) and its details."""
     # Cached for a moment (and forgotten on the Secret's watch events): Certificates that share
     # one Secret, as thousands may, read it once.
-    data = await context.kube.read_secret(namespace, spec.secret_name, cached=True)
+    stored = await context.kube.stored_secret(namespace, spec.secret_name, cached=True)
+    context.state.secret_versions[(namespace, spec.secret_name)] = (
+        (stored.resource_version, CERTIFICATE_LABEL in stored.labels) if stored else ("", False)
+    )
+    if spec.issuer == "ACME" and stored is not None and not stored.owned_by(uid):
+        # Not the operator's for this Certificate: never written over, and not served either.
+        message = str(SecretNotOwned(namespace, spec.secret_name))
+        return CertificateVerdict(False, "SecretNotOwned", message), None, None
+    data = None if stored is None else stored.data
     problem: CertificateVerdict | None = None
     if data is None:
         problem = CertificateVerdict(
@@ -87,10 +107,10 @@ async def compute_status(context: Context, body: kopf.Body) -> dict[str, Any]:
     namespace, name = meta.namespace or "", meta.name or ""
     spec = CertificateSpec.model_validate(dict(body.spec))
     current = CertificateStatus.model_validate(dict(body.status))
-    context.state.use_secret(namespace, name, spec.secret_name if spec.issuer == "Secret" else None)
+    context.state.use_secret(namespace, name, spec.secret_name)
     if spec.issuer == "ACME":
         context.acme.ensure(namespace, name)
-    verdict, bundle, info = await evaluate(context, namespace, name, spec)
+    verdict, bundle, info = await evaluate(context, namespace, name, meta.uid or "", spec)
     context.state.set_certificate((namespace, name), verdict, bundle)
     if info is not None:
         context.state.certificate_expiry[(namespace, name)] = info.not_after
@@ -130,8 +150,8 @@ async def compute_status(context: Context, body: kopf.Body) -> dict[str, Any]:
         )
     was_ready = any(c.type == READY and c.status == "True" for c in current.conditions)
     if verdict.ready != was_ready or not current.conditions:
-        (kopf.info if verdict.ready else kopf.warn)(
-            body, reason=verdict.reason, message=verdict.message
+        await context.kube.announce(
+            CERTIFICATE, body, not verdict.ready, verdict.reason, verdict.message
         )
     # Only what this computes: the ACME task owns orderURL, failedAttempts and nextAttemptAt,
     # and the body here may be older than its last write.
@@ -150,6 +170,41 @@ async def prune_rows(context: Context) -> None:
     """Drop mirror rows of Certificates deleted while the operator was away."""
     found = await context.kube.list_objects(CERTIFICATE, context.settings.namespaces)
     await context.mirror.prune(Certificate, {UUID(c["metadata"]["uid"]) for c in found})
+
+
+async def recheck_sources(context: Context) -> None:
+    """Secrets Certificates read but the operator does not watch: read each again, first a
+    second after it was last seen to change, then ever less often up to every
+    :data:`SOURCE_RECHECK_SECONDS`, and make its Certificates look again when it changed. A
+    Secret created just after its Tunnel is served within seconds; a renewed one within a
+    minute."""
+    state = context.state
+    schedule: dict[tuple[str, str], tuple[float, float]] = {}
+    """(namespace, Secret) → (when to read it next, the interval that led there)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(SOURCE_RECHECK_MIN_SECONDS)
+        now = loop.time()
+        for gone in set(schedule) - set(state.secret_users):
+            del schedule[gone]
+        for key, users in list(state.secret_users.items()):
+            due, interval = schedule.setdefault(key, (now + SOURCE_RECHECK_MIN_SECONDS, 0.0))
+            seen = state.secret_versions.get(key)
+            if due > now or (seen is not None and seen[1]):
+                continue  # (a labelled one is watched: its events tell)
+            interval = min(SOURCE_RECHECK_SECONDS, max(SOURCE_RECHECK_MIN_SECONDS, interval * 2))
+            schedule[key] = (now + interval, interval)
+            namespace, secret = key
+            try:
+                stored = await context.kube.stored_secret(namespace, secret)
+                if seen is not None and seen[0] == (stored.resource_version if stored else ""):
+                    continue
+                schedule[key] = (now + SOURCE_RECHECK_MIN_SECONDS, 0.0)  # changing: look soon
+                context.kube.forget_secret(namespace, secret)
+                for certificate in sorted(users):
+                    await refresh(context, namespace, certificate)
+            except Exception:  # the next round tries again
+                log.exception("reading Secret %s/%s again failed", namespace, secret)
 
 
 async def recheck(context: Context) -> None:
@@ -194,7 +249,12 @@ def register(registry: kopf.OperatorRegistry, context: Context) -> None:
     def referenced(namespace: str | None, name: str | None, **_: Any) -> bool:
         return bool(context.state.secret_users.get((namespace or "", name or "")))
 
-    @kopf.on.event("", "v1", "secrets", registry=registry, when=referenced)
+    # The watch asks the API server for labelled Secrets only (see main.py's label selector):
+    # the operator never streams, nor keeps, every Secret of the cluster.
+    @kopf.on.event(
+        "", "v1", "secrets", registry=registry, labels={CERTIFICATE_LABEL: kopf.PRESENT},
+        when=referenced,
+    )  # fmt: skip
     async def secret_changed(name: str, namespace: str | None, **_: Any) -> None:
         """A Secret that a Certificate reads changed: make that Certificate look again."""
         context.kube.forget_secret(namespace or "", name)

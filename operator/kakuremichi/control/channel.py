@@ -95,7 +95,6 @@ class ControlChannel:
         self.sessions: dict[UUID, Session] = {}
         self.throttle = FailureThrottle()
         self.versions = VersionClock()
-        self._cached_topology: tuple[int, edge_config.Topology] | None = None
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -311,7 +310,7 @@ class ControlChannel:
 
     async def _push(self, session: Session, secure: bool) -> None:
         identity = session.identity
-        topology = self._topology()
+        topology = self.context.state.snapshot().topology
         known = topology.agents if identity.role == "agent" else topology.gateways
         if identity.id not in known:
             return
@@ -349,14 +348,6 @@ class ControlChannel:
         await session.socket.send_str(protocol.encode(message))
         session.sent, session.sent_version, session.inputs = comparable, version, inputs
         metrics.config_pushes.labels(identity.role).inc()
-
-    def _topology(self) -> edge_config.Topology:
-        """The state's topology, computed once per state generation and shared by every
-        session's push (a change wakes them all at once)."""
-        generation = self.context.state.generation
-        if self._cached_topology is None or self._cached_topology[0] != generation:
-            self._cached_topology = (generation, self.context.state.topology())
-        return self._cached_topology[1]
 
     async def _private_key(self, identity: EdgeIdentity) -> str | None:
         location = self.context.state.credential_secrets.get(identity.id)

@@ -12,9 +12,11 @@ import asyncio
 import base64
 import contextlib
 import functools
+import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
@@ -24,12 +26,40 @@ from kubernetes.client.exceptions import ApiException
 from kakuremichi.resources import API_VERSION, GROUP, VERSION, ResourceKind
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 CONCURRENT_CALLS = 16
 """Kubernetes calls in flight at once (worker threads, and pooled connections to match)."""
+LIST_PAGE_SIZE = 500
 SECRET_CACHE_SECONDS = 5.0
 """How long a read of a Secret may be served again to ``read_secret(..., cached=True)``
 (writes made here and :meth:`Kube.forget_secret`, called on the Secret's watch events, end it
 sooner)."""
+
+
+MANAGED_BY = {"app.kubernetes.io/managed-by": "kakuremichi"}
+"""The label of every object the operator makes."""
+
+
+@dataclass(frozen=True)
+class StoredSecret:
+    data: Mapping[str, str]
+    labels: Mapping[str, str]
+    owners: frozenset[str]
+    """Uids of its owner references."""
+    uid: str
+    resource_version: str
+
+    def owned_by(self, uid: str) -> bool:
+        """Made by the operator for the object ``uid`` (its owner reference and label)."""
+        return uid in self.owners and all(self.labels.get(k) == v for k, v in MANAGED_BY.items())
+
+
+class SecretNotOwned(Exception):
+    def __init__(self, namespace: str, name: str) -> None:
+        super().__init__(
+            f"Secret {namespace}/{name} exists and was not made by the operator for this "
+            "Certificate: it is left untouched; delete it or choose another secretName"
+        )
 
 
 def load_api_client() -> client.ApiClient:
@@ -49,7 +79,7 @@ class Kube:
         self.apps = client.AppsV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self._threads = ThreadPoolExecutor(CONCURRENT_CALLS, thread_name_prefix="kube")
-        self._secrets: dict[tuple[str, str], tuple[float, asyncio.Future[dict[str, str] | None]]]
+        self._secrets: dict[tuple[str, str], tuple[float, asyncio.Future[StoredSecret | None]]]
         self._secrets = {}
 
     async def _call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -95,6 +125,23 @@ class Kube:
         labels = (node.metadata.labels if node.metadata else None) or {}
         return found, dict(labels)
 
+    async def namespace_labels(self) -> dict[str, dict[str, str]]:
+        """Every namespace's labels (TenantPolicies select namespaces by them)."""
+        found: dict[str, dict[str, str]] = {}
+        token: str | None = None
+        while True:
+            options: dict[str, Any] = {"limit": LIST_PAGE_SIZE}
+            if token:
+                options["_continue"] = token
+            page = await self._call(self.core.list_namespace, **options)
+            for namespace in page.items:
+                meta = namespace.metadata
+                if meta is not None and meta.name:
+                    found[meta.name] = dict(meta.labels or {})
+            token = page.metadata._continue if page.metadata else None
+            if not token:
+                return found
+
     async def post_event(
         self,
         kind: ResourceKind,
@@ -107,10 +154,15 @@ class Kube:
     ) -> None:
         """A Kubernetes Event on a custom object (what ``kubectl describe`` shows)."""
         now = datetime.now(UTC)
+        where = namespace or "default"  # (cluster-scoped objects' Events, as kopf posts them)
         event = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{name}.", namespace=namespace),
+            metadata=client.V1ObjectMeta(generate_name=f"{name}.", namespace=where),
             involved_object=client.V1ObjectReference(
-                api_version=API_VERSION, kind=kind.kind, name=name, namespace=namespace, uid=uid
+                api_version=API_VERSION,
+                kind=kind.kind,
+                name=name,
+                namespace=namespace or None,
+                uid=uid,
             ),
             reason=reason,
             message=message[:1024],
@@ -122,7 +174,22 @@ class Kube:
             reporting_component="kakuremichi.io/operator",
             reporting_instance="kakuremichi-operator",
         )
-        await self._call(self.core.create_namespaced_event, namespace, event)
+        await self._call(self.core.create_namespaced_event, where, event)
+
+    async def announce(
+        self, kind: ResourceKind, body: Mapping[str, Any], warning: bool, reason: str, message: str
+    ) -> None:
+        """An Event on ``body`` (a whole object); a failure costs a log line, nothing more.
+        Unlike kopf's event posting, this works outside kopf's handlers too (the tasks that
+        reconcile objects again: re-admission, Secret rechecks, expiry)."""
+        meta = body.get("metadata") or {}
+        try:
+            await self.post_event(
+                kind, meta.get("namespace") or "", meta.get("name") or "", meta.get("uid") or "",
+                warning, reason, message,
+            )  # fmt: skip
+        except Exception as error:
+            log.warning("could not post an Event on %s %s: %s", kind.kind, meta.get("name"), error)
 
     async def live_pods(self, namespace: str, label_selector: str) -> list[str]:
         """Names of Pods matching the selector that are not finished or being deleted."""
@@ -140,7 +207,14 @@ class Kube:
     async def read_secret(
         self, namespace: str, name: str, *, cached: bool = False
     ) -> dict[str, str] | None:
-        """The Secret's data, decoded; None when it does not exist.
+        """The Secret's data, decoded; None when it does not exist (see :meth:`stored_secret`)."""
+        stored = await self.stored_secret(namespace, name, cached=cached)
+        return None if stored is None else dict(stored.data)
+
+    async def stored_secret(
+        self, namespace: str, name: str, *, cached: bool = False
+    ) -> StoredSecret | None:
+        """The Secret with its owners and labels; None when it does not exist.
 
         ``cached``: a read made (or in flight) less than :data:`SECRET_CACHE_SECONDS` ago may
         answer, so thousands of Certificates that share one Secret read it once, not once each.
@@ -155,19 +229,18 @@ class Kube:
             entry = (now + SECRET_CACHE_SECONDS, asyncio.ensure_future(self._read_secret(*key)))
             self._secrets[key] = entry
         try:
-            data = await asyncio.shield(entry[1])
+            return await asyncio.shield(entry[1])
         except Exception:
             if self._secrets.get(key) is entry:
                 del self._secrets[key]
             raise
-        return None if data is None else dict(data)
 
     async def _secret_write(
-        self, namespace: str, name: str, function: Callable[..., T], *args: Any
+        self, namespace: str, name: str, function: Callable[..., T], *args: Any, **kwargs: Any
     ) -> T:
         """A call that changes the Secret ``namespace/name``; cached reads of it end."""
         try:
-            return await self._call(function, *args)
+            return await self._call(function, *args, **kwargs)
         finally:
             self.forget_secret(namespace, name)
 
@@ -175,7 +248,7 @@ class Kube:
         """The Secret changed: the next cached read asks the API server again."""
         self._secrets.pop((namespace, name), None)
 
-    async def _read_secret(self, namespace: str, name: str) -> dict[str, str] | None:
+    async def _read_secret(self, namespace: str, name: str) -> StoredSecret | None:
         try:
             secret = await self._call(self.core.read_namespaced_secret, name, namespace)
         except ApiException as error:
@@ -187,7 +260,14 @@ class Kube:
         for key, value in (secret.data or {}).items():
             with contextlib.suppress(UnicodeDecodeError):
                 decoded[key] = base64.b64decode(value).decode()
-        return decoded
+        meta = secret.metadata or client.V1ObjectMeta()
+        return StoredSecret(
+            data=decoded,
+            labels=dict(meta.labels or {}),
+            owners=frozenset(o.uid for o in meta.owner_references or ()),
+            uid=meta.uid or "",
+            resource_version=meta.resource_version or "",
+        )
 
     async def create_secret(
         self,
@@ -228,25 +308,21 @@ class Kube:
         owner: Mapping[str, Any],
         labels: Mapping[str, str],
     ) -> None:
-        """Write a ``kubernetes.io/tls`` Secret. A new one is owned by ``owner`` (and goes with
-        it); an existing one keeps its owners, so a Secret the user made stays the user's."""
+        """Write a ``kubernetes.io/tls`` Secret that ``owner`` owns: created owned by it (so it
+        goes with it), or updated when it is already ``owner``'s. Any other Secret of that
+        name is left untouched: :class:`SecretNotOwned`."""
         data = {"tls.crt": chain, "tls.key": key}
-        try:
-            await self._secret_write(
-                namespace, name, self.core.patch_namespaced_secret, name, namespace,
-                {"stringData": data},
-            )  # fmt: skip
+        if await self.create_secret(namespace, name, data, owner, labels, kind="kubernetes.io/tls"):
             return
-        except ApiException as error:
-            if error.status != 404:
-                raise
-        if not await self.create_secret(
-            namespace, name, data, owner, labels, kind="kubernetes.io/tls"
-        ):  # made meanwhile by someone else: update that one
-            await self._secret_write(
-                namespace, name, self.core.patch_namespaced_secret, name, namespace,
-                {"stringData": data},
-            )  # fmt: skip
+        existing = await self._read_secret(namespace, name)
+        uid = owner["metadata"]["uid"]
+        if existing is None or not existing.owned_by(uid):
+            raise SecretNotOwned(namespace, name)
+        # The resourceVersion makes the write conditional on the Secret read just now.
+        patch = {"metadata": {"resourceVersion": existing.resource_version}, "stringData": data}
+        await self._secret_write(
+            namespace, name, self.core.patch_namespaced_secret, name, namespace, patch
+        )
 
     async def write_secret(
         self, namespace: str, name: str, data: Mapping[str, str], labels: Mapping[str, str]
@@ -268,13 +344,24 @@ class Kube:
                 namespace, name, self.core.replace_namespaced_secret, name, namespace, body
             )
 
-    async def delete_secret(self, namespace: str, name: str) -> None:
+    async def delete_secret(
+        self, namespace: str, name: str, *, owner_uid: str | None = None
+    ) -> None:
+        """Delete the Secret; with ``owner_uid``, only when that object owns it (someone
+        else's Secret of the same name stays)."""
+        options = None
+        if owner_uid is not None:
+            existing = await self._read_secret(namespace, name)
+            if existing is None or not existing.owned_by(owner_uid):
+                return
+            options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=existing.uid))
         try:
             await self._secret_write(
-                namespace, name, self.core.delete_namespaced_secret, name, namespace
-            )
+                namespace, name, self.core.delete_namespaced_secret, name, namespace,
+                body=options,
+            )  # fmt: skip
         except ApiException as error:
-            if error.status != 404:
+            if error.status not in (404, 409):  # (409: replaced since it was read)
                 raise
 
     async def get_object(
@@ -340,22 +427,35 @@ class Kube:
         self, kind: ResourceKind, namespaces: tuple[str, ...] = ()
     ) -> list[dict[str, Any]]:
         """Every object of ``kind`` in ``namespaces`` (all when empty)."""
-        if kind.namespaced and namespaces:
-            items: list[dict[str, Any]] = []
-            for namespace in namespaces:
-                listing = await self._call(
-                    self.custom.list_namespaced_custom_object,
-                    GROUP,
-                    VERSION,
-                    namespace,
-                    kind.plural,
-                )
-                items.extend(_items(listing))
-            return items
-        listing = await self._call(
-            self.custom.list_cluster_custom_object, GROUP, VERSION, kind.plural
-        )
-        return _items(listing)
+        return [item async for page in self.pages(kind, namespaces) for item in page]
+
+    async def pages(
+        self, kind: ResourceKind, namespaces: tuple[str, ...] = ()
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """The objects of ``kind`` in ``namespaces`` (all when empty), a page at a time: at
+        thousands of objects one whole listing is tens of MiB of Python objects."""
+        scopes: tuple[str | None, ...] = namespaces if kind.namespaced and namespaces else (None,)
+        for namespace in scopes:
+            token: str | None = None
+            while True:
+                options: dict[str, Any] = {"limit": LIST_PAGE_SIZE}
+                if token:
+                    options["_continue"] = token
+                if namespace is None:
+                    listing = await self._call(
+                        self.custom.list_cluster_custom_object, GROUP, VERSION, kind.plural,
+                        **options,
+                    )  # fmt: skip
+                else:
+                    listing = await self._call(
+                        self.custom.list_namespaced_custom_object,
+                        GROUP, VERSION, namespace, kind.plural, **options,
+                    )  # fmt: skip
+                yield _items(listing)
+                assert isinstance(listing, dict)
+                token = (listing.get("metadata") or {}).get("continue")
+                if not token:
+                    break
 
 
 def _items(listing: object) -> list[dict[str, Any]]:

@@ -18,8 +18,8 @@ from aiohttp import web
 from sqlalchemy.engine import make_url
 
 from kakuremichi.addressing import SubnetAllocator
-from kakuremichi.control import agents, certificates, gateways, tunnels, webhook
-from kakuremichi.control.acme_issuer import AcmeIssuer
+from kakuremichi.control import agents, certificates, gateways, tenancy, tunnels, webhook
+from kakuremichi.control.acme_issuer import CERTIFICATE_LABEL, AcmeIssuer
 from kakuremichi.control.channel import ControlChannel
 from kakuremichi.control.context import Context
 from kakuremichi.control.kube import Kube, load_api_client
@@ -116,6 +116,10 @@ def build_registry(context: Context) -> kopf.OperatorRegistry:
         # leaves after a second (kopf's default, 5 s, would hold a place that long).
         settings.queueing.worker_limit = KOPF_WORKERS_PER_KIND
         settings.queueing.idle_timeout = KOPF_WORKER_IDLE_SECONDS
+        # Secrets: the API server sends only those labelled for Certificates, so the operator
+        # neither streams nor keeps every Secret of the cluster; the others a Certificate
+        # reads are read by name (certificates.recheck_sources).
+        settings.watching.label_selectors["", "v1", "secrets"] = CERTIFICATE_LABEL
         if context.settings.webhook_listen:
             service = context.settings.webhook_service
             webhook.configure(
@@ -125,12 +129,21 @@ def build_registry(context: Context) -> kopf.OperatorRegistry:
                 context.settings.webhook_cert_dir,
                 webhook.ServiceReference.parse(service) if service else None,
             )
+        # The facts every decision needs, before any reconcile: policies first (quotas), then
+        # the Agents (their claims and subnets), the gateways, and every Tunnel's claim, so no
+        # younger claim is ever routed while an older one waits for its reconcile.
+        await tenancy.restore(context)
         edges = await agents.restore_allocations(context)
         edges |= await gateways.restore_indexes(context)
         context.state.startup.expect(edges)  # their keys are known once each is reconciled
+        await tunnels.restore_claims(context)
         await certificates.prune_rows(context)
         tasks.append(asyncio.create_task(Projector(context).run(), name="projector"))
         tasks.append(asyncio.create_task(certificates.recheck(context), name="recheck"))
+        tasks.append(
+            asyncio.create_task(certificates.recheck_sources(context), name="recheck sources")
+        )
+        tasks.append(asyncio.create_task(agents.readmit(context), name="readmit"))
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
@@ -143,6 +156,7 @@ def build_registry(context: Context) -> kopf.OperatorRegistry:
     gateways.register(registry, context)
     tunnels.register(registry, context)
     certificates.register(registry, context)
+    tenancy.register(registry, context)
     if context.settings.webhook_listen:  # kopf refuses admission handlers without a server
         webhook.register(registry, context)
     return registry

@@ -173,6 +173,7 @@ class Mirror:
                 # From the rows just read: a new one is not looked up (a query each).
                 tunnel = existing.get(row.id) or Tunnel(id=row.id)
                 tunnel.domain = row.route.domain
+                assert row.route.agent_id is not None  # (rows are of routes to an agent)
                 tunnel.agent_id = row.route.agent_id
                 tunnel.target = row.route.target
                 tunnel.enabled = row.route.enabled

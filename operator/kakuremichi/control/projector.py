@@ -1,4 +1,5 @@
-"""Writes what follows from the whole state: Tunnel conditions and the tunnels table.
+"""Writes what follows from the whole state: Tunnel conditions and the tunnels table, both
+projections of the state's snapshot (:mod:`kakuremichi.snapshot`).
 
 It waits for the state to change, lets a burst of changes settle for a moment, then writes only
 what differs from what it wrote before, so a steady cluster costs no API calls. The tunnels table
@@ -22,8 +23,9 @@ from uuid import UUID
 from kakuremichi.conditions import READY, Condition, set_ready
 from kakuremichi.control.context import Context
 from kakuremichi.control.mirror import TunnelRow
+from kakuremichi.ownership import TunnelFacts
 from kakuremichi.resources import TUNNEL
-from kakuremichi.tunnel_readiness import TunnelFacts, TunnelVerdict, verdicts
+from kakuremichi.tunnel_readiness import TunnelVerdict
 
 SETTLE_SECONDS = 0.05
 RETRY_SECONDS = 2.0
@@ -80,14 +82,13 @@ class Projector:
     async def project(self) -> float | None:
         """One pass; returns when the earliest held-back Tunnel is due (monotonic), if any."""
         state = self.context.state
-        tunnels = dict(state.tunnels)
+        snapshot = state.snapshot()
+        tunnels = snapshot.facts.tunnels
         # The table first: it is one transaction, and it need not wait for the API writes.
-        served = state.topology().served_routes()
-        by_claim = {t.claim: t for t in tunnels.values()}
         await self.context.mirror.sync_tunnels(
-            [TunnelRow(by_claim[r.claim].id, r, by_claim[r.claim].description) for r in served]
+            [TunnelRow(r.tunnel_id, r.route, r.description) for r in snapshot.tunnel_rows]
         )
-        results = verdicts(tunnels, state.agents, state.certificate_verdicts)
+        results = snapshot.verdicts
         now = time.monotonic()
         due: float | None = None
         writes: list[Write] = []  # (tunnel, verdict, what was written before, seeded conditions)

@@ -11,7 +11,7 @@ covered by the start-up rebuild instead.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -21,6 +21,24 @@ from kakuremichi.resources import GROUP, VERSION, ResourceKind
 
 Reconcile = Callable[[Context, kopf.Body, kopf.Patch], Awaitable[None]]
 Cleanup = Callable[[Context, kopf.Body], Awaitable[None]]
+
+
+async def reconcile_again(
+    context: Context, kind: ResourceKind, reconcile: Reconcile, namespace: str, name: str
+) -> None:
+    """Run ``reconcile`` on the object as it is now, outside its own events (something it
+    depends on changed), and write its status the way :func:`register_reconciler` does."""
+    async with context.status_locks.of(kind, namespace, name):
+        found = await context.kube.get_object(kind, namespace, name)
+        if found is None or found.get("metadata", {}).get("deletionTimestamp"):
+            return
+        patch = kopf.Patch()
+        try:
+            await reconcile(context, kopf.Body(cast(kopf.RawBody, found)), patch)
+        finally:  # (also when it failed: the status then says why)
+            status = patch.pop("status", None)
+            if status:
+                await context.kube.patch_status(kind, namespace, name, dict(status))
 
 
 def register_reconciler(

@@ -3,7 +3,8 @@
 It is rebuilt from the cluster on every start (allocations from status, keys from Secrets), so
 it never holds anything that is not also in the resources. Every change bumps ``generation`` and
 wakes whoever waits in :meth:`ControlState.changed` (the status projector, config pushes), which
-coalesce bursts of changes into one pass.
+coalesce bursts of changes into one pass. What follows from the facts (who holds each domain,
+routes, verdicts) is decided once per generation, in :meth:`ControlState.snapshot`.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from uuid import UUID
 from kakuremichi.addressing import GatewayIndexAllocator, SubnetAllocator
 from kakuremichi.conditions import Condition
 from kakuremichi.control.startup_window import StartupWindow
-from kakuremichi.edge_config import AgentNode, GatewayNode, Topology, domain_holders
+from kakuremichi.edge_config import AgentNode, GatewayNode
+from kakuremichi.ownership import AgentClaim, Tenancy, TenantRule, TunnelFacts
 from kakuremichi.protocol import AcmeChallenge, CertificateBundle
 from kakuremichi.resources import GatewaySpec
+from kakuremichi.snapshot import ControlFacts, Snapshot
 from kakuremichi.store import Sealer
-from kakuremichi.tunnel_readiness import CertificateVerdict, TunnelFacts, routes
+from kakuremichi.tunnel_readiness import CertificateVerdict
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,14 @@ class ControlState:
     sealer: Sealer
     subnets: SubnetAllocator
     agents: dict[UUID, AgentNode] = field(default_factory=dict)
+    """Agents that have their subnet and keys."""
+    agent_claims: dict[UUID, AgentClaim] = field(default_factory=dict)
+    """Every Agent that exists, provisioned or not (quotas count them oldest first)."""
+    quota_refused: set[UUID] = field(default_factory=set)
+    """Agents the reconciler refused for their namespace's quota."""
+    tenant_rules: dict[str, TenantRule] = field(default_factory=dict)
+    """TenantPolicy name → what it says."""
+    namespace_labels: dict[str, dict[str, str]] = field(default_factory=dict)
     gateways: dict[UUID, GatewayNode] = field(default_factory=dict)
     """Gateway instances whose public address is known (only those can be peers)."""
     gateway_indexes: GatewayIndexAllocator = field(default_factory=GatewayIndexAllocator)
@@ -69,12 +80,17 @@ class ControlState:
     """(namespace, Certificate name) → when its (good) certificate expires."""
     secret_users: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     """(namespace, Secret name) → the Certificates that read it."""
+    secret_versions: dict[tuple[str, str], tuple[str, bool]] = field(default_factory=dict)
+    """(namespace, Secret name) → its resourceVersion when last read ("": it did not exist) and
+    whether it carries the label the operator watches, so a change to one it does not watch
+    is noticed by reading it again."""
     challenges: dict[tuple[str, str], AcmeChallenge] = field(default_factory=dict)
     """(namespace, Certificate name) → its pending HTTP-01 challenge, served by gateways."""
     tunnel_conditions: dict[UUID, list[Condition]] = field(default_factory=dict)
     """Conditions each Tunnel had when first seen, so transition times survive restarts."""
     generation: int = 0
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    _snapshot: Snapshot | None = None
 
     def touch(self) -> None:
         self.generation += 1
@@ -94,12 +110,38 @@ class ControlState:
         digest = self.sealer.digest_api_key(api_key)
         self._forget_credentials(agent.id)
         self.credentials[digest] = EdgeIdentity("agent", agent.id)
+        self.quota_refused.discard(agent.id)
         if self.agents.get(agent.id) != agent:
             self.agents[agent.id] = agent
             self.touch()
         return digest
 
+    def restore_agent(self, agent: AgentNode) -> None:
+        """An Agent's addresses and public key as its status had them, at start: its Tunnels
+        are served before its reconcile re-learns its API key."""
+        if self.agents.get(agent.id) != agent:
+            self.agents[agent.id] = agent
+            self.touch()
+
     def remove_agent(self, agent_id: UUID) -> None:
+        """The Agent is gone: its claim, addresses and keys with it."""
+        self.agent_claims.pop(agent_id, None)
+        self.quota_refused.discard(agent_id)
+        self.withdraw_agent(agent_id)
+
+    def refuse_agent(self, agent_id: UUID) -> None:
+        """The Agent is beyond its namespace's quota: no subnet, no keys, until it fits."""
+        self.quota_refused.add(agent_id)
+        self.withdraw_agent(agent_id)
+
+    def claim_agent(self, claim: AgentClaim) -> None:
+        """An Agent exists (provisioned or not): it counts against its namespace's quota."""
+        if self.agent_claims.get(claim.id) != claim:
+            self.agent_claims[claim.id] = claim
+            self.touch()
+
+    def withdraw_agent(self, agent_id: UUID) -> None:
+        """The Agent keeps its claim but loses its subnet and keys (over quota)."""
         self.agents.pop(agent_id, None)
         self._forget_credentials(agent_id)
         self.subnets.release(agent_id)
@@ -176,6 +218,7 @@ class ControlState:
             self.secret_users[key].discard(certificate)
             if not self.secret_users[key]:
                 del self.secret_users[key]
+                self.secret_versions.pop(key, None)
         if secret is not None:
             self.secret_users.setdefault((namespace, secret), set()).add(certificate)
 
@@ -194,18 +237,45 @@ class ControlState:
         if changed:
             self.touch()
 
-    def topology(self) -> Topology:
-        # Each domain is served with the certificate of the Tunnel that holds it.
-        holders = domain_holders((t.domain, t.claim) for t in self.tunnels.values())
-        certificates = {}
-        for tunnel in self.tunnels.values():
-            bundle = self.bundles.get((tunnel.namespace, tunnel.certificate))
-            if holders[tunnel.domain] == tunnel.claim and bundle and bundle.domain == tunnel.domain:
-                certificates[tunnel.domain] = bundle
-        return Topology(
-            agents=dict(self.agents),
-            gateways=dict(self.gateways),
-            routes=routes(self.tunnels, self.agents),
-            certificates=certificates,
-            challenges=tuple(self.challenges[k] for k in sorted(self.challenges)),
-        )
+    # --- tenancy ----------------------------------------------------------------------------
+
+    def set_tenant_rule(self, rule: TenantRule) -> None:
+        if self.tenant_rules.get(rule.name) != rule:
+            self.tenant_rules[rule.name] = rule
+            self.touch()
+
+    def remove_tenant_rule(self, name: str) -> None:
+        if self.tenant_rules.pop(name, None) is not None:
+            self.touch()
+
+    def set_namespace_labels(self, namespace: str, labels: dict[str, str] | None) -> None:
+        """A namespace's labels (None: it is gone); TenantPolicies select by them."""
+        if labels is None:
+            changed = self.namespace_labels.pop(namespace, None) is not None
+        else:
+            changed = self.namespace_labels.get(namespace) != labels
+            self.namespace_labels[namespace] = dict(labels)
+        if changed and self.tenant_rules:
+            self.touch()
+
+    # --- the decision -----------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """The decision on the current facts, made once per generation and shared by all who
+        ask in it (the control channel, the projector, the reconcilers, the ACME tasks)."""
+        if self._snapshot is None or self._snapshot.generation != self.generation:
+            facts = ControlFacts(
+                tunnels=dict(self.tunnels),
+                agent_claims=dict(self.agent_claims),
+                agents=dict(self.agents),
+                gateways=dict(self.gateways),
+                certificate_verdicts=dict(self.certificate_verdicts),
+                bundles=dict(self.bundles),
+                challenges=dict(self.challenges),
+                tenancy=Tenancy(
+                    tuple(self.tenant_rules[name] for name in sorted(self.tenant_rules)),
+                    {ns: dict(labels) for ns, labels in self.namespace_labels.items()},
+                ),
+            )
+            self._snapshot = Snapshot(facts, self.generation)
+        return self._snapshot

@@ -6,14 +6,19 @@ certificate, so :mod:`kakuremichi.control.projector` computes it from the whole 
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 import kopf
 from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
 
 from kakuremichi.control.context import Context
 from kakuremichi.control.reconciler import register_reconciler
+from kakuremichi.ownership import TunnelFacts
 from kakuremichi.resources import (
     API_VERSION,
     CERTIFICATE,
@@ -22,7 +27,8 @@ from kakuremichi.resources import (
     TunnelSpec,
     TunnelStatus,
 )
-from kakuremichi.tunnel_readiness import TunnelFacts
+
+log = logging.getLogger(__name__)
 
 
 def certificate_spec(name: str, spec: TunnelSpec) -> CertificateSpec:
@@ -58,6 +64,12 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
         },
         "spec": wanted,
     }
+    # The claim first: the Certificate's reconcile may run at once and asks whether its
+    # Tunnel holds the domain before it orders a certificate.
+    context.state.tunnel_conditions.setdefault(
+        UUID(meta.uid), TunnelStatus.model_validate(dict(body.status)).conditions
+    )
+    context.state.set_tunnel(facts_of(meta, spec))
     # A Tunnel seen for the first time has no Certificate yet: create it without asking first
     # (one call instead of two for each new Tunnel); otherwise look, and fix what differs.
     created_now = False
@@ -75,29 +87,42 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
         elif {k: existing["spec"].get(k) for k in wanted} != wanted:
             await context.kube.patch_object(CERTIFICATE, namespace, name, {"spec": wanted})
 
-    created = datetime.fromisoformat(str(meta["creationTimestamp"]).replace("Z", "+00:00"))
-    context.state.tunnel_conditions.setdefault(
-        UUID(meta.uid), TunnelStatus.model_validate(dict(body.status)).conditions
-    )
-    context.state.set_tunnel(
-        TunnelFacts(
-            id=UUID(meta.uid),
-            namespace=namespace,
-            name=name,
-            domain=spec.domain,
-            agent=spec.agent,
-            target=spec.target,
-            enabled=spec.enabled,
-            created=created,
-            generation=int(meta.get("generation") or 0),
-            certificate=name,
-            description=spec.description,
-            app_protocol=spec.app_protocol,
-        )
-    )
     # No status here: the projector writes url and certificate with the Ready condition, in one
     # patch instead of two (and one watch event fewer per new Tunnel).
     del patch
+
+
+def facts_of(meta: Mapping[str, Any], spec: TunnelSpec) -> TunnelFacts:
+    return TunnelFacts(
+        id=UUID(meta["uid"]),
+        namespace=meta.get("namespace") or "",
+        name=meta["name"],
+        domain=spec.domain,
+        agent=spec.agent,
+        target=spec.target,
+        enabled=spec.enabled,
+        created=datetime.fromisoformat(str(meta["creationTimestamp"]).replace("Z", "+00:00")),
+        generation=int(meta.get("generation") or 0),
+        certificate=meta["name"],
+        description=spec.description,
+        app_protocol=spec.app_protocol,
+    )
+
+
+async def restore_claims(context: Context) -> None:
+    """Record every Tunnel's claim before any reconcile runs. Reconciles come in any order:
+    without this, a younger claim reconciled first would hold its domain, and be routed to,
+    until the older one's turn came."""
+    async for page in context.kube.pages(TUNNEL, context.settings.namespaces):
+        for found in page:
+            try:
+                spec = TunnelSpec.model_validate(found.get("spec") or {})
+                status = TunnelStatus.model_validate(found.get("status") or {})
+            except ValidationError:  # its reconcile says why
+                continue
+            meta = found["metadata"]
+            context.state.tunnel_conditions.setdefault(UUID(meta["uid"]), status.conditions)
+            context.state.set_tunnel(facts_of(meta, spec))
 
 
 async def cleanup(context: Context, body: kopf.Body) -> None:

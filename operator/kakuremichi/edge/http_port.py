@@ -1,4 +1,8 @@
-"""The gateway's plain-HTTP port: ACME HTTP-01 answers, and a 308 to HTTPS for everything else."""
+"""The gateway's plain-HTTP port: ACME HTTP-01 answers, and a 308 to HTTPS for everything else.
+
+A token is answered only to requests for its own domain (their Host): a token pending for one
+tenant's domain is no proof of control over any other name this gateway serves.
+"""
 
 from __future__ import annotations
 
@@ -16,10 +20,11 @@ class PlainHttp:
     def __init__(self, served: Callable[[str], bool], https_port: Callable[[], int]) -> None:
         self._served = served
         self._https_port = https_port
-        self._challenges: dict[str, str] = {}
+        self._challenges: dict[tuple[str, str], str] = {}
+        """(domain, token) → key authorization."""
 
     def set_challenges(self, challenges: Iterable[AcmeChallenge]) -> None:
-        self._challenges = {c.token: c.key_authorization for c in challenges}
+        self._challenges = {(c.domain, c.token): c.key_authorization for c in challenges}
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -28,12 +33,12 @@ class PlainHttp:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path
+        name = host_name(request.host.encode("ascii", "replace"))
         if path.startswith(CHALLENGE_PREFIX):
-            answer = self._challenges.get(path[len(CHALLENGE_PREFIX) :])
-            if answer is None:
+            answer = self._challenges.get((name, path[len(CHALLENGE_PREFIX) :]))
+            if answer is None:  # (the same answer for a token of another name)
                 raise web.HTTPNotFound(text="unknown ACME challenge token\n")
             return web.Response(text=answer, content_type="application/octet-stream")
-        name = host_name(request.host.encode("ascii", "replace"))
         if not self._served(name):
             raise web.HTTPNotFound(text=f"no tunnel serves {name or 'this name'} here\n")
         port = self._https_port()

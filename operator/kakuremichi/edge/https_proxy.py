@@ -54,7 +54,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class Route:
     domain: str
-    agent_ip: str
+    agent_ip: str | None
+    """None: the Tunnel holding the domain has no agent now. Its requests get 503; the domain
+    never goes to another tunnel meanwhile."""
     enabled: bool = True
     h2c: bool = False
     """The target speaks HTTP/2 without TLS: HTTP/2 clients are passed through."""
@@ -93,7 +95,9 @@ class HttpsProxy:
         """Serve ``routes`` from the next request on; idle upstream connections toward a
         place a tunnel no longer goes are closed, all others are left alone."""
         self.routes = dict(routes)
-        self.dialer.keep_only({r.agent_ip for r in self.routes.values() if r.enabled})
+        self.dialer.keep_only(
+            {r.agent_ip for r in self.routes.values() if r.enabled and r.agent_ip is not None}
+        )
         for key, idle in list(self.idle.items()):
             route = self.routes.get(key[1])
             if route is None or not route.enabled or route.agent_ip != key[0]:
@@ -105,6 +109,7 @@ class HttpsProxy:
         return ClientConnection(self)
 
     def acquire(self, route: Route, client: ClientConnection) -> Upstream:
+        assert route.agent_ip is not None  # (callers answer 503 for a route without agent)
         key = (route.agent_ip, route.domain)
         idle = self.idle.get(key)
         while idle:
@@ -214,8 +219,8 @@ class ClientConnection(asyncio.Protocol):
     def _pass_through(self) -> None:
         """An HTTP/2 client of an h2c tunnel: every byte both ways, on a stream of its own."""
         route = self.proxy.routes.get(self.domain)
-        if route is None or not route.enabled or not route.h2c:
-            self.close()  # the tunnel changed during the handshake
+        if route is None or not route.enabled or not route.h2c or route.agent_ip is None:
+            self.close()  # the tunnel changed during the handshake, or has no agent now
             return
         self.raw = True
         self.stats.http2_connections[self.domain] += 1
@@ -322,6 +327,9 @@ class ClientConnection(asyncio.Protocol):
         if name != self.domain:
             self.fail(421, f"This connection is for {self.domain}, not {name}.")
             return
+        if route.agent_ip is None:
+            self.fail(503, f"The service of {name} is not reachable right now.")
+            return
         if route.h2c:
             self.fail(505, f"{name} is served over HTTP/2 only (its service speaks h2c, e.g. "
                            "gRPC): use an HTTP/2 client.")  # fmt: skip
@@ -409,7 +417,7 @@ class ClientConnection(asyncio.Protocol):
             # A kept-alive stream the agent had just closed, or a connection that had died
             # unnoticed: nothing was processed, so the requests go again, once, on a fresh one.
             route = self.proxy.routes.get(self.domain)
-            if route is not None and route.enabled:
+            if route is not None and route.enabled and route.agent_ip is not None:
                 fresh = self.upstream = self.proxy.acquire(route, self)
                 fresh.is_replay = True
                 for pending in upstream.pending:

@@ -57,7 +57,8 @@ class WorkerRoute(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     domain: str
-    agent_ip: str
+    agent_ip: str | None
+    """None: no agent reaches the domain now (503)."""
     enabled: bool = True
     h2c: bool = False
 

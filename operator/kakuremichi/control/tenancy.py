@@ -1,0 +1,74 @@
+"""TenantPolicies and namespace labels: the facts the ownership decision reads about tenants.
+
+Each TenantPolicy becomes a :class:`~kakuremichi.ownership.TenantRule` in the state; the
+namespaces' labels are followed because policies select by them. Nothing is decided here: the
+snapshot decides (:mod:`kakuremichi.ownership`). A policy the operator cannot read still counts
+as a policy that grants nothing, so a typo never opens the cluster to first-claim-wins.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from kakuremichi.conditions import set_ready
+from kakuremichi.control.context import Context
+from kakuremichi.control.reconciler import register_reconciler
+from kakuremichi.fields import describe_errors, status_patch
+from kakuremichi.ownership import TenantRule
+from kakuremichi.resources import TENANT_POLICY, TenantPolicySpec, TenantPolicyStatus
+
+log = logging.getLogger(__name__)
+
+
+def rule_of(name: str, spec: dict[str, Any]) -> tuple[TenantRule, str | None]:
+    """The policy's rule, and why it cannot be read (then it grants nothing)."""
+    try:
+        return TenantRule.from_spec(name, TenantPolicySpec.model_validate(spec)), None
+    except ValidationError as error:
+        return TenantRule(name), "; ".join(f"spec.{line}" for line in describe_errors(error))
+
+
+async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> None:
+    meta = body.metadata
+    name = meta.name or ""
+    rule, problem = rule_of(name, dict(body.spec))
+    context.state.set_tenant_rule(rule)
+    current = TenantPolicyStatus.model_validate(dict(body.status))
+    if problem is None:
+        verdict = ("True", "Accepted", "applied to the namespaces it selects")
+    else:
+        verdict = ("False", "Invalid", f"{problem}; until fixed it grants nothing")
+        await context.kube.announce(TENANT_POLICY, body, True, "Invalid", verdict[2])
+    conditions = set_ready(current.conditions, *verdict, meta.get("generation"))  # type: ignore[arg-type]
+    patch.status.update(
+        status_patch(
+            current, {"conditions": conditions, "observed_generation": meta.get("generation")}
+        )
+    )
+
+
+async def cleanup(context: Context, body: kopf.Body) -> None:
+    context.state.remove_tenant_rule(body.metadata.name or "")
+
+
+async def restore(context: Context) -> None:
+    """Every policy and namespace label before any reconcile: the first decisions after a
+    start must already see them (an Agent over quota must not get a subnet meanwhile)."""
+    for found in await context.kube.list_objects(TENANT_POLICY):
+        rule, _ = rule_of(found["metadata"]["name"], found.get("spec") or {})
+        context.state.set_tenant_rule(rule)
+    for namespace, labels in (await context.kube.namespace_labels()).items():
+        context.state.set_namespace_labels(namespace, labels)
+
+
+def register(registry: kopf.OperatorRegistry, context: Context) -> None:
+    # No finalizer: all a deletion concerns is the in-memory state, rebuilt on every start.
+    register_reconciler(registry, context, TENANT_POLICY, reconcile, cleanup, finalizer=False)
+
+    @kopf.on.event("", "v1", "namespaces", registry=registry)
+    async def namespace_event(type: str, name: str, labels: kopf.Labels, **_: Any) -> None:
+        context.state.set_namespace_labels(name, None if type == "DELETED" else dict(labels))

@@ -1,0 +1,304 @@
+"""Who holds each domain, and what each namespace may claim: one decision from the whole state.
+
+Tunnels and Agents are namespaced, and each namespace is a tenant. Everything that concerns a
+domain follows from the decision made here, once per state generation, from every Tunnel the
+operator knows (whatever the state of their Agents): the route and the certificate the gateways
+serve for it, whether an ACME order may be placed for it, each Tunnel's ``Ready`` and the
+mirror's tunnels table (:mod:`kakuremichi.snapshot` projects them).
+
+- A Tunnel claims its domain unless its namespace is over its tunnel quota (the Tunnels beyond
+  the oldest ``maxTunnels`` are) or may not claim that domain (no TenantPolicy selecting the
+  namespace lists it).
+- Among the claims on a domain the oldest holds it: creation time, then uid, so the answer is
+  the same after any restart. A younger claim never displaces it, whatever the holder's state
+  (its Agent missing or being re-created, the Tunnel disabled): it takes over only once the
+  holder is gone.
+- Agents: the oldest ``maxAgents`` of a namespace are admitted; the others get no subnet.
+
+Without any TenantPolicy every namespace may claim every domain and has no quota: the first
+claim holds, which fits a single team. With policies, a namespace that none selects may claim
+no domain and run no Agent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cached_property
+from typing import Literal
+from uuid import UUID
+
+from kakuremichi.resources import AppProtocol, TenantPolicySpec
+
+
+@dataclass(frozen=True, order=True)
+class Claim:
+    """What orders two claims: the older holds, the uid breaks a tie of the same second."""
+
+    created: datetime
+    uid: UUID
+
+
+@dataclass(frozen=True)
+class TunnelFacts:
+    """What a Tunnel resource says, as the reconciler last saw it."""
+
+    id: UUID
+    namespace: str
+    name: str
+    domain: str
+    agent: str
+    target: str
+    enabled: bool
+    created: datetime
+    generation: int
+    certificate: str
+    """Name of the Certificate resource that serves it (same namespace)."""
+    description: str | None = None
+    app_protocol: AppProtocol = "HTTP1"
+
+    @property
+    def claim(self) -> Claim:
+        return Claim(self.created, self.id)
+
+
+@dataclass(frozen=True)
+class AgentClaim:
+    """An Agent the operator has seen, provisioned or not: it counts against its namespace's
+    quota in creation order."""
+
+    id: UUID
+    namespace: str
+    name: str
+    created: datetime
+
+    @property
+    def claim(self) -> Claim:
+        return Claim(self.created, self.id)
+
+
+# --- TenantPolicy -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TenantRule:
+    """One TenantPolicy, as the decision reads it."""
+
+    name: str
+    match_names: frozenset[str] = frozenset()
+    match_labels: tuple[tuple[str, str], ...] | None = None
+    """None: the policy does not select by labels; empty: it selects every namespace (as an
+    empty Kubernetes label selector does)."""
+    domains: frozenset[str] = frozenset()
+    """Exact names the selected namespaces may claim."""
+    suffixes: tuple[str, ...] = ()
+    """From ``*.example.com``: ``.example.com``, any name below it (not the name itself)."""
+    max_agents: int | None = None
+    max_tunnels: int | None = None
+
+    @classmethod
+    def from_spec(cls, name: str, spec: TenantPolicySpec) -> TenantRule:
+        labels = spec.namespaces.match_labels
+        return cls(
+            name=name,
+            match_names=frozenset(spec.namespaces.match_names),
+            match_labels=None if labels is None else tuple(sorted(labels.items())),
+            domains=frozenset(d for d in spec.domains if not d.startswith("*.")),
+            suffixes=tuple(sorted({d[1:] for d in spec.domains if d.startswith("*.")})),
+            max_agents=spec.max_agents,
+            max_tunnels=spec.max_tunnels,
+        )
+
+    def selects(self, namespace: str, labels: Mapping[str, str]) -> bool:
+        if namespace in self.match_names:
+            return True
+        if self.match_labels is None:
+            return False
+        return all(labels.get(key) == value for key, value in self.match_labels)
+
+    def allows(self, domain: str) -> bool:
+        return domain in self.domains or any(domain.endswith(s) for s in self.suffixes)
+
+
+@dataclass(frozen=True)
+class Quota:
+    limit: int
+    policy: str
+    """The policy that sets it (the smallest limit among those selecting the namespace)."""
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What the TenantPolicies give one namespace."""
+
+    namespace: str
+    governed: bool
+    """Some TenantPolicy exists in the cluster (else: no limits at all)."""
+    policies: tuple[TenantRule, ...] = ()
+    """The policies that select this namespace."""
+
+    def allows(self, domain: str) -> bool:
+        return not self.governed or any(p.allows(domain) for p in self.policies)
+
+    @cached_property
+    def max_agents(self) -> Quota | None:
+        if self.governed and not self.policies:
+            return Quota(0, "")
+        return _smallest((p.max_agents, p.name) for p in self.policies)
+
+    @cached_property
+    def max_tunnels(self) -> Quota | None:
+        return _smallest((p.max_tunnels, p.name) for p in self.policies)
+
+
+def _smallest(limits: Iterable[tuple[int | None, str]]) -> Quota | None:
+    found = [(limit, name) for limit, name in limits if limit is not None]
+    return Quota(*min(found)) if found else None
+
+
+@dataclass(frozen=True)
+class Tenancy:
+    """Every TenantPolicy and the labels of every namespace (policies select by them)."""
+
+    rules: tuple[TenantRule, ...] = ()
+    namespace_labels: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+
+    def grant(self, namespace: str) -> Grant:
+        labels = self.namespace_labels.get(namespace, {})
+        return Grant(
+            namespace,
+            governed=bool(self.rules),
+            policies=tuple(r for r in self.rules if r.selects(namespace, labels)),
+        )
+
+
+# --- The decision -----------------------------------------------------------------------------
+
+Standing = Literal["QuotaExceeded", "DomainNotAllowed", "DomainConflict"]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a Tunnel does not hold its domain. Messages name another tenant's objects never:
+    only a holder in the same namespace is named."""
+
+    reason: Standing
+    message: str
+
+
+@dataclass(frozen=True)
+class DomainOwnership:
+    holders: Mapping[str, TunnelFacts]
+    """Domain → the Tunnel that holds it."""
+    refusals: Mapping[UUID, Refusal]
+    """Tunnel → why it does not hold its domain (absent: it does)."""
+
+    def holds(self, tunnel: TunnelFacts) -> bool:
+        holder = self.holders.get(tunnel.domain)
+        return holder is not None and holder.id == tunnel.id
+
+
+def _grants(tenancy: Tenancy, namespaces: Iterable[str]) -> dict[str, Grant]:
+    return {namespace: tenancy.grant(namespace) for namespace in set(namespaces)}
+
+
+def _beyond_quota(
+    claims: Iterable[tuple[Claim, UUID, str]], quotas: Mapping[str, Quota | None]
+) -> dict[UUID, Quota]:
+    """The ids of the claims beyond their namespace's quota, the oldest ``limit`` being
+    within it."""
+    by_namespace: dict[str, list[tuple[Claim, UUID]]] = {}
+    for claim, uid, namespace in claims:
+        if quotas.get(namespace) is not None:
+            by_namespace.setdefault(namespace, []).append((claim, uid))
+    beyond: dict[UUID, Quota] = {}
+    for namespace, members in by_namespace.items():
+        quota = quotas[namespace]
+        assert quota is not None
+        if len(members) > quota.limit:
+            members.sort()
+            for _, uid in members[quota.limit :]:
+                beyond[uid] = quota
+    return beyond
+
+
+def decide_domains(tunnels: Iterable[TunnelFacts], tenancy: Tenancy) -> DomainOwnership:
+    """Who holds each domain. Linear in the Tunnels but for one sort per namespace over quota."""
+    tunnels = list(tunnels)
+    grants = _grants(tenancy, (t.namespace for t in tunnels))
+    over = _beyond_quota(
+        ((t.claim, t.id, t.namespace) for t in tunnels),
+        {namespace: grant.max_tunnels for namespace, grant in grants.items()},
+    )
+    refusals: dict[UUID, Refusal] = {}
+    holders: dict[str, TunnelFacts] = {}
+    for tunnel in tunnels:
+        quota = over.get(tunnel.id)
+        grant = grants[tunnel.namespace]
+        if quota is not None:
+            refusals[tunnel.id] = Refusal(
+                "QuotaExceeded",
+                f"namespace {tunnel.namespace} may have {quota.limit} Tunnels (TenantPolicy "
+                f"{quota.policy}); this one is younger than the {quota.limit} oldest",
+            )
+        elif not grant.allows(tunnel.domain):
+            refusals[tunnel.id] = Refusal("DomainNotAllowed", _not_allowed(tunnel, grant))
+        else:
+            holder = holders.get(tunnel.domain)
+            if holder is None or tunnel.claim < holder.claim:
+                holders[tunnel.domain] = tunnel
+    for tunnel in tunnels:
+        holder = holders.get(tunnel.domain)
+        if tunnel.id in refusals or holder is None or holder.id == tunnel.id:
+            continue
+        who = (
+            f"Tunnel {holder.name} of this namespace"
+            if holder.namespace == tunnel.namespace
+            else "another namespace"
+        )
+        refusals[tunnel.id] = Refusal(
+            "DomainConflict", f"{tunnel.domain} is already claimed by {who}"
+        )
+    return DomainOwnership(holders, refusals)
+
+
+def _not_allowed(tunnel: TunnelFacts, grant: Grant) -> str:
+    if not grant.policies:
+        return (
+            f"spec.domain: no TenantPolicy selects namespace {tunnel.namespace}, so it may "
+            "claim no domain"
+        )
+    names = ", ".join(sorted(p.name for p in grant.policies))
+    return (
+        f"spec.domain: {tunnel.domain} is not among the domains that namespace "
+        f"{tunnel.namespace} may claim (TenantPolicy {names})"
+    )
+
+
+def decide_agents(agents: Iterable[AgentClaim], tenancy: Tenancy) -> dict[UUID, str]:
+    """Agent → why it gets no subnet, for the Agents beyond their namespace's quota."""
+    agents = list(agents)
+    if not tenancy.rules:
+        return {}
+    grants = _grants(tenancy, (a.namespace for a in agents))
+    over = _beyond_quota(
+        ((a.claim, a.id, a.namespace) for a in agents),
+        {namespace: grant.max_agents for namespace, grant in grants.items()},
+    )
+    refusals = {}
+    for agent in agents:
+        quota = over.get(agent.id)
+        if quota is None:
+            continue
+        if not quota.policy:
+            refusals[agent.id] = (
+                f"no TenantPolicy selects namespace {agent.namespace}, so it may run no Agent"
+            )
+        else:
+            refusals[agent.id] = (
+                f"namespace {agent.namespace} may run {quota.limit} Agents (TenantPolicy "
+                f"{quota.policy}); this one is younger than the {quota.limit} oldest, so it "
+                "gets no subnet"
+            )
+    return refusals
