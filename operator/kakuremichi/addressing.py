@@ -318,8 +318,9 @@ class SubnetAllocator:
         self._numbers.restore(owner, number)
         return AgentAddresses.of(number)
 
-    def release(self, owner: Hashable) -> None:
-        self._numbers.release(owner)
+    def release(self, owner: Hashable) -> int | None:
+        """Free ``owner``'s subnet; returns its number, None when it held none."""
+        return self._numbers.release(owner)
 
     def holder_of(self, subnet: str) -> Hashable | None:
         return self._numbers.holder_of(subnet_number(subnet))

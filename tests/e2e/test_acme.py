@@ -193,36 +193,6 @@ def test_a_gateway_that_cannot_serve_the_token_fails_with_backoff_then_recovers(
     assert "failedAttempts" not in recovered and "orderURL" not in recovered
 
 
-def orders_at_pebble(world: World) -> int:
-    """Orders Pebble has taken so far (it logs each)."""
-    log = world.workdir / "pebble" / "pebble.log"
-    return log.read_text(errors="replace").count("Added order")
-
-
-def test_no_order_for_a_claim_from_another_namespace(world: World) -> None:
-    """A rival namespace claims the domain the first Tunnel holds, with the default ACME
-    settings: the CA is never asked (not one more order at Pebble), and the rival gets
-    neither the holder's certificate nor one of its own."""
-    assert certificates(world).ready("app")
-    before = orders_at_pebble(world)
-    Objects(world.kube, RIVAL, AGENT).create("web")
-    rivals = Objects(world.kube, RIVAL, TUNNEL)
-    rivals.create("app", {"domain": world.domain, "agent": "web", "target": "localhost:80"})
-    rival_certificates = Objects(world.kube, RIVAL, CERTIFICATE)
-    rival_certificates.ready("app", "False", "DomainNotHeld")
-    rivals.ready("app", "False", "DomainConflict")
-    holds_for(
-        lambda: (
-            orders_at_pebble(world) == before
-            and (rival_certificates.condition("app") or {}).get("reason") == "DomainNotHeld"
-        ),
-        "no order for the rival's claim",
-        seconds=5.0,
-    )
-    assert Secrets(world.kube, RIVAL).read("app-tls") is None
-    rivals.delete("app")
-
-
 def test_deleting_the_tunnel_takes_certificate_secret_and_row(world: World) -> None:
     secrets = Secrets(world.kube, world.namespace)
     assert secrets.read("broken-tls") is not None
@@ -237,3 +207,41 @@ def test_deleting_the_tunnel_takes_certificate_secret_and_row(world: World) -> N
             ).fetchall()
 
     wait_until(row_gone, "the certificate's mirror row to go")
+
+
+def orders_at_pebble(world: World) -> int:
+    """Orders Pebble has taken so far (it logs each)."""
+    log = world.workdir / "pebble" / "pebble.log"
+    return log.read_text(errors="replace").count("Added order")
+
+
+def test_no_order_for_a_claim_from_another_namespace(world: World) -> None:
+    """A rival namespace claims a domain another namespace's Tunnel holds, with the default
+    ACME settings: the CA is never asked (not one more order at Pebble, which would even
+    reuse the holder's valid authorization for the same account), and the rival gets no
+    certificate. (Last in the module: with every other ACME Tunnel gone, Pebble's order count
+    moves only for the rival.)"""
+    world.tunnels.delete("app")
+    wait_until(lambda: certificates(world).get("app") is None, "the first Tunnel's Certificate")
+    domain = f"held.{world.domain}"
+    world.create_tunnel("held", domain)  # its certificate from a Secret: no order of its own
+    world.tunnels.ready("held")
+    world.tunnels.wait_past_creation("held")
+    before = orders_at_pebble(world)
+    Objects(world.kube, RIVAL, AGENT).create("web")
+    rivals = Objects(world.kube, RIVAL, TUNNEL)
+    rivals.create("app", {"domain": domain, "agent": "web", "target": "localhost:80"})
+    rival_certificates = Objects(world.kube, RIVAL, CERTIFICATE)
+    rival_certificates.ready("app", "False", "DomainNotHeld")
+    rivals.ready("app", "False", "DomainConflict")
+    holds_for(
+        lambda: (
+            orders_at_pebble(world) == before
+            and (rival_certificates.condition("app") or {}).get("reason") == "DomainNotHeld"
+        ),
+        "no order for the rival's claim",
+        seconds=5.0,
+    )
+    assert Secrets(world.kube, RIVAL).read("app-tls") is None
+    assert domain not in (world.workdir / "pebble" / "pebble.log").read_text(errors="replace")
+    rivals.delete("app")

@@ -230,3 +230,21 @@ def test_no_order_for_a_certificate_whose_tunnel_does_not_hold_the_domain(
     certificate = attacker.certificates.get("bank") or {}
     assert not (certificate.get("status") or {}).get("orderURL")
     attacker.tunnels.ready("bank", "False", "DomainConflict")
+
+
+def test_a_policy_selects_namespaces_by_their_labels_as_they_change(
+    kube: Cluster, tenants: tuple[Tenant, Tenant], policies: Objects
+) -> None:
+    _, outsider = tenants
+    label = unique_name("plan")
+    policies.create(
+        unique_name("by-label"), {"namespaces": {"matchLabels": {"kakuremichi-test": label}}}
+    )
+    outsider.agents.create("web")
+    outsider.agents.ready("web", "False", "QuotaExceeded")
+    kube.kubectl("label", "namespace", outsider.namespace, f"kakuremichi-test={label}")
+    try:
+        assert outsider.agents.ready("web")["subnet"]  # admitted once its namespace matches
+    finally:
+        kube.kubectl("label", "namespace", outsider.namespace, "kakuremichi-test-")
+    outsider.agents.ready("web", "False", "QuotaExceeded")  # and refused again without it

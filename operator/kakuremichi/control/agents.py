@@ -33,6 +33,7 @@ from kakuremichi.resources import AGENT, AgentStatus
 from kakuremichi.store import Agent
 
 log = logging.getLogger(__name__)
+READMIT_RETRY_SECONDS = 15.0
 
 
 def credentials_secret_name(agent_name: str) -> str:
@@ -179,23 +180,34 @@ async def restore_allocations(context: Context) -> set[str]:
 async def readmit(context: Context) -> None:
     """Reconcile again each Agent whose admission changed in the snapshot: one over quota that
     now fits (an older one was deleted, a policy raised its limit), or one provisioned that no
-    longer does (a policy lowered it)."""
+    longer does (a policy lowered it). One that fails (the pool is full, say) is tried again
+    after :data:`READMIT_RETRY_SECONDS`, not at every change."""
     state, seen = context.state, -1
+    loop = asyncio.get_running_loop()
+    retry_at: dict[UUID, float] = {}
     while True:
-        seen = await state.changed(seen)
+        wait = min(retry_at.values(), default=loop.time() + 3600.0) - loop.time()
+        with contextlib.suppress(TimeoutError):
+            seen = await asyncio.wait_for(state.changed(seen), max(0.0, wait))
         await asyncio.sleep(0.05)  # let a burst settle
-        refusals = state.snapshot().agent_refusals
+        refusals, now = state.snapshot().agent_refusals, loop.time()
         changed = [
             claim
             for uid, claim in list(state.agent_claims.items())
-            if (uid in refusals and uid in state.agents)  # over quota now: give the subnet back
-            or (uid not in refusals and uid in state.quota_refused)  # fits now
-        ]
+            if ((uid in refusals and uid in state.agents)  # over quota now: subnet back
+                or (uid not in refusals and uid in state.quota_refused))  # fits now
+            and retry_at.get(uid, 0.0) <= now
+        ]  # fmt: skip
+        for gone in set(retry_at) - set(state.agent_claims):
+            del retry_at[gone]
         for claim in changed:
             try:
                 await reconcile_again(context, AGENT, reconcile, claim.namespace, claim.name)
-            except Exception:  # the next change tries again
-                log.exception("reconciling Agent %s/%s again failed", claim.namespace, claim.name)
+                retry_at.pop(claim.id, None)
+            except Exception as error:
+                retry_at[claim.id] = loop.time() + READMIT_RETRY_SECONDS
+                log.warning("Agent %s/%s: %s; trying again in %.0fs", claim.namespace,
+                            claim.name, error, READMIT_RETRY_SECONDS)  # fmt: skip
 
 
 def register(registry: kopf.OperatorRegistry, context: Context) -> None:

@@ -51,8 +51,10 @@ async def evaluate(
     # Cached for a moment (and forgotten on the Secret's watch events): Certificates that share
     # one Secret, as thousands may, read it once.
     stored = await context.kube.stored_secret(namespace, spec.secret_name, cached=True)
-    context.state.secret_versions[(namespace, spec.secret_name)] = (
-        (stored.resource_version, CERTIFICATE_LABEL in stored.labels) if stored else ("", False)
+    context.state.saw_secret(
+        (namespace, spec.secret_name),
+        stored.resource_version if stored else "",
+        stored is not None and CERTIFICATE_LABEL in stored.labels,
     )
     if spec.issuer == "ACME" and stored is not None and not stored.owned_by(uid):
         # Not the operator's for this Certificate: never written over, and not served either.

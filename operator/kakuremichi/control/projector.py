@@ -5,10 +5,12 @@ It waits for the state to change, lets a burst of changes settle for a moment, t
 what differs from what it wrote before, so a steady cluster costs no API calls. The tunnels table
 is synced first (one transaction), then the statuses are patched a few at a time.
 
-A Tunnel that was just created has a Certificate nobody has looked at yet; for a short while
+A Tunnel that was just created, or every Tunnel right after a start (their claims are restored
+before any reconcile), has a Certificate nobody has looked at yet; for a short while
 (:data:`PENDING_GRACE_SECONDS`) it gets no ``CertificatePending`` condition, since the
 Certificate's own reconcile normally decides within that time: that saves each new Tunnel a
-status write and a Warning Event that would be stale a moment later.
+status write and a Warning Event that would be stale a moment later, and a restart a flap of
+every Tunnel's status.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ class Projector:
             if previous and previous[0] == verdict and previous[1] == tunnel.generation:
                 continue
             seeded = state.tunnel_conditions.get(tunnel_id, [])
-            if verdict.reason == PENDING and previous is None and not seeded:
+            if verdict.reason == PENDING and previous is None:
                 held_until = self.first_seen.setdefault(tunnel_id, now) + PENDING_GRACE_SECONDS
                 if now < held_until:
                     due = held_until if due is None else min(due, held_until)

@@ -142,10 +142,10 @@ class ControlState:
 
     def withdraw_agent(self, agent_id: UUID) -> None:
         """The Agent keeps its claim but loses its subnet and keys (over quota)."""
-        self.agents.pop(agent_id, None)
+        known = self.agents.pop(agent_id, None) is not None
         self._forget_credentials(agent_id)
-        self.subnets.release(agent_id)
-        self.touch()
+        if self.subnets.release(agent_id) is not None or known:
+            self.touch()
 
     def _forget_credentials(self, edge_id: UUID) -> None:
         self.credential_secrets.pop(edge_id, None)
@@ -211,6 +211,11 @@ class ControlState:
             changed = True
         if changed:
             self.touch()
+
+    def saw_secret(self, key: tuple[str, str], version: str, watched: bool) -> None:
+        """A Secret as last read (version "": it does not exist), so a change to one that is not
+        watched is noticed by reading it again."""
+        self.secret_versions[key] = (version, watched)
 
     def use_secret(self, namespace: str, certificate: str, secret: str | None) -> None:
         """Record which Secret a Certificate reads (None: none), so changes to it are noticed."""

@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from kakuremichi.conditions import set_ready
@@ -58,7 +59,15 @@ async def cleanup(context: Context, body: kopf.Body) -> None:
 async def restore(context: Context) -> None:
     """Every policy and namespace label before any reconcile: the first decisions after a
     start must already see them (an Agent over quota must not get a subnet meanwhile)."""
-    for found in await context.kube.list_objects(TENANT_POLICY):
+    try:
+        policies = await context.kube.list_objects(TENANT_POLICY)
+    except ApiException as error:
+        if error.status != 404:
+            raise
+        # (Helm installs CRDs only on first install: after an upgrade apply crds/ by hand.)
+        log.warning("the TenantPolicy CRD is not installed: no policies apply")
+        policies = []
+    for found in policies:
         rule, _ = rule_of(found["metadata"]["name"], found.get("spec") or {})
         context.state.set_tenant_rule(rule)
     for namespace, labels in (await context.kube.namespace_labels()).items():
