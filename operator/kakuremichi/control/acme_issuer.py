@@ -134,11 +134,14 @@ class AcmeIssuer:
             seen = await state.changed(seen)
             if not self._awaiting_holder:
                 continue
-            snapshot = state.snapshot()
-            for key, domain in list(self._awaiting_holder.items()):
-                if snapshot.may_issue(key, domain) and key in self.wake:
-                    del self._awaiting_holder[key]
-                    self.wake[key].set()
+            try:
+                snapshot = state.snapshot()
+                for key, domain in list(self._awaiting_holder.items()):
+                    if snapshot.may_issue(key, domain) and key in self.wake:
+                        del self._awaiting_holder[key]
+                        self.wake[key].set()
+            except Exception:  # a bug here must not leave every waiting Certificate asleep
+                log.exception("waking Certificates whose Tunnel holds the domain failed")
 
     # --- the loop ----------------------------------------------------------------------------
 
