@@ -9,10 +9,13 @@ mirror's tunnels table (:mod:`kakuremichi.snapshot` projects them).
 - A Tunnel claims its domain unless its namespace is over its tunnel quota (the Tunnels beyond
   the oldest ``maxTunnels`` are) or may not claim that domain (no TenantPolicy selecting the
   namespace lists it).
-- Among the claims on a domain the oldest holds it: creation time, then uid, so the answer is
-  the same after any restart. A younger claim never displaces it, whatever the holder's state
-  (its Agent missing or being re-created, the Tunnel disabled): it takes over only once the
-  holder is gone.
+- Among the claims on a domain the oldest holds it: a claim dates from when its Tunnel could
+  first claim (its creation, or the moment a Tunnel refused for quota or policy came to be
+  allowed: an old refused Tunnel never jumps the queue), then uid. ``spec.domain`` cannot be
+  changed (the CRD says so), so a claim never moves to another domain. A younger claim never
+  displaces the holder, whatever the holder's state (its Agent missing or being re-created,
+  the Tunnel disabled): it takes over only once the holder is gone. :class:`ClaimHistory`
+  carries those dates from one decision to the next and across restarts (Tunnel status).
 - Agents: the oldest ``maxAgents`` of a namespace are admitted; the others get no subnet.
 
 Without any TenantPolicy every namespace may claim every domain and has no quota: the first
@@ -188,11 +191,40 @@ class Refusal:
 
 
 @dataclass(frozen=True)
+class ClaimHistory:
+    """What earlier decisions found, so that a claim keeps its date."""
+
+    since: Mapping[UUID, datetime] = field(default_factory=dict)
+    """Tunnel → when its current claim began (recorded after it was decided)."""
+    refused: frozenset[UUID] = frozenset()
+    """Tunnels found unable to claim (quota, policy) and not claiming since."""
+    now: datetime | None = None
+    """The moment of this decision: the date of a claim that begins in it (a refused Tunnel
+    that came to be allowed). None: such a claim dates from its creation."""
+
+    def since_of(self, tunnel: TunnelFacts) -> datetime:
+        recorded = self.since.get(tunnel.id)
+        if recorded is not None:
+            return max(recorded, tunnel.created)
+        if tunnel.id in self.refused and self.now is not None:
+            return max(self.now, tunnel.created)
+        return tunnel.created
+
+
+@dataclass(frozen=True)
 class DomainOwnership:
     holders: Mapping[str, TunnelFacts]
     """Domain → the Tunnel that holds it."""
     refusals: Mapping[UUID, Refusal]
     """Tunnel → why it does not hold its domain (absent: it does)."""
+    claims: Mapping[UUID, datetime] = field(default_factory=dict)
+    """Tunnel → when its claim began, for every Tunnel that claims (holders and those waiting
+    behind them): what the next decision and a restart must remember."""
+
+    @property
+    def unable(self) -> frozenset[UUID]:
+        """The Tunnels that claim nothing (quota, policy)."""
+        return frozenset(uid for uid in self.refusals if uid not in self.claims)
 
     def holds(self, tunnel: TunnelFacts) -> bool:
         holder = self.holders.get(tunnel.domain)
@@ -223,9 +255,12 @@ def _beyond_quota(
     return beyond
 
 
-def decide_domains(tunnels: Iterable[TunnelFacts], tenancy: Tenancy) -> DomainOwnership:
+def decide_domains(
+    tunnels: Iterable[TunnelFacts], tenancy: Tenancy, history: ClaimHistory | None = None
+) -> DomainOwnership:
     """Who holds each domain. Linear in the Tunnels but for one sort per namespace over quota."""
     tunnels = list(tunnels)
+    history = history or ClaimHistory()
     grants = _grants(tenancy, (t.namespace for t in tunnels))
     over = _beyond_quota(
         ((t.claim, t.id, t.namespace) for t in tunnels),
@@ -233,6 +268,7 @@ def decide_domains(tunnels: Iterable[TunnelFacts], tenancy: Tenancy) -> DomainOw
     )
     refusals: dict[UUID, Refusal] = {}
     holders: dict[str, TunnelFacts] = {}
+    claims: dict[UUID, Claim] = {}
     for tunnel in tunnels:
         quota = over.get(tunnel.id)
         grant = grants[tunnel.namespace]
@@ -245,8 +281,9 @@ def decide_domains(tunnels: Iterable[TunnelFacts], tenancy: Tenancy) -> DomainOw
         elif not grant.allows(tunnel.domain):
             refusals[tunnel.id] = Refusal("DomainNotAllowed", _not_allowed(tunnel, grant))
         else:
+            claim = claims[tunnel.id] = Claim(history.since_of(tunnel), tunnel.id)
             holder = holders.get(tunnel.domain)
-            if holder is None or tunnel.claim < holder.claim:
+            if holder is None or claim < claims[holder.id]:
                 holders[tunnel.domain] = tunnel
     for tunnel in tunnels:
         holder = holders.get(tunnel.domain)
@@ -260,7 +297,7 @@ def decide_domains(tunnels: Iterable[TunnelFacts], tenancy: Tenancy) -> DomainOw
         refusals[tunnel.id] = Refusal(
             "DomainConflict", f"{tunnel.domain} is already claimed by {who}"
         )
-    return DomainOwnership(holders, refusals)
+    return DomainOwnership(holders, refusals, {uid: c.created for uid, c in claims.items()})
 
 
 def _not_allowed(tunnel: TunnelFacts, grant: Grant) -> str:

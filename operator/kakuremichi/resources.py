@@ -319,11 +319,22 @@ class TunnelTLS(CamelModel):
         return self
 
 
+_DOMAIN_IMMUTABLE = cel_rule(
+    "self.domain == oldSelf.domain",
+    "domain cannot be changed: create a new object for another domain (a claim's age is "
+    "its object's)",
+    ".domain",
+)
+
+
 class TunnelSpec(CamelModel):
     """Publishes ``domain`` on every gateway and forwards it through ``agent`` to ``target``."""
 
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [_DOMAIN_IMMUTABLE]})
+
     domain: DomainName
-    """Public DNS name, e.g. app.example.com; unique across the cluster."""
+    """Public DNS name, e.g. app.example.com. The oldest claim holds it; it cannot be changed
+    (create another Tunnel)."""
     agent: ResourceName
     """Name of the Agent (same namespace) that reaches the target."""
     target: TargetAddress
@@ -341,8 +352,19 @@ class TunnelSpec(CamelModel):
     """Certificate source."""
 
 
+class TunnelClaim(CamelModel):
+    """When the Tunnel's claim on its domain began (the older claim holds), sealed by the
+    operator so that nobody who can write status can date a claim back."""
+
+    since: datetime
+    proof: Annotated[str, Field(max_length=128)]
+
+
 class TunnelStatus(CommonStatus):
     """Where the tunnel is published and whether it serves."""
+
+    claim: TunnelClaim | None = None
+    """Set while the Tunnel claims its domain (it holds it, or waits behind an older claim)."""
 
     url: Annotated[str, Field(max_length=300)] | None = None
     """The public URL, e.g. https://app.example.com."""
@@ -353,7 +375,9 @@ class TunnelStatus(CommonStatus):
 class CertificateSpec(CamelModel):
     """A TLS certificate for one domain, served by every gateway."""
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [_SECRET_NEEDS_NAME]})
+    model_config = ConfigDict(
+        json_schema_extra={"x-kubernetes-validations": [_SECRET_NEEDS_NAME, _DOMAIN_IMMUTABLE]}
+    )
 
     domain: DomainName
     """The DNS name the certificate is for."""

@@ -26,6 +26,7 @@ from uuid import UUID
 from kakuremichi.edge_config import AgentNode, GatewayNode, Route, Topology
 from kakuremichi.ownership import (
     AgentClaim,
+    ClaimHistory,
     DomainOwnership,
     Tenancy,
     TunnelFacts,
@@ -52,6 +53,8 @@ class ControlFacts:
     """The last good certificate and key of each Certificate."""
     challenges: Mapping[CertificateKey, AcmeChallenge] = field(default_factory=dict)
     tenancy: Tenancy = field(default_factory=Tenancy)
+    history: ClaimHistory = field(default_factory=ClaimHistory)
+    """When each claim began, as earlier decisions (and Tunnel status) recorded it."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,8 @@ class Snapshot:
 
     @cached_property
     def ownership(self) -> DomainOwnership:
-        return decide_domains(self.facts.tunnels.values(), self.facts.tenancy)
+        facts = self.facts
+        return decide_domains(facts.tunnels.values(), facts.tenancy, facts.history)
 
     @cached_property
     def agent_refusals(self) -> Mapping[UUID, str]:
@@ -82,13 +86,20 @@ class Snapshot:
         return routes(self.ownership, self.facts.agents)
 
     @cached_property
-    def topology(self) -> Topology:
-        facts, holders = self.facts, self.ownership.holders
-        certificates = {}
-        for domain, holder in holders.items():
-            bundle = facts.bundles.get((holder.namespace, holder.certificate))
+    def served_certificates(self) -> Mapping[str, tuple[CertificateKey, CertificateBundle]]:
+        """Domain → the Certificate whose certificate is served for it (its holder's)."""
+        served = {}
+        for domain, holder in self.ownership.holders.items():
+            key = (holder.namespace, holder.certificate)
+            bundle = self.facts.bundles.get(key)
             if bundle is not None and bundle.domain == domain:
-                certificates[domain] = bundle
+                served[domain] = (key, bundle)
+        return served
+
+    @cached_property
+    def topology(self) -> Topology:
+        facts = self.facts
+        certificates = {domain: bundle for domain, (_, bundle) in self.served_certificates.items()}
         return Topology(
             agents=facts.agents,
             gateways=facts.gateways,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from uuid import UUID
 
 from kakuremichi.conditions import ConditionStatus
@@ -33,6 +34,8 @@ class TunnelVerdict:
     reason: str
     message: str
     url: str
+    claimed_since: datetime | None = None
+    """When its claim on the domain began (None: it claims nothing)."""
 
 
 @dataclass(frozen=True)
@@ -150,8 +153,9 @@ def verdicts(
                 reason, message = found
                 status: ConditionStatus = "True" if reason == "Serving" else "False"
                 result[tunnel.id] = TunnelVerdict(
-                    status, reason, message, f"https://{tunnel.domain}"
-                )
+                    status, reason, message, f"https://{tunnel.domain}",
+                    ownership.claims.get(tunnel.id),
+                )  # fmt: skip
                 break
     return result
 

@@ -248,3 +248,41 @@ def test_a_policy_selects_namespaces_by_their_labels_as_they_change(
     finally:
         kube.kubectl("label", "namespace", outsider.namespace, "kakuremichi-test-")
     outsider.agents.ready("web", "False", "QuotaExceeded")  # and refused again without it
+
+
+def test_an_old_tunnel_can_neither_be_repointed_nor_freed_into_a_domain_held_since(
+    kube: Cluster, tenants: tuple[Tenant, Tenant], policies: Objects
+) -> None:
+    """Two ways an attacker's old Tunnel could date a claim back: editing spec.domain (the API
+    server refuses it), and an old Tunnel waiting behind its quota that the attacker frees by
+    deleting another (its claim begins then, behind the victim's)."""
+    attacker, victim = tenants
+    suffix = f"{unique_name('apps')}.test"
+    policies.create(
+        unique_name("shared"),
+        {"namespaces": {"matchNames": [attacker.namespace, victim.namespace]},
+         "domains": [f"*.{suffix}"], "maxTunnels": 1},
+    )  # fmt: skip
+    attacker.agents.create("web")
+    attacker.secret_tunnel("decoy", f"decoy.{suffix}")
+    attacker.tunnels.ready("decoy")
+    attacker.tunnels.wait_past_creation("decoy")
+    attacker.secret_tunnel("sleeper", f"shop.{suffix}")
+    attacker.tunnels.ready("sleeper", "False", "QuotaExceeded")
+    attacker.tunnels.wait_past_creation("sleeper")
+    victim.agents.create("web")
+    victim.secret_tunnel("shop", f"shop.{suffix}")
+    held = victim.tunnels.ready("shop")
+    assert held["claim"]["since"] and held["claim"]["proof"]
+    # Re-pointing the decoy at the victim's domain: refused, with the field named.
+    with pytest.raises(client.ApiException) as refused:
+        attacker.tunnels.patch_spec("decoy", {"domain": f"shop.{suffix}"})
+    assert refused.value.status == 422 and "domain cannot be changed" in str(refused.value.body)
+    # Freeing the quota: the sleeper claims from now, behind the victim.
+    attacker.tunnels.delete("decoy")
+    attacker.tunnels.ready("sleeper", "False", "DomainConflict")
+    holds_for(
+        lambda: (victim.tunnels.condition("shop") or {}).get("reason") == "Serving",
+        "the victim to keep its domain",
+        seconds=3.0,
+    )

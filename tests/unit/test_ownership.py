@@ -11,11 +11,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydantic import ValidationError
 
+from kakuremichi.control.projector import claim_proof, restored_claim
 from kakuremichi.control.tenancy import rule_of
 from kakuremichi.credentials import generate_wireguard_keypair
 from kakuremichi.edge_config import AgentNode, GatewayNode, gateway_config
 from kakuremichi.ownership import (
     AgentClaim,
+    ClaimHistory,
     Tenancy,
     TenantRule,
     TunnelFacts,
@@ -23,8 +25,9 @@ from kakuremichi.ownership import (
     decide_domains,
 )
 from kakuremichi.protocol import AcmeChallenge, CertificateBundle
-from kakuremichi.resources import TenantPolicySpec
+from kakuremichi.resources import TenantPolicySpec, TunnelStatus
 from kakuremichi.snapshot import ControlFacts, Snapshot
+from kakuremichi.store import Sealer
 from kakuremichi.tunnel_readiness import CertificateVerdict
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -270,3 +273,57 @@ def test_tenant_policy_validation_names_the_field() -> None:
         TenantPolicySpec.model_validate({"namespaces": {"matchNames": ["a"]}, "maxAgents": -1})
     with pytest.raises(ValidationError, match=r"matchNames\.0"):
         TenantPolicySpec.model_validate({"namespaces": {"matchNames": ["Not_A_Namespace"]}})
+
+
+# --- a claim dates from when its Tunnel could first claim -------------------------------------
+
+
+def test_an_old_refused_tunnel_that_comes_to_be_allowed_never_jumps_the_queue() -> None:
+    """The attacker's namespace (quota 1) has an old Tunnel for the victim's domain waiting
+    behind its quota; the victim claims the domain later. The attacker deletes its first
+    Tunnel to free its quota: the waiting one claims from that moment, behind the victim."""
+    shared = rule("shared", namespaces={"matchNames": ["attacker", "victim"]},
+                  domains=["*.apps.example.com"], maxTunnels=1)  # fmt: skip
+    tenancy = Tenancy((shared,))
+    domain = "shop.apps.example.com"
+    decoy = tunnel("attacker", name="decoy", minutes=0, domain="decoy.apps.example.com")
+    sleeper = tunnel("attacker", name="sleeper", minutes=1, domain=domain)
+    victim = tunnel("victim", name="shop", minutes=10, domain=domain)
+    first = decide_domains([decoy, sleeper, victim], tenancy)
+    assert first.refusals[sleeper.id].reason == "QuotaExceeded"
+    assert first.holders[domain].id == victim.id
+    history = ClaimHistory(first.claims, first.unable, now=T0 + timedelta(minutes=30))
+    after = decide_domains([sleeper, victim], tenancy, history)
+    assert after.holders[domain].id == victim.id
+    assert after.refusals[sleeper.id].reason == "DomainConflict"
+    assert after.claims[sleeper.id] == T0 + timedelta(minutes=30)
+    # Remembered so, the next decision and a restart date it the same.
+    later = ClaimHistory(after.claims, after.unable, now=T0 + timedelta(hours=5))
+    assert decide_domains([sleeper, victim], tenancy, later).claims == after.claims
+    # Only the victim's deletion hands the domain on.
+    assert decide_domains([sleeper], tenancy, later).holders[domain].id == sleeper.id
+
+
+def test_without_history_a_claim_dates_from_its_creation() -> None:
+    older, younger = tunnel("a", minutes=0), tunnel("b", minutes=5)
+    ownership = decide_domains([younger, older], Tenancy(), ClaimHistory(now=T0 + timedelta(1)))
+    assert ownership.claims == {older.id: older.created, younger.id: younger.created}
+    assert ownership.unable == frozenset()
+
+
+def test_a_claim_date_in_status_counts_only_when_the_operator_sealed_it() -> None:
+    """Whoever may write a Tunnel's status (it is not always the operator alone) must not be
+    able to date a claim back."""
+    sealer = Sealer(Sealer.generate_key())
+    victim_era = tunnel("attacker", minutes=60)
+    since = T0 + timedelta(minutes=90)
+    sealed = TunnelStatus.model_validate(
+        {"claim": {"since": since.isoformat(), "proof": claim_proof(sealer, victim_era, since)}}
+    )
+    assert restored_claim(sealer, victim_era, sealed) == since
+    forged = sealed.model_copy(update={"claim": sealed.claim.model_copy(  # type: ignore[union-attr]
+        update={"since": T0 - timedelta(days=365)})})  # fmt: skip
+    assert restored_claim(sealer, victim_era, forged) is None
+    other_domain = dataclasses.replace(victim_era, domain="elsewhere.example.com")
+    assert restored_claim(sealer, other_domain, sealed) is None
+    assert restored_claim(Sealer(Sealer.generate_key()), victim_era, sealed) is None

@@ -133,6 +133,8 @@ class Order:
     challenges: list[tuple[str, Any]]
     """(token, challenge body) of each pending HTTP-01 challenge."""
     certificate_url: str | None
+    domains: tuple[str, ...] = ()
+    """The DNS names the order is for."""
 
 
 class AcmeSession:
@@ -238,7 +240,8 @@ class AcmeSession:
                 if isinstance(challb.chall, challenges.HTTP01):
                     pending.append((challb.chall.encode("token"), challb))
         status = body.status.name if body.status else "pending"
-        return Order(url, status, pending, body.certificate)
+        domains = tuple(sorted(i.value for i in body.identifiers or () if i.typ.name == "dns"))
+        return Order(url, status, pending, body.certificate, domains)
 
     def key_authorization(self, challenge: Any) -> str:
         _, validation = challenge.response_and_validation(self.key)

@@ -243,8 +243,8 @@ class AcmeIssuer:
             return GATEWAY_WAIT_SECONDS
         try:
             await self._issue(key, body, spec, status)
-        except Abandoned:
-            return await self._not_holder(key, spec.domain, status)
+        except Abandoned:  # (an order it made in this step is in status now: drop it too)
+            return await self._not_holder(key, spec.domain, status, in_flight=True)
         except SecretNotOwned as error:
             self.verdicts[key] = CertificateVerdict(False, "SecretNotOwned", str(error))
             return FOREIGN_SECRET_RECHECK_SECONDS
@@ -273,7 +273,9 @@ class AcmeIssuer:
         await self._event(body, False, "Issued", f"certificate for {spec.domain} issued")
         return 0.0  # look again at once: the new certificate's renewal time
 
-    async def _not_holder(self, key: Key, domain: str, status: CertificateStatus) -> float:
+    async def _not_holder(
+        self, key: Key, domain: str, status: CertificateStatus, in_flight: bool = False
+    ) -> float:
         """No order for a domain this Certificate's Tunnel does not hold; one in flight is
         dropped. Wait until the holder changes."""
         self.verdicts[key] = CertificateVerdict(
@@ -281,7 +283,7 @@ class AcmeIssuer:
             f"no Tunnel of this namespace that uses this Certificate holds {domain}: no "
             "certificate is ordered for it",
         )  # fmt: skip
-        if status.order_url:
+        if status.order_url or in_flight:
             namespace, name = key
             await self.context.kube.patch_status(CERTIFICATE, namespace, name, {"orderURL": None})
             log.info("ACME: dropped the order of %s/%s (%s changed hands)", namespace, name, domain)
@@ -350,6 +352,8 @@ class AcmeIssuer:
         order = None
         if status.order_url:
             order = await asyncio.to_thread(session.order, status.order_url)
+            if order is not None and order.domains != (spec.domain,):
+                order = None  # an order for other names is never resumed for this one
         pending = await kube.stored_secret(namespace, pending_key_secret(name))
         key_pem = pending.data.get("tls.key") if pending and pending.owned_by(uid) else None
         if order is None or order.status == "invalid" or key_pem is None:
@@ -376,6 +380,10 @@ class AcmeIssuer:
         still_holder()
         chain = await asyncio.to_thread(session.finalize, order.url, key_pem, spec.domain)
         still_holder()
+        try:  # what the CA returned must be for this domain and this key, whatever the order
+            inspect(chain.encode(), key_pem.encode(), spec.domain, datetime.now(UTC))
+        except CertificateProblem as problem:
+            raise AcmeProblem("badCertificate", f"the issued certificate: {problem}") from None
         await kube.put_tls_secret(
             namespace, spec.secret_name, chain, key_pem, owner=body, labels=secret_labels(name)
         )

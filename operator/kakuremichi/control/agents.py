@@ -191,15 +191,15 @@ async def readmit(context: Context) -> None:
             seen = await asyncio.wait_for(state.changed(seen), max(0.0, wait))
         await asyncio.sleep(0.05)  # let a burst settle
         refusals, now = state.snapshot().agent_refusals, loop.time()
-        changed = [
-            claim
-            for uid, claim in list(state.agent_claims.items())
-            if ((uid in refusals and uid in state.agents)  # over quota now: subnet back
-                or (uid not in refusals and uid in state.quota_refused))  # fits now
-            and retry_at.get(uid, 0.0) <= now
-        ]  # fmt: skip
-        for gone in set(retry_at) - set(state.agent_claims):
-            del retry_at[gone]
+        needed = {
+            uid
+            for uid in state.agent_claims
+            if (uid in refusals and uid in state.agents)  # over quota now: subnet back
+            or (uid not in refusals and uid in state.quota_refused)  # fits now
+        }
+        for settled in set(retry_at) - needed:  # (fine now, or gone: no more waking for it)
+            del retry_at[settled]
+        changed = [state.agent_claims[uid] for uid in needed if retry_at.get(uid, 0.0) <= now]
         for claim in changed:
             try:
                 await reconcile_again(context, AGENT, reconcile, claim.namespace, claim.name)

@@ -137,7 +137,10 @@ async def compute_status(context: Context, body: kopf.Body) -> dict[str, Any]:
             "last_renewed_at": info.not_before if renewed else current.last_renewed_at,
         }
         assert bundle is not None
-        await context.mirror.upsert_certificate(
+        # The mirror's row: the projector writes the rows of the certificates being served
+        # (those of domains their Tunnels hold), so another namespace's never takes its place.
+        context.state.set_certificate_row(
+            (namespace, name),
             CertificateRow(
                 id=UUID(meta.uid),
                 domain=spec.domain,
@@ -148,7 +151,7 @@ async def compute_status(context: Context, body: kopf.Body) -> dict[str, Any]:
                 expires_at=info.not_after,
                 auto_renew=spec.auto_renew,
                 last_renewed_at=info.not_before,
-            )
+            ),
         )
     was_ready = any(c.type == READY and c.status == "True" for c in current.conditions)
     if verdict.ready != was_ready or not current.conditions:
@@ -165,7 +168,6 @@ async def cleanup(context: Context, body: kopf.Body) -> None:
     await context.acme.stop(meta.namespace or "", meta.name or "")
     context.state.remove_certificate((meta.namespace or "", meta.name or ""))
     context.state.use_secret(meta.namespace or "", meta.name or "", None)
-    await context.mirror.delete_certificate(UUID(meta.uid))
 
 
 async def prune_rows(context: Context) -> None:
@@ -189,7 +191,12 @@ async def recheck_sources(context: Context) -> None:
         now = loop.time()
         for gone in set(schedule) - set(state.secret_users):
             del schedule[gone]
+        # Only the Secrets of Certificates whose Tunnel holds the domain: what others hold is
+        # served to nobody, and a namespace's thousands of them must not cost a read each.
+        held = {(h.namespace, h.certificate) for h in state.snapshot().ownership.holders.values()}
         for key, users in list(state.secret_users.items()):
+            if not any((key[0], certificate) in held for certificate in users):
+                continue
             due, interval = schedule.setdefault(key, (now + SOURCE_RECHECK_MIN_SECONDS, 0.0))
             seen = state.secret_versions.get(key)
             if due > now or (seen is not None and seen[1]):

@@ -11,6 +11,7 @@ import threading
 import warnings
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import aiohttp
 import kopf
@@ -87,6 +88,21 @@ def bounded_session(info: kopf.ConnectionInfo, namespaces: tuple[str, ...]) -> k
     )
 
 
+VANISHED_CHECKS_SECONDS = (30.0, 300.0)
+"""After a start: when to look for objects without finalizer deleted before the watches began."""
+
+
+async def forget_vanished(context: Context, tunnel_uids: set[UUID], policies: set[str]) -> None:
+    started = asyncio.get_running_loop().time()
+    for after in VANISHED_CHECKS_SECONDS:
+        await asyncio.sleep(max(0.0, started + after - asyncio.get_running_loop().time()))
+        try:
+            await tunnels.forget_vanished(context, tunnel_uids)
+            await tenancy.forget_vanished(context, policies)
+        except Exception:  # the next check tries again
+            log.exception("looking for objects deleted during the start failed")
+
+
 def build_registry(context: Context) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     tasks: list[asyncio.Task[None]] = []
@@ -132,11 +148,11 @@ def build_registry(context: Context) -> kopf.OperatorRegistry:
         # The facts every decision needs, before any reconcile: policies first (quotas), then
         # the Agents (their claims and subnets), the gateways, and every Tunnel's claim, so no
         # younger claim is ever routed while an older one waits for its reconcile.
-        await tenancy.restore(context)
+        policies = await tenancy.restore(context)
         edges = await agents.restore_allocations(context)
         edges |= await gateways.restore_indexes(context)
         context.state.startup.expect(edges)  # their keys are known once each is reconciled
-        await tunnels.restore_claims(context)
+        restored = await tunnels.restore_claims(context)
         await certificates.prune_rows(context)
         tasks.append(asyncio.create_task(Projector(context).run(), name="projector"))
         tasks.append(asyncio.create_task(certificates.recheck(context), name="recheck"))
@@ -144,6 +160,11 @@ def build_registry(context: Context) -> kopf.OperatorRegistry:
             asyncio.create_task(certificates.recheck_sources(context), name="recheck sources")
         )
         tasks.append(asyncio.create_task(agents.readmit(context), name="readmit"))
+        tasks.append(
+            asyncio.create_task(
+                forget_vanished(context, restored, policies), name="forget vanished"
+            )
+        )
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:

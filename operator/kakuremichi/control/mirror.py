@@ -152,6 +152,28 @@ class Mirror:
 
         await self._run(work)
 
+    async def sync_certificates(self, rows: Collection[CertificateRow]) -> None:
+        """Make the certificates table hold exactly ``rows`` (the certificates being served)."""
+
+        def work(session: Session) -> None:
+            wanted = {row.id: row for row in rows}
+            existing = {c.id: c for c in session.scalars(select(Certificate))}
+            for certificate_id, certificate in existing.items():
+                if certificate_id not in wanted:
+                    session.delete(certificate)
+            session.flush()
+            for row in wanted.values():
+                certificate = existing.get(row.id) or Certificate(id=row.id)
+                certificate.domain = row.domain
+                certificate.certificate = row.certificate
+                certificate.private_key = row.sealed_private_key
+                certificate.expires_at = row.expires_at
+                certificate.auto_renew = row.auto_renew
+                certificate.last_renewed_at = row.last_renewed_at
+                session.add(certificate)
+
+        await self._run(work)
+
     async def delete_certificate(self, certificate_id: UUID) -> None:
         await self._run(
             lambda session: session.execute(

@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 from kakuremichi.conditions import READY, Condition, set_ready
 from kakuremichi.control.context import Context
-from kakuremichi.control.mirror import TunnelRow
+from kakuremichi.control.mirror import CertificateRow, TunnelRow
 from kakuremichi.ownership import TunnelFacts
-from kakuremichi.resources import TUNNEL
+from kakuremichi.resources import TUNNEL, TunnelStatus
+from kakuremichi.store import Sealer
 from kakuremichi.tunnel_readiness import TunnelVerdict
 
 SETTLE_SECONDS = 0.05
@@ -46,11 +49,28 @@ Written = tuple[TunnelVerdict, int, list[Condition]]
 Write = tuple[TunnelFacts, TunnelVerdict, Written | None, list[Condition]]
 
 
+def claim_proof(sealer: Sealer, tunnel: TunnelFacts, since: datetime) -> str:
+    """A keyed digest of the claim, so a date written into status by anyone else (status is
+    not always the operator's alone) is not believed at the next start."""
+    return sealer.digest_api_key(f"claim:{tunnel.id}:{tunnel.domain}:{since.isoformat()}")
+
+
+def restored_claim(sealer: Sealer, tunnel: TunnelFacts, status: TunnelStatus) -> datetime | None:
+    """The claim date the Tunnel's status holds, when the operator wrote it."""
+    claim = status.claim
+    if claim is None:
+        return None
+    since = claim.since if claim.since.tzinfo else claim.since.replace(tzinfo=UTC)
+    expected = claim_proof(sealer, tunnel, since)
+    return since if hmac.compare_digest(expected.encode(), claim.proof.encode()) else None
+
+
 class Projector:
     def __init__(self, context: Context) -> None:
         self.context = context
         self.written: dict[UUID, tuple[TunnelVerdict, int, list[Condition]]] = {}
         self.first_seen: dict[UUID, float] = {}
+        self.certificate_rows: tuple[CertificateRow, ...] | None = None
 
     async def run(self) -> None:
         seen = -1
@@ -86,10 +106,19 @@ class Projector:
         state = self.context.state
         snapshot = state.snapshot()
         tunnels = snapshot.facts.tunnels
-        # The table first: it is one transaction, and it need not wait for the API writes.
+        state.record_claims(snapshot.ownership)
+        # The tables first: one transaction each, and they need not wait for the API writes.
         await self.context.mirror.sync_tunnels(
             [TunnelRow(r.tunnel_id, r.route, r.description) for r in snapshot.tunnel_rows]
         )
+        rows = tuple(
+            state.certificate_rows[key]
+            for key in sorted(key for key, _ in snapshot.served_certificates.values())
+            if key in state.certificate_rows
+        )
+        if rows != self.certificate_rows:  # (a sealed key differs at each sealing: only news)
+            await self.context.mirror.sync_certificates(rows)
+            self.certificate_rows = rows
         results = snapshot.verdicts
         now = time.monotonic()
         due: float | None = None
@@ -142,6 +171,12 @@ class Projector:
             "observedGeneration": tunnel.generation,
             "url": verdict.url,
             "certificate": tunnel.certificate,
+            "claim": None
+            if verdict.claimed_since is None
+            else {
+                "since": verdict.claimed_since.isoformat(),
+                "proof": claim_proof(self.context.state.sealer, tunnel, verdict.claimed_since),
+            },
         }
         if await self.context.kube.patch_status(TUNNEL, tunnel.namespace, tunnel.name, status):
             self.written[tunnel.id] = (verdict, tunnel.generation, conditions)

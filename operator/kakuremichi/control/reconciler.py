@@ -73,12 +73,20 @@ def register_reconciler(
                 if status:
                     await context.kube.patch_status(kind, namespace, name, dict(status))
 
+    async def locked_cleanup(body: kopf.Body) -> None:
+        # Under the object's lock: a reconcile outside kopf's events (re-admission, a Secret's
+        # recheck) that read the object just before its deletion must not finish after the
+        # cleanup and bring back what it removed (a subnet, a served certificate).
+        namespace, name = body.metadata.namespace or "", body.metadata.name or ""
+        async with context.status_locks.of(kind, namespace, name):
+            await cleanup(context, body)
+
     if finalizer:
 
         @kopf.on.delete(*resource, registry=registry, id="cleanup")
         async def on_delete(body: kopf.Body, **_: Any) -> None:
             context.state.startup.reconciled(body.metadata.uid or "")
-            await cleanup(context, body)
+            await locked_cleanup(body)
 
         return
 
@@ -88,4 +96,4 @@ def register_reconciler(
     @kopf.on.event(*resource, registry=registry, id="cleanup", when=deleted)
     async def on_deleted(body: kopf.Body, **_: Any) -> None:
         context.state.startup.reconciled(body.metadata.uid or "")
-        await cleanup(context, body)
+        await locked_cleanup(body)

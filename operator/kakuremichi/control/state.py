@@ -10,16 +10,25 @@ routes, verdicts) is decided once per generation, in :meth:`ControlState.snapsho
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 from uuid import UUID
 
 from kakuremichi.addressing import GatewayIndexAllocator, SubnetAllocator
 from kakuremichi.conditions import Condition
+from kakuremichi.control.mirror import CertificateRow
 from kakuremichi.control.startup_window import StartupWindow
 from kakuremichi.edge_config import AgentNode, GatewayNode
-from kakuremichi.ownership import AgentClaim, Tenancy, TenantRule, TunnelFacts
+from kakuremichi.ownership import (
+    AgentClaim,
+    ClaimHistory,
+    DomainOwnership,
+    Tenancy,
+    TenantRule,
+    TunnelFacts,
+)
 from kakuremichi.protocol import AcmeChallenge, CertificateBundle
 from kakuremichi.resources import GatewaySpec
 from kakuremichi.snapshot import ControlFacts, Snapshot
@@ -76,16 +85,24 @@ class ControlState:
     """(namespace, Certificate name) → whether it can be served."""
     bundles: dict[tuple[str, str], CertificateBundle] = field(default_factory=dict)
     """(namespace, Certificate name) → the last good certificate and key."""
+    certificate_rows: dict[tuple[str, str], CertificateRow] = field(default_factory=dict)
+    """(namespace, Certificate name) → its mirror row (written only while it is served)."""
     certificate_expiry: dict[tuple[str, str], datetime] = field(default_factory=dict)
     """(namespace, Certificate name) → when its (good) certificate expires."""
     secret_users: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     """(namespace, Secret name) → the Certificates that read it."""
+    secret_of: dict[tuple[str, str], str] = field(default_factory=dict)
+    """(namespace, Certificate name) → the Secret it reads."""
     secret_versions: dict[tuple[str, str], tuple[str, bool]] = field(default_factory=dict)
     """(namespace, Secret name) → its resourceVersion when last read ("": it did not exist) and
     whether it carries the label the operator watches, so a change to one it does not watch
     is noticed by reading it again."""
     challenges: dict[tuple[str, str], AcmeChallenge] = field(default_factory=dict)
     """(namespace, Certificate name) → its pending HTTP-01 challenge, served by gateways."""
+    claim_since: dict[UUID, datetime] = field(default_factory=dict)
+    """Tunnel → when its claim on its domain began (decided, or restored from status)."""
+    claim_refused: set[UUID] = field(default_factory=set)
+    """Tunnels found unable to claim (quota, policy): a claim of theirs begins when allowed."""
     tunnel_conditions: dict[UUID, list[Condition]] = field(default_factory=dict)
     """Conditions each Tunnel had when first seen, so transition times survive restarts."""
     generation: int = 0
@@ -125,7 +142,8 @@ class ControlState:
 
     def remove_agent(self, agent_id: UUID) -> None:
         """The Agent is gone: its claim, addresses and keys with it."""
-        self.agent_claims.pop(agent_id, None)
+        if self.agent_claims.pop(agent_id, None) is not None:
+            self.touch()  # (a younger Agent over quota may fit now)
         self.quota_refused.discard(agent_id)
         self.withdraw_agent(agent_id)
 
@@ -192,8 +210,30 @@ class ControlState:
             self.tunnels[tunnel.id] = tunnel
             self.touch()
 
+    def seed_tunnel_conditions(self, tunnel_id: UUID, conditions: list[Condition]) -> None:
+        """The conditions a Tunnel had when first seen, so transition times survive restarts."""
+        self.tunnel_conditions.setdefault(tunnel_id, conditions)
+
+    def restore_claim(self, tunnel_id: UUID, since: datetime | None, refused: bool) -> None:
+        """What a Tunnel's status says of its claim, at start (before any decision)."""
+        if since is not None:
+            self.claim_since[tunnel_id] = since
+        elif refused:
+            self.claim_refused.add(tunnel_id)
+
+    def record_claims(self, ownership: DomainOwnership) -> None:
+        """Remember when each claim began, so the next decision dates it the same."""
+        refused = set(ownership.unable)
+        since = {uid: when for uid, when in ownership.claims.items() if uid in self.tunnels}
+        refused &= set(self.tunnels)
+        if since != self.claim_since or refused != self.claim_refused:
+            self.claim_since, self.claim_refused = since, refused
+            self.touch()
+
     def remove_tunnel(self, tunnel_id: UUID) -> None:
         self.tunnel_conditions.pop(tunnel_id, None)
+        self.claim_since.pop(tunnel_id, None)
+        self.claim_refused.discard(tunnel_id)
         if self.tunnels.pop(tunnel_id, None) is not None:
             self.touch()
 
@@ -219,15 +259,29 @@ class ControlState:
 
     def use_secret(self, namespace: str, certificate: str, secret: str | None) -> None:
         """Record which Secret a Certificate reads (None: none), so changes to it are noticed."""
-        for key in [k for k, users in self.secret_users.items() if k[0] == namespace]:
-            self.secret_users[key].discard(certificate)
-            if not self.secret_users[key]:
-                del self.secret_users[key]
-                self.secret_versions.pop(key, None)
+        before = self.secret_of.pop((namespace, certificate), None)
+        if before is not None:
+            users = self.secret_users.get((namespace, before), set())
+            users.discard(certificate)
+            if not users:
+                self.secret_users.pop((namespace, before), None)
+                self.secret_versions.pop((namespace, before), None)
         if secret is not None:
+            self.secret_of[(namespace, certificate)] = secret
             self.secret_users.setdefault((namespace, secret), set()).add(certificate)
 
+    def set_certificate_row(self, key: tuple[str, str], row: CertificateRow) -> None:
+        """The row of a good certificate; kept as it was while the certificate is the same
+        (its sealed key differs at every sealing)."""
+        known = self.certificate_rows.get(key)
+        if known is None or known != dataclasses.replace(
+            row, sealed_private_key=known.sealed_private_key
+        ):
+            self.certificate_rows[key] = row
+            self.touch()
+
     def remove_certificate(self, key: tuple[str, str]) -> None:
+        self.certificate_rows.pop(key, None)
         self.certificate_verdicts.pop(key, None)
         self.certificate_expiry.pop(key, None)
         self.bundles.pop(key, None)
@@ -280,6 +334,9 @@ class ControlState:
                 tenancy=Tenancy(
                     tuple(self.tenant_rules[name] for name in sorted(self.tenant_rules)),
                     {ns: dict(labels) for ns, labels in self.namespace_labels.items()},
+                ),
+                history=ClaimHistory(
+                    dict(self.claim_since), frozenset(self.claim_refused), datetime.now(UTC)
                 ),
             )
             self._snapshot = Snapshot(facts, self.generation)

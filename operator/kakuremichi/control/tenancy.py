@@ -56,9 +56,10 @@ async def cleanup(context: Context, body: kopf.Body) -> None:
     context.state.remove_tenant_rule(body.metadata.name or "")
 
 
-async def restore(context: Context) -> None:
+async def restore(context: Context) -> set[str]:
     """Every policy and namespace label before any reconcile: the first decisions after a
-    start must already see them (an Agent over quota must not get a subnet meanwhile)."""
+    start must already see them (an Agent over quota must not get a subnet meanwhile).
+    Returns the policies' names."""
     try:
         policies = await context.kube.list_objects(TENANT_POLICY)
     except ApiException as error:
@@ -70,8 +71,24 @@ async def restore(context: Context) -> None:
     for found in policies:
         rule, _ = rule_of(found["metadata"]["name"], found.get("spec") or {})
         context.state.set_tenant_rule(rule)
+    restored = {rule.name for rule in context.state.tenant_rules.values()}
     for namespace, labels in (await context.kube.namespace_labels()).items():
         context.state.set_namespace_labels(namespace, labels)
+    return restored
+
+
+async def forget_vanished(context: Context, restored: set[str]) -> None:
+    """Like :func:`kakuremichi.control.tunnels.forget_vanished`, for TenantPolicies."""
+    try:
+        listed = {
+            found["metadata"]["name"] for found in await context.kube.list_objects(TENANT_POLICY)
+        }
+    except ApiException as error:
+        if error.status != 404:
+            raise
+        listed = set()
+    for vanished in (restored & set(context.state.tenant_rules)) - listed:
+        context.state.remove_tenant_rule(vanished)
 
 
 def register(registry: kopf.OperatorRegistry, context: Context) -> None:

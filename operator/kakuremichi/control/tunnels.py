@@ -16,7 +16,9 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
+from kakuremichi.conditions import READY
 from kakuremichi.control.context import Context
+from kakuremichi.control.projector import restored_claim
 from kakuremichi.control.reconciler import register_reconciler
 from kakuremichi.ownership import TunnelFacts
 from kakuremichi.resources import (
@@ -66,7 +68,7 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
     }
     # The claim first: the Certificate's reconcile may run at once and asks whether its
     # Tunnel holds the domain before it orders a certificate.
-    context.state.tunnel_conditions.setdefault(
+    context.state.seed_tunnel_conditions(
         UUID(meta.uid), TunnelStatus.model_validate(dict(body.status)).conditions
     )
     context.state.set_tunnel(facts_of(meta, spec))
@@ -109,10 +111,11 @@ def facts_of(meta: Mapping[str, Any], spec: TunnelSpec) -> TunnelFacts:
     )
 
 
-async def restore_claims(context: Context) -> None:
+async def restore_claims(context: Context) -> set[UUID]:
     """Record every Tunnel's claim before any reconcile runs. Reconciles come in any order:
     without this, a younger claim reconciled first would hold its domain, and be routed to,
-    until the older one's turn came."""
+    until the older one's turn came. Returns the Tunnels restored."""
+    state, restored = context.state, set()
     async for page in context.kube.pages(TUNNEL, context.settings.namespaces):
         for found in page:
             try:
@@ -120,9 +123,28 @@ async def restore_claims(context: Context) -> None:
                 status = TunnelStatus.model_validate(found.get("status") or {})
             except ValidationError:  # its reconcile says why
                 continue
-            meta = found["metadata"]
-            context.state.tunnel_conditions.setdefault(UUID(meta["uid"]), status.conditions)
-            context.state.set_tunnel(facts_of(meta, spec))
+            facts = facts_of(found["metadata"], spec)
+            state.seed_tunnel_conditions(facts.id, status.conditions)
+            # When its claim began: as sealed into status, or (none there) from its creation,
+            # unless it was refused (quota, policy) then: its claim begins when allowed.
+            ready = next((c for c in status.conditions if c.type == READY), None)
+            refused = ready is not None and ready.reason in ("QuotaExceeded", "DomainNotAllowed")
+            state.restore_claim(facts.id, restored_claim(state.sealer, facts, status), refused)
+            state.set_tunnel(facts)
+            restored.add(facts.id)
+    return restored
+
+
+async def forget_vanished(context: Context, restored: set[UUID]) -> None:
+    """Tunnels have no finalizer: one deleted between the start-up listing and the first watch
+    sends no event, and would keep holding its domain. Drop those restored at the start that
+    are no longer listed (only those: one created since may be missing from this listing)."""
+    listed: set[UUID] = set()
+    async for page in context.kube.pages(TUNNEL, context.settings.namespaces):
+        listed |= {UUID(found["metadata"]["uid"]) for found in page}
+    for vanished in (restored & set(context.state.tunnels)) - listed:
+        log.info("Tunnel %s was deleted meanwhile: forgotten", vanished)
+        context.state.remove_tunnel(vanished)
 
 
 async def cleanup(context: Context, body: kopf.Body) -> None:
