@@ -43,6 +43,11 @@ def _string_schema(**schema: Any) -> WithJsonSchema:
     return WithJsonSchema({"type": "string", **schema})
 
 
+_NOT_AN_IP_ADDRESS = cel_rule(
+    "!" + cel_match(validation.NUMERIC_LAST_LABEL_PATTERN),
+    "must be a domain name, not an IP address: the last label must not be all-numeric",
+)
+
 ResourceName = Annotated[
     str,
     AfterValidator(validation.resource_name),
@@ -58,15 +63,7 @@ DomainName = Annotated[
         minLength=1,
         maxLength=validation.DOMAIN_MAX_LENGTH,
         pattern=validation.DOMAIN_PATTERN,
-        **{
-            "x-kubernetes-validations": [
-                cel_rule(
-                    "!" + cel_match(validation.NUMERIC_LAST_LABEL_PATTERN),
-                    "must be a domain name, not an IP address: "
-                    "the last label must not be all-numeric",
-                )
-            ]
-        },
+        **{"x-kubernetes-validations": [_NOT_AN_IP_ADDRESS]},
     ),
 ]
 
@@ -77,15 +74,7 @@ DomainPattern = Annotated[
         minLength=1,
         maxLength=validation.DOMAIN_MAX_LENGTH,
         pattern=validation.DOMAIN_PATTERN_PATTERN,
-        **{
-            "x-kubernetes-validations": [
-                cel_rule(
-                    "!" + cel_match(validation.NUMERIC_LAST_LABEL_PATTERN),
-                    "must be a domain name, not an IP address: "
-                    "the last label must not be all-numeric",
-                )
-            ]
-        },
+        **{"x-kubernetes-validations": [_NOT_AN_IP_ADDRESS]},
     ),
 ]
 """``app.example.com``, or ``*.example.com`` for every name below ``example.com``."""

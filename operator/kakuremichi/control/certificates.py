@@ -32,7 +32,6 @@ from kakuremichi.control.reconciler import register_reconciler
 from kakuremichi.fields import status_patch
 from kakuremichi.protocol import CertificateBundle
 from kakuremichi.resources import CERTIFICATE, CertificateSpec, CertificateStatus
-from kakuremichi.store import Certificate
 from kakuremichi.tls_material import CertificateProblem, inspect
 from kakuremichi.tunnel_readiness import CertificateVerdict
 
@@ -170,12 +169,6 @@ async def cleanup(context: Context, body: kopf.Body) -> None:
     context.state.use_secret(meta.namespace or "", meta.name or "", None)
 
 
-async def prune_rows(context: Context) -> None:
-    """Drop mirror rows of Certificates deleted while the operator was away."""
-    found = await context.kube.list_objects(CERTIFICATE, context.settings.namespaces)
-    await context.mirror.prune(Certificate, {UUID(c["metadata"]["uid"]) for c in found})
-
-
 async def recheck_sources(context: Context) -> None:
     """Secrets Certificates read but the operator does not watch: read each again, first a
     second after it was last seen to change, then ever less often up to every
@@ -251,8 +244,8 @@ _EXPIRED = CertificateVerdict(False, "Expired", "")
 
 
 def register(registry: kopf.OperatorRegistry, context: Context) -> None:
-    # No finalizer: the cleanup concerns the in-memory state, the ACME task and the mirror's
-    # row, which the start-up prune (prune_rows) drops for Certificates deleted meanwhile.
+    # No finalizer: the cleanup concerns the in-memory state and the ACME task; the mirror's
+    # row follows the projector (which writes exactly the rows of the served certificates).
     register_reconciler(registry, context, CERTIFICATE, reconcile, cleanup, finalizer=False)
 
     def referenced(namespace: str | None, name: str | None, **_: Any) -> bool:

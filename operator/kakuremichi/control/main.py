@@ -153,7 +153,6 @@ def build_registry(context: Context) -> kopf.OperatorRegistry:
         edges |= await gateways.restore_indexes(context)
         context.state.startup.expect(edges)  # their keys are known once each is reconciled
         restored = await tunnels.restore_claims(context)
-        await certificates.prune_rows(context)
         tasks.append(asyncio.create_task(Projector(context).run(), name="projector"))
         tasks.append(asyncio.create_task(certificates.recheck(context), name="recheck"))
         tasks.append(

@@ -133,25 +133,6 @@ class Mirror:
 
         return await self._run(work)
 
-    async def upsert_certificate(self, row: CertificateRow) -> None:
-        def work(session: Session) -> None:
-            # The domain is unique: a row another Certificate left for it gives way.
-            session.execute(
-                delete(Certificate).where(
-                    Certificate.domain == row.domain, Certificate.id != row.id
-                )
-            )
-            certificate = session.get(Certificate, row.id) or Certificate(id=row.id)
-            certificate.domain = row.domain
-            certificate.certificate = row.certificate
-            certificate.private_key = row.sealed_private_key
-            certificate.expires_at = row.expires_at
-            certificate.auto_renew = row.auto_renew
-            certificate.last_renewed_at = row.last_renewed_at
-            session.add(certificate)
-
-        await self._run(work)
-
     async def sync_certificates(self, rows: Collection[CertificateRow]) -> None:
         """Make the certificates table hold exactly ``rows`` (the certificates being served)."""
 
@@ -173,13 +154,6 @@ class Mirror:
                 session.add(certificate)
 
         await self._run(work)
-
-    async def delete_certificate(self, certificate_id: UUID) -> None:
-        await self._run(
-            lambda session: session.execute(
-                delete(Certificate).where(Certificate.id == certificate_id)
-            )
-        )
 
     async def sync_tunnels(self, rows: Collection[TunnelRow]) -> None:
         """Make the tunnels table hold exactly ``rows`` (the routes being served)."""

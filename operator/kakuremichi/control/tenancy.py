@@ -15,7 +15,7 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from kakuremichi.conditions import set_ready
+from kakuremichi.conditions import ConditionStatus, set_ready
 from kakuremichi.control.context import Context
 from kakuremichi.control.reconciler import register_reconciler
 from kakuremichi.fields import describe_errors, status_patch
@@ -39,12 +39,13 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
     rule, problem = rule_of(name, dict(body.spec))
     context.state.set_tenant_rule(rule)
     current = TenantPolicyStatus.model_validate(dict(body.status))
+    status: ConditionStatus = "True" if problem is None else "False"
     if problem is None:
-        verdict = ("True", "Accepted", "applied to the namespaces it selects")
+        reason, message = "Accepted", "applied to the namespaces it selects"
     else:
-        verdict = ("False", "Invalid", f"{problem}; until fixed it grants nothing")
-        await context.kube.announce(TENANT_POLICY, body, True, "Invalid", verdict[2])
-    conditions = set_ready(current.conditions, *verdict, meta.get("generation"))  # type: ignore[arg-type]
+        reason, message = "Invalid", f"{problem}; until fixed it grants nothing"
+        await context.kube.announce(TENANT_POLICY, body, True, reason, message)
+    conditions = set_ready(current.conditions, status, reason, message, meta.get("generation"))
     patch.status.update(
         status_patch(
             current, {"conditions": conditions, "observed_generation": meta.get("generation")}
