@@ -47,7 +47,7 @@ tls = ssl.create_default_context(cafile=sys.argv[2])
 seen = {}
 while not os.path.exists(sys.argv[3]):
     try:
-        with urllib.request.urlopen(sys.argv[1], context=tls, timeout=5) as response:
+        with urllib.request.urlopen(sys.argv[1], context=tls, timeout=2) as response:
             outcome = f"{response.status} {response.read().decode().strip()}"
     except urllib.error.HTTPError as error:
         outcome = str(error.code)
