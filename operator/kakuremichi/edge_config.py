@@ -26,6 +26,7 @@ from kakuremichi.protocol import (
     GatewaySelf,
     GatewayTunnel,
 )
+from kakuremichi.resources import ClientLimits, Hsts
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class GatewayNode:
     wireguard_port: int = 51820
     http_port: int = 80
     https_port: int = 443
+    trusted_proxies: tuple[str, ...] = ()
+    client_limits: ClientLimits | None = None
+    """None: the defaults."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,7 @@ class Route:
     enabled: bool
     h2c: bool = False
     """The target speaks HTTP/2 without TLS (the Tunnel's appProtocol H2C)."""
+    hsts: Hsts | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +157,7 @@ class Topology:
                 target=route.target,
                 enabled=route.enabled,
                 app_protocol="H2C" if route.h2c else None,
+                hsts=route.hsts,
             )
             for route in self.routes
         )
@@ -229,6 +235,8 @@ def gateway_config(
             wireguard_port=gateway.wireguard_port,
             http_port=gateway.http_port,
             https_port=gateway.https_port,
+            trusted_proxies=list(gateway.trusted_proxies) or None,
+            client_limits=gateway.client_limits,
             wireguard_private_key=private_key,
         ),
         agents=[

@@ -112,6 +112,20 @@ PublicIPv4 = Annotated[
     _string_schema(maxLength=15, pattern=validation.PUBLIC_IPV4_PATTERN),
 ]
 
+CidrRange = Annotated[
+    str,
+    AfterValidator(validation.cidr),
+    _string_schema(
+        maxLength=43,
+        **{
+            "x-kubernetes-validations": [
+                cel_rule("isCIDR(self)", "must be a CIDR range such as 10.0.0.0/8 or 2001:db8::/32")
+            ]
+        },
+    ),
+]
+"""An IPv4 or IPv6 range, e.g. ``10.0.0.0/8``."""
+
 RegionName = Annotated[
     str,
     AfterValidator(validation.region),

@@ -32,7 +32,7 @@ from functools import cached_property
 from typing import Literal
 from uuid import UUID
 
-from kakuremichi.resources import AppProtocol, TenantPolicySpec
+from kakuremichi.resources import AppProtocol, Hsts, TenantPolicySpec
 
 
 @dataclass(frozen=True, order=True)
@@ -60,6 +60,7 @@ class TunnelFacts:
     """Name of the Certificate resource that serves it (same namespace)."""
     description: str | None = None
     app_protocol: AppProtocol = "HTTP1"
+    hsts: Hsts | None = None
 
     @property
     def claim(self) -> Claim:

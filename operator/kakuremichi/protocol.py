@@ -16,8 +16,8 @@ from uuid import UUID
 
 from pydantic import ConfigDict, Field, TypeAdapter
 
-from kakuremichi.fields import CamelModel, DomainName, PublicIPv4, TargetAddress
-from kakuremichi.resources import AppProtocol, EdgeClient
+from kakuremichi.fields import CamelModel, CidrRange, DomainName, PublicIPv4, TargetAddress
+from kakuremichi.resources import AppProtocol, ClientLimits, EdgeClient, Hsts
 
 # A first frame larger than this is refused before it is parsed.
 MAX_AUTH_FRAME_BYTES = 4096
@@ -172,6 +172,11 @@ class GatewaySelf(FromControl):
     wireguard_port: Port = 51820
     http_port: Port = 80
     https_port: Port = 443
+    trusted_proxies: list[CidrRange] | None = None
+    """Load balancers whose ``X-Forwarded-For`` the gateway appends to (None: none, and left
+    out of the message)."""
+    client_limits: ClientLimits | None = None
+    """None: the defaults (and left out of the message)."""
     wireguard_private_key: WireGuardKey | None = None
     """Sent only over TLS or loopback, to edges that do not already hold it."""
 
@@ -197,6 +202,7 @@ class GatewayTunnel(FromControl):
     app_protocol: AppProtocol | None = None
     """None: HTTP1 (then left out of the message: gateways of releases before it refuse
     fields they do not know)."""
+    hsts: Hsts | None = None
 
 
 class CertificateBundle(FromControl):

@@ -18,6 +18,7 @@ from kakuremichi import validation
 from kakuremichi.conditions import Condition
 from kakuremichi.fields import (
     CamelModel,
+    CidrRange,
     DomainName,
     DomainPattern,
     NamespaceName,
@@ -209,6 +210,54 @@ class GatewayPorts(CamelModel):
         return self
 
 
+class ClientLimits(CamelModel):
+    """What one client may hold of a gateway's HTTPS front end. Each limit is enforced while
+    reading (an oversized head is refused at its limit, not when it ends) and each refusal is
+    counted in ``/metrics`` (``kakuremichi_gateway_limit_hits``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_head_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 64 * 1024
+    """Bytes of a request head (request line and header fields): more is answered 431."""
+    max_header_fields: Annotated[int, Field(ge=8, le=1000)] = 100
+    """Header fields of one request: more is answered 431."""
+    max_target_bytes: Annotated[int, Field(ge=256, le=64 * 1024)] = 8 * 1024
+    """Length of the request target (path and query): longer is answered 414."""
+    head_timeout_seconds: Annotated[float, Field(ge=1, le=300)] = 20
+    """A request head must arrive whole within this time of its first byte; else it is
+    answered 408 and the connection closed."""
+    handshake_timeout_seconds: Annotated[float, Field(ge=1, le=120)] = 10
+    """The TLS handshake must end within this time of the TCP connection."""
+    keep_alive_timeout_seconds: Annotated[float, Field(ge=1, le=3600)] = 75
+    """A connection idle this long between requests (or inside a request body) is closed."""
+    upgraded_idle_timeout_seconds: Annotated[float, Field(ge=10, le=86400)] = 3600
+    """An upgraded (WebSocket) connection with no traffic either way this long is closed."""
+    max_connections_per_address: Annotated[int, Field(ge=1, le=1_000_000)] = 256
+    """Open connections from one client address (IPv6: one /64) per gateway process; more
+    are refused at accept."""
+    max_connections: Annotated[int, Field(ge=1, le=10_000_000)] = 16384
+    """Open client connections per gateway process (an InCluster pod runs one per CPU of its
+    limit); more are refused at accept."""
+
+
+class Hsts(CamelModel):
+    """``Strict-Transport-Security`` added by the gateways to the tunnel's responses (unless
+    the origin sets its own)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_age_seconds: Annotated[int, Field(ge=0, le=2 * 365 * 86400)] = 365 * 86400
+    """How long browsers remember to use HTTPS only (0 tells them to forget)."""
+    include_sub_domains: bool = False
+    """Also every name below the tunnel's domain."""
+
+    def header(self) -> bytes:
+        return b"Strict-Transport-Security: max-age=%d%s\r\n" % (
+            self.max_age_seconds,
+            b"; includeSubDomains" if self.include_sub_domains else b"",
+        )
+
+
 GatewayMode = Literal["InCluster", "External"]
 
 
@@ -247,6 +296,15 @@ class GatewaySpec(CamelModel):
     resources: GatewayResources | None = None
     """CPU and memory of each gateway pod (mode InCluster). Unset: requests 50m CPU and 64Mi,
     limit 256Mi (two HTTPS processes). Raise the limits to serve more from each node."""
+    trusted_proxies: Annotated[list[CidrRange], Field(max_length=64)] = Field(default_factory=list)
+    """Load balancers in front of the gateways, as CIDR ranges: a connection from one of
+    them has the client's ``X-Forwarded-For`` appended to (the nearest address outside these
+    ranges becomes ``X-Real-IP``); from anyone else it is replaced. Default: none."""
+    client_limits: ClientLimits = Field(
+        default_factory=ClientLimits, json_schema_extra={"default": {}}
+    )
+    """Limits on what one client may hold of each gateway (head sizes, deadlines, connection
+    caps)."""
 
     @model_validator(mode="after")
     def _placement_only_in_cluster(self) -> Self:
@@ -350,6 +408,9 @@ class TunnelSpec(CamelModel):
     """Free-form note."""
     tls: TunnelTLS = Field(default_factory=TunnelTLS, json_schema_extra={"default": {}})
     """Certificate source."""
+    hsts: Hsts | None = None
+    """Add ``Strict-Transport-Security`` to the tunnel's responses (HTTP1 tunnels). Unset:
+    the origin's own header, if any, is all browsers see."""
 
 
 class TunnelClaim(CamelModel):

@@ -176,6 +176,7 @@ def routes(ownership: DomainOwnership, agents: Mapping[UUID, AgentNode]) -> tupl
                 holder.target,
                 holder.enabled,
                 h2c=holder.app_protocol == "H2C",
+                hsts=holder.hsts,
             )
         )
     return tuple(found)

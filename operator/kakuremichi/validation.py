@@ -178,6 +178,21 @@ def public_ipv4(value: str) -> str:
     return str(address)
 
 
+def cidr(value: str) -> str:
+    """An address range in CIDR notation (IPv4 or IPv6), e.g. ``10.0.0.0/8``; host bits are
+    cleared (``10.1.2.3/8`` is ``10.0.0.0/8``), as Kubernetes' ``isCIDR`` accepts them."""
+    if "/" not in value:
+        raise ValueError(
+            f"{value!r} is not a CIDR range: write it with its prefix, e.g. 10.0.0.0/8"
+        )
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not a CIDR range such as 10.0.0.0/8 or 2001:db8::/32"
+        ) from None
+
+
 def region(value: str) -> str:
     """A gateway's region label, e.g. ``tokyo``: 1-32 lower-case letters, digits and '-'."""
     if not _region_re.match(value):

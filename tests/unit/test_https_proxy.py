@@ -15,12 +15,12 @@ import pytest
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from kakuremichi.edge import tls
 from kakuremichi.edge.agent_relay import AgentRelay
 from kakuremichi.edge.https_proxy import HttpsProxy, Route, serve
 from kakuremichi.edge.sni import SniContexts
 from kakuremichi.edge.stats import EdgeStats
 from kakuremichi.protocol import CertificateBundle
+from kakuremichi.resources import ClientLimits
 from tests.e2e import origin
 from tests.infra.ports import free_port
 from tests.infra.tlsgen import TestCA
@@ -273,13 +273,11 @@ def test_requests_pipelined_behind_a_refused_one_are_not_forwarded() -> None:
     run(scenario)
 
 
-def test_unknown_names_and_silent_clients_get_no_tls_session(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(tls, "HANDSHAKE_TIMEOUT", 0.3)
-
+def test_unknown_names_and_silent_clients_get_no_tls_session() -> None:
     async def scenario() -> None:
         async with stack() as s:
+            # (below the field's minimum, which a test may go under)
+            s.proxy.set_front_end(ClientLimits.model_construct(handshake_timeout_seconds=0.3), [])
             with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
                 await s.connect("other.example.com")
             assert s.gateway_stats.errors["tls_handshake"] == 1

@@ -34,6 +34,7 @@ from kakuremichi.edge_config import GatewayNode
 from kakuremichi.fields import status_patch
 from kakuremichi.resources import (
     GATEWAY,
+    ClientLimits,
     GatewayInstanceStatus,
     GatewaySpec,
     GatewayStatus,
@@ -41,6 +42,16 @@ from kakuremichi.resources import (
 from kakuremichi.store import Gateway
 
 log = logging.getLogger(__name__)
+
+
+def front_end_settings(spec: GatewaySpec) -> dict[str, Any]:
+    """What the pool's spec says about its HTTPS front end, as GatewayNode fields (default
+    limits are left out of configs)."""
+    limits = spec.client_limits
+    return {
+        "trusted_proxies": tuple(spec.trusted_proxies),
+        "client_limits": None if limits == ClientLimits() else limits,
+    }
 
 
 def credentials_secret_name(gateway_name: str) -> str:
@@ -125,6 +136,7 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
         wireguard_port=spec.ports.wireguard,
         http_port=spec.ports.http,
         https_port=spec.ports.https,
+        **front_end_settings(spec),
     )
     context.state.credential_secrets[gid] = (context.settings.system_namespace, secret_name)
     if public_ip is None:
@@ -265,7 +277,7 @@ async def _admit_node(context: Context, pool: GatewayPool, node: str) -> tuple[U
     ports = pool.spec.ports
     context.state.set_gateway(
         GatewayNode(gid, node, index, public_ip, public_key, pool.name, ports.wireguard,
-                    ports.http, ports.https)
+                    ports.http, ports.https, **front_end_settings(pool.spec))
     )  # fmt: skip
     await context.mirror.upsert_gateway(
         GatewayRow(gid, pool.name, digest, public_ip, public_key, pool.spec.region)

@@ -108,6 +108,7 @@ def facts_of(meta: Mapping[str, Any], spec: TunnelSpec) -> TunnelFacts:
         certificate=meta["name"],
         description=spec.description,
         app_protocol=spec.app_protocol,
+        hsts=spec.hsts,
     )
 
 

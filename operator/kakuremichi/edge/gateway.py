@@ -18,7 +18,7 @@ from aiohttp import web
 from kakuremichi import protocol
 from kakuremichi.edge.control_client import ApplyError
 from kakuremichi.edge.http_port import PlainHttp
-from kakuremichi.edge.https_proxy import HttpsProxy, Route, serve
+from kakuremichi.edge.https_proxy import HttpsProxy, serve
 from kakuremichi.edge.https_workers import HttpsWorkers, WorkerFailed, WorkerRoute, h2c_domains
 from kakuremichi.edge.runtime import EdgeRuntime
 from kakuremichi.edge.settings import EdgeSettings
@@ -53,8 +53,9 @@ class GatewayEdge(EdgeRuntime):
         settings = self.settings
         key = self.private_key(config.gateway.wireguard_private_key)
         routes = [WorkerRoute(domain=t.domain, agent_ip=t.agent_virtual_ip, enabled=t.enabled,
-                              h2c=t.app_protocol == "H2C")
+                              h2c=t.app_protocol == "H2C", hsts=t.hsts)
                   for t in config.tunnels]  # fmt: skip
+        front_end = config.gateway
         try:
             certificates = self.sni.prepare(config.certificates, h2c_domains(routes))
         except CertificateError as error:
@@ -64,9 +65,9 @@ class GatewayEdge(EdgeRuntime):
             plan = dataclasses.replace(plan, listen_port=settings.wireguard_port)
         await self.apply_wireguard(plan)
         self.sni.install(certificates)
-        self.proxy.set_routes(
-            {r.domain: Route(r.domain, r.agent_ip, r.enabled, r.h2c) for r in routes}
-        )
+        trusted_proxies = front_end.trusted_proxies or []
+        self.proxy.set_front_end(front_end.client_limits, trusted_proxies)
+        self.proxy.set_routes({r.domain: r.proxy_route() for r in routes})
         self.plain.set_challenges(config.acme_challenges)
         self.stats.tunnels = sum(1 for t in config.tunnels if t.enabled)
         try:
@@ -74,7 +75,9 @@ class GatewayEdge(EdgeRuntime):
                 settings.http_port or config.gateway.http_port,
                 settings.https_port or config.gateway.https_port,
             )
-            await self.workers.apply_routes(routes, config.certificates)
+            await self.workers.apply_routes(
+                routes, config.certificates, front_end.client_limits, trusted_proxies
+            )
         except WorkerFailed as error:
             raise ApplyError(str(error)) from None
 

@@ -6,9 +6,15 @@ upstream streams are kept per tunnel and reused. Streams to one agent share one 
 (:mod:`kakuremichi.edge.mux`), so requests from many clients travel in shared segments. Only
 request heads are rebuilt (to set ``X-Forwarded-*``, parsed by httptools in C); bodies are
 passed on as they arrive. Responses are passed through untouched: the response parser only
-watches them, to count status codes and to know when an upstream stream is idle again. After
-an ``Upgrade`` (WebSocket) both directions are spliced raw. Backpressure is end to end: a slow
-reader pauses the other side.
+watches them, to count status codes and to know when an upstream stream is idle again (and adds
+``Strict-Transport-Security`` where a tunnel asks for it). After an ``Upgrade`` (WebSocket) the
+origin answers 101, both directions are spliced raw; until then nothing more of the client's
+goes upstream. Backpressure is end to end: a slow reader pauses the other side.
+
+Every client is hostile until checked: request heads are bounded while read and validated before
+anything is forwarded (:mod:`kakuremichi.edge.request_heads`), connections are capped per client
+address and per process (:mod:`kakuremichi.edge.connection_caps`), and a stream is reused only
+after a complete exchange, so no client's bytes can become part of another client's request.
 
 Tunnels whose target speaks h2c (HTTP/2 without TLS, e.g. gRPC) are different: their TLS offers
 only ``h2``, and a client that negotiates it has its decrypted connection spliced raw to a
@@ -24,27 +30,41 @@ import ssl
 import time
 from asyncio import Server
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
 import httptools
 
+from kakuremichi.edge import request_heads
+from kakuremichi.edge.connection_caps import ConnectionCaps
 from kakuremichi.edge.mux import MuxDialer, MuxStream, PeerUnreachable
 from kakuremichi.edge.pages import error_response
+from kakuremichi.edge.request_heads import (
+    HOP_BY_HOP,
+    VERSIONS,
+    IpNetwork,
+    address_field,
+    client_address,
+    connection_options,
+    parse_networks,
+    request_target,
+    transfer_coding_error,
+)
 from kakuremichi.edge.stats import EdgeStats
 from kakuremichi.edge.tls import TlsServerConnection
 from kakuremichi.protocol import RELAY_PORT
+from kakuremichi.resources import ClientLimits
 
 RESPONSE_TIMEOUT = 120.0
 """No byte of a response this long after the request: 504."""
-CLIENT_IDLE_TIMEOUT = 75.0
-RAW_IDLE_TIMEOUT = 3600.0
-"""Upgraded (WebSocket) connections with no traffic either way this long are closed."""
+LINGER = 1.0
+"""After refusing a head still being sent, reading goes on this long before the close, so that
+the client reads the answer instead of a reset."""
 POOL_IDLE_TIMEOUT = 15.0
 """Idle upstream connections are dropped before typical origin keep-alive timeouts hit them."""
 MAX_IDLE_PER_TUNNEL = 256
-MAX_HEAD_BYTES = 64 * 1024
+MAX_RESPONSE_HEAD_BYTES = 64 * 1024
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS"))
 NOT_TRAILERS = frozenset((b"content-length", b"transfer-encoding", b"host", b"trailer"))
 """Fields a trailer must not carry (RFC 9110 6.5.1): dropped, the others passed on."""
@@ -60,6 +80,8 @@ class Route:
     enabled: bool = True
     h2c: bool = False
     """The target speaks HTTP/2 without TLS: HTTP/2 clients are passed through."""
+    hsts: bytes | None = None
+    """A ``Strict-Transport-Security`` field line to add to responses that have none."""
 
 
 @dataclass(slots=True)
@@ -90,6 +112,14 @@ class HttpsProxy:
         self.routes: dict[str, Route] = {}
         self.idle: dict[tuple[str, str], list[Upstream]] = {}
         self.clients: set[ClientConnection] = set()
+        self.limits = ClientLimits()
+        self.caps = ConnectionCaps(stats, self.limits)
+        self.trusted_proxies: tuple[IpNetwork, ...] = ()
+
+    def set_front_end(self, limits: ClientLimits | None, trusted_proxies: Sequence[str]) -> None:
+        """Limits and trusted proxies from the next connection or request on."""
+        self.limits = self.caps.limits = limits or ClientLimits()
+        self.trusted_proxies = parse_networks(trusted_proxies)
 
     def set_routes(self, routes: Mapping[str, Route]) -> None:
         """Serve ``routes`` from the next request on; idle upstream connections toward a
@@ -117,16 +147,24 @@ class HttpsProxy:
             if not upstream.closed and upstream.reusable:
                 upstream.client = client
                 upstream.reused = True
+                upstream.hsts = route.hsts
                 return upstream
             upstream.close()  # e.g. bytes arrived after its last response: not trustworthy
         upstream = Upstream(self, key, client)
+        upstream.hsts = route.hsts
         self.dialer.open_stream(route.agent_ip, route.domain, upstream)
         return upstream
 
     def release(self, upstream: Upstream) -> None:
         upstream.client = None
         idle = self.idle.setdefault(upstream.key, [])
-        if upstream.closed or not upstream.reusable or len(idle) >= MAX_IDLE_PER_TUNNEL:
+        if (
+            upstream.closed
+            or not upstream.reusable
+            or upstream.request_open
+            or upstream.pending
+            or len(idle) >= MAX_IDLE_PER_TUNNEL
+        ):
             upstream.close()
             return
         route = self.routes.get(upstream.key[1])
@@ -168,12 +206,19 @@ class HttpsProxy:
 
 
 class ClientConnection(asyncio.Protocol):
-    """One client's TLS connection (the handshake is done when this is created)."""
+    """One client's TLS connection (the handshake is done when this is created).
+
+    Every request is checked before any of it goes upstream (:mod:`request_heads`), and its
+    head is bounded while it is read: bytes, fields, target length, a deadline. An upstream
+    stream serves the connection while a request is in flight and returns to the shared pool
+    only after a complete exchange (the whole request forwarded, the whole response read)."""
 
     __slots__ = (
-        "chunked", "client_ip", "deferred", "domain", "forwarding", "has_body", "head_bytes",
-        "headers", "host", "keep_alive", "last_active", "parser", "proxy", "raw", "stats",
-        "stopped", "trailers", "transport", "upstream", "url",
+        "chunked", "client_ip", "codings", "connection", "deferred", "domain", "fields",
+        "forwarded", "forwarding", "has_body", "head_received", "head_started", "header_names",
+        "headers", "host", "hosts", "keep_alive", "last_active", "maybe_trailers", "parser",
+        "proxy", "raw", "reading_head", "stats", "stopped", "trailer_bytes", "trailers",
+        "transport", "upgrade", "upgrade_wait", "upstream", "url",
     )  # fmt: skip
     # slots: thousands of idle keep-alive clients are the gateway's main memory cost
 
@@ -191,15 +236,31 @@ class ClientConnection(asyncio.Protocol):
         self.keep_alive = True
         self.deferred: bytes | None = None
         self.last_active = time.monotonic()
+        self.reading_head = True
+        """Between requests or inside a head: what arrives counts against the head limits."""
+        self.head_received = 0
+        self.head_started = 0.0
+        """When the head being read began (0: none yet): it must end within the deadline."""
+        self.upgrade_wait: bytes | None = None
+        """An upgrade was asked for and the origin has not answered: what the client sent
+        after it waits here (reading is paused) until a 101, or is parsed as HTTP again."""
         # the request being read
         self.url = b""
         self.headers: list[bytes] = []
+        self.header_names: list[bytes] = []
         self.host = b""
-        self.head_bytes = 0
+        self.hosts = 0
+        self.fields = 0
+        self.codings: list[bytes] = []
+        self.connection: list[bytes] = []
+        self.forwarded: list[bytes] = []
+        self.upgrade = b""
         self.chunked = False
         self.forwarding = False
         self.has_body = False
         self.trailers: list[bytes] = []
+        self.maybe_trailers = False
+        self.trailer_bytes = 0
 
     # --- transport callbacks ---------------------------------------------------------------
 
@@ -208,8 +269,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport
         tls = transport.get_extra_info("ssl_object")
         self.domain = getattr(tls.context, "domain", "") if tls is not None else ""
-        peer = transport.get_extra_info("peername")
-        self.client_ip = str(peer[0]).encode() if peer else b""
+        self.client_ip = client_address(transport.get_extra_info("peername"))
         self.stats.connections_total += 1
         self.stats.active_connections += 1
         self.proxy.clients.add(self)
@@ -229,7 +289,7 @@ class ClientConnection(asyncio.Protocol):
         self.proxy.dialer.open_stream(route.agent_ip, route.domain, upstream)
 
     def data_received(self, data: bytes) -> None:
-        self.last_active = time.monotonic()
+        now = self.last_active = time.monotonic()
         self.stats.received_bytes[self.domain] += len(data)
         if self.raw:
             if self.upstream is not None:
@@ -237,21 +297,45 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.stopped:
             return
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            if self.stopped or self.upstream is None:
+        if self.upgrade_wait is not None:
+            self.upgrade_wait += data  # (reading is paused: at most what was already read)
+            return
+        if self.reading_head and not self.head_started:
+            self.head_started = now  # any byte starts the head's deadline (even bare CRLFs)
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        limit = self.proxy.limits.max_head_bytes
+        while data:
+            if self.reading_head:
+                room = limit - self.head_received
+                if room <= 0:
+                    self._over_limit("max_head_bytes", 431, "The request head is too large.")
+                    return
+                piece, data = (data, b"") if len(data) <= room else (data[:room], data[room:])
+                self.head_received += len(piece)
+            else:
+                piece, data = data, b""
+                if self.maybe_trailers:
+                    self.trailer_bytes += len(piece)
+            try:
+                self.parser.feed_data(piece)
+            except httptools.HttpParserUpgrade as upgrade:
+                self._await_switch(piece[int(upgrade.args[0]) :] + data)
                 return
-            self.raw = True  # WebSocket (or another upgrade): both ways are bytes from here
-            self.upstream.reusable = False
-            offset = int(upgrade.args[0])
-            if offset < len(data):
-                self.upstream.send(data[offset:])
-        except httptools.HttpParserCallbackError:
-            log.exception("request handling failed")
-            self.fail(500, "The gateway failed to handle this request.")
-        except httptools.HttpParserError:
-            self.fail(400, "The request is not valid HTTP/1.1.")
+            except httptools.HttpParserCallbackError:
+                log.exception("request handling failed")
+                self.fail(500, "The gateway failed to handle this request.")
+                return
+            except httptools.HttpParserError:
+                self.fail(400, "The request is not valid HTTP/1.1.")
+                return
+            if self.stopped:
+                return
+        if self.reading_head and self.head_received >= limit:
+            self._over_limit("max_head_bytes", 431, "The request head is too large.")
+        elif self.trailer_bytes > limit:
+            self._over_limit("max_head_bytes", 431, "The request's trailer fields are too large.")
 
     def eof_received(self) -> bool | None:
         return None  # TLS: close our side too
@@ -274,52 +358,98 @@ class ClientConnection(asyncio.Protocol):
     # --- httptools callbacks ---------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if not self.head_started:
+            self.head_started = time.monotonic()
         self.url = b""
         self.headers = []
+        self.header_names = []
         self.host = b""
-        self.head_bytes = 0
+        self.hosts = 0
+        self.fields = 0
+        self.codings = []
+        self.connection = []
+        self.forwarded = []
+        self.upgrade = b""
         self.chunked = False
         self.has_body = False
         self.trailers = []
+        self.maybe_trailers = False
+        self.trailer_bytes = 0
 
     def on_url(self, url: bytes) -> None:
+        if self.stopped:
+            return
+        if len(self.url) + len(url) > self.proxy.limits.max_target_bytes:
+            self._over_limit("max_target_bytes", 414, "The request target is too long.")
+            return
         self.url += url
-        self.head_bytes += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_bytes += len(name) + len(value)
+        if self.stopped:
+            return
+        self.fields += 1
+        if self.fields > self.proxy.limits.max_header_fields:
+            self._over_limit("max_header_fields", 431, "The request has too many header fields.")
+            return
         lower = name.lower()
         if self.forwarding:  # after the body: a trailer of a chunked body, passed on at its end
-            if (
-                self.head_bytes <= MAX_HEAD_BYTES
-                and lower not in NOT_TRAILERS
-                and not lower.startswith(b"x-forwarded-")
-            ):
+            if lower not in NOT_TRAILERS and lower not in HOP_BY_HOP and not address_field(lower):
                 self.trailers.append(name + b": " + value + b"\r\n")
             return
-        if lower == b"host":
-            self.host = value
-        elif lower.startswith(b"x-forwarded-"):
+        if lower in HOP_BY_HOP:
+            if lower == b"transfer-encoding":
+                self.codings.append(value)
+                self.has_body = True
+            elif lower == b"connection":
+                self.connection.append(value)
+            elif lower == b"upgrade":
+                self.upgrade = value
+            return  # the gateway writes its own
+        if address_field(lower):
+            if lower == b"x-forwarded-for":
+                self.forwarded.append(value)  # kept only when a trusted proxy sent it
             return  # ours to set: a client must not choose the address the origin sees
-        elif lower == b"transfer-encoding":
-            self.chunked = b"chunked" in value.lower()
-            self.has_body = True
+        if lower == b"host":
+            self.hosts += 1
+            self.host = value
         elif lower == b"content-length":
             self.has_body = value.strip() not in (b"0", b"")
         self.headers.append(name + b": " + value + b"\r\n")
+        self.header_names.append(lower)
 
     def on_headers_complete(self) -> None:
         if self.stopped:
             return  # pipelined behind a request answered here: the connection is closing
+        self.reading_head = False
+        self.head_started = 0.0
         parser = self.parser
-        if self.head_bytes > MAX_HEAD_BYTES:
-            self.fail(431, "The request head is too large.")
-            return
+        version = parser.get_http_version()
         method = parser.get_method()
+        if version not in VERSIONS:
+            self.fail(400, "Only HTTP/1.0 and HTTP/1.1 requests are served here.")
+            return
         if method == b"CONNECT":
             self.fail(405, "CONNECT is not supported.")
             return
+        if self.hosts > 1:
+            self.fail(400, "The request has more than one Host field.")
+            return
+        if not self.hosts and version == "1.1":
+            self.fail(400, "An HTTP/1.1 request needs a Host field.")
+            return
+        target = request_target(self.url, method)
+        if target is None:
+            self.fail(400, "The request target is neither a path nor an http(s) URL.")
+            return
+        refusal = transfer_coding_error(self.codings, version)
+        if refusal is not None:
+            self.fail(400, refusal)
+            return
         name = host_name(self.host) or self.domain
+        if target.authority and host_name(target.authority) != self.domain:
+            self.fail(400, f"This connection is for {self.domain}: the request target names "
+                           "another host.")  # fmt: skip
+            return
         route = self.proxy.routes.get(name)
         if route is None or not route.enabled:
             self.fail(404, f"No tunnel serves {name or 'this name'} here.")
@@ -335,6 +465,8 @@ class ClientConnection(asyncio.Protocol):
                            "gRPC): use an HTTP/2 client.")  # fmt: skip
             return
         self.keep_alive = parser.should_keep_alive()
+        self.chunked = bool(self.codings)
+        upgrade = parser.should_upgrade() and bool(self.upgrade)
         upstream = self.upstream
         if upstream is not None and (upstream.closed or upstream.key[0] != route.agent_ip):
             self.upstream = None
@@ -342,18 +474,36 @@ class ClientConnection(asyncio.Protocol):
             upstream = None
         if upstream is None:
             upstream = self.upstream = self.proxy.acquire(route, self)
+        headers = self.headers
+        dropped = connection_options(self.connection)
+        if dropped:
+            headers = [h for h, n in zip(headers, self.header_names, strict=True)
+                       if n not in dropped]  # fmt: skip
+        forwarded_for, real_ip = request_heads.forwarded_for(
+            self.client_ip, self.forwarded, self.proxy.trusted_proxies
+        )
+        host = self.host or name.encode()
         head = b"".join((
-            method, b" ", self.url, b" HTTP/", parser.get_http_version().encode(), b"\r\n",
-            *self.headers,
-            b"X-Forwarded-For: ", self.client_ip,
-            b"\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: ", self.host or name.encode(),
+            method, b" ", target.path, b" HTTP/", version.encode(), b"\r\n",
+            *headers,
+            b"" if self.hosts else b"Host: " + host + b"\r\n",
+            b"Transfer-Encoding: chunked\r\n" if self.chunked else b"",
+            b"Connection: upgrade\r\nUpgrade: " + self.upgrade + b"\r\n" if upgrade else b"",
+            b"X-Forwarded-For: ", forwarded_for,
+            b"\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: ", host,
+            b"\r\nX-Real-IP: ", real_ip,
             b"\r\n\r\n",
         ))  # fmt: skip
-        replay = head if method in IDEMPOTENT and not self.has_body else None
+        replay = head if method in IDEMPOTENT and not self.has_body and not upgrade else None
         upstream.send_request(head, method == b"HEAD", replay)
         self.forwarding = True
 
+    def on_chunk_header(self) -> None:
+        self.maybe_trailers = True  # the last chunk's header, unless data follows
+
     def on_body(self, body: bytes) -> None:
+        self.maybe_trailers = False
+        self.trailer_bytes = 0
         if self.forwarding and self.upstream is not None:
             if self.chunked:
                 self.upstream.send(b"%x\r\n%b\r\n" % (len(body), body))
@@ -361,41 +511,127 @@ class ClientConnection(asyncio.Protocol):
                 self.upstream.send(body)
 
     def on_message_complete(self) -> None:
-        if self.forwarding and self.chunked and self.upstream is not None:
-            self.upstream.send(b"".join((b"0\r\n", *self.trailers, b"\r\n")))
+        upstream = self.upstream
+        if self.forwarding and upstream is not None:
+            if self.chunked:
+                upstream.send(b"".join((b"0\r\n", *self.trailers, b"\r\n")))
+            upstream.request_open = False
         self.forwarding = False
+        self.reading_head = True
+        self.head_received = 0
+        self.maybe_trailers = False
+        self.trailer_bytes = 0
+
+    # --- upgrades --------------------------------------------------------------------------
+
+    def _await_switch(self, rest: bytes) -> None:
+        """The client asked for an upgrade (e.g. WebSocket): nothing more goes upstream until
+        the origin agrees with 101."""
+        upstream = self.upstream
+        if self.stopped or upstream is None:
+            return  # refused here: the connection is closing
+        upstream.request_open = False
+        upstream.reusable = False  # whatever the answer, this stream is done with HTTP
+        self.forwarding = False
+        self.upgrade_wait = rest
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def switch_protocols(self) -> bool:
+        """The origin answered 101: both ways are bytes from here. False if no upgrade was
+        asked for (a 101 nobody asked for: the stream cannot be trusted)."""
+        rest, self.upgrade_wait = self.upgrade_wait, None
+        if rest is None or self.upstream is None:
+            return False
+        self.raw = True
+        if rest:
+            self.upstream.send(rest)
+        if self.transport is not None:
+            self.transport.resume_reading()
+        return True
+
+    def _upgrade_refused(self) -> None:
+        """Any answer but 101: the connection stays HTTP, every check applies to what the
+        client sent next, on a fresh parser and a fresh upstream stream."""
+        rest, self.upgrade_wait = self.upgrade_wait or b"", None
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.close()
+        if not self.keep_alive:
+            self.close()
+            return
+        self.parser = httptools.HttpRequestParser(self)
+        self.reading_head, self.head_received, self.head_started = True, 0, 0.0
+        if rest:
+            self.head_started = time.monotonic()
+            self._feed(rest)
+        if self.transport is not None and not self.stopped:
+            self.transport.resume_reading()
 
     # --- our own ---------------------------------------------------------------------------
 
-    def fail(self, code: int, detail: str) -> None:
-        """Answer this request ourselves and close, after any responses still in flight."""
+    def _over_limit(self, limit: str, code: int, detail: str) -> None:
+        self.stats.limit_hits[limit] += 1
+        self.fail(code, detail, linger=True)
+
+    def fail(self, code: int, detail: str, linger: bool = False) -> None:
+        """Answer this request ourselves and close, after any responses still in flight.
+        ``linger``: the client may still be sending (an oversized head): keep reading and
+        dropping for a moment so that it sees the answer rather than a reset."""
         self.stopped = True
-        self.forwarding = False
         self.stats.requests[(self.domain, code)] += 1
         response = error_response(code, detail)
-        if self.upstream is not None and self.upstream.pending:
+        upstream = self.upstream
+        if self.forwarding and upstream is not None:
+            # Half a request went upstream: that stream can carry nothing more.
+            self.forwarding = False
+            self.upstream = None
+            alone = len(upstream.pending) == 1 and not upstream.response_started
+            upstream.close()
+            if alone:
+                self.finish(response, linger)
+            else:
+                self.close()  # an earlier response is still on its way: no answer can follow
+            return
+        self.forwarding = False
+        if upstream is not None and upstream.pending:
             self.deferred = response
             if self.transport is not None:
                 self.transport.pause_reading()
             return
-        self.finish(response)
+        self.finish(response, linger)
 
-    def finish(self, response: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(response)
-            self.transport.close()
+    def finish(self, response: bytes, linger: bool = False) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(response)
+            if linger:
+                asyncio.get_running_loop().call_later(LINGER, transport.close)
+            else:
+                transport.close()
 
     def upstream_idle(self) -> None:
         """Every request sent on the upstream stream has its full response."""
+        upstream = self.upstream
         if self.deferred is not None:
             self.finish(self.deferred)
+        elif upstream is not None and upstream.request_open:
+            # Answered before the request ended (a 401, 413 or redirect sent without reading
+            # the body, as nginx, Go and Node do): what the origin does with the rest is
+            # unknown, so the stream is not reused; the rest of the body is read and dropped.
+            self.upstream = None
+            upstream.close()
+            if not self.keep_alive and self.transport is not None:
+                self.transport.close()
+        elif self.upgrade_wait is not None:
+            self._upgrade_refused()
         elif not self.keep_alive and self.transport is not None:
             self.transport.close()
-        elif not self.forwarding and not self.raw and self.upstream is not None:
+        elif not self.forwarding and not self.raw and upstream is not None:
             # Between requests a client holds nothing upstream (as nginx's keepalive pool):
             # idle clients cost no stream or origin connection, and the next request of any
             # client of this tunnel reuses it.
-            upstream, self.upstream = self.upstream, None
+            self.upstream = None
             self.proxy.release(upstream)
             if self.transport is not None:
                 self.transport.resume_reading()  # in case the upstream had paused us
@@ -404,11 +640,16 @@ class ClientConnection(asyncio.Protocol):
         if self.upstream is not upstream:
             return
         self.upstream = None
+        if self.upgrade_wait is not None:
+            self.upgrade_wait = None
+            self.forwarding = False
         if not upstream.pending and not self.raw:
             if self.deferred is not None:
                 self.finish(self.deferred)
             elif not self.keep_alive and self.transport is not None:
                 self.transport.close()
+            elif self.forwarding:
+                self.close()  # the rest of this request has nowhere to go
             return
         if self.raw or upstream.response_started:
             self.close()
@@ -423,16 +664,36 @@ class ClientConnection(asyncio.Protocol):
                 for pending in upstream.pending:
                     assert pending.replay is not None
                     fresh.send_request(pending.replay, pending.is_head, None)
+                    fresh.request_open = False
                 return
         self.stats.errors[reason] += 1
         self.stats.requests[(self.domain, 502)] += 1
+        self.stopped = True
         self.finish(error_response(502, f"The service behind {self.domain} is unreachable."))
 
     def check_timeouts(self, now: float) -> None:
+        limits = self.proxy.limits
         upstream = self.upstream
         if self.raw:
-            if now - self.last_active > RAW_IDLE_TIMEOUT:
+            if now - self.last_active > limits.upgraded_idle_timeout_seconds:
+                self.stats.limit_hits["upgraded_idle_timeout"] += 1
                 self.close()
+        elif (
+            self.reading_head
+            and self.head_started
+            and not self.stopped
+            and now - self.head_started > limits.head_timeout_seconds
+        ):
+            self.stats.limit_hits["head_timeout"] += 1
+            self.stats.requests[(self.domain, 408)] += 1
+            self.stopped = True
+            if upstream is not None and upstream.pending:
+                self.close()
+            else:
+                self.finish(error_response(408, "The request head did not arrive in time."))
+        elif self.forwarding and now - self.last_active > limits.keep_alive_timeout_seconds:
+            self.stats.limit_hits["keep_alive_timeout"] += 1  # silent inside a request body
+            self.close()
         elif upstream is not None and upstream.pending:
             if not upstream.response_started and now - upstream.pending[0].sent_at > (
                 RESPONSE_TIMEOUT
@@ -441,8 +702,10 @@ class ClientConnection(asyncio.Protocol):
                 self.stats.requests[(self.domain, 504)] += 1
                 self.upstream = None
                 upstream.close()
+                self.stopped = True
                 self.finish(error_response(504, f"{self.domain} did not answer in time."))
-        elif now - self.last_active > CLIENT_IDLE_TIMEOUT:
+        elif now - self.last_active > limits.keep_alive_timeout_seconds:
+            self.stats.limit_hits["keep_alive_timeout"] += 1
             self.close()
 
     def close(self) -> None:
@@ -471,6 +734,10 @@ class Upstream(asyncio.Protocol):
         self.is_replay = False
         self.closed = False
         self.idle_since = 0.0
+        self.request_open = False
+        """The last request's head went out and the rest of it has not: until it has, the
+        stream belongs to that request whatever the origin answers."""
+        self.hsts: bytes | None = None
 
     @property
     def may_replay(self) -> bool:
@@ -489,6 +756,7 @@ class Upstream(asyncio.Protocol):
             else:
                 self.head_wait = bytearray()  # the parser cannot be told a HEAD has no body
         self.pending.append(Pending(time.monotonic(), is_head, replay))
+        self.request_open = True
         self.send(head)
 
     def send(self, data: bytes) -> None:
@@ -496,7 +764,7 @@ class Upstream(asyncio.Protocol):
             self.transport.write(data)
 
     def client_gone(self) -> None:
-        if self.pending or not self.reusable or self.transport is None:
+        if self.pending or self.request_open or not self.reusable or self.transport is None:
             self.close()
         else:
             self.proxy.release(self)
@@ -517,7 +785,10 @@ class Upstream(asyncio.Protocol):
         if client is None or client.transport is None:
             self.close()  # nothing may arrive on an idle connection
             return
-        client.transport.write(data)
+        if self.hsts is not None and not self.response_started and not self.untracked:
+            client.transport.write(with_field(data, self.hsts, b"\r\nstrict-transport-security:"))
+        else:
+            client.transport.write(data)
         client.last_active = time.monotonic()
         self.proxy.stats.sent_bytes[self.domain] += len(data)
         self.response_started = True
@@ -562,6 +833,8 @@ class Upstream(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
+            if self.pending and self.status == 101:
+                self._answered(101)  # (if the parser did not say the message was complete)
             self.untracked = True  # 101 Switching Protocols: raw from here
             self.reusable = False
         except httptools.HttpParserError:
@@ -573,7 +846,7 @@ class Upstream(asyncio.Protocol):
         self.head_wait += data
         end = self.head_wait.find(b"\r\n\r\n")
         if end < 0:
-            if len(self.head_wait) > MAX_HEAD_BYTES:
+            if len(self.head_wait) > MAX_RESPONSE_HEAD_BYTES:
                 self.head_wait, self.untracked, self.reusable = None, True, False
             return
         head, rest = bytes(self.head_wait[:end]), bytes(self.head_wait[end + 4 :])
@@ -608,11 +881,37 @@ class Upstream(asyncio.Protocol):
         if not self.pending:
             self.untracked, self.reusable = True, False  # a response nobody asked for
             return
+        if status == 101:
+            self.pending.popleft()
+            self.untracked, self.reusable = True, False
+            self.proxy.stats.requests[(self.domain, 101)] += 1
+            client = self.client
+            if self.pending or client is None or not client.switch_protocols():
+                self.close()  # switching with requests behind it, or unasked: never trusted
+                if client is not None:
+                    client.close()
+            return
         self.pending.popleft()
         self.proxy.stats.requests[(self.domain, status)] += 1
         self.response_started = False
         if not self.pending and self.client is not None:
             self.client.upstream_idle()
+
+
+def with_field(data: bytes, line: bytes, marker: bytes) -> bytes:
+    """``data`` (the start of a response) with the field ``line`` added to its head, unless the
+    head already has it (``marker``: ``b"\\r\\n"`` and its lower-case name) or does not
+    arrive whole in this piece; interim (1xx) heads are passed over."""
+    if not data.startswith(b"HTTP/1."):
+        return data
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return data
+    if data[9:10] == b"1":  # 1xx: the field goes on the final response
+        return data[: end + 4] + with_field(data[end + 4 :], line, marker)
+    if marker in data[:end].lower():
+        return data
+    return b"".join((data[: end + 2], line, data[end + 2 :]))
 
 
 async def serve(
@@ -621,6 +920,6 @@ async def serve(
     """Listen for TLS on ``host:port``; ``front`` picks each connection's certificate by SNI.
     ``reuse_port``: HTTPS worker processes listen on the same port."""
     return await asyncio.get_running_loop().create_server(
-        lambda: TlsServerConnection(front, proxy.protocol, proxy.stats), host, port,
+        lambda: TlsServerConnection(front, proxy.protocol, proxy.stats, proxy.caps), host, port,
         backlog=4096, reuse_address=True, reuse_port=reuse_port or None,
     )  # fmt: skip

@@ -37,6 +37,7 @@ from kakuremichi.edge.sni import CertificateError, SniContexts
 from kakuremichi.edge.stats import DataPathCounters, EdgeStats
 from kakuremichi.edge.tls import TlsServerConnection
 from kakuremichi.protocol import RELAY_PORT, CertificateBundle
+from kakuremichi.resources import ClientLimits, Hsts
 
 APPLY_TIMEOUT = 15.0
 """A worker that has not applied a config this long after it was sent is replaced."""
@@ -61,6 +62,11 @@ class WorkerRoute(BaseModel):
     """None: no agent reaches the domain now (503)."""
     enabled: bool = True
     h2c: bool = False
+    hsts: Hsts | None = None
+
+    def proxy_route(self) -> Route:
+        hsts = self.hsts.header() if self.hsts is not None else None
+        return Route(self.domain, self.agent_ip, self.enabled, self.h2c, hsts)
 
 
 def h2c_domains(routes: Sequence[WorkerRoute]) -> set[str]:
@@ -76,6 +82,8 @@ class WorkerConfig(BaseModel):
     sequence: int
     routes: list[WorkerRoute] = Field(default_factory=list)
     certificates: list[CertificateBundle] = Field(default_factory=list)
+    client_limits: ClientLimits | None = None
+    trusted_proxies: list[str] = Field(default_factory=list)
 
 
 class WorkerReport(BaseModel):
@@ -194,13 +202,19 @@ class HttpsWorkers:
         task.add_done_callback(self.tasks.discard)
 
     async def apply_routes(
-        self, routes: Sequence[WorkerRoute], certificates: Sequence[CertificateBundle]
+        self,
+        routes: Sequence[WorkerRoute],
+        certificates: Sequence[CertificateBundle],
+        client_limits: ClientLimits | None = None,
+        trusted_proxies: Sequence[str] = (),
     ) -> None:
-        """Every worker serves ``routes`` and ``certificates`` when this returns."""
+        """Every worker serves ``routes`` and ``certificates`` (with these client limits and
+        trusted proxies) when this returns."""
         self.sequence += 1
         self.config = WorkerConfig(
-            sequence=self.sequence, routes=list(routes), certificates=list(certificates)
-        )
+            sequence=self.sequence, routes=list(routes), certificates=list(certificates),
+            client_limits=client_limits, trusted_proxies=list(trusted_proxies),
+        )  # fmt: skip
         if not self.workers:
             return
         line = self.config.model_dump_json().encode() + b"\n"
@@ -363,9 +377,8 @@ class _WorkerProcess:
             self.report(WorkerReport(error=str(error)))
             return
         self.sni.install(prepared)
-        self.proxy.set_routes(
-            {r.domain: Route(r.domain, r.agent_ip, r.enabled, r.h2c) for r in config.routes}
-        )
+        self.proxy.set_front_end(config.client_limits, config.trusted_proxies)
+        self.proxy.set_routes({r.domain: r.proxy_route() for r in config.routes})
         self.report(WorkerReport(applied=config.sequence))
 
     async def report_counters(self) -> None:
@@ -409,7 +422,7 @@ class _WorkerProcess:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def connection(self) -> TlsServerConnection:
-        return TlsServerConnection(self.sni.front, self.proxy.protocol, self.stats)
+        return TlsServerConnection(self.sni.front, self.proxy.protocol, self.stats, self.proxy.caps)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

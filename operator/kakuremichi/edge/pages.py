@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from http import HTTPStatus
 
 _PAGE = (
@@ -11,9 +12,10 @@ _PAGE = (
 
 
 def error_response(code: int, detail: str) -> bytes:
-    """A complete HTTP/1.1 response with a small HTML page; the connection closes after it."""
+    """A complete HTTP/1.1 response with a small HTML page; the connection closes after it.
+    ``detail`` may carry what a client sent (its Host): it is escaped."""
     reason = HTTPStatus(code).phrase
-    body = _PAGE.format(code=code, reason=reason, detail=detail).encode()
+    body = _PAGE.format(code=code, reason=reason, detail=html.escape(detail)).encode()
     head = (
         f"HTTP/1.1 {code} {reason}\r\n"
         "Content-Type: text/html; charset=utf-8\r\n"

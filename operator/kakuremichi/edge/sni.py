@@ -20,6 +20,13 @@ from pathlib import Path
 
 from kakuremichi.protocol import CertificateBundle
 
+TLS12_CIPHERS = ":".join((
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+))  # fmt: skip
+"""TLS 1.2: forward secrecy and AEAD only (no CBC: LUCKY13 and friends). TLS 1.3 keeps
+OpenSSL's defaults (all AEAD)."""
 ALPN = ["http/1.1"]
 ALPN_H2 = ["h2"]
 
@@ -39,6 +46,7 @@ def _server_context(
 ) -> ssl.SSLContext:
     context = cls(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
     context.set_alpn_protocols(alpn)
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     return context

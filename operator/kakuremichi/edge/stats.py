@@ -43,6 +43,8 @@ class DataPathCounters(BaseModel):
     errors: dict[str, int] = Field(default_factory=dict)
     http2_connections: dict[str, int] = Field(default_factory=dict)
     """HTTP/2 connections passed through to h2c targets, by tunnel."""
+    limit_hits: dict[str, int] = Field(default_factory=dict)
+    """Clients refused or closed by a ClientLimits limit, by limit."""
 
     def plus(self, other: DataPathCounters, *, active: bool = True) -> DataPathCounters:
         """The sum; ``active=False`` leaves ``other``'s open connections out (its process is
@@ -59,6 +61,7 @@ class DataPathCounters(BaseModel):
             + (other.active_connections if active else 0),
             errors=_add(self.errors, other.errors),
             http2_connections=_add(self.http2_connections, other.http2_connections),
+            limit_hits=_add(self.limit_hits, other.limit_hits),
         )
 
 
@@ -85,6 +88,8 @@ class EdgeStats:
     http2_connections: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
     """HTTP/2 connections passed through to h2c targets, by tunnel (their requests are not
     seen, so not in ``requests``)."""
+    limit_hits: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    """Clients refused or closed by a limit (max_head_bytes, head_timeout, ...), by limit."""
     config_version: int = 0
     config_applied_at: float = 0.0
     config_errors: int = 0
@@ -106,6 +111,7 @@ class EdgeStats:
             active_connections=self.active_connections,
             errors=dict(self.errors),
             http2_connections=dict(self.http2_connections),
+            limit_hits=dict(self.limit_hits),
         )
 
     def combined(self) -> DataPathCounters:
@@ -173,6 +179,14 @@ class _Collector(Collector):
             for domain, count in sorted(data.http2_connections.items()):
                 http2.add_metric([domain], count)
             yield http2
+            hits = CounterMetricFamily(
+                f"{prefix}_limit_hits",
+                "Clients refused or closed by a client limit (spec.clientLimits), by limit",
+                labels=["limit"],
+            )
+            for limit, count in sorted(data.limit_hits.items()):
+                hits.add_metric([limit], count)
+            yield hits
         yield CounterMetricFamily(
             f"{prefix}_connections", "Connections accepted", value=data.connections_total
         )

@@ -17,9 +17,10 @@ import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
+from kakuremichi.edge.connection_caps import ConnectionCaps
+from kakuremichi.edge.request_heads import client_address
 from kakuremichi.edge.stats import EdgeStats
 
-HANDSHAKE_TIMEOUT = 10.0
 READ_SIZE = 16 * 1024
 """The plaintext of one TLS record at most: what one read returns anyway."""
 log = logging.getLogger(__name__)
@@ -30,16 +31,23 @@ class TlsServerConnection(asyncio.Protocol):
     application protocol made by ``factory`` (created once the handshake is done)."""
 
     __slots__ = (
-        "app", "closing", "context", "factory", "incoming", "outgoing", "read_scheduled",
-        "reading_paused", "stats", "timer", "tls", "transport",
+        "admitted", "app", "caps", "closing", "context", "factory", "incoming", "outgoing",
+        "read_scheduled", "reading_paused", "stats", "timer", "tls", "transport",
     )  # fmt: skip
 
     def __init__(
-        self, context: ssl.SSLContext, factory: Callable[[], asyncio.Protocol], stats: EdgeStats
+        self,
+        context: ssl.SSLContext,
+        factory: Callable[[], asyncio.Protocol],
+        stats: EdgeStats,
+        caps: ConnectionCaps,
     ) -> None:
         self.context = context
         self.factory = factory
         self.stats = stats
+        self.caps = caps
+        self.admitted: bytes | None = None
+        """The connection's key in ``caps`` once it counts there."""
         self.transport: asyncio.Transport | None = None
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
@@ -54,7 +62,13 @@ class TlsServerConnection(asyncio.Protocol):
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, base)  # uvloop's transports are not subclasses
-        self.timer = asyncio.get_running_loop().call_later(HANDSHAKE_TIMEOUT, self._give_up)
+        self.admitted = self.caps.admit(client_address(base.get_extra_info("peername")))
+        if self.admitted is None:  # over a connection cap: not even a handshake
+            self.closing = True
+            self.transport.abort()
+            return
+        timeout = self.caps.limits.handshake_timeout_seconds
+        self.timer = asyncio.get_running_loop().call_later(timeout, self._give_up)
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
@@ -72,6 +86,9 @@ class TlsServerConnection(asyncio.Protocol):
         return None  # TLS has no half-close: done
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.admitted is not None:
+            self.caps.leave(self.admitted)
+            self.admitted = None
         if self.timer is not None:
             self.timer.cancel()
         self.closing = True
@@ -203,4 +220,5 @@ class TlsServerConnection(asyncio.Protocol):
         self.timer = None
         if self.app is None and self.transport is not None:
             self.stats.errors["tls_handshake_timeout"] += 1
+            self.stats.limit_hits["handshake_timeout"] += 1
             self.transport.abort()
