@@ -14,6 +14,7 @@ wanted=(
   setsid:util-linux
   flock:util-linux
   shellcheck:shellcheck
+  testssl:testssl.sh
 )
 # `hack/install-deps.sh bench`: also what `make bench` measures with and against.
 if [ "${1:-}" = "bench" ]; then

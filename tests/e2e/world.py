@@ -77,6 +77,8 @@ class World:
     gateway_public_ip: str = ""
     gateway_client_ip: str = ""
     """The gateway's address on the client's link (where the client's names resolve)."""
+    client_host_address: str = ""
+    """The client's own address on that link (what the gateway sees it connect from)."""
     extra_hosts: list[netns.Host] = field(default_factory=list)
     gateway_args: list[str] = field(default_factory=list)
     """The DaemonSet container's arguments, credentials already remapped."""
@@ -251,7 +253,7 @@ def running_world(
         # The gateway's public side faces the agent (WireGuard) and the client (HTTPS); both
         # edges reach control in the root namespace over links of their own.
         public_ip, _ = netns.link(gateway_host, agent_host, "192.168.250.0")
-        client_side, _ = netns.link(gateway_host, client_host, "192.168.251.0")
+        client_side, client_address = netns.link(gateway_host, client_host, "192.168.251.0")
         control_ip, gateway_root_side = netns.link_root(gateway_host, "192.168.252.0")
         netns.link_root(agent_host, "192.168.253.0")
         made.gateway_public_ip = str(public_ip.ip)
@@ -263,6 +265,7 @@ def running_world(
         for host in (gateway_host, agent_host):
             host.set_hosts({CONTROL_NAME: made.control_ip})
         made.gateway_client_ip = str(client_side.ip)
+        made.client_host_address = str(client_address.ip)
         client_host.set_hosts({made.domain: made.gateway_client_ip})
 
         ca = made.ca
