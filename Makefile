@@ -16,8 +16,9 @@ help:
 	@echo "make test-unit   the fast tier: no root, no network namespaces"
 	@echo "make test-integration  real API server, Pebble, WireGuard, network namespaces (root)"
 	@echo "make test-e2e    gateway, agent, origin and client in namespaces, driven through the API server"
-	@echo "make bench       the data plane against routed WireGuard and nginx (bench/RESULTS.md), then"
-	@echo "                 the control plane (bench-control)"
+	@echo "make bench       the data plane against routed WireGuard and nginx (bench/RESULTS.md), the"
+	@echo "                 HTTPS front end against its last revision (bench/RESULTS-front-end.md),"
+	@echo "                 then the control plane (bench-control)"
 	@echo "make bench-control  250 Agents / 5,000 Tunnels on a local API server, config fan-out to"
 	@echo "                 every connected edge; bench/RESULTS-control-plane.md (no root needed)"
 	@echo "make kind-up     (Docker) a kind cluster with the image, the chart and the quick start; make kind-down"
@@ -70,6 +71,7 @@ test: deps binaries $(STAMP) lint typecheck
 bench: deps binaries $(STAMP)
 	@hack/install-deps.sh bench
 	$(BIN)/python bench/dataplane.py
+	$(BIN)/python bench/front_end_ab.py
 	$(BIN)/python bench/control_plane.py
 
 # The control plane alone: local API servers and the operator, no root, no network namespaces.

@@ -233,11 +233,12 @@ class ClientLimits(CamelModel):
     upgraded_idle_timeout_seconds: Annotated[float, Field(ge=10, le=86400)] = 3600
     """An upgraded (WebSocket) connection with no traffic either way this long is closed."""
     max_connections_per_address: Annotated[int, Field(ge=1, le=1_000_000)] = 256
-    """Open connections from one client address (IPv6: one /64) per gateway process; more
-    are refused at accept."""
-    max_connections: Annotated[int, Field(ge=1, le=10_000_000)] = 16384
-    """Open client connections per gateway process (an InCluster pod runs one per CPU of its
-    limit); more are refused at accept."""
+    """Open connections from one client address (IPv6: one /64) per HTTPS process; more are
+    refused at accept. Addresses in ``trustedProxies`` (load balancers) are exempt."""
+    max_connections: Annotated[int, Field(ge=1, le=10_000_000)] = 4096
+    """Open client connections per HTTPS process; more are refused at accept. The default
+    fits the 128Mi each process is given (an idle TLS connection holds ~18 KiB): raise it with
+    the pod's memory limit."""
 
 
 class Hsts(CamelModel):

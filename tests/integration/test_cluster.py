@@ -259,3 +259,37 @@ def test_gateway_resources_schema_agrees_with_the_model(kube: Cluster) -> None:
     with pytest.raises(ApiException) as error:
         create(gateway("outside", mode="External", resources={}))
     assert "resources apply only to mode InCluster" in str(error.value.body)
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "why"),
+    [
+        ({"trustedProxies": ["10.0.0.0"]}, "trustedProxies[0]", "CIDR range"),
+        ({"trustedProxies": ["10.0.0.0/33"]}, "trustedProxies[0]", "CIDR range"),
+        ({"trustedProxies": ["lb.example.com/8"]}, "trustedProxies[0]", "CIDR range"),
+        ({"clientLimits": {"maxHeadBytes": 10}}, "maxHeadBytes", "greater than or equal to 1024"),
+        (
+            {"clientLimits": {"headTimeoutSeconds": 0}},
+            "headTimeoutSeconds",
+            "greater than or equal",
+        ),
+    ],
+)
+def test_gateway_front_end_settings_are_refused_alike_by_schema_and_model(
+    kube: Cluster, spec: dict[str, Any], field: str, why: str
+) -> None:
+    api = client.CustomObjectsApi(kube.api_client())
+    body = gateway(unique_name("lb"), **spec)
+    with pytest.raises(ApiException) as error:
+        api.create_cluster_custom_object(GROUP, VERSION, "gateways", body, dry_run="All")
+    assert error.value.status == 422
+    assert field in str(error.value.body) and why in str(error.value.body), error.value.body
+    with pytest.raises(ValidationError) as refused:
+        GatewaySpec.model_validate(spec)
+    lines = "\n".join(describe_errors(refused.value))
+    assert why in lines, lines
+    accepted = as_object(api.create_cluster_custom_object(
+        GROUP, VERSION, "gateways",
+        gateway(unique_name("lb"), trustedProxies=["10.0.0.0/8", "2001:db8::/32"]), dry_run="All",
+    ))  # fmt: skip
+    assert accepted["spec"]["clientLimits"]["maxHeadBytes"] == 65536  # defaults applied

@@ -1,11 +1,13 @@
 """How many client connections one gateway process holds open, in total and per client address,
-checked when a connection is accepted (before its TLS handshake costs anything)."""
+checked when a connection is accepted (before its TLS handshake costs anything). Trusted proxies
+(load balancers in front, whose connections carry many clients) are held only to the total."""
 
 from __future__ import annotations
 
 import ipaddress
 from collections import defaultdict
 
+from kakuremichi.edge.request_heads import IpNetwork, trusted
 from kakuremichi.edge.stats import EdgeStats
 from kakuremichi.resources import ClientLimits
 
@@ -26,6 +28,8 @@ class ConnectionCaps:
     def __init__(self, stats: EdgeStats, limits: ClientLimits | None = None) -> None:
         self.stats = stats
         self.limits = limits or ClientLimits()
+        self.exempt: tuple[IpNetwork, ...] = ()
+        """Addresses held only to the total (trusted proxies)."""
         self.total = 0
         self.by_address: defaultdict[bytes, int] = defaultdict(int)
 
@@ -35,7 +39,9 @@ class ConnectionCaps:
         if self.total >= self.limits.max_connections:
             self.stats.limit_hits["max_connections"] += 1
             return None
-        if self.by_address[key] >= self.limits.max_connections_per_address:
+        if self.by_address[key] >= self.limits.max_connections_per_address and not (
+            self.exempt and trusted(address, self.exempt)
+        ):
             self.stats.limit_hits["max_connections_per_address"] += 1
             return None
         self.total += 1

@@ -119,7 +119,7 @@ class HttpsProxy:
     def set_front_end(self, limits: ClientLimits | None, trusted_proxies: Sequence[str]) -> None:
         """Limits and trusted proxies from the next connection or request on."""
         self.limits = self.caps.limits = limits or ClientLimits()
-        self.trusted_proxies = parse_networks(trusted_proxies)
+        self.trusted_proxies = self.caps.exempt = parse_networks(trusted_proxies)
 
     def set_routes(self, routes: Mapping[str, Route]) -> None:
         """Serve ``routes`` from the next request on; idle upstream connections toward a
@@ -437,19 +437,23 @@ class ClientConnection(asyncio.Protocol):
         if not self.hosts and version == "1.1":
             self.fail(400, "An HTTP/1.1 request needs a Host field.")
             return
-        target = request_target(self.url, method)
-        if target is None:
-            self.fail(400, "The request target is neither a path nor an http(s) URL.")
-            return
-        refusal = transfer_coding_error(self.codings, version)
-        if refusal is not None:
-            self.fail(400, refusal)
-            return
+        path = self.url
+        if not path.startswith(b"/"):  # (the common case costs one test)
+            target = request_target(path, method)
+            if target is None:
+                self.fail(400, "The request target is neither a path nor an http(s) URL.")
+                return
+            if target.authority and host_name(target.authority) != self.domain:
+                self.fail(400, f"This connection is for {self.domain}: the request target "
+                               "names another host.")  # fmt: skip
+                return
+            path = target.path
+        if self.codings:
+            refusal = transfer_coding_error(self.codings, version)
+            if refusal is not None:
+                self.fail(400, refusal)
+                return
         name = host_name(self.host) or self.domain
-        if target.authority and host_name(target.authority) != self.domain:
-            self.fail(400, f"This connection is for {self.domain}: the request target names "
-                           "another host.")  # fmt: skip
-            return
         route = self.proxy.routes.get(name)
         if route is None or not route.enabled:
             self.fail(404, f"No tunnel serves {name or 'this name'} here.")
@@ -466,7 +470,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.keep_alive = parser.should_keep_alive()
         self.chunked = bool(self.codings)
-        upgrade = parser.should_upgrade() and bool(self.upgrade)
+        upgrade = bool(self.upgrade) and parser.should_upgrade()
         upstream = self.upstream
         if upstream is not None and (upstream.closed or upstream.key[0] != route.agent_ip):
             self.upstream = None
@@ -475,16 +479,20 @@ class ClientConnection(asyncio.Protocol):
         if upstream is None:
             upstream = self.upstream = self.proxy.acquire(route, self)
         headers = self.headers
-        dropped = connection_options(self.connection)
-        if dropped:
-            headers = [h for h, n in zip(headers, self.header_names, strict=True)
-                       if n not in dropped]  # fmt: skip
-        forwarded_for, real_ip = request_heads.forwarded_for(
-            self.client_ip, self.forwarded, self.proxy.trusted_proxies
-        )
+        if self.connection:
+            dropped = connection_options(self.connection)
+            if dropped:
+                headers = [h for h, n in zip(headers, self.header_names, strict=True)
+                           if n not in dropped]  # fmt: skip
+        if self.forwarded:
+            forwarded_for, real_ip = request_heads.forwarded_for(
+                self.client_ip, self.forwarded, self.proxy.trusted_proxies
+            )
+        else:
+            forwarded_for = real_ip = self.client_ip
         host = self.host or name.encode()
         head = b"".join((
-            method, b" ", target.path, b" HTTP/", version.encode(), b"\r\n",
+            method, b" ", path, b" HTTP/", version.encode(), b"\r\n",
             *headers,
             b"" if self.hosts else b"Host: " + host + b"\r\n",
             b"Transfer-Encoding: chunked\r\n" if self.chunked else b"",
