@@ -67,6 +67,7 @@ from kakuremichi.edge.stats import EdgeStats
 async def main():
     relay = AgentRelay(EdgeStats("agent"))
     relay.set_targets({"localhost": f"127.0.0.1:{sys.argv[2]}"})
+    relay.set_gateways({"127.0.0.1"})
     await asyncio.get_running_loop().create_server(relay.protocol, "127.0.0.1", int(sys.argv[1]))
     print("ready", flush=True)
     await asyncio.Event().wait()

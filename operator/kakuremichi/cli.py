@@ -232,6 +232,7 @@ def _cmd_edge(args: argparse.Namespace) -> int:
             state_dir=args.state_dir,
             wireguard_interface=args.wireguard_interface or f"km{role}0",
             wireguard_mode=args.wireguard_mode,
+            firewall=not args.no_firewall,
             metrics_listen=args.metrics_listen or None,
             **extra,
         )
@@ -248,6 +249,8 @@ def _cmd_edge(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"kakuremichi {role}: {error}", file=sys.stderr)
         return 2
+    from kakuremichi.edge.firewall import FirewallError
+
     if role == "gateway":
         from kakuremichi.edge.gateway import GatewayEdge
 
@@ -259,10 +262,19 @@ def _cmd_edge(args: argparse.Namespace) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio works too
-        asyncio.run(edge.run())
+        run: Any = asyncio.run
     else:
-        uvloop.run(edge.run())
+        run = uvloop.run
+    try:
+        run(edge.run())
+    except FirewallError as error:
+        print(f"kakuremichi {role}: {error}", file=sys.stderr)
+        return EXIT_NO_FIREWALL
     return 0
+
+
+EXIT_NO_FIREWALL = 3
+"""The edge could not install its packet filter (and was not told --no-firewall)."""
 
 
 def _worker_count(value: str) -> int | str:
@@ -304,11 +316,20 @@ def _add_edge_parser(commands: Any, role: str, help_text: str, metrics_port: int
     )  # fmt: skip
     edge.add_argument(
         "--wireguard-interface", metavar="NAME",
-        help=f"WireGuard interface name (default: km{role}0)",
+        help=f"WireGuard interface name: km and 1-13 of a-z, 0-9, - (default: km{role}0)",
     )  # fmt: skip
     edge.add_argument(
         "--wireguard-mode", choices=["auto", "kernel", "userspace"], default="auto",
         help="kernel WireGuard, wireguard-go, or the kernel when it has WireGuard (default)",
+    )  # fmt: skip
+    edge.add_argument(
+        "--no-firewall", action="store_true",
+        default=os.environ.get("KAKUREMICHI_NO_FIREWALL", "") not in ("", "0"),
+        help="run without the nftables packet filter on the WireGuard interface (by default "
+        "the edge installs it and refuses to start without it; or KAKUREMICHI_NO_FIREWALL=1)"
+        + (": without it, agents may open connections to this host's listeners and to what "
+           "it routes to" if role == "gateway" else
+           "; the relay then also listens on every interface, still only for its gateways"),
     )  # fmt: skip
     edge.add_argument(
         "--metrics-listen", default=f"127.0.0.1:{metrics_port}", metavar="HOST:PORT",

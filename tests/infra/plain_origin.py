@@ -6,7 +6,9 @@ reached the origin.
 
 Paths: ``/early`` (401 at once, then the body is read and dropped), ``/whoami`` (``you are
 <X-User>``), ``/headers`` (the head as JSON: method, target, header list), ``/ws`` (refuses an
-upgrade with 200), ``/ws-ok`` (101, then echoes bytes), anything else ``ok``.
+upgrade with 200), ``/ws-slow`` (the same after 2 s), ``/ws-ok`` (101, then echoes bytes),
+``/overrun`` (a broken origin: writes past its own Content-Length, a whole second response
+``you are evil``), ``/big`` (16 MiB), anything else ``ok``.
 
 Run as ``python -m tests.infra.plain_origin PORT [LOG]`` or start :func:`serve` in a loop.
 """
@@ -75,6 +77,13 @@ async def _connection(
                     "latin-1")}).encode()))  # fmt: skip
             elif path == "/ws":
                 writer.write(_response("200 OK", b"no upgrades here\n"))
+            elif path == "/ws-slow":
+                await asyncio.sleep(2)
+                writer.write(_response("200 OK", b"no upgrades here either\n"))
+            elif path == "/overrun":
+                writer.write(_response("200 OK", b"ok") + _response("200 OK", b"you are evil"))
+            elif path == "/big":
+                writer.write(_response("200 OK", b"b" * (16 << 20)))
             elif path == "/ws-ok" and "upgrade" in values:
                 writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
                              b"Upgrade: " + values["upgrade"].encode() + b"\r\n\r\n")  # fmt: skip

@@ -8,8 +8,10 @@ never reach the origin. (The same over WireGuard, with real processes and testss
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -66,6 +68,7 @@ async def stack(limits: ClientLimits | None = None, hsts: Hsts | None = None,
     agent_stats, gateway_stats = EdgeStats("agent"), EdgeStats("gateway")
     relay = AgentRelay(agent_stats)
     relay.set_targets({DOMAIN: f"127.0.0.1:{origin_port}"})
+    relay.set_gateways({"127.0.0.1"})  # the gateway connects from loopback here
     relay_port = free_port()
     loop = asyncio.get_running_loop()
     relay_server = await loop.create_server(relay.protocol, "127.0.0.1", relay_port)
@@ -108,6 +111,14 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
 
 def get(path: str, extra: str = "", host: str = DOMAIN) -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode()
+
+
+async def eventually(condition: Callable[[], bool], seconds: int) -> bool:
+    for _ in range(seconds * 10):
+        if condition():
+            return True
+        await asyncio.sleep(0.1)
+    return condition()
 
 
 def run(scenario: Callable[[], Awaitable[None]]) -> None:
@@ -513,3 +524,98 @@ def test_hsts_is_added_unless_the_origin_sets_its_own() -> None:
             assert "strict-transport-security" not in headers
 
     run(scenario)
+
+
+# --- from an attacker's review --------------------------------------------------------------
+
+
+def test_an_origin_writing_past_its_response_never_answers_the_next_client() -> None:
+    """A broken origin sends a whole extra response after the one asked for: it must go to the
+    client who caused it (or nowhere), and the stream must not serve anyone after."""
+
+    async def scenario() -> None:
+        async with stack() as s:
+            for _ in range(3):
+                assert (await s.exchange(get("/overrun")))[2] == b"ok"
+                await asyncio.sleep(0.05)
+                for user in ("victim", "bob"):
+                    assert await whoami(s, user) == f"you are {user}".encode()
+
+    run(scenario)
+
+
+def test_a_second_upgrade_behind_a_refused_one_keeps_the_client_paused_and_bounded() -> None:
+    async def scenario() -> None:
+        async with stack() as s:
+            reader, writer = await s.connect()
+            writer.write(get("/ws", UPGRADE) + get("/ws-slow", UPGRADE))
+            assert (await read_response(reader))[0] == 200
+            for _ in range(64):  # 4 MiB more while the second upgrade waits for its answer
+                writer.write(b"z" * 65536)
+                with contextlib.suppress(TimeoutError, ConnectionError):
+                    await asyncio.wait_for(writer.drain(), 0.05)
+            await asyncio.sleep(0.3)
+            for client in s.proxy.clients:
+                waiting = client.upgrade_wait
+                assert waiting is None or len(waiting) <= 64 * 1024, len(waiting)
+            writer.close()
+
+    run(scenario)
+
+
+def test_a_pipelined_head_request_still_ends_at_the_idle_timeout() -> None:
+    async def scenario() -> None:
+        async with stack(ClientLimits.model_construct(keep_alive_timeout_seconds=0.5)) as s:
+            reader, writer = await s.connect()
+            writer.write(get("/") + b"HEAD / HTTP/1.1\r\nHost: " + DOMAIN.encode() + b"\r\n\r\n")
+            assert (await read_response(reader))[0] == 200
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200")
+            await asyncio.wait_for(reader.read(), 5)  # (this origin sends HEAD a body too)
+            assert reader.at_eof()  # closed when idle, responses untracked or not
+
+    run(scenario)
+
+
+def test_a_client_that_stops_reading_is_cut_off_and_frees_its_place() -> None:
+    async def scenario() -> None:
+        async with stack(ClientLimits.model_construct(keep_alive_timeout_seconds=0.5)) as s:
+            _, writer = await s.connect()
+            writer.write(get("/big"))  # 16 MiB, and nothing read
+            assert await eventually(lambda: s.proxy.caps.total == 0, 10)
+            assert s.gateway_stats.limit_hits["send_timeout"] == 1
+            writer.close()
+
+    run(scenario)
+
+
+def test_a_head_fed_one_byte_at_a_time_costs_what_one_fed_at_once_does() -> None:
+    """httptools joins a value split over many calls with quadratic copies; the gateway hands
+    it a head only once the head is whole."""
+
+    class Transport:
+        def __init__(self) -> None:
+            self.written = b""
+
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return ("192.0.2.1", 1) if name == "peername" else default
+
+        def write(self, data: bytes) -> None:
+            self.written += data
+
+        def close(self) -> None: ...
+        def is_closing(self) -> bool:
+            return False
+
+        def pause_reading(self) -> None: ...
+        def resume_reading(self) -> None: ...
+
+    connection = HttpsProxy(EdgeStats("gateway")).protocol()
+    transport = Transport()
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    head = b"GET / HTTP/1.1\r\nHost: nowhere.example\r\nX-Long: " + b"a" * 60000 + b"\r\n\r\n"
+    began = time.perf_counter()
+    for i in range(len(head)):
+        connection.data_received(head[i : i + 1])
+    assert time.perf_counter() - began < 1.0
+    assert transport.written.startswith(b"HTTP/1.1 404 ")

@@ -57,6 +57,7 @@ async def stack(agent_listening: bool = True) -> AsyncIterator[Stack]:
     agent_stats, gateway_stats = EdgeStats("agent"), EdgeStats("gateway")
     relay = AgentRelay(agent_stats)
     relay.set_targets({DOMAIN: f"localhost:{origin_port}"})
+    relay.set_gateways({"127.0.0.1"})  # the gateway connects from loopback here
     relay_port = free_port()
     loop = asyncio.get_running_loop()
     relay_server = (
@@ -323,6 +324,7 @@ def test_an_h2c_tunnel_passes_http2_clients_through_and_answers_others_505() -> 
         stats = EdgeStats("gateway")
         relay = AgentRelay(EdgeStats("agent"))
         relay.set_targets({H2C_DOMAIN: f"localhost:{target_port}", DOMAIN: "localhost:1"})
+        relay.set_gateways({"127.0.0.1"})  # the gateway connects from loopback here
         relay_port = free_port()
         loop = asyncio.get_running_loop()
         relay_server = await loop.create_server(relay.protocol, "127.0.0.1", relay_port)
@@ -416,3 +418,29 @@ def test_a_chunked_request_reaches_the_target_with_its_trailers() -> None:
         assert received.endswith(b"3\r\nabc\r\n0\r\nX-Sum: 42\r\nX-Other: 1\r\n\r\n"), received
 
     asyncio.run(scenario())
+
+
+def test_the_relay_takes_only_its_gateways_and_drops_one_removed_from_the_config() -> None:
+    """Anyone who can reach the agent's relay port (a LAN neighbour, a pod on the same bridge)
+    but is not a gateway of its config is refused; a gateway removed loses its connection."""
+
+    async def scenario() -> None:
+        async with stack() as s:
+            s.relay.set_gateways({"127.0.0.2"})  # the gateway here connects from 127.0.0.1
+            reader, writer = await s.connect()
+            writer.write(request("/"))
+            assert (await read_response(reader))[0] == 502
+            assert s.agent_stats.errors["relay_refused"] == 1
+            assert s.agent_stats.connections_total == 0  # no stream, no target connection
+            s.relay.set_gateways({"127.0.0.1"})
+            reader, writer = await s.connect()
+            writer.write(request("/"))
+            assert (await read_response(reader))[0] == 200
+            assert len(s.relay.connections) == 1
+            s.relay.set_gateways({"127.0.0.2"})  # dropped from the config: at once
+            assert all(c.transport is None or c.transport.is_closing()
+                       for c in s.relay.connections)  # fmt: skip
+            await asyncio.sleep(0.1)
+            assert s.relay.connections == set()
+
+    run(scenario)

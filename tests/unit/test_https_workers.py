@@ -127,6 +127,7 @@ async def gateway(worker_count: int) -> AsyncIterator[Gateway]:
     await web.TCPSite(runner, "127.0.0.1", origin_port).start()
     relay = AgentRelay(EdgeStats("agent"))
     relay.set_targets({name: f"localhost:{origin_port}" for name in (FIRST, SECOND)})
+    relay.set_gateways({"127.0.0.1"})  # the gateway connects from loopback here
     relay_port = free_port()
     relay_server = await asyncio.get_running_loop().create_server(
         relay.protocol, "127.0.0.1", relay_port

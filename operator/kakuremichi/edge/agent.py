@@ -1,6 +1,7 @@
 """``kakuremichi agent``: WireGuard peer of every gateway, relaying each tunnel to its target.
 
-It listens on its virtual IP only (inside WireGuard, where only gateways can reach it) and
+It listens on its virtual IP only, bound to its WireGuard interface, takes connections only from
+the gateways of its config (and, with its packet filter, nothing else from WireGuard at all), and
 connects only to the targets of its own enabled tunnels.
 """
 
@@ -8,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import Any
 
 from kakuremichi import protocol
 from kakuremichi.edge.agent_relay import AgentRelay
 from kakuremichi.edge.control_client import ApplyError
+from kakuremichi.edge.firewall import FirewallError
 from kakuremichi.edge.runtime import EdgeRuntime
 from kakuremichi.edge.settings import EdgeSettings
 from kakuremichi.wireguard_plan import agent_plan
@@ -35,6 +38,12 @@ class AgentEdge(EdgeRuntime):
         assert isinstance(config, protocol.AgentConfig)
         key = self.private_key(config.agent.wireguard_private_key)
         await self.apply_wireguard(agent_plan(config, key))
+        gateways = [g.address for g in config.gateways]
+        try:
+            await self.firewall.set_gateways(gateways)
+        except FirewallError as error:
+            raise ApplyError(str(error)) from None
+        self.relay.set_gateways(gateways)
         self.relay.set_targets({t.domain: t.target for t in config.tunnels if t.enabled})
         self.stats.tunnels = len(self.relay.targets)
         await self._listen(config.agent.virtual_ip)
@@ -46,10 +55,19 @@ class AgentEdge(EdgeRuntime):
             self.server.close()
         loop = asyncio.get_running_loop()
         try:
-            self.server = await loop.create_server(
-                self.relay.protocol, address, protocol.RELAY_PORT, backlog=4096,
-                reuse_address=True,
-            )  # fmt: skip
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if self.settings.firewall:  # only what arrives over WireGuard
+                    device = self.settings.wireguard_interface.encode()
+                    listener.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device)
+                listener.bind((address, protocol.RELAY_PORT))
+                listener.listen(4096)
+                listener.setblocking(False)
+            except OSError:
+                listener.close()
+                raise
+            self.server = await loop.create_server(self.relay.protocol, sock=listener)
         except OSError as error:
             self.server = None
             raise ApplyError(f"cannot listen on {address}:{protocol.RELAY_PORT}: {error}") from None

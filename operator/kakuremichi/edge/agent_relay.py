@@ -5,6 +5,12 @@ Gateways connect to the agent's virtual IP and open streams over that connection
 config and connects to that tunnel's target, and to nothing else: a name it does not serve gets
 404, a target that refuses or does not answer gets 502. After that, bytes are spliced both ways
 with backpressure and half-closes passed on; the gateway has already done the HTTP work.
+
+Only the gateways of the agent's current config may connect: the listener is bound to the
+WireGuard interface (Linux would otherwise take packets for the virtual IP from any interface:
+a LAN neighbour, a pod on the same bridge), and a connection from any other address is refused
+at once and counted (``kakuremichi_agent_errors_total{kind="relay_refused"}``). A gateway
+dropped from the config loses its connections, and their streams, at once.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import cast
 
 from kakuremichi.edge.mux import MuxConnection, MuxStream
@@ -63,8 +69,19 @@ class AgentRelay:
         self.stats = stats
         self.targets: dict[str, str] = {}
         self.relays: set[GatewayConnection] = set()
-        self.connections: set[MuxConnection] = set()
+        self.connections: set[GatewayLink] = set()
+        self.gateways: frozenset[str] = frozenset()
+        """The addresses gateways connect from (their WireGuard addresses in this agent's
+        subnet): nobody else may."""
         self.resolver = TargetResolver()
+
+    def set_gateways(self, addresses: Iterable[str]) -> None:
+        """Take connections from these addresses only; close those of any other."""
+        self.gateways = frozenset(addresses)
+        for connection in list(self.connections):
+            if connection.peer not in self.gateways:
+                log.info("closing the relay connection of %s: no longer a gateway", connection.peer)
+                connection.close()
 
     def set_targets(self, targets: Mapping[str, str]) -> None:
         """Serve ``targets``; relays of tunnels that were removed, disabled or now point
@@ -76,19 +93,40 @@ class AgentRelay:
                 relay.close()
 
     def protocol(self) -> MuxConnection:
-        """For each connection from a gateway."""
-        connection = MuxConnection(
-            accept=lambda domain: GatewayConnection(self, domain),
-            on_lost=self.connections.discard,
-        )
-        self.connections.add(connection)
-        return connection
+        """For each connection to the relay port."""
+        return GatewayLink(self)
 
     def close_all(self) -> None:
         for relay in list(self.relays):
             relay.close()
         for connection in list(self.connections):
             connection.close()
+
+
+class GatewayLink(MuxConnection):
+    """A connection to the relay port: a gateway's, or refused."""
+
+    def __init__(self, relay: AgentRelay) -> None:
+        super().__init__(
+            accept=lambda domain: GatewayConnection(relay, domain),
+            on_lost=lambda connection: relay.connections.discard(cast(GatewayLink, connection)),
+        )
+        self.relay = relay
+        self.peer = ""
+
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        peer = base.get_extra_info("peername")
+        self.peer = str(peer[0]) if peer else ""
+        if self.peer not in self.relay.gateways:
+            self.relay.stats.errors["relay_refused"] += 1
+            log.warning(
+                "refused a relay connection from %s: not a gateway of this agent", self.peer
+            )
+            self.is_lost = True
+            cast(asyncio.Transport, base).abort()
+            return
+        self.relay.connections.add(self)
+        super().connection_made(base)
 
 
 class GatewayConnection(asyncio.Protocol):

@@ -61,6 +61,10 @@ RESPONSE_TIMEOUT = 120.0
 LINGER = 1.0
 """After refusing a head still being sent, reading goes on this long before the close, so that
 the client reads the answer instead of a reset."""
+CLOSE_TIMEOUT = 5.0
+"""A connection being closed whose client does not take what is left to send is cut off."""
+MAX_TRAILER_BYTES = 8 * 1024
+"""Trailers (and chunk-size lines) read between two pieces of a chunked body."""
 POOL_IDLE_TIMEOUT = 15.0
 """Idle upstream connections are dropped before typical origin keep-alive timeouts hit them."""
 MAX_IDLE_PER_TUNNEL = 256
@@ -214,11 +218,12 @@ class ClientConnection(asyncio.Protocol):
     only after a complete exchange (the whole request forwarded, the whole response read)."""
 
     __slots__ = (
-        "chunked", "client_ip", "codings", "connection", "deferred", "domain", "fields",
-        "forwarded", "forwarding", "has_body", "head_received", "head_started", "header_names",
-        "headers", "host", "hosts", "keep_alive", "last_active", "maybe_trailers", "parser",
-        "proxy", "raw", "reading_head", "stats", "stopped", "trailer_bytes", "trailers",
-        "transport", "upgrade", "upgrade_wait", "upstream", "url",
+        "chunked", "client_ip", "closing_since", "codings", "connection", "deferred",
+        "deferred_linger", "domain", "fields", "forwarded", "forwarding", "has_body",
+        "head_buffer", "head_received", "head_started", "header_names", "headers", "host",
+        "hosts", "keep_alive", "last_active", "maybe_trailers", "parser", "proxy", "raw",
+        "reading_head", "stats", "stopped", "trailer_bytes", "trailers", "transport", "upgrade",
+        "upgrade_wait", "upstream", "url", "write_blocked_since",
     )  # fmt: skip
     # slots: thousands of idle keep-alive clients are the gateway's main memory cost
 
@@ -235,13 +240,22 @@ class ClientConnection(asyncio.Protocol):
         self.stopped = False
         self.keep_alive = True
         self.deferred: bytes | None = None
+        self.deferred_linger = False
         self.last_active = time.monotonic()
+        self.closing_since = 0.0
+        """When the gateway closed the connection (0: it has not); a client that will not take
+        the rest is cut off after :data:`CLOSE_TIMEOUT`."""
+        self.write_blocked_since = 0.0
+        """Since when the client has not been taking what is written to it (0: it takes it)."""
+        self.head_buffer = bytearray()
+        """A head being read, parsed only once it is whole (or at its limit): in one call, so
+        that a head fed one byte at a time costs no more than one fed at once."""
         self.reading_head = True
         """Between requests or inside a head: what arrives counts against the head limits."""
         self.head_received = 0
         self.head_started = 0.0
         """When the head being read began (0: none yet): it must end within the deadline."""
-        self.upgrade_wait: bytes | None = None
+        self.upgrade_wait: bytearray | None = None
         """An upgrade was asked for and the origin has not answered: what the client sent
         after it waits here (reading is paused) until a 101, or is parsed as HTTP again."""
         # the request being read
@@ -298,9 +312,11 @@ class ClientConnection(asyncio.Protocol):
         if self.stopped:
             return
         if self.upgrade_wait is not None:
-            self.upgrade_wait += data  # (reading is paused: at most what was already read)
+            self.upgrade_wait += data  # reading is paused: at most what was already read
+            if len(self.upgrade_wait) > self.proxy.limits.max_head_bytes:
+                self._over_limit("max_head_bytes", 431, "Too much was sent before the upgrade.")
             return
-        if self.reading_head and not self.head_started:
+        if (self.reading_head or self.maybe_trailers) and not self.head_started:
             self.head_started = now  # any byte starts the head's deadline (even bare CRLFs)
         self._feed(data)
 
@@ -314,6 +330,17 @@ class ClientConnection(asyncio.Protocol):
                     return
                 piece, data = (data, b"") if len(data) <= room else (data[:room], data[room:])
                 self.head_received += len(piece)
+                buffer = self.head_buffer
+                searched = max(0, len(buffer) - 2)
+                buffer += piece
+                if buffer.find(b"\n\r\n", searched) < 0 and buffer.find(b"\n\n", searched) < 0:
+                    line_limit = self.proxy.limits.max_target_bytes + 64  # (method, version)
+                    if len(buffer) > line_limit and buffer.find(b"\n", 0, line_limit) < 0:
+                        self._over_limit("max_target_bytes", 414, "The request target is too long.")
+                    elif self.head_received >= limit:
+                        self._over_limit("max_head_bytes", 431, "The request head is too large.")
+                    return  # not whole yet: nothing is parsed
+                piece, self.head_buffer = bytes(buffer), bytearray()
             else:
                 piece, data = data, b""
                 if self.maybe_trailers:
@@ -334,7 +361,7 @@ class ClientConnection(asyncio.Protocol):
                 return
         if self.reading_head and self.head_received >= limit:
             self._over_limit("max_head_bytes", 431, "The request head is too large.")
-        elif self.trailer_bytes > limit:
+        elif self.trailer_bytes > min(limit, MAX_TRAILER_BYTES):
             self._over_limit("max_head_bytes", 431, "The request's trailer fields are too large.")
 
     def eof_received(self) -> bool | None:
@@ -348,12 +375,26 @@ class ClientConnection(asyncio.Protocol):
             upstream.client_gone()
 
     def pause_writing(self) -> None:
+        if not self.write_blocked_since:
+            self.write_blocked_since = time.monotonic()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.write_blocked_since = 0.0
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.resume_reading()
+
+    def resume_client(self) -> None:
+        """Read from the client again, unless it must not be read from now: an upgrade
+        awaits its answer, or the connection is answered and closing."""
+        if (
+            self.transport is not None
+            and self.upgrade_wait is None
+            and self.deferred is None
+            and not self.stopped
+        ):
+            self.transport.resume_reading()
 
     # --- httptools callbacks ---------------------------------------------------------------
 
@@ -510,8 +551,10 @@ class ClientConnection(asyncio.Protocol):
         self.maybe_trailers = True  # the last chunk's header, unless data follows
 
     def on_body(self, body: bytes) -> None:
-        self.maybe_trailers = False
-        self.trailer_bytes = 0
+        if self.maybe_trailers:
+            self.maybe_trailers = False
+            self.trailer_bytes = 0
+            self.head_started = 0.0
         if self.forwarding and self.upstream is not None:
             if self.chunked:
                 self.upstream.send(b"%x\r\n%b\r\n" % (len(body), body))
@@ -527,6 +570,7 @@ class ClientConnection(asyncio.Protocol):
         self.forwarding = False
         self.reading_head = True
         self.head_received = 0
+        self.head_started = 0.0
         self.maybe_trailers = False
         self.trailer_bytes = 0
 
@@ -536,12 +580,15 @@ class ClientConnection(asyncio.Protocol):
         """The client asked for an upgrade (e.g. WebSocket): nothing more goes upstream until
         the origin agrees with 101."""
         upstream = self.upstream
-        if self.stopped or upstream is None:
+        if self.stopped:
             return  # refused here: the connection is closing
+        if upstream is None:  # answered before its body ended: the upgrade cannot happen
+            self.fail(400, "The upgrade was answered before its request ended.")
+            return
         upstream.request_open = False
         upstream.reusable = False  # whatever the answer, this stream is done with HTTP
         self.forwarding = False
-        self.upgrade_wait = rest
+        self.upgrade_wait = bytearray(rest)
         if self.transport is not None:
             self.transport.pause_reading()
 
@@ -553,15 +600,14 @@ class ClientConnection(asyncio.Protocol):
             return False
         self.raw = True
         if rest:
-            self.upstream.send(rest)
-        if self.transport is not None:
-            self.transport.resume_reading()
+            self.upstream.send(bytes(rest))
+        self.resume_client()
         return True
 
     def _upgrade_refused(self) -> None:
         """Any answer but 101: the connection stays HTTP, every check applies to what the
         client sent next, on a fresh parser and a fresh upstream stream."""
-        rest, self.upgrade_wait = self.upgrade_wait or b"", None
+        rest, self.upgrade_wait = bytes(self.upgrade_wait or b""), None
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             upstream.close()
@@ -573,8 +619,7 @@ class ClientConnection(asyncio.Protocol):
         if rest:
             self.head_started = time.monotonic()
             self._feed(rest)
-        if self.transport is not None and not self.stopped:
-            self.transport.resume_reading()
+        self.resume_client()  # (not if what followed was another upgrade, or refused)
 
     # --- our own ---------------------------------------------------------------------------
 
@@ -603,7 +648,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.forwarding = False
         if upstream is not None and upstream.pending:
-            self.deferred = response
+            self.deferred, self.deferred_linger = response, linger
             if self.transport is not None:
                 self.transport.pause_reading()
             return
@@ -614,35 +659,34 @@ class ClientConnection(asyncio.Protocol):
         if transport is not None and not transport.is_closing():
             transport.write(response)
             if linger:
-                asyncio.get_running_loop().call_later(LINGER, transport.close)
+                asyncio.get_running_loop().call_later(LINGER, self.close)
             else:
-                transport.close()
+                self.close()
 
     def upstream_idle(self) -> None:
         """Every request sent on the upstream stream has its full response."""
         upstream = self.upstream
         if self.deferred is not None:
-            self.finish(self.deferred)
+            self.finish(self.deferred, self.deferred_linger)
         elif upstream is not None and upstream.request_open:
             # Answered before the request ended (a 401, 413 or redirect sent without reading
             # the body, as nginx, Go and Node do): what the origin does with the rest is
             # unknown, so the stream is not reused; the rest of the body is read and dropped.
             self.upstream = None
             upstream.close()
-            if not self.keep_alive and self.transport is not None:
-                self.transport.close()
+            if not self.keep_alive:
+                self.close()
         elif self.upgrade_wait is not None:
             self._upgrade_refused()
-        elif not self.keep_alive and self.transport is not None:
-            self.transport.close()
+        elif not self.keep_alive:
+            self.close()
         elif not self.forwarding and not self.raw and upstream is not None:
             # Between requests a client holds nothing upstream (as nginx's keepalive pool):
             # idle clients cost no stream or origin connection, and the next request of any
             # client of this tunnel reuses it.
             self.upstream = None
             self.proxy.release(upstream)
-            if self.transport is not None:
-                self.transport.resume_reading()  # in case the upstream had paused us
+            self.resume_client()  # in case the upstream had paused us
 
     def upstream_lost(self, upstream: Upstream, reason: str) -> None:
         if self.upstream is not upstream:
@@ -653,16 +697,18 @@ class ClientConnection(asyncio.Protocol):
             self.forwarding = False
         if not upstream.pending and not self.raw:
             if self.deferred is not None:
-                self.finish(self.deferred)
-            elif not self.keep_alive and self.transport is not None:
-                self.transport.close()
-            elif self.forwarding:
-                self.close()  # the rest of this request has nowhere to go
+                self.finish(self.deferred, self.deferred_linger)
+            elif not self.keep_alive or self.forwarding:  # (the rest of a request: nowhere)
+                self.close()
             return
         if self.raw or upstream.response_started:
             self.close()
             return
-        if upstream.may_replay and all(p.replay is not None for p in upstream.pending):
+        if (
+            upstream.may_replay
+            and not self.forwarding
+            and all(p.replay is not None for p in upstream.pending)
+        ):
             # A kept-alive stream the agent had just closed, or a connection that had died
             # unnoticed: nothing was processed, so the requests go again, once, on a fresh one.
             route = self.proxy.routes.get(self.domain)
@@ -682,12 +728,21 @@ class ClientConnection(asyncio.Protocol):
     def check_timeouts(self, now: float) -> None:
         limits = self.proxy.limits
         upstream = self.upstream
-        if self.raw:
+        if self.closing_since:
+            if now - self.closing_since > CLOSE_TIMEOUT and self.transport is not None:
+                self.transport.abort()  # it will not take the rest: its place goes free
+            return
+        if self.write_blocked_since and (
+            now - self.write_blocked_since > limits.keep_alive_timeout_seconds
+        ):
+            self.stats.limit_hits["send_timeout"] += 1  # a client that stopped reading
+            self.close()
+        elif self.raw:
             if now - self.last_active > limits.upgraded_idle_timeout_seconds:
                 self.stats.limit_hits["upgraded_idle_timeout"] += 1
                 self.close()
         elif (
-            self.reading_head
+            (self.reading_head or self.maybe_trailers)
             and self.head_started
             and not self.stopped
             and now - self.head_started > limits.head_timeout_seconds
@@ -702,6 +757,11 @@ class ClientConnection(asyncio.Protocol):
         elif self.forwarding and now - self.last_active > limits.keep_alive_timeout_seconds:
             self.stats.limit_hits["keep_alive_timeout"] += 1  # silent inside a request body
             self.close()
+        elif upstream is not None and upstream.untracked:
+            # Responses no longer followed (after a pipelined HEAD): idle both ways is the end.
+            if now - self.last_active > limits.keep_alive_timeout_seconds:
+                self.stats.limit_hits["keep_alive_timeout"] += 1
+                self.close()
         elif upstream is not None and upstream.pending:
             if not upstream.response_started and now - upstream.pending[0].sent_at > (
                 RESPONSE_TIMEOUT
@@ -717,7 +777,8 @@ class ClientConnection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
-        if self.transport is not None:
+        if self.transport is not None and not self.closing_since:
+            self.closing_since = time.monotonic()
             self.transport.close()
 
 
@@ -822,8 +883,8 @@ class Upstream(asyncio.Protocol):
             self.client.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.client is not None and self.client.transport is not None:
-            self.client.transport.resume_reading()
+        if self.client is not None:
+            self.client.resume_client()
 
     def _lost(self, reason: str) -> None:
         self.closed = True
@@ -874,6 +935,12 @@ class Upstream(asyncio.Protocol):
         self._answered(int(code))
         if rest and not self.untracked:
             self._watch(rest)
+
+    def on_message_begin(self) -> None:
+        if not self.pending:
+            # A response nobody asked for (an origin writing past its own Content-Length):
+            # whatever it holds must never reach the next client of this stream.
+            self.untracked, self.reusable = True, False
 
     def on_headers_complete(self) -> None:
         self.status = self.parser.get_status_code()

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from kakuremichi import __version__, protocol
 from kakuremichi.edge.control_client import ApplyError, ConfigTarget, ControlClient
 from kakuremichi.edge.file_limit import raise_file_limit
+from kakuremichi.edge.firewall import PacketFilter
 from kakuremichi.edge.saved_config import ConfigFile
 from kakuremichi.edge.settings import EdgeSettings, read_private_key
 from kakuremichi.edge.stats import EdgeStats, PeerSample
@@ -43,6 +44,10 @@ class EdgeRuntime(ConfigTarget):
                 settings.api_key.get_secret_value(), settings.node_name,
             )  # fmt: skip
         self.stats = EdgeStats(self.role)
+        self.firewall = PacketFilter(
+            "gateway" if self.role == "gateway" else "agent", settings.wireguard_interface,
+            protocol.RELAY_PORT, settings.firewall,
+        )  # fmt: skip
         self.wireguard: WireGuardInterface | None = None
         self.file_private_key = read_private_key(settings.private_key_file)
         self.pushed_private_key: str | None = None
@@ -233,8 +238,11 @@ class EdgeRuntime(ConfigTarget):
         """Re-establish what depended on the interface (e.g. a listener on its address)."""
 
     async def start(self) -> None:
-        """Bring up WireGuard and /metrics before control is dialled."""
+        """Bring up the packet filter, WireGuard and /metrics before control is dialled (the
+        filter first: nothing may arrive over WireGuard unfiltered, not even for a moment).
+        Raises :class:`FirewallError` when the filter cannot be installed."""
         raise_file_limit()
+        await self.firewall.install()
         self.wireguard = await self._open_wireguard()
         self.stats.wireguard_mode = self.wireguard.mode
         await self._serve_metrics()
@@ -247,6 +255,7 @@ class EdgeRuntime(ConfigTarget):
             await runner.cleanup()
         if self.wireguard is not None:
             await self.wireguard.stop()
+        await self.firewall.remove()
 
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT."""

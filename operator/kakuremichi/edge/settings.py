@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from kakuremichi.edge.firewall_rules import interface_name
 from kakuremichi.protocol import Port
 
 WireGuardChoice = Literal["auto", "kernel", "userspace"]
@@ -31,8 +32,12 @@ class EdgeSettings(BaseModel):
     state_dir: Path | None = None
     """Where the last applied config is kept, so that a restart serves it while control is away
     (None: kept in memory only)."""
-    wireguard_interface: str = Field(default="kakuremichi0", max_length=15)
+    wireguard_interface: str = Field(default="kmedge0", max_length=15)
+    """``km`` and 1-13 of ``[a-z0-9-]``: the edge's packet filter matches only it."""
     wireguard_mode: WireGuardChoice = "auto"
+    firewall: bool = True
+    """The packet filter on the WireGuard interface and the agent relay's binding to it
+    (``--no-firewall`` turns both off; the relay still takes only its gateways' addresses)."""
     metrics_listen: str | None = None
     """host:port of /metrics and /healthz; None disables them."""
     status_interval: float = Field(default=30.0, gt=0)
@@ -45,6 +50,11 @@ class EdgeSettings(BaseModel):
     """Override the Gateway's ports from control's config."""
     workers: int = Field(default=1, ge=1, le=256)
     """Processes serving the HTTPS port (the gateway's own included)."""
+
+    @field_validator("wireguard_interface")
+    @classmethod
+    def _interface(cls, value: str) -> str:
+        return interface_name(value)
 
     @field_validator("control_url")
     @classmethod
