@@ -15,6 +15,7 @@ wanted=(
   flock:util-linux
   shellcheck:shellcheck
   testssl:testssl.sh
+  nft:nftables
 )
 # `hack/install-deps.sh bench`: also what `make bench` measures with and against.
 if [ "${1:-}" = "bench" ]; then

@@ -18,6 +18,8 @@
 #   --package=SPEC       what to install (default: kakuremichi)
 #   --prefix=DIR         install below DIR instead of / (no root or systemd needed; nothing started)
 #   --no-start           write everything, but do not enable or start the unit
+#   --no-firewall        run the edge without its nftables packet filter on the WireGuard
+#                        interface (by default nft is installed when missing, and required)
 set -eu
 
 ROLE="@ROLE@"
@@ -30,6 +32,7 @@ INDEX_URL=""
 PACKAGE="kakuremichi"
 PREFIX=""
 START=1
+FIREWALL=1
 
 fail() {
   echo "kakuremichi installer: $*" >&2
@@ -46,8 +49,9 @@ for arg in "$@"; do
     --package=*) PACKAGE="${arg#*=}" ;;
     --prefix=*) PREFIX="${arg#*=}" ;;
     --no-start) START=0 ;;
+    --no-firewall) FIREWALL=0 ;;
     -h | --help)
-      sed -n '2,23s/^# \{0,1\}//p' "$0" 2>/dev/null || true
+      sed -n '2,25s/^# \{0,1\}//p' "$0" 2>/dev/null || true
       exit 0
       ;;
     *) fail "unknown option: $arg (see --help)" ;;
@@ -72,6 +76,23 @@ if [ -n "$PREFIX" ]; then
 else
   [ "$(id -u)" -eq 0 ] || fail "run as root (it writes /etc and /opt and installs a systemd unit)"
   [ -d /run/systemd/system ] || fail "systemd is not running here; this installer needs it (or use --prefix and run 'kakuremichi $ROLE' yourself)"
+fi
+
+# The edge's packet filter on its WireGuard interface needs nft (Debian's nftables).
+if [ "$FIREWALL" = 1 ] && ! command -v nft >/dev/null 2>&1; then
+  if [ -n "$PREFIX" ]; then
+    echo "kakuremichi installer: nft (nftables) is not installed; the $ROLE needs it to start (or --no-firewall)" >&2
+  elif command -v apt-get >/dev/null 2>&1; then
+    echo "kakuremichi installer: installing nftables (the $ROLE's packet filter)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables >/dev/null ||
+      fail "cannot install nftables (apt-get install nftables), or rerun with --no-firewall"
+  elif command -v dnf >/dev/null 2>&1; then
+    dnf install -y -q nftables || fail "cannot install nftables, or rerun with --no-firewall"
+  elif command -v apk >/dev/null 2>&1; then
+    apk add -q nftables || fail "cannot install nftables, or rerun with --no-firewall"
+  else
+    fail "nft (nftables) is required for the $ROLE's packet filter: install it, or rerun with --no-firewall"
+  fi
 fi
 
 PYTHON=$(command -v python3 || true)
@@ -118,6 +139,7 @@ cat >"$tmp" <<EOF
 KAKUREMICHI_API_KEY=$API_KEY
 KAKUREMICHI_CONTROL_URL=$CONTROL_URL
 EOF
+[ "$FIREWALL" = 1 ] || echo "KAKUREMICHI_NO_FIREWALL=1" >>"$tmp"
 if [ -n "$CA_FILE" ]; then
   cp "$CA_FILE" "$CONF_DIR/control-ca.pem" || fail "cannot copy $CA_FILE"
   echo "KAKUREMICHI_CA_FILE=/etc/kakuremichi/control-ca.pem" >>"$tmp"
