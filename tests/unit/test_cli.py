@@ -173,3 +173,15 @@ def test_a_plain_http_control_url_is_fine_on_loopback_only() -> None:
     assert plain_http_warning("https://control.example.com") is None
     warning = plain_http_warning("http://control.example.com")
     assert warning is not None and "only over TLS" in warning and "https://" in warning
+
+
+def test_an_edge_without_nft_says_so_in_one_line_and_exits_3(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nft on it
+    monkeypatch.delenv("KAKUREMICHI_NO_FIREWALL", raising=False)
+    code = main(["agent", "--control-url", "http://127.0.0.1:1", "--api-key", "agt_x",
+                 "--metrics-listen", ""])  # fmt: skip
+    assert code == 3
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "nft is not installed" in line and "--no-firewall" in line

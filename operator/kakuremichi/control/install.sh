@@ -84,7 +84,9 @@ if [ "$FIREWALL" = 1 ] && ! command -v nft >/dev/null 2>&1; then
     echo "kakuremichi installer: nft (nftables) is not installed; the $ROLE needs it to start (or --no-firewall)" >&2
   elif command -v apt-get >/dev/null 2>&1; then
     echo "kakuremichi installer: installing nftables (the $ROLE's packet filter)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables >/dev/null ||
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq nftables >/dev/null 2>&1 ||
+      { apt-get update -qq && apt-get install -y -qq nftables >/dev/null; } ||
       fail "cannot install nftables (apt-get install nftables), or rerun with --no-firewall"
   elif command -v dnf >/dev/null 2>&1; then
     dnf install -y -q nftables || fail "cannot install nftables, or rerun with --no-firewall"
