@@ -147,6 +147,9 @@ def _cmd_operator(args: argparse.Namespace) -> int:
             subnet_third_octets=args.subnet_third_octets,
             namespaces=tuple(args.namespace),
             heartbeat_timeout=args.heartbeat_timeout,
+            trust_loopback=args.trust_loopback,
+            max_unauthenticated=args.max_unauthenticated,
+            max_unauthenticated_per_address=args.max_unauthenticated_per_address,
             system_namespace=args.system_namespace,
             **({"edge_image": args.edge_image} if args.edge_image else {}),
             edge_ca_file=args.edge_ca_file,
@@ -514,6 +517,19 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument(
         "--heartbeat-timeout", type=float, default=30.0, metavar="SECONDS",
         help="an edge silent this long is disconnected and marked offline",
+    )  # fmt: skip
+    operator.add_argument(
+        "--trust-loopback", action="store_true",
+        help="send keys and certificates over plain HTTP to edges connecting from loopback "
+        "(default: only over TLS; a mesh sidecar relays remote connections from 127.0.0.6)",
+    )  # fmt: skip
+    operator.add_argument(
+        "--max-unauthenticated", type=int, default=256, metavar="N",
+        help="control channel connections not yet authenticated, in all (default 256)",
+    )  # fmt: skip
+    operator.add_argument(
+        "--max-unauthenticated-per-address", type=int, default=64, metavar="N",
+        help="... and from one address (default 64; edges behind one NAT share it)",
     )  # fmt: skip
     acme = operator.add_argument_group("ACME (Tunnels and Certificates with issuer ACME)")
     acme.add_argument(

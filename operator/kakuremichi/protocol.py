@@ -127,7 +127,8 @@ class AgentSelf(FromControl):
     subnet: CidrText
     """e.g. 10.1.0.0/24"""
     wireguard_private_key: WireGuardKey | None = None
-    """Sent only over TLS or loopback, to edges that do not already hold it."""
+    """Sent only over TLS (or loopback with ``--trust-loopback``), to edges that do not already
+    hold it."""
 
 
 class GatewayPeer(FromControl):
@@ -178,7 +179,8 @@ class GatewaySelf(FromControl):
     client_limits: ClientLimits | None = None
     """None: the defaults (and left out of the message)."""
     wireguard_private_key: WireGuardKey | None = None
-    """Sent only over TLS or loopback, to edges that do not already hold it."""
+    """Sent only over TLS (or loopback with ``--trust-loopback``), to edges that do not already
+    hold it."""
 
 
 class AgentPeer(FromControl):
@@ -210,7 +212,7 @@ class CertificateBundle(FromControl):
     certificate: str
     """Full chain, PEM."""
     private_key: str
-    """PEM; sent only over TLS or loopback."""
+    """PEM; sent only over TLS (or loopback with ``--trust-loopback``)."""
 
 
 class AcmeChallenge(FromControl):

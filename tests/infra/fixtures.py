@@ -181,6 +181,7 @@ def local_operator(
         args=["--db", f"sqlite:///{db_path}", "--namespace", namespace,
               "--subnet-pool", "1-3", "--control-listen", f"127.0.0.1:{port}",
               "--control-url", f"{scheme}://127.0.0.1:{port}", "--heartbeat-timeout", "5",
+              "--trust-loopback",
               "--system-namespace", namespace,
               "--webhook-listen", f"127.0.0.1:{ports.free_port()}",
               "--webhook-cert-dir", str(workdir / "webhook"), *tls_args, *extra_args],

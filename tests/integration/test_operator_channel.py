@@ -5,10 +5,14 @@ replaces an older one, and the Agent's state follows the connection."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import signal
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -18,7 +22,7 @@ from kakuremichi import protocol
 from kakuremichi.credentials import generate_api_key
 from kakuremichi.resources import AGENT, TUNNEL
 from tests.infra.cluster import Cluster, unique_name
-from tests.infra.fixtures import OperatorProcess
+from tests.infra.fixtures import OperatorProcess, local_operator
 from tests.infra.objects import Objects, Secrets
 from tests.infra.polling import wait_until
 from tests.infra.tlsgen import TestCA
@@ -235,3 +239,93 @@ def test_health_and_metrics_are_served(
     assert 'kakuremichi_auth_failures_total{reason="unknown_key"}' in text
     assert 'kakuremichi_reconciles_total{kind="Agent",result="ok"}' in text
     assert 'kakuremichi_connected_edges{role="agent"}' in text
+
+
+def test_edges_stay_connected_and_new_ones_are_served_while_the_api_server_is_away(
+    kube: Cluster, operator: OperatorProcess, agent: tuple[Objects, dict[str, Any], str]
+) -> None:
+    """The API server stops answering (SIGSTOP, as a hung or partitioned one would) for 12 s:
+    the connected edge stays connected, an edge that connects meanwhile gets its config from
+    the operator's cached state, and both statuses catch up once it answers again."""
+    agents, _, first_key = agent
+    first = next(iter(agents.created))
+    second = unique_name("edge")
+    agents.create(second)
+    status = agents.ready(second)
+    secret = Secrets(kube, operator.namespace).read(status["credentialsSecret"])
+    assert secret is not None and kube.state_dir is not None
+    second_key = secret["apiKey"]
+    api_server = int((kube.state_dir / "kube-apiserver.pid").read_text())
+
+    def state(name: str) -> str | None:
+        return ((agents.get(name) or {}).get("status") or {}).get("state")
+
+    async def outage() -> dict[str, Any]:
+        async with aiohttp.ClientSession() as http:
+            connected = await http.ws_connect(f"{operator.control_url}/ws")
+            await connected.send_str(auth(first_key))
+            config = json.loads((await connected.receive(timeout=10)).data)
+            await connected.send_str(
+                protocol.encode(protocol.AckMessage(version=config["data"]["version"]))
+            )
+            await asyncio.to_thread(wait_until, lambda: state(first) == "online", "online")
+            os.kill(api_server, signal.SIGSTOP)
+            try:
+                newcomer = await http.ws_connect(f"{operator.control_url}/ws")
+                await newcomer.send_str(auth(second_key))
+                served: dict[str, Any] = json.loads((await newcomer.receive(timeout=10)).data)
+                await newcomer.send_str(
+                    protocol.encode(protocol.AckMessage(version=served["data"]["version"]))
+                )
+                deadline = time.monotonic() + 12
+                while time.monotonic() < deadline:  # heartbeats through the outage
+                    for ws in (connected, newcomer):
+                        await ws.send_str(protocol.encode(protocol.HeartbeatMessage()))
+                        with contextlib.suppress(TimeoutError):
+                            frame = await ws.receive(timeout=0.5)
+                            assert frame.type == aiohttp.WSMsgType.TEXT, frame
+            finally:
+                os.kill(api_server, signal.SIGCONT)
+            for ws in (connected, newcomer):
+                await ws.send_str(protocol.encode(protocol.HeartbeatMessage()))
+            await asyncio.to_thread(
+                wait_until, lambda: state(second) == "online", "the newcomer's status", 60
+            )
+            assert not connected.closed and not newcomer.closed  # never closed by control
+            await connected.close()
+            await newcomer.close()
+            return served
+
+    served = asyncio.run(outage())
+    assert (
+        served["type"] == "config" and served["data"]["agent"]["virtualIp"] == status["virtualIP"]
+    )
+
+
+def test_connections_waiting_to_authenticate_are_capped_per_address(
+    kube: Cluster, tmp_path: Path
+) -> None:
+    """Before auth nothing is known of a connection: many of them from one address must not
+    pile up buffers in the operator (edges behind one NAT still fit under the default)."""
+    namespace = unique_name("capped")  # an operator of its own, beside the module's
+    kube.kubectl("create", "namespace", namespace)
+    capped = local_operator(kube, namespace, tmp_path, "--max-unauthenticated-per-address", "2")
+    capped.start()
+    try:
+
+        async def pile_up() -> int:
+            async with aiohttp.ClientSession() as http:
+                held = [await http.ws_connect(f"{capped.control_url}/ws") for _ in range(2)]
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await http.ws_connect(f"{capped.control_url}/ws")
+                await held[0].send_str("not json")  # one is done (refused): a place frees
+                await held[0].receive(timeout=10)
+                again = await http.ws_connect(f"{capped.control_url}/ws")
+                for ws in (*held, again):
+                    await ws.close()
+                return refused.value.status
+
+        assert asyncio.run(pile_up()) == 503
+    finally:
+        capped.stop()
+        kube.kubectl("delete", "namespace", namespace, "--wait=false", check=False)

@@ -1,9 +1,11 @@
-"""Private keys travel only over TLS or loopback: an edge on another host gets its WireGuard key
-over a TLS control channel it verifies, and never over plain HTTP."""
+"""Private keys travel only over TLS (or loopback, when the operator is told to trust it): an edge
+on another host gets its WireGuard key over a TLS control channel it verifies, and never over
+plain HTTP."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -160,3 +162,18 @@ def test_an_external_gateway_without_address_takes_the_one_it_connects_from(
     assert status["publicIP"] == host.address
     assert status["instances"][0]["publicIP"] == host.address
     gateways.delete_all()
+
+
+def test_loopback_is_not_trusted_with_keys_unless_the_operator_is_told_so(
+    kube: Cluster, remote_operator: RemoteOperator
+) -> None:
+    """A mesh sidecar relays other hosts' connections from 127.0.0.6: loopback alone proves
+    nothing (``--trust-loopback`` is for setups where it does)."""
+    process, _ = remote_operator(False)
+    url = process.control_url.replace("http://", "ws://") + "/ws"
+    config: dict[str, Any] = json.loads(subprocess.run(
+        [sys.executable, "-c", CLIENT, url, agent_key(kube, process.namespace), ""],
+        capture_output=True, text=True, check=True,
+    ).stdout)  # fmt: skip
+    assert config["type"] == "config"
+    assert "wireguardPrivateKey" not in config["data"]["agent"]

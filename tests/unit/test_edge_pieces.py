@@ -142,3 +142,31 @@ def test_edges_lift_their_open_file_limit_to_the_hard_limit() -> None:
         assert raised == hard or hard == resource.RLIM_INFINITY
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_try_again_retries_back_off_from_two_seconds_to_thirty() -> None:
+    from kakuremichi.edge.control_client import TRY_AGAIN_SECONDS
+
+    first = [backoff_delay(0, TRY_AGAIN_SECONDS) for _ in range(200)]
+    assert all(1.0 <= d <= 2.0 for d in first)
+    assert all(2.0 <= backoff_delay(1, TRY_AGAIN_SECONDS) <= 4.0 for _ in range(50))
+    assert all(
+        15.0 <= backoff_delay(9, TRY_AGAIN_SECONDS) <= MAX_BACKOFF_SECONDS for _ in range(50)
+    )
+    assert len({round(d, 3) for d in first}) > 100  # spread out: not a stampede
+
+
+def test_the_control_channels_failure_throttle_forgets() -> None:
+    from kakuremichi.control.channel import FAILURE_WINDOW_SECONDS, FailureThrottle
+
+    clock = [1000.0]
+    throttle = FailureThrottle(now=lambda: clock[0])
+    for _ in range(8):
+        throttle.record("198.51.100.1")
+    assert throttle.delay("198.51.100.1") > 0
+    for n in range(1000):  # many addresses failing once each
+        throttle.record(f"203.0.113.{n % 250}:{n}")
+    clock[0] += FAILURE_WINDOW_SECONDS + 1
+    assert throttle.delay("198.51.100.1") == 0.0
+    throttle.record("192.0.2.1")  # the next failure prunes the old ones
+    assert throttle.tracked() == 1

@@ -9,10 +9,12 @@ again whenever what it should run changes (bursts coalesce), each with a newer v
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -31,6 +33,9 @@ from kakuremichi.control.installer import install_script
 from kakuremichi.control.state import EdgeIdentity
 
 AUTH_TIMEOUT_SECONDS = 10.0
+KEY_READ_SECONDS = 3.0
+"""An edge's private key is read from its Secret; a session never waits longer than this."""
+KEY_RETRY_SECONDS = 5.0
 FAILURE_WINDOW_SECONDS = 60.0
 FAILURES_BEFORE_SLOWDOWN = 5
 MAX_FAILURE_DELAY_SECONDS = 5.0
@@ -38,14 +43,15 @@ log = logging.getLogger(__name__)
 
 
 class VersionClock:
-    """Config versions that only grow, also across operator restarts (milliseconds since the
-    epoch, bumped when two configs are made in the same millisecond)."""
+    """Config versions: a counter of this control process, no wall clock. They order the configs
+    within one session; an edge applies the first config of every session, so a restarted
+    control (whose clock may be behind) is never ignored."""
 
     def __init__(self) -> None:
         self._last = 0
 
     def next(self) -> int:
-        self._last = max(self._last + 1, int(time.time() * 1000))
+        self._last += 1
         return self._last
 
 
@@ -72,21 +78,42 @@ class Session:
 
 
 class FailureThrottle:
-    """Slows down addresses that keep presenting bad credentials."""
+    """Slows down addresses that keep presenting bad credentials. Failures older than the
+    window are forgotten, and so are addresses with none left: many addresses failing once
+    cost no memory for long."""
 
-    def __init__(self) -> None:
-        self._failures: dict[str, deque[float]] = defaultdict(deque)
+    def __init__(self, now: Callable[[], float] = time.monotonic) -> None:
+        self._failures: dict[str, deque[float]] = {}
+        self._now = now
+        self._pruned = now()
 
     def record(self, remote: str) -> None:
-        self._failures[remote].append(time.monotonic())
+        now = self._now()
+        self._failures.setdefault(remote, deque()).append(now)
+        if now - self._pruned > FAILURE_WINDOW_SECONDS:
+            self._prune(now)
 
     def delay(self, remote: str) -> float:
-        recent = self._failures[remote]
-        cutoff = time.monotonic() - FAILURE_WINDOW_SECONDS
+        recent = self._failures.get(remote)
+        if recent is None:
+            return 0.0
+        cutoff = self._now() - FAILURE_WINDOW_SECONDS
         while recent and recent[0] < cutoff:
             recent.popleft()
+        if not recent:
+            del self._failures[remote]
+            return 0.0
         excess = len(recent) - FAILURES_BEFORE_SLOWDOWN
         return 0.0 if excess < 0 else min(MAX_FAILURE_DELAY_SECONDS, 0.25 * 2**excess)
+
+    def tracked(self) -> int:
+        return len(self._failures)
+
+    def _prune(self, now: float) -> None:
+        self._pruned = now
+        cutoff = now - FAILURE_WINDOW_SECONDS
+        for remote in [r for r, times in self._failures.items() if times[-1] < cutoff]:
+            del self._failures[remote]
 
 
 class ControlChannel:
@@ -95,6 +122,8 @@ class ControlChannel:
         self.sessions: dict[UUID, Session] = {}
         self.throttle = FailureThrottle()
         self.versions = VersionClock()
+        self.unauthenticated: defaultdict[str, int] = defaultdict(int)
+        """Connections still before their auth frame, by address."""
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -135,11 +164,25 @@ class ControlChannel:
 
     # --- connection -----------------------------------------------------------------------
 
-    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
-        socket = web.WebSocketResponse(max_msg_size=1 << 20)
-        await socket.prepare(request)
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
         remote = request.remote or "unknown"
-        auth = await self._authenticate(socket, remote)
+        settings = self.context.settings
+        if (
+            sum(self.unauthenticated.values()) >= settings.max_unauthenticated
+            or self.unauthenticated[remote] >= settings.max_unauthenticated_per_address
+        ):
+            metrics.auth_failures.labels("too_many_unauthenticated").inc()
+            return web.Response(status=503, text="too many connections waiting to authenticate\n",
+                                headers={"Retry-After": "2"})  # fmt: skip
+        self.unauthenticated[remote] += 1
+        try:
+            socket = web.WebSocketResponse(max_msg_size=1 << 20)
+            await socket.prepare(request)
+            auth = await self._authenticate(socket, remote)
+        finally:
+            self.unauthenticated[remote] -= 1
+            if not self.unauthenticated[remote]:
+                del self.unauthenticated[remote]
         if auth is None:
             return socket
         identity, message = auth
@@ -160,17 +203,17 @@ class ControlChannel:
         if previous is not None:
             previous.replaced.set()  # its own handler closes it (one reader per socket)
         log.info("%s %s connected from %s", identity.role, identity.id, remote)
-        secure = request.secure or _is_loopback(remote)
+        secure = request.secure or (self.context.settings.trust_loopback and _is_loopback(remote))
         pusher = asyncio.create_task(self._push_loop(session, secure))
         try:
-            await self.context.presence.connected(identity, message.client)
+            self.context.presence.connected(identity, message.client)
             await self._receive_loop(session)
         finally:
             pusher.cancel()
             await asyncio.gather(pusher, return_exceptions=True)
             if self.sessions.get(identity.id) is session:
                 del self.sessions[identity.id]
-                await self.context.presence.disconnected(identity)
+                self.context.presence.disconnected(identity)
             log.info("%s %s disconnected", identity.role, identity.id)
         return socket
 
@@ -286,10 +329,10 @@ class ControlChannel:
                         "%s %s refused config %d: %s",
                         session.identity.role, session.identity.id, message.version, message.error,
                     )  # fmt: skip
-                await self.context.presence.acknowledged(session.identity, message)
+                self.context.presence.acknowledged(session.identity, message)
             elif isinstance(message, protocol.StatusMessage):
                 session.client = message.data.client
-                await self.context.presence.reported(session.identity, message.data)
+                self.context.presence.reported(session.identity, message.data)
             self.context.presence.seen(session.identity)
 
     # --- pushing ----------------------------------------------------------------------------
@@ -300,22 +343,38 @@ class ControlChannel:
         while True:
             seen = state.generation
             try:
-                await self._push(session, secure)
-            except Exception:  # an API hiccup must not silence the edge for good
+                complete = await self._push(session, secure)
+            except Exception:  # a failure must not silence the edge for good
                 log.exception("pushing config to %s failed; retrying", session.identity.id)
                 await asyncio.sleep(1)
                 continue
-            await state.changed(seen)
+            if complete:
+                await state.changed(seen)
+            else:  # sent without the private key (the API server is away): again soon
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(state.changed(seen), KEY_RETRY_SECONDS)
             await asyncio.sleep(0.05)  # let a burst of changes settle into one push
 
-    async def _push(self, session: Session, secure: bool) -> None:
+    async def _push(self, session: Session, secure: bool) -> bool:
+        """Send the edge its config if it changed; False when it went without the private key
+        the edge may need (its Secret could not be read: try again later)."""
         identity = session.identity
         topology = self.context.state.snapshot().topology
         known = topology.agents if identity.role == "agent" else topology.gateways
         if identity.id not in known:
-            return
+            return True
+        complete = True
         if secure and session.private_key is None:
-            session.private_key = await self._private_key(identity)
+            # Never wait on the API server here: an edge that holds its key (saved config,
+            # key file) is served from the cached state while the API server is away.
+            try:
+                session.private_key = await asyncio.wait_for(
+                    self._private_key(identity), KEY_READ_SECONDS
+                )
+            except Exception as error:
+                log.warning("cannot read the key of %s %s now (%s): config sent without it",
+                            identity.role, identity.id, type(error).__name__)  # fmt: skip
+                complete = False
         private_key = session.private_key if secure else None
         # Edges beat three times per timeout, so one lost beat never marks them offline.
         heartbeat_seconds = self.context.settings.heartbeat_timeout / 3
@@ -325,7 +384,7 @@ class ControlChannel:
             inputs = edge_config.gateway_inputs(topology, identity.id, with_certificates=secure)
         inputs += (private_key, heartbeat_seconds)
         if inputs == session.inputs:
-            return
+            return complete
         message: protocol.AgentConfigMessage | protocol.GatewayConfigMessage
         if identity.role == "agent":
             rendered: Any = edge_config.agent_config(topology, identity.id, 0, private_key)
@@ -338,7 +397,7 @@ class ControlChannel:
         comparable = rendered.model_dump_json(exclude={"version"})
         if comparable == session.sent:
             session.inputs = inputs
-            return
+            return complete
         version = self.versions.next()
         data = rendered.model_copy(update={"version": version})
         if identity.role == "agent":
@@ -348,6 +407,7 @@ class ControlChannel:
         await session.socket.send_str(protocol.encode(message))
         session.sent, session.sent_version, session.inputs = comparable, version, inputs
         metrics.config_pushes.labels(identity.role).inc()
+        return complete
 
     async def _private_key(self, identity: EdgeIdentity) -> str | None:
         location = self.context.state.credential_secrets.get(identity.id)

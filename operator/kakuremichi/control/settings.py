@@ -76,6 +76,13 @@ class ControlSettings(BaseModel):
     """First delay after a failed attempt; each failure doubles it, up to an hour."""
     heartbeat_timeout: float = Field(default=30.0, gt=0)
     """Seconds of silence after which an edge is offline."""
+    trust_loopback: bool = False
+    """Send private keys and certificates over plain HTTP to edges connecting from loopback
+    (a mesh sidecar relays other hosts' connections from 127.0.0.6: off by default)."""
+    max_unauthenticated: int = Field(default=256, ge=1)
+    """Control channel connections that have not authenticated yet, in all."""
+    max_unauthenticated_per_address: int = Field(default=64, ge=1)
+    """... and from one address (edges behind one NAT share it)."""
 
     def edge(self) -> EdgeImage:
         """What the operator renders into gateway DaemonSets and agent sidecars."""

@@ -28,7 +28,8 @@ MIN_BACKOFF_SECONDS = 0.5
 MAX_BACKOFF_SECONDS = 30.0
 STABLE_SESSION_SECONDS = 30.0
 TRY_AGAIN_SECONDS = 2.0
-"""Control asked to come back (it has just started): about this soon, whatever the backoff."""
+"""Control asked to come back (it has just started): the first retry comes within this, later
+ones back off from it (a restarted operator must not face every edge every two seconds)."""
 log = logging.getLogger(__name__)
 
 
@@ -60,9 +61,9 @@ class ConfigTarget(ABC):
         """Called when control refuses the key the edge started with (its object is gone)."""
 
 
-def backoff_delay(attempt: int) -> float:
-    """Exponential with full jitter in its upper half: 0.5 s, 1 s, 2 s … up to 30 s."""
-    ceiling = min(MAX_BACKOFF_SECONDS, MIN_BACKOFF_SECONDS * 2**attempt)
+def backoff_delay(attempt: int, first: float = MIN_BACKOFF_SECONDS) -> float:
+    """Exponential with jitter in its upper half: ``first``, twice that, ... up to 30 s."""
+    ceiling = min(MAX_BACKOFF_SECONDS, first * 2**attempt)
     return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not secrecy
 
 
@@ -73,6 +74,9 @@ class ControlClient:
         self.initial_key = self.api_key = settings.api_key.get_secret_value()
         self.node_name = settings.node_name
         self.applied_version = -1
+        self.session_version = -1
+        """The last config version applied in this session: versions order the configs of
+        one session only (a restarted control counts afresh, whatever its clock says)."""
         self.heartbeat_seconds = protocol.DEFAULT_HEARTBEAT_SECONDS
         self.applied = asyncio.Event()
         """Set once any config has been applied."""
@@ -88,7 +92,7 @@ class ControlClient:
         return context
 
     async def run_forever(self) -> None:
-        attempt = 0
+        attempt = retries = 0
         # A connection attempt that hangs is given up after 10 s and retried.
         timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10)
         async with aiohttp.ClientSession(timeout=timeout) as http:
@@ -102,12 +106,14 @@ class ControlClient:
                 finally:
                     self.edge.set_connected(False)
                 if time.monotonic() - started > STABLE_SESSION_SECONDS:
-                    attempt = 0
+                    attempt = retries = 0
                 if code == protocol.CLOSE_TRY_AGAIN:
-                    delay = random.uniform(TRY_AGAIN_SECONDS / 2, TRY_AGAIN_SECONDS)  # noqa: S311
+                    delay = backoff_delay(retries, TRY_AGAIN_SECONDS)
+                    retries = min(retries + 1, 16)
                 else:
                     delay = backoff_delay(attempt)
                     attempt = min(attempt + 1, 16)
+                    retries = 0
                 log.info("reconnecting to control in %.1fs", delay)
                 await asyncio.sleep(delay)
 
@@ -124,6 +130,7 @@ class ControlClient:
                 api_key=self.api_key, node_name=self.node_name, client=self.edge.client_info()
             )
             await socket.send_str(protocol.encode(auth))
+            self.session_version = -1  # the first config of a session is applied, whatever
             log.info("connected to control at %s", self.settings.control_url)
             self.edge.set_connected(True)
             beats = asyncio.create_task(self._beat(socket))
@@ -167,8 +174,8 @@ class ControlClient:
 
     async def _apply(self, socket: aiohttp.ClientWebSocketResponse, config: Any) -> None:
         version = int(config.version)
-        if version <= self.applied_version:
-            ack = protocol.AckMessage(version=self.applied_version)
+        if version <= self.session_version:  # overtaken within this session
+            ack = protocol.AckMessage(version=self.session_version)
         else:
             try:
                 await self.edge.apply(config)
@@ -176,7 +183,7 @@ class ControlClient:
                 log.error("config %d not applied: %s", version, error)
                 ack = protocol.AckMessage(version=version, ok=False, error=str(error)[:4096])
             else:
-                self.applied_version = version
+                self.applied_version = self.session_version = version
                 self.heartbeat_seconds = float(config.heartbeat_seconds)
                 self.applied.set()
                 ack = protocol.AckMessage(version=version)
