@@ -141,6 +141,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
             control_listen=args.control_listen,
             control_url=args.control_url,
             sealing_key_file=args.sealing_key_file,
+            sealing_key_secret=args.sealing_key_secret or None,
             subnet_first=int(first),
             subnet_last=int(last or first),
             subnet_excluded=tuple(args.exclude_cidr),
@@ -191,7 +192,11 @@ def _cmd_operator(args: argparse.Namespace) -> int:
         except ValueError as error:
             print(f"kakuremichi operator: --webhook-service: {error}", file=sys.stderr)
             return 2
-    asyncio.run(control_main.run(settings, liveness_endpoint=args.liveness))
+    try:
+        asyncio.run(control_main.run(settings, liveness_endpoint=args.liveness))
+    except control_main.SealingKeyConflict as error:
+        print(f"kakuremichi operator: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -460,6 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument(
         "--sealing-key-file", type=Path, help="key sealing database secrets (default: beside --db)"
     )
+    operator.add_argument(
+        "--sealing-key-secret", metavar="NAME",
+        help="keep the sealing key in this Secret of the system namespace instead (created on "
+        "first start; a key file beside the database is moved into it), off the data volume",
+    )  # fmt: skip
     operator.add_argument(
         "--subnet-pool", default="1-254", metavar="FIRST-LAST",
         help="agent subnets 10.N.0.0/24 for N in FIRST..LAST",

@@ -6,6 +6,7 @@ refused. There is no kubelet, so the operator runs as a process on this machine.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import subprocess
@@ -474,3 +475,21 @@ def check_refusals(as_operator: Cluster, apps: str) -> None:
     # kopf may post the Events of cluster-scoped Gateways (on failures) into "default".
     for args in [("list", "secrets", "-n", apps), ("create", "events", "-n", "default")]:
         assert as_operator.kubectl("auth", "can-i", *args).strip() == "yes", args
+
+
+def test_the_sealing_key_lives_in_a_secret_helm_does_not_own(
+    kube: Cluster, helm: Helm, installed: Installed
+) -> None:
+    """The operator, started with the chart's arguments under the chart's RBAC, made the key's
+    Secret; no key sits beside the database; an upgrade keeps it."""
+    secrets = Secrets(kube, installed.system)
+    name = f"{installed.release}-kakuremichi-sealing-key"
+    before = wait_until(lambda: secrets.read(name), "the sealing key's Secret")
+    assert len(base64.b64decode(before["sealing.key"])) == 32
+    assert not (installed.operator.db_path.parent / "sealing.key").exists()
+    managed = kube.kubectl("get", "secret", name, "-n", installed.system, "-o",
+                           "jsonpath={.metadata.labels}")  # fmt: skip
+    assert "Helm" not in managed  # not the chart's: an uninstall or upgrade leaves it alone
+    helm.run("upgrade", installed.release, str(CHART), "--namespace", installed.system,
+             "--reuse-values", kubeconfig=kube.kubeconfig)  # fmt: skip
+    assert secrets.read(name) == before

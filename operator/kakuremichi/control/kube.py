@@ -274,17 +274,18 @@ class Kube:
         namespace: str,
         name: str,
         data: Mapping[str, str],
-        owner: Mapping[str, Any],
+        owner: Mapping[str, Any] | None,
         labels: Mapping[str, str],
         kind: str = "Opaque",
     ) -> bool:
-        """Create the Secret owned by ``owner``; False when it already exists."""
+        """Create the Secret owned by ``owner`` (None: by nobody, it stays); False when it
+        already exists."""
         body = client.V1Secret(
             metadata=client.V1ObjectMeta(
                 name=name,
                 namespace=namespace,
                 labels=dict(labels),
-                owner_references=[_owner_reference(owner)],
+                owner_references=[_owner_reference(owner)] if owner is not None else None,
             ),
             type=kind,
             string_data=dict(data),

@@ -36,13 +36,52 @@ PREFIX = "kakuremichi.io"
 log = logging.getLogger("kakuremichi.operator")
 
 
-def load_sealer(settings: ControlSettings) -> Sealer:
-    """The database's sealing key: the given file, else ``sealing.key`` beside the database,
-    created on first start (mode 0600)."""
-    path = settings.sealing_key_file
-    if path is None:
-        database = make_url(settings.db_url).database or "kakuremichi.db"
-        path = Path(database).resolve().parent / "sealing.key"
+SEALING_KEY = "sealing.key"
+
+
+class SealingKeyConflict(RuntimeError):
+    """The Secret and a key file hold different keys: which one seals the data is unknown."""
+
+
+def sealing_key_path(settings: ControlSettings) -> Path:
+    if settings.sealing_key_file is not None:
+        return settings.sealing_key_file
+    database = make_url(settings.db_url).database or "kakuremichi.db"
+    return Path(database).resolve().parent / SEALING_KEY
+
+
+async def load_sealer(settings: ControlSettings, kube: Kube) -> Sealer:
+    """The database's sealing key. With ``--sealing-key-secret``: from that Secret, made on first
+    start from the key file beside the database when there is one (the file is then removed:
+    a snapshot of the data volume no longer holds the key to its sealed values), else new.
+    Without: the key file, created on first start (mode 0600)."""
+    path = sealing_key_path(settings)
+    name = settings.sealing_key_secret
+    if name is None:
+        return load_key_file(path)
+    namespace = settings.system_namespace
+    stored = (await kube.read_secret(namespace, name) or {}).get(SEALING_KEY)
+    legacy = path.read_text().strip() if path.exists() else None
+    if stored is None:
+        text = legacy or base64.b64encode(Sealer.generate_key()).decode()
+        Sealer.from_key_text(text, f"the sealing key at {path}")  # refuse a broken one first
+        labels = {"app.kubernetes.io/managed-by": "kakuremichi"}
+        if not await kube.create_secret(namespace, name, {SEALING_KEY: text}, None, labels):
+            return await load_sealer(settings, kube)  # made meanwhile: use that one
+        log.info("the sealing key is in Secret %s/%s%s", namespace, name,
+                 f" (moved from {path})" if legacy else " (new)")  # fmt: skip
+        stored = text
+    elif legacy is not None and legacy != stored.strip():
+        raise SealingKeyConflict(
+            f"Secret {namespace}/{name} and {path} hold different sealing keys; keep the one "
+            f"that sealed the database ({path} if it predates the Secret) and remove the other"
+        )
+    if legacy is not None:
+        path.unlink()
+    return Sealer.from_key_text(stored, f"Secret {namespace}/{name}")
+
+
+def load_key_file(path: Path) -> Sealer:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600)
@@ -189,8 +228,8 @@ async def run(
     liveness_endpoint: str | None = None,
 ) -> None:
     mirror = await asyncio.to_thread(Mirror, settings.db_url)
-    state = ControlState(load_sealer(settings), SubnetAllocator(settings.subnet_pool()))
     kube = Kube(load_api_client())
+    state = ControlState(await load_sealer(settings, kube), SubnetAllocator(settings.subnet_pool()))
     status_locks = StatusLocks()
     context = Context(
         settings=settings,

@@ -76,6 +76,10 @@ class ControlSettings(BaseModel):
     """First delay after a failed attempt; each failure doubles it, up to an hour."""
     heartbeat_timeout: float = Field(default=30.0, gt=0)
     """Seconds of silence after which an edge is offline."""
+    sealing_key_secret: str | None = None
+    """Keep the sealing key in this Secret of the system namespace (created on first start,
+    from a key file beside the database if one is there, which is then removed), never on the
+    database's volume."""
     trust_loopback: bool = False
     """Send private keys and certificates over plain HTTP to edges connecting from loopback
     (a mesh sidecar relays other hosts' connections from 127.0.0.6: off by default)."""

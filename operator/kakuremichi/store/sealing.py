@@ -107,16 +107,23 @@ class Sealer:
         except UnicodeDecodeError as exc:
             msg = f"key file {file} is not base64 text"
             raise SealingError(msg) from exc
+        return cls.from_key_text(text, f"key file {file}")
+
+    @classmethod
+    def from_key_text(cls, text: str, where: str = "the key") -> Sealer:
+        """The master key from its base64 text (as in a key file or a Secret)."""
+        file = where
+        text = text.strip()
         normalized = text.replace("-", "+").replace("_", "/")
         normalized += "=" * (-len(normalized) % 4)
         try:
             key = base64.b64decode(normalized, validate=True)
         except (binascii.Error, ValueError) as exc:
-            msg = f"key file {file} is not valid base64"
+            msg = f"{file} is not valid base64"
             raise SealingError(msg) from exc
         if len(key) != KEY_SIZE:
             msg = (
-                f"key file {file} holds {len(key)} bytes after base64 decoding; "
+                f"{file} holds {len(key)} bytes after base64 decoding; "
                 f"the master key must be exactly {KEY_SIZE} bytes"
             )
             raise SealingError(msg)
