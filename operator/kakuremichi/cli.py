@@ -258,6 +258,7 @@ def _cmd_edge(args: argparse.Namespace) -> int:
         print(f"kakuremichi {role}: {error}", file=sys.stderr)
         return 2
     from kakuremichi.edge.firewall import FirewallError
+    from kakuremichi.edge.wireguard import WireGuardUnavailable
 
     if role == "gateway":
         from kakuremichi.edge.gateway import GatewayEdge
@@ -278,11 +279,16 @@ def _cmd_edge(args: argparse.Namespace) -> int:
     except FirewallError as error:
         print(f"kakuremichi {role}: {error}", file=sys.stderr)
         return EXIT_NO_FIREWALL
+    except WireGuardUnavailable as error:
+        print(f"kakuremichi {role}: {error}", file=sys.stderr)
+        return EXIT_NO_WIREGUARD
     return 0
 
 
 EXIT_NO_FIREWALL = 3
 """The edge could not install its packet filter (and was not told --no-firewall)."""
+EXIT_NO_WIREGUARD = 4
+"""This host has no usable WireGuard (no kernel module, no wireguard-go)."""
 
 
 def _worker_count(value: str) -> int | str:

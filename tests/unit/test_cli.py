@@ -185,3 +185,17 @@ def test_an_edge_without_nft_says_so_in_one_line_and_exits_3(
     assert code == 3
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "nft is not installed" in line and "--no-firewall" in line
+
+
+def test_an_edge_without_wireguard_says_so_in_one_line_and_exits_4(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No kernel module asked for and no wireguard-go: one line, an exit status the installed
+    unit does not restart on (RestartPreventExitStatus), not a traceback."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # no wireguard-go on it
+    code = main(["agent", "--control-url", "http://127.0.0.1:1", "--api-key", "agt_x",
+                 "--metrics-listen", "", "--no-firewall",
+                 "--wireguard-mode", "userspace"])  # fmt: skip
+    assert code == 4
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "wireguard-go is not installed" in line and "modprobe wireguard" in line

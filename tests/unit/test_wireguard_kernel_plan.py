@@ -18,7 +18,7 @@ from kakuremichi.edge.wireguard import (
     KernelWireGuard,
     PeerState,
     UserspaceWireGuard,
-    WireGuardError,
+    WireGuardUnavailable,
     kernel_peer_states,
     open_wireguard,
 )
@@ -184,7 +184,7 @@ def test_auto_falls_back_to_userspace(
     assert isinstance(chosen, UserspaceWireGuard)
     assert chosen.mode == "userspace"
     assert "WireGuard: userspace wireguard-go (kernel: no module)" in caplog.messages
-    with pytest.raises(WireGuardError, match="no module"):
+    with pytest.raises(WireGuardUnavailable, match="no module"):
         open_wireguard("wgx", "kernel")
 
 

@@ -165,6 +165,8 @@ StateDirectory=kakuremichi
 StateDirectoryMode=0700
 Restart=always
 RestartSec=3
+# 2: bad settings, 3: no packet filter (nft), 4: no WireGuard: restarting would not help.
+RestartPreventExitStatus=2 3 4
 AmbientCapabilities=CAP_NET_ADMIN CAP_NET_BIND_SERVICE
 CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_BIND_SERVICE
 NoNewPrivileges=yes

@@ -47,6 +47,11 @@ log = logging.getLogger(__name__)
 WireGuardMode = Literal["kernel", "userspace"]
 
 
+class WireGuardUnavailable(RuntimeError):
+    """This host has no WireGuard the edge can use: the edge does not start (one line says
+    what is missing and how to get it)."""
+
+
 class WireGuardError(RuntimeError):
     pass
 
@@ -224,7 +229,11 @@ class UserspaceWireGuard(_Link):
     async def start(self) -> None:
         binary = shutil.which("wireguard-go")
         if binary is None:
-            raise WireGuardError("wireguard-go is not installed")
+            raise WireGuardUnavailable(
+                "no WireGuard here: the kernel has no WireGuard module and wireguard-go is not "
+                "installed (load the module: modprobe wireguard; or install wireguard-go, "
+                "https://git.zx2c4.com/wireguard-go)"
+            )
         # A wireguard-go left by an edge that was killed still holds the name: take it over.
         await asyncio.to_thread(self._delete_stale_link)
         await self._take_socket_path()
@@ -370,6 +379,8 @@ def open_wireguard(
         log.info("WireGuard: kernel")
         return KernelWireGuard(name)
     if mode == "kernel":
-        raise WireGuardError(f"kernel WireGuard was requested but is unavailable: {reason}")
+        raise WireGuardUnavailable(
+            f"kernel WireGuard was requested (--wireguard-mode kernel) but is unavailable: {reason}"
+        )
     log.info("WireGuard: userspace wireguard-go (kernel: %s)", reason)
     return UserspaceWireGuard(name)
