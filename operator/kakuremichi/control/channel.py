@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import itertools
 import logging
 import time
 from collections import defaultdict, deque
@@ -36,6 +37,7 @@ AUTH_TIMEOUT_SECONDS = 10.0
 KEY_READ_SECONDS = 3.0
 """An edge's private key is read from its Secret; a session never waits longer than this."""
 KEY_RETRY_SECONDS = 5.0
+STARTUP_POLL_SECONDS = 0.25
 FAILURE_WINDOW_SECONDS = 60.0
 FAILURES_BEFORE_SLOWDOWN = 5
 MAX_FAILURE_DELAY_SECONDS = 5.0
@@ -340,6 +342,14 @@ class ControlChannel:
     async def _push_loop(self, session: Session, secure: bool) -> None:
         state = self.context.state
         seen = -1
+        # A control that has just started is still rebuilding its state (gateway pools re-admit
+        # their nodes as they reconcile): a config from it now could lack a gateway, and the
+        # agent would drop that gateway's connections. Edges keep serving what they have (their
+        # saved config) until the state is whole.
+        for _ in itertools.count():
+            if not state.startup.open:
+                break
+            await asyncio.sleep(STARTUP_POLL_SECONDS)
         while True:
             seen = state.generation
             try:
