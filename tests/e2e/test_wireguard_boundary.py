@@ -6,8 +6,6 @@ tests run with the same filters on)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -17,25 +15,7 @@ from tests.e2e.world import World, running_world, skip_unless_possible
 from tests.infra import netns
 from tests.infra.cluster import Cluster
 from tests.infra.polling import wait_until
-
-LISTEN = """
-import socket, sys, threading
-server = socket.create_server(("0.0.0.0", int(sys.argv[1])))
-print("listening", flush=True)
-while True:
-    connection, _ = server.accept()
-    connection.sendall(b"hi")
-    connection.close()
-"""
-
-CONNECT = """
-import socket, sys
-try:
-    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2):
-        print("open")  # the handshake completed: something listens there for this sender
-except OSError:
-    print("closed")
-"""
+from tests.infra.probes import listen, reachable
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +28,6 @@ def world(
         made.tunnels.ready("app")
         wait_until(lambda: made.get("/")[0] == 200, "the first HTTPS response", timeout=60)
         yield made
-
-
-def reachable(host: netns.Host, address: str, port: int) -> bool:
-    return host.exec(sys.executable, "-c", CONNECT, address, str(port)).strip() == "open"
-
-
-def listen(host: netns.Host, port: int) -> None:
-    process = subprocess.Popen(host.command(sys.executable, "-c", LISTEN, str(port)),
-                               stdout=subprocess.PIPE, text=True)  # fmt: skip
-    assert process.stdout is not None and process.stdout.readline().strip() == "listening"
-    host._processes.append(process)  # type: ignore[arg-type]  # stopped with the host
 
 
 def addresses(world: World) -> tuple[str, str]:

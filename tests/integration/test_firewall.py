@@ -15,6 +15,7 @@ import pytest
 
 from tests.infra import netns
 from tests.infra.polling import wait_until
+from tests.infra.probes import listen, reachable
 
 FILTER = """
 import asyncio, sys
@@ -33,45 +34,6 @@ async def main():
         print("done", flush=True)
 asyncio.run(main())
 """
-
-LISTEN = """
-import socket, sys, threading
-for port in sys.argv[2:]:
-    server = socket.create_server((sys.argv[1], int(port)))
-    def serve(server=server):
-        while True:
-            connection, _ = server.accept()
-            connection.sendall(b"hi")
-            connection.close()
-    threading.Thread(target=serve, daemon=True).start()
-print("listening", flush=True)
-threading.Event().wait()
-"""
-
-CONNECT = """
-import socket, sys
-try:
-    source = sys.argv[3] if len(sys.argv) > 3 else ""
-    with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=1,
-                                  source_address=(source, 0) if source else None) as s:
-        print("open" if s.recv(2) == b"hi" else "silent")
-except OSError:
-    print("closed")
-"""
-
-
-def reachable(host: netns.Host, address: str, port: int, source: str = "") -> bool:
-    extra = [source] if source else []
-    out = host.exec(sys.executable, "-c", CONNECT, address, str(port), *extra)
-    return out.strip() == "open"
-
-
-def listen(host: netns.Host, address: str, *ports: int) -> None:
-    process = subprocess.Popen(host.command(sys.executable, "-c", LISTEN, address,
-                                            *map(str, ports)),
-                               stdout=subprocess.PIPE, text=True)  # fmt: skip
-    assert process.stdout is not None and process.stdout.readline().strip() == "listening"
-    host._processes.append(process)  # type: ignore[arg-type]  # stopped with the host
 
 
 def rename_link(host: netns.Host, peer_address: str, name: str) -> None:
@@ -131,9 +93,9 @@ def test_a_gateway_takes_nothing_new_from_the_wireguard_side_and_forwards_nothin
     gateway.exec("sysctl", "-qw", "net.ipv4.ip_forward=1")
     agent.exec("ip", "route", "add", "192.168.231.0/24", "via", str(gateway_side.ip))
     behind.exec("ip", "route", "add", "192.168.230.0/24", "via", str(inner.ip))
-    listen(gateway, "0.0.0.0", 9000)
-    listen(behind, "0.0.0.0", 9001)
-    listen(agent, "0.0.0.0", 8471)
+    listen(gateway, 9000)
+    listen(behind, 9001)
+    listen(agent, 8471)
     wait_until(lambda: reachable(agent, str(gateway_side.ip), 9000), "the gateway's listener")
     assert reachable(agent, str(behind_side.ip), 9001)  # forwarded, before the filter
 
@@ -159,7 +121,7 @@ def test_an_agent_takes_only_the_relay_port_from_its_gateways(
     gateway.exec("ip", "addr", "add", f"{other}/24", "dev",
                  gateway.exec("ip", "-o", "route", "get", str(agent_side.ip)).split(" dev ")[1]
                  .split()[0])  # fmt: skip
-    listen(agent, "0.0.0.0", 8471, 9000)
+    listen(agent, 8471, 9000)
     wait_until(lambda: reachable(gateway, str(agent_side.ip), 9000), "the agent's listeners")
 
     with packet_filter(agent, "agent", "kmagtest0", str(gateway_side.ip)) as running:
