@@ -14,7 +14,11 @@
 # Environment: KAKUREMICHI_CLUSTER_DIR (state folder, default <repo>/.cluster),
 # KAKUREMICHI_API_PORT (default: a free port), KAKUREMICHI_CACHE (see hack/build-binaries.sh).
 # The admin credential is a static token of a user in group system:masters; the controllers run
-# are the serviceaccount, serviceaccount-token, namespace, garbage-collector and root-ca publishers.
+# are the serviceaccount, serviceaccount-token, namespace, garbage-collector, root-ca publisher
+# and daemonset controllers. No scheduler or kubelet runs: a DaemonSet's pods are made but stay
+# unbound until someone binds them (pods/binding), as the demo and the tests do for the gateway.
+# New Nodes are not tainted not-ready (TaintNodesByCondition is off): no kubelet would report
+# them Ready and no node lifecycle controller would lift the taint, so no DaemonSet would run.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -23,8 +27,9 @@ pki="${state}/pki"
 kubeconfig="${state}/kubeconfig"
 service_range=10.0.0.0/24 # outside the agent pool (10.1-254.0.0/24)
 # Without these there is no default ServiceAccount (Pods are refused), no owner-reference
-# cleanup, and namespaces never finish deleting.
-controllers=serviceaccount-controller,serviceaccount-token-controller,namespace-controller,garbage-collector-controller,root-ca-certificate-publisher-controller
+# cleanup, and namespaces never finish deleting; the DaemonSet controller makes the gateway pools'
+# pods, whose projected tokens prove them to control.
+controllers=serviceaccount-controller,serviceaccount-token-controller,namespace-controller,garbage-collector-controller,root-ca-certificate-publisher-controller,daemonset-controller
 
 log() { printf '[cluster] %s\n' "$*" >&2; }
 die() {
@@ -132,6 +137,7 @@ up() {
     --tls-cert-file "${pki}/apiserver.crt" --tls-private-key-file "${pki}/apiserver.key" \
     --client-ca-file "${pki}/ca.crt" --token-auth-file "${pki}/tokens.csv" \
     --authorization-mode RBAC --allow-privileged=true \
+    --disable-admission-plugins TaintNodesByCondition \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "${pki}/sa.pub" --service-account-signing-key-file "${pki}/sa.key" \
     --service-cluster-ip-range "$service_range" --cert-dir "${state}/apiserver-certs"

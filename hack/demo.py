@@ -19,9 +19,10 @@
    https://control.kakuremichi.test:PORT (192.168.239.1, a certificate from the demo CA in
    .demo/ca.pem; both namespaces resolve the name through /etc/netns/<namespace>/hosts);
 4. a Node (there is no kubelet) whose ExternalIP 192.168.238.1 is the gateway's WireGuard
-   endpoint, and a Gateway pool on it; the gateway runs in kmdemo-gateway with the arguments
-   and the API key of the DaemonSet the operator renders, as the kubelet would run it (plus a
-   WireGuard interface name of the demo's own);
+   endpoint, and a Gateway pool on it; the demo binds the DaemonSet's pod to the Node (as the
+   scheduler would) and mints its pod-bound token (as the kubelet would), and the gateway runs
+   in kmdemo-gateway with the arguments, the API key and the token of that pod, as the kubelet
+   would run it (plus a WireGuard interface name of the demo's own);
 5. an Agent, and a Pod labelled ``kakuremichi.io/agent: demo`` into which the operator's webhook
    injects the agent sidecar; the agent runs in kmdemo-agent with the sidecar's arguments and
    credentials, beside the demo origin (hack/demo_origin.py on 127.0.0.1:8080);
@@ -62,10 +63,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kakuremichi.manifests import (
     AGENT_LABEL,
     CREDENTIALS_MOUNT,
+    GATEWAY_LABEL,
+    POD_TOKEN_MOUNT,
     SIDECAR_NAME,
     STATE_MOUNT,
     gateway_daemonset_name,
 )
+from kakuremichi.protocol import POD_TOKEN_AUDIENCE
 
 REPO = Path(__file__).resolve().parent.parent
 STATE = REPO / ".demo"
@@ -203,6 +207,26 @@ def edge_command(
                 arg = str(folder) + arg[len(mount) :]
         out.append(arg)
     return out
+
+
+def daemon_pod_for(pods: Mapping[str, Any] | None, node: str) -> dict[str, Any] | None:
+    """Of a pod listing, the live DaemonSet pod for ``node`` (bound to it already, or pinned
+    to it by the node affinity the DaemonSet controller sets)."""
+    for pod in (pods or {}).get("items", []):
+        if pod["metadata"].get("deletionTimestamp"):
+            continue
+        spec = pod.get("spec") or {}
+        if spec.get("nodeName"):
+            if spec["nodeName"] == node:
+                return dict(pod)
+            continue
+        affinity = (spec.get("affinity") or {}).get("nodeAffinity") or {}
+        required = affinity.get("requiredDuringSchedulingIgnoredDuringExecution") or {}
+        for term in required.get("nodeSelectorTerms") or []:
+            for field in term.get("matchFields") or []:
+                if field.get("key") == "metadata.name" and node in (field.get("values") or []):
+                    return dict(pod)
+    return None
 
 
 def curl_command(ca_file: Path) -> list[str]:
@@ -701,7 +725,34 @@ def up() -> None:
     (container,) = pod_spec["containers"]
     pool = kube.secret(secret_volume_name(pod_spec, CREDENTIALS_MOUNT, container["name"]))
     folder = credentials_folder({"apiKey": pool["apiKey"]}, STATE / "gateway-credentials")
-    mounts = {CREDENTIALS_MOUNT: folder, STATE_MOUNT: STATE / "gateway-state"}
+    # No scheduler or kubelet runs here: bind the DaemonSet's pod to the Node as the scheduler
+    # would, and mint its pod-bound token as the kubelet would; with it the pod proves to
+    # control that it is the pool's pod on that node.
+    pod = wait_for(
+        lambda: daemon_pod_for(
+            kube.get("pods", "-n", NAMESPACE, "-l", f"{GATEWAY_LABEL}=demo"), NODE
+        ),
+        "the DaemonSet's pod",
+        60,
+        ["operator"],
+    )
+    pod_name, pod_uid = pod["metadata"]["name"], pod["metadata"]["uid"]
+    if not pod["spec"].get("nodeName"):
+        binding = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": pod_name},
+                   "target": {"apiVersion": "v1", "kind": "Node", "name": NODE}}  # fmt: skip
+        kube("create", "--raw", f"/api/v1/namespaces/{NAMESPACE}/pods/{pod_name}/binding",
+             "-f", "-", input_text=json.dumps(binding))  # fmt: skip
+    token = kube(
+        "create", "token", pod["spec"]["serviceAccountName"], "-n", NAMESPACE,
+        "--audience", POD_TOKEN_AUDIENCE, "--duration", "24h", "--bound-object-kind", "Pod",
+        "--bound-object-name", pod_name, "--bound-object-uid", pod_uid,
+    ).strip()  # fmt: skip
+    token_folder = credentials_folder({"token": token}, STATE / "gateway-pod-token")
+    mounts = {
+        CREDENTIALS_MOUNT: folder,
+        POD_TOKEN_MOUNT: token_folder,
+        STATE_MOUNT: STATE / "gateway-state",
+    }
     gateway_args = edge_command(container["args"], mounts, {"NODE_NAME": NODE})
     # The one addition to the DaemonSet's arguments: a WireGuard interface name of our own.
     gateway_args += ["--wireguard-interface", WIREGUARD_INTERFACES["gateway"]]

@@ -222,6 +222,7 @@ def _cmd_edge(args: argparse.Namespace) -> int:
         extra = (
             {
                 "node_name": args.node_name or None,
+                "pod_token_file": args.pod_token_file,
                 "listen_address": args.listen_address,
                 "http_port": args.http_port,
                 "https_port": args.https_port,
@@ -353,6 +354,12 @@ def _add_edge_parser(commands: Any, role: str, help_text: str, metrics_port: int
         edge.add_argument(
             "--node-name", metavar="NODE",
             help="in-cluster pods: the node, presented with the Gateway pool's key",
+        )  # fmt: skip
+        edge.add_argument(
+            "--pod-token-file", type=Path, metavar="PATH",
+            default=_env_path("KAKUREMICHI_POD_TOKEN_FILE"),
+            help="in-cluster pods: the projected ServiceAccount token (audience kakuremichi) "
+            "that proves the pod to control with --node-name (or KAKUREMICHI_POD_TOKEN_FILE)",
         )  # fmt: skip
         edge.add_argument(
             "--listen-address", metavar="ADDRESS", help="bind HTTP/HTTPS here (default: all)"

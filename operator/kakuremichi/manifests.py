@@ -2,7 +2,9 @@
 
 - the gateway DaemonSet of an InCluster Gateway pool (host network, NET_ADMIN, /dev/net/tun for
   the userspace WireGuard fallback, the pool's API key from its Secret, the node name from the
-  downward API so control can hand each node its own identity);
+  downward API and a projected ServiceAccount token bound to the pod, with which control checks
+  that the pod is the pool's on that node before it hands the node its own identity), and the
+  pool's ServiceAccount (no API access of its own);
 - the agent sidecar container injected into Pods labelled ``kakuremichi.io/agent: <name>``.
 
 Both run the same image and command as users run by hand (``kakuremichi gateway|agent``), so the
@@ -14,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from kakuremichi.protocol import POD_TOKEN_AUDIENCE
 from kakuremichi.resources import API_VERSION, GATEWAY, GatewayResources, GatewaySpec
 
 AGENT_LABEL = "kakuremichi.io/agent"
@@ -24,6 +27,10 @@ PRIVATE_KEY_FILE = f"{CREDENTIALS_MOUNT}/wireguardPrivateKey"
 STATE_MOUNT = "/var/lib/kakuremichi"
 """The edge's saved config (``--state-dir``): an emptyDir, so it outlives a container restart
 (a crash, an OOM kill, a node reboot) but not the Pod."""
+POD_TOKEN_MOUNT = "/var/run/secrets/kakuremichi.io"  # noqa: S105 - a path
+POD_TOKEN_FILE = f"{POD_TOKEN_MOUNT}/token"
+POD_TOKEN_SECONDS = 3600
+"""Lifetime of the gateway pods' projected token (the kubelet renews it at 80 %)."""
 SIDECAR_NAME = "kakuremichi-agent"
 CONTROL_CA_ENV = "KAKUREMICHI_CONTROL_CA"
 
@@ -58,6 +65,48 @@ def gateway_daemonset_name(gateway: str) -> str:
     return f"kakuremichi-gateway-{gateway}"
 
 
+def gateway_service_account_name(gateway: str) -> str:
+    return f"kakuremichi-gateway-{gateway}"
+
+
+def _gateway_labels(gateway: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "kakuremichi-gateway",
+        "app.kubernetes.io/managed-by": "kakuremichi",
+        GATEWAY_LABEL: gateway,
+    }
+
+
+def _owned_by_gateway(gateway: str, gateway_uid: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "apiVersion": API_VERSION,
+            "kind": GATEWAY.kind,
+            "name": gateway,
+            "uid": gateway_uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+
+
+def gateway_service_account(gateway: str, gateway_uid: str, namespace: str) -> dict[str, Any]:
+    """The identity of an InCluster pool's pods: their projected tokens name it, and control
+    admits only tokens of the pool's own ServiceAccount. It is granted nothing (the gateway
+    does not call the API server), and no API token is mounted with it."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {
+            "name": gateway_service_account_name(gateway),
+            "namespace": namespace,
+            "labels": _gateway_labels(gateway),
+            "ownerReferences": _owned_by_gateway(gateway, gateway_uid),
+        },
+        "automountServiceAccountToken": False,
+    }
+
+
 def gateway_daemonset(
     gateway: str,
     gateway_uid: str,
@@ -67,11 +116,7 @@ def gateway_daemonset(
     pool_secret: str,
 ) -> dict[str, Any]:
     """The DaemonSet that runs one gateway instance on every selected node."""
-    labels = {
-        "app.kubernetes.io/name": "kakuremichi-gateway",
-        "app.kubernetes.io/managed-by": "kakuremichi",
-        GATEWAY_LABEL: gateway,
-    }
+    labels = _gateway_labels(gateway)
     ports = spec.ports
     container = {
         "name": "gateway",
@@ -85,6 +130,8 @@ def gateway_daemonset(
             API_KEY_FILE,
             "--node-name",
             "$(NODE_NAME)",
+            "--pod-token-file",
+            POD_TOKEN_FILE,
             "--http-port",
             str(ports.http),
             "--https-port",
@@ -128,6 +175,7 @@ def gateway_daemonset(
         },
         "volumeMounts": [
             {"name": "credentials", "mountPath": CREDENTIALS_MOUNT, "readOnly": True},
+            {"name": "pod-token", "mountPath": POD_TOKEN_MOUNT, "readOnly": True},
             {"name": "state", "mountPath": STATE_MOUNT},
             _tun_mount(),
         ],
@@ -135,6 +183,8 @@ def gateway_daemonset(
         "resources": (spec.resources or GatewayResources()).as_container_resources(),
     }
     pod_spec: dict[str, Any] = {
+        "serviceAccountName": gateway_service_account_name(gateway),
+        "automountServiceAccountToken": False,
         "hostNetwork": True,
         "dnsPolicy": "ClusterFirstWithHostNet",
         "containers": [container],
@@ -144,6 +194,20 @@ def gateway_daemonset(
                 "secret": {
                     "secretName": pool_secret,
                     "items": [{"key": "apiKey", "path": "apiKey"}],
+                },
+            },
+            {
+                "name": "pod-token",
+                "projected": {
+                    "sources": [
+                        {
+                            "serviceAccountToken": {
+                                "audience": POD_TOKEN_AUDIENCE,
+                                "expirationSeconds": POD_TOKEN_SECONDS,
+                                "path": "token",
+                            }
+                        }
+                    ]
                 },
             },
             {"name": "state", "emptyDir": {}},
@@ -165,16 +229,7 @@ def gateway_daemonset(
             "name": gateway_daemonset_name(gateway),
             "namespace": namespace,
             "labels": labels,
-            "ownerReferences": [
-                {
-                    "apiVersion": API_VERSION,
-                    "kind": GATEWAY.kind,
-                    "name": gateway,
-                    "uid": gateway_uid,
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
+            "ownerReferences": _owned_by_gateway(gateway, gateway_uid),
         },
         "spec": {
             "selector": {"matchLabels": {GATEWAY_LABEL: gateway}},

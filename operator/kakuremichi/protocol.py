@@ -21,6 +21,11 @@ from kakuremichi.resources import AppProtocol, ClientLimits, EdgeClient, Hsts
 
 # A first frame larger than this is refused before it is parsed.
 MAX_AUTH_FRAME_BYTES = 4096
+MAX_POD_TOKEN_BYTES = 3072
+"""A projected ServiceAccount token is about 1 KiB (a few hundred bytes more with a 4096-bit
+signing key); it has to fit into the first frame beside the key."""
+POD_TOKEN_AUDIENCE = "kakuremichi"  # noqa: S105 - an audience name
+"""The audience of the gateway pods' projected ServiceAccount tokens."""
 # WebSocket close codes (the 4000-4999 range is for applications).
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_BAD_REQUEST = 4400
@@ -55,8 +60,12 @@ class AuthMessage(CamelModel):
     type: Literal["auth"] = "auth"
     api_key: ApiKey
     node_name: Annotated[str, Field(max_length=253)] | None = None
-    """Set by in-cluster gateway pods, which prove themselves with the pool's key plus their node;
-    control answers with an ``identity`` for that node."""
+    """Set by in-cluster gateway pods with the pool's key: the node they run on. Control answers
+    with an ``identity`` for that node once ``pod_token`` proves the pod."""
+    pod_token: Annotated[str, Field(min_length=1, max_length=MAX_POD_TOKEN_BYTES)] | None = None
+    """The gateway pod's projected ServiceAccount token (audience ``kakuremichi``, bound to the
+    pod): control checks it with a TokenReview, and the pod against its pool's DaemonSet and the
+    node claimed. The pool's key alone yields no node's identity."""
     client: ClientInfo | None = None
 
 

@@ -28,8 +28,7 @@ from tests.e2e.world import (
     CONTROL_NAME,
     HEARTBEAT_TIMEOUT,
     World,
-    running_world,
-    skip_unless_possible,
+    serving_world,
 )
 from tests.infra import netns
 from tests.infra.cluster import Cluster
@@ -43,11 +42,7 @@ def world(
     kube: Cluster, namespaces_supported: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[World]:
     """The world, serving one Tunnel whose certificate comes from a Secret the test CA signed."""
-    skip_unless_possible()
-    with running_world(kube, tmp_path_factory.mktemp("e2e")) as made:
-        made.create_tunnel("app", made.domain)
-        made.tunnels.ready("app")
-        wait_until(lambda: made.get("/")[0] == 200, "the first HTTPS response", timeout=60)
+    with serving_world(kube, tmp_path_factory.mktemp("e2e")) as made:
         yield made
 
 

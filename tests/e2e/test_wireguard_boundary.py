@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.world import World, running_world, skip_unless_possible
+from tests.e2e.world import World, serving_world
 from tests.infra import netns
 from tests.infra.cluster import Cluster
 from tests.infra.polling import wait_until
@@ -22,11 +22,7 @@ from tests.infra.probes import listen, reachable
 def world(
     kube: Cluster, namespaces_supported: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[World]:
-    skip_unless_possible()
-    with running_world(kube, tmp_path_factory.mktemp("boundary")) as made:
-        made.create_tunnel("app", made.domain)
-        made.tunnels.ready("app")
-        wait_until(lambda: made.get("/")[0] == 200, "the first HTTPS response", timeout=60)
+    with serving_world(kube, tmp_path_factory.mktemp("boundary")) as made:
         yield made
 
 

@@ -16,9 +16,16 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from kakuremichi.manifests import AGENT_LABEL, CREDENTIALS_MOUNT, SIDECAR_NAME, STATE_MOUNT
+from kakuremichi.manifests import (
+    AGENT_LABEL,
+    CREDENTIALS_MOUNT,
+    POD_TOKEN_MOUNT,
+    SIDECAR_NAME,
+    STATE_MOUNT,
+    gateway_daemonset_name,
+)
 from kakuremichi.resources import AGENT, CERTIFICATE, GATEWAY, TUNNEL
-from tests.infra import cluster, netns, ports, wireguard
+from tests.infra import cluster, kubelet, netns, ports, wireguard
 from tests.infra.cluster import Cluster
 from tests.infra.fixtures import OperatorProcess
 from tests.infra.objects import Objects, Secrets
@@ -95,14 +102,21 @@ class World:
         core.patch_node_status(node, {"status": {"addresses": addresses}})
         return node
 
-    def start_gateway(self, host: netns.Host, node: str, *extra: str) -> Edge:
-        """The DaemonSet's pod on ``node``: its command with the node name filled in."""
-        args = [
-            a.replace("$(NODE_NAME)", node).replace(
-                STATE_MOUNT, str(self.state_dir(f"gateway-{node}"))
-            )
-            for a in self.gateway_args
-        ] + list(extra)
+    def start_gateway(
+        self, host: netns.Host, node: str, *extra: str, token_of: str | None = None
+    ) -> Edge:
+        """The DaemonSet's pod on ``node``: bound to it and given its pod-bound token (as the
+        scheduler and the kubelet would), then its command with the node name filled in.
+        ``token_of``: hand it the token of the pod on that node instead (an impostor)."""
+        api = self.kube.api_client()
+        daemonset = gateway_daemonset_name(self.gateway_name)
+        placed = kubelet.place(api, self.namespace, daemonset, node)
+        if token_of is not None:
+            placed = kubelet.place(api, self.namespace, daemonset, token_of)
+        token_folder = self.workdir / f"gateway-{node}-pod-token"
+        kubelet.write_pod_token(api, self.namespace, placed, token_folder)
+        mounts = {STATE_MOUNT: self.state_dir(f"gateway-{node}"), POD_TOKEN_MOUNT: token_folder}
+        args = mounted(self.gateway_args, mounts, {"NODE_NAME": node}) + list(extra)
         log = self.workdir / f"gateway-{node}.log"
         edge = Edge(host, [KAKUREMICHI, *args], log, {"SSL_CERT_FILE": str(self.ca_file)})
         edge.start()
@@ -235,7 +249,6 @@ def running_world(
     agent gets a host route to it over its direct link."""
     hosts = [netns.Host(role) for role in ("gateway", "agent", "client")]
     gateway_host, agent_host, client_host = hosts
-    core = client.CoreV1Api(kube.api_client())
     namespace = cluster.unique_name("e2e")
     made = World(
         kube=kube,
@@ -335,8 +348,7 @@ def running_world(
         for extra in made.extra_hosts:
             extra.destroy()
         if made.operator is not None:
-            with contextlib.suppress(Exception):
-                core.delete_collection_namespaced_pod(namespace)
+            kubelet.delete_pods(kube.api_client(), namespace)
             with contextlib.suppress(Exception):
                 # While the operator runs: its finalizers must see everything go.
                 made.tunnels.delete_all()
@@ -349,6 +361,18 @@ def running_world(
         kube.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
         for host in hosts:
             host.destroy()
+
+
+@contextlib.contextmanager
+def serving_world(kube: Cluster, workdir: Path) -> Iterator[World]:
+    """A running world serving one Tunnel, ``app`` at its domain, with a certificate from a
+    Secret the test CA signed: the first HTTPS answer has come."""
+    skip_unless_possible()
+    with running_world(kube, workdir) as made:
+        made.create_tunnel("app", made.domain)
+        made.tunnels.ready("app")
+        wait_until(lambda: made.get("/")[0] == 200, "the first HTTPS response", timeout=60)
+        yield made
 
 
 def _read_daemonset(apps: client.AppsV1Api, name: str, namespace: str) -> Any:

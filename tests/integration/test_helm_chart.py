@@ -6,9 +6,12 @@ refused. There is no kubelet, so the operator runs as a process on this machine.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import os
 import re
+import ssl
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -16,13 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 from kubernetes import client
 
+from kakuremichi import protocol
 from kakuremichi.manifests import AGENT_LABEL, SIDECAR_NAME
 from kakuremichi.resources import AGENT, CERTIFICATE, GATEWAY, TUNNEL
-from tests.infra import binaries, ports
+from tests.infra import binaries, kubelet, ports
 from tests.infra.cluster import Cluster, unique_name
 from tests.infra.fixtures import OperatorProcess
 from tests.infra.objects import Objects, Secrets
@@ -404,6 +409,7 @@ def reconcile_and_tear_down(installed: Installed) -> None:
         selector = "jsonpath={.spec.template.spec.nodeSelector.edge}"
         wait_until(lambda: kube.kubectl("get", *daemonset, "-o", selector) == "yes",
                    "the DaemonSet to follow the Gateway")  # fmt: skip
+        check_pool_admission(installed, pool)
 
         issued = TestCA().issue(domain)
         app_secrets.put_tls("app-tls", issued.certificate_pem, issued.private_key_pem)
@@ -431,6 +437,43 @@ def reconcile_and_tear_down(installed: Installed) -> None:
     wait_until(lambda: not app_secrets.read("kakuremichi-agent-home"), "the Agent's Secret to go")
     wait_until(lambda: not system_secrets.read(f"kakuremichi-gateway-{external}"),
                "the Gateway's Secret to go")  # fmt: skip
+
+
+def check_pool_admission(installed: Installed, pool: str) -> None:
+    """A pool's pod proves itself with its pod-bound token and is admitted as its node: the
+    ServiceAccount the operator made for the pool, the TokenReview and the pod read are all
+    within the chart's RBAC."""
+    kube, system = installed.kube, installed.system
+    api = kube.api_client()
+    core = client.CoreV1Api(api)
+    node = unique_name("kmhnode")
+    core.create_node(client.V1Node(metadata=client.V1ObjectMeta(name=node, labels={"edge": "yes"})))
+    try:
+        address = {"type": "ExternalIP", "address": "203.0.113.40"}
+        core.patch_node_status(node, {"status": {"addresses": [address]}})
+        placed = kubelet.place(api, system, f"kakuremichi-gateway-{pool}", node)
+        token = kubelet.mint_token(
+            api, system, placed.service_account, placed.audience, (placed.name, placed.uid)
+        )
+        pool_key = (Secrets(kube, system).read(f"kakuremichi-gateway-{pool}") or {})["apiKey"]
+        assert installed.operator.health_url is not None and installed.operator.ca_file
+        url = installed.operator.health_url.replace("https://", "wss://").replace("/healthz", "/ws")
+        tls = ssl.create_default_context(cafile=str(installed.operator.ca_file))
+        auth = protocol.AuthMessage(api_key=pool_key, node_name=node, pod_token=token)
+
+        async def first_frame() -> dict[str, Any]:
+            async with aiohttp.ClientSession() as http, http.ws_connect(url, ssl=tls) as ws:
+                await ws.send_str(protocol.encode(auth))
+                frame = await ws.receive(timeout=15)
+                assert frame.type == aiohttp.WSMsgType.TEXT, (frame, ws.close_code)
+                found: dict[str, Any] = json.loads(frame.data)
+                return found
+
+        identity = asyncio.run(first_frame())
+        assert identity["type"] == "identity" and identity["data"]["name"] == node, identity
+    finally:
+        kubelet.delete_pods(api, system)
+        core.delete_node(node)
 
 
 def check_webhook(installed: Installed) -> None:

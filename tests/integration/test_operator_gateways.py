@@ -19,6 +19,7 @@ from kubernetes.client.exceptions import ApiException
 from kakuremichi import protocol
 from kakuremichi.credentials import api_key_role, wireguard_public_key
 from kakuremichi.resources import AGENT, GATEWAY, TUNNEL
+from tests.infra import kubelet
 from tests.infra.cluster import Cluster, unique_name
 from tests.infra.fixtures import OperatorProcess
 from tests.infra.objects import Objects, Secrets
@@ -157,11 +158,15 @@ def nodes(kube: Cluster) -> Iterator[Callable[..., str]]:
             core.delete_node(name)
 
 
-async def node_session(url: str, pool_key: str, node: str) -> list[dict[str, Any]]:
-    """Connect as a DaemonSet pod: the pool's key plus the node name; return identity + config."""
+async def node_session(
+    url: str, pool_key: str, node: str, token: str | None = None
+) -> list[dict[str, Any]]:
+    """Connect as a DaemonSet pod: the pool's key, the node name and the pod's token; return
+    identity + config (or what came before the close, and the close code)."""
     frames: list[dict[str, Any]] = []
+    auth = protocol.AuthMessage(api_key=pool_key, node_name=node, pod_token=token)
     async with aiohttp.ClientSession() as http, http.ws_connect(f"{url}/ws") as ws:
-        await ws.send_str(protocol.encode(protocol.AuthMessage(api_key=pool_key, node_name=node)))
+        await ws.send_str(protocol.encode(auth))
         while len(frames) < 2:
             frame = await ws.receive(timeout=15)
             if frame.type != aiohttp.WSMsgType.TEXT:
@@ -171,31 +176,64 @@ async def node_session(url: str, pool_key: str, node: str) -> list[dict[str, Any
     return frames
 
 
-def test_in_cluster_pool_rolls_out_and_admits_each_node(
-    world: World, operator: OperatorProcess, kube: Cluster, nodes: Callable[..., str]
-) -> None:
-    name = unique_name("pool")
-    world.gateways.create(
-        name, {"mode": "InCluster", "nodeSelector": {"role": "edge"}, "region": "osaka"}
+@dataclass
+class Pool:
+    name: str
+    key: str
+    daemonset: str
+
+
+@pytest.fixture
+def pools(world: World, operator: OperatorProcess, kube: Cluster) -> Iterator[Callable[..., Pool]]:
+    """InCluster Gateway pools, Ready, with their key; their pods go at the end (bound pods
+    would wait for a kubelet forever)."""
+
+    def make(**spec: Any) -> Pool:
+        name = unique_name("pool")
+        world.gateways.create(name, {"mode": "InCluster", **spec})
+        status = world.gateways.ready(name, "True", "RolledOut")
+        key = (world.secrets.read(status["credentialsSecret"]) or {})["apiKey"]
+        return Pool(name, key, f"kakuremichi-gateway-{name}")
+
+    yield make
+    kubelet.delete_pods(kube.api_client(), operator.namespace)
+
+
+def pod_token(kube: Cluster, namespace: str, pool: Pool, node: str) -> str:
+    """Bind the pool's pod for ``node`` and mint its token, as the scheduler and kubelet do."""
+    api = kube.api_client()
+    placed = kubelet.place(api, namespace, pool.daemonset, node)
+    return kubelet.mint_token(
+        api, namespace, placed.service_account, placed.audience, (placed.name, placed.uid)
     )
-    status = world.gateways.ready(name, "True", "RolledOut")
+
+
+def test_in_cluster_pool_rolls_out_and_admits_each_node(
+    world: World,
+    operator: OperatorProcess,
+    kube: Cluster,
+    nodes: Callable[..., str],
+    pools: Callable[..., Pool],
+) -> None:
+    pool = pools(nodeSelector={"role": "edge"}, region="osaka")
     apps = client.AppsV1Api(kube.api_client())
-    daemonset = apps.read_namespaced_daemon_set(f"kakuremichi-gateway-{name}", operator.namespace)
+    daemonset = apps.read_namespaced_daemon_set(pool.daemonset, operator.namespace)
     assert daemonset.spec is not None and daemonset.spec.template.spec is not None
     assert daemonset.spec.template.spec.host_network is True
     assert daemonset.spec.template.spec.node_selector == {"role": "edge"}
-    pool_key = (world.secrets.read(status["credentialsSecret"]) or {})["apiKey"]
 
     external = nodes(ExternalIP="203.0.113.21", InternalIP="192.168.50.21")
     internal = nodes(InternalIP="192.168.50.22")
-    identity, config = asyncio.run(node_session(operator.control_url, pool_key, external))
+    token = pod_token(kube, operator.namespace, pool, external)
+    identity, config = asyncio.run(node_session(operator.control_url, pool.key, external, token))
     assert identity["type"] == "identity" and identity["data"]["name"] == external
     assert api_key_role(identity["data"]["apiKey"]) == "gateway"
-    assert identity["data"]["apiKey"] != pool_key
+    assert identity["data"]["apiKey"] != pool.key
     assert (config["data"]["gateway"]["publicIp"], config["data"]["gateway"]["index"]) == (
         "203.0.113.21", 1,
     )  # fmt: skip
-    _, second = asyncio.run(node_session(operator.control_url, pool_key, internal))
+    internal_token = pod_token(kube, operator.namespace, pool, internal)
+    _, second = asyncio.run(node_session(operator.control_url, pool.key, internal, internal_token))
     assert (second["data"]["gateway"]["publicIp"], second["data"]["gateway"]["index"]) == (
         "192.168.50.22", 2,
     )  # fmt: skip
@@ -204,27 +242,88 @@ def test_in_cluster_pool_rolls_out_and_admits_each_node(
     assert again["data"]["gateway"]["index"] == 1
 
     def both_instances() -> list[dict[str, Any]] | None:
-        found = (world.gateways.get(name) or {}).get("status", {}).get("instances", [])
+        found = (world.gateways.get(pool.name) or {}).get("status", {}).get("instances", [])
         return found if len(found) == 2 else None
 
     instances = wait_until(both_instances, "both instances in status")
     assert [(i["name"], i["index"]) for i in instances] == [(external, 1), (internal, 2)]
 
-    refused = asyncio.run(node_session(operator.control_url, pool_key, "no-such-node"))
-    assert refused[0]["type"] == "error" and "no Node named no-such-node" in refused[0]["message"]
+    # A proven pod on a node control cannot use is told why.
+    bare = nodes()
+    refused = asyncio.run(node_session(
+        operator.control_url, pool.key, bare, pod_token(kube, operator.namespace, pool, bare)
+    ))  # fmt: skip
+    assert refused[0]["type"] == "error" and "no usable address" in refused[0]["message"]
     assert refused[1] == {"closed": protocol.CLOSE_BAD_REQUEST}
 
     client.CoreV1Api(kube.api_client()).delete_node(internal)
     wait_until(
         lambda: (
-            [i["name"] for i in (world.gateways.get(name) or {})["status"]["instances"]]
+            [i["name"] for i in (world.gateways.get(pool.name) or {})["status"]["instances"]]
             == [external]
         ),
         "the departed node's instance to be removed",
     )
-    world.gateways.delete(name)
-    wait_until(lambda: world.secrets.read(f"kakuremichi-gateway-{name}-{external}") is None,
+    world.gateways.delete(pool.name)
+    wait_until(lambda: world.secrets.read(f"kakuremichi-gateway-{pool.name}-{external}") is None,
                "the node's Secret to go")  # fmt: skip
+
+
+def test_the_pool_key_yields_no_node_without_that_nodes_pod(
+    operator: OperatorProcess,
+    kube: Cluster,
+    nodes: Callable[..., str],
+    pools: Callable[..., Pool],
+) -> None:
+    """An attacker holding a pool's key (read from a Secret, a pod's filesystem, a backup)
+    tries to get a node's identity and WireGuard private key without being its pod."""
+    pool = pools(nodeSelector={"role": "edge"})
+    other_pool = pools(nodeSelector={"role": "edge"})
+    node_a = nodes(ExternalIP="203.0.113.31")
+    node_b = nodes(ExternalIP="203.0.113.32")
+    namespace, api = operator.namespace, kube.api_client()
+    token_a = pod_token(kube, namespace, pool, node_a)
+    placed_a = kubelet.place(api, namespace, pool.daemonset, node_a)
+    account = placed_a.service_account
+
+    # A pod of the namespace that is not the DaemonSet's, running as the pool's account.
+    impostor: Any = client.CoreV1Api(api).create_namespaced_pod(namespace, client.V1Pod(
+        metadata=client.V1ObjectMeta(name=unique_name("impostor")),
+        spec=client.V1PodSpec(service_account_name=account, node_name=node_b,
+                              automount_service_account_token=False,
+                              containers=[client.V1Container(name="x", image="x")]),
+    ))  # fmt: skip
+
+    def mint(pod: tuple[str, str] | None, audience: str = "kakuremichi", sa: str = account) -> str:
+        return kubelet.mint_token(api, namespace, sa, audience, pod)
+
+    attempts = {
+        "the pool's key alone": (pool.key, node_a, None),
+        "a token that is not one": (pool.key, node_a, "eyJhbGciOiJub25lIn0.e30."),
+        "node A's pod claiming node B": (pool.key, node_b, token_a),
+        "a token bound to no pod": (pool.key, node_a, mint(None)),
+        "a token for the API server's audience": (
+            pool.key, node_a,
+            mint((placed_a.name, placed_a.uid), "https://kubernetes.default.svc.cluster.local"),
+        ),
+        "a pod outside the DaemonSet": (
+            pool.key, node_b, mint((impostor.metadata.name, impostor.metadata.uid))
+        ),
+        "another pool's pod with this pool's key": (
+            pool.key, node_a, pod_token(kube, namespace, other_pool, node_a)
+        ),
+        "this pool's pod with another pool's key": (other_pool.key, node_a, token_a),
+    }  # fmt: skip
+    for attempt, (key, node, token) in attempts.items():
+        frames = asyncio.run(node_session(operator.control_url, key, node, token))
+        assert frames == [{"closed": protocol.CLOSE_UNAUTHORIZED}], attempt
+    # ... while the pod itself is admitted, to its own node only.
+    identity, _ = asyncio.run(node_session(operator.control_url, pool.key, node_a, token_a))
+    assert identity["type"] == "identity" and identity["data"]["name"] == node_a
+    client.CoreV1Api(api).delete_namespaced_pod(placed_a.name, namespace, grace_period_seconds=0)
+    frames = asyncio.run(node_session(operator.control_url, pool.key, node_a, token_a))
+    assert frames == [{"closed": protocol.CLOSE_UNAUTHORIZED}], "a deleted pod's token"
+    assert "refused a pool's key" in operator.log()
 
 
 def test_in_cluster_pool_pods_get_the_resources_asked_for(

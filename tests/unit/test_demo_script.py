@@ -9,6 +9,7 @@ from pathlib import Path
 from types import ModuleType
 
 from kakuremichi.manifests import (
+    POD_TOKEN_MOUNT,
     EdgeImage,
     agent_sidecar,
     gateway_daemonset,
@@ -44,6 +45,10 @@ def test_gateway_daemonset_args_run_with_the_folder_and_the_node_name(tmp_path: 
     assert args[args.index("--control-url") + 1] == "https://control.example:8443"
     assert args[args.index("--state-dir") + 1] == str(tmp_path / "state")
     assert not any("$(" in arg or arg.startswith(tuple(mounts)) for arg in args)
+    with_token = demo.edge_command(
+        container["args"], {**mounts, POD_TOKEN_MOUNT: tmp_path / "token"}, {}
+    )
+    assert with_token[with_token.index("--pod-token-file") + 1] == str(tmp_path / "token" / "token")
     secret = demo.secret_volume_name(pod_spec, "/etc/kakuremichi", container["name"])
     assert secret == "pool-secret"
 
@@ -89,3 +94,22 @@ def test_demo_subnets_stay_clear_of_the_tests() -> None:
     thirds = {int(subnet.split(".")[2]) for subnet in demo.SUBNETS}
     assert thirds.isdisjoint(range(240, 254))
     assert all(not name.startswith("kmt-") for name in demo.NETWORK_NAMESPACES)
+
+
+def _pod(name: str, node: str = "", pinned: str = "", deleting: bool = False) -> dict[str, object]:
+    spec: dict[str, object] = {"nodeName": node} if node else {}
+    if pinned:
+        term = {"matchFields": [{"key": "metadata.name", "operator": "In", "values": [pinned]}]}
+        spec["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [term]}}}  # fmt: skip
+    meta: dict[str, object] = {"name": name, **({"deletionTimestamp": "now"} if deleting else {})}
+    return {"metadata": meta, "spec": spec}
+
+
+def test_the_daemonsets_pod_for_the_node_is_found_bound_or_not() -> None:
+    pods = {"items": [_pod("a", pinned="other"), _pod("old", pinned="node-a", deleting=True),
+                      _pod("b", pinned="node-a")]}  # fmt: skip
+    assert demo.daemon_pod_for(pods, "node-a")["metadata"]["name"] == "b"
+    assert demo.daemon_pod_for({"items": [_pod("c", node="node-a")]}, "node-a") is not None
+    assert demo.daemon_pod_for({"items": [_pod("c", node="other")]}, "node-a") is None
+    assert demo.daemon_pod_for(None, "node-a") is None

@@ -8,13 +8,17 @@ import pytest
 
 from kakuremichi.manifests import (
     API_KEY_FILE,
+    POD_TOKEN_MOUNT,
     SIDECAR_NAME,
     STATE_MOUNT,
     EdgeImage,
     agent_pod_patch,
     agent_sidecar,
     gateway_daemonset,
+    gateway_service_account,
+    gateway_service_account_name,
 )
+from kakuremichi.protocol import POD_TOKEN_AUDIENCE
 from kakuremichi.resources import GatewaySpec
 
 EDGE = EdgeImage(image="kakuremichi/edge:test", control_url="https://control.example.com")
@@ -140,3 +144,29 @@ def test_gateways_and_sidecars_keep_their_saved_config_across_container_restarts
         assert not mount.get("readOnly")
         (volume,) = [v for v in volumes if v["name"] == mount["name"]]
         assert volume["emptyDir"] == {}  # on disk: a node reboot keeps it, the Pod's end does not
+
+
+def test_daemonset_pods_prove_themselves_with_a_pod_bound_token_only() -> None:
+    manifest = daemonset()
+    pod = manifest["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == gateway_service_account_name("edge")
+    assert pod["automountServiceAccountToken"] is False  # no API token: the gateway needs none
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (source,) = volumes["pod-token"]["projected"]["sources"]
+    assert source["serviceAccountToken"]["audience"] == POD_TOKEN_AUDIENCE == "kakuremichi"
+    assert 600 <= source["serviceAccountToken"]["expirationSeconds"] <= 86400
+    (container,) = pod["containers"]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["pod-token"] == {"name": "pod-token", "mountPath": POD_TOKEN_MOUNT,
+                                   "readOnly": True}  # fmt: skip
+    args = container["args"]
+    assert args[args.index("--pod-token-file") + 1] == f"{POD_TOKEN_MOUNT}/token"
+
+
+def test_the_pools_service_account_is_owned_by_the_gateway_and_mounts_nothing() -> None:
+    account = gateway_service_account("edge", "uid-1", "kakuremichi-system")
+    assert account["metadata"]["name"] == gateway_service_account_name("edge")
+    assert account["metadata"]["namespace"] == "kakuremichi-system"
+    assert account["automountServiceAccountToken"] is False
+    (owner,) = account["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["name"], owner["uid"]) == ("Gateway", "edge", "uid-1")

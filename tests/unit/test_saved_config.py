@@ -22,6 +22,7 @@ from kakuremichi.edge.saved_config import ConfigFile
 from kakuremichi.edge.settings import EdgeSettings
 from tests.infra.ports import free_port
 from tests.infra.tlsgen import TestCA
+from tests.infra.web import serving
 from tests.unit.test_edge_apply import RecordingWireGuard, gateway_config
 
 DOMAIN = "app.example.com"
@@ -164,16 +165,8 @@ async def control_closing_with(code: int) -> AsyncIterator[str]:
         await socket.close(code=code)
         return socket
 
-    app = web.Application()
-    app.router.add_get("/ws", close)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
+    async with serving("/ws", close) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
 
 
 def test_control_refusing_the_key_removes_the_saved_config(tmp_path: Path) -> None:

@@ -1,9 +1,11 @@
 """The control channel: one WebSocket per edge at ``/ws`` (see docs/protocol.md).
 
 The first frame must be ``auth`` with a known API key. A bad key gets close code 4401 and
-nothing else; a missing, late (10 s), malformed or oversized first frame gets 4400; failures from
-one address are answered ever more slowly. An authenticated edge gets its ``config`` at once and
-again whenever what it should run changes (bursts coalesce), each with a newer version.
+nothing else; a missing, late (10 s), malformed or oversized first frame gets 4400 (more than
+4 KiB before ``auth`` is refused as its frame header arrives, unread: ``preauth_frames``);
+failures from one address are answered ever more slowly. An authenticated edge gets its
+``config`` at once and again whenever what it should run changes (bursts coalesce), each with a
+newer version.
 """
 
 from __future__ import annotations
@@ -31,12 +33,19 @@ from kakuremichi.control import gateways, metrics
 from kakuremichi.control.context import Context
 from kakuremichi.control.credentials_secret import PRIVATE_KEY
 from kakuremichi.control.installer import install_script
+from kakuremichi.control.preauth_frames import GuardedWebSocketResponse
 from kakuremichi.control.state import EdgeIdentity
 
 AUTH_TIMEOUT_SECONDS = 10.0
+MAX_MESSAGE_BYTES = 1 << 20
+"""An authenticated edge's messages (status reports); before ``auth``, 4 KiB in all."""
+CLOSE_HANDSHAKE_SECONDS = 2.0
+"""How long a closing connection waits for the edge's close frame."""
 KEY_READ_SECONDS = 3.0
 """An edge's private key is read from its Secret; a session never waits longer than this."""
 KEY_RETRY_SECONDS = 5.0
+POD_PROOF_SECONDS = 5.0
+"""A gateway pod's token review and pod read; past this the pod is told to try again."""
 STARTUP_POLL_SECONDS = 0.25
 FAILURE_WINDOW_SECONDS = 60.0
 FAILURES_BEFORE_SLOWDOWN = 5
@@ -178,7 +187,11 @@ class ControlChannel:
                                 headers={"Retry-After": "2"})  # fmt: skip
         self.unauthenticated[remote] += 1
         try:
-            socket = web.WebSocketResponse(max_msg_size=1 << 20)
+            socket = GuardedWebSocketResponse(
+                pre_auth_limit=protocol.MAX_AUTH_FRAME_BYTES,
+                max_msg_size=MAX_MESSAGE_BYTES,
+                timeout=CLOSE_HANDSHAKE_SECONDS,
+            )
             await socket.prepare(request)
             auth = await self._authenticate(socket, remote)
         finally:
@@ -187,9 +200,10 @@ class ControlChannel:
                 del self.unauthenticated[remote]
         if auth is None:
             return socket
+        socket.authenticated()
         identity, message = auth
         if identity.role == "pool":
-            admitted = await self._admit_node(socket, identity, message)
+            admitted = await self._admit_node(socket, identity, message, remote)
             if admitted is None:
                 return socket
             identity = admitted
@@ -220,7 +234,7 @@ class ControlChannel:
         return socket
 
     async def _authenticate(
-        self, socket: web.WebSocketResponse, remote: str
+        self, socket: GuardedWebSocketResponse, remote: str
     ) -> tuple[EdgeIdentity, protocol.AuthMessage] | None:
         delay = self.throttle.delay(remote)
         try:
@@ -233,7 +247,8 @@ class ControlChannel:
             await asyncio.sleep(delay)
         if frame.type != WSMsgType.TEXT or len(frame.data.encode()) > protocol.MAX_AUTH_FRAME_BYTES:
             self.throttle.record(remote)
-            metrics.auth_failures.labels("malformed").inc()
+            oversized = socket.pre_auth is not None and socket.pre_auth.refused
+            metrics.auth_failures.labels("too_large" if oversized else "malformed").inc()
             await socket.close(code=protocol.CLOSE_BAD_REQUEST, message=b"bad first frame")
             return None
         try:
@@ -259,22 +274,44 @@ class ControlChannel:
         return identity, message
 
     async def _admit_node(
-        self, socket: web.WebSocketResponse, pool: EdgeIdentity, message: protocol.AuthMessage
+        self,
+        socket: web.WebSocketResponse,
+        pool: EdgeIdentity,
+        message: protocol.AuthMessage,
+        remote: str,
     ) -> EdgeIdentity | None:
-        """A DaemonSet pod proved its pool; make (or find) its node's own identity."""
-        refusal = "the pool's key must come with nodeName" if not message.node_name else None
-        if message.node_name:
-            try:
-                gateway_id, api_key = await gateways.admit_node(
-                    self.context, pool.id, message.node_name
-                )
-            except (gateways.NodeRefused, AllocationError) as error:
-                refusal = str(error)
-            except Exception:
-                log.exception("admitting node %s failed", message.node_name)
-                refusal = "control could not admit this node now; retry later"
-        if refusal is not None:
-            await self._refuse(socket, "node_refused", refusal)
+        """A pod presented its pool's key: once its token proves it is the pool's pod on the
+        node it names, make (or find) that node's own identity."""
+        try:
+            unproven = await asyncio.wait_for(
+                gateways.pod_refusal(
+                    self.context, pool.id, message.node_name or "", message.pod_token
+                ),
+                POD_PROOF_SECONDS,
+            )
+        except Exception as error:  # the API server is away: neither yes nor no
+            log.warning("cannot check the pod token from %s now (%s)", remote,
+                        type(error).__name__)  # fmt: skip
+            metrics.auth_deferred.inc()
+            await socket.close(code=protocol.CLOSE_TRY_AGAIN, message=b"try again")
+            return None
+        if unproven is not None:
+            self.throttle.record(remote)
+            metrics.auth_failures.labels("pod_unproven").inc()
+            log.warning("refused a pool's key from %s: %s", remote, unproven)
+            await socket.close(code=protocol.CLOSE_UNAUTHORIZED, message=b"unauthorized")
+            return None
+        node = message.node_name or ""  # (proven: the pod runs there)
+        try:
+            gateway_id, api_key = await gateways.admit_node(self.context, pool.id, node)
+        except (gateways.NodeRefused, AllocationError) as error:
+            await self._refuse(socket, "node_refused", str(error))
+            return None
+        except Exception:
+            log.exception("admitting node %s failed", node)
+            await self._refuse(
+                socket, "node_refused", "control could not admit this node now; retry later"
+            )
             return None
         name = self.context.state.gateways[gateway_id].name
         await socket.send_str(

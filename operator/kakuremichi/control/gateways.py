@@ -5,10 +5,12 @@ the operator's namespace), a stable gateway index and a public address:
 
 - External: one instance on a host outside the cluster (installed with the one-liner), with the
   address from spec, else the source address of its first connection (:func:`adopt_address`).
-- InCluster: a DaemonSet on the selected nodes. Its pods hold only the pool's shared key; a pod
-  that presents it with its node name is admitted as that node's instance (:func:`admit_node`):
-  control makes the node's own identity, takes the Node's ExternalIP (else InternalIP) unless
-  spec pins one, and hands the API key over. An instance whose Node leaves is removed.
+- InCluster: a DaemonSet on the selected nodes. Its pods hold only the pool's shared key and
+  their own projected ServiceAccount token; a pod that presents both with its node name, and
+  that the token proves to be the DaemonSet's pod on that node (``control/pod_identity.py``), is
+  admitted as that node's instance (:func:`admit_node`): control makes the node's own identity,
+  takes the Node's ExternalIP (else InternalIP) unless spec pins one, and hands the API key
+  over. An instance whose Node leaves is removed.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import kopf
 from kakuremichi import manifests, validation
 from kakuremichi.addressing import AllocationConflict, PoolExhausted
 from kakuremichi.conditions import ConditionStatus, set_ready
+from kakuremichi.control import pod_identity
 from kakuremichi.control.context import Context
 from kakuremichi.control.credentials_secret import ensure_credentials
 from kakuremichi.control.mirror import GatewayRow
@@ -32,6 +35,7 @@ from kakuremichi.control.state import GatewayPool
 from kakuremichi.credentials import wireguard_public_key
 from kakuremichi.edge_config import GatewayNode
 from kakuremichi.fields import status_patch
+from kakuremichi.protocol import POD_TOKEN_AUDIENCE
 from kakuremichi.resources import (
     GATEWAY,
     ClientLimits,
@@ -206,11 +210,14 @@ async def reconcile_pool(
     )
     owner = {"apiVersion": body["apiVersion"], "kind": body["kind"],
              "metadata": {"name": name, "uid": meta.uid}}  # fmt: skip
-    context.state.add_pool(GatewayPool(uid, name, owner, spec), api_key)
     edge = context.settings.edge()
-    await context.kube.apply_daemonset(
+    await context.kube.apply_service_account(
+        manifests.gateway_service_account(name, meta.uid, namespace)
+    )
+    daemonset_uid = await context.kube.apply_daemonset(
         manifests.gateway_daemonset(name, meta.uid, spec, edge, namespace, secret_name)
     )
+    context.state.add_pool(GatewayPool(uid, name, owner, spec, daemonset_uid), api_key)
     for instance in current.instances:  # nodes admitted before a restart keep their identity
         with contextlib.suppress(kopf.TemporaryError, NodeRefused):
             await admit_node(context, uid, instance.name)
@@ -218,6 +225,27 @@ async def reconcile_pool(
 
 class NodeRefused(Exception):
     """A node cannot join its pool; the message says why."""
+
+
+async def pod_refusal(context: Context, pool_uid: UUID, node: str, token: str | None) -> str | None:
+    """Why ``token`` does not prove a pod of the pool running on ``node`` (None: it does).
+    API errors propagate: the caller cannot tell a refusal from an outage then."""
+    pool = context.state.pools.get(pool_uid)
+    if pool is None:
+        return "the Gateway is gone"
+    if not token:
+        return "no pod token: the pool's key alone proves no node"
+    namespace = context.settings.system_namespace
+    expected = pod_identity.ExpectedGatewayPod(
+        namespace=namespace,
+        service_account=manifests.gateway_service_account_name(pool.name),
+        daemonset_uid=pool.daemonset_uid,
+        audience=POD_TOKEN_AUDIENCE,
+    )
+    review = await context.kube.review_token(token, POD_TOKEN_AUDIENCE)
+    pod_name = pod_identity.bound_pod(review, expected)
+    pod = await context.kube.pod_facts(namespace, pod_name) if pod_name else None
+    return pod_identity.refusal(review, pod, expected, node)
 
 
 def node_secret_name(pool: str, node: str) -> str:

@@ -23,6 +23,7 @@ from typing import Any, TypeVar, cast
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from kakuremichi.control.pod_identity import PodFacts, ReviewedToken
 from kakuremichi.resources import API_VERSION, GROUP, VERSION, ResourceKind
 
 T = TypeVar("T")
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 CONCURRENT_CALLS = 16
 """Kubernetes calls in flight at once (worker threads, and pooled connections to match)."""
 LIST_PAGE_SIZE = 500
+REQUEST_TIMEOUT_SECONDS = (5.0, 30.0)
+"""Connect and read deadlines of every call: a hung API server (a stopped process, a lost
+route) fails the call, which its caller retries, instead of holding a worker thread until it
+answers (16 threads are all the operator's calls have)."""
 SECRET_CACHE_SECONDS = 5.0
 """How long a read of a Secret may be served again to ``read_secret(..., cached=True)``
 (writes made here and :meth:`Kube.forget_secret`, called on the Secret's watch events, end it
@@ -78,27 +83,34 @@ class Kube:
         self.core = client.CoreV1Api(api)
         self.apps = client.AppsV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self.authentication = client.AuthenticationV1Api(api)
         self._threads = ThreadPoolExecutor(CONCURRENT_CALLS, thread_name_prefix="kube")
         self._secrets: dict[tuple[str, str], tuple[float, asyncio.Future[StoredSecret | None]]]
         self._secrets = {}
 
     async def _call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``function(*args, **kwargs)`` in one of the Kubernetes worker threads."""
+        """``function(*args, **kwargs)`` in one of the Kubernetes worker threads, within the
+        call deadlines."""
         loop = asyncio.get_running_loop()
+        kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT_SECONDS)
         return await loop.run_in_executor(
             self._threads, functools.partial(function, *args, **kwargs)
         )
 
-    async def apply_daemonset(self, manifest: dict[str, Any]) -> None:
-        """Create the DaemonSet, or replace it whole (so removed selectors and tolerations go)."""
+    async def apply_daemonset(self, manifest: dict[str, Any]) -> str:
+        """Create the DaemonSet, or replace it whole (so removed selectors and tolerations go).
+        Returns its uid."""
         namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
         try:
             existing = await self._call(self.apps.read_namespaced_daemon_set, name, namespace)
         except ApiException as error:
             if error.status != 404:
                 raise
-            await self._call(self.apps.create_namespaced_daemon_set, namespace, cast(Any, manifest))
-            return
+            made = await self._call(
+                self.apps.create_namespaced_daemon_set, namespace, cast(Any, manifest)
+            )
+            assert made.metadata is not None
+            return str(made.metadata.uid)
         assert existing.metadata is not None
         body = {
             **manifest,
@@ -108,6 +120,56 @@ class Kube:
             },
         }
         await self._call(self.apps.replace_namespaced_daemon_set, name, namespace, cast(Any, body))
+        return str(existing.metadata.uid)
+
+    async def apply_service_account(self, manifest: dict[str, Any]) -> None:
+        """Create the ServiceAccount unless it exists (it holds nothing that changes)."""
+        namespace = manifest["metadata"]["namespace"]
+        try:
+            await self._call(
+                self.core.create_namespaced_service_account, namespace, cast(Any, manifest)
+            )
+        except ApiException as error:
+            if error.status != 409:
+                raise
+
+    async def review_token(self, token: str, audience: str) -> ReviewedToken:
+        """The API server's verdict on a ServiceAccount token (TokenReview)."""
+        review = client.V1TokenReview(
+            spec=client.V1TokenReviewSpec(token=token, audiences=[audience])
+        )
+        answer = await self._call(self.authentication.create_token_review, review)
+        status = answer.status
+        if status is None or not status.authenticated or status.user is None:
+            return ReviewedToken(False, error=(status.error if status else None) or "")
+        user = status.user
+        return ReviewedToken(
+            True,
+            username=user.username or "",
+            audiences=tuple(status.audiences or ()),
+            extra={k: tuple(v or ()) for k, v in (user.extra or {}).items()},
+        )
+
+    async def pod_facts(self, namespace: str, name: str) -> PodFacts | None:
+        """The Pod, as :mod:`pod_identity` judges it; None when it does not exist."""
+        try:
+            pod = await self._call(self.core.read_namespaced_pod, name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        meta, spec = pod.metadata, pod.spec
+        assert meta is not None
+        controller = next((o for o in (meta.owner_references or []) if o.controller), None)
+        return PodFacts(
+            name=meta.name or "",
+            uid=meta.uid or "",
+            node_name=(spec.node_name if spec else None) or "",
+            service_account=(spec.service_account_name if spec else None) or "",
+            controller_kind=controller.kind if controller else "",
+            controller_uid=controller.uid if controller else "",
+            deleting=meta.deletion_timestamp is not None,
+        )
 
     async def node(self, name: str) -> tuple[dict[str, str], dict[str, str]] | None:
         """A Node's addresses by type (ExternalIP, InternalIP, ...) and its labels; None when

@@ -52,6 +52,8 @@ class GatewayPool:
     name: str
     owner: dict[str, Any]
     spec: GatewaySpec
+    daemonset_uid: str
+    """The pool's DaemonSet: only its pods may claim a node's identity."""
 
 
 @dataclass

@@ -127,7 +127,10 @@ class ControlClient:
             max_msg_size=16 << 20,
         ) as socket:
             auth = protocol.AuthMessage(
-                api_key=self.api_key, node_name=self.node_name, client=self.edge.client_info()
+                api_key=self.api_key,
+                node_name=self.node_name,
+                pod_token=self._pod_token() if self.node_name else None,
+                client=self.edge.client_info(),
             )
             await socket.send_str(protocol.encode(auth))
             self.session_version = -1  # the first config of a session is applied, whatever
@@ -148,6 +151,11 @@ class ControlClient:
                 # The node's own key is gone (its Gateway was re-created): be admitted again.
                 log.warning("control refused this node's key; presenting the pool's key again")
                 self.api_key, self.node_name = self.initial_key, self.settings.node_name
+            elif code == protocol.CLOSE_UNAUTHORIZED and self.node_name:
+                # Kept: a pod's saved config stays while it proves itself again.
+                log.error("control refused the pool's key with this pod's token (close code %s): "
+                          "the pod must be the Gateway's DaemonSet pod on node %s, with its "
+                          "projected token in --pod-token-file", code, self.node_name)  # fmt: skip
             elif code == protocol.CLOSE_UNAUTHORIZED:
                 log.error("control refused this edge's API key (close code %s)", code)
                 self.edge.credentials_refused()
@@ -156,6 +164,18 @@ class ControlClient:
             elif code is not None:
                 log.warning("control closed the channel (code %s)", code)
             return code
+
+    def _pod_token(self) -> str | None:
+        """The pod's projected token, as the kubelet last wrote it."""
+        path = self.settings.pod_token_file
+        if path is None:
+            return None
+        try:
+            token = path.read_text().strip()
+        except OSError as error:
+            log.error("cannot read the pod token %s: %s", path, error.strerror)
+            return None
+        return token if 0 < len(token) <= protocol.MAX_POD_TOKEN_BYTES else None
 
     async def _handle(self, socket: aiohttp.ClientWebSocketResponse, text: str) -> None:
         try:

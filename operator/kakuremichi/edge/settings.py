@@ -22,6 +22,9 @@ class EdgeSettings(BaseModel):
     api_key: SecretStr
     node_name: str | None = None
     """In-cluster gateway pods: the node they run on (with the pool's key)."""
+    pod_token_file: Path | None = None
+    """In-cluster gateway pods: their projected ServiceAccount token, read at every connection
+    (the kubelet renews it), which proves to control that the pod is its pool's on that node."""
     ca_file: Path | None = None
     """CA bundle to trust for an https control URL, besides the system's (SSL_CERT_FILE works
     too)."""
