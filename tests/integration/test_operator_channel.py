@@ -25,6 +25,7 @@ from tests.infra.cluster import Cluster, unique_name
 from tests.infra.fixtures import OperatorProcess, local_operator
 from tests.infra.objects import Objects, Secrets
 from tests.infra.polling import wait_until
+from tests.infra.raw_websocket import close_code, frame, upgrade_request
 from tests.infra.tlsgen import TestCA
 
 
@@ -91,6 +92,47 @@ def refused(operator: OperatorProcess, first: str | bytes) -> tuple[int | None, 
         return None if code == protocol.CLOSE_TRY_AGAIN else (code, frames)
 
     return wait_until(answer, "control to know every key")
+
+
+def test_before_auth_the_operator_reads_4_kib_and_inflates_nothing(
+    operator: OperatorProcess,
+) -> None:
+    """Raw frames at the real operator, as an attacker writes them: a header announcing a
+    megabyte, a flood of empty pings from a client that does not read its pongs, a compressed
+    frame. Each is refused at once, with nothing buffered or inflated."""
+    port = int(operator.control_url.rsplit(":", 1)[1])
+
+    async def attempt(data: bytes, offer: bytes = b"", read_after: float = 0) -> tuple[Any, ...]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(upgrade_request(port).replace(b"\r\n\r\n", b"\r\n" + offer + b"\r\n"))
+        head = await reader.readuntil(b"\r\n\r\n")
+        started = time.monotonic()
+        writer.write(data)
+        await asyncio.sleep(read_after)  # (not reading meanwhile)
+        code = None
+        with contextlib.suppress(ConnectionError):
+            code = await close_code(reader)
+        writer.close()
+        return code, head, time.monotonic() - started
+
+    def too_large() -> float:
+        with urllib.request.urlopen(f"{operator.control_url}/metrics", timeout=5) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith('kakuremichi_auth_failures_total{reason="too_large"}'):
+                    return float(line.split()[1])
+        return 0.0
+
+    before = too_large()
+    code, _, took = asyncio.run(attempt(frame(b"", announce=1 << 20)))
+    assert code == protocol.CLOSE_BAD_REQUEST and took < 3
+    code, _, took = asyncio.run(attempt(frame(b"", opcode=0x9) * 20_000, read_after=3))
+    assert code in (protocol.CLOSE_BAD_REQUEST, None) and took < 10  # (None: reset mid-write)
+    deflate = b"Sec-WebSocket-Extensions: permessage-deflate\r\n"
+    compressed = bytearray(frame(b"\x4a\x4c\x04\x00"))
+    compressed[0] |= 0x40  # RSV1
+    code, head, _ = asyncio.run(attempt(bytes(compressed), offer=deflate))
+    assert b"deflate" not in head.lower() and code != protocol.CLOSE_UNAUTHORIZED
+    assert too_large() >= before + 2
 
 
 def test_a_restarted_control_asks_edges_back_instead_of_refusing_them(

@@ -5,43 +5,19 @@ writes raw frames (as an attacker would, not as a well-behaved library does)."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import os
 import struct
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from aiohttp import WSMsgType, web
 
 from kakuremichi.control.preauth_frames import GuardedWebSocketResponse, PreAuthFrames
+from tests.infra.raw_websocket import close_code, frame, server_frames, upgrade_request
 from tests.infra.web import serving
 
 LIMIT = 4096
-
-
-def frame(
-    payload: bytes, opcode: int = 0x1, fin: bool = True, announce: int | None = None
-) -> bytes:
-    """A masked client frame; ``announce`` overrides the length in its header."""
-    length = len(payload) if announce is None else announce
-    head = bytes([(0x80 if fin else 0) | opcode])
-    if length < 126:
-        head += bytes([0x80 | length])
-    elif length < 1 << 16:
-        head += bytes([0x80 | 126]) + struct.pack("!H", length)
-    else:
-        head += bytes([0x80 | 127]) + struct.pack("!Q", length)
-    mask = os.urandom(4)
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-def upgrade_request(port: int) -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    return (
-        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    ).encode()
 
 
 Received = list[tuple[WSMsgType, int]]
@@ -68,29 +44,6 @@ async def server() -> AsyncIterator[tuple[int, Received]]:
 
     async with serving("/ws", ws) as port:
         yield port, received
-
-
-async def server_frames(reader: asyncio.StreamReader) -> AsyncIterator[tuple[int, bytes]]:
-    """(opcode, payload) of the server's unmasked frames until the connection ends."""
-    while True:
-        try:
-            head = await asyncio.wait_for(reader.readexactly(2), 5)
-        except asyncio.IncompleteReadError:
-            return
-        length = head[1] & 0x7F
-        if length == 126:
-            length = struct.unpack("!H", await reader.readexactly(2))[0]
-        elif length == 127:
-            length = struct.unpack("!Q", await reader.readexactly(8))[0]
-        yield head[0] & 0x0F, await reader.readexactly(length)
-
-
-async def close_code(reader: asyncio.StreamReader) -> int | None:
-    """The code of the server's close frame (None: the connection ended without one)."""
-    async for opcode, payload in server_frames(reader):
-        if opcode == 0x8:
-            return int(struct.unpack("!H", payload[:2])[0])
-    return None
 
 
 async def session(port: int, send: Callable[[asyncio.StreamWriter], Awaitable[None]]) -> int | None:
@@ -224,3 +177,53 @@ def test_headers_split_anywhere_are_followed() -> None:
     assert guard2.feed_data(frame(b"a" * 300) + frame(b"b" * 3000)) == (False, b"")
     guard2.open()
     assert guard2.feed_data(frame(b"", announce=1 << 33)) == (False, b"")  # passed through
+
+
+def test_compression_is_never_negotiated_so_nothing_is_inflated_before_auth() -> None:
+    """A compressed frame of 1 KiB inflates to a megabyte: the server must not agree to
+    permessage-deflate, and a compressed frame (RSV1) is a protocol error."""
+
+    async def scenario() -> tuple[bytes, Received]:
+        async with server() as (port, received):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            offer = b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+            writer.write(upgrade_request(port).replace(b"\r\n\r\n", b"\r\n" + offer + b"\r\n"))
+            head = await reader.readuntil(b"\r\n\r\n")
+            deflated = zlib.compressobj(wbits=-15)
+            payload = deflated.compress(b"a" * (1 << 20)) + deflated.flush(zlib.Z_SYNC_FLUSH)
+            compressed = bytearray(frame(payload[:-4]))
+            compressed[0] |= 0x40  # RSV1: "this message is compressed"
+            writer.write(bytes(compressed))
+            await close_code(reader)
+            writer.close()
+            return head, received
+
+    head, received = asyncio.run(scenario())
+    assert b"permessage-deflate" not in head.lower()
+    assert received == [(WSMsgType.ERROR, 0)]
+
+
+def test_a_flood_of_empty_frames_is_refused_too() -> None:
+    """Headers count: empty pings cost the server a pong each, so they are not free."""
+
+    async def scenario() -> tuple[int | None, Received, int]:
+        async with server() as (port, received):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(upgrade_request(port))
+            await reader.readuntil(b"\r\n\r\n")
+            pongs, code = 0, None
+            writer.write(frame(b"", opcode=0x9) * 5000)
+            with contextlib.suppress(ConnectionError):
+                async for opcode, payload in server_frames(reader):
+                    if opcode == 0xA:
+                        pongs += 1
+                    elif opcode == 0x8:
+                        code = int(struct.unpack("!H", payload[:2])[0])
+                        break
+            writer.close()
+            return code, received, pongs
+
+    code, received, pongs = asyncio.run(scenario())
+    assert received == [(WSMsgType.ERROR, 0)]
+    assert code in (4400, None)  # (None: a reset, the client was still writing)
+    assert pongs <= (LIMIT + 14) // 6 + 1  # a pong for each ping let through, no more

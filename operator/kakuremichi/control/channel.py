@@ -24,6 +24,7 @@ from typing import Any
 from uuid import UUID
 
 from aiohttp import WSMsgType, web
+from kubernetes.client.exceptions import ApiException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
@@ -46,6 +47,8 @@ KEY_READ_SECONDS = 3.0
 KEY_RETRY_SECONDS = 5.0
 POD_PROOF_SECONDS = 5.0
 """A gateway pod's token review and pod read; past this the pod is told to try again."""
+POD_PROOFS_AT_ONCE = 4
+"""Pods proving themselves at once (pods start one per node, and retry)."""
 STARTUP_POLL_SECONDS = 0.25
 FAILURE_WINDOW_SECONDS = 60.0
 FAILURES_BEFORE_SLOWDOWN = 5
@@ -134,7 +137,9 @@ class ControlChannel:
         self.throttle = FailureThrottle()
         self.versions = VersionClock()
         self.unauthenticated: defaultdict[str, int] = defaultdict(int)
-        """Connections still before their auth frame, by address."""
+        """Connections not yet authenticated, by address."""
+        self.pod_proofs = asyncio.Semaphore(POD_PROOFS_AT_ONCE)
+        """Token reviews in flight: each holds a Kubernetes worker thread."""
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -185,25 +190,32 @@ class ControlChannel:
             metrics.auth_failures.labels("too_many_unauthenticated").inc()
             return web.Response(status=503, text="too many connections waiting to authenticate\n",
                                 headers={"Retry-After": "2"})  # fmt: skip
+        socket = GuardedWebSocketResponse(
+            pre_auth_limit=protocol.MAX_AUTH_FRAME_BYTES,
+            max_msg_size=MAX_MESSAGE_BYTES,
+            timeout=CLOSE_HANDSHAKE_SECONDS,
+        )
+        # Until it is authenticated (a pool's pod: proven), a connection holds a place of the
+        # caps and may send 4 KiB.
         self.unauthenticated[remote] += 1
         try:
-            socket = GuardedWebSocketResponse(
-                pre_auth_limit=protocol.MAX_AUTH_FRAME_BYTES,
-                max_msg_size=MAX_MESSAGE_BYTES,
-                timeout=CLOSE_HANDSHAKE_SECONDS,
-            )
             await socket.prepare(request)
             auth = await self._authenticate(socket, remote)
+            if auth is not None and auth[0].role == "pool":
+                auth = auth if await self._prove_pod(socket, *auth, remote) else None
+            if auth is not None and not socket.authenticated():
+                auth = None  # refused by the guard meanwhile: its close is under way
+        except ConnectionError:  # gone while we were talking (say, answering its ping)
+            auth = None
         finally:
             self.unauthenticated[remote] -= 1
             if not self.unauthenticated[remote]:
                 del self.unauthenticated[remote]
         if auth is None:
             return socket
-        socket.authenticated()
         identity, message = auth
         if identity.role == "pool":
-            admitted = await self._admit_node(socket, identity, message, remote)
+            admitted = await self._admit_node(socket, identity, message)
             if admitted is None:
                 return socket
             identity = admitted
@@ -233,6 +245,15 @@ class ControlChannel:
             log.info("%s %s disconnected", identity.role, identity.id)
         return socket
 
+    async def _close(self, socket: GuardedWebSocketResponse, code: int, why: bytes) -> None:
+        """Close, waiting at most a few seconds for the client: one that does not read (its
+        pongs piling up unsent) must not hold its place, or the connection, any longer."""
+        try:
+            async with asyncio.timeout(CLOSE_HANDSHAKE_SECONDS):
+                await socket.close(code=code, message=why)
+        except TimeoutError:
+            socket.abort()
+
     async def _authenticate(
         self, socket: GuardedWebSocketResponse, remote: str
     ) -> tuple[EdgeIdentity, protocol.AuthMessage] | None:
@@ -241,7 +262,7 @@ class ControlChannel:
             frame = await asyncio.wait_for(socket.receive(), AUTH_TIMEOUT_SECONDS)
         except TimeoutError:
             metrics.auth_failures.labels("timeout").inc()
-            await socket.close(code=protocol.CLOSE_BAD_REQUEST, message=b"auth timeout")
+            await self._close(socket, protocol.CLOSE_BAD_REQUEST, b"auth timeout")
             return None
         if delay:
             await asyncio.sleep(delay)
@@ -249,7 +270,7 @@ class ControlChannel:
             self.throttle.record(remote)
             oversized = socket.pre_auth is not None and socket.pre_auth.refused
             metrics.auth_failures.labels("too_large" if oversized else "malformed").inc()
-            await socket.close(code=protocol.CLOSE_BAD_REQUEST, message=b"bad first frame")
+            await self._close(socket, protocol.CLOSE_BAD_REQUEST, b"bad first frame")
             return None
         try:
             message = protocol.client_message.validate_json(frame.data)
@@ -258,49 +279,64 @@ class ControlChannel:
         if not isinstance(message, protocol.AuthMessage):
             self.throttle.record(remote)
             metrics.auth_failures.labels("malformed").inc()
-            await socket.close(code=protocol.CLOSE_BAD_REQUEST, message=b"expected auth")
+            await self._close(socket, protocol.CLOSE_BAD_REQUEST, b"expected auth")
             return None
         identity = self.context.state.authenticate(message.api_key)
         if identity is None and self.context.state.startup.open:
             metrics.auth_deferred.inc()
-            await socket.close(code=protocol.CLOSE_TRY_AGAIN, message=b"starting")
+            await self._close(socket, protocol.CLOSE_TRY_AGAIN, b"starting")
             return None
         if identity is None:
             self.throttle.record(remote)
             metrics.auth_failures.labels("unknown_key").inc()
             log.warning("refused an unknown API key from %s", remote)
-            await socket.close(code=protocol.CLOSE_UNAUTHORIZED, message=b"unauthorized")
+            await self._close(socket, protocol.CLOSE_UNAUTHORIZED, b"unauthorized")
             return None
         return identity, message
 
-    async def _admit_node(
+    async def _prove_pod(
         self,
-        socket: web.WebSocketResponse,
+        socket: GuardedWebSocketResponse,
         pool: EdgeIdentity,
         message: protocol.AuthMessage,
         remote: str,
-    ) -> EdgeIdentity | None:
-        """A pod presented its pool's key: once its token proves it is the pool's pod on the
-        node it names, make (or find) that node's own identity."""
-        try:
-            unproven = await asyncio.wait_for(
-                gateways.pod_refusal(
-                    self.context, pool.id, message.node_name or "", message.pod_token
-                ),
-                POD_PROOF_SECONDS,
-            )
-        except Exception as error:  # the API server is away: neither yes nor no
-            log.warning("cannot check the pod token from %s now (%s)", remote,
-                        type(error).__name__)  # fmt: skip
+    ) -> bool:
+        """A connection presented a pool's key: True when its token proves it is the pool's pod
+        on the node it names; otherwise it is closed (4401, or 4503 when that cannot be told
+        now)."""
+        if self.pod_proofs.locked():  # the API server is slow, or someone is hammering
+            self.throttle.record(remote)
             metrics.auth_deferred.inc()
-            await socket.close(code=protocol.CLOSE_TRY_AGAIN, message=b"try again")
-            return None
+            await self._close(socket, protocol.CLOSE_TRY_AGAIN, b"try again")
+            return False
+        try:
+            async with self.pod_proofs:
+                unproven = await asyncio.wait_for(
+                    gateways.pod_refusal(
+                        self.context, pool.id, message.node_name or "", message.pod_token
+                    ),
+                    POD_PROOF_SECONDS,
+                )
+        except Exception as error:  # the API server is away, or refuses us: neither yes nor no
+            log.log(
+                logging.ERROR if _our_fault(error) else logging.WARNING,
+                "cannot check the pod token from %s now: %s", remote, _describe(error),
+            )  # fmt: skip
+            metrics.auth_deferred.inc()
+            await self._close(socket, protocol.CLOSE_TRY_AGAIN, b"try again")
+            return False
         if unproven is not None:
             self.throttle.record(remote)
             metrics.auth_failures.labels("pod_unproven").inc()
             log.warning("refused a pool's key from %s: %s", remote, unproven)
-            await socket.close(code=protocol.CLOSE_UNAUTHORIZED, message=b"unauthorized")
-            return None
+            await self._close(socket, protocol.CLOSE_UNAUTHORIZED, b"unauthorized")
+            return False
+        return True
+
+    async def _admit_node(
+        self, socket: GuardedWebSocketResponse, pool: EdgeIdentity, message: protocol.AuthMessage
+    ) -> EdgeIdentity | None:
+        """A proven pod: make (or find) its node's own identity and hand its key over."""
         node = message.node_name or ""  # (proven: the pod runs there)
         try:
             gateway_id, api_key = await gateways.admit_node(self.context, pool.id, node)
@@ -321,10 +357,11 @@ class ControlChannel:
         )
         return EdgeIdentity("gateway", gateway_id)
 
-    async def _refuse(self, socket: web.WebSocketResponse, code: str, why: str) -> None:
+    async def _refuse(self, socket: GuardedWebSocketResponse, code: str, why: str) -> None:
         """Tell an authenticated edge why it cannot be served, and close."""
-        await socket.send_str(protocol.encode(protocol.ErrorMessage(code=code, message=why)))
-        await socket.close(code=protocol.CLOSE_BAD_REQUEST, message=code.encode())
+        with contextlib.suppress(ConnectionError):
+            await socket.send_str(protocol.encode(protocol.ErrorMessage(code=code, message=why)))
+        await self._close(socket, protocol.CLOSE_BAD_REQUEST, code.encode())
 
     async def _receive_loop(self, session: Session) -> None:
         timeout = self.context.settings.heartbeat_timeout
@@ -462,6 +499,20 @@ class ControlChannel:
             return None
         data = await self.context.kube.read_secret(*location)
         return (data or {}).get(PRIVATE_KEY)
+
+
+def _our_fault(error: Exception) -> bool:
+    """An answer that will not change by itself: the API server refusing our own request (a
+    missing RBAC rule, say), unlike a timeout or an unreachable server."""
+    if isinstance(error, ApiException):
+        return error.status is not None and 400 <= error.status < 500 and error.status != 429
+    return False
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, ApiException):
+        return f"the API server answered {error.status} {error.reason}"
+    return f"{type(error).__name__} {error}".strip()
 
 
 def _is_loopback(remote: str) -> bool:

@@ -35,6 +35,9 @@ REQUEST_TIMEOUT_SECONDS = (5.0, 30.0)
 """Connect and read deadlines of every call: a hung API server (a stopped process, a lost
 route) fails the call, which its caller retries, instead of holding a worker thread until it
 answers (16 threads are all the operator's calls have)."""
+PROOF_TIMEOUT_SECONDS = (2.0, 3.0)
+"""A gateway pod's proof (token review, pod read) is given up on after 5 s: its thread must
+not outlive that by much, or pods retrying through an outage would hold every thread."""
 SECRET_CACHE_SECONDS = 5.0
 """How long a read of a Secret may be served again to ``read_secret(..., cached=True)``
 (writes made here and :meth:`Kube.forget_secret`, called on the Secret's watch events, end it
@@ -123,22 +126,39 @@ class Kube:
         return str(existing.metadata.uid)
 
     async def apply_service_account(self, manifest: dict[str, Any]) -> None:
-        """Create the ServiceAccount unless it exists (it holds nothing that changes)."""
-        namespace = manifest["metadata"]["namespace"]
+        """Create the ServiceAccount, or replace it whole: one left by an earlier object of the
+        same name is taken over (its owner reference replaced), not left to the garbage
+        collector while the new pods need it."""
+        namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
         try:
+            existing = await self._call(self.core.read_namespaced_service_account, name, namespace)
+        except ApiException as error:
+            if error.status != 404:
+                raise
             await self._call(
                 self.core.create_namespaced_service_account, namespace, cast(Any, manifest)
             )
-        except ApiException as error:
-            if error.status != 409:
-                raise
+            return
+        assert existing.metadata is not None
+        body = {
+            **manifest,
+            "metadata": {
+                **manifest["metadata"],
+                "resourceVersion": existing.metadata.resource_version,
+            },
+        }
+        await self._call(
+            self.core.replace_namespaced_service_account, name, namespace, cast(Any, body)
+        )
 
     async def review_token(self, token: str, audience: str) -> ReviewedToken:
         """The API server's verdict on a ServiceAccount token (TokenReview)."""
         review = client.V1TokenReview(
             spec=client.V1TokenReviewSpec(token=token, audiences=[audience])
         )
-        answer = await self._call(self.authentication.create_token_review, review)
+        answer = await self._call(
+            self.authentication.create_token_review, review, _request_timeout=PROOF_TIMEOUT_SECONDS
+        )
         status = answer.status
         if status is None or not status.authenticated or status.user is None:
             return ReviewedToken(False, error=(status.error if status else None) or "")
@@ -153,7 +173,10 @@ class Kube:
     async def pod_facts(self, namespace: str, name: str) -> PodFacts | None:
         """The Pod, as :mod:`pod_identity` judges it; None when it does not exist."""
         try:
-            pod = await self._call(self.core.read_namespaced_pod, name, namespace)
+            pod = await self._call(
+                self.core.read_namespaced_pod, name, namespace,
+                _request_timeout=PROOF_TIMEOUT_SECONDS,
+            )  # fmt: skip
         except ApiException as error:
             if error.status == 404:
                 return None

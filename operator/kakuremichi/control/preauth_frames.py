@@ -5,10 +5,14 @@ channel needs 1 MiB after ``auth`` (status reports) but only 4 KiB before it. A 
 took 1 MiB would buffer a megabyte from anybody who connects. So a :class:`PreAuthFrames` sits
 in front of the reader until the session is authenticated: it follows the frame headers of
 everything the client sends and refuses the connection (close code 4400, nothing more read)
-as soon as a header announces more payload than allowed before ``auth``, in one frame or in
-all of them together. After :meth:`PreAuthFrames.open` it passes bytes straight through.
+as soon as the frames announced so far, headers included, come to more than the limit plus one
+frame header: one large frame, many fragments, or a flood of empty pings alike. After
+:meth:`PreAuthFrames.open` it passes bytes straight through.
 
-The reader only ever sees bytes the guard let through, so nothing over the limit is buffered.
+The reader only ever gets bytes the guard let through. (What aiohttp read from the socket
+together with the upgrade request, at most one read, waits in its buffer until the guard has
+looked at it.) Compression is never negotiated: a compressed frame would be inflated to the
+reader's 1 MiB limit, whatever its size on the wire.
 """
 
 from __future__ import annotations
@@ -62,8 +66,8 @@ class PreAuthFrames:
         self._reader.feed_eof()
 
     def _follow(self, data: memoryview) -> bool:
-        """Walk the frame headers in ``data``; False once the payloads announced so far exceed
-        the limit."""
+        """Walk the frame headers in ``data``; False once the frames announced so far (headers
+        and payloads) exceed the limit and one header."""
         position = 0
         while position < len(data):
             if self._payload_left:
@@ -78,9 +82,9 @@ class PreAuthFrames:
             if len(self._header) < _header_length(self._header):
                 continue  # (it grows once the second byte says how long it is)
             length = _payload_length(self._header)
+            self._announced += len(self._header) + length
             self._header.clear()
-            self._announced += length
-            if self._announced > self._limit:
+            if self._announced > self._limit + MAX_HEADER_BYTES:
                 return False
             self._payload_left = length
         return True
@@ -109,11 +113,13 @@ class GuardedWebSocketResponse(web.WebSocketResponse):
     payload until :meth:`authenticated` is called."""
 
     def __init__(self, *, pre_auth_limit: int, **options: Any) -> None:
-        super().__init__(**options)
+        super().__init__(compress=False, **options)
         self._pre_auth_limit = pre_auth_limit
         self.pre_auth: PreAuthFrames | None = None
+        self._transport: Any = None
 
     def _post_start(self, request: web.BaseRequest, protocol: str | None, writer: Any) -> None:
+        self._transport = request.transport
         handler: Any = request.protocol
         # Bytes that came with the upgrade request itself go through the guard too.
         tail, handler._message_tail = handler._message_tail, b""
@@ -126,6 +132,17 @@ class GuardedWebSocketResponse(web.WebSocketResponse):
             if eof:
                 handler.close()
 
-    def authenticated(self) -> None:
+    def authenticated(self) -> bool:
+        """Lift the limit; False when the guard has refused the connection already (its close
+        is under way: do not start a session on it)."""
         assert self.pre_auth is not None
+        if self.pre_auth.refused:
+            return False
         self.pre_auth.open()
+        return True
+
+    def abort(self) -> None:
+        """Drop the connection at once, whatever is still unsent (a client that does not read
+        would keep a closed connection's buffer, and its place, alive)."""
+        if self._transport is not None:
+            self._transport.abort()

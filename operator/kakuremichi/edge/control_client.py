@@ -175,7 +175,11 @@ class ControlClient:
         except OSError as error:
             log.error("cannot read the pod token %s: %s", path, error.strerror)
             return None
-        return token if 0 < len(token) <= protocol.MAX_POD_TOKEN_BYTES else None
+        if not 0 < len(token) <= protocol.MAX_POD_TOKEN_BYTES:
+            size = "empty" if not token else f"over {protocol.MAX_POD_TOKEN_BYTES} bytes"
+            log.error("the pod token %s is %s: not sent", path, size)
+            return None
+        return token
 
     async def _handle(self, socket: aiohttp.ClientWebSocketResponse, text: str) -> None:
         try:
