@@ -24,7 +24,8 @@ help:
 	@echo "make kind-up     (Docker) a kind cluster with the image, the chart and the quick start; make kind-down"
 	@echo "make cluster-up  a local API server for kubectl (hack/cluster.sh); make cluster-down"
 	@echo "make crds        regenerate crds/ from the models"
-	@echo "make lint        ruff check + format check; make typecheck: mypy --strict"
+	@echo "make lint        ruff check + format check + the import contracts (lint-imports);"
+	@echo "                 make typecheck: mypy --strict"
 
 # System packages the tests use; installed only when missing.
 deps:
@@ -46,6 +47,7 @@ venv: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -61,8 +61,9 @@ sys.path.insert(0, str(REPO))
 from tests.infra import binaries, cluster, ports  # noqa: E402
 from tests.infra.fixtures import OperatorProcess  # noqa: E402
 
-from kakuremichi import __version__, protocol  # noqa: E402
-from kakuremichi.resources import API_VERSION, GROUP, VERSION  # noqa: E402
+from kakuremichi import __version__  # noqa: E402
+from kakuremichi.api import protocol  # noqa: E402
+from kakuremichi.api.resources import API_VERSION, GROUP, VERSION  # noqa: E402
 
 RESULTS_MD = REPO / "bench" / "RESULTS-control-plane.md"
 RESULTS_JSON = REPO / "bench" / "control_plane.json"

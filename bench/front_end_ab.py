@@ -42,7 +42,7 @@ import uvloop
 from kakuremichi.edge.https_proxy import HttpsProxy, Route, serve
 from kakuremichi.edge.sni import SniContexts
 from kakuremichi.edge.stats import EdgeStats
-from kakuremichi.protocol import CertificateBundle
+from kakuremichi.api.protocol import CertificateBundle
 async def main():
     https_port, relay_port = int(sys.argv[1]), int(sys.argv[2])
     chain, key = sys.argv[3], sys.argv[4]

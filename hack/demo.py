@@ -60,7 +60,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kakuremichi.manifests import (
+from kakuremichi.api.protocol import POD_TOKEN_AUDIENCE
+from kakuremichi.control.manifests import (
     AGENT_LABEL,
     CREDENTIALS_MOUNT,
     GATEWAY_LABEL,
@@ -69,7 +70,6 @@ from kakuremichi.manifests import (
     STATE_MOUNT,
     gateway_daemonset_name,
 )
-from kakuremichi.protocol import POD_TOKEN_AUDIENCE
 
 REPO = Path(__file__).resolve().parent.parent
 STATE = REPO / ".demo"

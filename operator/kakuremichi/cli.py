@@ -17,10 +17,11 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from kakuremichi import __version__, crd
+from kakuremichi import __version__
+from kakuremichi.api import crd
+from kakuremichi.api.fields import describe_errors
+from kakuremichi.api.resources import API_VERSION, KINDS, ResourceKind
 from kakuremichi.control.settings import LETS_ENCRYPT, LETS_ENCRYPT_STAGING
-from kakuremichi.fields import describe_errors
-from kakuremichi.resources import API_VERSION, KINDS, ResourceKind
 
 DEFAULT_DB_URL = "sqlite:///kakuremichi.db"
 
@@ -46,7 +47,7 @@ def _cmd_crds(args: argparse.Namespace) -> int:
 
 
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:
-    from kakuremichi.store import current_revision, upgrade
+    from kakuremichi.control.store import current_revision, upgrade
 
     upgrade(args.db, args.revision)
     print(f"{args.db}: at revision {current_revision(args.db)}")
@@ -54,14 +55,14 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def _cmd_db_current(args: argparse.Namespace) -> int:
-    from kakuremichi.store import current_revision
+    from kakuremichi.control.store import current_revision
 
     print(current_revision(args.db) or "(empty database)")
     return 0
 
 
 def _cmd_db_new_key(args: argparse.Namespace) -> int:
-    from kakuremichi.store import Sealer
+    from kakuremichi.control.store import Sealer
 
     encoded = base64.b64encode(Sealer.generate_key()).decode()
     if args.output is None:
@@ -383,10 +384,10 @@ def _cmd_install_command(args: argparse.Namespace) -> int:
     the cluster."""
     from kubernetes import client
 
+    from kakuremichi.api.resources import GATEWAY, GROUP, VERSION
     from kakuremichi.control import agents, gateways
     from kakuremichi.control.installer import one_liner, plain_http_warning
     from kakuremichi.control.kube import load_api_client
-    from kakuremichi.resources import GATEWAY, GROUP, VERSION
 
     api = load_api_client()
     role: str = args.role

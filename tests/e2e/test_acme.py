@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from kakuremichi.resources import AGENT, CERTIFICATE, TUNNEL
+from kakuremichi.api.resources import AGENT, CERTIFICATE, TUNNEL
 from tests.e2e.world import World, running_world, skip_unless_possible
 from tests.infra import binaries, pebble
 from tests.infra.cluster import Cluster, unique_name

@@ -18,10 +18,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from kakuremichi import protocol
+from kakuremichi.api import protocol
+from kakuremichi.api.resources import AGENT, GATEWAY
 from kakuremichi.edge.control_client import ConfigTarget, ControlClient
 from kakuremichi.edge.settings import EdgeSettings
-from kakuremichi.resources import AGENT, GATEWAY
 from tests.e2e.world import CONTROL_NAME, World, serving_world
 from tests.infra import netns
 from tests.infra.cluster import Cluster, unique_name

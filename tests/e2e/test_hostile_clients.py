@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from kakuremichi.resources import GATEWAY
+from kakuremichi.api.resources import GATEWAY
 from tests.e2e.world import World, running_world, skip_unless_possible
 from tests.infra.cluster import Cluster
 from tests.infra.objects import Objects

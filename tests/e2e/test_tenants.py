@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from kakuremichi.resources import AGENT, TUNNEL
+from kakuremichi.api.resources import AGENT, TUNNEL
 from tests.e2e.world import CONTROL_NAME, Edge, World, running_world, skip_unless_possible
 from tests.infra import netns
 from tests.infra.cluster import Cluster, unique_name

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from kakuremichi.manifests import (
+from kakuremichi.api.resources import AGENT, CERTIFICATE, GATEWAY, TUNNEL
+from kakuremichi.control.manifests import (
     AGENT_LABEL,
     CREDENTIALS_MOUNT,
     POD_TOKEN_MOUNT,
@@ -24,7 +25,6 @@ from kakuremichi.manifests import (
     STATE_MOUNT,
     gateway_daemonset_name,
 )
-from kakuremichi.resources import AGENT, CERTIFICATE, GATEWAY, TUNNEL
 from tests.infra import cluster, kubelet, netns, ports, wireguard
 from tests.infra.cluster import Cluster
 from tests.infra.fixtures import OperatorProcess

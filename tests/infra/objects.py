@@ -9,7 +9,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from kakuremichi.resources import API_VERSION, GROUP, VERSION, ResourceKind
+from kakuremichi.api.resources import API_VERSION, GROUP, VERSION, ResourceKind
 from tests.infra.cluster import Cluster
 from tests.infra.polling import wait_until
 

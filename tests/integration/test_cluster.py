@@ -11,8 +11,8 @@ from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from kakuremichi.fields import describe_errors
-from kakuremichi.resources import GROUP, KINDS, VERSION, GatewaySpec
+from kakuremichi.api.fields import describe_errors
+from kakuremichi.api.resources import GROUP, KINDS, VERSION, GatewaySpec
 from tests.infra.cluster import Cluster, unique_name
 from tests.infra.polling import wait_until
 from tests.unit.test_validation import (

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import pytest
 
-from kakuremichi import manifests
+from kakuremichi.api.resources import GatewaySpec
+from kakuremichi.control import manifests
 from kakuremichi.control.installer import IMAGE_WHEEL_DIR, check_edge_wheel, default_edge_wheel
-from kakuremichi.resources import GatewaySpec
 from tests.infra.binaries import REPO, cache_dir
 
 DOCKERFILE = REPO / "edge-image" / "Dockerfile"

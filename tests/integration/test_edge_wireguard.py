@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kakuremichi.credentials import generate_wireguard_keypair
-from kakuremichi.protocol import (
+from kakuremichi.api.protocol import (
     AgentConfig,
     AgentPeer,
     AgentSelf,
@@ -20,7 +19,8 @@ from kakuremichi.protocol import (
     GatewayPeer,
     GatewaySelf,
 )
-from kakuremichi.wireguard_plan import agent_plan, gateway_plan
+from kakuremichi.control.credentials import generate_wireguard_keypair
+from kakuremichi.edge.wireguard_plan import agent_plan, gateway_plan
 from tests.infra import netns, wireguard
 from tests.infra.polling import wait_until
 
@@ -28,7 +28,7 @@ from tests.infra.polling import wait_until
 DRIVER = """
 import asyncio, json, sys
 from kakuremichi.edge.wireguard import UserspaceWireGuard
-from kakuremichi.wireguard_plan import InterfacePlan, Peer
+from kakuremichi.edge.wireguard_plan import InterfacePlan, Peer
 async def main():
     wg = UserspaceWireGuard(sys.argv[1])
     await wg.start()

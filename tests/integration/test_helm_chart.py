@@ -24,9 +24,9 @@ import pytest
 import yaml
 from kubernetes import client
 
-from kakuremichi import protocol
-from kakuremichi.manifests import AGENT_LABEL, SIDECAR_NAME
-from kakuremichi.resources import AGENT, CERTIFICATE, GATEWAY, TUNNEL
+from kakuremichi.api import protocol
+from kakuremichi.api.resources import AGENT, CERTIFICATE, GATEWAY, TUNNEL
+from kakuremichi.control.manifests import AGENT_LABEL, SIDECAR_NAME
 from tests.infra import binaries, kubelet, ports
 from tests.infra.cluster import Cluster, unique_name
 from tests.infra.fixtures import OperatorProcess

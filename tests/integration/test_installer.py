@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from kakuremichi import __version__
-from kakuremichi.resources import AGENT, GATEWAY
+from kakuremichi.api.resources import AGENT, GATEWAY
 from tests.infra.binaries import REPO
 from tests.infra.cluster import Cluster, unique_name
 from tests.infra.fixtures import OperatorProcess, local_operator

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from kakuremichi.credentials import api_key_role, wireguard_public_key
-from kakuremichi.resources import AGENT
+from kakuremichi.api.resources import AGENT
+from kakuremichi.control.credentials import api_key_role, wireguard_public_key
 from tests.infra.cluster import Cluster
 from tests.infra.fixtures import OperatorProcess
 from tests.infra.objects import Objects, Secrets

@@ -18,9 +18,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from kakuremichi import protocol
-from kakuremichi.credentials import generate_api_key
-from kakuremichi.resources import AGENT, TUNNEL
+from kakuremichi.api import protocol
+from kakuremichi.api.resources import AGENT, TUNNEL
+from kakuremichi.control.credentials import generate_api_key
 from tests.infra.cluster import Cluster, unique_name
 from tests.infra.fixtures import OperatorProcess, local_operator
 from tests.infra.objects import Objects, Secrets

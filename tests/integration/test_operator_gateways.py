@@ -16,9 +16,9 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from kakuremichi import protocol
-from kakuremichi.credentials import api_key_role, wireguard_public_key
-from kakuremichi.resources import AGENT, GATEWAY, TUNNEL
+from kakuremichi.api import protocol
+from kakuremichi.api.resources import AGENT, GATEWAY, TUNNEL
+from kakuremichi.control.credentials import api_key_role, wireguard_public_key
 from tests.infra import kubelet
 from tests.infra.cluster import Cluster, unique_name
 from tests.infra.fixtures import OperatorProcess

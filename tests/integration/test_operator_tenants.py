@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from kakuremichi.resources import AGENT, CERTIFICATE, TENANT_POLICY, TUNNEL
+from kakuremichi.api.resources import AGENT, CERTIFICATE, TENANT_POLICY, TUNNEL
 from tests.infra.cluster import Cluster, unique_name
 from tests.infra.fixtures import OperatorProcess, local_operator
 from tests.infra.objects import Objects, Secrets

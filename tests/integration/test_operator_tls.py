@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from kakuremichi.resources import AGENT, GATEWAY, TUNNEL
+from kakuremichi.api.resources import AGENT, GATEWAY, TUNNEL
 from tests.infra import netns, ports
 from tests.infra.cluster import Cluster, unique_name
 from tests.infra.fixtures import OperatorProcess

@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 from kubernetes import client
 
-from kakuremichi.resources import AGENT, CERTIFICATE, TUNNEL
+from kakuremichi.api.resources import AGENT, CERTIFICATE, TUNNEL
 from tests.infra.cluster import Cluster, unique_name
 from tests.infra.fixtures import OperatorProcess
 from tests.infra.objects import Objects, Secrets

@@ -10,8 +10,8 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from kakuremichi.manifests import AGENT_LABEL, SIDECAR_NAME
-from kakuremichi.resources import AGENT
+from kakuremichi.api.resources import AGENT
+from kakuremichi.control.manifests import AGENT_LABEL, SIDECAR_NAME
 from tests.infra.cluster import Cluster
 from tests.infra.fixtures import OperatorProcess
 from tests.infra.objects import Objects

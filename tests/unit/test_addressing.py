@@ -8,7 +8,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from kakuremichi.addressing import (
+from kakuremichi.control.addressing import (
     AgentAddresses,
     AllocationConflict,
     GatewayIndexAllocator,

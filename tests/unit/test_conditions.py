@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from kakuremichi.conditions import find_condition, is_ready, make_condition, set_condition
+from kakuremichi.api.conditions import find_condition, is_ready, make_condition, set_condition
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 T1 = datetime(2026, 1, 2, tzinfo=UTC)

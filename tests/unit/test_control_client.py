@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from kakuremichi import protocol
+from kakuremichi.api import protocol
 from kakuremichi.edge.control_client import ConfigTarget, ControlClient
 from kakuremichi.edge.settings import EdgeSettings
 from tests.infra.web import serving

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from kakuremichi import crd, validation
-from kakuremichi.resources import CERTIFICATE, GATEWAY, GROUP, KINDS, TUNNEL
+from kakuremichi.api import crd, validation
+from kakuremichi.api.resources import CERTIFICATE, GATEWAY, GROUP, KINDS, TUNNEL
 from tests.unit.test_validation import (
     INVALID_DOMAINS,
     INVALID_NAMES,

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from kakuremichi import credentials
+from kakuremichi.control import credentials
 
 
 @pytest.mark.parametrize(("role", "prefix"), [("agent", "agt_"), ("gateway", "gtw_")])

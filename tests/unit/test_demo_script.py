@@ -8,13 +8,13 @@ import shlex
 from pathlib import Path
 from types import ModuleType
 
-from kakuremichi.manifests import (
+from kakuremichi.api.resources import GatewaySpec
+from kakuremichi.control.manifests import (
     POD_TOKEN_MOUNT,
     EdgeImage,
     agent_sidecar,
     gateway_daemonset,
 )
-from kakuremichi.resources import GatewaySpec
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,13 +9,13 @@ import uuid
 
 import pytest
 
-from kakuremichi import protocol
-from kakuremichi.credentials import generate_wireguard_keypair
+from kakuremichi.api import protocol
+from kakuremichi.control.credentials import generate_wireguard_keypair
 from kakuremichi.edge.control_client import ApplyError
 from kakuremichi.edge.gateway import GatewayEdge
 from kakuremichi.edge.settings import EdgeSettings
 from kakuremichi.edge.wireguard import PeerState, WireGuardMode
-from kakuremichi.wireguard_plan import InterfacePlan
+from kakuremichi.edge.wireguard_plan import InterfacePlan
 from tests.infra.ports import free_port
 from tests.infra.tlsgen import TestCA
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from kakuremichi.api.protocol import CertificateBundle
 from kakuremichi.edge.control_client import MAX_BACKOFF_SECONDS, backoff_delay
 from kakuremichi.edge.https_proxy import host_name
 from kakuremichi.edge.pages import error_response
 from kakuremichi.edge.settings import EdgeSettings, MissingApiKey, read_api_key
 from kakuremichi.edge.sni import CertificateError, SniContexts
-from kakuremichi.protocol import CertificateBundle
 from tests.infra.tlsgen import TestCA
 
 

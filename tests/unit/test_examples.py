@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import yaml
 
+from kakuremichi.api.resources import API_VERSION, GROUP, KINDS
 from kakuremichi.cli import main
 from kakuremichi.control.agents import credentials_secret_name
-from kakuremichi.manifests import AGENT_LABEL
-from kakuremichi.resources import API_VERSION, GROUP, KINDS
-from kakuremichi.tls_material import inspect
+from kakuremichi.control.manifests import AGENT_LABEL
+from kakuremichi.control.tls_material import inspect
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import pytest
 
+from kakuremichi.api.protocol import CertificateBundle
+from kakuremichi.api.resources import ClientLimits, Hsts
 from kakuremichi.edge.agent_relay import AgentRelay
 from kakuremichi.edge.https_proxy import HttpsProxy, Route, serve
 from kakuremichi.edge.sni import SniContexts
 from kakuremichi.edge.stats import EdgeStats
-from kakuremichi.protocol import CertificateBundle
-from kakuremichi.resources import ClientLimits, Hsts
 from tests.infra import plain_origin
 from tests.infra.ports import free_port
 from tests.infra.tlsgen import TestCA

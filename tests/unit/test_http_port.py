@@ -7,8 +7,8 @@ import asyncio
 
 from aiohttp.test_utils import TestClient, TestServer
 
+from kakuremichi.api.protocol import AcmeChallenge
 from kakuremichi.edge.http_port import PlainHttp
-from kakuremichi.protocol import AcmeChallenge
 
 
 def test_challenges_redirects_and_unknown_names() -> None:

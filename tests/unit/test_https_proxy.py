@@ -15,12 +15,12 @@ import pytest
 from aiohttp import web
 from prometheus_client import generate_latest
 
+from kakuremichi.api.protocol import CertificateBundle
+from kakuremichi.api.resources import ClientLimits
 from kakuremichi.edge.agent_relay import AgentRelay
 from kakuremichi.edge.https_proxy import HttpsProxy, Route, serve
 from kakuremichi.edge.sni import SniContexts
 from kakuremichi.edge.stats import EdgeStats
-from kakuremichi.protocol import CertificateBundle
-from kakuremichi.resources import ClientLimits
 from tests.e2e import origin
 from tests.infra.ports import free_port
 from tests.infra.tlsgen import TestCA

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from kakuremichi.api.protocol import CertificateBundle
 from kakuremichi.edge import https_workers
 from kakuremichi.edge.agent_relay import AgentRelay
 from kakuremichi.edge.https_proxy import HttpsProxy, Route, serve
@@ -28,7 +29,6 @@ from kakuremichi.edge.https_workers import (
 )
 from kakuremichi.edge.sni import SniContexts
 from kakuremichi.edge.stats import DataPathCounters, EdgeStats
-from kakuremichi.protocol import CertificateBundle
 from tests.e2e import origin
 from tests.infra.ports import free_port
 from tests.infra.tlsgen import TestCA

@@ -6,7 +6,9 @@ from typing import Any
 
 import pytest
 
-from kakuremichi.manifests import (
+from kakuremichi.api.protocol import POD_TOKEN_AUDIENCE
+from kakuremichi.api.resources import GatewaySpec
+from kakuremichi.control.manifests import (
     API_KEY_FILE,
     POD_TOKEN_MOUNT,
     SIDECAR_NAME,
@@ -18,8 +20,6 @@ from kakuremichi.manifests import (
     gateway_service_account,
     gateway_service_account_name,
 )
-from kakuremichi.protocol import POD_TOKEN_AUDIENCE
-from kakuremichi.resources import GatewaySpec
 
 EDGE = EdgeImage(image="kakuremichi/edge:test", control_url="https://control.example.com")
 
@@ -108,8 +108,8 @@ def test_pod_patch_adds_sidecar_and_volumes_once() -> None:
 
 
 def test_a_private_control_ca_reaches_gateways_and_sidecars_as_an_environment_variable() -> None:
-    from kakuremichi.manifests import CONTROL_CA_ENV, agent_sidecar, gateway_daemonset
-    from kakuremichi.resources import GatewaySpec
+    from kakuremichi.api.resources import GatewaySpec
+    from kakuremichi.control.manifests import CONTROL_CA_ENV, agent_sidecar, gateway_daemonset
 
     edge = EdgeImage(image="edge:test", control_url="https://control.svc:8480", control_ca="PEM")
     daemonset = gateway_daemonset("pool", "uid", GatewaySpec(), edge, "system", "pool-secret")

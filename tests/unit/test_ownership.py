@@ -11,11 +11,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydantic import ValidationError
 
-from kakuremichi.control.projector import claim_proof, restored_claim
-from kakuremichi.control.tenancy import rule_of
-from kakuremichi.credentials import generate_wireguard_keypair
-from kakuremichi.edge_config import AgentNode, GatewayNode, gateway_config
-from kakuremichi.ownership import (
+from kakuremichi.api.protocol import AcmeChallenge, CertificateBundle
+from kakuremichi.api.resources import TenantPolicySpec, TunnelStatus
+from kakuremichi.control.credentials import generate_wireguard_keypair
+from kakuremichi.control.ownership import (
     AgentClaim,
     ClaimHistory,
     Tenancy,
@@ -24,11 +23,12 @@ from kakuremichi.ownership import (
     decide_agents,
     decide_domains,
 )
-from kakuremichi.protocol import AcmeChallenge, CertificateBundle
-from kakuremichi.resources import TenantPolicySpec, TunnelStatus
-from kakuremichi.snapshot import ControlFacts, Snapshot
-from kakuremichi.store import Sealer
-from kakuremichi.tunnel_readiness import CertificateVerdict
+from kakuremichi.control.projector import claim_proof, restored_claim
+from kakuremichi.control.snapshot import ControlFacts, Snapshot
+from kakuremichi.control.store import Sealer
+from kakuremichi.control.tenancy import rule_of
+from kakuremichi.control.topology import AgentNode, GatewayNode, gateway_config
+from kakuremichi.control.tunnel_readiness import CertificateVerdict
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 DOMAIN = "shop.example.com"

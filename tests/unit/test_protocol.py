@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from kakuremichi import protocol
-from kakuremichi.credentials import generate_api_key, generate_wireguard_keypair
+from kakuremichi.api import protocol
+from kakuremichi.control.credentials import generate_api_key, generate_wireguard_keypair
 
 KEY_A = generate_wireguard_keypair().public_key
 KEY_B = generate_wireguard_keypair().public_key

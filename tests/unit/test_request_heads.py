@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from kakuremichi.api.fields import describe_errors
+from kakuremichi.api.resources import ClientLimits, GatewaySpec, Hsts
 from kakuremichi.edge.connection_caps import ConnectionCaps, address_key
 from kakuremichi.edge.https_proxy import with_field
 from kakuremichi.edge.request_heads import (
@@ -19,8 +21,6 @@ from kakuremichi.edge.request_heads import (
     transfer_coding_error,
 )
 from kakuremichi.edge.stats import EdgeStats
-from kakuremichi.fields import describe_errors
-from kakuremichi.resources import ClientLimits, GatewaySpec, Hsts
 
 PROXIES = parse_networks(["10.0.0.0/8", "2001:db8::/32"])
 

@@ -8,9 +8,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from kakuremichi.edge.https_workers import MEMORY_PER_PROCESS
-from kakuremichi.fields import describe_errors
-from kakuremichi.resources import (
+from kakuremichi.api.fields import describe_errors
+from kakuremichi.api.resources import (
     GATEWAY_MEMORY_PER_PROCESS,
     Agent,
     AgentStatus,
@@ -19,7 +18,8 @@ from kakuremichi.resources import (
     GatewaySpec,
     Tunnel,
 )
-from kakuremichi.validation import quantity_amount
+from kakuremichi.api.validation import quantity_amount
+from kakuremichi.edge.https_workers import MEMORY_PER_PROCESS
 
 
 def load(text: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from kakuremichi import protocol
+from kakuremichi.api import protocol
 from kakuremichi.edge.control_client import ControlClient
 from kakuremichi.edge.gateway import GatewayEdge
 from kakuremichi.edge.saved_config import ConfigFile

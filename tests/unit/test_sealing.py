@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kakuremichi.store import (
+from kakuremichi.control.store import (
     Agent,
     Certificate,
     Sealer,

@@ -13,7 +13,7 @@ import pytest
 
 from kakuremichi.control.main import SEALING_KEY, SealingKeyConflict, load_sealer
 from kakuremichi.control.settings import ControlSettings
-from kakuremichi.store import Sealer
+from kakuremichi.control.store import Sealer
 
 
 class Kube:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import gc
 
+from kakuremichi.api.resources import AGENT, GATEWAY
 from kakuremichi.control.status_locks import StatusLocks
-from kakuremichi.resources import AGENT, GATEWAY
 
 
 def test_writers_of_one_object_take_turns_in_order_and_others_do_not_wait() -> None:

@@ -12,7 +12,7 @@ from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.orm import Session
 
-from kakuremichi.store import (
+from kakuremichi.control.store import (
     Agent,
     Certificate,
     Gateway,

@@ -16,7 +16,13 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine
 
-from kakuremichi.store import Base, alembic_config, create_engine_for, current_revision, upgrade
+from kakuremichi.control.store import (
+    Base,
+    alembic_config,
+    create_engine_for,
+    current_revision,
+    upgrade,
+)
 
 # table -> [(column, notnull)] in document order; True where the document marks ✓.
 EXPECTED_COLUMNS: dict[str, list[tuple[str, bool]]] = {

@@ -8,7 +8,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from kakuremichi.tls_material import CertificateProblem, covers, inspect
+from kakuremichi.control.tls_material import CertificateProblem, covers, inspect
 from tests.infra.tlsgen import TestCA
 
 

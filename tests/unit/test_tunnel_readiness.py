@@ -9,10 +9,10 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from kakuremichi.credentials import generate_wireguard_keypair
-from kakuremichi.edge_config import AgentNode
-from kakuremichi.ownership import Tenancy, TenantRule, TunnelFacts, decide_domains
-from kakuremichi.tunnel_readiness import (
+from kakuremichi.control.credentials import generate_wireguard_keypair
+from kakuremichi.control.ownership import Tenancy, TenantRule, TunnelFacts, decide_domains
+from kakuremichi.control.topology import AgentNode
+from kakuremichi.control.tunnel_readiness import (
     READY_RULES,
     CertificateVerdict,
     routes,

@@ -8,7 +8,7 @@ from decimal import Decimal
 
 import pytest
 
-from kakuremichi import validation
+from kakuremichi.api import validation
 
 VALID_NAMES = ["a", "home-server", "gateway-tokyo", "x" * 64, "a1", "0abc", "web-01"]
 INVALID_NAMES = [

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import pytest
 from pyroute2.netlink.generic.wireguard import AsyncWireGuard, wgmsg
 
-from kakuremichi.credentials import generate_wireguard_keypair
+from kakuremichi.control.credentials import generate_wireguard_keypair
 from kakuremichi.edge import wireguard
 from kakuremichi.edge.wireguard import (
     KernelWireGuard,
@@ -22,7 +22,7 @@ from kakuremichi.edge.wireguard import (
     kernel_peer_states,
     open_wireguard,
 )
-from kakuremichi.wireguard_plan import (
+from kakuremichi.edge.wireguard_plan import (
     InterfacePlan,
     Peer,
     PlanChanges,

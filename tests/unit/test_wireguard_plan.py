@@ -5,8 +5,7 @@ from __future__ import annotations
 import base64
 import uuid
 
-from kakuremichi.credentials import generate_wireguard_keypair
-from kakuremichi.protocol import (
+from kakuremichi.api.protocol import (
     AgentConfig,
     AgentPeer,
     AgentSelf,
@@ -14,7 +13,8 @@ from kakuremichi.protocol import (
     GatewayPeer,
     GatewaySelf,
 )
-from kakuremichi.wireguard_plan import address_changes, agent_plan, gateway_plan, uapi_set
+from kakuremichi.control.credentials import generate_wireguard_keypair
+from kakuremichi.edge.wireguard_plan import address_changes, agent_plan, gateway_plan, uapi_set
 
 GW1, GW2, AG1, AG2 = (generate_wireguard_keypair() for _ in range(4))
 

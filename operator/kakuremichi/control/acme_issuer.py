@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from kakuremichi.api.protocol import AcmeChallenge
+from kakuremichi.api.resources import CERTIFICATE, CertificateSpec, CertificateStatus
 from kakuremichi.control.acme import AcmeProblem, AcmeSession, generate_account_key
 from kakuremichi.control.kube import MANAGED_BY, SecretNotOwned, StoredSecret
-from kakuremichi.protocol import AcmeChallenge
-from kakuremichi.resources import CERTIFICATE, CertificateSpec, CertificateStatus
-from kakuremichi.tls_material import CertificateInfo, CertificateProblem, inspect
-from kakuremichi.tunnel_readiness import CertificateVerdict
+from kakuremichi.control.tls_material import CertificateInfo, CertificateProblem, inspect
+from kakuremichi.control.tunnel_readiness import CertificateVerdict
 
 MAX_RETRY_SECONDS = 3600.0
 MAX_SLEEP_SECONDS = 3600.0

@@ -19,18 +19,18 @@ from uuid import UUID
 
 import kopf
 
-from kakuremichi.addressing import AllocationConflict, PoolExhausted
-from kakuremichi.conditions import Condition, ConditionStatus, set_ready
+from kakuremichi.api.conditions import Condition, ConditionStatus, set_ready
+from kakuremichi.api.fields import status_patch
+from kakuremichi.api.resources import AGENT, AgentStatus
+from kakuremichi.control.addressing import AllocationConflict, PoolExhausted
 from kakuremichi.control.context import Context
+from kakuremichi.control.credentials import is_wireguard_key, wireguard_public_key
 from kakuremichi.control.credentials_secret import ensure_credentials
 from kakuremichi.control.mirror import AgentRow
+from kakuremichi.control.ownership import AgentClaim
 from kakuremichi.control.reconciler import reconcile_again, register_reconciler
-from kakuremichi.credentials import is_wireguard_key, wireguard_public_key
-from kakuremichi.edge_config import AgentNode
-from kakuremichi.fields import status_patch
-from kakuremichi.ownership import AgentClaim
-from kakuremichi.resources import AGENT, AgentStatus
-from kakuremichi.store import Agent
+from kakuremichi.control.store import Agent
+from kakuremichi.control.topology import AgentNode
 
 log = logging.getLogger(__name__)
 READMIT_RETRY_SECONDS = 15.0

@@ -23,17 +23,17 @@ from uuid import UUID
 
 import kopf
 
-from kakuremichi.conditions import READY, set_ready
+from kakuremichi.api.conditions import READY, set_ready
+from kakuremichi.api.fields import status_patch
+from kakuremichi.api.protocol import CertificateBundle
+from kakuremichi.api.resources import CERTIFICATE, CertificateSpec, CertificateStatus
 from kakuremichi.control.acme_issuer import CERTIFICATE_LABEL
 from kakuremichi.control.context import Context
 from kakuremichi.control.kube import SecretNotOwned
 from kakuremichi.control.mirror import CertificateRow
 from kakuremichi.control.reconciler import register_reconciler
-from kakuremichi.fields import status_patch
-from kakuremichi.protocol import CertificateBundle
-from kakuremichi.resources import CERTIFICATE, CertificateSpec, CertificateStatus
-from kakuremichi.tls_material import CertificateProblem, inspect
-from kakuremichi.tunnel_readiness import CertificateVerdict
+from kakuremichi.control.tls_material import CertificateProblem, inspect
+from kakuremichi.control.tunnel_readiness import CertificateVerdict
 
 RECHECK_SECONDS = 300.0
 SOURCE_RECHECK_SECONDS = 60.0

@@ -28,14 +28,15 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from kakuremichi import edge_config, protocol
-from kakuremichi.addressing import AllocationError
+from kakuremichi.api import protocol
 from kakuremichi.control import gateways, metrics
+from kakuremichi.control.addressing import AllocationError
 from kakuremichi.control.context import Context
 from kakuremichi.control.credentials_secret import PRIVATE_KEY
 from kakuremichi.control.installer import install_script
 from kakuremichi.control.preauth_frames import GuardedWebSocketResponse
 from kakuremichi.control.state import EdgeIdentity
+from kakuremichi.control.topology import agent_config, agent_inputs, gateway_config, gateway_inputs
 
 AUTH_TIMEOUT_SECONDS = 10.0
 MAX_MESSAGE_BYTES = 1 << 20
@@ -80,7 +81,7 @@ class Session:
     """The last config sent, as JSON without its version."""
     sent_version: int = 0
     inputs: tuple[object, ...] | None = None
-    """What that config was rendered from (``edge_config.*_inputs``): unchanged inputs skip the
+    """What that config was rendered from (``topology.*_inputs``): unchanged inputs skip the
     rendering, so a change that concerns some edges costs the others next to nothing."""
     acked_version: int = 0
     client: protocol.ClientInfo | None = None
@@ -463,18 +464,18 @@ class ControlChannel:
         # Edges beat three times per timeout, so one lost beat never marks them offline.
         heartbeat_seconds = self.context.settings.heartbeat_timeout / 3
         if identity.role == "agent":
-            inputs = edge_config.agent_inputs(topology, identity.id)
+            inputs = agent_inputs(topology, identity.id)
         else:
-            inputs = edge_config.gateway_inputs(topology, identity.id, with_certificates=secure)
+            inputs = gateway_inputs(topology, identity.id, with_certificates=secure)
         inputs += (private_key, heartbeat_seconds)
         if inputs == session.inputs:
             return complete
         message: protocol.AgentConfigMessage | protocol.GatewayConfigMessage
         if identity.role == "agent":
-            rendered: Any = edge_config.agent_config(topology, identity.id, 0, private_key)
+            rendered: Any = agent_config(topology, identity.id, 0, private_key)
         else:
             # Certificates carry private keys: over plain HTTP from elsewhere they stay home.
-            rendered = edge_config.gateway_config(
+            rendered = gateway_config(
                 topology, identity.id, 0, private_key, with_certificates=secure
             )
         rendered.heartbeat_seconds = heartbeat_seconds

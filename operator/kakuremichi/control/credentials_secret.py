@@ -8,13 +8,13 @@ from typing import Any
 
 import kopf
 
-from kakuremichi.control.kube import Kube
-from kakuremichi.credentials import (
+from kakuremichi.control.credentials import (
     ApiKeyRole,
     generate_api_key,
     generate_wireguard_keypair,
     is_wireguard_key,
 )
+from kakuremichi.control.kube import Kube
 
 API_KEY = "apiKey"
 PRIVATE_KEY = "wireguardPrivateKey"

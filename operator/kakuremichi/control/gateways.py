@@ -23,27 +23,27 @@ from uuid import UUID, uuid5
 
 import kopf
 
-from kakuremichi import manifests, validation
-from kakuremichi.addressing import AllocationConflict, PoolExhausted
-from kakuremichi.conditions import ConditionStatus, set_ready
-from kakuremichi.control import pod_identity
-from kakuremichi.control.context import Context
-from kakuremichi.control.credentials_secret import ensure_credentials
-from kakuremichi.control.mirror import GatewayRow
-from kakuremichi.control.reconciler import register_reconciler
-from kakuremichi.control.state import GatewayPool
-from kakuremichi.credentials import wireguard_public_key
-from kakuremichi.edge_config import GatewayNode
-from kakuremichi.fields import status_patch
-from kakuremichi.protocol import POD_TOKEN_AUDIENCE
-from kakuremichi.resources import (
+from kakuremichi.api import validation
+from kakuremichi.api.conditions import ConditionStatus, set_ready
+from kakuremichi.api.fields import status_patch
+from kakuremichi.api.protocol import POD_TOKEN_AUDIENCE
+from kakuremichi.api.resources import (
     GATEWAY,
     ClientLimits,
     GatewayInstanceStatus,
     GatewaySpec,
     GatewayStatus,
 )
-from kakuremichi.store import Gateway
+from kakuremichi.control import manifests, pod_identity
+from kakuremichi.control.addressing import AllocationConflict, PoolExhausted
+from kakuremichi.control.context import Context
+from kakuremichi.control.credentials import wireguard_public_key
+from kakuremichi.control.credentials_secret import ensure_credentials
+from kakuremichi.control.mirror import GatewayRow
+from kakuremichi.control.reconciler import register_reconciler
+from kakuremichi.control.state import GatewayPool
+from kakuremichi.control.store import Gateway
+from kakuremichi.control.topology import GatewayNode
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from typing import Any, TypeVar, cast
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from kakuremichi.api.resources import API_VERSION, GROUP, VERSION, ResourceKind
 from kakuremichi.control.pod_identity import PodFacts, ReviewedToken
-from kakuremichi.resources import API_VERSION, GROUP, VERSION, ResourceKind
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

@@ -18,9 +18,9 @@ import kopf
 from aiohttp import web
 from sqlalchemy.engine import make_url
 
-from kakuremichi.addressing import SubnetAllocator
 from kakuremichi.control import agents, certificates, gateways, tenancy, tunnels, webhook
 from kakuremichi.control.acme_issuer import CERTIFICATE_LABEL, AcmeIssuer
+from kakuremichi.control.addressing import SubnetAllocator
 from kakuremichi.control.channel import ControlChannel
 from kakuremichi.control.context import Context
 from kakuremichi.control.kube import Kube, load_api_client
@@ -30,7 +30,7 @@ from kakuremichi.control.projector import Projector
 from kakuremichi.control.settings import ControlSettings
 from kakuremichi.control.state import ControlState
 from kakuremichi.control.status_locks import StatusLocks
-from kakuremichi.store import Sealer
+from kakuremichi.control.store import Sealer
 
 PREFIX = "kakuremichi.io"
 log = logging.getLogger("kakuremichi.operator")

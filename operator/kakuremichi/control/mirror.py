@@ -20,8 +20,7 @@ from uuid import UUID
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from kakuremichi.edge_config import Route
-from kakuremichi.store import (
+from kakuremichi.control.store import (
     Agent,
     Certificate,
     Gateway,
@@ -31,6 +30,7 @@ from kakuremichi.store import (
     upgrade,
     utcnow,
 )
+from kakuremichi.control.topology import Route
 
 T = TypeVar("T")
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import WebSocketError, web
 
-from kakuremichi import protocol
+from kakuremichi.api import protocol
 
 MAX_HEADER_BYTES = 14  # 2, 8 bytes of extended length, 4 of mask
 

@@ -19,12 +19,12 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from kakuremichi import protocol
+from kakuremichi.api import protocol
+from kakuremichi.api.resources import AGENT, GATEWAY, EdgeState
 from kakuremichi.control.kube import Kube
 from kakuremichi.control.mirror import Mirror
 from kakuremichi.control.state import ControlState, EdgeIdentity
 from kakuremichi.control.status_locks import StatusLocks
-from kakuremichi.resources import AGENT, GATEWAY, EdgeState
 
 FLUSH_SECONDS = 30.0
 RETRY_SECONDS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)

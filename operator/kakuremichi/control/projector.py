@@ -1,5 +1,5 @@
 """Writes what follows from the whole state: Tunnel conditions and the tunnels table, both
-projections of the state's snapshot (:mod:`kakuremichi.snapshot`).
+projections of the state's snapshot (:mod:`kakuremichi.control.snapshot`).
 
 It waits for the state to change, lets a burst of changes settle for a moment, then writes only
 what differs from what it wrote before, so a steady cluster costs no API calls. The tunnels table
@@ -24,13 +24,13 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from kakuremichi.conditions import READY, Condition, set_ready
+from kakuremichi.api.conditions import READY, Condition, set_ready
+from kakuremichi.api.resources import TUNNEL, TunnelStatus
 from kakuremichi.control.context import Context
 from kakuremichi.control.mirror import CertificateRow, TunnelRow
-from kakuremichi.ownership import TunnelFacts
-from kakuremichi.resources import TUNNEL, TunnelStatus
-from kakuremichi.store import Sealer
-from kakuremichi.tunnel_readiness import TunnelVerdict
+from kakuremichi.control.ownership import TunnelFacts
+from kakuremichi.control.store import Sealer
+from kakuremichi.control.tunnel_readiness import TunnelVerdict
 
 SETTLE_SECONDS = 0.05
 RETRY_SECONDS = 2.0

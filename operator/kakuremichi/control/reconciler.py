@@ -15,9 +15,9 @@ from typing import Any, cast
 
 import kopf
 
+from kakuremichi.api.resources import GROUP, VERSION, ResourceKind
 from kakuremichi.control.context import Context
 from kakuremichi.control.metrics import counted
-from kakuremichi.resources import GROUP, VERSION, ResourceKind
 
 Reconcile = Callable[[Context, kopf.Body, kopf.Patch], Awaitable[None]]
 Cleanup = Callable[[Context, kopf.Body], Awaitable[None]]

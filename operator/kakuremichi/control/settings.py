@@ -7,8 +7,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from kakuremichi import __version__
-from kakuremichi.addressing import SubnetPool
-from kakuremichi.manifests import EdgeImage
+from kakuremichi.control.addressing import SubnetPool
+from kakuremichi.control.manifests import EdgeImage
 
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"

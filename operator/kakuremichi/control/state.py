@@ -16,12 +16,12 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 from uuid import UUID
 
-from kakuremichi.addressing import GatewayIndexAllocator, SubnetAllocator
-from kakuremichi.conditions import Condition
+from kakuremichi.api.conditions import Condition
+from kakuremichi.api.protocol import AcmeChallenge, CertificateBundle
+from kakuremichi.api.resources import GatewaySpec
+from kakuremichi.control.addressing import GatewayIndexAllocator, SubnetAllocator
 from kakuremichi.control.mirror import CertificateRow
-from kakuremichi.control.startup_window import StartupWindow
-from kakuremichi.edge_config import AgentNode, GatewayNode
-from kakuremichi.ownership import (
+from kakuremichi.control.ownership import (
     AgentClaim,
     ClaimHistory,
     DomainOwnership,
@@ -29,11 +29,11 @@ from kakuremichi.ownership import (
     TenantRule,
     TunnelFacts,
 )
-from kakuremichi.protocol import AcmeChallenge, CertificateBundle
-from kakuremichi.resources import GatewaySpec
-from kakuremichi.snapshot import ControlFacts, Snapshot
-from kakuremichi.store import Sealer
-from kakuremichi.tunnel_readiness import CertificateVerdict
+from kakuremichi.control.snapshot import ControlFacts, Snapshot
+from kakuremichi.control.startup_window import StartupWindow
+from kakuremichi.control.store import Sealer
+from kakuremichi.control.topology import AgentNode, GatewayNode
+from kakuremichi.control.tunnel_readiness import CertificateVerdict
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import asyncio
 import weakref
 from types import TracebackType
 
-from kakuremichi.resources import ResourceKind
+from kakuremichi.api.resources import ResourceKind
 
 
 class StatusLock:

@@ -1,9 +1,9 @@
 """TenantPolicies and namespace labels: the facts the ownership decision reads about tenants.
 
-Each TenantPolicy becomes a :class:`~kakuremichi.ownership.TenantRule` in the state; the
+Each TenantPolicy becomes a :class:`~kakuremichi.control.ownership.TenantRule` in the state; the
 namespaces' labels are followed because policies select by them. Nothing is decided here: the
-snapshot decides (:mod:`kakuremichi.ownership`). A policy the operator cannot read still counts
-as a policy that grants nothing, so a typo never opens the cluster to first-claim-wins.
+snapshot decides (:mod:`kakuremichi.control.ownership`). A policy the operator cannot read still
+counts as a policy that grants nothing, so a typo never opens the cluster to first-claim-wins.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from kakuremichi.conditions import ConditionStatus, set_ready
+from kakuremichi.api.conditions import ConditionStatus, set_ready
+from kakuremichi.api.fields import describe_errors, status_patch
+from kakuremichi.api.resources import TENANT_POLICY, TenantPolicySpec, TenantPolicyStatus
 from kakuremichi.control.context import Context
+from kakuremichi.control.ownership import TenantRule
 from kakuremichi.control.reconciler import register_reconciler
-from kakuremichi.fields import describe_errors, status_patch
-from kakuremichi.ownership import TenantRule
-from kakuremichi.resources import TENANT_POLICY, TenantPolicySpec, TenantPolicyStatus
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,8 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from kakuremichi.conditions import READY
-from kakuremichi.control.context import Context
-from kakuremichi.control.projector import restored_claim
-from kakuremichi.control.reconciler import register_reconciler
-from kakuremichi.ownership import TunnelFacts
-from kakuremichi.resources import (
+from kakuremichi.api.conditions import READY
+from kakuremichi.api.resources import (
     API_VERSION,
     CERTIFICATE,
     TUNNEL,
@@ -29,6 +25,10 @@ from kakuremichi.resources import (
     TunnelSpec,
     TunnelStatus,
 )
+from kakuremichi.control.context import Context
+from kakuremichi.control.ownership import TunnelFacts
+from kakuremichi.control.projector import restored_claim
+from kakuremichi.control.reconciler import register_reconciler
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from kakuremichi import manifests
+from kakuremichi.control import manifests
 from kakuremichi.control.context import Context
 
 WEBHOOK_CONFIGURATION = "kakuremichi.io"

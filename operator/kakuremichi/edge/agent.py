@@ -12,13 +12,13 @@ import logging
 import socket
 from typing import Any
 
-from kakuremichi import protocol
+from kakuremichi.api import protocol
 from kakuremichi.edge.agent_relay import AgentRelay
 from kakuremichi.edge.control_client import ApplyError
 from kakuremichi.edge.firewall import FirewallError
 from kakuremichi.edge.runtime import EdgeRuntime
 from kakuremichi.edge.settings import EdgeSettings
-from kakuremichi.wireguard_plan import agent_plan
+from kakuremichi.edge.wireguard_plan import agent_plan
 
 log = logging.getLogger(__name__)
 

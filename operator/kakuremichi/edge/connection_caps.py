@@ -7,9 +7,9 @@ from __future__ import annotations
 import ipaddress
 from collections import defaultdict
 
+from kakuremichi.api.resources import ClientLimits
 from kakuremichi.edge.request_heads import IpNetwork, trusted
 from kakuremichi.edge.stats import EdgeStats
-from kakuremichi.resources import ClientLimits
 
 
 def address_key(address: bytes) -> bytes:

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 from pydantic import TypeAdapter, ValidationError
 
-from kakuremichi import protocol
+from kakuremichi.api import protocol
 from kakuremichi.edge.settings import EdgeSettings
 
 MIN_BACKOFF_SECONDS = 0.5

@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from kakuremichi import protocol
+from kakuremichi.api import protocol
 from kakuremichi.edge.control_client import ApplyError
 from kakuremichi.edge.http_port import PlainHttp
 from kakuremichi.edge.https_proxy import HttpsProxy, serve
@@ -23,7 +23,7 @@ from kakuremichi.edge.https_workers import HttpsWorkers, WorkerFailed, WorkerRou
 from kakuremichi.edge.runtime import EdgeRuntime
 from kakuremichi.edge.settings import EdgeSettings
 from kakuremichi.edge.sni import CertificateError, SniContexts
-from kakuremichi.wireguard_plan import gateway_plan
+from kakuremichi.edge.wireguard_plan import gateway_plan
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterable
 
 from aiohttp import web
 
+from kakuremichi.api.protocol import AcmeChallenge
 from kakuremichi.edge.https_proxy import host_name
-from kakuremichi.protocol import AcmeChallenge
 
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
 

@@ -36,6 +36,8 @@ from typing import cast
 
 import httptools
 
+from kakuremichi.api.protocol import RELAY_PORT
+from kakuremichi.api.resources import ClientLimits
 from kakuremichi.edge import request_heads
 from kakuremichi.edge.connection_caps import ConnectionCaps
 from kakuremichi.edge.mux import MuxDialer, MuxStream, PeerUnreachable
@@ -53,8 +55,6 @@ from kakuremichi.edge.request_heads import (
 )
 from kakuremichi.edge.stats import EdgeStats
 from kakuremichi.edge.tls import TlsServerConnection
-from kakuremichi.protocol import RELAY_PORT
-from kakuremichi.resources import ClientLimits
 
 RESPONSE_TIMEOUT = 120.0
 """No byte of a response this long after the request: 504."""

@@ -31,13 +31,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from kakuremichi.api.protocol import RELAY_PORT, CertificateBundle
+from kakuremichi.api.resources import ClientLimits, Hsts
 from kakuremichi.edge.file_limit import raise_file_limit
 from kakuremichi.edge.https_proxy import HttpsProxy, Route
 from kakuremichi.edge.sni import CertificateError, SniContexts
 from kakuremichi.edge.stats import DataPathCounters, EdgeStats
 from kakuremichi.edge.tls import TlsServerConnection
-from kakuremichi.protocol import RELAY_PORT, CertificateBundle
-from kakuremichi.resources import ClientLimits, Hsts
 
 APPLY_TIMEOUT = 15.0
 """A worker that has not applied a config this long after it was sent is replaced."""

@@ -17,7 +17,8 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from kakuremichi import __version__, protocol
+from kakuremichi import __version__
+from kakuremichi.api import protocol
 from kakuremichi.edge.control_client import ApplyError, ConfigTarget, ControlClient
 from kakuremichi.edge.file_limit import raise_file_limit
 from kakuremichi.edge.firewall import PacketFilter
@@ -25,7 +26,7 @@ from kakuremichi.edge.saved_config import ConfigFile
 from kakuremichi.edge.settings import EdgeSettings, read_private_key
 from kakuremichi.edge.stats import EdgeStats, PeerSample
 from kakuremichi.edge.wireguard import WireGuardError, WireGuardInterface, open_wireguard
-from kakuremichi.wireguard_plan import InterfacePlan
+from kakuremichi.edge.wireguard_plan import InterfacePlan
 
 SUPERVISE_SECONDS = 2.0
 log = logging.getLogger(__name__)

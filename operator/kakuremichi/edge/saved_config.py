@@ -21,7 +21,7 @@ from typing import Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from kakuremichi import protocol
+from kakuremichi.api import protocol
 
 log = logging.getLogger(__name__)
 

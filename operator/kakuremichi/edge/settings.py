@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from kakuremichi.api.protocol import Port
 from kakuremichi.edge.firewall_rules import interface_name
-from kakuremichi.protocol import Port
 
 WireGuardChoice = Literal["auto", "kernel", "userspace"]
 

@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Collection, Iterable
 from pathlib import Path
 
-from kakuremichi.protocol import CertificateBundle
+from kakuremichi.api.protocol import CertificateBundle
 
 TLS12_CIPHERS = ":".join((
     "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",

@@ -1,4 +1,4 @@
-"""A WireGuard interface driven from :class:`~kakuremichi.wireguard_plan.InterfacePlan`s.
+"""A WireGuard interface driven from :class:`~kakuremichi.edge.wireguard_plan.InterfacePlan`s.
 
 Two drivers with one interface (:class:`WireGuardInterface`); :func:`open_wireguard` picks one.
 
@@ -8,7 +8,7 @@ Two drivers with one interface (:class:`WireGuardInterface`); :func:`open_wiregu
   its UAPI socket (``/var/run/wireguard/<name>.sock``), for kernels without WireGuard.
 
 Either way addresses and link state go through rtnetlink (pyroute2 ``IPRoute``), and each change
-is applied incrementally (:func:`~kakuremichi.wireguard_plan.plan_changes`), so peers that did
+is applied incrementally (:func:`~kakuremichi.edge.wireguard_plan.plan_changes`), so peers that did
 not change keep their sessions. Blocking netlink calls run in worker threads.
 """
 
@@ -30,7 +30,7 @@ from typing import Any, Literal, Protocol
 from pyroute2 import IPRoute, WireGuard
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kakuremichi.wireguard_plan import (
+from kakuremichi.edge.wireguard_plan import (
     InterfacePlan,
     PlanChanges,
     address_changes,

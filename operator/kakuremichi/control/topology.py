@@ -1,8 +1,8 @@
 """What each edge should run, computed from the control plane's view of the resources.
 
-Pure functions: the control plane's snapshot (:mod:`kakuremichi.snapshot`) holds a
+Pure functions: the control plane's snapshot (:mod:`kakuremichi.control.snapshot`) holds a
 :class:`Topology` and renders each connected edge's ``config`` from it. Which Tunnel holds a
-domain is not decided here: the routes come decided (:mod:`kakuremichi.ownership`), one per
+domain is not decided here: the routes come decided (:mod:`kakuremichi.control.ownership`), one per
 held domain.
 """
 
@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from uuid import UUID
 
-from kakuremichi import addressing
-from kakuremichi.protocol import (
+from kakuremichi.api.protocol import (
     AcmeChallenge,
     AgentConfig,
     AgentPeer,
@@ -26,7 +25,8 @@ from kakuremichi.protocol import (
     GatewaySelf,
     GatewayTunnel,
 )
-from kakuremichi.resources import ClientLimits, Hsts
+from kakuremichi.api.resources import ClientLimits, Hsts
+from kakuremichi.control import addressing
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ from typing import Any
 
 import yaml
 
-from kakuremichi import validation
-from kakuremichi.fields import CamelModel
-from kakuremichi.resources import GROUP, KINDS, VERSION, ResourceKind
+from kakuremichi.api import validation
+from kakuremichi.api.fields import CamelModel
+from kakuremichi.api.resources import GROUP, KINDS, VERSION, ResourceKind
 
 _KEPT_KEYWORDS = {
     "type",

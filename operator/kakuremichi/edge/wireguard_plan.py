@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass, field
 
-from kakuremichi.protocol import AgentConfig, GatewayConfig
+from kakuremichi.api.protocol import AgentConfig, GatewayConfig
 
 AGENT_KEEPALIVE_SECONDS = 25
 

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from kakuremichi.fields import CamelModel
+from kakuremichi.api.fields import CamelModel
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 

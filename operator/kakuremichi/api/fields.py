@@ -1,8 +1,8 @@
 """Validated field types shared by the custom resources and the control-channel messages.
 
-Every type pairs a Python check from :mod:`kakuremichi.validation` (precise messages) with the JSON
-schema the CRD carries (RE2 ``pattern`` plus CEL ``matches()`` rules with messages), so the API
-server and the operator reject the same values.
+Every type pairs a Python check from :mod:`kakuremichi.api.validation` (precise messages) with
+the JSON schema the CRD carries (RE2 ``pattern`` plus CEL ``matches()`` rules with messages), so
+the API server and the operator reject the same values.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict
 
-from kakuremichi import validation
+from kakuremichi.api import validation
 
 
 def cel_match(pattern: str) -> str:

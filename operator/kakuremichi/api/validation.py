@@ -3,8 +3,9 @@
 Each check returns the value it accepted or raises ``ValueError`` whose message says what is wrong;
 the pydantic models prefix it with the field's location, so a user reads ``spec.domain: ...``.
 
-The same rules go into the CRD schema (see :mod:`kakuremichi.crd`): there they are RE2 patterns plus
-CEL ``matches()`` rules, built from the regular expressions below so that both sides stay identical.
+The same rules go into the CRD schema (see :mod:`kakuremichi.api.crd`): there they are RE2
+patterns plus CEL ``matches()`` rules, built from the regular expressions below so that both
+sides stay identical.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Revision ID: 0001
 Revises:
 Create Date: 2025-11-28
 
-Written by hand to match ``kakuremichi.store.schema``. Plain SQLAlchemy types are used on
+Written by hand to match ``kakuremichi.control.store.schema``. Plain SQLAlchemy types are used on
 purpose (VARCHAR(36) for UUIDs, DATETIME for UTC timestamps) so this file keeps meaning the
 same thing when the ORM's Python-side type decorators change.
 """

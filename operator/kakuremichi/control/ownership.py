@@ -4,7 +4,7 @@ Tunnels and Agents are namespaced, and each namespace is a tenant. Everything th
 domain follows from the decision made here, once per state generation, from every Tunnel the
 operator knows (whatever the state of their Agents): the route and the certificate the gateways
 serve for it, whether an ACME order may be placed for it, each Tunnel's ``Ready`` and the
-mirror's tunnels table (:mod:`kakuremichi.snapshot` projects them).
+mirror's tunnels table (:mod:`kakuremichi.control.snapshot` projects them).
 
 - A Tunnel claims its domain unless its namespace is over its tunnel quota (the Tunnels beyond
   the oldest ``maxTunnels`` are) or may not claim that domain (no TenantPolicy selecting the
@@ -32,7 +32,7 @@ from functools import cached_property
 from typing import Literal
 from uuid import UUID
 
-from kakuremichi.resources import AppProtocol, Hsts, TenantPolicySpec
+from kakuremichi.api.resources import AppProtocol, Hsts, TenantPolicySpec
 
 
 @dataclass(frozen=True, order=True)

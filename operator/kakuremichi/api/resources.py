@@ -1,7 +1,7 @@
 """The custom resources: Agent, Gateway, Tunnel, Certificate and TenantPolicy.
 
 These models are the single definition of each resource: the operator parses objects with them and
-``kakuremichi crds`` generates the CRD YAML from them (:mod:`kakuremichi.crd`). Everything the
+``kakuremichi crds`` generates the CRD YAML from them (:mod:`kakuremichi.api.crd`). Everything the
 data-model document calls generated (API keys, WireGuard keys, subnets, addresses) lives in status,
 never in spec, so a user's manifest holds only intent.
 """
@@ -14,9 +14,9 @@ from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
 from pydantic import ConfigDict, Field, model_validator
 
-from kakuremichi import validation
-from kakuremichi.conditions import Condition
-from kakuremichi.fields import (
+from kakuremichi.api import validation
+from kakuremichi.api.conditions import Condition
+from kakuremichi.api.fields import (
     CamelModel,
     CidrRange,
     DomainName,

@@ -11,7 +11,8 @@ Things the document does not say, decided here:
   makes that rebuild idempotent and lets an object and its row be matched without a lookup
   table. The ORM therefore generates no ids: callers must pass the UID. Stored as canonical
   lower-case 36-character text so that the file is readable with the ``sqlite3`` shell.
-* **``api_key`` holds a keyed digest, never the key** (see :mod:`kakuremichi.store.sealing`).
+* **``api_key`` holds a keyed digest, never the key** (see
+  :mod:`kakuremichi.control.store.sealing`).
   The digest is deterministic, so the UNIQUE index and lookup-by-key still work, but a copied
   database file does not hand out working credentials.
 * **``certificates.private_key`` holds a sealed (AES-GCM encrypted) value**, not PEM. The

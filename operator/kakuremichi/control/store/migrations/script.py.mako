@@ -5,7 +5,7 @@ Revises: ${down_revision | comma,n}
 Create Date: ${create_date}
 
 Written against SQLite: use ``op.batch_alter_table`` for anything beyond adding a table,
-index or nullable column, and keep ``kakuremichi.store.schema`` in step (the test suite
+index or nullable column, and keep ``kakuremichi.control.store.schema`` in step (the test suite
 compares the migrated database with the ORM metadata).
 """
 

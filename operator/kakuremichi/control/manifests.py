@@ -16,8 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kakuremichi.protocol import POD_TOKEN_AUDIENCE
-from kakuremichi.resources import API_VERSION, GATEWAY, GatewayResources, GatewaySpec
+from kakuremichi.api.protocol import POD_TOKEN_AUDIENCE
+from kakuremichi.api.resources import API_VERSION, GATEWAY, GatewayResources, GatewaySpec
 
 AGENT_LABEL = "kakuremichi.io/agent"
 GATEWAY_LABEL = "kakuremichi.io/gateway"

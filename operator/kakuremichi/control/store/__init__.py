@@ -5,14 +5,14 @@ keeps no secret in a usable form: API keys as keyed digests, private keys sealed
 master key that lives outside the file.
 """
 
-from kakuremichi.store.database import (
+from kakuremichi.control.store.database import (
     alembic_config,
     create_engine_for,
     current_revision,
     session_factory,
     upgrade,
 )
-from kakuremichi.store.schema import (
+from kakuremichi.control.store.schema import (
     STATUS_VALUES,
     Agent,
     Base,
@@ -21,7 +21,7 @@ from kakuremichi.store.schema import (
     Tunnel,
     utcnow,
 )
-from kakuremichi.store.sealing import KEY_SIZE, Sealer, SealingError
+from kakuremichi.control.store.sealing import KEY_SIZE, Sealer, SealingError
 
 __all__ = [
     "KEY_SIZE",

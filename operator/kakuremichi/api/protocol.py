@@ -16,8 +16,8 @@ from uuid import UUID
 
 from pydantic import ConfigDict, Field, TypeAdapter
 
-from kakuremichi.fields import CamelModel, CidrRange, DomainName, PublicIPv4, TargetAddress
-from kakuremichi.resources import AppProtocol, ClientLimits, EdgeClient, Hsts
+from kakuremichi.api.fields import CamelModel, CidrRange, DomainName, PublicIPv4, TargetAddress
+from kakuremichi.api.resources import AppProtocol, ClientLimits, EdgeClient, Hsts
 
 # A first frame larger than this is refused before it is parsed.
 MAX_AUTH_FRAME_BYTES = 4096

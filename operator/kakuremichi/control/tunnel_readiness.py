@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
-from kakuremichi.conditions import ConditionStatus
-from kakuremichi.edge_config import AgentNode, Route
-from kakuremichi.ownership import DomainOwnership, TunnelFacts
+from kakuremichi.api.conditions import ConditionStatus
+from kakuremichi.control.ownership import DomainOwnership, TunnelFacts
+from kakuremichi.control.topology import AgentNode, Route
 
 
 @dataclass(frozen=True)

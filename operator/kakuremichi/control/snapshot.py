@@ -2,7 +2,7 @@
 
 :class:`ControlFacts` is what the reconcilers, presence and the ACME task recorded (a frozen
 copy taken from the state). :class:`Snapshot` decides once, from all of it, who holds each
-domain (:mod:`kakuremichi.ownership`), and projects that one decision into everything that
+domain (:mod:`kakuremichi.control.ownership`), and projects that one decision into everything that
 depends on it:
 
 - the edge configs' topology (routes, the certificate served for each domain, the HTTP-01
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from uuid import UUID
 
-from kakuremichi.edge_config import AgentNode, GatewayNode, Route, Topology
-from kakuremichi.ownership import (
+from kakuremichi.api.protocol import AcmeChallenge, CertificateBundle
+from kakuremichi.control.ownership import (
     AgentClaim,
     ClaimHistory,
     DomainOwnership,
@@ -33,8 +33,8 @@ from kakuremichi.ownership import (
     decide_agents,
     decide_domains,
 )
-from kakuremichi.protocol import AcmeChallenge, CertificateBundle
-from kakuremichi.tunnel_readiness import CertificateVerdict, TunnelVerdict, routes, verdicts
+from kakuremichi.control.topology import AgentNode, GatewayNode, Route, Topology
+from kakuremichi.control.tunnel_readiness import CertificateVerdict, TunnelVerdict, routes, verdicts
 
 CertificateKey = tuple[str, str]
 """(namespace, Certificate name)."""

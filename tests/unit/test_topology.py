@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import uuid
 
-from kakuremichi.credentials import generate_wireguard_keypair
-from kakuremichi.edge_config import (
+from kakuremichi.api.protocol import CertificateBundle, GatewayConfigMessage
+from kakuremichi.control.credentials import generate_wireguard_keypair
+from kakuremichi.control.topology import (
     AgentNode,
     GatewayNode,
     Route,
@@ -17,7 +18,6 @@ from kakuremichi.edge_config import (
     gateway_config,
     gateway_inputs,
 )
-from kakuremichi.protocol import CertificateBundle, GatewayConfigMessage
 
 
 def key() -> str:

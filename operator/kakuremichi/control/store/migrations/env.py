@@ -1,6 +1,6 @@
 """Alembic environment for the SQLite mirror.
 
-Normally driven by :func:`kakuremichi.store.database.upgrade`, which passes an open
+Normally driven by :func:`kakuremichi.control.store.database.upgrade`, which passes an open
 connection in ``config.attributes["connection"]``; falls back to opening one from
 ``sqlalchemy.url`` so ``alembic.command`` calls with :func:`alembic_config` work too
 (for example ``command.revision(alembic_config(url), autogenerate=True, message=...)``).
@@ -15,8 +15,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
-from kakuremichi.store.database import create_engine_for
-from kakuremichi.store.schema import Base
+from kakuremichi.control.store.database import create_engine_for
+from kakuremichi.control.store.schema import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -45,8 +45,8 @@ _DIGEST_PREFIX: Final = "h1:"
 _SEAL_PREFIX: Final = "s1:"
 _NONCE_SIZE: Final = 12
 _TAG_SIZE: Final = 16
-_INFO_DIGEST: Final = b"kakuremichi/store/v1/api-key-digest/hmac-sha256"
-_INFO_SEAL: Final = b"kakuremichi/store/v1/seal/aes-256-gcm"
+_INFO_DIGEST: Final = b"kakuremichi/control/store/v1/api-key-digest/hmac-sha256"
+_INFO_SEAL: Final = b"kakuremichi/control/store/v1/seal/aes-256-gcm"
 
 
 class SealingError(ValueError):
