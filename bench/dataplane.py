@@ -525,7 +525,7 @@ def edge_pids(namespace: str, role: str) -> list[int]:
             command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             named = any(part.endswith(b"kakuremichi") for part in command)
             edge = named and role.encode() in command
-            worker = role == "gateway" and b"kakuremichi.edge.https_workers" in command
+            worker = role == "gateway" and b"kakuremichi.edge.https_worker" in command
             if edge or worker:
                 found.append(int(pid))
     return found

@@ -39,15 +39,22 @@ DOMAIN = "localhost"
 GATEWAY = """
 import asyncio, sys
 import uvloop
-from kakuremichi.edge.https_proxy import HttpsProxy, Route, serve
+from kakuremichi.edge.https_proxy import HttpsProxy, serve
 from kakuremichi.edge.sni import SniContexts
 from kakuremichi.edge.stats import EdgeStats
-from kakuremichi.api.protocol import CertificateBundle
+try:  # (the revisions compared may come from either side of a move)
+    from kakuremichi.api.protocol import CertificateBundle
+    from kakuremichi.edge.gateway_routes import GatewayRoute
+    route = GatewayRoute(domain="localhost", agent_ip="127.0.0.1")
+except ImportError:
+    from kakuremichi.edge.https_proxy import Route
+    from kakuremichi.protocol import CertificateBundle
+    route = Route("localhost", "127.0.0.1")
 async def main():
     https_port, relay_port = int(sys.argv[1]), int(sys.argv[2])
     chain, key = sys.argv[3], sys.argv[4]
     proxy = HttpsProxy(EdgeStats("gateway"), relay_port=relay_port)
-    proxy.set_routes({"localhost": Route("localhost", "127.0.0.1")})
+    proxy.set_routes({"localhost": route})
     sni = SniContexts()
     bundle = CertificateBundle.model_construct(  # (a one-label name: not a tunnel's)
         domain="localhost", certificate=open(chain).read(), private_key=open(key).read())

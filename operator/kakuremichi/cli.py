@@ -295,7 +295,7 @@ EXIT_NO_WIREGUARD = 4
 
 def _worker_count(value: str) -> int | str:
     """``auto``: one per CPU; a number is checked by the settings model (1..256)."""
-    from kakuremichi.edge.https_workers import default_worker_count
+    from kakuremichi.edge.worker_count import default_worker_count
 
     if value.strip().lower() == "auto":
         return default_worker_count()

@@ -77,7 +77,7 @@ def test_a_config_that_cannot_be_applied_leaves_the_last_good_one_serving() -> N
         edge.wireguard = wireguard
         try:
             await edge.apply(gateway_config(1, good))
-            assert edge.sni.domains() == {"app.example.com"}
+            assert edge.front_end.sni.domains() == {"app.example.com"}
             assert len(wireguard.applied) == 1
 
             broken = good.model_copy(update={"private_key": ca.issue("x").private_key_pem})
@@ -85,7 +85,7 @@ def test_a_config_that_cannot_be_applied_leaves_the_last_good_one_serving() -> N
                 await edge.apply(gateway_config(2, broken))
             assert len(wireguard.applied) == 1  # nothing half-applied
             assert edge.stats.config_version == 1
-            assert edge.sni.domains() == {"app.example.com"}
+            assert edge.front_end.sni.domains() == {"app.example.com"}
             report = await edge.status_report()
             assert report.state == "error" and report.error is not None
             assert "app.example.com" in report.error

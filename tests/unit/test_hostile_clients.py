@@ -21,7 +21,8 @@ import pytest
 from kakuremichi.api.protocol import CertificateBundle
 from kakuremichi.api.resources import ClientLimits, Hsts
 from kakuremichi.edge.agent_relay import AgentRelay
-from kakuremichi.edge.https_proxy import HttpsProxy, Route, serve
+from kakuremichi.edge.gateway_routes import GatewayRoute
+from kakuremichi.edge.https_proxy import HttpsProxy, serve
 from kakuremichi.edge.sni import SniContexts
 from kakuremichi.edge.stats import EdgeStats
 from tests.infra import plain_origin
@@ -74,7 +75,7 @@ async def stack(limits: ClientLimits | None = None, hsts: Hsts | None = None,
     relay_server = await loop.create_server(relay.protocol, "127.0.0.1", relay_port)
     proxy = HttpsProxy(gateway_stats, relay_port=relay_port)
     proxy.set_front_end(limits, trusted or [])
-    proxy.set_routes({DOMAIN: Route(DOMAIN, "127.0.0.1", hsts=hsts.header() if hsts else None)})
+    proxy.set_routes({DOMAIN: GatewayRoute(domain=DOMAIN, agent_ip="127.0.0.1", hsts=hsts)})
     sni = SniContexts()
     sni.install(sni.prepare([CertificateBundle(
         domain=DOMAIN, certificate=issued.certificate_pem, private_key=issued.private_key_pem
@@ -319,7 +320,9 @@ UPGRADE = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 1
 def test_an_upgrade_the_origin_refuses_keeps_every_check_on_the_next_requests() -> None:
     async def scenario() -> None:
         async with stack() as s:
-            s.proxy.routes["other.example.com"] = Route("other.example.com", "127.0.0.1")
+            s.proxy.routes["other.example.com"] = GatewayRoute(
+                domain="other.example.com", agent_ip="127.0.0.1"
+            )
             reader, writer = await s.connect()
             # The refused upgrade and, right behind it, a request that would pass the
             # gateway's checks only if the connection had become raw bytes.

@@ -18,7 +18,8 @@ from prometheus_client import generate_latest
 from kakuremichi.api.protocol import CertificateBundle
 from kakuremichi.api.resources import ClientLimits
 from kakuremichi.edge.agent_relay import AgentRelay
-from kakuremichi.edge.https_proxy import HttpsProxy, Route, serve
+from kakuremichi.edge.gateway_routes import GatewayRoute
+from kakuremichi.edge.https_proxy import HttpsProxy, serve
 from kakuremichi.edge.sni import SniContexts
 from kakuremichi.edge.stats import EdgeStats
 from tests.e2e import origin
@@ -66,7 +67,7 @@ async def stack(agent_listening: bool = True) -> AsyncIterator[Stack]:
         else None
     )
     proxy = HttpsProxy(gateway_stats, relay_port=relay_port)
-    proxy.set_routes({DOMAIN: Route(DOMAIN, "127.0.0.1")})
+    proxy.set_routes({DOMAIN: GatewayRoute(domain=DOMAIN, agent_ip="127.0.0.1")})
     sni = SniContexts()
     sni.install(
         sni.prepare(
@@ -164,14 +165,18 @@ def test_wrong_or_unknown_host_and_disabled_tunnels_are_answered_by_the_gateway(
     async def scenario() -> None:
         async with stack() as s:
             reader, writer = await s.connect()
-            s.proxy.routes["other.example.com"] = Route("other.example.com", "127.0.0.1")
+            s.proxy.routes["other.example.com"] = GatewayRoute(
+                domain="other.example.com", agent_ip="127.0.0.1"
+            )
             writer.write(request("/", host="other.example.com"))
             status, headers, _ = await read_response(reader)
             assert status == 421 and headers["connection"] == "close"
             reader, writer = await s.connect()
             writer.write(request("/", host="nowhere.example.com"))
             assert (await read_response(reader))[0] == 404
-            s.proxy.set_routes({DOMAIN: Route(DOMAIN, "127.0.0.1", enabled=False)})
+            s.proxy.set_routes(
+                {DOMAIN: GatewayRoute(domain=DOMAIN, agent_ip="127.0.0.1", enabled=False)}
+            )
             reader, writer = await s.connect()
             writer.write(request("/"))
             assert (await read_response(reader))[0] == 404
@@ -188,7 +193,7 @@ def test_a_held_domain_without_agent_answers_503_and_reaches_no_agent() -> None:
             reader, writer = await s.connect()
             writer.write(request("/"))
             assert (await read_response(reader))[0] == 200  # kept upstream: must not be used
-            s.proxy.set_routes({DOMAIN: Route(DOMAIN, None)})
+            s.proxy.set_routes({DOMAIN: GatewayRoute(domain=DOMAIN, agent_ip=None)})
             served_before = s.agent_stats.connections_total
             for _ in range(2):
                 reader, writer = await s.connect()
@@ -329,8 +334,9 @@ def test_an_h2c_tunnel_passes_http2_clients_through_and_answers_others_505() -> 
         loop = asyncio.get_running_loop()
         relay_server = await loop.create_server(relay.protocol, "127.0.0.1", relay_port)
         proxy = HttpsProxy(stats, relay_port=relay_port)
-        proxy.set_routes({H2C_DOMAIN: Route(H2C_DOMAIN, "127.0.0.1", h2c=True),
-                          DOMAIN: Route(DOMAIN, "127.0.0.1")})  # fmt: skip
+        routes = [GatewayRoute(domain=H2C_DOMAIN, agent_ip="127.0.0.1", h2c=True),
+                  GatewayRoute(domain=DOMAIN, agent_ip="127.0.0.1")]  # fmt: skip
+        proxy.set_routes({r.domain: r for r in routes})
         sni = SniContexts()
         sni.install(sni.prepare(bundles, h2_domains={H2C_DOMAIN}))
         https_port = free_port()

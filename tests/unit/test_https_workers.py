@@ -20,15 +20,12 @@ from aiohttp import web
 from kakuremichi.api.protocol import CertificateBundle
 from kakuremichi.edge import https_workers
 from kakuremichi.edge.agent_relay import AgentRelay
-from kakuremichi.edge.https_proxy import HttpsProxy, Route, serve
-from kakuremichi.edge.https_workers import (
-    HttpsWorkers,
-    WorkerRoute,
-    default_worker_count,
-    quota_cpus,
-)
+from kakuremichi.edge.gateway_routes import FrontEndConfig, GatewayRoute
+from kakuremichi.edge.https_proxy import HttpsProxy, serve
+from kakuremichi.edge.https_workers import HttpsWorkers
 from kakuremichi.edge.sni import SniContexts
 from kakuremichi.edge.stats import DataPathCounters, EdgeStats
+from kakuremichi.edge.worker_count import default_worker_count, quota_cpus
 from tests.e2e import origin
 from tests.infra.ports import free_port
 from tests.infra.tlsgen import TestCA
@@ -94,9 +91,9 @@ class Gateway:
         """What the gateway does with a config: serve it itself, then in every worker."""
         bundles = [self.bundles[d] for d in domains]
         self.sni.install(self.sni.prepare(bundles))
-        self.proxy.set_routes({d: Route(d, "127.0.0.1") for d in domains})
-        routes = [WorkerRoute(domain=d, agent_ip="127.0.0.1") for d in domains]
-        await self.workers.apply_routes(routes, bundles)
+        routes = [GatewayRoute(domain=d, agent_ip="127.0.0.1") for d in domains]
+        self.proxy.set_routes({r.domain: r for r in routes})
+        await self.workers.apply(FrontEndConfig(routes=routes, certificates=bundles))
 
     async def get(self, name: str) -> int:
         """The status of one request on a connection of its own; 0 if the handshake failed."""

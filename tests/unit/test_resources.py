@@ -19,7 +19,7 @@ from kakuremichi.api.resources import (
     Tunnel,
 )
 from kakuremichi.api.validation import quantity_amount
-from kakuremichi.edge.https_workers import MEMORY_PER_PROCESS
+from kakuremichi.edge.worker_count import MEMORY_PER_PROCESS
 
 
 def load(text: str) -> dict[str, Any]:

@@ -74,7 +74,7 @@ def test_a_restarted_gateway_serves_its_saved_config_before_control_answers(
 
         again = await started(settings(state))
         try:
-            assert again.sni.domains() == {DOMAIN}
+            assert again.front_end.sni.domains() == {DOMAIN}
             assert again.stats.config_version == 7
             assert again.wireguard is not None and again.wireguard.current is not None
             assert again.proxy.routes[DOMAIN].agent_ip == "10.1.0.100"
@@ -102,7 +102,7 @@ def test_a_config_saved_for_another_key_or_control_is_never_served(
             settings(state, node="node-2"),  # the same pool's key on another node
         ):
             edge = await started(other)
-            assert edge.sni.domains() == set() and edge.stats.config_version == 0
+            assert edge.front_end.sni.domains() == set() and edge.stats.config_version == 0
             await edge.stop()
 
     caplog.set_level(logging.WARNING)
@@ -145,7 +145,7 @@ def test_a_config_that_cannot_be_saved_still_serves(
         edge = await started(settings(blocked))
         try:
             await edge.apply(config(1))
-            assert edge.sni.domains() == {DOMAIN} and edge.error is None
+            assert edge.front_end.sni.domains() == {DOMAIN} and edge.error is None
         finally:
             await edge.stop()
 
@@ -178,7 +178,9 @@ def test_control_refusing_the_key_removes_the_saved_config(tmp_path: Path) -> No
                 assert (tmp_path / "gateway-config.json").exists()
                 await session_once(edge.control)
                 assert not (tmp_path / "gateway-config.json").exists()
-                assert edge.sni.domains() == {DOMAIN}  # what runs keeps running until it stops
+                assert edge.front_end.sni.domains() == {
+                    DOMAIN
+                }  # what runs keeps running until it stops
             finally:
                 await edge.stop()
 

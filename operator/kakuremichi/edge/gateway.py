@@ -17,12 +17,14 @@ from aiohttp import web
 
 from kakuremichi.api import protocol
 from kakuremichi.edge.control_client import ApplyError
+from kakuremichi.edge.front_end import HttpsFrontEnd
+from kakuremichi.edge.gateway_routes import FrontEndConfig
 from kakuremichi.edge.http_port import PlainHttp
-from kakuremichi.edge.https_proxy import HttpsProxy, serve
-from kakuremichi.edge.https_workers import HttpsWorkers, WorkerFailed, WorkerRoute, h2c_domains
+from kakuremichi.edge.https_proxy import serve
+from kakuremichi.edge.https_workers import HttpsWorkers, WorkerFailed
 from kakuremichi.edge.runtime import EdgeRuntime
 from kakuremichi.edge.settings import EdgeSettings
-from kakuremichi.edge.sni import CertificateError, SniContexts
+from kakuremichi.edge.sni import CertificateError
 from kakuremichi.edge.wireguard_plan import gateway_plan
 
 log = logging.getLogger(__name__)
@@ -35,39 +37,29 @@ class GatewayEdge(EdgeRuntime):
 
     def __init__(self, settings: EdgeSettings) -> None:
         super().__init__(settings)
-        self.sni = SniContexts()
-        self.proxy = HttpsProxy(self.stats)
+        self.front_end = HttpsFrontEnd(self.stats)
+        self.proxy = self.front_end.proxy
         self.workers = HttpsWorkers(settings.workers - 1, self.stats)
-        self.plain = PlainHttp(self._serves, lambda: self.https_port or 443)
+        self.plain = PlainHttp(self.front_end.serves, lambda: self.https_port or 443)
         self.https_server: asyncio.Server | None = None
         self.https_port: int | None = None
         self.http_runner: web.AppRunner | None = None
         self.http_port: int | None = None
 
-    def _serves(self, domain: str) -> bool:
-        route = self.proxy.routes.get(domain)
-        return route is not None and route.enabled
-
     async def apply_config(self, config: Any) -> None:
         assert isinstance(config, protocol.GatewayConfig)
         settings = self.settings
         key = self.private_key(config.gateway.wireguard_private_key)
-        routes = [WorkerRoute(domain=t.domain, agent_ip=t.agent_virtual_ip, enabled=t.enabled,
-                              h2c=t.app_protocol == "H2C", hsts=t.hsts)
-                  for t in config.tunnels]  # fmt: skip
-        front_end = config.gateway
+        front_end = FrontEndConfig.of(config)
         try:
-            certificates = self.sni.prepare(config.certificates, h2c_domains(routes))
+            prepared = self.front_end.prepare(front_end)
         except CertificateError as error:
             raise ApplyError(str(error)) from None
         plan = gateway_plan(config, key)
         if settings.wireguard_port is not None:
             plan = dataclasses.replace(plan, listen_port=settings.wireguard_port)
         await self.apply_wireguard(plan)
-        self.sni.install(certificates)
-        trusted_proxies = front_end.trusted_proxies or []
-        self.proxy.set_front_end(front_end.client_limits, trusted_proxies)
-        self.proxy.set_routes({r.domain: r.proxy_route() for r in routes})
+        self.front_end.install(prepared)
         self.plain.set_challenges(config.acme_challenges)
         self.stats.tunnels = sum(1 for t in config.tunnels if t.enabled)
         try:
@@ -75,9 +67,7 @@ class GatewayEdge(EdgeRuntime):
                 settings.http_port or config.gateway.http_port,
                 settings.https_port or config.gateway.https_port,
             )
-            await self.workers.apply_routes(
-                routes, config.certificates, front_end.client_limits, trusted_proxies
-            )
+            await self.workers.apply(front_end)
         except WorkerFailed as error:
             raise ApplyError(str(error)) from None
 
@@ -88,7 +78,7 @@ class GatewayEdge(EdgeRuntime):
                 if self.https_server is not None:
                     self.https_server.close()
                 self.https_server = await serve(
-                    self.proxy, self.sni.front, host, https_port, self.workers.count > 0
+                    self.proxy, self.front_end.sni.front, host, https_port, self.workers.count > 0
                 )
                 self.https_port = https_port
                 await self.workers.listen(self.https_server.sockets)

@@ -40,6 +40,7 @@ from kakuremichi.api.protocol import RELAY_PORT
 from kakuremichi.api.resources import ClientLimits
 from kakuremichi.edge import request_heads
 from kakuremichi.edge.connection_caps import ConnectionCaps
+from kakuremichi.edge.gateway_routes import GatewayRoute
 from kakuremichi.edge.mux import MuxDialer, MuxStream, PeerUnreachable
 from kakuremichi.edge.pages import error_response
 from kakuremichi.edge.request_heads import (
@@ -75,19 +76,6 @@ NOT_TRAILERS = frozenset((b"content-length", b"transfer-encoding", b"host", b"tr
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
-    domain: str
-    agent_ip: str | None
-    """None: the Tunnel holding the domain has no agent now. Its requests get 503; the domain
-    never goes to another tunnel meanwhile."""
-    enabled: bool = True
-    h2c: bool = False
-    """The target speaks HTTP/2 without TLS: HTTP/2 clients are passed through."""
-    hsts: bytes | None = None
-    """A ``Strict-Transport-Security`` field line to add to responses that have none."""
-
-
 @dataclass(slots=True)
 class Pending:
     """A request sent upstream and not yet answered."""
@@ -113,7 +101,7 @@ class HttpsProxy:
     def __init__(self, stats: EdgeStats, relay_port: int = RELAY_PORT) -> None:
         self.stats = stats
         self.dialer = MuxDialer(relay_port)
-        self.routes: dict[str, Route] = {}
+        self.routes: dict[str, GatewayRoute] = {}
         self.idle: dict[tuple[str, str], list[Upstream]] = {}
         self.clients: set[ClientConnection] = set()
         self.limits = ClientLimits()
@@ -125,7 +113,7 @@ class HttpsProxy:
         self.limits = self.caps.limits = limits or ClientLimits()
         self.trusted_proxies = self.caps.exempt = parse_networks(trusted_proxies)
 
-    def set_routes(self, routes: Mapping[str, Route]) -> None:
+    def set_routes(self, routes: Mapping[str, GatewayRoute]) -> None:
         """Serve ``routes`` from the next request on; idle upstream connections toward a
         place a tunnel no longer goes are closed, all others are left alone."""
         self.routes = dict(routes)
@@ -142,7 +130,7 @@ class HttpsProxy:
     def protocol(self) -> ClientConnection:
         return ClientConnection(self)
 
-    def acquire(self, route: Route, client: ClientConnection) -> Upstream:
+    def acquire(self, route: GatewayRoute, client: ClientConnection) -> Upstream:
         assert route.agent_ip is not None  # (callers answer 503 for a route without agent)
         key = (route.agent_ip, route.domain)
         idle = self.idle.get(key)
@@ -151,11 +139,11 @@ class HttpsProxy:
             if not upstream.closed and upstream.reusable:
                 upstream.client = client
                 upstream.reused = True
-                upstream.hsts = route.hsts
+                upstream.hsts = route.hsts_line
                 return upstream
             upstream.close()  # e.g. bytes arrived after its last response: not trustworthy
         upstream = Upstream(self, key, client)
-        upstream.hsts = route.hsts
+        upstream.hsts = route.hsts_line
         self.dialer.open_stream(route.agent_ip, route.domain, upstream)
         return upstream
 

@@ -81,6 +81,10 @@ def load_context(bundle: CertificateBundle, h2: bool = False) -> DomainContext:
     return context
 
 
+PreparedCertificates = tuple[dict[str, "DomainContext"], dict[str, str]]
+"""Contexts and fingerprints by domain, loaded and not served yet."""
+
+
 class SniContexts:
     """Domain → context, and the front context whose SNI callback picks among them."""
 
@@ -92,7 +96,7 @@ class SniContexts:
 
     def prepare(
         self, bundles: Iterable[CertificateBundle], h2_domains: Collection[str] = ()
-    ) -> tuple[dict[str, DomainContext], dict[str, str]]:
+    ) -> PreparedCertificates:
         """Load what changed (may raise :class:`CertificateError`) without serving it yet;
         ``h2_domains`` offer HTTP/2 (their targets speak h2c)."""
         contexts: dict[str, DomainContext] = {}
@@ -108,7 +112,7 @@ class SniContexts:
             fingerprints[domain] = fingerprint
         return contexts, fingerprints
 
-    def install(self, prepared: tuple[dict[str, DomainContext], dict[str, str]]) -> None:
+    def install(self, prepared: PreparedCertificates) -> None:
         self._contexts, self._fingerprints = prepared
 
     def domains(self) -> set[str]:

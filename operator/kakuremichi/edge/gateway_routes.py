@@ -1,0 +1,70 @@
+"""What a gateway serves on its HTTPS port, in one shape from control's config to the proxy:
+a route per domain, the certificates, and the front end's limits and trusted proxies.
+
+The gateway process and each of its HTTPS worker processes get the same
+:class:`FrontEndConfig` (the workers over a pipe, as JSON) and serve it the same way
+(``edge/front_end.py``).
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kakuremichi.api.protocol import CertificateBundle, GatewayConfig, GatewayTunnel
+from kakuremichi.api.resources import ClientLimits, Hsts
+
+
+class GatewayRoute(BaseModel):
+    """Where one domain's requests go."""
+
+    model_config = ConfigDict(frozen=True)
+
+    domain: str
+    agent_ip: str | None
+    """None: the Tunnel holding the domain has no agent now. Its requests get 503; the domain
+    never goes to another tunnel meanwhile."""
+    enabled: bool = True
+    h2c: bool = False
+    """The target speaks HTTP/2 without TLS: HTTP/2 clients are passed through."""
+    hsts: Hsts | None = None
+
+    @classmethod
+    def of(cls, tunnel: GatewayTunnel) -> GatewayRoute:
+        return cls(
+            domain=tunnel.domain,
+            agent_ip=tunnel.agent_virtual_ip,
+            enabled=tunnel.enabled,
+            h2c=tunnel.app_protocol == "H2C",
+            hsts=tunnel.hsts,
+        )
+
+    @cached_property
+    def hsts_line(self) -> bytes | None:
+        """The ``Strict-Transport-Security`` field line added to responses that have none."""
+        return self.hsts.header() if self.hsts is not None else None
+
+
+class FrontEndConfig(BaseModel):
+    """Everything the HTTPS port serves."""
+
+    model_config = ConfigDict(frozen=True)
+
+    routes: list[GatewayRoute] = Field(default_factory=list)
+    certificates: list[CertificateBundle] = Field(default_factory=list)
+    client_limits: ClientLimits | None = None
+    trusted_proxies: list[str] = Field(default_factory=list)
+
+    @classmethod
+    def of(cls, config: GatewayConfig) -> FrontEndConfig:
+        return cls(
+            routes=[GatewayRoute.of(t) for t in config.tunnels],
+            certificates=list(config.certificates),
+            client_limits=config.gateway.client_limits,
+            trusted_proxies=list(config.gateway.trusted_proxies or []),
+        )
+
+    def h2c_domains(self) -> set[str]:
+        """The domains whose targets speak h2c: their TLS offers HTTP/2."""
+        return {r.domain.lower() for r in self.routes if r.h2c}
