@@ -385,7 +385,8 @@ def _cmd_install_command(args: argparse.Namespace) -> int:
     from kubernetes import client
 
     from kakuremichi.api.resources import GATEWAY, GROUP, VERSION
-    from kakuremichi.control import agents, gateways
+    from kakuremichi.control import agents
+    from kakuremichi.control.gateway_instances import credentials_secret_name
     from kakuremichi.control.installer import one_liner, plain_http_warning
     from kakuremichi.control.kube import load_api_client
 
@@ -396,7 +397,7 @@ def _cmd_install_command(args: argparse.Namespace) -> int:
         secret_name = agents.credentials_secret_name(args.name)
     else:
         what, namespace = f"Gateway {args.name}", args.system_namespace
-        secret_name = gateways.credentials_secret_name(args.name)
+        secret_name = credentials_secret_name(args.name)
         try:
             gateway: Any = client.CustomObjectsApi(api).get_cluster_custom_object(
                 GROUP, VERSION, GATEWAY.plural, args.name

@@ -286,7 +286,8 @@ def test_gateway_metrics_count_requests_by_tunnel_and_code(world: World) -> None
 
 def _https_workers(world: World) -> list[int]:
     assert world.gateway is not None and world.gateway.process is not None
-    done = subprocess.run(["pgrep", "-P", str(world.gateway.process.pid), "-f", "kakuremichi.edge.https_worker"],
+    parent, worker = str(world.gateway.process.pid), "kakuremichi.edge.https_worker"
+    done = subprocess.run(["pgrep", "-P", parent, "-f", worker],
                           capture_output=True, text=True, check=False)  # fmt: skip
     return sorted(int(pid) for pid in done.stdout.split())
 

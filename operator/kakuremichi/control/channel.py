@@ -1,4 +1,5 @@
-"""The control channel: one WebSocket per edge at ``/ws`` (see docs/protocol.md).
+"""The control channel: one WebSocket per edge at ``/ws`` (see docs/protocol.md); what else
+control serves over HTTP is ``http_endpoints``.
 
 The first frame must be ``auth`` with a known API key. A bad key gets close code 4401 and
 nothing else; a missing, late (10 s), malformed or oversized first frame gets 4400 (more than
@@ -16,27 +17,24 @@ import ipaddress
 import itertools
 import logging
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 from uuid import UUID
 
 from aiohttp import WSMsgType, web
 from kubernetes.client.exceptions import ApiException
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from kakuremichi.api import protocol
-from kakuremichi.control import gateways, metrics
+from kakuremichi.control import metrics, node_admission
 from kakuremichi.control.addressing import AllocationError
 from kakuremichi.control.context import Context
 from kakuremichi.control.credentials_secret import PRIVATE_KEY
-from kakuremichi.control.installer import install_script
 from kakuremichi.control.preauth_frames import GuardedWebSocketResponse
 from kakuremichi.control.state import EdgeIdentity
-from kakuremichi.control.topology import agent_config, agent_inputs, gateway_config, gateway_inputs
+from kakuremichi.control.topology import EdgeRole, edge_config, edge_inputs, serves
 
 AUTH_TIMEOUT_SECONDS = 10.0
 MAX_MESSAGE_BYTES = 1 << 20
@@ -142,42 +140,9 @@ class ControlChannel:
         self.pod_proofs = asyncio.Semaphore(POD_PROOFS_AT_ONCE)
         """Token reviews in flight: each holds a Kubernetes worker thread."""
 
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/ws", self.websocket)
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/metrics", self.metrics)
-        app.router.add_get("/install/{role:agent|gateway}.sh", self.installer)
-        app.router.add_get(r"/install/{wheel:kakuremichi-[^/]+\.whl}", self.wheel)
-        return app
-
-    async def installer(self, request: web.Request) -> web.Response:
-        """The one-line installer: ``curl -sSL <control>/install/agent.sh | sh -s -- ...``."""
-        settings = self.context.settings
-        wheel = settings.edge_wheel.name if settings.edge_wheel else None
-        return web.Response(
-            text=install_script(request.match_info["role"], settings.control_url, wheel),
-            content_type="text/x-shellscript",
-        )
-
-    async def wheel(self, request: web.Request) -> web.StreamResponse:
-        """The operator's own release, which the installer installs by default."""
-        served = self.context.settings.edge_wheel
-        if served is None or request.match_info["wheel"] != served.name:
-            raise web.HTTPNotFound(text="no such wheel here\n")
-        return web.FileResponse(served, headers={"Content-Type": "application/octet-stream"})
-
-    async def metrics(self, request: web.Request) -> web.Response:
-        for role in ("agent", "gateway"):
-            metrics.connected_edges.labels(role).set(
-                sum(1 for s in self.sessions.values() if s.identity.role == role)
-            )
-        return web.Response(
-            body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-        )
-
-    async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "connected": len(self.sessions)})
+    def connected(self) -> Counter[str]:
+        """Connected edges by role."""
+        return Counter(session.identity.role for session in self.sessions.values())
 
     # --- connection -----------------------------------------------------------------------
 
@@ -222,8 +187,8 @@ class ControlChannel:
             identity = admitted
         elif identity.id in self.context.state.pending_gateways:
             try:
-                await gateways.adopt_address(self.context, identity.id, remote)
-            except gateways.NodeRefused as error:
+                await node_admission.adopt_address(self.context, identity.id, remote)
+            except node_admission.NodeRefused as error:
                 await self._refuse(socket, "no_address", str(error))
                 return socket
         session = Session(identity, socket, remote, datetime.now(UTC), client=message.client)
@@ -313,7 +278,7 @@ class ControlChannel:
         try:
             async with self.pod_proofs:
                 unproven = await asyncio.wait_for(
-                    gateways.pod_refusal(
+                    node_admission.pod_refusal(
                         self.context, pool.id, message.node_name or "", message.pod_token
                     ),
                     POD_PROOF_SECONDS,
@@ -340,8 +305,8 @@ class ControlChannel:
         """A proven pod: make (or find) its node's own identity and hand its key over."""
         node = message.node_name or ""  # (proven: the pod runs there)
         try:
-            gateway_id, api_key = await gateways.admit_node(self.context, pool.id, node)
-        except (gateways.NodeRefused, AllocationError) as error:
+            gateway_id, api_key = await node_admission.admit_node(self.context, pool.id, node)
+        except (node_admission.NodeRefused, AllocationError) as error:
             await self._refuse(socket, "node_refused", str(error))
             return None
         except Exception:
@@ -444,9 +409,9 @@ class ControlChannel:
         """Send the edge its config if it changed; False when it went without the private key
         the edge may need (its Secret could not be read: try again later)."""
         identity = session.identity
+        role: EdgeRole = "agent" if identity.role == "agent" else "gateway"
         topology = self.context.state.snapshot().topology
-        known = topology.agents if identity.role == "agent" else topology.gateways
-        if identity.id not in known:
+        if not serves(topology, role, identity.id):
             return True
         complete = True
         if secure and session.private_key is None:
@@ -463,32 +428,23 @@ class ControlChannel:
         private_key = session.private_key if secure else None
         # Edges beat three times per timeout, so one lost beat never marks them offline.
         heartbeat_seconds = self.context.settings.heartbeat_timeout / 3
-        if identity.role == "agent":
-            inputs = agent_inputs(topology, identity.id)
-        else:
-            inputs = gateway_inputs(topology, identity.id, with_certificates=secure)
+        # Certificates carry private keys: over plain HTTP from elsewhere they stay home.
+        inputs = edge_inputs(topology, role, identity.id, with_certificates=secure)
         inputs += (private_key, heartbeat_seconds)
         if inputs == session.inputs:
             return complete
-        message: protocol.AgentConfigMessage | protocol.GatewayConfigMessage
-        if identity.role == "agent":
-            rendered: Any = agent_config(topology, identity.id, 0, private_key)
-        else:
-            # Certificates carry private keys: over plain HTTP from elsewhere they stay home.
-            rendered = gateway_config(
-                topology, identity.id, 0, private_key, with_certificates=secure
-            )
-        rendered.heartbeat_seconds = heartbeat_seconds
+        rendered = edge_config(topology, role, identity.id, private_key, secure, heartbeat_seconds)
         comparable = rendered.model_dump_json(exclude={"version"})
         if comparable == session.sent:
             session.inputs = inputs
             return complete
         version = self.versions.next()
         data = rendered.model_copy(update={"version": version})
-        if identity.role == "agent":
-            message = protocol.AgentConfigMessage(data=data)
-        else:
-            message = protocol.GatewayConfigMessage(data=data)
+        message = (
+            protocol.AgentConfigMessage(data=data)
+            if isinstance(data, protocol.AgentConfig)
+            else protocol.GatewayConfigMessage(data=data)
+        )
         await session.socket.send_str(protocol.encode(message))
         session.sent, session.sent_version, session.inputs = comparable, version, inputs
         metrics.config_pushes.labels(identity.role).inc()

@@ -18,11 +18,20 @@ import kopf
 from aiohttp import web
 from sqlalchemy.engine import make_url
 
-from kakuremichi.control import agents, certificates, gateways, tenancy, tunnels, webhook
+from kakuremichi.control import (
+    agents,
+    certificates,
+    gateways,
+    node_admission,
+    tenancy,
+    tunnels,
+    webhook,
+)
 from kakuremichi.control.acme_issuer import CERTIFICATE_LABEL, AcmeIssuer
 from kakuremichi.control.addressing import SubnetAllocator
 from kakuremichi.control.channel import ControlChannel
 from kakuremichi.control.context import Context
+from kakuremichi.control.http_endpoints import HttpEndpoints
 from kakuremichi.control.kube import Kube, load_api_client
 from kakuremichi.control.mirror import Mirror
 from kakuremichi.control.presence import Presence
@@ -213,6 +222,7 @@ def build_registry(context: Context) -> kopf.OperatorRegistry:
 
     agents.register(registry, context)
     gateways.register(registry, context)
+    node_admission.register(registry, context)
     tunnels.register(registry, context)
     certificates.register(registry, context)
     tenancy.register(registry, context)
@@ -241,7 +251,7 @@ async def run(
     )
     context.acme = AcmeIssuer(context)
     channel = ControlChannel(context)
-    runner = web.AppRunner(channel.app(), access_log=None)
+    runner = web.AppRunner(HttpEndpoints(settings, channel).app(), access_log=None)
     await runner.setup()
     host, _, port = settings.control_listen.rpartition(":")
     tls = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Literal
 from uuid import UUID
 
 from kakuremichi.api.protocol import (
@@ -253,3 +254,41 @@ def gateway_config(
         certificates=list(topology.served_certificates) if with_certificates else [],
         acme_challenges=list(topology.challenges),
     )
+
+
+EdgeRole = Literal["agent", "gateway"]
+
+
+def serves(topology: Topology, role: EdgeRole, edge_id: UUID) -> bool:
+    """Whether the edge has what a config needs (an Agent its subnet, a gateway instance its
+    public address)."""
+    return edge_id in (topology.agents if role == "agent" else topology.gateways)
+
+
+def edge_inputs(
+    topology: Topology, role: EdgeRole, edge_id: UUID, with_certificates: bool
+) -> tuple[object, ...]:
+    """What the edge's config is rendered from (:func:`agent_inputs`, :func:`gateway_inputs`)."""
+    if role == "agent":
+        return agent_inputs(topology, edge_id)
+    return gateway_inputs(topology, edge_id, with_certificates=with_certificates)
+
+
+def edge_config(
+    topology: Topology,
+    role: EdgeRole,
+    edge_id: UUID,
+    private_key: str | None,
+    with_certificates: bool,
+    heartbeat_seconds: float,
+) -> AgentConfig | GatewayConfig:
+    """The edge's config, version 0 (the channel numbers what it sends)."""
+    rendered: AgentConfig | GatewayConfig
+    if role == "agent":
+        rendered = agent_config(topology, edge_id, 0, private_key)
+    else:
+        rendered = gateway_config(
+            topology, edge_id, 0, private_key, with_certificates=with_certificates
+        )
+    rendered.heartbeat_seconds = heartbeat_seconds
+    return rendered
