@@ -21,7 +21,8 @@ from kakuremichi import __version__
 from kakuremichi.api import crd
 from kakuremichi.api.fields import describe_errors
 from kakuremichi.api.resources import API_VERSION, KINDS, ResourceKind
-from kakuremichi.control.settings import LETS_ENCRYPT, LETS_ENCRYPT_STAGING
+from kakuremichi.control.flags import add_flags
+from kakuremichi.control.settings import ControlSettings
 
 DEFAULT_DB_URL = "sqlite:///kakuremichi.db"
 
@@ -115,81 +116,40 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     import logging
 
     from kakuremichi.control import main as control_main
+    from kakuremichi.control.flags import flag_errors, values_from
+    from kakuremichi.control.installer import EdgeWheelError, check_edge_wheel, default_edge_wheel
     from kakuremichi.control.settings import ControlSettings
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if bool(args.control_tls_cert) != bool(args.control_tls_key):
-        print("--control-tls-cert and --control-tls-key go together", file=sys.stderr)
+    values = values_from(args, ControlSettings)
+    if args.all_namespaces and values.get("namespaces"):
+        print("kakuremichi operator: --namespace and --all-namespaces exclude each other",
+              file=sys.stderr)  # fmt: skip
         return 2
-    from kakuremichi.control.installer import (
-        EdgeWheelError,
-        check_edge_wheel,
-        default_edge_wheel,
-    )
-
     try:
-        edge_wheel = check_edge_wheel(args.edge_wheel) if args.edge_wheel else default_edge_wheel()
+        wheel = values.get("edge_wheel")
+        values["edge_wheel"] = check_edge_wheel(wheel) if wheel else default_edge_wheel()
     except EdgeWheelError as error:
         print(f"kakuremichi operator: --edge-wheel {error}", file=sys.stderr)
         return 2
-    first, _, last = args.subnet_pool.partition("-")
     try:
-        settings = ControlSettings(
-            db_url=args.db,
-            control_listen=args.control_listen,
-            control_url=args.control_url,
-            sealing_key_file=args.sealing_key_file,
-            sealing_key_secret=args.sealing_key_secret or None,
-            subnet_first=int(first),
-            subnet_last=int(last or first),
-            subnet_excluded=tuple(args.exclude_cidr),
-            subnet_third_octets=args.subnet_third_octets,
-            namespaces=tuple(args.namespace),
-            heartbeat_timeout=args.heartbeat_timeout,
-            trust_loopback=args.trust_loopback,
-            max_unauthenticated=args.max_unauthenticated,
-            max_unauthenticated_per_address=args.max_unauthenticated_per_address,
-            system_namespace=args.system_namespace,
-            **({"edge_image": args.edge_image} if args.edge_image else {}),
-            edge_ca_file=args.edge_ca_file,
-            edge_wheel=edge_wheel,
-            control_tls_cert=args.control_tls_cert,
-            control_tls_key=args.control_tls_key,
-            webhook_listen=args.webhook_listen,
-            webhook_host=args.webhook_host,
-            webhook_service=args.webhook_service,
-            **({"webhook_cert_dir": args.webhook_cert_dir} if args.webhook_cert_dir else {}),
-            acme_directory=args.acme_directory,
-            acme_email=args.acme_email,
-            acme_eab_kid=args.acme_eab_kid,
-            acme_eab_hmac_key=args.acme_eab_hmac_key,
-            acme_ca_file=args.acme_ca_file,
-            acme_profile=args.acme_profile,
-            acme_retry_base=args.acme_retry_base,
-        )
-        settings.subnet_pool()  # refuse a bad pool before connecting anywhere
+        settings = ControlSettings(**values)
     except ValidationError as error:
-        for line in describe_errors(error):
+        for line in flag_errors(error, ControlSettings):
             print(f"kakuremichi operator: {line}", file=sys.stderr)
         return 2
-    except ValueError as error:
-        print(
-            f"kakuremichi operator: --subnet-pool/--subnet-third-octets/--exclude-cidr: {error}",
-            file=sys.stderr,
-        )
-        return 2
-    if args.edge_ca_file is not None and not args.edge_ca_file.is_file():
-        print(f"kakuremichi operator: --edge-ca-file {args.edge_ca_file}: no such file",
+    if settings.edge_ca_file is not None and not settings.edge_ca_file.is_file():
+        print(f"kakuremichi operator: --edge-ca-file {settings.edge_ca_file}: no such file",
               file=sys.stderr)  # fmt: skip
         return 2
-    if args.webhook_service:
+    if settings.webhook_service:
         from kakuremichi.control.webhook import ServiceReference
 
         try:
-            ServiceReference.parse(args.webhook_service)
+            ServiceReference.parse(settings.webhook_service)
         except ValueError as error:
             print(f"kakuremichi operator: --webhook-service: {error}", file=sys.stderr)
             return 2
@@ -466,118 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     operator = commands.add_parser(
         "operator", help="run the control plane (reconcilers, SQLite mirror, control channel)"
     )
-    operator.add_argument("--db", default=DEFAULT_DB_URL, help="SQLite mirror (sqlite:///PATH)")
+    add_flags(operator, ControlSettings)
     operator.add_argument(
-        "--control-listen", default="127.0.0.1:8480", help="HOST:PORT for the control channel"
-    )
-    operator.add_argument(
-        "--control-url", default="http://127.0.0.1:8480", help="URL edges use to reach control"
-    )
-    operator.add_argument(
-        "--control-tls-cert", type=Path, metavar="FILE", help="serve the control channel over TLS"
-    )
-    operator.add_argument("--control-tls-key", type=Path, metavar="FILE")
-    operator.add_argument(
-        "--sealing-key-file", type=Path, help="key sealing database secrets (default: beside --db)"
-    )
-    operator.add_argument(
-        "--sealing-key-secret", metavar="NAME",
-        help="keep the sealing key in this Secret of the system namespace instead (created on "
-        "first start; a key file beside the database is moved into it), off the data volume",
-    )  # fmt: skip
-    operator.add_argument(
-        "--subnet-pool", default="1-254", metavar="FIRST-LAST",
-        help="agent subnets 10.N.0.0/24 for N in FIRST..LAST",
-    )  # fmt: skip
-    operator.add_argument(
-        "--subnet-third-octets", type=int, metavar="K",
-        default=os.environ.get("KAKUREMICHI_SUBNET_THIRD_OCTETS", "1"),
-        help="enlarge the agent pool to 10.N.M.0/24 for M in 0..K-1 (1..256; default 1: the "
-        "data-model document's 10.N.0.0/24 only, 254 agents); every 10.N.0.0/24 goes first",
-    )  # fmt: skip
-    operator.add_argument(
-        "--exclude-cidr", action="append", default=[], metavar="CIDR",
-        help="skip agent subnets overlapping CIDR (repeatable), e.g. 10.96.0.0/12",
-    )  # fmt: skip
-    scope = operator.add_mutually_exclusive_group()
-    scope.add_argument(
-        "--namespace", action="append", default=[], metavar="NS",
-        help="watch only NS (repeatable); default: all namespaces",
-    )  # fmt: skip
-    scope.add_argument(
         "--all-namespaces", "-A", action="store_true", help="watch every namespace (the default)"
     )
-    operator.add_argument(
-        "--system-namespace", default=os.environ.get("POD_NAMESPACE", "default"), metavar="NS",
-        help="namespace for the Secrets of Gateways (default: the operator's own)",
-    )  # fmt: skip
-    operator.add_argument(
-        "--webhook-listen", metavar="HOST:PORT",
-        help="serve the agent sidecar-injection webhook here (default: off)",
-    )  # fmt: skip
-    operator.add_argument(
-        "--webhook-host", default="127.0.0.1", metavar="HOST",
-        help="name or address the API server dials for the webhook (its certificate's SAN)",
-    )  # fmt: skip
-    operator.add_argument(
-        "--webhook-service", metavar="NAMESPACE/NAME:PORT",
-        help="register the webhook by this Service (in a cluster) instead of --webhook-host",
-    )  # fmt: skip
-    operator.add_argument(
-        "--webhook-cert-dir", type=Path, metavar="DIR",
-        help="where the webhook's generated serving certificate is written (a private folder)",
-    )  # fmt: skip
-    operator.add_argument(
-        "--edge-image", metavar="IMAGE", help="image of gateway DaemonSets and agent sidecars"
-    )
-    operator.add_argument(
-        "--edge-ca-file", type=Path, metavar="FILE",
-        help="CA (PEM) in-cluster edges trust for --control-url (a private CA, e.g. the chart's)",
-    )  # fmt: skip
-    operator.add_argument(
-        "--edge-wheel", type=Path, metavar="FILE",
-        help="the kakuremichi wheel of this release, served to the one-line installer (default: "
-        "the image's own, /usr/share/kakuremichi/kakuremichi-VERSION-py3-none-any.whl)",
-    )  # fmt: skip
-    operator.add_argument(
-        "--heartbeat-timeout", type=float, default=30.0, metavar="SECONDS",
-        help="an edge silent this long is disconnected and marked offline",
-    )  # fmt: skip
-    operator.add_argument(
-        "--trust-loopback", action="store_true",
-        help="send keys and certificates over plain HTTP to edges connecting from loopback "
-        "(default: only over TLS; a mesh sidecar relays remote connections from 127.0.0.6)",
-    )  # fmt: skip
-    operator.add_argument(
-        "--max-unauthenticated", type=int, default=256, metavar="N",
-        help="control channel connections not yet authenticated, in all (default 256)",
-    )  # fmt: skip
-    operator.add_argument(
-        "--max-unauthenticated-per-address", type=int, default=64, metavar="N",
-        help="... and from one address (default 64; edges behind one NAT share it)",
-    )  # fmt: skip
-    acme = operator.add_argument_group("ACME (Tunnels and Certificates with issuer ACME)")
-    acme.add_argument(
-        "--acme-directory", metavar="URL",
-        default=os.environ.get("KAKUREMICHI_ACME_DIRECTORY", LETS_ENCRYPT),
-        help="ACME directory (default: Let's Encrypt production; staging: "
-        f"{LETS_ENCRYPT_STAGING})",
-    )  # fmt: skip
-    acme.add_argument("--acme-email", metavar="EMAIL", help="account contact for expiry notices")
-    acme.add_argument("--acme-eab-kid", metavar="KID", help="External Account Binding key id")
-    acme.add_argument(
-        "--acme-eab-hmac-key", metavar="KEY",
-        default=os.environ.get("KAKUREMICHI_ACME_EAB_HMAC_KEY"),
-        help="External Account Binding HMAC key, base64url (or KAKUREMICHI_ACME_EAB_HMAC_KEY)",
-    )  # fmt: skip
-    acme.add_argument(
-        "--acme-ca-file", type=Path, metavar="FILE", help="CA bundle to trust for the directory"
-    )
-    acme.add_argument("--acme-profile", metavar="NAME", help="certificate profile to request")
-    acme.add_argument(
-        "--acme-retry-base", type=float, default=30.0, metavar="SECONDS",
-        help="delay after a first failure; doubles with each further one, up to an hour",
-    )  # fmt: skip
     operator.add_argument("--liveness", metavar="URL", help="e.g. http://0.0.0.0:8080/healthz")
     operator.add_argument("-v", "--verbose", action="store_true")
     operator.set_defaults(handler=_cmd_operator)

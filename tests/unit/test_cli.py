@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from kakuremichi.cli import build_parser, main
+from kakuremichi.control.flags import values_from
 from kakuremichi.control.installer import install_script, plain_http_warning, release_wheel_name
+from kakuremichi.control.settings import ControlSettings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -160,12 +162,16 @@ def test_operator_subnet_third_octets_from_flag_or_environment(
     assert main(["operator", "--subnet-third-octets", "0"]) == 2
     assert "third octets must be 1-256" in capsys.readouterr().err
     monkeypatch.setenv("KAKUREMICHI_SUBNET_THIRD_OCTETS", "4")
-    args = build_parser().parse_args(["operator"])
-    assert args.subnet_third_octets == 4
-    args = build_parser().parse_args(["operator", "--subnet-third-octets", "2"])
-    assert args.subnet_third_octets == 2
+    assert operator_settings().subnet_third_octets == 4
+    assert operator_settings("--subnet-third-octets", "2").subnet_third_octets == 2
     monkeypatch.delenv("KAKUREMICHI_SUBNET_THIRD_OCTETS")
-    assert build_parser().parse_args(["operator"]).subnet_third_octets == 1
+    assert operator_settings().subnet_third_octets == 1
+
+
+def operator_settings(*args: str) -> ControlSettings:
+    """What ``kakuremichi operator ARGS`` would run with."""
+    parsed = build_parser().parse_args(["operator", *args])
+    return ControlSettings(**values_from(parsed, ControlSettings))
 
 
 def test_a_plain_http_control_url_is_fine_on_loopback_only() -> None:

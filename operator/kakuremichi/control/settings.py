@@ -1,92 +1,322 @@
-"""Operator settings, from the command line (``kakuremichi operator --help``)."""
+"""Operator settings (``kakuremichi operator --help``): each field with a :class:`Flag` is an
+option of the command, its help and its row in the README's table (``control/flags.py``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kakuremichi import __version__
 from kakuremichi.control.addressing import SubnetPool
+from kakuremichi.control.flags import Flag
 from kakuremichi.control.manifests import EdgeImage
 
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
+ACME = "ACME (Tunnels and Certificates with issuer ACME)"
 
 
 class ControlSettings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    db_url: str = "sqlite:///kakuremichi.db"
-    """The SQLite mirror."""
-    control_listen: str = "127.0.0.1:8480"
-    """host:port the control channel (WebSocket) listens on."""
-    control_tls_cert: Path | None = None
-    control_tls_key: Path | None = None
-    """Serve the control channel over TLS with this certificate (chain) and key. Without TLS,
-    private keys are sent only to edges connecting over loopback."""
-    control_url: str = "http://127.0.0.1:8480"
-    """The URL edges use to reach the control channel (printed in one-liners, set in sidecars)."""
-    sealing_key_file: Path | None = None
-    """Master key that seals secrets in the database; generated next to the database if unset."""
-    subnet_first: int = 1
-    subnet_last: int = 254
-    subnet_excluded: tuple[str, ...] = ()
-    subnet_third_octets: int = 1
-    """K: agent subnets 10.N.M.0/24 for M in 0..K-1. 1 is the data-model document's plan
-    (10.N.0.0/24, 254 agents); a larger K enlarges the pool (all 10.N.0.0/24 go first)."""
-    edge_ca_file: Path | None = None
-    """CA bundle (PEM) that in-cluster edges trust for ``control_url``: put into the gateway
-    DaemonSets and agent sidecars as ``KAKUREMICHI_CONTROL_CA`` (a CA is public; this spares
-    copying a Secret into every namespace)."""
-    edge_wheel: Path | None = None
-    """The kakuremichi wheel of this release, served to the one-line installer at
-    ``/install/<wheel name>`` (None: hosts install from the package index)."""
-    edge_image: str = f"kakuremichi/edge:{__version__}"
-    """Image of the gateway DaemonSets and agent sidecars."""
-    system_namespace: str = "default"
-    """Namespace for the Secrets of cluster-scoped resources (Gateways)."""
-    namespaces: tuple[str, ...] = ()
-    """Namespaces to watch; empty means the whole cluster."""
-    webhook_listen: str | None = None
-    """host:port of the sidecar-injection webhook; None disables it."""
-    webhook_service: str | None = None
-    """``NAMESPACE/NAME:PORT`` of a Service in front of the webhook: registered by Service
-    reference (in a cluster), instead of ``https://webhook_host:port``."""
-    webhook_host: str = "127.0.0.1"
-    """The name or address the API server uses to reach the webhook (in its certificate)."""
-    webhook_cert_dir: Path | None = None
-    """Where the webhook's serving certificate is written; a fresh private temporary folder
-    when unset."""
-    acme_directory: str = LETS_ENCRYPT
-    """ACME directory URL: Let's Encrypt production by default; staging is
-    https://acme-staging-v02.api.letsencrypt.org/directory; any RFC 8555 server works."""
-    acme_email: str | None = None
-    """Contact address for the ACME account (expiry notices)."""
-    acme_eab_kid: str | None = None
-    acme_eab_hmac_key: str | None = None
-    """External Account Binding, for CAs that require it (base64url HMAC key)."""
-    acme_ca_file: Path | None = None
-    """CA bundle to trust for the directory's HTTPS (default: the system's)."""
-    acme_profile: str | None = None
-    """Certificate profile to request, for servers that offer profiles."""
+    db_url: Annotated[
+        str,
+        Flag(
+            "--db",
+            "the SQLite mirror (sqlite:///PATH); created and migrated at start",
+            "URL",
+        ),
+    ] = "sqlite:///kakuremichi.db"
+    control_listen: Annotated[
+        str,
+        Flag(
+            "--control-listen",
+            "where the control channel (WebSocket) listens",
+            "HOST:PORT",
+        ),
+    ] = "127.0.0.1:8480"
+    control_url: Annotated[
+        str,
+        Flag(
+            "--control-url",
+            "how edges reach the control channel (printed in one-liners, set in "
+            "sidecars and DaemonSets)",
+            "URL",
+        ),
+    ] = "http://127.0.0.1:8480"
+    control_tls_cert: Annotated[
+        Path | None,
+        Flag(
+            "--control-tls-cert",
+            "serve the control channel over TLS with this certificate "
+            "(chain); without TLS private keys and certificates go to no edge (but loopback ones "
+            "with --trust-loopback)",
+            "FILE",
+        ),
+    ] = None
+    control_tls_key: Annotated[
+        Path | None,
+        Flag(
+            "--control-tls-key",
+            "... and this key (the two go together)",
+            "FILE",
+        ),
+    ] = None
+    trust_loopback: Annotated[
+        bool,
+        Flag(
+            "--trust-loopback",
+            "also send keys and certificates over plain HTTP to edges "
+            "connecting from loopback (off: a mesh sidecar relays remote connections from "
+            "127.0.0.6)",
+        ),
+    ] = False
+    max_unauthenticated: Annotated[
+        int,
+        Field(ge=1),
+        Flag(
+            "--max-unauthenticated",
+            "control channel connections not yet authenticated, in all; more get HTTP 503",
+            "N",
+        ),
+    ] = 256
+    max_unauthenticated_per_address: Annotated[
+        int,
+        Field(ge=1),
+        Flag(
+            "--max-unauthenticated-per-address",
+            "... and from one address (edges behind one NAT share it)",
+            "N",
+        ),
+    ] = 64
+    heartbeat_timeout: Annotated[
+        float,
+        Field(gt=0),
+        Flag(
+            "--heartbeat-timeout",
+            "an edge silent this long is disconnected and marked offline",
+            "SECONDS",
+            default_text="30 s",
+        ),
+    ] = 30.0
+    namespaces: Annotated[
+        tuple[str, ...],
+        Flag(
+            "--namespace",
+            "watch only this namespace; without it, every namespace",
+            "NS",
+            default_text="all namespaces",
+        ),
+    ] = ()
+    system_namespace: Annotated[
+        str,
+        Flag(
+            "--system-namespace",
+            "where Gateway Secrets, ServiceAccounts and DaemonSets live",
+            "NS",
+            env="POD_NAMESPACE",
+            default_text="$POD_NAMESPACE or default",
+        ),
+    ] = "default"
+    subnet_range: Annotated[
+        str,
+        Field(pattern=r"^\d{1,3}(-\d{1,3})?$"),
+        Flag(
+            "--subnet-pool",
+            "agent subnets 10.N.0.0/24 for N in FIRST..LAST",
+            "FIRST-LAST",
+        ),
+    ] = "1-254"
+    subnet_excluded: Annotated[
+        tuple[str, ...],
+        Flag(
+            "--exclude-cidr",
+            "skip agent subnets overlapping CIDR (your cluster's ranges, e.g. 10.96.0.0/12)",
+            "CIDR",
+        ),
+    ] = ()
+    subnet_third_octets: Annotated[
+        int,
+        Flag(
+            "--subnet-third-octets",
+            "enlarge the agent pool to 10.N.M.0/24 for M in 0..K-1 "
+            "(1..256; 254 x K agents, virtual IP 10.N.M.100); every 10.N.0.0/24 is handed out "
+            "first, so enlarging moves nobody. 1 is the data-model document's plan",
+            "K",
+            env="KAKUREMICHI_SUBNET_THIRD_OCTETS",
+        ),
+    ] = 1
+    webhook_listen: Annotated[
+        str | None,
+        Flag(
+            "--webhook-listen",
+            "serve the agent sidecar-injection webhook here (off without it)",
+            "HOST:PORT",
+        ),
+    ] = None
+    webhook_host: Annotated[
+        str,
+        Flag(
+            "--webhook-host",
+            "the name or address the API server dials for the webhook (its "
+            "certificate's SAN): https://HOST:PORT",
+            "HOST",
+        ),
+    ] = "127.0.0.1"
+    webhook_service: Annotated[
+        str | None,
+        Flag(
+            "--webhook-service",
+            "register the webhook by this Service instead of --webhook-host "
+            "(in a cluster; what the chart does)",
+            "NAMESPACE/NAME:PORT",
+        ),
+    ] = None
+    webhook_cert_dir: Annotated[
+        Path | None,
+        Flag(
+            "--webhook-cert-dir",
+            "where the webhook's generated serving certificate is written",
+            "DIR",
+            default_text="a private temporary folder",
+        ),
+    ] = None
+    edge_image: Annotated[
+        str,
+        Flag(
+            "--edge-image",
+            "image of gateway DaemonSets and agent sidecars",
+            "IMAGE",
+            default_text="kakuremichi/edge:<version>",
+        ),
+    ] = f"kakuremichi/edge:{__version__}"
+    edge_ca_file: Annotated[
+        Path | None,
+        Flag(
+            "--edge-ca-file",
+            "a private CA (PEM) for --control-url, rendered into gateway "
+            "DaemonSets and agent sidecars (KAKUREMICHI_CONTROL_CA)",
+            "FILE",
+        ),
+    ] = None
+    edge_wheel: Annotated[
+        Path | None,
+        Flag(
+            "--edge-wheel",
+            "the kakuremichi wheel of this release that the one-line installer "
+            "fetches from control (none outside the image: hosts install from the package index)",
+            "FILE",
+            default_text="the image's "
+            "/usr/share/kakuremichi/kakuremichi-<version>-py3-none-any.whl",
+        ),
+    ] = None
+    sealing_key_file: Annotated[
+        Path | None,
+        Flag(
+            "--sealing-key-file",
+            "the key that seals secrets in the database",
+            "FILE",
+            default_text="sealing.key beside the database",
+        ),
+    ] = None
+    sealing_key_secret: Annotated[
+        str | None,
+        Flag(
+            "--sealing-key-secret",
+            "keep that key in this Secret of the system namespace instead "
+            "(created on first start; a key file beside the database is moved into it and "
+            "removed), so a copy of the data volume does not hold the key to its sealed values; "
+            "the chart sets it",
+            "NAME",
+        ),
+    ] = None
+    acme_directory: Annotated[
+        str,
+        Flag(
+            "--acme-directory",
+            "ACME directory for issuer ACME (the default for Tunnels); staging "
+            f"is {LETS_ENCRYPT_STAGING}; any RFC 8555 server works",
+            "URL",
+            env="KAKUREMICHI_ACME_DIRECTORY",
+            default_text="Let's Encrypt production",
+            group=ACME,
+        ),
+    ] = LETS_ENCRYPT
+    acme_email: Annotated[
+        str | None,
+        Flag(
+            "--acme-email",
+            "account contact (expiry notices)",
+            "EMAIL",
+            group=ACME,
+        ),
+    ] = None
+    acme_eab_kid: Annotated[
+        str | None,
+        Flag(
+            "--acme-eab-kid",
+            "External Account Binding key id, for CAs that require it",
+            "KID",
+            group=ACME,
+        ),
+    ] = None
+    acme_eab_hmac_key: Annotated[
+        str | None,
+        Flag(
+            "--acme-eab-hmac-key",
+            "External Account Binding HMAC key, base64url",
+            "KEY",
+            env="KAKUREMICHI_ACME_EAB_HMAC_KEY",
+            group=ACME,
+        ),
+    ] = None
+    acme_ca_file: Annotated[
+        Path | None,
+        Flag(
+            "--acme-ca-file",
+            "CA bundle to trust for the directory's HTTPS",
+            "FILE",
+            default_text="the system's",
+            group=ACME,
+        ),
+    ] = None
+    acme_profile: Annotated[
+        str | None,
+        Flag(
+            "--acme-profile",
+            "certificate profile to request, for servers that offer profiles",
+            "NAME",
+            default_text="the server's",
+            group=ACME,
+        ),
+    ] = None
+    acme_retry_base: Annotated[
+        float,
+        Field(gt=0),
+        Flag(
+            "--acme-retry-base",
+            "delay after a first failure; doubles per failure, up to an hour (Retry-After wins)",
+            "SECONDS",
+            default_text="30 s",
+            group=ACME,
+        ),
+    ] = 30.0
     acme_account_secret: str = "kakuremichi-acme-account"  # noqa: S105 - a name, not a secret
-    """Secret (system namespace) holding the account key and URI."""
-    acme_retry_base: float = Field(default=30.0, gt=0)
-    """First delay after a failed attempt; each failure doubles it, up to an hour."""
-    heartbeat_timeout: float = Field(default=30.0, gt=0)
-    """Seconds of silence after which an edge is offline."""
-    sealing_key_secret: str | None = None
-    """Keep the sealing key in this Secret of the system namespace (created on first start,
-    from a key file beside the database if one is there, which is then removed), never on the
-    database's volume."""
-    trust_loopback: bool = False
-    """Send private keys and certificates over plain HTTP to edges connecting from loopback
-    (a mesh sidecar relays other hosts' connections from 127.0.0.6: off by default)."""
-    max_unauthenticated: int = Field(default=256, ge=1)
-    """Control channel connections that have not authenticated yet, in all."""
-    max_unauthenticated_per_address: int = Field(default=64, ge=1)
-    """... and from one address (edges behind one NAT share it)."""
+    """Secret (system namespace) holding the ACME account key and URI."""
+
+    @model_validator(mode="after")
+    def _together(self) -> ControlSettings:
+        if (self.control_tls_cert is None) != (self.control_tls_key is None):
+            raise ValueError("--control-tls-cert and --control-tls-key go together")
+        try:
+            self.subnet_pool()  # a bad pool is refused before anything connects anywhere
+        except ValueError as error:
+            raise ValueError(
+                f"--subnet-pool/--subnet-third-octets/--exclude-cidr: {error}"
+            ) from None
+        return self
 
     def edge(self) -> EdgeImage:
         """What the operator renders into gateway DaemonSets and agent sidecars."""
@@ -94,6 +324,7 @@ class ControlSettings(BaseModel):
         return EdgeImage(self.edge_image, self.control_url, control_ca=ca)
 
     def subnet_pool(self) -> SubnetPool:
+        first, _, last = self.subnet_range.partition("-")
         return SubnetPool.parse(
-            self.subnet_first, self.subnet_last, self.subnet_excluded, self.subnet_third_octets
+            int(first), int(last or first), self.subnet_excluded, self.subnet_third_octets
         )
