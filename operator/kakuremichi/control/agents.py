@@ -113,8 +113,11 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
             subnet=str(addresses.subnet),
         )
     )
-    context.state.add_agent(AgentNode(uid, namespace, name, addresses.number, public_key), api_key)
-    context.state.credential_secrets[uid] = (namespace, secret_name)
+    context.state.add_agent(
+        AgentNode(uid, namespace, name, addresses.number, public_key),
+        api_key,
+        (namespace, secret_name),
+    )
     message = f"subnet {addresses.subnet}, virtual IP {addresses.virtual_ip}"
     updates: dict[str, Any] = {
         "subnet": str(addresses.subnet),

@@ -23,7 +23,7 @@ from uuid import UUID
 
 import kopf
 
-from kakuremichi.api.conditions import READY, set_ready
+from kakuremichi.api.conditions import is_ready, set_ready
 from kakuremichi.api.fields import status_patch
 from kakuremichi.api.protocol import CertificateBundle
 from kakuremichi.api.resources import CERTIFICATE, CertificateSpec, CertificateStatus
@@ -112,11 +112,8 @@ async def compute_status(context: Context, body: kopf.Body) -> dict[str, Any]:
     if spec.issuer == "ACME":
         context.acme.ensure(namespace, name)
     verdict, bundle, info = await evaluate(context, namespace, name, meta.uid or "", spec)
-    context.state.set_certificate((namespace, name), verdict, bundle)
-    if info is not None:
-        context.state.certificate_expiry[(namespace, name)] = info.not_after
-    else:
-        context.state.certificate_expiry.pop((namespace, name), None)
+    expires = info.not_after if info is not None else None
+    context.state.set_certificate((namespace, name), verdict, bundle, expires)
     updates: dict[str, Any] = {
         "conditions": set_ready(
             current.conditions,
@@ -152,7 +149,7 @@ async def compute_status(context: Context, body: kopf.Body) -> dict[str, Any]:
                 last_renewed_at=info.not_before,
             ),
         )
-    was_ready = any(c.type == READY and c.status == "True" for c in current.conditions)
+    was_ready = is_ready(current.conditions)
     if verdict.ready != was_ready or not current.conditions:
         await context.kube.announce(
             CERTIFICATE, body, not verdict.ready, verdict.reason, verdict.message

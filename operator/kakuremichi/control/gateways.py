@@ -95,7 +95,9 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
         {"kakuremichi.io/gateway": name},
     )  # fmt: skip
     public_key = wireguard_public_key(private_key)
-    digest = context.state.add_gateway_credentials(gid, api_key)
+    digest = context.state.add_gateway_credentials(
+        gid, api_key, (context.settings.system_namespace, secret_name)
+    )
     public_ip = spec.public_ip or (known.public_ip if known else None)
     connected = gid in context.presence.online
     instance = GatewayInstanceStatus(
@@ -125,16 +127,14 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
         https_port=spec.ports.https,
         **front_end_settings(spec),
     )
-    context.state.credential_secrets[gid] = (context.settings.system_namespace, secret_name)
     if public_ip is None:
         # Admitted without an address: the first connection's source address becomes it.
-        context.state.pending_gateways[gid] = (node, digest, spec.region)
+        context.state.await_address(node, digest, spec.region)
         write(common | with_ready(
             "False", "WaitingForAddress",
             "no spec.publicIP: the address the gateway first connects from will be used",
         ))  # fmt: skip
         return
-    context.state.pending_gateways.pop(gid, None)
     await context.mirror.upsert_gateway(
         GatewayRow(gid, instance_name, digest, public_ip, public_key, spec.region)
     )

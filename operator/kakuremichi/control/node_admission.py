@@ -63,7 +63,6 @@ async def adopt_address(context: Context, gateway_id: UUID, remote: str) -> None
             status_patch(status, {"public_ip": public_ip, "instances": instances,
                                   "conditions": conditions}),
         )  # fmt: skip
-    del context.state.pending_gateways[gateway_id]
     context.state.set_gateway(node)
 
 
@@ -140,8 +139,7 @@ async def _admit_node(context: Context, pool: GatewayPool, node: str) -> tuple[U
     else:
         index = context.state.gateway_indexes.allocate(gid)
     public_key = wireguard_public_key(private_key)
-    digest = context.state.add_gateway_credentials(gid, api_key)
-    context.state.credential_secrets[gid] = (namespace, secret_name)
+    digest = context.state.add_gateway_credentials(gid, api_key, (namespace, secret_name))
     ports = pool.spec.ports
     context.state.set_gateway(
         GatewayNode(gid, node, index, public_ip, public_key, pool.name, ports.wireguard,

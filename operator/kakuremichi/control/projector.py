@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from kakuremichi.api.conditions import READY, Condition, set_ready
+from kakuremichi.api.conditions import READY, Condition, find_condition, set_ready
 from kakuremichi.api.resources import TUNNEL, TunnelStatus
 from kakuremichi.control.context import Context
 from kakuremichi.control.mirror import CertificateRow, TunnelRow
@@ -183,7 +183,7 @@ class Projector:
             prior = (
                 previous[0].reason
                 if previous
-                else next((c.reason for c in seeded if c.type == READY), None)
+                else getattr(find_condition(seeded, READY), "reason", None)
             )
             if prior != verdict.reason:
                 await self._event(tunnel, verdict)

@@ -124,11 +124,13 @@ class ControlState:
 
     # --- agents ---------------------------------------------------------------------------
 
-    def add_agent(self, agent: AgentNode, api_key: str) -> str:
-        """Record an agent and its key; returns the key's digest."""
+    def add_agent(self, agent: AgentNode, api_key: str, secret: tuple[str, str]) -> str:
+        """Record an agent, its key and the Secret (namespace, name) holding its keys; returns
+        the key's digest."""
         digest = self.sealer.digest_api_key(api_key)
         self._forget_credentials(agent.id)
         self.credentials[digest] = EdgeIdentity("agent", agent.id)
+        self.credential_secrets[agent.id] = secret
         self.quota_refused.discard(agent.id)
         if self.agents.get(agent.id) != agent:
             self.agents[agent.id] = agent
@@ -177,12 +179,21 @@ class ControlState:
 
     # --- gateways -------------------------------------------------------------------------
 
-    def add_gateway_credentials(self, gateway_id: UUID, api_key: str) -> str:
-        """Let a gateway instance connect (even before its address is known)."""
+    def add_gateway_credentials(
+        self, gateway_id: UUID, api_key: str, secret: tuple[str, str]
+    ) -> str:
+        """Let a gateway instance connect (even before its address is known); ``secret``
+        (namespace, name) holds its keys. Returns the key's digest."""
         digest = self.sealer.digest_api_key(api_key)
         self._forget_credentials(gateway_id)
         self.credentials[digest] = EdgeIdentity("gateway", gateway_id)
+        self.credential_secrets[gateway_id] = secret
         return digest
+
+    def await_address(self, gateway: GatewayNode, digest: str, region: str | None) -> None:
+        """An External instance without an address: its first connection's source address
+        will be its public address (:meth:`set_gateway` then)."""
+        self.pending_gateways[gateway.id] = (gateway, digest, region)
 
     def add_pool(self, pool: GatewayPool, api_key: str) -> None:
         self._forget_credentials(pool.uid)
@@ -194,6 +205,8 @@ class ControlState:
         self.pools.pop(pool_uid, None)
 
     def set_gateway(self, gateway: GatewayNode) -> None:
+        """A gateway instance with its public address: a peer of every agent."""
+        self.pending_gateways.pop(gateway.id, None)
         if self.gateways.get(gateway.id) != gateway:
             self.gateways[gateway.id] = gateway
             self.touch()
@@ -240,10 +253,19 @@ class ControlState:
             self.touch()
 
     def set_certificate(
-        self, key: tuple[str, str], verdict: CertificateVerdict, bundle: CertificateBundle | None
+        self,
+        key: tuple[str, str],
+        verdict: CertificateVerdict,
+        bundle: CertificateBundle | None,
+        expires: datetime | None = None,
     ) -> None:
         """Record a Certificate's verdict; a ``bundle`` replaces the served one. Without one the
-        last good bundle stays served until it expires, as a user expects of a bad update."""
+        last good bundle stays served until it expires, as a user expects of a bad update.
+        ``expires``: when the certificate in its Secret expires (None: there is none good)."""
+        if expires is None:
+            self.certificate_expiry.pop(key, None)
+        else:
+            self.certificate_expiry[key] = expires
         changed = self.certificate_verdicts.get(key) != verdict
         self.certificate_verdicts[key] = verdict
         if verdict.reason == "Expired" and self.bundles.pop(key, None) is not None:

@@ -16,7 +16,7 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from kakuremichi.api.conditions import READY
+from kakuremichi.api.conditions import READY, find_condition
 from kakuremichi.api.resources import (
     API_VERSION,
     CERTIFICATE,
@@ -128,7 +128,7 @@ async def restore_claims(context: Context) -> set[UUID]:
             state.seed_tunnel_conditions(facts.id, status.conditions)
             # When its claim began: as sealed into status, or (none there) from its creation,
             # unless it was refused (quota, policy) then: its claim begins when allowed.
-            ready = next((c for c in status.conditions if c.type == READY), None)
+            ready = find_condition(status.conditions, READY)
             refused = ready is not None and ready.reason in ("QuotaExceeded", "DomainNotAllowed")
             state.restore_claim(facts.id, restored_claim(state.sealer, facts, status), refused)
             state.set_tunnel(facts)
