@@ -26,7 +26,7 @@ import aiohttp
 from kakuremichi.api.protocol import AcmeChallenge
 from kakuremichi.api.resources import CERTIFICATE, CertificateSpec, CertificateStatus
 from kakuremichi.control.acme import AcmeProblem, AcmeSession, generate_account_key
-from kakuremichi.control.kube import MANAGED_BY, SecretNotOwned, StoredSecret
+from kakuremichi.control.kube_api import MANAGED_BY, SecretNotOwned, StoredSecret
 from kakuremichi.control.tls_material import CertificateInfo, CertificateProblem, inspect
 from kakuremichi.control.tunnel_readiness import CertificateVerdict
 

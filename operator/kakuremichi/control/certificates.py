@@ -29,7 +29,7 @@ from kakuremichi.api.protocol import CertificateBundle
 from kakuremichi.api.resources import CERTIFICATE, CertificateSpec, CertificateStatus
 from kakuremichi.control.acme_issuer import CERTIFICATE_LABEL
 from kakuremichi.control.context import Context
-from kakuremichi.control.kube import SecretNotOwned
+from kakuremichi.control.kube_api import SecretNotOwned
 from kakuremichi.control.mirror import CertificateRow
 from kakuremichi.control.reconciler import register_reconciler
 from kakuremichi.control.tls_material import CertificateProblem, inspect

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from kakuremichi.control.kube import Kube
+from kakuremichi.control.kube_api import KubeApi
 from kakuremichi.control.mirror import Mirror
 from kakuremichi.control.presence import Presence
 from kakuremichi.control.settings import ControlSettings
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 class Context:
     settings: ControlSettings
     state: ControlState
-    kube: Kube
+    kube: KubeApi
     mirror: Mirror
     presence: Presence
     status_locks: StatusLocks

@@ -14,7 +14,7 @@ from kakuremichi.control.credentials import (
     generate_wireguard_keypair,
     is_wireguard_key,
 )
-from kakuremichi.control.kube import Kube
+from kakuremichi.control.kube_api import KubeApi
 
 API_KEY = "apiKey"
 PRIVATE_KEY = "wireguardPrivateKey"
@@ -22,7 +22,7 @@ PUBLIC_KEY = "wireguardPublicKey"
 
 
 async def ensure_credentials(
-    kube: Kube,
+    kube: KubeApi,
     namespace: str,
     secret_name: str,
     role: ApiKeyRole,

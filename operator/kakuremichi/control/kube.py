@@ -16,7 +16,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
@@ -24,6 +23,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from kakuremichi.api.resources import API_VERSION, GROUP, VERSION, ResourceKind
+from kakuremichi.control.kube_api import SecretNotOwned, StoredSecret
 from kakuremichi.control.pod_identity import PodFacts, ReviewedToken
 
 T = TypeVar("T")
@@ -44,32 +44,6 @@ SECRET_CACHE_SECONDS = 5.0
 sooner)."""
 
 
-MANAGED_BY = {"app.kubernetes.io/managed-by": "kakuremichi"}
-"""The label of every object the operator makes."""
-
-
-@dataclass(frozen=True)
-class StoredSecret:
-    data: Mapping[str, str]
-    labels: Mapping[str, str]
-    owners: frozenset[str]
-    """Uids of its owner references."""
-    uid: str
-    resource_version: str
-
-    def owned_by(self, uid: str) -> bool:
-        """Made by the operator for the object ``uid`` (its owner reference and label)."""
-        return uid in self.owners and all(self.labels.get(k) == v for k, v in MANAGED_BY.items())
-
-
-class SecretNotOwned(Exception):
-    def __init__(self, namespace: str, name: str) -> None:
-        super().__init__(
-            f"Secret {namespace}/{name} exists and was not made by the operator for this "
-            "Certificate: it is left untouched; delete it or choose another secretName"
-        )
-
-
 def load_api_client() -> client.ApiClient:
     """In-cluster credentials when running in a pod, else the kubeconfig (KUBECONFIG)."""
     try:
@@ -82,6 +56,8 @@ def load_api_client() -> client.ApiClient:
 
 
 class Kube:
+    """The :class:`~kakuremichi.control.kube_api.KubeApi` of a real API server."""
+
     def __init__(self, api: client.ApiClient) -> None:
         self.core = client.CoreV1Api(api)
         self.apps = client.AppsV1Api(api)

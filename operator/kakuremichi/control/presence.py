@@ -21,7 +21,7 @@ from uuid import UUID
 
 from kakuremichi.api import protocol
 from kakuremichi.api.resources import AGENT, GATEWAY, EdgeState
-from kakuremichi.control.kube import Kube
+from kakuremichi.control.kube_api import KubeApi
 from kakuremichi.control.mirror import Mirror
 from kakuremichi.control.state import ControlState, EdgeIdentity
 from kakuremichi.control.status_locks import StatusLocks
@@ -56,7 +56,7 @@ class Presence:
     catch up when it returns."""
 
     def __init__(
-        self, state: ControlState, kube: Kube, mirror: Mirror, status_locks: StatusLocks
+        self, state: ControlState, kube: KubeApi, mirror: Mirror, status_locks: StatusLocks
     ) -> None:
         self.state = state
         self.kube = kube
