@@ -14,7 +14,6 @@ import pytest
 
 from kakuremichi.api.resources import AGENT, GATEWAY, TUNNEL, ResourceKind
 from kakuremichi.control import agents, gateways, node_admission, tunnels
-from kakuremichi.control.acme_issuer import AcmeIssuer
 from kakuremichi.control.addressing import SubnetAllocator
 from kakuremichi.control.context import Context
 from kakuremichi.control.gateway_instances import instance_id
@@ -47,7 +46,6 @@ def context(tmp_path: Path) -> Context:
         settings=settings, state=state, kube=kube, mirror=mirror,
         presence=Presence(state, kube, mirror, locks), status_locks=locks,
     )  # fmt: skip
-    made.acme = AcmeIssuer(made)
     return made
 
 

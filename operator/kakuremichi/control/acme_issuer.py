@@ -27,6 +27,7 @@ from kakuremichi.api.protocol import AcmeChallenge
 from kakuremichi.api.resources import CERTIFICATE, CertificateSpec, CertificateStatus
 from kakuremichi.control.acme import AcmeProblem, AcmeSession, generate_account_key
 from kakuremichi.control.kube_api import MANAGED_BY, SecretNotOwned, StoredSecret
+from kakuremichi.control.manifests import CERTIFICATE_LABEL
 from kakuremichi.control.tls_material import CertificateInfo, CertificateProblem, inspect
 from kakuremichi.control.tunnel_readiness import CertificateVerdict
 
@@ -36,7 +37,6 @@ SELF_CHECK_SECONDS = 10.0
 """Gateways apply a pushed token within a second or so; longer means they cannot serve it."""
 GATEWAY_WAIT_SECONDS = 2.0
 FOREIGN_SECRET_RECHECK_SECONDS = 60.0
-CERTIFICATE_LABEL = "kakuremichi.io/certificate"
 """On the Secrets the operator writes for a Certificate (its name): the operator watches
 Secrets with this label, and a user's Secret with it is noticed at once too."""
 log = logging.getLogger(__name__)
@@ -76,7 +76,6 @@ class AcmeIssuer:
         self.context = context
         self.tasks: dict[Key, asyncio.Task[None]] = {}
         self.wake: dict[Key, asyncio.Event] = {}
-        self.verdicts: dict[Key, CertificateVerdict] = {}
         self._ari: dict[Key, tuple[str, datetime | None, datetime]] = {}
         """Per Certificate: (chain, ARI's suggested renewal, when to ask again)."""
         self._session: AcmeSession | None = None
@@ -86,22 +85,37 @@ class AcmeIssuer:
         them when that changes, instead of each polling."""
         self._holder_watch: asyncio.Task[None] | None = None
 
-    # --- what the Certificate reconciler uses ------------------------------------------------
+    # --- which Certificates ---------------------------------------------------------------
 
-    def verdict(self, key: Key) -> CertificateVerdict:
-        return self.verdicts.get(key) or CertificateVerdict(
-            False, "Issuing", "obtaining a certificate from the ACME server"
-        )
+    async def run(self) -> None:
+        """Follow the facts: a task for every Certificate that wants ACME, nudged each time its
+        reconcile looks again, stopped when it no longer wants it (or is gone)."""
+        state, seen = self.context.state, -1
+        looked: dict[Key, int] = {}
+        while True:
+            seen = await state.changed(seen)
+            wanted = dict(state.acme_wanted)
+            for key in [k for k in self.tasks if k not in wanted]:
+                await self.stop(*key)
+            for key in [k for k in looked if k not in wanted]:
+                del looked[key]
+            for key, count in wanted.items():
+                if looked.get(key) != count:
+                    looked[key] = count
+                    self._ensure(key)
 
-    def ensure(self, namespace: str, name: str) -> None:
+    def _tell(self, key: Key, progress: CertificateVerdict | None) -> None:
+        """News for the Certificate's status (its projection decides what it says)."""
+        self.context.state.set_acme_progress(key, progress)
+
+    def _ensure(self, key: Key) -> None:
         """Run (or nudge) the task of this Certificate."""
-        key = (namespace, name)
         task = self.tasks.get(key)
         if task is not None and not task.done():
             self.wake[key].set()
             return
         self.wake[key] = asyncio.Event()
-        self.tasks[key] = asyncio.create_task(self._run(key), name=f"acme {namespace}/{name}")
+        self.tasks[key] = asyncio.create_task(self._run(key), name=f"acme {key[0]}/{key[1]}")
         if self._holder_watch is None or self._holder_watch.done():
             self._holder_watch = asyncio.create_task(self._watch_holders(), name="acme holders")
 
@@ -112,7 +126,7 @@ class AcmeIssuer:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         self.wake.pop(key, None)
-        self.verdicts.pop(key, None)
+        self._tell(key, None)
         self._ari.pop(key, None)
         self._awaiting_holder.pop(key, None)
         self.context.state.set_challenge(key, None)
@@ -146,10 +160,7 @@ class AcmeIssuer:
     # --- the loop ----------------------------------------------------------------------------
 
     async def _run(self, key: Key) -> None:
-        from kakuremichi.control.certificates import refresh  # (imports this module)
-
         namespace, name = key
-        shown: CertificateVerdict | None = None
         while True:
             try:
                 delay = await self._step(key)
@@ -158,21 +169,12 @@ class AcmeIssuer:
             except Exception:
                 log.exception("ACME for %s/%s failed unexpectedly", namespace, name)
                 delay = self.context.settings.acme_retry_base
-            # Status is written when there is news, not on every look.
-            verdict = self.verdicts.get(key)
-            if verdict != shown or delay == 0.0:
-                try:
-                    await refresh(self.context, namespace, name)
-                    shown = verdict
-                except Exception as error:
-                    log.warning("writing the status of %s/%s failed: %s", namespace, name, error)
             if delay is None:
                 return
-            if verdict != shown:  # the news is not written yet: try again soon, not at the end
-                await self._sleep(key, min(abs(delay), self.context.settings.acme_retry_base))
-            elif delay == WAIT_FOR_HOLDER:
+            progress = self.context.state.acme_progress.get(key)
+            if delay == WAIT_FOR_HOLDER:
                 await self._until_holder(key)
-            elif verdict is not None and verdict.reason == "NoGatewayOnline":
+            elif progress is not None and progress.reason == "NoGatewayOnline":
                 await self._until_gateway(key)
             else:
                 await self._sleep(key, delay)
@@ -217,36 +219,35 @@ class AcmeIssuer:
         stored = await kube.stored_secret(namespace, spec.secret_name)
         if stored is not None and not stored.owned_by(uid):
             # Someone else's Secret: never written over, and what it holds is not ours.
-            self.verdicts[key] = CertificateVerdict(
-                False, "SecretNotOwned", str(SecretNotOwned(namespace, spec.secret_name))
-            )
+            foreign = str(SecretNotOwned(namespace, spec.secret_name))
+            self._tell(key, CertificateVerdict(False, "SecretNotOwned", foreign))
             return FOREIGN_SECRET_RECHECK_SECONDS
         current = self._current(stored, spec, now)
         if current is not None:
             chain, info = current
             if not spec.auto_renew:
-                self.verdicts.pop(key, None)
+                self._tell(key, None)
                 return MAX_SLEEP_SECONDS
             due = await self._renewal_due(key, chain, info)
             if now < due:
-                self.verdicts.pop(key, None)
+                self._tell(key, None)
                 return (due - now).total_seconds()
         if not self._may_issue(key, spec.domain):
             return await self._not_holder(key, spec.domain, status)
         if status.next_attempt_at is not None and now < status.next_attempt_at:
             return (status.next_attempt_at - now).total_seconds()
         if not self._online_gateways():
-            self.verdicts[key] = CertificateVerdict(
+            self._tell(key, CertificateVerdict(
                 False, "NoGatewayOnline",
                 "waiting for a gateway to come online to answer the HTTP-01 challenge",
-            )  # fmt: skip
+            ))  # fmt: skip
             return GATEWAY_WAIT_SECONDS
         try:
             await self._issue(key, body, spec, status)
         except Abandoned:  # (an order it made in this step is in status now: drop it too)
             return await self._not_holder(key, spec.domain, status, in_flight=True)
         except SecretNotOwned as error:
-            self.verdicts[key] = CertificateVerdict(False, "SecretNotOwned", str(error))
+            self._tell(key, CertificateVerdict(False, "SecretNotOwned", str(error)))
             return FOREIGN_SECRET_RECHECK_SECONDS
         except AcmeProblem as problem:
             failures = (status.failed_attempts or 0) + 1
@@ -254,7 +255,7 @@ class AcmeIssuer:
                 self.context.settings.acme_retry_base, failures, problem.retry_after
             )
             message = f"{problem.detail} (attempt {failures}; next in {delay:.0f}s)"
-            self.verdicts[key] = CertificateVerdict(False, problem.reason, message)
+            self._tell(key, CertificateVerdict(False, problem.reason, message))
             log.warning("ACME for %s/%s: %s", namespace, name, message)
             await kube.patch_status(CERTIFICATE, namespace, name, {
                 "failedAttempts": failures,
@@ -265,7 +266,7 @@ class AcmeIssuer:
             return delay
         finally:
             self.context.state.set_challenge(key, None)
-        self.verdicts.pop(key, None)
+        self._tell(key, None)
         await kube.patch_status(
             CERTIFICATE, namespace, name,
             {"orderURL": None, "failedAttempts": None, "nextAttemptAt": None},
@@ -278,11 +279,11 @@ class AcmeIssuer:
     ) -> float:
         """No order for a domain this Certificate's Tunnel does not hold; one in flight is
         dropped. Wait until the holder changes."""
-        self.verdicts[key] = CertificateVerdict(
+        self._tell(key, CertificateVerdict(
             False, "DomainNotHeld",
             f"no Tunnel of this namespace that uses this Certificate holds {domain}: no "
             "certificate is ordered for it",
-        )  # fmt: skip
+        ))  # fmt: skip
         if status.order_url or in_flight:
             namespace, name = key
             await self.context.kube.patch_status(CERTIFICATE, namespace, name, {"orderURL": None})
@@ -346,8 +347,8 @@ class AcmeIssuer:
                 raise Abandoned
 
         session = await self.session()
-        self.verdicts[key] = CertificateVerdict(
-            False, "Issuing", f"ordering a certificate for {spec.domain}"
+        self._tell(
+            key, CertificateVerdict(False, "Issuing", f"ordering a certificate for {spec.domain}")
         )
         order = None
         if status.order_url:

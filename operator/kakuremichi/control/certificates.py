@@ -16,6 +16,7 @@ others a Certificate reads again on a timer (:func:`recheck_sources`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -27,9 +28,9 @@ from kakuremichi.api.conditions import is_ready, set_ready
 from kakuremichi.api.fields import status_patch
 from kakuremichi.api.protocol import CertificateBundle
 from kakuremichi.api.resources import CERTIFICATE, CertificateSpec, CertificateStatus
-from kakuremichi.control.acme_issuer import CERTIFICATE_LABEL
 from kakuremichi.control.context import Context
 from kakuremichi.control.kube_api import SecretNotOwned
+from kakuremichi.control.manifests import CERTIFICATE_LABEL
 from kakuremichi.control.mirror import CertificateRow
 from kakuremichi.control.reconciler import register_reconciler
 from kakuremichi.control.tls_material import CertificateProblem, inspect
@@ -40,6 +41,8 @@ SOURCE_RECHECK_SECONDS = 60.0
 """The longest the operator goes without reading again a Secret that a Certificate reads and
 that it does not watch (no ``kakuremichi.io/certificate`` label)."""
 SOURCE_RECHECK_MIN_SECONDS = 1.0
+ACME_SETTLE_SECONDS = 0.05
+ACME_RETRY_SECONDS = 5.0
 log = logging.getLogger(__name__)
 
 
@@ -74,18 +77,48 @@ async def evaluate(
     if problem is not None:
         if spec.issuer == "ACME":
             # Nothing to serve yet: the issuer says where it stands (Issuing, NoGatewayOnline…).
-            return context.acme.verdict((namespace, name)), None, None
+            return acme_progress(context, (namespace, name)), None, None
         return problem, None, None
     bundle = CertificateBundle(domain=spec.domain, certificate=chain, private_key=key)
     verdict = CertificateVerdict(True, "Valid", f"valid until {info.not_after.isoformat()}")
     if spec.issuer == "ACME":
-        renewal = context.acme.verdict((namespace, name))
+        renewal = acme_progress(context, (namespace, name))
         if renewal.reason not in ("Issuing", "NoGatewayOnline") and not renewal.ready:
             # Still served; say why the renewal has not happened.
             verdict = CertificateVerdict(
                 True, "RenewalFailed", f"{verdict.message}; renewal failed: {renewal.message}"
             )
     return verdict, bundle, info
+
+
+def acme_progress(context: Context, key: tuple[str, str]) -> CertificateVerdict:
+    """Where the Certificate's ACME task stands, as it last said."""
+    return context.state.acme_progress.get(key) or CertificateVerdict(
+        False, "Issuing", "obtaining a certificate from the ACME server"
+    )
+
+
+async def follow_acme(context: Context) -> None:
+    """The ACME tasks tell where they stand (``state.acme_progress``); a Certificate whose news
+    changed gets its status computed and written again. A write that fails is tried again
+    shortly, not only at the next change."""
+    state, seen = context.state, -1
+    written: dict[tuple[str, str], CertificateVerdict | None] = {}
+    while True:
+        with contextlib.suppress(TimeoutError):
+            seen = await asyncio.wait_for(state.changed(seen), ACME_RETRY_SECONDS)
+        await asyncio.sleep(ACME_SETTLE_SECONDS)  # a burst of news, one write
+        news = dict(state.acme_progress)
+        for key in [k for k in written if k not in news and k not in state.acme_wanted]:
+            del written[key]
+        for key in sorted(set(written) | set(news)):
+            if key in written and written[key] == news.get(key):
+                continue
+            try:
+                await refresh(context, *key)
+                written[key] = news.get(key)
+            except Exception as error:  # the next pass tries again
+                log.warning("writing the status of %s/%s failed: %s", *key, error)
 
 
 async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> None:
@@ -109,8 +142,7 @@ async def compute_status(context: Context, body: kopf.Body) -> dict[str, Any]:
     spec = CertificateSpec.model_validate(dict(body.spec))
     current = CertificateStatus.model_validate(dict(body.status))
     context.state.use_secret(namespace, name, spec.secret_name)
-    if spec.issuer == "ACME":
-        context.acme.ensure(namespace, name)
+    context.state.want_acme((namespace, name), spec.issuer == "ACME")
     verdict, bundle, info = await evaluate(context, namespace, name, meta.uid or "", spec)
     expires = info.not_after if info is not None else None
     context.state.set_certificate((namespace, name), verdict, bundle, expires)
@@ -161,7 +193,7 @@ async def compute_status(context: Context, body: kopf.Body) -> dict[str, Any]:
 
 async def cleanup(context: Context, body: kopf.Body) -> None:
     meta = body.metadata
-    await context.acme.stop(meta.namespace or "", meta.name or "")
+    context.state.want_acme((meta.namespace or "", meta.name or ""), False)
     context.state.remove_certificate((meta.namespace or "", meta.name or ""))
     context.state.use_secret(meta.namespace or "", meta.name or "", None)
 

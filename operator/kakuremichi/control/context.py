@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from kakuremichi.control.kube_api import KubeApi
 from kakuremichi.control.mirror import Mirror
@@ -11,9 +10,6 @@ from kakuremichi.control.presence import Presence
 from kakuremichi.control.settings import ControlSettings
 from kakuremichi.control.state import ControlState
 from kakuremichi.control.status_locks import StatusLocks
-
-if TYPE_CHECKING:
-    from kakuremichi.control.acme_issuer import AcmeIssuer
 
 
 @dataclass
@@ -25,5 +21,3 @@ class Context:
     presence: Presence
     status_locks: StatusLocks
     """Held while an object's status is computed and written: most have several writers."""
-    acme: AcmeIssuer = field(init=False)
-    """Set right after construction (it needs the context itself)."""

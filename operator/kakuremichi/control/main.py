@@ -27,12 +27,13 @@ from kakuremichi.control import (
     tunnels,
     webhook,
 )
-from kakuremichi.control.acme_issuer import CERTIFICATE_LABEL, AcmeIssuer
+from kakuremichi.control.acme_issuer import AcmeIssuer
 from kakuremichi.control.addressing import SubnetAllocator
 from kakuremichi.control.channel import ControlChannel
 from kakuremichi.control.context import Context
 from kakuremichi.control.http_endpoints import HttpEndpoints
 from kakuremichi.control.kube import Kube, load_api_client
+from kakuremichi.control.manifests import CERTIFICATE_LABEL
 from kakuremichi.control.mirror import Mirror
 from kakuremichi.control.presence import Presence
 from kakuremichi.control.projector import Projector
@@ -154,6 +155,7 @@ async def forget_vanished(context: Context, tunnel_uids: set[UUID], policies: se
 def build_registry(context: Context) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     tasks: list[asyncio.Task[None]] = []
+    acme = AcmeIssuer(context)
 
     @kopf.on.login(registry=registry)
     async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
@@ -202,6 +204,8 @@ def build_registry(context: Context) -> kopf.OperatorRegistry:
         context.state.startup.expect(edges)  # their keys are known once each is reconciled
         restored = await tunnels.restore_claims(context)
         tasks.append(asyncio.create_task(Projector(context).run(), name="projector"))
+        tasks.append(asyncio.create_task(acme.run(), name="acme"))
+        tasks.append(asyncio.create_task(certificates.follow_acme(context), name="follow acme"))
         tasks.append(asyncio.create_task(certificates.recheck(context), name="recheck"))
         tasks.append(
             asyncio.create_task(certificates.recheck_sources(context), name="recheck sources")
@@ -215,7 +219,7 @@ def build_registry(context: Context) -> kopf.OperatorRegistry:
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
-        await context.acme.close()
+        await acme.close()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -249,7 +253,6 @@ async def run(
         presence=Presence(state, kube, mirror, status_locks),
         status_locks=status_locks,
     )
-    context.acme = AcmeIssuer(context)
     channel = ControlChannel(context)
     runner = web.AppRunner(HttpEndpoints(settings, channel).app(), access_log=None)
     await runner.setup()

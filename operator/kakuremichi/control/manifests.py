@@ -31,6 +31,8 @@ POD_TOKEN_MOUNT = "/var/run/secrets/kakuremichi.io"  # noqa: S105 - a path
 POD_TOKEN_FILE = f"{POD_TOKEN_MOUNT}/token"
 POD_TOKEN_SECONDS = 3600
 """Lifetime of the gateway pods' projected token (the kubelet renews it at 80 %)."""
+CERTIFICATE_LABEL = "kakuremichi.io/certificate"
+"""On Secrets a Certificate reads: the operator watches those (its own carry it)."""
 SIDECAR_NAME = "kakuremichi-agent"
 CONTROL_CA_ENV = "KAKUREMICHI_CONTROL_CA"
 

@@ -101,6 +101,12 @@ class ControlState:
     is noticed by reading it again."""
     challenges: dict[tuple[str, str], AcmeChallenge] = field(default_factory=dict)
     """(namespace, Certificate name) → its pending HTTP-01 challenge, served by gateways."""
+    acme_wanted: dict[tuple[str, str], int] = field(default_factory=dict)
+    """Certificates with issuer ACME (→ how often their reconcile has looked: each look is
+    news for their ACME task, which may be waiting)."""
+    acme_progress: dict[tuple[str, str], CertificateVerdict] = field(default_factory=dict)
+    """What each Certificate's ACME task says of where it stands (none: nothing to say, the
+    certificate in its Secret speaks)."""
     claim_since: dict[UUID, datetime] = field(default_factory=dict)
     """Tunnel → when its claim on its domain began (decided, or restored from status)."""
     claim_refused: set[UUID] = field(default_factory=set)
@@ -310,6 +316,24 @@ class ControlState:
         self.certificate_expiry.pop(key, None)
         self.bundles.pop(key, None)
         self.touch()
+
+    def want_acme(self, key: tuple[str, str], wanted: bool) -> None:
+        """A Certificate's reconcile looked at it: ACME should (go on to) issue it, or not."""
+        if wanted:
+            self.acme_wanted[key] = self.acme_wanted.get(key, 0) + 1
+        elif self.acme_wanted.pop(key, None) is None:
+            return
+        self.touch()
+
+    def set_acme_progress(self, key: tuple[str, str], progress: CertificateVerdict | None) -> None:
+        """The ACME task's news on a Certificate (None: none to tell)."""
+        if progress is None:
+            changed = self.acme_progress.pop(key, None) is not None
+        else:
+            changed = self.acme_progress.get(key) != progress
+            self.acme_progress[key] = progress
+        if changed:
+            self.touch()
 
     def set_challenge(self, key: tuple[str, str], challenge: AcmeChallenge | None) -> None:
         if challenge is None:
