@@ -169,3 +169,16 @@ def test_gateways_learn_which_targets_speak_h2c_and_older_messages_stay_as_they_
     assert protocols == {"app.example.com": None, "grpc.example.com": "H2C"}
     encoded = GatewayConfigMessage(data=config).model_dump_json(by_alias=True, exclude_none=True)
     assert encoded.count('"appProtocol"') == 1
+
+
+def test_a_gateway_that_restarted_reaches_every_agent_and_no_gateway() -> None:
+    """Its new boot id goes to every agent (they start new sessions with it); gateways'
+    configs do not change."""
+    before = topology(route("app.example.com", HOME))
+    restarted = Topology(agents=before.agents, gateways=before.gateways, routes=before.routes,
+                         certificates=before.certificates,
+                         gateway_boots={TOKYO.id: "3f2a9c"})  # fmt: skip
+    assert agent_inputs(restarted, HOME.id) != agent_inputs(before, HOME.id)
+    assert gateway_inputs(restarted, TOKYO.id) == gateway_inputs(before, TOKYO.id)
+    config = agent_config(restarted, HOME.id, 1)
+    assert [g.boot for g in config.gateways] == ["3f2a9c", None]  # (by index: Tokyo, Osaka)

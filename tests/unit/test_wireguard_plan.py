@@ -14,7 +14,13 @@ from kakuremichi.api.protocol import (
     GatewaySelf,
 )
 from kakuremichi.control.credentials import generate_wireguard_keypair
-from kakuremichi.edge.wireguard_plan import address_changes, agent_plan, gateway_plan, uapi_set
+from kakuremichi.edge.wireguard_plan import (
+    address_changes,
+    agent_plan,
+    gateway_plan,
+    keep_sessions,
+    uapi_set,
+)
 
 GW1, GW2, AG1, AG2 = (generate_wireguard_keypair() for _ in range(4))
 
@@ -101,3 +107,42 @@ def test_address_changes() -> None:
     )  # fmt: skip
     assert address_changes(moved, before) == (["10.4.0.100/24"], ["10.3.0.100/24"])
     assert address_changes(before, None) == (["10.3.0.100/24"], [])
+
+
+def booted(config: AgentConfig, boot: str | None) -> AgentConfig:
+    return config.model_copy(update={"gateways": [
+        g.model_copy(update={"boot": boot}) for g in config.gateways
+    ]})  # fmt: skip
+
+
+def test_a_restarted_gateway_gets_a_fresh_session_and_nothing_else_does() -> None:
+    """Behind NAT only the agent can start a handshake, and WireGuard would start one on its
+    own only when the old session is two minutes old: a gateway that restarted (a new boot id)
+    is removed and added again, which sends its first handshake at once."""
+    config = agent_config(("203.0.113.1", 1))
+    first = agent_plan(booted(config, "boot-a"), AG1.private_key)
+    again = agent_plan(booted(config, "boot-a"), AG1.private_key)
+    assert uapi_set(again, first) == "set=1\n\n"  # same process: its session goes on
+    restarted = agent_plan(booted(config, "boot-b"), AG1.private_key)
+    request = uapi_set(restarted, first)
+    removal = f"public_key={hex_of(GW1.public_key)}\nremove=true\n"
+    readded = f"public_key={hex_of(GW1.public_key)}\nreplace_allowed_ips=true\n"
+    assert removal in request and readded in request
+    assert request.index(removal) < request.index(readded)
+    assert request.endswith("persistent_keepalive_interval=25\n\n")  # (sent at once)
+    # Learning the boot id for the first time (a control of an older release before) is no
+    # restart: the session goes on.
+    unknown = agent_plan(booted(config, None), AG1.private_key)
+    assert "remove=true" not in uapi_set(first, unknown)
+
+
+def test_a_config_without_the_boot_id_does_not_hide_a_later_restart() -> None:
+    """A control that restarted has not seen the gateway reconnect yet: its configs carry no
+    boot id for it. The agent keeps the one it knew, so the gateway's new one still counts."""
+    config = agent_config(("203.0.113.1", 1))
+    known = agent_plan(booted(config, "boot-a"), AG1.private_key)
+    unknown = keep_sessions(agent_plan(booted(config, None), AG1.private_key), known)
+    assert unknown.peers[0].session == "boot-a"
+    assert uapi_set(unknown, known) == "set=1\n\n"
+    later = agent_plan(booted(config, "boot-b"), AG1.private_key)
+    assert "remove=true" in uapi_set(keep_sessions(later, unknown), unknown)

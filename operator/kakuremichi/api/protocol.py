@@ -149,6 +149,9 @@ class GatewayPeer(FromControl):
     wireguard_port: Port = 51820
     address: IPv4Text
     """The gateway's WireGuard address inside this agent's subnet (10.N.M.g)."""
+    boot: Annotated[str, Field(max_length=64)] | None = None
+    """The gateway process's boot id: when it changes, the gateway restarted and its WireGuard
+    sessions are gone; the agent starts a new one at once (behind NAT, the gateway cannot)."""
 
 
 class AgentTunnel(FromControl):

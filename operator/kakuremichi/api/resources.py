@@ -61,6 +61,9 @@ class EdgeClient(CamelModel):
     os: Annotated[str, Field(max_length=128)] | None = None
     hostname: Annotated[str, Field(max_length=253)] | None = None
     wireguard_mode: Literal["kernel", "userspace"] | None = None
+    boot_id: Annotated[str, Field(max_length=64)] | None = None
+    """Random at each start of the edge process: a gateway's tells its agents that their
+    WireGuard sessions with it are gone (it restarted), so they start new ones at once."""
 
 
 class EdgeStatus(CommonStatus):

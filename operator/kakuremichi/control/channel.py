@@ -191,6 +191,8 @@ class ControlChannel:
             except node_admission.NodeRefused as error:
                 await self._refuse(socket, "no_address", str(error))
                 return socket
+        if identity.role == "gateway" and message.client and message.client.boot_id:
+            self.context.state.gateway_booted(identity.id, message.client.boot_id)
         session = Session(identity, socket, remote, datetime.now(UTC), client=message.client)
         previous = self.sessions.get(identity.id)
         self.sessions[identity.id] = session

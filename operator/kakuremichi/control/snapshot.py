@@ -48,6 +48,8 @@ class ControlFacts:
     agents: Mapping[UUID, AgentNode] = field(default_factory=dict)
     """Agents that have their subnet and keys."""
     gateways: Mapping[UUID, GatewayNode] = field(default_factory=dict)
+    gateway_boots: Mapping[UUID, str] = field(default_factory=dict)
+    """Each gateway instance's process, as it last connected."""
     certificate_verdicts: Mapping[CertificateKey, CertificateVerdict] = field(default_factory=dict)
     bundles: Mapping[CertificateKey, CertificateBundle] = field(default_factory=dict)
     """The last good certificate and key of each Certificate."""
@@ -103,6 +105,7 @@ class Snapshot:
         return Topology(
             agents=facts.agents,
             gateways=facts.gateways,
+            gateway_boots=facts.gateway_boots,
             routes=self.routes,
             certificates=certificates,
             challenges=tuple(

@@ -76,6 +76,8 @@ class ControlState:
     pending_gateways: dict[UUID, tuple[GatewayNode, str, str | None]] = field(default_factory=dict)
     """External instances waiting for their first connection to learn their address:
     (node without address, API-key digest, region)."""
+    gateway_boots: dict[UUID, str] = field(default_factory=dict)
+    """Gateway instance → the boot id of its process, as it last connected."""
     credentials: dict[str, EdgeIdentity] = field(default_factory=dict)
     """API-key digest → the edge it authenticates."""
     credential_secrets: dict[UUID, tuple[str, str]] = field(default_factory=dict)
@@ -217,8 +219,16 @@ class ControlState:
             self.gateways[gateway.id] = gateway
             self.touch()
 
+    def gateway_booted(self, gateway_id: UUID, boot: str) -> None:
+        """A gateway instance connected from a process that started as ``boot``: a new one
+        means it restarted, and its agents must start new WireGuard sessions with it."""
+        if self.gateway_boots.get(gateway_id) != boot:
+            self.gateway_boots[gateway_id] = boot
+            self.touch()
+
     def remove_gateway(self, gateway_id: UUID) -> None:
         self._forget_credentials(gateway_id)
+        self.gateway_boots.pop(gateway_id, None)
         self.pending_gateways.pop(gateway_id, None)
         self.gateway_indexes.release(gateway_id)
         if self.gateways.pop(gateway_id, None) is not None:
@@ -376,6 +386,7 @@ class ControlState:
                 agent_claims=dict(self.agent_claims),
                 agents=dict(self.agents),
                 gateways=dict(self.gateways),
+                gateway_boots=dict(self.gateway_boots),
                 certificate_verdicts=dict(self.certificate_verdicts),
                 bundles=dict(self.bundles),
                 challenges=dict(self.challenges),

@@ -91,6 +91,8 @@ class Route:
 class Topology:
     agents: Mapping[UUID, AgentNode] = field(default_factory=dict)
     gateways: Mapping[UUID, GatewayNode] = field(default_factory=dict)
+    gateway_boots: Mapping[UUID, str] = field(default_factory=dict)
+    """Gateway instance → its process's boot id (agents restart their session on a new one)."""
     routes: tuple[Route, ...] = ()
     """One per held domain, sorted by domain."""
     certificates: Mapping[str, CertificateBundle] = field(default_factory=dict)
@@ -143,9 +145,14 @@ class Topology:
                 wireguard_public_key=gateway.public_key,
                 wireguard_port=gateway.wireguard_port,
                 address="",
+                boot=self.gateway_boots.get(gateway.id),
             )
             for gateway in self.gateways_by_index
         }
+
+    @cached_property
+    def boots_by_index(self) -> tuple[str | None, ...]:
+        return tuple(self.gateway_boots.get(g.id) for g in self.gateways_by_index)
 
     @cached_property
     def _gateway_tunnels(self) -> tuple[GatewayTunnel, ...]:
@@ -170,6 +177,7 @@ def agent_inputs(topology: Topology, agent_id: UUID) -> tuple[object, ...]:
     return (
         topology.agents.get(agent_id),
         topology.gateways_by_index,
+        topology.boots_by_index,
         topology._served_by_agent.get(agent_id, ()),
     )
 

@@ -18,7 +18,7 @@ from kakuremichi.edge.control_client import ApplyError
 from kakuremichi.edge.firewall import FirewallError
 from kakuremichi.edge.runtime import EdgeRuntime
 from kakuremichi.edge.settings import EdgeSettings
-from kakuremichi.edge.wireguard_plan import agent_plan
+from kakuremichi.edge.wireguard_plan import agent_plan, keep_sessions
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,8 @@ class AgentEdge(EdgeRuntime):
     async def apply_config(self, config: Any) -> None:
         assert isinstance(config, protocol.AgentConfig)
         key = self.private_key(config.agent.wireguard_private_key)
-        await self.apply_wireguard(agent_plan(config, key))
+        current = self.wireguard.current if self.wireguard is not None else None
+        await self.apply_wireguard(keep_sessions(agent_plan(config, key), current))
         gateways = [g.address for g in config.gateways]
         try:
             await self.firewall.set_gateways(gateways)

@@ -7,6 +7,7 @@ import base64
 import contextlib
 import logging
 import platform
+import secrets
 import signal
 import socket
 import time
@@ -38,6 +39,8 @@ class EdgeRuntime(ConfigTarget):
 
     def __init__(self, settings: EdgeSettings) -> None:
         self.settings = settings
+        self.boot_id = secrets.token_hex(8)
+        """This process's start: a gateway's tells agents to start new WireGuard sessions."""
         self.saved_config: ConfigFile[Any] | None = None
         if settings.state_dir is not None:
             self.saved_config = ConfigFile(
@@ -66,6 +69,7 @@ class EdgeRuntime(ConfigTarget):
             os=f"{platform.system()} {platform.release()}"[:128],
             hostname=socket.gethostname()[:253],
             wireguard_mode=mode,
+            boot_id=self.boot_id,
         )
 
     async def status_report(self) -> protocol.StatusReport:

@@ -10,6 +10,7 @@ interrupted). The changes are spelled as a UAPI ``set`` request for wireguard-go
 from __future__ import annotations
 
 import base64
+import dataclasses
 from dataclasses import dataclass, field
 
 from kakuremichi.api.protocol import AgentConfig, GatewayConfig
@@ -23,6 +24,11 @@ class Peer:
     allowed_ips: tuple[str, ...]
     endpoint: str | None = None
     keepalive: int | None = None
+    session: str | None = None
+    """The remote process's boot id, when known: a new one means the remote restarted and our
+    session with it is dead; the peer is then removed and added again, which starts a new
+    handshake at once (the keepalive's first packet) instead of after the old session's
+    rekey time (up to two minutes of a dead tunnel for an agent behind NAT)."""
 
 
 @dataclass(frozen=True)
@@ -50,10 +56,26 @@ def agent_plan(config: AgentConfig, private_key: str) -> InterfacePlan:
                 allowed_ips=(f"{gateway.address}/32",),
                 endpoint=f"{gateway.public_ip}:{gateway.wireguard_port}",
                 keepalive=AGENT_KEEPALIVE_SECONDS,  # agents sit behind NAT: keep the path open
+                session=gateway.boot,
             )
             for gateway in config.gateways
         ),
     )
+
+
+def keep_sessions(target: InterfacePlan, current: InterfacePlan | None) -> InterfacePlan:
+    """``target`` with the boot ids it does not know taken from ``current``: a config that
+    lacks one (a control that has not seen the gateway since it restarted) must not hide a
+    later change of it."""
+    if current is None or all(p.session is not None for p in target.peers):
+        return target
+    peers = tuple(
+        dataclasses.replace(peer, session=current.peers_by_key[peer.public_key].session)
+        if peer.session is None and peer.public_key in current.peers_by_key
+        else peer
+        for peer in target.peers
+    )
+    return dataclasses.replace(target, peers=peers)
 
 
 def gateway_plan(config: GatewayConfig, private_key: str) -> InterfacePlan:
@@ -83,7 +105,8 @@ class PlanChanges:
     private_key: str | None
     listen_port: int | None
     removed: tuple[str, ...]
-    """Public keys of peers to drop."""
+    """Public keys of peers to drop (a peer whose remote restarted is dropped, then added
+    again with the changed ones: a fresh session)."""
     changed: tuple[Peer, ...]
     """Peers that are new or differ; each is (re)configured whole."""
 
@@ -92,6 +115,13 @@ def plan_changes(target: InterfacePlan, current: InterfacePlan | None = None) ->
     """What turns ``current`` (None: a fresh interface) into ``target``; peers equal in both are
     left out so their sessions go on. Both drivers (UAPI and netlink) apply exactly this."""
     before = current.peers_by_key if current else {}
+    restarted = {
+        key
+        for key, peer in target.peers_by_key.items()
+        if (old := before.get(key)) is not None
+        and None not in (old.session, peer.session)
+        and old.session != peer.session
+    }
     return PlanChanges(
         private_key=(
             target.private_key
@@ -103,7 +133,7 @@ def plan_changes(target: InterfacePlan, current: InterfacePlan | None = None) ->
             if current is None or current.listen_port != target.listen_port
             else None
         ),
-        removed=tuple(sorted(set(before) - set(target.peers_by_key))),
+        removed=tuple(sorted((set(before) - set(target.peers_by_key)) | restarted)),
         changed=tuple(
             peer for key, peer in sorted(target.peers_by_key.items()) if before.get(key) != peer
         ),
