@@ -24,7 +24,7 @@ from kakuremichi.control.presence import Presence
 from kakuremichi.control.projector import Projector
 from kakuremichi.control.settings import ControlSettings
 from kakuremichi.control.state import ControlState, EdgeIdentity
-from kakuremichi.control.status_locks import StatusLocks
+from kakuremichi.control.status_writer import StatusWriter
 from kakuremichi.control.store import Sealer
 from kakuremichi.control.tunnel_readiness import CertificateVerdict
 from tests.infra.fake_kube import FakeKube
@@ -40,11 +40,11 @@ TUNNEL_SPEC = {
 def context(tmp_path: Path) -> Context:
     settings = ControlSettings(db_url=f"sqlite:///{tmp_path / 'km.db'}", system_namespace=SYSTEM)
     state = ControlState(Sealer(Sealer.generate_key()), SubnetAllocator(settings.subnet_pool()))
-    kube, locks = FakeKube(), StatusLocks()
-    mirror = Mirror(settings.db_url)
+    kube = FakeKube()
+    statuses, mirror = StatusWriter(kube), Mirror(settings.db_url)
     made = Context(
         settings=settings, state=state, kube=kube, mirror=mirror,
-        presence=Presence(state, kube, mirror, locks), status_locks=locks,
+        presence=Presence(state, mirror, statuses), statuses=statuses,
     )  # fmt: skip
     return made
 
@@ -176,7 +176,8 @@ def test_an_external_gateway_without_an_address_takes_its_first_connections(
         assert gid not in context.state.gateways and gid in context.state.pending_gateways
         with pytest.raises(node_admission.NodeRefused, match="loopback"):
             await node_admission.adopt_address(context, gid, "127.0.0.1")  # not public
-        await node_admission.adopt_address(context, gid, "203.0.113.7")
+        name = await node_admission.adopt_address(context, gid, "203.0.113.7")
+        await reconcile(context, GATEWAY, current(context, GATEWAY, name), gateways.reconcile)
         assert current(context, GATEWAY, "edge")["status"]["publicIP"] == "203.0.113.7"
         assert ready(current(context, GATEWAY, "edge")) == ("True", "Provisioned")
         assert context.state.gateways[gid].public_ip == "203.0.113.7"

@@ -257,7 +257,7 @@ class AcmeIssuer:
             message = f"{problem.detail} (attempt {failures}; next in {delay:.0f}s)"
             self._tell(key, CertificateVerdict(False, problem.reason, message))
             log.warning("ACME for %s/%s: %s", namespace, name, message)
-            await kube.patch_status(CERTIFICATE, namespace, name, {
+            await self.context.statuses.write(CERTIFICATE, namespace, name, {
                 "failedAttempts": failures,
                 # (From now, not from the attempt's start: it may have taken a while.)
                 "nextAttemptAt": (datetime.now(UTC) + timedelta(seconds=delay)).isoformat(),
@@ -267,7 +267,7 @@ class AcmeIssuer:
         finally:
             self.context.state.set_challenge(key, None)
         self._tell(key, None)
-        await kube.patch_status(
+        await self.context.statuses.write(
             CERTIFICATE, namespace, name,
             {"orderURL": None, "failedAttempts": None, "nextAttemptAt": None},
         )  # fmt: skip
@@ -286,7 +286,7 @@ class AcmeIssuer:
         ))  # fmt: skip
         if status.order_url or in_flight:
             namespace, name = key
-            await self.context.kube.patch_status(CERTIFICATE, namespace, name, {"orderURL": None})
+            await self.context.statuses.write(CERTIFICATE, namespace, name, {"orderURL": None})
             log.info("ACME: dropped the order of %s/%s (%s changed hands)", namespace, name, domain)
         self._awaiting_holder[key] = domain
         if self._may_issue(key, domain):  # (it changed meanwhile: the watcher saw it first)
@@ -361,7 +361,7 @@ class AcmeIssuer:
             still_holder()
             order = await asyncio.to_thread(session.new_order, spec.domain, settings.acme_profile)
             # Written before any next step: a restart picks the order up again.
-            await kube.patch_status(CERTIFICATE, namespace, name, {"orderURL": order.url})
+            await self.context.statuses.write(CERTIFICATE, namespace, name, {"orderURL": order.url})
             key_pem = generate_account_key()
             await kube.delete_secret(namespace, pending_key_secret(name), owner_uid=uid)
             if not await kube.create_secret(

@@ -128,11 +128,11 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
 async def refresh(context: Context, namespace: str, name: str) -> None:
     """Look at a Certificate again outside its own events (its Secret changed, the ACME task
     has news)."""
-    async with context.status_locks.of(CERTIFICATE, namespace, name):
+    async with context.statuses.lock(CERTIFICATE, namespace, name):
         found = await context.kube.get_object(CERTIFICATE, namespace, name)
         if found is not None:
             status = await compute_status(context, kopf.Body(cast(kopf.RawBody, found)))
-            await context.kube.patch_status(CERTIFICATE, namespace, name, status)
+            await context.statuses.write(CERTIFICATE, namespace, name, status)
 
 
 async def compute_status(context: Context, body: kopf.Body) -> dict[str, Any]:

@@ -28,11 +28,13 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from kakuremichi.api import protocol
-from kakuremichi.control import metrics, node_admission
+from kakuremichi.api.resources import GATEWAY
+from kakuremichi.control import gateways, metrics, node_admission
 from kakuremichi.control.addressing import AllocationError
 from kakuremichi.control.context import Context
 from kakuremichi.control.credentials_secret import PRIVATE_KEY
 from kakuremichi.control.preauth_frames import GuardedWebSocketResponse
+from kakuremichi.control.reconciler import reconcile_again
 from kakuremichi.control.state import EdgeIdentity
 from kakuremichi.control.topology import EdgeRole, edge_config, edge_inputs, serves
 
@@ -187,10 +189,12 @@ class ControlChannel:
             identity = admitted
         elif identity.id in self.context.state.pending_gateways:
             try:
-                await node_admission.adopt_address(self.context, identity.id, remote)
+                gateway = await node_admission.adopt_address(self.context, identity.id, remote)
             except node_admission.NodeRefused as error:
                 await self._refuse(socket, "no_address", str(error))
                 return socket
+            # Its reconcile serves it now (and is the one that says Ready).
+            await reconcile_again(self.context, GATEWAY, gateways.reconcile, "", gateway)
         if identity.role == "gateway" and message.client and message.client.boot_id:
             self.context.state.gateway_booted(identity.id, message.client.boot_id)
         session = Session(identity, socket, remote, datetime.now(UTC), client=message.client)

@@ -9,7 +9,7 @@ from kakuremichi.control.mirror import Mirror
 from kakuremichi.control.presence import Presence
 from kakuremichi.control.settings import ControlSettings
 from kakuremichi.control.state import ControlState
-from kakuremichi.control.status_locks import StatusLocks
+from kakuremichi.control.status_writer import StatusWriter
 
 
 @dataclass
@@ -19,5 +19,6 @@ class Context:
     kube: KubeApi
     mirror: Mirror
     presence: Presence
-    status_locks: StatusLocks
-    """Held while an object's status is computed and written: most have several writers."""
+    statuses: StatusWriter
+    """The one way status is written: one writer at a time per object (see its table of who
+    writes what)."""

@@ -39,7 +39,7 @@ from kakuremichi.control.presence import Presence
 from kakuremichi.control.projector import Projector
 from kakuremichi.control.settings import ControlSettings
 from kakuremichi.control.state import ControlState
-from kakuremichi.control.status_locks import StatusLocks
+from kakuremichi.control.status_writer import StatusWriter
 from kakuremichi.control.store import Sealer
 
 PREFIX = "kakuremichi.io"
@@ -244,14 +244,14 @@ async def run(
     mirror = await asyncio.to_thread(Mirror, settings.db_url)
     kube = Kube(load_api_client())
     state = ControlState(await load_sealer(settings, kube), SubnetAllocator(settings.subnet_pool()))
-    status_locks = StatusLocks()
+    statuses = StatusWriter(kube)
     context = Context(
         settings=settings,
         state=state,
         kube=kube,
         mirror=mirror,
-        presence=Presence(state, kube, mirror, status_locks),
-        status_locks=status_locks,
+        presence=Presence(state, mirror, statuses),
+        statuses=statuses,
     )
     channel = ControlChannel(context)
     runner = web.AppRunner(HttpEndpoints(settings, channel).app(), access_log=None)

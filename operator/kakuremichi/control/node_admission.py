@@ -10,14 +10,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 from uuid import UUID
 
 import kopf
 
 from kakuremichi.api import validation
-from kakuremichi.api.conditions import set_ready
 from kakuremichi.api.fields import status_patch
 from kakuremichi.api.protocol import POD_TOKEN_AUDIENCE
 from kakuremichi.api.resources import GATEWAY, GatewayInstanceStatus, GatewayStatus
@@ -31,10 +29,11 @@ from kakuremichi.control.state import GatewayPool
 from kakuremichi.control.topology import GatewayNode
 
 
-async def adopt_address(context: Context, gateway_id: UUID, remote: str) -> None:
+async def adopt_address(context: Context, gateway_id: UUID, remote: str) -> str:
     """An External gateway without spec.publicIP connected: its source address becomes its
-    public address (recorded in status, so it survives restarts)."""
-    node, digest, region = context.state.pending_gateways[gateway_id]
+    public address. Recorded in the Gateway's status (where it survives restarts); returns the
+    Gateway's name, whose reconcile then serves the instance and says it is Provisioned."""
+    node, _, _ = context.state.pending_gateways[gateway_id]
     try:
         public_ip = validation.public_ipv4(remote)
     except ValueError as error:
@@ -42,28 +41,17 @@ async def adopt_address(context: Context, gateway_id: UUID, remote: str) -> None
             f"cannot use the connection's source address as the public IP ({error}); "
             "connect from the public address or set spec.publicIP"
         ) from None
-    node = dataclasses.replace(node, public_ip=public_ip)
-    await context.mirror.upsert_gateway(
-        GatewayRow(gateway_id, node.name, digest, public_ip, node.public_key, region)
-    )
-    async with context.status_locks.of(GATEWAY, "", node.pool):  # read, modify, write
-        found = await context.kube.get_object(GATEWAY, "", node.pool)
-        status = GatewayStatus.model_validate((found or {}).get("status") or {})
+
+    def adopted(found: dict[str, Any]) -> dict[str, Any]:
+        status = GatewayStatus.model_validate(found)
         instances = [
             i.model_copy(update={"public_ip": public_ip}) if i.name == node.name else i
             for i in status.instances
         ]
-        conditions = set_ready(
-            status.conditions, "True", "Provisioned",
-            f"gateway index {node.index}, public IP {public_ip} (taken from its connection)",
-            status.observed_generation,
-        )  # fmt: skip
-        await context.kube.patch_status(
-            GATEWAY, "", node.pool,
-            status_patch(status, {"public_ip": public_ip, "instances": instances,
-                                  "conditions": conditions}),
-        )  # fmt: skip
-    context.state.set_gateway(node)
+        return status_patch(status, {"public_ip": public_ip, "instances": instances})
+
+    await context.statuses.update(GATEWAY, "", node.pool, adopted)
+    return node.pool
 
 
 class NodeRefused(Exception):
@@ -98,7 +86,7 @@ async def admit_node(context: Context, pool_uid: UUID, node: str) -> tuple[UUID,
     if pool is None:
         raise NodeRefused("the Gateway is gone")
     # Admissions read, extend and write the pool's instance list: one at a time per pool.
-    async with context.status_locks.of(GATEWAY, "", pool.name):
+    async with context.statuses.lock(GATEWAY, "", pool.name):
         return await _admit_node(context, pool, node)
 
 
@@ -154,7 +142,7 @@ async def _admit_node(context: Context, pool: GatewayPool, node: str) -> tuple[U
         last_seen_at=known.last_seen_at if known else None,
     )  # fmt: skip
     instances = [i for i in status.instances if i.name != node] + [instance]
-    await context.kube.patch_status(
+    await context.statuses.write(
         GATEWAY, "", pool.name,
         {"instances": [i.model_dump(mode="json", by_alias=True, exclude_none=True)
                        for i in sorted(instances, key=lambda i: i.index)]},
@@ -173,14 +161,13 @@ async def remove_node(context: Context, node: str) -> None:
         await context.kube.delete_secret(
             context.settings.system_namespace, node_secret_name(pool.name, node)
         )
-        async with context.status_locks.of(GATEWAY, "", pool.name):  # read, modify, write
-            found = await context.kube.get_object(GATEWAY, "", pool.name)
-            status = GatewayStatus.model_validate((found or {}).get("status") or {})
-            await context.kube.patch_status(
-                GATEWAY, "", pool.name,
-                {"instances": [i.model_dump(mode="json", by_alias=True, exclude_none=True)
-                               for i in status.instances if i.name != node]},
-            )  # fmt: skip
+
+        def without(found: dict[str, Any], node: str = node) -> dict[str, Any]:
+            status = GatewayStatus.model_validate(found)
+            return {"instances": [i.model_dump(mode="json", by_alias=True, exclude_none=True)
+                                  for i in status.instances if i.name != node]}  # fmt: skip
+
+        await context.statuses.update(GATEWAY, "", pool.name, without)
 
 
 def register(registry: kopf.OperatorRegistry, context: Context) -> None:

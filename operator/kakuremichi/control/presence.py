@@ -21,10 +21,9 @@ from uuid import UUID
 
 from kakuremichi.api import protocol
 from kakuremichi.api.resources import AGENT, GATEWAY, EdgeState
-from kakuremichi.control.kube_api import KubeApi
 from kakuremichi.control.mirror import Mirror
 from kakuremichi.control.state import ControlState, EdgeIdentity
-from kakuremichi.control.status_locks import StatusLocks
+from kakuremichi.control.status_writer import StatusWriter
 
 FLUSH_SECONDS = 30.0
 RETRY_SECONDS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
@@ -55,13 +54,10 @@ class Presence:
     waits on the API server: connected edges stay connected through an outage, and statuses
     catch up when it returns."""
 
-    def __init__(
-        self, state: ControlState, kube: KubeApi, mirror: Mirror, status_locks: StatusLocks
-    ) -> None:
+    def __init__(self, state: ControlState, mirror: Mirror, statuses: StatusWriter) -> None:
         self.state = state
-        self.kube = kube
         self.mirror = mirror
-        self.status_locks = status_locks
+        self.statuses = statuses
         self.online: dict[UUID, EdgeIdentity] = {}
         self.last_seen: dict[UUID, datetime] = {}
         self.flushed: dict[UUID, float] = {}
@@ -169,8 +165,7 @@ class Presence:
             status["client"] = metadata
         # Under the object's status lock: a reconcile that found the edge away and is about to
         # write "offline" finishes first, so this newer state is the one that stays.
-        async with self.status_locks.of(kind, namespace, name):
-            await self.kube.patch_status(kind, namespace, name, status)
+        await self.statuses.write(kind, namespace, name, status)
         await self.mirror.set_presence(identity.role, identity.id, state, last_seen, metadata)
         self.flushed[identity.id] = time.monotonic()
         previous_state, previous_metadata = self.written.get(identity.id, (None, {}))

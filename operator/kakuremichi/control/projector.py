@@ -178,7 +178,7 @@ class Projector:
                 "proof": claim_proof(self.context.state.sealer, tunnel, verdict.claimed_since),
             },
         }
-        if await self.context.kube.patch_status(TUNNEL, tunnel.namespace, tunnel.name, status):
+        if await self.context.statuses.write(TUNNEL, tunnel.namespace, tunnel.name, status):
             self.written[tunnel.id] = (verdict, tunnel.generation, conditions)
             prior = (
                 previous[0].reason

@@ -28,7 +28,7 @@ async def reconcile_again(
 ) -> None:
     """Run ``reconcile`` on the object as it is now, outside its own events (something it
     depends on changed), and write its status the way :func:`register_reconciler` does."""
-    async with context.status_locks.of(kind, namespace, name):
+    async with context.statuses.lock(kind, namespace, name):
         found = await context.kube.get_object(kind, namespace, name)
         if found is None or found.get("metadata", {}).get("deletionTimestamp"):
             return
@@ -38,7 +38,7 @@ async def reconcile_again(
         finally:  # (also when it failed: the status then says why)
             status = patch.pop("status", None)
             if status:
-                await context.kube.patch_status(kind, namespace, name, dict(status))
+                await context.statuses.write(kind, namespace, name, dict(status))
 
 
 def register_reconciler(
@@ -62,7 +62,7 @@ def register_reconciler(
         # status another writer (presence, the ACME task) wrote meanwhile, which would then
         # stay stale until the next change.
         namespace, name = body.metadata.namespace or "", body.metadata.name or ""
-        async with context.status_locks.of(kind, namespace, name):
+        async with context.statuses.lock(kind, namespace, name):
             try:
                 await reconcile(context, body, patch)
                 # Its keys are known now (a failed reconcile may not have got that far: the
@@ -71,14 +71,14 @@ def register_reconciler(
             finally:  # (also when it failed: the status then says why)
                 status = patch.pop("status", None)
                 if status:
-                    await context.kube.patch_status(kind, namespace, name, dict(status))
+                    await context.statuses.write(kind, namespace, name, dict(status))
 
     async def locked_cleanup(body: kopf.Body) -> None:
         # Under the object's lock: a reconcile outside kopf's events (re-admission, a Secret's
         # recheck) that read the object just before its deletion must not finish after the
         # cleanup and bring back what it removed (a subnet, a served certificate).
         namespace, name = body.metadata.namespace or "", body.metadata.name or ""
-        async with context.status_locks.of(kind, namespace, name):
+        async with context.statuses.lock(kind, namespace, name):
             await cleanup(context, body)
 
     if finalizer:
