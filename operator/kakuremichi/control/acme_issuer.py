@@ -267,10 +267,6 @@ class AcmeIssuer:
         finally:
             self.context.state.set_challenge(key, None)
         self._tell(key, None)
-        await self.context.statuses.write(
-            CERTIFICATE, namespace, name,
-            {"orderURL": None, "failedAttempts": None, "nextAttemptAt": None},
-        )  # fmt: skip
         await self._event(body, False, "Issued", f"certificate for {spec.domain} issued")
         return 0.0  # look again at once: the new certificate's renewal time
 
@@ -385,6 +381,12 @@ class AcmeIssuer:
             inspect(chain.encode(), key_pem.encode(), spec.domain, datetime.now(UTC))
         except CertificateProblem as problem:
             raise AcmeProblem("badCertificate", f"the issued certificate: {problem}") from None
+        # The attempts are over before the certificate lands: once its Secret says Ready, no
+        # failure or order of the way there is left in status.
+        await self.context.statuses.write(
+            CERTIFICATE, namespace, name,
+            {"orderURL": None, "failedAttempts": None, "nextAttemptAt": None},
+        )  # fmt: skip
         await kube.put_tls_secret(
             namespace, spec.secret_name, chain, key_pem, owner=body, labels=secret_labels(name)
         )
