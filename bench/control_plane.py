@@ -233,15 +233,21 @@ class Api:
         await asyncio.gather(*(worker() for _ in range(parallel)))
 
     async def watch_ready(
-        self, plural: str, expected: int, done: Callable[[float], None], namespaced: bool = True
+        self,
+        plural: str,
+        expected: int,
+        done: Callable[[float], None],
+        namespaced: bool = True,
+        decided: Callable[[dict[str, Any]], bool] | None = None,
     ) -> None:
-        """Watch ``plural`` and call ``done(t)`` once ``expected`` objects are Ready=True (a
-        watch the API server ends is resumed from a fresh list)."""
+        """Watch ``plural`` and call ``done(t)`` once ``expected`` objects are Ready=True (or
+        ``decided`` says so; a watch the API server ends is resumed from a fresh list)."""
+        is_done = decided or _is_ready
         assert self.http is not None
         path = self.path(plural, namespaced=namespaced)
         while True:
             listing = await self.request("GET", path)
-            ready = {item["metadata"]["name"]: _is_ready(item) for item in listing["items"]}
+            ready = {item["metadata"]["name"]: is_done(item) for item in listing["items"]}
             version = listing["metadata"]["resourceVersion"]
             if sum(ready.values()) >= expected:
                 done(time.monotonic())
@@ -260,7 +266,7 @@ class Api:
                         if event["type"] == "DELETED":
                             ready.pop(item["metadata"]["name"], None)
                         elif event["type"] in ("ADDED", "MODIFIED"):
-                            ready[item["metadata"]["name"]] = _is_ready(item)
+                            ready[item["metadata"]["name"]] = is_done(item)
                     if sum(ready.values()) >= expected:
                         done(time.monotonic())
                         return
@@ -269,6 +275,14 @@ class Api:
 def _is_ready(item: dict[str, Any]) -> bool:
     conditions = (item.get("status") or {}).get("conditions") or []
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def _is_served(item: dict[str, Any]) -> bool:
+    """A Tunnel that serves as far as control is concerned: Ready, or waiting only for its
+    Agent's edge to connect (no edge connects in this part of the benchmark)."""
+    conditions = (item.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("reason") in ("Serving", "AgentOffline")
+               for c in conditions)  # fmt: skip
 
 
 def mirror_counts(db_path: Path) -> dict[str, int]:
@@ -405,7 +419,9 @@ async def scale_run(agents: int, tunnels: int, workdir: Path, parallel: int) -> 
                 start = time.monotonic()
                 watches = [
                     asyncio.create_task(api.watch_ready("agents", agents, mark("agents"))),
-                    asyncio.create_task(api.watch_ready("tunnels", tunnels, mark("tunnels"))),
+                    asyncio.create_task(
+                        api.watch_ready("tunnels", tunnels, mark("tunnels"), decided=_is_served)
+                    ),
                 ]
                 await api.create_all(items, parallel)
                 marks["applied"] = time.monotonic()

@@ -20,11 +20,12 @@ import pytest
 
 from kakuremichi.api import protocol
 from kakuremichi.api.resources import AGENT, GATEWAY
-from kakuremichi.edge.control_client import ConfigTarget, ControlClient
+from kakuremichi.edge.control_client import ControlClient
 from kakuremichi.edge.settings import EdgeSettings
-from tests.e2e.world import CONTROL_NAME, World, serving_world
+from tests.e2e.world import CONTROL_NAME, HEARTBEAT_TIMEOUT, World, serving_world
 from tests.infra import netns
 from tests.infra.cluster import Cluster, unique_name
+from tests.infra.edge_sessions import Recorder
 from tests.infra.fixtures import local_operator
 from tests.infra.objects import Objects, Secrets
 from tests.infra.polling import wait_until
@@ -159,23 +160,22 @@ def test_a_restarted_gateway_serves_again_within_seconds(world: World) -> None:
     assert time.monotonic() - restarted < 20
 
 
-class Recorder(ConfigTarget):
-    """An edge that records what it is given (50 real edges would be 50 WireGuard devices)."""
-
-    role = "agent"
-    inbound = protocol.agent_inbound
-
-    def __init__(self) -> None:
-        self.applied: list[float] = []
-
-    async def apply(self, config: Any) -> None:
-        self.applied.append(time.monotonic())
-
-    async def status_report(self) -> protocol.StatusReport:
-        return protocol.StatusReport()
-
-    def client_info(self) -> protocol.ClientInfo:
-        return protocol.ClientInfo(version="test")
+def test_a_tunnel_whose_agent_dies_says_agent_offline_and_recovers(world: World) -> None:
+    """The agent is SIGKILLed: within the heartbeat timeout its Tunnel is no longer Ready, with
+    AgentOffline (``kubectl get kmtun`` shows it), and it is back soon after the agent is."""
+    assert world.agent is not None
+    assert world.tunnels.ready("app")
+    world.agent.kill()
+    killed = time.monotonic()
+    world.tunnels.ready("app", "False", "AgentOffline", timeout=HEARTBEAT_TIMEOUT + 10)
+    assert time.monotonic() - killed < HEARTBEAT_TIMEOUT + 5
+    listed = world.kube.kubectl("get", "kmtun", "app", "-n", world.namespace)
+    assert "AgentOffline" in listed and "False" in listed
+    world.agent.start()
+    back = time.monotonic()
+    world.tunnels.ready("app", timeout=30)
+    assert time.monotonic() - back < 20
+    wait_until(lambda: world.get("/")[0] == 200, "traffic through the returned agent")
 
 
 class CountingClient(ControlClient):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.infra import binaries, cluster, netns, pebble, ports, tlsgen, wireguard
+from tests.infra.edge_sessions import EdgeSessions
 from tests.infra.polling import wait_until
 
 
@@ -186,6 +187,14 @@ def local_operator(
               "--webhook-listen", f"127.0.0.1:{ports.free_port()}",
               "--webhook-cert-dir", str(workdir / "webhook"), *tls_args, *extra_args],
     )  # fmt: skip
+
+
+@pytest.fixture
+def edges(operator: OperatorProcess) -> Iterator[EdgeSessions]:
+    """Agents connected to the module's operator (a Tunnel serves only while its Agent is)."""
+    sessions = EdgeSessions(operator.control_url, operator.ca_file)
+    yield sessions
+    sessions.close()
 
 
 @pytest.fixture(scope="module")

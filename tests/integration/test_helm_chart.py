@@ -29,6 +29,7 @@ from kakuremichi.api.resources import AGENT, CERTIFICATE, GATEWAY, TUNNEL
 from kakuremichi.control.manifests import AGENT_LABEL, SIDECAR_NAME
 from tests.infra import binaries, kubelet, ports
 from tests.infra.cluster import Cluster, unique_name
+from tests.infra.edge_sessions import EdgeSessions
 from tests.infra.fixtures import OperatorProcess
 from tests.infra.objects import Objects, Secrets
 from tests.infra.polling import wait_until
@@ -392,10 +393,17 @@ def reconcile_and_tear_down(installed: Installed) -> None:
     app_secrets, system_secrets = Secrets(kube, apps), Secrets(kube, system)
     external, pool = installed.gateways
     domain = f"{unique_name('chart')}.example.com"
+    opened: list[EdgeSessions] = []
     try:
         agents.create("home")
         agent = agents.ready("home")
         assert app_secrets.read(agent["credentialsSecret"]) is not None
+        # Its edge connects (a Tunnel serves only while its Agent's edge is connected).
+        assert installed.operator.health_url is not None
+        edges = EdgeSessions(installed.operator.health_url.removesuffix("/healthz"),
+                             installed.operator.ca_file)  # fmt: skip
+        opened.append(edges)
+        edges.connect_agent(kube, apps, "home")
 
         gateways.create(external, {"mode": "External", "publicIP": "203.0.113.10"})
         gateway = gateways.ready(external)
@@ -430,6 +438,8 @@ def reconcile_and_tear_down(installed: Installed) -> None:
         wait_until(lambda: "Provisioned" in events("Agent", "home"), "the Agent's Events")
         wait_until(lambda: events("Certificate", "app"), "the Certificate's Events")
     finally:
+        for sessions in opened:
+            sessions.close()
         # While the operator runs, so that its finalizers come off.
         tunnels.delete_all(timeout=20)
         agents.delete_all(timeout=20)

@@ -21,6 +21,7 @@ from kakuremichi.api.resources import AGENT, GATEWAY, TUNNEL
 from kakuremichi.control.credentials import api_key_role, wireguard_public_key
 from tests.infra import kubelet
 from tests.infra.cluster import Cluster, unique_name
+from tests.infra.edge_sessions import EdgeSessions
 from tests.infra.fixtures import OperatorProcess
 from tests.infra.objects import Objects, Secrets
 from tests.infra.polling import wait_until
@@ -59,7 +60,7 @@ async def first_config(url: str, api_key: str, until: Any = None) -> dict[str, A
 
 
 def test_external_gateway_serves_every_agent_and_tunnel(
-    world: World, operator: OperatorProcess
+    world: World, operator: OperatorProcess, kube: Cluster, edges: EdgeSessions
 ) -> None:
     gateways, agents, tunnels, secrets = world.gateways, world.agents, world.tunnels, world.secrets
     gateway_name = unique_name("edge")
@@ -77,6 +78,7 @@ def test_external_gateway_serves_every_agent_and_tunnel(
 
     agents.create("home")
     agent_status = agents.ready("home")
+    edges.connect_agent(kube, operator.namespace, "home")
     domain = f"{unique_name('gw')}.example.com"
     issued = TestCA().issue(domain)
     secrets.put_tls("gw-tls", issued.certificate_pem, issued.private_key_pem)

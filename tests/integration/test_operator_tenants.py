@@ -15,6 +15,7 @@ from kubernetes import client
 
 from kakuremichi.api.resources import AGENT, CERTIFICATE, TENANT_POLICY, TUNNEL
 from tests.infra.cluster import Cluster, unique_name
+from tests.infra.edge_sessions import EdgeSessions
 from tests.infra.fixtures import OperatorProcess, local_operator
 from tests.infra.objects import Objects, Secrets
 from tests.infra.polling import holds_for, wait_until
@@ -22,14 +23,19 @@ from tests.infra.tlsgen import TestCA
 
 
 class Tenant:
-    def __init__(self, kube: Cluster, namespace: str) -> None:
-        self.namespace = namespace
+    def __init__(self, kube: Cluster, namespace: str, edges: EdgeSessions) -> None:
+        self.kube, self.namespace, self.edges = kube, namespace, edges
         self.agents = Objects(kube, namespace, AGENT)
         self.tunnels = Objects(kube, namespace, TUNNEL)
         self.certificates = Objects(kube, namespace, CERTIFICATE)
         self.secrets = Secrets(kube, namespace)
         self.core = client.CoreV1Api(kube.api_client())
         self.ca = TestCA()
+
+    def agent(self, name: str) -> None:
+        """An Agent whose edge is connected (a Tunnel serves only while it is)."""
+        self.agents.create(name)
+        self.edges.connect_agent(self.kube, self.namespace, name)
 
     def secret_tunnel(self, name: str, domain: str, agent: str = "web") -> None:
         issued = self.ca.issue(domain)
@@ -75,9 +81,9 @@ def operator(
 
 @pytest.fixture
 def tenants(
-    kube: Cluster, operator: OperatorProcess, two_namespaces: tuple[str, str]
+    kube: Cluster, operator: OperatorProcess, two_namespaces: tuple[str, str], edges: EdgeSessions
 ) -> Iterator[tuple[Tenant, Tenant]]:
-    made = (Tenant(kube, two_namespaces[0]), Tenant(kube, two_namespaces[1]))
+    made = (Tenant(kube, two_namespaces[0], edges), Tenant(kube, two_namespaces[1], edges))
     yield made
     for tenant in made:
         tenant.clear()
@@ -107,12 +113,12 @@ def test_a_claim_from_another_namespace_never_displaces_the_holder_nor_learns_of
 ) -> None:
     victim, attacker = tenants
     domain = f"{unique_name('shop')}.example.com"
-    victim.agents.create("web")
+    victim.agent("web")
     victim.secret_tunnel("shop", domain)
     victim.tunnels.ready("shop")
     victim.tunnels.wait_past_creation("shop")
     holder = (domain, uid(victim.tunnels, "shop"))
-    attacker.agents.create("web")
+    attacker.agent("web")
     attacker.secret_tunnel("hijack", domain)
     condition = attacker.tunnels.ready("hijack", "False", "DomainConflict")["conditions"][0]
     younger = (domain, uid(attacker.tunnels, "hijack"))
@@ -131,7 +137,7 @@ def test_a_claim_from_another_namespace_never_displaces_the_holder_nor_learns_of
         "the younger claim to stay unrouted",
         seconds=3.0,
     )
-    victim.agents.create("web")
+    victim.agent("web")
     victim.tunnels.ready("shop")
     wait_until(lambda: holder in tunnel_rows(operator), "the row back")
     # Only the holder's deletion hands the domain over.
@@ -151,7 +157,7 @@ def test_policies_limit_the_domains_agents_and_tunnels_of_a_namespace(
          "maxAgents": 1, "maxTunnels": 1},
     )  # fmt: skip
     # Agents: the oldest fits; the younger gets no subnet, says why, and posts an Event.
-    team.agents.create("web")
+    team.agent("web")
     team.agents.ready("web")
     team.agents.wait_past_creation("web")
     team.agents.create("spare")
@@ -202,7 +208,7 @@ def test_acme_never_writes_over_a_secret_it_did_not_make(tenants: tuple[Tenant, 
         return meta.resource_version if meta else None
 
     before = version()
-    team.agents.create("web")
+    team.agent("web")
     team.tunnels.create("web", {"domain": domain, "agent": "web", "target": "localhost:8080"})
     condition = team.certificates.ready("web", "False", "SecretNotOwned")["conditions"][0]
     assert "left untouched" in condition["message"]
@@ -219,7 +225,7 @@ def test_no_order_for_a_certificate_whose_tunnel_does_not_hold_the_domain(
 ) -> None:
     victim, attacker = tenants
     domain = f"{unique_name('bank')}.example.com"
-    victim.agents.create("web")
+    victim.agent("web")
     victim.secret_tunnel("bank", domain)
     victim.tunnels.ready("bank")
     victim.tunnels.wait_past_creation("bank")
@@ -263,14 +269,14 @@ def test_an_old_tunnel_can_neither_be_repointed_nor_freed_into_a_domain_held_sin
         {"namespaces": {"matchNames": [attacker.namespace, victim.namespace]},
          "domains": [f"*.{suffix}"], "maxTunnels": 1},
     )  # fmt: skip
-    attacker.agents.create("web")
+    attacker.agent("web")
     attacker.secret_tunnel("decoy", f"decoy.{suffix}")
     attacker.tunnels.ready("decoy")
     attacker.tunnels.wait_past_creation("decoy")
     attacker.secret_tunnel("sleeper", f"shop.{suffix}")
     attacker.tunnels.ready("sleeper", "False", "QuotaExceeded")
     attacker.tunnels.wait_past_creation("sleeper")
-    victim.agents.create("web")
+    victim.agent("web")
     victim.secret_tunnel("shop", f"shop.{suffix}")
     held = victim.tunnels.ready("shop")
     assert held["claim"]["since"] and held["claim"]["proof"]

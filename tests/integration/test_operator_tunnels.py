@@ -13,6 +13,7 @@ from kubernetes import client
 
 from kakuremichi.api.resources import AGENT, CERTIFICATE, TUNNEL
 from tests.infra.cluster import Cluster, unique_name
+from tests.infra.edge_sessions import EdgeSessions
 from tests.infra.fixtures import OperatorProcess
 from tests.infra.objects import Objects, Secrets
 from tests.infra.polling import holds_for, wait_until
@@ -20,12 +21,18 @@ from tests.infra.tlsgen import TestCA
 
 
 class World:
-    def __init__(self, kube: Cluster, namespace: str) -> None:
+    def __init__(self, kube: Cluster, namespace: str, edges: EdgeSessions) -> None:
+        self.kube, self.namespace, self.edges = kube, namespace, edges
         self.agents = Objects(kube, namespace, AGENT)
         self.tunnels = Objects(kube, namespace, TUNNEL)
         self.certificates = Objects(kube, namespace, CERTIFICATE)
         self.secrets = Secrets(kube, namespace)
         self.ca = TestCA()
+
+    def agent(self, name: str) -> None:
+        """An Agent whose edge is connected (a Tunnel serves only while it is)."""
+        self.agents.create(name)
+        self.edges.connect_agent(self.kube, self.namespace, name)
 
     def tls_secret(
         self, name: str, *domains: str, valid_for: timedelta = timedelta(days=30)
@@ -42,8 +49,8 @@ class World:
 
 
 @pytest.fixture
-def world(kube: Cluster, operator: OperatorProcess) -> Iterator[World]:
-    made = World(kube, operator.namespace)
+def world(kube: Cluster, operator: OperatorProcess, edges: EdgeSessions) -> Iterator[World]:
+    made = World(kube, operator.namespace, edges)
     yield made
     made.tunnels.delete_all()
     made.agents.delete_all()
@@ -60,8 +67,7 @@ def test_tunnel_becomes_ready_as_its_agent_and_certificate_arrive(
     domain = f"{unique_name('app')}.example.com"
     world.secret_tunnel("app", domain, "home", "app-tls")
     assert world.tunnels.ready("app", "False", "AgentNotReady")["url"] == f"https://{domain}"
-    world.agents.create("home")
-    world.agents.ready("home")
+    world.agent("home")
     world.tunnels.ready("app", "False", "SecretNotFound")
     world.tls_secret("app-tls", domain)
     status = world.tunnels.ready("app")
@@ -88,7 +94,7 @@ def test_tunnel_becomes_ready_as_its_agent_and_certificate_arrive(
 
 def test_a_taken_domain_is_a_conflict_until_the_holder_leaves(world: World) -> None:
     domain = f"{unique_name('shared')}.example.com"
-    world.agents.create("home")
+    world.agent("home")
     world.tls_secret("shared-tls", domain)
     world.secret_tunnel("first", domain, "home", "shared-tls")
     world.tunnels.ready("first")
@@ -104,7 +110,7 @@ def test_a_taken_domain_is_a_conflict_until_the_holder_leaves(world: World) -> N
 
 def test_bad_secret_says_why_and_a_fix_recovers(world: World) -> None:
     domain = f"{unique_name('cert')}.example.com"
-    world.agents.create("home")
+    world.agent("home")
     world.tls_secret("cert-tls", "other.example.com")
     world.secret_tunnel("cert", domain, "home", "cert-tls")
     certificate = world.certificates.ready("cert", "False", "DomainMismatch")
@@ -119,20 +125,20 @@ def test_agent_removal_stops_routing_and_its_return_recovers(
     world: World, operator: OperatorProcess
 ) -> None:
     domain = f"{unique_name('back')}.example.com"
-    world.agents.create("home")
+    world.agent("home")
     world.tls_secret("back-tls", domain)
     world.secret_tunnel("back", domain, "home", "back-tls")
     world.tunnels.ready("back")
     world.agents.delete("home")
     world.tunnels.ready("back", "False", "AgentNotReady")
     wait_until(lambda: domain not in mirrored(operator, "tunnels", "domain"), "row to leave")
-    world.agents.create("home")
+    world.agent("home")
     world.tunnels.ready("back")
     wait_until(lambda: domain in mirrored(operator, "tunnels", "domain"), "row to return")
 
 
 def test_acme_issuance_is_reported_as_unavailable_for_now(world: World) -> None:
-    world.agents.create("home")
+    world.agent("home")
     world.tunnels.create(
         "acme", {"domain": f"{unique_name('acme')}.example.com", "agent": "home",
                  "target": "localhost:8080"},
@@ -152,7 +158,7 @@ def test_deletion_without_finalizers_cleans_up(world: World, operator: OperatorP
     """Tunnels and Certificates carry no finalizer: the watch's DELETED events clean up, and the
     garbage collector takes the Certificate with its Tunnel."""
     domain = f"{unique_name('gone')}.example.com"
-    world.agents.create("home")
+    world.agent("home")
     world.tls_secret("gone-tls", domain)
     world.secret_tunnel("gone", domain, "home", "gone-tls")
     world.tunnels.ready("gone")
@@ -166,3 +172,22 @@ def test_deletion_without_finalizers_cleans_up(world: World, operator: OperatorP
     wait_until(lambda: world.certificates.get("gone") is None, "the Certificate to be collected")
     wait_until(lambda: domain not in mirrored(operator, "tunnels", "domain"), "tunnel row gone")
     wait_until(lambda: domain not in mirrored(operator, "certificates", "domain"), "cert row gone")
+
+
+def test_a_tunnel_says_when_its_agent_is_away_and_recovers_when_it_returns(
+    world: World,
+) -> None:
+    """The gateways answer 502 while no edge of the Agent is connected: Ready says so within
+    the heartbeat timeout (5 s here) and is back within seconds of its return."""
+    domain = f"{unique_name('away')}.example.com"
+    world.agents.create("home")
+    world.tls_secret("away-tls", domain)
+    world.secret_tunnel("away", domain, "home", "away-tls")
+    offline = world.tunnels.ready("away", "False", "AgentOffline")  # never connected
+    assert "not connected to control" in offline["conditions"][0]["message"]
+    key = world.edges.connect_agent(world.kube, world.namespace, "home")
+    world.tunnels.ready("away", timeout=10)
+    world.edges.disconnect(key)
+    world.tunnels.ready("away", "False", "AgentOffline", timeout=15)
+    world.edges.connect(key)
+    world.tunnels.ready("away", timeout=10)

@@ -8,9 +8,13 @@ import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from uuid import UUID
 
+from kakuremichi.control.addressing import SubnetAllocator, SubnetPool
 from kakuremichi.control.credentials import generate_wireguard_keypair
 from kakuremichi.control.ownership import Tenancy, TenantRule, TunnelFacts, decide_domains
+from kakuremichi.control.state import ControlState
+from kakuremichi.control.store import Sealer
 from kakuremichi.control.topology import AgentNode
 from kakuremichi.control.tunnel_readiness import (
     READY_RULES,
@@ -39,11 +43,12 @@ def verdict_of(
     certificates: dict[str, CertificateVerdict] | None = None,
     agents: tuple[AgentNode, ...] = (HOME,),
     tenancy: Tenancy | None = None,
+    away: frozenset[UUID] = frozenset(),
 ) -> Verdicts:
     certs = {(t.namespace, t.name): GOOD for t in tunnels}
     certs |= {("default", k): v for k, v in (certificates or {}).items()}
     ownership = decide_domains(tunnels, tenancy or Tenancy())
-    result = verdicts({t.id: t for t in tunnels}, ownership, {a.id: a for a in agents}, certs)
+    result = verdicts({t.id: t for t in tunnels}, ownership, {a.id: a for a in agents}, certs, away)
     return {
         t.name: (result[t.id].status, result[t.id].reason, result[t.id].message) for t in tunnels
     }
@@ -125,13 +130,15 @@ def test_precedence_follows_the_table() -> None:
     )
     seen.append(verdict_of(worst, certificates={"worst": bad}, tenancy=allowed)["worst"][1])
     fixed = dataclasses.replace(worst, agent="home")
+    seen.append(verdict_of(fixed, certificates={"worst": bad}, tenancy=allowed,
+                           away=frozenset({HOME.id}))["worst"][1])  # fmt: skip
     seen.append(verdict_of(fixed, certificates={"worst": bad}, tenancy=allowed)["worst"][1])
     seen.append(verdict_of(fixed, tenancy=allowed)["worst"][1])
     seen.append(verdict_of(dataclasses.replace(fixed, enabled=True), tenancy=allowed)["worst"][1])
     table = [r.reason for r in READY_RULES]
     assert seen == [
         "QuotaExceeded", "DomainNotAllowed", "DomainConflict", "AgentNotReady",
-        "SecretNotFound", "Disabled", "Serving",
+        "AgentOffline", "SecretNotFound", "Disabled", "Serving",
     ]  # fmt: skip
     assert [table.index(r if r in table else "<Certificate's reason>") for r in seen] == list(
         range(len(table))
@@ -143,3 +150,27 @@ def test_the_documented_table_is_the_codes() -> None:
     section = text[text.index("### Why a Tunnel is not Ready") :]
     documented = re.findall(r"^\| \d+ \| `?([^`|]+?)`? \|", section, flags=re.MULTILINE)
     assert documented == [r.reason for r in READY_RULES]
+
+
+def test_a_tunnel_whose_agent_is_away_says_so_without_losing_its_domain() -> None:
+    status, reason, message = verdict_of(tunnel("app"), away=frozenset({HOME.id}))["app"]
+    assert (status, reason) == ("False", "AgentOffline")
+    assert "not connected" in message and "502" in message
+
+
+def test_agents_are_away_only_once_presence_is_settled_or_seen_to_leave() -> None:
+    """After an operator restart, an Agent not back yet is not called away at once: its edge
+    may still be reconnecting; one seen to leave is, and so is any not back after the grace."""
+    state = ControlState(Sealer(Sealer.generate_key()), SubnetAllocator(SubnetPool()))
+    state.restore_agent(HOME)
+    assert state.agents_away() == frozenset()
+    state.agent_connected(HOME.id, True)
+    state.agent_connected(HOME.id, False)
+    assert state.agents_away() == {HOME.id}
+    state.agent_connected(HOME.id, True)
+    assert state.agents_away() == frozenset()
+    other = dataclasses.replace(HOME, id=uuid.uuid4(), name="other", subnet_number=2)
+    state.restore_agent(other)
+    assert state.agents_away() == frozenset()
+    state.settle_presence()
+    assert state.agents_away() == {other.id}

@@ -35,7 +35,7 @@ from kakuremichi.control.http_endpoints import HttpEndpoints
 from kakuremichi.control.kube import Kube, load_api_client
 from kakuremichi.control.manifests import CERTIFICATE_LABEL
 from kakuremichi.control.mirror import Mirror
-from kakuremichi.control.presence import Presence
+from kakuremichi.control.presence import Presence, settle_after_start
 from kakuremichi.control.projector import Projector
 from kakuremichi.control.settings import ControlSettings
 from kakuremichi.control.state import ControlState
@@ -205,6 +205,12 @@ def build_registry(context: Context) -> kopf.OperatorRegistry:
         restored = await tunnels.restore_claims(context)
         tasks.append(asyncio.create_task(Projector(context).run(), name="projector"))
         tasks.append(asyncio.create_task(acme.run(), name="acme"))
+        tasks.append(
+            asyncio.create_task(
+                settle_after_start(context.state, context.settings.heartbeat_timeout),
+                name="settle presence",
+            )
+        )
         tasks.append(asyncio.create_task(certificates.follow_acme(context), name="follow acme"))
         tasks.append(asyncio.create_task(certificates.recheck(context), name="recheck"))
         tasks.append(

@@ -28,6 +28,7 @@ from kakuremichi.control.status_writer import StatusWriter
 FLUSH_SECONDS = 30.0
 RETRY_SECONDS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 """Waits between attempts while the API server refuses or is away."""
+SETTLE_POLL_SECONDS = 0.5
 log = logging.getLogger(__name__)
 
 
@@ -70,6 +71,8 @@ class Presence:
 
     def connected(self, identity: EdgeIdentity, client: protocol.ClientInfo | None) -> None:
         self.online[identity.id] = identity
+        if identity.role == "agent":
+            self.state.agent_connected(identity.id, True)
         self.seen(identity)
         metadata = client.model_dump(by_alias=True, exclude_none=True) if client else None
         self._want(Wanted(identity, "online", metadata))
@@ -79,6 +82,8 @@ class Presence:
 
     def disconnected(self, identity: EdgeIdentity) -> None:
         self.online.pop(identity.id, None)
+        if identity.role == "agent":
+            self.state.agent_connected(identity.id, False)
         self._want(Wanted(identity, "offline"))
 
     def acknowledged(self, identity: EdgeIdentity, ack: protocol.AckMessage) -> None:
@@ -173,3 +178,12 @@ class Presence:
             state if state is not None else previous_state,
             metadata or previous_metadata,
         )
+
+
+async def settle_after_start(state: ControlState, heartbeat_timeout: float) -> None:
+    """After the startup window and one heartbeat timeout more, every edge that still runs has
+    reconnected: an Agent not connected by then is away (its Tunnels say AgentOffline)."""
+    while state.startup.open:  # noqa: ASYNC110 - it closes by time as well as by events
+        await asyncio.sleep(SETTLE_POLL_SECONDS)
+    await asyncio.sleep(heartbeat_timeout)
+    state.settle_presence()

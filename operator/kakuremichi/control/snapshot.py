@@ -47,6 +47,8 @@ class ControlFacts:
     """Every Agent seen, provisioned or not."""
     agents: Mapping[UUID, AgentNode] = field(default_factory=dict)
     """Agents that have their subnet and keys."""
+    agents_away: frozenset[UUID] = frozenset()
+    """Provisioned Agents known not to be connected to control."""
     gateways: Mapping[UUID, GatewayNode] = field(default_factory=dict)
     gateway_boots: Mapping[UUID, str] = field(default_factory=dict)
     """Each gateway instance's process, as it last connected."""
@@ -118,7 +120,10 @@ class Snapshot:
     @cached_property
     def verdicts(self) -> Mapping[UUID, TunnelVerdict]:
         facts = self.facts
-        return verdicts(facts.tunnels, self.ownership, facts.agents, facts.certificate_verdicts)
+        return verdicts(
+            facts.tunnels, self.ownership, facts.agents, facts.certificate_verdicts,
+            facts.agents_away,
+        )  # fmt: skip
 
     @cached_property
     def tunnel_rows(self) -> tuple[TunnelRowFacts, ...]:

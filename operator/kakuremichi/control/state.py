@@ -64,6 +64,14 @@ class ControlState:
     """Agents that have their subnet and keys."""
     agent_claims: dict[UUID, AgentClaim] = field(default_factory=dict)
     """Every Agent that exists, provisioned or not (quotas count them oldest first)."""
+    agents_connected: set[UUID] = field(default_factory=set)
+    """Agents with a control channel session now."""
+    agents_left: set[UUID] = field(default_factory=set)
+    """Agents seen to disconnect since the start (and not back)."""
+    presence_settled: bool = False
+    """Set a heartbeat timeout after the startup window: from then on an Agent that is not
+    connected is away, whether or not it was seen since the start (before, it may simply not
+    have reconnected to this control yet)."""
     quota_refused: set[UUID] = field(default_factory=set)
     """Agents the reconciler refused for their namespace's quota."""
     tenant_rules: dict[str, TenantRule] = field(default_factory=dict)
@@ -152,8 +160,37 @@ class ControlState:
             self.agents[agent.id] = agent
             self.touch()
 
+    def agent_connected(self, agent_id: UUID, connected: bool) -> None:
+        """An Agent's control channel session began (True) or ended (False)."""
+        before = (agent_id in self.agents_connected, agent_id in self.agents_left)
+        if connected:
+            self.agents_connected.add(agent_id)
+            self.agents_left.discard(agent_id)
+        else:
+            self.agents_connected.discard(agent_id)
+            self.agents_left.add(agent_id)
+        if before != (agent_id in self.agents_connected, agent_id in self.agents_left):
+            self.touch()
+
+    def settle_presence(self) -> None:
+        """Every Agent that still runs has had its chance to reconnect since the start."""
+        if not self.presence_settled:
+            self.presence_settled = True
+            self.touch()
+
+    def agents_away(self) -> frozenset[UUID]:
+        """Provisioned Agents known not to be connected."""
+        return frozenset(
+            agent_id
+            for agent_id in self.agents
+            if agent_id not in self.agents_connected
+            and (self.presence_settled or agent_id in self.agents_left)
+        )
+
     def remove_agent(self, agent_id: UUID) -> None:
         """The Agent is gone: its claim, addresses and keys with it."""
+        self.agents_connected.discard(agent_id)
+        self.agents_left.discard(agent_id)
         if self.agent_claims.pop(agent_id, None) is not None:
             self.touch()  # (a younger Agent over quota may fit now)
         self.quota_refused.discard(agent_id)
@@ -385,6 +422,7 @@ class ControlState:
                 tunnels=dict(self.tunnels),
                 agent_claims=dict(self.agent_claims),
                 agents=dict(self.agents),
+                agents_away=self.agents_away(),
                 gateways=dict(self.gateways),
                 gateway_boots=dict(self.gateway_boots),
                 certificate_verdicts=dict(self.certificate_verdicts),

@@ -46,6 +46,8 @@ class Picture:
     agents: Mapping[tuple[str, str], AgentNode]
     """(namespace, name) → provisioned Agent."""
     certificates: Mapping[tuple[str, str], CertificateVerdict]
+    away: frozenset[UUID] = frozenset()
+    """Provisioned Agents not connected to control."""
 
 
 Finding = tuple[str, str] | None
@@ -76,6 +78,16 @@ def _agent_missing(tunnel: TunnelFacts, picture: Picture) -> Finding:
     return "AgentNotReady", (
         f"Agent {tunnel.namespace}/{tunnel.agent} does not exist or is not provisioned "
         f"({tunnel.domain} stays this Tunnel's meanwhile)"
+    )
+
+
+def _agent_offline(tunnel: TunnelFacts, picture: Picture) -> Finding:
+    agent = picture.agents.get((tunnel.namespace, tunnel.agent))
+    if agent is None or agent.id not in picture.away:
+        return None
+    return "AgentOffline", (
+        f"Agent {tunnel.namespace}/{tunnel.agent} is not connected to control: requests for "
+        f"{tunnel.domain} get 502 until it is (start its edge, or check its network)"
     )
 
 
@@ -123,6 +135,13 @@ READY_RULES: tuple[ReadyRule, ...] = (
         _agent_missing,
     ),
     ReadyRule(
+        "AgentOffline",
+        "the Agent is provisioned but its edge is not connected to control (stopped, cut off, "
+        "never started; after an operator restart, not back within a heartbeat timeout): the "
+        "gateways answer 502; `Serving` again within seconds of its return",
+        _agent_offline,
+    ),
+    ReadyRule(
         "<Certificate's reason>",
         "the Certificate is not ready, and its reason is passed on: `CertificatePending`, "
         "`SecretNotFound`, `SecretNotOwned`, `DomainMismatch`, `Expired`, `Issuing`, "
@@ -143,8 +162,9 @@ def verdicts(
     ownership: DomainOwnership,
     agents: Mapping[UUID, AgentNode],
     certificates: Mapping[tuple[str, str], CertificateVerdict],
+    away: frozenset[UUID] = frozenset(),
 ) -> dict[UUID, TunnelVerdict]:
-    picture = Picture(ownership, agents_by_name(agents), certificates)
+    picture = Picture(ownership, agents_by_name(agents), certificates, away)
     result: dict[UUID, TunnelVerdict] = {}
     for tunnel in tunnels.values():
         for rule in READY_RULES:
