@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from kakuremichi.api.fields import SENTENCES
 from kakuremichi.cli import build_parser, main
 from kakuremichi.control.flags import values_from
 from kakuremichi.control.installer import install_script, plain_http_warning, release_wheel_name
@@ -98,11 +99,14 @@ metadata: {name: ignored}
     assert main(["validate", str(manifest)]) == 1
     captured = capsys.readouterr()
     assert "#1 Tunnel/app: valid" in captured.out
+    # The sentence first (the same the API server answers with), then the detail.
     assert (
-        "#2 Tunnel/broken: spec.domain: 'app.example.com.' must not end with a dot" in captured.err
+        f"#2 Tunnel/broken: spec.domain: {SENTENCES['DomainName']} ('app.example.com.' must not "
+        "end with a dot)" in captured.err
     )
-    assert "#2 Tunnel/broken: spec.target: 'localhost:0': port must be between 1 and 65535" in (
-        captured.err
+    assert (
+        f"#2 Tunnel/broken: spec.target: {SENTENCES['TargetAddress']} ('localhost:0': port must be "
+        "between 1 and 65535, got 0)" in captured.err
     )
     assert "ConfigMap" not in captured.out + captured.err
 

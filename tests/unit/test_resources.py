@@ -8,7 +8,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from kakuremichi.api.fields import describe_errors
+from kakuremichi.api.fields import SENTENCES, describe_errors
 from kakuremichi.api.resources import (
     GATEWAY_MEMORY_PER_PROCESS,
     Agent,
@@ -78,19 +78,30 @@ def errors_of(model: Any, document: dict[str, Any]) -> list[str]:
     return describe_errors(error.value)
 
 
+def said(field: str, kind: str, detail: str) -> str:
+    """A refusal as users read it: the field, its type's sentence, then what exactly is wrong."""
+    return f"{field}: {SENTENCES[kind]} ({detail}"
+
+
 @pytest.mark.parametrize(
     ("path", "value", "expected"),
     [
-        (("spec", "domain"), "*.example.com", "spec.domain: '*.example.com': wildcard"),
-        (("spec", "domain"), "10.0.0.1", "spec.domain: '10.0.0.1' is an IP address"),
-        (("spec", "target"), "localhost", "spec.target: 'localhost' must be host:port"),
-        (("spec", "target"), "localhost:70000", "spec.target: 'localhost:70000': port must be"),
-        (("spec", "agent"), "Home_Server", "spec.agent: 'Home_Server' is not a valid name"),
-        (("metadata", "name"), "App", "metadata.name: 'App' is not a valid name"),
+        (("spec", "domain"), "*.example.com",
+         said("spec.domain", "DomainName", "'*.example.com': wildcard")),
+        (("spec", "domain"), "10.0.0.1",
+         said("spec.domain", "DomainName", "'10.0.0.1' is an IP address")),
+        (("spec", "target"), "localhost",
+         said("spec.target", "TargetAddress", "'localhost' must be host:port")),
+        (("spec", "target"), "localhost:70000",
+         said("spec.target", "TargetAddress", "'localhost:70000': port must be")),
+        (("spec", "agent"), "Home_Server",
+         said("spec.agent", "ResourceName", "'Home_Server' is not a valid name")),
+        (("metadata", "name"), "App",
+         said("metadata.name", "ResourceName", "'App' is not a valid name")),
         (("spec", "tls"), {"issuer": "Secret"}, "spec.tls: secretName is required"),
         (("spec", "tls"), {"issuer": "Vault"}, "spec.tls.issuer: Input should be 'ACME' or"),
     ],
-)
+)  # fmt: skip
 def test_tunnel_errors_name_the_field_and_why(
     path: tuple[str, str], value: Any, expected: str
 ) -> None:
@@ -103,16 +114,22 @@ def test_tunnel_errors_name_the_field_and_why(
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
-        ({"publicIP": "127.0.0.1"}, "spec.publicIP: '127.0.0.1' is a loopback address"),
-        ({"publicIP": "300.1.1.1"}, "spec.publicIP: '300.1.1.1' is not a valid IPv4 address"),
-        ({"region": "Tokyo"}, "spec.region: 'Tokyo' is not a valid region"),
+        (
+            {"publicIP": "127.0.0.1"},
+            said("spec.publicIP", "PublicIPv4", "'127.0.0.1' is a loopback address"),
+        ),
+        (
+            {"publicIP": "300.1.1.1"},
+            said("spec.publicIP", "PublicIPv4", "'300.1.1.1' is not a valid IPv4 address"),
+        ),
+        ({"region": "Tokyo"}, said("spec.region", "RegionName", "'Tokyo' is not a valid region")),
         ({"ports": {"http": 0}}, "spec.ports.http: Input should be greater than or equal to 1"),
         ({"ports": {"http": 443}}, "spec.ports: http and https must be different ports"),
         ({"mode": "External", "nodeSelector": {"a": "b"}}, "spec: nodeSelector, tolerations"),
         ({"mode": "External", "resources": {}}, "spec: nodeSelector, tolerations and resources"),
         (
             {"resources": {"limits": {"cpu": "two"}}},
-            "spec.resources.limits.cpu: 'two' is not a resource quantity",
+            said("spec.resources.limits.cpu", "Quantity", "'two' is not a resource quantity"),
         ),
         ({"resources": {"limits": {"cpu": True}}}, "spec.resources.limits.cpu: Input should be"),
         (

@@ -26,6 +26,7 @@ from kakuremichi.api.fields import (
     Quantity,
     RegionName,
     ResourceName,
+    SecretName,
     TargetAddress,
     cel_rule,
 )
@@ -36,10 +37,10 @@ API_VERSION = f"{GROUP}/{VERSION}"
 CATEGORY = "kakuremichi"
 
 EdgeState = Literal["online", "offline", "error"]
+StatusText15 = Annotated[str, Field(max_length=15)]
+"""An address in status: written by the operator from a checked one (no rule to evaluate at
+every status write)."""
 Port = Annotated[int, Field(ge=1, le=65535)]
-SecretName = Annotated[
-    str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-]
 
 
 class CommonStatus(CamelModel):
@@ -327,7 +328,7 @@ class GatewayInstanceStatus(CamelModel):
     index: Annotated[int, Field(ge=1, le=99)]
     """Stable gateway index g: the instance's WireGuard address toward the agent of
     10.N.M.0/24 is 10.N.M.g."""
-    public_ip: Annotated[PublicIPv4 | None, Field(alias="publicIP")] = None
+    public_ip: Annotated[StatusText15 | None, Field(alias="publicIP")] = None
     """The instance's public address."""
     wireguard_public_key: Annotated[str, Field(max_length=64)] | None = None
     """The instance's WireGuard public key."""
@@ -340,7 +341,7 @@ class GatewayInstanceStatus(CamelModel):
 class GatewayStatus(EdgeStatus):
     """Connection state of the pool and each of its instances."""
 
-    public_ip: Annotated[PublicIPv4 | None, Field(alias="publicIP")] = None
+    public_ip: Annotated[StatusText15 | None, Field(alias="publicIP")] = None
     """Public address of the pool (of its first instance when there are several)."""
     instances: list[GatewayInstanceStatus] = Field(
         default_factory=list,
@@ -433,7 +434,7 @@ class TunnelStatus(CommonStatus):
 
     url: Annotated[str, Field(max_length=300)] | None = None
     """The public URL, e.g. https://app.example.com."""
-    certificate: ResourceName | None = None
+    certificate: Annotated[str, Field(max_length=64)] | None = None
     """Name of the Certificate resource that serves this tunnel."""
 
 

@@ -52,6 +52,10 @@ DOMAIN_PATTERN_PATTERN = rf"^(\*\.)?{_LOWER_LABEL}(\.{_LOWER_LABEL})+$"
 NAMESPACE_MAX_LENGTH = 63
 NAMESPACE_PATTERN = rf"^{_LOWER_LABEL}$"
 
+SECRET_NAME_MAX_LENGTH = 253
+# Secret names are RFC 1123 subdomains.
+SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"  # noqa: S105 - a pattern
+
 REGION_MAX_LENGTH = 32
 REGION_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$"
 
@@ -65,6 +69,7 @@ _QUANTITY_SUFFIXES = {
     "Ki": Decimal(2**10), "Mi": Decimal(2**20), "Gi": Decimal(2**30), "Ti": Decimal(2**40),
     "Pi": Decimal(2**50), "Ei": Decimal(2**60),
 }  # fmt: skip
+QUANTITY_MAX_LENGTH = 32
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
 
 _name_re = re.compile(NAME_PATTERN)
@@ -72,6 +77,7 @@ _lower_label_re = re.compile(rf"^{_LOWER_LABEL}$")
 _any_case_label_re = re.compile(rf"^{_ANY_CASE_LABEL}$")
 _digits_re = re.compile(r"^[0-9]+$")
 _region_re = re.compile(REGION_PATTERN)
+_secret_name_re = re.compile(SECRET_NAME_PATTERN)
 _quantity_re = re.compile(QUANTITY_PATTERN)
 _numeric_host_re = re.compile(r"^[0-9.]+$")
 
@@ -87,6 +93,17 @@ def resource_name(value: str) -> str:
             f"{value!r} is not a valid name: use lower-case letters, digits and '-', "
             "starting and ending with a letter or digit"
         )
+    return value
+
+
+def secret_name(value: str) -> str:
+    """The name of a Secret (an RFC 1123 subdomain): lower-case letters, digits, '-', '.'."""
+    if not value:
+        raise ValueError("must not be empty")
+    if len(value) > SECRET_NAME_MAX_LENGTH:
+        raise ValueError(f"must be at most {SECRET_NAME_MAX_LENGTH} characters, got {len(value)}")
+    if not _secret_name_re.match(value):
+        raise ValueError(f"{value!r} is not a valid Secret name")
     return value
 
 
