@@ -18,7 +18,7 @@ import yaml
 from pydantic import ValidationError
 
 from kakuremichi import __version__
-from kakuremichi.api import crd
+from kakuremichi.api import crd, protocol
 from kakuremichi.api.fields import describe_errors
 from kakuremichi.api.resources import API_VERSION, KINDS, ResourceKind
 from kakuremichi.control.flags import add_flags
@@ -117,7 +117,13 @@ def _cmd_operator(args: argparse.Namespace) -> int:
 
     from kakuremichi.control import main as control_main
     from kakuremichi.control.flags import flag_errors, values_from
-    from kakuremichi.control.installer import EdgeWheelError, check_edge_wheel, default_edge_wheel
+    from kakuremichi.control.installer import (
+        EdgeWheelError,
+        check_edge_wheel,
+        default_edge_wheel,
+        default_wheelhouse,
+        default_wireguard_go,
+    )
     from kakuremichi.control.settings import ControlSettings
 
     logging.basicConfig(
@@ -135,6 +141,15 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     except EdgeWheelError as error:
         print(f"kakuremichi operator: --edge-wheel {error}", file=sys.stderr)
         return 2
+    for flag, field, default in (
+        ("--edge-wheelhouse", "edge_wheelhouse", default_wheelhouse),
+        ("--edge-wireguard-go", "edge_wireguard_go", default_wireguard_go),
+    ):
+        given = values.get(field)
+        if given is not None and not given.is_dir():
+            print(f"kakuremichi operator: {flag} {given}: no such folder", file=sys.stderr)
+            return 2
+        values[field] = given or default()
     try:
         settings = ControlSettings(**values)
     except ValidationError as error:
@@ -249,7 +264,7 @@ def _cmd_edge(args: argparse.Namespace) -> int:
 
 EXIT_NO_FIREWALL = 3
 """The edge could not install its packet filter (and was not told --no-firewall)."""
-EXIT_NO_WIREGUARD = 4
+EXIT_NO_WIREGUARD = protocol.EXIT_NO_WIREGUARD
 """This host has no usable WireGuard (no kernel module, no wireguard-go)."""
 
 

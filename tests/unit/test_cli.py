@@ -155,7 +155,7 @@ def test_operator_serves_only_a_wheel_of_its_own_release(
 
 
 def test_without_a_served_wheel_the_installer_uses_the_package_index() -> None:
-    script = install_script("agent", "https://control.example.com", None)
+    script = install_script("agent", "https://control.example.com")
     assert 'SERVED_WHEEL=""' in script
     assert not re.search(r"@[A-Z_]+@", script), "every placeholder filled in"
 

@@ -26,6 +26,14 @@ MAX_POD_TOKEN_BYTES = 3072
 signing key); it has to fit into the first frame beside the key."""
 POD_TOKEN_AUDIENCE = "kakuremichi"  # noqa: S105 - an audience name
 """The audience of the gateway pods' projected ServiceAccount tokens."""
+NO_WIREGUARD = (
+    "no WireGuard here: the kernel has no WireGuard module and wireguard-go is not installed "
+    "(load the module: modprobe wireguard; or install wireguard-go, e.g. with the one-line "
+    "installer of a control plane that serves its build, or from https://git.zx2c4.com/wireguard-go)"
+)
+"""What an edge (and its installer) says, in one line, on a host where it cannot run WireGuard;
+both then exit with status 4."""
+EXIT_NO_WIREGUARD = 4
 # WebSocket close codes (the 4000-4999 range is for applications).
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_BAD_REQUEST = 4400

@@ -587,7 +587,8 @@ class PrinterColumn:
 
 
 READY_COLUMN = PrinterColumn("Ready", '.status.conditions[?(@.type=="Ready")].status')
-REASON_COLUMN = PrinterColumn("Reason", '.status.conditions[?(@.type=="Ready")].reason', priority=1)
+REASON_COLUMN = PrinterColumn("Reason", '.status.conditions[?(@.type=="Ready")].reason')
+"""Shown by default: READY False says little without why (AgentOffline, DomainConflict ...)."""
 AGE_COLUMN = PrinterColumn("Age", ".metadata.creationTimestamp", "date")
 
 

@@ -1,5 +1,6 @@
 """Control's HTTP server: the control channel's WebSocket (``channel``) and what else is served
-beside it: ``/healthz``, ``/metrics``, the one-line installer and the wheel of this release."""
+beside it: ``/healthz``, ``/metrics``, the one-line installer and its edge kit (the wheel of this
+release, a wheelhouse at ``/install/wheels/`` for ``pip --find-links``, wireguard-go builds)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kakuremichi.control import metrics
 from kakuremichi.control.channel import ControlChannel
-from kakuremichi.control.installer import install_script
+from kakuremichi.control.installer import EdgeKit, install_script
 from kakuremichi.control.settings import ControlSettings
 
 
 class HttpEndpoints:
-    def __init__(self, settings: ControlSettings, channel: ControlChannel) -> None:
+    def __init__(
+        self, settings: ControlSettings, channel: ControlChannel, kit: EdgeKit | None = None
+    ) -> None:
         self.settings = settings
         self.channel = channel
+        self.kit = kit or EdgeKit.load(
+            settings.edge_wheel, settings.edge_wheelhouse, settings.edge_wireguard_go
+        )
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -24,23 +30,48 @@ class HttpEndpoints:
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/install/{role:agent|gateway}.sh", self.installer)
         app.router.add_get(r"/install/{wheel:kakuremichi-[^/]+\.whl}", self.wheel)
+        app.router.add_get("/install/wheels/", self.wheelhouse_index)
+        app.router.add_get("/install/wheels/{file}", self.wheelhouse_file)
+        app.router.add_get("/install/wireguard-go/linux-{arch}", self.wireguard_go)
         return app
 
     async def installer(self, request: web.Request) -> web.Response:
         """The one-line installer: ``curl -sSL <control>/install/agent.sh | sh -s -- ...``."""
-        settings = self.settings
-        wheel = settings.edge_wheel.name if settings.edge_wheel else None
         return web.Response(
-            text=install_script(request.match_info["role"], settings.control_url, wheel),
+            text=install_script(request.match_info["role"], self.settings.control_url, self.kit),
             content_type="text/x-shellscript",
         )
 
     async def wheel(self, request: web.Request) -> web.StreamResponse:
         """The operator's own release, which the installer installs by default."""
-        served = self.settings.edge_wheel
+        served = self.kit.wheel
         if served is None or request.match_info["wheel"] != served.name:
             raise web.HTTPNotFound(text="no such wheel here\n")
         return web.FileResponse(served, headers={"Content-Type": "application/octet-stream"})
+
+    async def wheelhouse_index(self, request: web.Request) -> web.Response:
+        """Links to every wheel of the wheelhouse: what ``pip --find-links`` reads."""
+        files = self.kit.wheelhouse_files()
+        if not files:
+            raise web.HTTPNotFound(text="no wheelhouse here\n")
+        links = "".join(f'<a href="{name}">{name}</a><br>\n' for name in files)
+        return web.Response(text=f"<!DOCTYPE html>\n<html><body>\n{links}</body></html>\n",
+                            content_type="text/html")  # fmt: skip
+
+    async def wheelhouse_file(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["file"]
+        if self.kit.wheelhouse is None or name not in self.kit.wheelhouse_files():
+            raise web.HTTPNotFound(text="no such wheel here\n")
+        return web.FileResponse(
+            self.kit.wheelhouse / name, headers={"Content-Type": "application/octet-stream"}
+        )
+
+    async def wireguard_go(self, request: web.Request) -> web.StreamResponse:
+        """A wireguard-go build, for hosts without kernel WireGuard (the script checks it)."""
+        build = self.kit.wireguard_go.get(request.match_info["arch"])
+        if build is None:
+            raise web.HTTPNotFound(text="no wireguard-go for that architecture here\n")
+        return web.FileResponse(build[0], headers={"Content-Type": "application/octet-stream"})
 
     async def metrics(self, request: web.Request) -> web.Response:
         connected = self.channel.connected()

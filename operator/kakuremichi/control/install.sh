@@ -5,13 +5,17 @@
 #
 # Installs kakuremichi into a virtualenv, writes /etc/kakuremichi/@ROLE@.conf (mode 0600), and
 # creates, enables and starts the systemd unit kakuremichi-@ROLE@. Running it again updates the
-# installation and the configuration in place.
+# installation and the configuration in place. When the control plane serves a wheelhouse, it
+# installs from that alone (no package index needed). Without kernel WireGuard (after trying
+# to load the module) and without wireguard-go, it installs the control plane's wireguard-go
+# build into /opt/kakuremichi/bin, checked against the SHA-256 written below; with nothing to
+# get, it says so in one line and exits with status @EXIT_NO_WIREGUARD@.
 #
 # Options:
 #   --api-key=KEY        the @ROLE@'s API key (required)
 #   --control-url=URL    where the control plane is (default: @CONTROL_URL@)
-#   --wheel=PATH|URL     install this wheel (default: the control plane's own release when it
-#                        serves one, else the package index's)
+#   --wheel=PATH|URL     install this wheel (default: from the control plane's wheelhouse or its
+#                        own release's wheel when it serves them, else the package index's)
 #   --ca-file=PATH       CA bundle to trust for an https control URL signed by a private CA
 #                        (kept as /etc/kakuremichi/control-ca.pem for the service)
 #   --index-url=URL      install from this package index
@@ -27,6 +31,12 @@ CONTROL_URL="@CONTROL_URL@"
 API_KEY=""
 WHEEL=""
 SERVED_WHEEL="@SERVED_WHEEL@"
+VERSION="@VERSION@"
+WHEELHOUSE="@WHEELHOUSE@"
+WIREGUARD_GO="@WIREGUARD_GO@" # architecture:sha256 of each wireguard-go build control serves
+NO_WIREGUARD='@NO_WIREGUARD@'
+NO_WIREGUARD_STATUS="@EXIT_NO_WIREGUARD@"
+
 CA_FILE=""
 INDEX_URL=""
 PACKAGE="kakuremichi"
@@ -107,7 +117,55 @@ CONF_DIR="$PREFIX/etc/kakuremichi"
 CONF="$CONF_DIR/$ROLE.conf"
 UNIT="$PREFIX/etc/systemd/system/kakuremichi-$ROLE.service"
 
-if [ -z "$WHEEL" ] && [ -z "$INDEX_URL" ] && [ "$PACKAGE" = kakuremichi ] && [ -n "$SERVED_WHEEL" ]; then
+# WireGuard: the kernel's (loaded if it can be), a wireguard-go on the PATH, or the control
+# plane's build, which the edge finds in $APP/bin.
+wireguard_here() {
+  [ -d /sys/module/wireguard ] && return 0
+  if [ -z "$PREFIX" ] && command -v modprobe >/dev/null 2>&1 && modprobe wireguard 2>/dev/null; then
+    return 0
+  fi
+  command -v wireguard-go >/dev/null 2>&1
+}
+if ! wireguard_here; then
+  case "$(uname -m)" in
+    x86_64 | amd64) ARCH=amd64 ;;
+    aarch64 | arm64) ARCH=arm64 ;;
+    *) ARCH="" ;;
+  esac
+  SUM=""
+  for build in $WIREGUARD_GO; do
+    [ "${build%%:*}" != "$ARCH" ] || SUM="${build#*:}"
+  done
+  if [ -z "$SUM" ]; then
+    echo "kakuremichi $ROLE: $NO_WIREGUARD" >&2
+    exit "$NO_WIREGUARD_STATUS"
+  fi
+  echo "kakuremichi installer: no kernel WireGuard here; installing the control plane's wireguard-go ($ARCH) into $APP/bin"
+  mkdir -p "$APP/bin" || fail "cannot create $APP/bin"
+  "$PYTHON" -c '
+import hashlib, os, ssl, sys, urllib.request
+url, out, expected, ca = sys.argv[1:]
+if os.path.isfile(out) and hashlib.sha256(open(out, "rb").read()).hexdigest() == expected:
+    sys.exit(0)
+tls = ssl.create_default_context()
+if ca:
+    tls.load_verify_locations(cafile=ca)
+with urllib.request.urlopen(url, context=tls, timeout=300) as got:
+    data = got.read()
+if hashlib.sha256(data).hexdigest() != expected:
+    sys.exit("the downloaded wireguard-go does not match its SHA-256: not installed")
+with open(out + ".tmp", "wb") as binary:
+    binary.write(data)
+os.chmod(out + ".tmp", 0o755)
+os.replace(out + ".tmp", out)
+' "$CONTROL_URL/install/wireguard-go/linux-$ARCH" "$APP/bin/wireguard-go" "$SUM" "$CA_FILE" ||
+    fail "cannot install wireguard-go from $CONTROL_URL (for a private CA, add --ca-file=PATH)"
+fi
+
+FROM_WHEELHOUSE=0
+if [ -z "$WHEEL" ] && [ -z "$INDEX_URL" ] && [ "$PACKAGE" = kakuremichi ] && [ -n "$WHEELHOUSE" ]; then
+  FROM_WHEELHOUSE=1
+elif [ -z "$WHEEL" ] && [ -z "$INDEX_URL" ] && [ "$PACKAGE" = kakuremichi ] && [ -n "$SERVED_WHEEL" ]; then
   # The control plane's own release, so the edge speaks its protocol. Python fetches it (it is
   # needed anyway), trusting --ca-file too: pip would trust only its own CA bundle.
   DOWNLOAD=$(mktemp -d "${TMPDIR:-/tmp}/kakuremichi-install.XXXXXX") || fail "cannot make a temporary folder"
@@ -128,8 +186,16 @@ fi
 echo "kakuremichi installer: installing the $ROLE into $APP"
 [ -x "$APP/venv/bin/python" ] || "$PYTHON" -m venv "$APP/venv" || fail "cannot create a virtualenv in $APP/venv"
 set -- --quiet --upgrade
-[ -z "$INDEX_URL" ] || set -- "$@" --index-url "$INDEX_URL"
-if [ -n "$WHEEL" ]; then set -- "$@" "$WHEEL"; else set -- "$@" "$PACKAGE"; fi
+if [ "$FROM_WHEELHOUSE" = 1 ]; then
+  # The control plane's release and every dependency, from control alone.
+  echo "kakuremichi installer: installing from $CONTROL_URL/install/wheels/"
+  set -- "$@" --no-index --find-links "$CONTROL_URL/install/wheels/"
+  [ -z "$CA_FILE" ] || set -- "$@" --cert "$CA_FILE"
+  set -- "$@" "kakuremichi==$VERSION"
+else
+  [ -z "$INDEX_URL" ] || set -- "$@" --index-url "$INDEX_URL"
+  if [ -n "$WHEEL" ]; then set -- "$@" "$WHEEL"; else set -- "$@" "$PACKAGE"; fi
+fi
 "$APP/venv/bin/python" -m pip install "$@" || fail "installing kakuremichi failed"
 "$APP/venv/bin/kakuremichi" --version >/dev/null || fail "the installed kakuremichi does not run"
 

@@ -212,6 +212,28 @@ class ControlSettings(BaseModel):
             "/usr/share/kakuremichi/kakuremichi-<version>-py3-none-any.whl",
         ),
     ] = None
+    edge_wheelhouse: Annotated[
+        Path | None,
+        Flag(
+            "--edge-wheelhouse",
+            "a folder of wheels: this release's and every dependency's, served at "
+            "/install/wheels/; the one-line installer then installs from it alone (pip "
+            "--no-index), so hosts need no package index",
+            "DIR",
+            default_text="the image's /usr/share/kakuremichi/wheels",
+        ),
+    ] = None
+    edge_wireguard_go: Annotated[
+        Path | None,
+        Flag(
+            "--edge-wireguard-go",
+            "a folder with wireguard-go builds (wireguard-go-linux-amd64, -arm64), served to "
+            "the one-line installer for hosts without kernel WireGuard, their SHA-256 in the "
+            "script",
+            "DIR",
+            default_text="the image's /usr/share/kakuremichi",
+        ),
+    ] = None
     sealing_key_file: Annotated[
         Path | None,
         Flag(

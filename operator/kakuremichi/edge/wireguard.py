@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Any, Literal, Protocol
 from pyroute2 import IPRoute, WireGuard
 from pyroute2.netlink.exceptions import NetlinkError
 
+from kakuremichi.api.protocol import NO_WIREGUARD
 from kakuremichi.edge.wireguard_plan import (
     InterfacePlan,
     PlanChanges,
@@ -45,6 +47,16 @@ START_TIMEOUT_SECONDS = 10.0
 log = logging.getLogger(__name__)
 
 WireGuardMode = Literal["kernel", "userspace"]
+
+
+def find_wireguard_go() -> str | None:
+    """``wireguard-go`` on the PATH, else the one the installer put beside this installation
+    (``/opt/kakuremichi/bin``, the virtualenv being ``/opt/kakuremichi/venv``)."""
+    found = shutil.which("wireguard-go")
+    if found is not None:
+        return found
+    beside = Path(sys.prefix).parent / "bin" / "wireguard-go"
+    return str(beside) if os.access(beside, os.X_OK) else None
 
 
 class WireGuardUnavailable(RuntimeError):
@@ -227,13 +239,9 @@ class UserspaceWireGuard(_Link):
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
-        binary = shutil.which("wireguard-go")
+        binary = find_wireguard_go()
         if binary is None:
-            raise WireGuardUnavailable(
-                "no WireGuard here: the kernel has no WireGuard module and wireguard-go is not "
-                "installed (load the module: modprobe wireguard; or install wireguard-go, "
-                "https://git.zx2c4.com/wireguard-go)"
-            )
+            raise WireGuardUnavailable(NO_WIREGUARD)
         # A wireguard-go left by an edge that was killed still holds the name: take it over.
         await asyncio.to_thread(self._delete_stale_link)
         await self._take_socket_path()
