@@ -36,7 +36,14 @@ import pytest
 
 from kakuremichi.api.resources import GatewaySpec
 from kakuremichi.control import manifests
-from kakuremichi.control.installer import IMAGE_WHEEL_DIR, check_edge_wheel, default_edge_wheel
+from kakuremichi.control.installer import (
+    IMAGE_WHEEL_DIR,
+    IMAGE_WHEELHOUSE,
+    WIREGUARD_GO_ARCHES,
+    WIREGUARD_GO_NAME,
+    check_edge_wheel,
+    default_edge_wheel,
+)
 from tests.infra.binaries import REPO, cache_dir
 
 DOCKERFILE = REPO / "edge-image" / "Dockerfile"
@@ -362,7 +369,8 @@ def test_the_final_stage_runs_the_builders_venv(
     from_builder = [c for c in copies if c[0] == f"--from={builder.name}"]
     assert from_builder[0] == [f"--from={builder.name}", VENV, VENV]
     wheel = [f"--from={builder.name}", "/wheels/kakuremichi-*.whl", f"{IMAGE_WHEEL_DIR}/"]
-    assert from_builder[1:] == [wheel], "the venv, and the wheel the operator serves"
+    wheelhouse = [f"--from={builder.name}", "/wheels", str(IMAGE_WHEELHOUSE)]
+    assert from_builder[1:] == [wheel, wheelhouse], "the venv; the wheel and wheelhouse served"
     env = " ".join(i.value for i in final.all("ENV"))
     assert f"PATH={VENV}/bin:$PATH" in env
     (entrypoint,) = final.all("ENTRYPOINT")
@@ -392,6 +400,9 @@ def test_wireguard_go_is_the_pinned_build(dockerfile: tuple[dict[str, str], list
         i.value.split() for i in final.all("COPY") if i.value.endswith(" /usr/bin/wireguard-go")
     ]
     source, binary = copy[0].removeprefix("--from="), copy[1]
+    assert binary == "/out/wireguard-go-linux-${TARGETARCH}", "the image's own architecture"
+    served = [i.value.split() for i in final.all("COPY") if i.value.startswith(copy[0] + " ")]
+    assert [copy[0], "/out/", f"{IMAGE_WHEEL_DIR}/"] in served, "both builds, served"
     (stage,) = [s for s in all_stages if s.name == source]
     base = expand(stage.base, global_args)
     assert base.startswith("golang:") and base.split(":")[1].split("@")[0].startswith(
@@ -399,10 +410,10 @@ def test_wireguard_go_is_the_pinned_build(dockerfile: tuple[dict[str, str], list
     ), f"{base}: the Go of PIN_GO_TOOLCHAIN"
     (build,) = stage.all("RUN")
     assert "CGO_ENABLED=0" in build.value  # static: no tie to the Go image's libc
-    install = shlex.split(build.value)
-    assert "golang.zx2c4.com/wireguard@${WIREGUARD_GO_VERSION}" in install, build.value
-    gobin = next(w.removeprefix("GOBIN=") for w in install if w.startswith("GOBIN="))
-    assert binary == f"{gobin}/wireguard", "go install names the binary after the module"
+    assert "golang.zx2c4.com/wireguard@${WIREGUARD_GO_VERSION}" in build.value, build.value
+    # Both architectures, under the names the operator looks for.
+    assert f"for arch in {' '.join(WIREGUARD_GO_ARCHES)};" in build.value, build.value
+    assert f"/out/{WIREGUARD_GO_NAME.format(arch='$arch')}" in build.value, build.value
     apt = " ".join(i.value for s in all_stages for i in s.all("RUN") if "apt-get" in i.value)
     assert "wireguard-go" not in apt, "not Debian's wireguard-go"
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import ssl
@@ -12,16 +13,20 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from kakuremichi import __version__
+from kakuremichi.api import protocol
 from kakuremichi.api.resources import AGENT, GATEWAY
+from tests.infra import binaries, netns, ports
 from tests.infra.binaries import REPO
 from tests.infra.cluster import Cluster, unique_name
 from tests.infra.fixtures import OperatorProcess, local_operator
 from tests.infra.objects import Objects, Secrets
+from tests.infra.polling import wait_until
 from tests.infra.tlsgen import TestCA
 
 KAKUREMICHI = str(Path(sys.executable).parent / "kakuremichi")
@@ -232,3 +237,153 @@ def test_installer_refuses_clearly(
     assert result.returncode != 0
     assert message in result.stderr
     assert not (Path("/etc/kakuremichi/agent.conf").exists() and user)
+
+
+@pytest.fixture(scope="module")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This checkout's wheel and every dependency's, as the image keeps them."""
+    out = tmp_path_factory.mktemp("wheelhouse")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "-w", str(out), str(REPO)], check=True
+    )
+    return out
+
+
+def without_wireguard_go() -> str:
+    """This PATH without the folders that hold a wireguard-go."""
+    folders = os.environ.get("PATH", "").split(os.pathsep)
+    return os.pathsep.join(f for f in folders if not (Path(f) / "wireguard-go").exists())
+
+
+@dataclass
+class BareHost:
+    host: netns.Host
+    operator: OperatorProcess
+    ca_file: Path
+    workdir: Path
+
+    def agent_key(self, kube: Cluster, name: str) -> str:
+        agents = Objects(kube, self.operator.namespace, AGENT)
+        agents.create(name)
+        status = agents.ready(name)
+        secrets = Secrets(kube, self.operator.namespace)
+        return str((secrets.read(status["credentialsSecret"]) or {})["apiKey"])
+
+
+@contextlib.contextmanager
+def bare_host(
+    kube: Cluster, make_host: netns.HostFactory, workdir: Path, *operator_args: str
+) -> Iterator[BareHost]:
+    """A host in a network namespace of its own that reaches control (on TLS, at its address
+    on the host's link) and nothing else: no package index, and no WireGuard on its PATH."""
+    host = make_host("bare")
+    root_side, _ = netns.link_root(host, "192.168.241.0")
+    address = str(root_side.ip)
+    namespace = unique_name("kmbare")
+    kube.kubectl("create", "namespace", namespace)
+    ca = TestCA()
+    serving = ca.issue(address)
+    (workdir / "tls.crt").write_text(serving.certificate_pem)
+    (workdir / "tls.key").write_text(serving.private_key_pem)
+    ca_file = workdir / "ca.pem"
+    ca_file.write_text(ca.pem)
+    url = f"https://{address}:{ports.free_port()}"
+    operator = OperatorProcess(
+        kube=kube, namespace=namespace, db_path=workdir / "k.db",
+        log_path=workdir / "operator.log", control_url=url, ca_file=ca_file,
+        args=["--db", f"sqlite:///{workdir / 'k.db'}", "--namespace", namespace,
+              "--system-namespace", namespace, "--control-listen", url.removeprefix("https://"),
+              "--control-url", url, "--control-tls-cert", str(workdir / "tls.crt"),
+              "--control-tls-key", str(workdir / "tls.key"), "--heartbeat-timeout", "5",
+              "--webhook-listen", "", *operator_args],
+    )  # fmt: skip
+    operator.start()
+    try:
+        yield BareHost(host, operator, ca_file, workdir)
+    finally:
+        operator.stop()
+        kube.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+def one_liner(kube: Cluster, bare: BareHost, name: str) -> str:
+    """What ``kakuremichi agent-command`` prints for the Agent."""
+    return subprocess.run(
+        [KAKUREMICHI, "agent-command", name, "-n", bare.operator.namespace,
+         "--control-url", bare.operator.control_url, "--ca-file", str(bare.ca_file)],
+        capture_output=True, text=True, check=True,
+        env={**os.environ, "KUBECONFIG": str(kube.kubeconfig)},
+    ).stdout.strip()  # fmt: skip
+
+
+def test_a_host_without_wireguard_or_an_index_gets_both_from_control_and_its_agent_comes_up(
+    kube: Cluster, make_host: netns.HostFactory, wheel: Path, wheelhouse: Path, tmp_path: Path
+) -> None:
+    built = binaries.find("wireguard-go")
+    assert built is not None
+    served = tmp_path / "wireguard-go"
+    served.mkdir()
+    shutil.copy2(built, served / "wireguard-go-linux-amd64")
+    with bare_host(kube, make_host, tmp_path, "--edge-wheel", str(wheel),
+                   "--edge-wheelhouse", str(wheelhouse),
+                   "--edge-wireguard-go", str(served)) as bare:  # fmt: skip
+        key = bare.agent_key(kube, "bare")
+        root = tmp_path / "root"
+        # The one-liner, verbatim, with --prefix (no systemd in a namespace).
+        command = f"{one_liner(kube, bare, 'bare')} --prefix={root}"
+        path = without_wireguard_go()
+        done = subprocess.run(
+            bare.host.command("env", f"PATH={path}", "sh", "-c", command),
+            capture_output=True, text=True, check=False, timeout=600,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "installing the control plane's wireguard-go (amd64)" in done.stdout
+        assert f"installing from {bare.operator.control_url}/install/wheels/" in done.stdout
+        installed = root / "opt" / "kakuremichi" / "bin" / "wireguard-go"
+        assert installed.read_bytes() == built.read_bytes()
+        # The agent, as the unit would run it: it finds the wireguard-go beside it.
+        log = tmp_path / "agent.log"
+        agent = bare.host.spawn(
+            [str(root / "opt" / "kakuremichi" / "venv" / "bin" / "kakuremichi"), "agent",
+             "--control-url", bare.operator.control_url, "--api-key", key,
+             "--ca-file", str(bare.ca_file), "--state-dir", str(tmp_path / "state"),
+             "--wireguard-interface", "kmbare0"],
+            log=log, env={"PATH": path},
+        )  # fmt: skip
+        try:
+            agents = Objects(kube, bare.operator.namespace, AGENT)
+            wait_until(
+                lambda: (agents.get("bare") or {}).get("status", {}).get("state") == "online",
+                "the installed agent to come up", timeout=60,
+            )  # fmt: skip
+            assert "userspace wireguard-go" in log.read_text()
+        finally:
+            agent.terminate()
+            agent.wait(timeout=20)
+
+
+def test_with_no_wireguard_to_get_installer_and_agent_say_so_in_one_line(
+    kube: Cluster, make_host: netns.HostFactory, wheel: Path, tmp_path: Path
+) -> None:
+    with bare_host(kube, make_host, tmp_path, "--edge-wheel", str(wheel)) as bare:
+        key = bare.agent_key(kube, "nowg")
+        path = without_wireguard_go()
+        command = f"{one_liner(kube, bare, 'nowg')} --prefix={tmp_path / 'root'}"
+        done = subprocess.run(
+            bare.host.command("env", f"PATH={path}", "sh", "-c", command),
+            capture_output=True, text=True, check=False, timeout=600,
+        )  # fmt: skip
+        assert done.returncode == protocol.EXIT_NO_WIREGUARD, done.stdout + done.stderr
+        line = f"kakuremichi agent: {protocol.NO_WIREGUARD}"
+        assert done.stderr.strip().splitlines()[-1] == line
+        assert not (tmp_path / "root" / "opt" / "kakuremichi" / "venv").exists()
+        # The agent command alone, on that host, says the same and exits the same way.
+        alone = subprocess.run(
+            bare.host.command(
+                "env", f"PATH={path}", KAKUREMICHI, "agent", "--control-url",
+                bare.operator.control_url, "--api-key", key, "--ca-file", str(bare.ca_file),
+                "--wireguard-interface", "kmnowg0",
+            ),
+            capture_output=True, text=True, check=False, timeout=60,
+        )  # fmt: skip
+        assert alone.returncode == protocol.EXIT_NO_WIREGUARD, alone.stderr
+        assert line in alone.stderr.splitlines()

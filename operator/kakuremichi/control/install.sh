@@ -162,12 +162,9 @@ os.replace(out + ".tmp", out)
     fail "cannot install wireguard-go from $CONTROL_URL (for a private CA, add --ca-file=PATH)"
 fi
 
-FROM_WHEELHOUSE=0
-if [ -z "$WHEEL" ] && [ -z "$INDEX_URL" ] && [ "$PACKAGE" = kakuremichi ] && [ -n "$WHEELHOUSE" ]; then
-  FROM_WHEELHOUSE=1
-elif [ -z "$WHEEL" ] && [ -z "$INDEX_URL" ] && [ "$PACKAGE" = kakuremichi ] && [ -n "$SERVED_WHEEL" ]; then
-  # The control plane's own release, so the edge speaks its protocol. Python fetches it (it is
-  # needed anyway), trusting --ca-file too: pip would trust only its own CA bundle.
+# The control plane's own release, so the edge speaks its protocol. Python fetches it (it is
+# needed anyway), trusting --ca-file too: pip would trust only its own CA bundle.
+download_served_wheel() {
   DOWNLOAD=$(mktemp -d "${TMPDIR:-/tmp}/kakuremichi-install.XXXXXX") || fail "cannot make a temporary folder"
   trap 'rm -rf "$DOWNLOAD"' EXIT
   WHEEL="$DOWNLOAD/$SERVED_WHEEL"
@@ -181,22 +178,46 @@ if ca:
 with urllib.request.urlopen(url, context=tls, timeout=300) as got, open(out, "wb") as wheel:
     wheel.write(got.read())
 ' "$CONTROL_URL/install/$SERVED_WHEEL" "$WHEEL" "$CA_FILE" || fail "cannot download the wheel from $CONTROL_URL (for a private CA, add --ca-file=PATH)"
-fi
+}
 
+# pip install of kakuremichi: from the wheelhouse alone (1), or the usual way (0).
+pip_install() {
+  from_wheelhouse=$1
+  set -- --quiet --upgrade
+  if [ "$from_wheelhouse" = 1 ]; then
+    # The control plane's release and every dependency, from control alone.
+    set -- "$@" --no-index --find-links "$CONTROL_URL/install/wheels/" "kakuremichi==$VERSION"
+    if [ -n "$CA_FILE" ]; then
+      # (requests, under pip, prefers REQUESTS_CA_BUNDLE from the environment to --cert.)
+      REQUESTS_CA_BUNDLE="$CA_FILE" PIP_CERT="$CA_FILE" "$APP/venv/bin/python" -m pip install "$@"
+      return
+    fi
+  else
+    [ -z "$INDEX_URL" ] || set -- "$@" --index-url "$INDEX_URL"
+    if [ -n "$WHEEL" ]; then set -- "$@" "$WHEEL"; else set -- "$@" "$PACKAGE"; fi
+  fi
+  "$APP/venv/bin/python" -m pip install "$@"
+}
+
+DEFAULT_PACKAGE=0
+[ -n "$WHEEL" ] || [ -n "$INDEX_URL" ] || [ "$PACKAGE" != kakuremichi ] || DEFAULT_PACKAGE=1
 echo "kakuremichi installer: installing the $ROLE into $APP"
 [ -x "$APP/venv/bin/python" ] || "$PYTHON" -m venv "$APP/venv" || fail "cannot create a virtualenv in $APP/venv"
-set -- --quiet --upgrade
-if [ "$FROM_WHEELHOUSE" = 1 ]; then
-  # The control plane's release and every dependency, from control alone.
+INSTALLED=0
+if [ "$DEFAULT_PACKAGE" = 1 ] && [ -n "$WHEELHOUSE" ]; then
   echo "kakuremichi installer: installing from $CONTROL_URL/install/wheels/"
-  set -- "$@" --no-index --find-links "$CONTROL_URL/install/wheels/"
-  [ -z "$CA_FILE" ] || set -- "$@" --cert "$CA_FILE"
-  set -- "$@" "kakuremichi==$VERSION"
-else
-  [ -z "$INDEX_URL" ] || set -- "$@" --index-url "$INDEX_URL"
-  if [ -n "$WHEEL" ]; then set -- "$@" "$WHEEL"; else set -- "$@" "$PACKAGE"; fi
+  if pip_install 1; then
+    INSTALLED=1
+  else
+    # The wheelhouse holds the platforms the control plane's image runs on; this host may be
+    # another (its Python, its architecture): the release's wheel and the package index then.
+    echo "kakuremichi installer: the control plane's wheelhouse has no wheels for this host; trying the package index" >&2
+  fi
 fi
-"$APP/venv/bin/python" -m pip install "$@" || fail "installing kakuremichi failed"
+if [ "$INSTALLED" = 0 ]; then
+  [ "$DEFAULT_PACKAGE" = 0 ] || [ -z "$SERVED_WHEEL" ] || download_served_wheel
+  pip_install 0 || fail "installing kakuremichi failed"
+fi
 "$APP/venv/bin/kakuremichi" --version >/dev/null || fail "the installed kakuremichi does not run"
 
 umask 077
