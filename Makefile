@@ -6,11 +6,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: help deps venv binaries lint typecheck test test-unit test-integration test-e2e crds \
-	cluster-up cluster-down demo demo-down bench bench-control clean
+	cluster-up cluster-down demo demo-down demo-add-host bench bench-control clean
 
 help:
 	@echo "make demo        (root) install what is needed; a local cluster, the operator, a gateway and"
 	@echo "                 an agent in network namespaces serving a demo tunnel; prints a curl line"
+	@echo "make demo-add-host NAME=laptop  another host joins the running demo by the one-liner"
+	@echo "                 kakuremichi agent-command prints (installing from control alone)"
 	@echo "make demo-down   remove everything make demo started (processes, namespaces, cluster, .demo/)"
 	@echo "make test        install what is needed, then lint, type-check and run every test tier"
 	@echo "make test-unit   the fast tier: no root, no network namespaces"
@@ -94,6 +96,11 @@ demo: deps binaries $(STAMP)
 
 demo-down: $(STAMP)
 	@$(BIN)/python hack/demo.py down
+
+# Another machine joins the running demo by the one-liner `kakuremichi agent-command` prints:
+# make demo-add-host NAME=laptop (a network namespace of its own; see hack/demo.py add-host).
+demo-add-host: $(STAMP)
+	@$(BIN)/python hack/demo.py add-host $(NAME)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """``make demo``: kakuremichi end to end on one Linux machine, as root, without Docker.
 
-    .venv/bin/python hack/demo.py up|down|status
+    .venv/bin/python hack/demo.py up|down|status|add-host NAME
 
 ``up`` builds, in this order (everything it makes is named kmdemo-* or lives in .demo/):
 
@@ -29,8 +29,12 @@
 6. a Tunnel publishing demo.kakuremichi.test with a certificate from the demo CA;
 
 then waits for the first HTTPS answer through the gateway and prints the curl command that gets
-it. ``down`` removes all of it, the cluster included. Both are idempotent: ``up`` on a running
-demo first takes it down.
+it. ``add-host NAME`` then brings in another machine the way the Add-Agent flow has it: a
+namespace kmdemo-h-NAME with no package index and no WireGuard runs the one-liner that
+``kakuremichi agent-command`` prints, which installs the operator's wheelhouse and wireguard-go
+from control (``up`` builds both into .demo/). ``down`` removes all of it, the cluster and the
+added hosts included. ``up`` and ``down`` are idempotent: ``up`` on a running demo first takes it
+down.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ import http.client
 import ipaddress
 import json
 import os
+import platform
+import re
 import shlex
 import shutil
 import signal
@@ -109,8 +115,14 @@ ORIGIN_PORT = 8080
 WIREGUARD_UAPI_DIR = Path("/var/run/wireguard")
 WIREGUARD_INTERFACES = {"gateway": "kmdemo-wg-gw", "agent": "kmdemo-wg-ag"}
 
-# Started processes, in the order `down` stops them.
+# Started processes, in the order `down` stops them (hosts added later go first).
 PROCESS_NAMES = ("origin", "agent", "gateway", "operator")
+# Hosts added with `add-host NAME`: namespace kmdemo-h-NAME, links to the root (control) and to
+# the gateway's namespace (its public address), subnets by the host's number.
+HOST_NS_PREFIX = "kmdemo-h-"
+HOST_ROOT_LINK_PREFIX = "kmdh-"
+HOSTS_FILE = STATE / "hosts.json"
+MAX_HOSTS = 9
 
 # Debian package of each command the demo runs (`make deps` installs them). wireguard-go is not
 # one: hack/build-binaries.sh builds the current release (use_built_binaries).
@@ -143,15 +155,6 @@ spec:
     {NODE_LABEL}: "true"
 """
 
-AGENT_YAML = f"""\
-apiVersion: kakuremichi.io/v1alpha1
-kind: Agent
-metadata:
-  name: demo
-  namespace: {NAMESPACE}
-spec:
-  displayName: kakuremichi demo
-"""
 
 POD_YAML = f"""\
 apiVersion: v1
@@ -167,20 +170,38 @@ spec:
     image: demo-origin
 """
 
-TUNNEL_YAML = f"""\
+
+def tunnel_yaml(name: str, domain: str, agent: str, secret: str) -> str:
+    return f"""\
 apiVersion: kakuremichi.io/v1alpha1
 kind: Tunnel
 metadata:
-  name: demo
+  name: {name}
   namespace: {NAMESPACE}
 spec:
-  domain: {DOMAIN}
-  agent: demo
+  domain: {domain}
+  agent: {agent}
   target: localhost:{ORIGIN_PORT}
   tls:
     issuer: Secret
-    secretName: {CERT_NAME}
+    secretName: {secret}
 """
+
+
+def agent_yaml(name: str, display_name: str | None = None) -> str:
+    return f"""\
+apiVersion: kakuremichi.io/v1alpha1
+kind: Agent
+metadata:
+  name: {name}
+  namespace: {NAMESPACE}
+spec:
+  displayName: {display_name or f"demo host {name}"}
+"""
+
+
+TUNNEL_YAML = tunnel_yaml("demo", DOMAIN, "demo", CERT_NAME)
+AGENT_YAML = agent_yaml("demo", "kakuremichi demo")
 
 T = TypeVar("T")
 
@@ -229,15 +250,15 @@ def daemon_pod_for(pods: Mapping[str, Any] | None, node: str) -> dict[str, Any] 
     return None
 
 
-def curl_command(ca_file: Path) -> list[str]:
+def curl_command(ca_file: Path, domain: str = DOMAIN) -> list[str]:
     """What a user runs to reach the demo: from the root namespace, straight to the gateway."""
     return [
         "curl",
         "--cacert",
         str(ca_file),
         "--resolve",
-        f"{DOMAIN}:443:{GATEWAY_IP}",
-        f"https://{DOMAIN}/",
+        f"{domain}:443:{GATEWAY_IP}",
+        f"https://{domain}/",
     ]
 
 
@@ -480,6 +501,16 @@ class DemoCA:
             .sign(self.key, hashes.SHA256())
         )
 
+    @classmethod
+    def load(cls, folder: Path) -> DemoCA:
+        """The demo's CA as `up` left it (ca.pem, ca.key)."""
+        ca = cls.__new__(cls)
+        key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        ca.key = key
+        ca.certificate = x509.load_pem_x509_certificate((folder / "ca.pem").read_bytes())
+        return ca
+
     @property
     def pem(self) -> str:
         return self.certificate.public_bytes(serialization.Encoding.PEM).decode()
@@ -541,6 +572,11 @@ def credentials_folder(secret: Mapping[str, str], folder: Path) -> Path:
 def _namespaces() -> list[str]:
     listing = run("ip", "netns", "list", check=False)
     return [line.split()[0] for line in listing.splitlines() if line.strip()]
+
+
+def _links() -> list[str]:
+    listed = run("ip", "-br", "link", "show", check=False)
+    return [line.split()[0].split("@")[0] for line in listed.splitlines() if line.strip()]
 
 
 def _link_exists(name: str) -> bool:
@@ -628,6 +664,32 @@ def _kill_namespace_processes(namespace: str, grace: float = 3.0) -> int:
     return seen
 
 
+# --- the edge kit --------------------------------------------------------------------------------
+
+
+def build_edge_kit() -> None:
+    """What control serves the one-line installer, as the image keeps it: this checkout's wheel
+    and every dependency's (a wheelhouse: the demo's hosts reach no package index), and the
+    wireguard-go the demo runs, for this machine's architecture."""
+    wheels = STATE / "wheels"
+    run(sys.executable, "-m", "pip", "wheel", "--quiet", "-w", str(wheels), str(REPO),
+        timeout=900)  # fmt: skip
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine())
+    built = shutil.which("wireguard-go")
+    if arch and built:
+        folder = STATE / "wireguard-go"
+        folder.mkdir(exist_ok=True)
+        shutil.copy2(built, folder / f"wireguard-go-linux-{arch}")
+
+
+def edge_kit_args() -> list[str]:
+    (wheel,) = (STATE / "wheels").glob("kakuremichi-*.whl")
+    args = ["--edge-wheel", str(wheel), "--edge-wheelhouse", str(STATE / "wheels")]
+    if (STATE / "wireguard-go").is_dir():
+        args += ["--edge-wireguard-go", str(STATE / "wireguard-go")]
+    return args
+
+
 # --- up ----------------------------------------------------------------------------------------
 
 
@@ -690,8 +752,14 @@ def up() -> None:
     (STATE / f"{CERT_NAME}.crt").write_text(cert)
     write_private(STATE / f"{CERT_NAME}.key", key)
 
+    step(
+        "what control serves the one-line installer: this checkout's wheel and its wheelhouse, "
+        "wireguard-go"
+    )
+    build_edge_kit()
     port = _free_port(CONTROL_IP, PREFERRED_CONTROL_PORT)
     control_url = f"https://{CONTROL_NAME}:{port}"
+    (STATE / "control-url").write_text(control_url)
     step(f"the operator, control channel {control_url} ({CONTROL_IP})")
     kube("create", "namespace", NAMESPACE)
     spawn(
@@ -703,7 +771,7 @@ def up() -> None:
          "--control-tls-cert", str(STATE / "control.crt"),
          "--control-tls-key", str(STATE / "control.key"),
          "--webhook-listen", f"127.0.0.1:{_free_port('127.0.0.1')}",
-         "--webhook-cert-dir", str(STATE / "webhook")],
+         "--webhook-cert-dir", str(STATE / "webhook"), *edge_kit_args()],
         env={"KUBECONFIG": str(KUBECONFIG)},
     )  # fmt: skip
     wait_for(lambda: _healthy(port, ca_file), "the operator's /healthz", 90, ["operator"])
@@ -807,6 +875,151 @@ def up() -> None:
     summary(kube, time.monotonic() - started)
 
 
+# --- add-host ----------------------------------------------------------------------------------
+
+HOST_NAME = re.compile(r"^[a-z][a-z0-9]{0,7}$")
+
+
+def without_wireguard_go() -> str:
+    """This PATH without the folders that hold a wireguard-go."""
+    folders = os.environ.get("PATH", "").split(os.pathsep)
+    return os.pathsep.join(f for f in folders if f and not (Path(f) / "wireguard-go").exists())
+
+
+def host_interface(name: str) -> str:
+    """The added host's WireGuard interface (km + at most 13: the edges' rule)."""
+    return f"kmh-{name}"
+
+
+def host_subnets(number: int) -> tuple[str, str]:
+    """(link to the root namespace, link to the gateway) of added host ``number`` (1-9)."""
+    return f"192.168.{220 + number}.0/24", f"192.168.{210 + number}.0/24"
+
+
+def host_domain(name: str) -> str:
+    return f"{name}.kakuremichi.test"
+
+
+def _hosts() -> dict[str, int]:
+    try:
+        loaded: dict[str, int] = json.loads(HOSTS_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded
+
+
+def add_host(name: str) -> None:
+    """Another machine behind NAT joins, the way the data-model document's Add-Agent flow has
+    it: an Agent is created, `kakuremichi agent-command` prints the one-liner, and the new host
+    runs it verbatim (with --prefix: a namespace has no systemd). Its installer gets
+    kakuremichi and wireguard-go from control (the host reaches no package index); then the
+    agent starts, beside an origin of its own, and a Tunnel publishes it."""
+    started = time.monotonic()
+    if not HOST_NAME.match(name):
+        raise DemoError(
+            f"{name!r}: a host name is 1-8 lower-case letters and digits, from a letter"
+        )
+    if os.geteuid() != 0:
+        raise DemoError("adding a host needs root, as the demo does (sudo)")
+    if not (STATE / "control-url").exists() or GATEWAY_NS not in _namespaces():
+        raise DemoError("the demo is not up: run `make demo` first")
+    hosts = _hosts()
+    if name in hosts:
+        raise DemoError(f"host {name} is already here (`make demo-down` removes everything)")
+    number = next((n for n in range(1, MAX_HOSTS + 1) if n not in hosts.values()), None)
+    if number is None:
+        raise DemoError(f"the demo takes at most {MAX_HOSTS} added hosts")
+    use_built_binaries()  # (the gateway's and the added host's wireguard-go, on PATH)
+    kube = Kube()
+    control_url = (STATE / "control-url").read_text().strip()
+    namespace, root_link = f"{HOST_NS_PREFIX}{name}", f"{HOST_ROOT_LINK_PREFIX}{name}"
+    to_root, to_gateway = (ipaddress.ip_network(n) for n in host_subnets(number))
+    root_ip, host_ip = str(to_root[1]), str(to_root[2])
+    gateway_side, host_public = str(to_gateway[1]), str(to_gateway[2])
+
+    step(f"a network namespace {namespace}: a machine behind NAT, reaching control and the "
+         "gateway, and no package index")  # fmt: skip
+    hosts[name] = number
+    HOSTS_FILE.write_text(json.dumps(hosts) + "\n")
+    run("ip", "netns", "add", namespace)
+    run(*in_namespace(namespace, "ip", "link", "set", "lo", "up"))
+    run("ip", "link", "add", "to-root", "netns", namespace, "type", "veth", "peer", "name",
+        root_link)  # fmt: skip
+    run("ip", "addr", "add", f"{root_ip}/24", "dev", root_link)
+    run("ip", "link", "set", root_link, "up")
+    run(*in_namespace(namespace, "ip", "addr", "add", f"{host_ip}/24", "dev", "to-root"))
+    run(*in_namespace(namespace, "ip", "link", "set", "to-root", "up"))
+    run(*in_namespace(namespace, "ip", "route", "add", "default", "via", root_ip))
+    device = f"to-{name}"
+    run("ip", "link", "add", device, "netns", GATEWAY_NS, "type", "veth", "peer", "name",
+        "to-gateway", "netns", namespace)  # fmt: skip
+    run(*in_namespace(GATEWAY_NS, "ip", "addr", "add", f"{gateway_side}/24", "dev", device))
+    run(*in_namespace(GATEWAY_NS, "ip", "link", "set", device, "up"))
+    run(*in_namespace(namespace, "ip", "addr", "add", f"{host_public}/24", "dev", "to-gateway"))
+    run(*in_namespace(namespace, "ip", "link", "set", "to-gateway", "up"))
+    # The gateway's public address (its WireGuard endpoint) is over there.
+    run(*in_namespace(namespace, "ip", "route", "add", f"{PUBLIC_IP}/32", "via", gateway_side))
+    folder = Path("/etc/netns") / namespace
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "hosts").write_text(hosts_file({CONTROL_NAME: CONTROL_IP}))
+
+    step(f"the Agent {name}, and the one-liner `kakuremichi agent-command` prints for it")
+    kube.apply(agent_yaml(name))
+    wait_for(lambda: kube.ready("agents.kakuremichi.io", name, NAMESPACE), f"the Agent {name}",
+             60, ["operator"])  # fmt: skip
+    one_liner = run(
+        str(KAKUREMICHI), "agent-command", name, "-n", NAMESPACE, "--control-url", control_url,
+        "--ca-file", str(STATE / "ca.pem"), env={"KUBECONFIG": str(KUBECONFIG)},
+    ).strip()  # fmt: skip
+    root = STATE / "hosts" / name
+    command = f"{one_liner} --prefix={root}"
+    say(f"    {command}")
+    step(f"running it in {namespace}")
+    # A new machine has no wireguard-go of the demo's (nor kernel WireGuard, here): the
+    # installer gets control's build.
+    bare = without_wireguard_go()
+    installed = run(*in_namespace(namespace, "env", f"PATH={bare}", "sh", "-c", command),
+                    timeout=900)  # fmt: skip
+    for line in installed.splitlines():
+        say(f"    {line}")
+    conf = dict(
+        line.split("=", 1)
+        for line in (root / "etc" / "kakuremichi" / "agent.conf").read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+
+    step(f"the agent on {name} (as its unit would run it), and an origin beside it")
+    edge = root / "opt" / "kakuremichi" / "venv" / "bin" / "kakuremichi"
+    spawn(f"agent-{name}", in_namespace(
+        namespace, "env", f"PATH={bare}", str(edge), "agent",
+        "--control-url", conf["KAKUREMICHI_CONTROL_URL"],
+        "--api-key", conf["KAKUREMICHI_API_KEY"], "--ca-file", str(STATE / "ca.pem"),
+        "--state-dir", str(root / "var" / "lib" / "kakuremichi"),
+        "--wireguard-interface", host_interface(name),
+    ))  # fmt: skip
+    spawn(f"origin-{name}", in_namespace(
+        namespace, sys.executable, str(ORIGIN_SCRIPT), "127.0.0.1", str(ORIGIN_PORT)
+    ))  # fmt: skip
+
+    domain = host_domain(name)
+    step(f"the Tunnel {name}: https://{domain} -> agent {name} -> localhost:{ORIGIN_PORT}")
+    cert, key = DemoCA.load(STATE).issue(domain)
+    (STATE / f"{name}-tls.crt").write_text(cert)
+    write_private(STATE / f"{name}-tls.key", key)
+    kube("create", "secret", "tls", f"{name}-tls", "-n", NAMESPACE,
+         f"--cert={STATE / name}-tls.crt", f"--key={STATE / name}-tls.key")  # fmt: skip
+    kube.apply(tunnel_yaml(name, domain, name, f"{name}-tls"))
+    watch = ["operator", "gateway", f"agent-{name}", f"origin-{name}"]
+    wait_for(lambda: kube.ready("tunnels.kakuremichi.io", name, NAMESPACE),
+             f"the Tunnel {name} to be Ready", 120, watch)  # fmt: skip
+    wait_for(lambda: probe_demo(STATE / "ca.pem", domain) == "200",
+             f"HTTP 200 from {domain} through the gateway", 120, watch)  # fmt: skip
+    say("")
+    say(f"host {name} is in ({time.monotonic() - started:.0f}s); its service over HTTPS:")
+    say("")
+    say(shlex.join(curl_command(STATE / "ca.pem", domain)))
+
+
 def _healthy(port: int, ca_file: Path) -> bool:
     context = ssl.create_default_context(cafile=str(ca_file))
     connection = http.client.HTTPSConnection(CONTROL_IP, port, context=context, timeout=2)
@@ -828,9 +1041,9 @@ def _create_injected_pod(kube: Kube) -> dict[str, Any] | None:
     return None
 
 
-def probe_demo(ca_file: Path) -> str:
+def probe_demo(ca_file: Path, domain: str = DOMAIN) -> str:
     """The HTTP status (text) of the printed curl command; "000" when no answer came."""
-    command = curl_command(ca_file)
+    command = curl_command(ca_file, domain)
     return run(command[0], "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "5",
                *command[1:], check=False)  # fmt: skip
 
@@ -850,6 +1063,7 @@ def summary(kube: Kube, seconds: float) -> None:
     say(f"  edges      ip netns exec {GATEWAY_NS} curl -s 127.0.0.1:9470/metrics")
     say(f"             ip netns exec {AGENT_NS} curl -s 127.0.0.1:9471/metrics")
     say(f"  status     {sys.executable} hack/demo.py status")
+    say("  a host     make demo-add-host NAME=laptop   (another machine joins by the one-liner)")
     say("  stop       make demo-down")
 
 
@@ -893,27 +1107,29 @@ def down(quiet: bool = False) -> None:
         )
     removed: list[str] = []
     processes = _load_processes()
-    pids = [
-        int(processes[name]["pid"])
-        for name in PROCESS_NAMES
-        if name in processes and _alive(processes[name])
-    ]
+    order = [n for n in processes if n not in PROCESS_NAMES] + list(PROCESS_NAMES)
+    pids = [int(processes[name]["pid"]) for name in order if name in processes
+            and _alive(processes[name])]  # fmt: skip
     pids += [pid for pid in _stray_operators() if pid not in pids]
     if pids:
         _stop(pids)
         removed.append(f"{len(pids)} processes")
     present = _namespaces()
-    for namespace in NETWORK_NAMESPACES:
+    hosts = [n for n in present if n.startswith(HOST_NS_PREFIX)]
+    for namespace in [*hosts, *NETWORK_NAMESPACES]:
         if namespace in present:
             _kill_namespace_processes(namespace)
             run("ip", "netns", "del", namespace, check=False)
             removed.append(f"namespace {namespace}")
         shutil.rmtree(Path("/etc/netns") / namespace, ignore_errors=True)
-    for link in ROOT_LINKS:  # gone with their namespaces, unless a run stopped half-way
+    host_links = [link for link in _links() if link.startswith(HOST_ROOT_LINK_PREFIX)]
+    for link in [*ROOT_LINKS, *host_links]:  # gone with their namespaces, unless a run stopped
         if _link_exists(link):
             run("ip", "link", "del", link, check=False)
             removed.append(f"link {link}")
-    for interface in WIREGUARD_INTERFACES.values():
+    interfaces = [*WIREGUARD_INTERFACES.values(),
+                  *(host_interface(n.removeprefix(HOST_NS_PREFIX)) for n in hosts)]  # fmt: skip
+    for interface in interfaces:
         with contextlib.suppress(FileNotFoundError):
             (WIREGUARD_UAPI_DIR / f"{interface}.sock").unlink()
     if CLUSTER_DIR.exists():
@@ -957,13 +1173,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="hack/demo.py",
         description="kakuremichi end to end on this machine: cluster, operator, gateway, agent.",
     )
-    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("command", choices=["up", "down", "status", "add-host"])
+    parser.add_argument("name", nargs="?", help="add-host: the new host's (and Agent's) name")
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
             up()
         elif args.command == "down":
             down()
+        elif args.command == "add-host":
+            if not args.name:
+                parser.error("add-host needs a NAME (e.g. hack/demo.py add-host laptop)")
+            add_host(args.name)
         else:
             return status()
     except DemoError as error:

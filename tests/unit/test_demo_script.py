@@ -8,6 +8,8 @@ import shlex
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 from kakuremichi.api.resources import GatewaySpec
 from kakuremichi.control.manifests import (
     POD_TOKEN_MOUNT,
@@ -113,3 +115,35 @@ def test_the_daemonsets_pod_for_the_node_is_found_bound_or_not() -> None:
     assert demo.daemon_pod_for({"items": [_pod("c", node="node-a")]}, "node-a") is not None
     assert demo.daemon_pod_for({"items": [_pod("c", node="other")]}, "node-a") is None
     assert demo.daemon_pod_for(None, "node-a") is None
+
+
+def test_added_hosts_subnets_are_their_own() -> None:
+    """Each added host's two links stay clear of the demo's, the tests' and each other's."""
+    taken = {int(subnet.split(".")[2]) for subnet in demo.SUBNETS} | set(range(240, 254))
+    for number in range(1, demo.MAX_HOSTS + 1):
+        thirds = {int(subnet.split(".")[2]) for subnet in demo.host_subnets(number)}
+        assert len(thirds) == 2 and thirds.isdisjoint(taken)
+        taken |= thirds
+
+
+def test_added_host_names_fit_an_edges_interface_and_a_namespace() -> None:
+    """A host's name becomes its WireGuard interface (km + 1-13 characters) and its links."""
+    for name in ("a", "laptop", "second2", "abcdefgh"):
+        assert demo.HOST_NAME.match(name)
+        interface = demo.host_interface(name)
+        assert interface.startswith("km") and len(interface) <= 15
+        assert len(f"{demo.HOST_ROOT_LINK_PREFIX}{name}") <= 15  # IFNAMSIZ
+    for name in ("", "Laptop", "1host", "abcdefghi", "a-b", "a/../b", "a b"):
+        assert not demo.HOST_NAME.match(name)
+
+
+def test_the_added_host_sees_no_wireguard_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new machine has none of the demo's wireguard-go: the installer must fetch control's."""
+    with_it, without = tmp_path / "with", tmp_path / "without"
+    with_it.mkdir()
+    without.mkdir()
+    (with_it / "wireguard-go").write_text("")
+    monkeypatch.setenv("PATH", f"{with_it}:{without}:/usr/bin")
+    assert demo.without_wireguard_go() == f"{without}:/usr/bin"
