@@ -69,11 +69,11 @@ uvloop.run(main())
 RELAY = """
 import asyncio, sys
 import uvloop
-from kakuremichi.edge.agent_relay import AgentRelay
+from kakuremichi.edge.agent_relay import AgentRelay, AgentTarget
 from kakuremichi.edge.stats import EdgeStats
 async def main():
     relay = AgentRelay(EdgeStats("agent"))
-    relay.set_targets({"localhost": f"127.0.0.1:{sys.argv[2]}"})
+    relay.set_targets({"localhost": AgentTarget(f"127.0.0.1:{sys.argv[2]}")})
     relay.set_gateways({"127.0.0.1"})
     await asyncio.get_running_loop().create_server(relay.protocol, "127.0.0.1", int(sys.argv[1]))
     print("ready", flush=True)

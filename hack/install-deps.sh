@@ -16,15 +16,25 @@ wanted=(
   shellcheck:shellcheck
   testssl:testssl.sh
   nft:nftables
+  # real servers and clients of the TCP, UDP and TLS-passthrough tests
+  redis-server:redis-server
+  redis-cli:redis-tools
+  dnsmasq:dnsmasq-base
+  dig:bind9-dnsutils
+  nginx:nginx
+  haproxy:haproxy
+  ss:iproute2
 )
 # `hack/install-deps.sh bench`: also what `make bench` measures with and against.
 if [ "${1:-}" = "bench" ]; then
-  wanted+=(nginx:nginx wrk:wrk)
+  wanted+=(wrk:wrk)
 fi
 
 missing=()
 for pair in "${wanted[@]}"; do
-  command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+  # (dnsmasq, nginx, haproxy live in /usr/sbin, which a non-login PATH may lack)
+  command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] \
+    || missing+=("${pair#*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
@@ -33,6 +43,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   else
     echo "install-deps: installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
+    # Servers the tests start themselves: their packages must not start them as services
+    # (nginx, haproxy, redis would take ports 80, 6379... on this machine).
+    temporary_policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      temporary_policy=/usr/sbin/policy-rc.d
+      trap 'rm -f "$temporary_policy"' EXIT
+      printf '#!/bin/sh\nexit 101\n' > "$temporary_policy"
+      chmod +x "$temporary_policy"
+    fi
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi

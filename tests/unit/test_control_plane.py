@@ -232,3 +232,25 @@ def test_presence_reaches_the_status_without_the_session_waiting(context: Contex
             await asyncio.gather(writer, return_exceptions=True)
 
     asyncio.run(scenario())
+
+
+def test_tcp_tunnels_get_no_certificate_and_a_younger_one_on_a_held_port_waits(
+    context: Context,
+) -> None:
+    async def scenario() -> None:
+        agent = fake(context).add(AGENT, "home", {}, "team-a")
+        await reconcile(context, AGENT, agent, agents.reconcile)
+        for name in ("first", "second"):
+            spec = {"domain": f"{name}.example.com", "agent": "home", "target": "localhost:22",
+                    "protocol": "TCP", "port": 2222}  # fmt: skip
+            tunnel = fake(context).add(TUNNEL, name, spec, "team-a")
+            await reconcile(context, TUNNEL, tunnel, tunnels.reconcile)
+        await Projector(context).project()
+        first, second = (current(context, TUNNEL, n, "team-a") for n in ("first", "second"))
+        assert ready(first)[1] in ("Serving", "AgentOffline")
+        assert ready(second) == ("False", "PortConflict")
+        assert first["status"]["url"] == "tcp://first.example.com:2222"
+        assert "certificate" not in first["status"]
+        assert not [k for k in fake(context).objects if k[0] == "certificates"]
+
+    asyncio.run(scenario())

@@ -21,7 +21,11 @@ def test_a_gateway_takes_nothing_new_from_its_wireguard_interface() -> None:
     input_chain = text[text.index("chain input") : text.index("chain forward")]
     assert 'iifname "kmgateway0" ct state established,related accept' in input_chain
     assert input_chain.rstrip().splitlines()[-2].strip() == 'iifname "kmgateway0" counter drop'
-    assert "dport" not in text and "@gateways" not in text
+    # new from the interface: UDP Tunnels' frames, relay port to relay port, and nothing else
+    assert [line.strip() for line in input_chain.splitlines() if "dport" in line] == [
+        'iifname "kmgateway0" udp sport 8471 udp dport 8471 accept'
+    ]
+    assert "tcp dport" not in text and "@gateways" not in text
     forward = text[text.index("chain forward") :]
     assert 'iifname "kmgateway0" counter drop' in forward
     assert "policy accept" in forward  # what does not come from the interface is the host's
@@ -31,6 +35,7 @@ def test_an_agent_takes_only_the_relay_port_from_its_gateways() -> None:
     text = ruleset("agent", "kmagent0", 8471, ["10.1.0.2", "10.1.0.1", "10.1.0.1"])
     assert "set gateways { type ipv4_addr; elements = { 10.1.0.1, 10.1.0.2 }; }" in text
     assert 'iifname "kmagent0" ip saddr @gateways tcp dport 8471 ct state new accept' in text
+    assert 'iifname "kmagent0" ip saddr @gateways udp sport 8471 udp dport 8471 accept' in text
     assert "elements" not in ruleset("agent", "kmagent0", 8471)
     assert gateways_update("kmagent0", ["10.1.0.3"]) == (
         "flush set inet kakuremichi_kmagent0 gateways\n"

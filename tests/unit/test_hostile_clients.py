@@ -20,7 +20,7 @@ import pytest
 
 from kakuremichi.api.protocol import CertificateBundle
 from kakuremichi.api.resources import ClientLimits, Hsts
-from kakuremichi.edge.agent_relay import AgentRelay
+from kakuremichi.edge.agent_relay import AgentRelay, AgentTarget
 from kakuremichi.edge.gateway_routes import GatewayRoute
 from kakuremichi.edge.https_proxy import HttpsProxy, serve
 from kakuremichi.edge.sni import SniContexts
@@ -68,7 +68,7 @@ async def stack(limits: ClientLimits | None = None, hsts: Hsts | None = None,
     origin, seen = await plain_origin.serve("127.0.0.1", origin_port)
     agent_stats, gateway_stats = EdgeStats("agent"), EdgeStats("gateway")
     relay = AgentRelay(agent_stats)
-    relay.set_targets({DOMAIN: f"127.0.0.1:{origin_port}"})
+    relay.set_targets({DOMAIN: AgentTarget(f"127.0.0.1:{origin_port}")})
     relay.set_gateways({"127.0.0.1"})  # the gateway connects from loopback here
     relay_port = free_port()
     loop = asyncio.get_running_loop()

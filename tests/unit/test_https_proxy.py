@@ -17,7 +17,7 @@ from prometheus_client import generate_latest
 
 from kakuremichi.api.protocol import CertificateBundle
 from kakuremichi.api.resources import ClientLimits
-from kakuremichi.edge.agent_relay import AgentRelay
+from kakuremichi.edge.agent_relay import AgentRelay, AgentTarget
 from kakuremichi.edge.gateway_routes import GatewayRoute
 from kakuremichi.edge.https_proxy import HttpsProxy, serve
 from kakuremichi.edge.sni import SniContexts
@@ -57,7 +57,7 @@ async def stack(agent_listening: bool = True) -> AsyncIterator[Stack]:
     await web.TCPSite(runner, "127.0.0.1", origin_port).start()
     agent_stats, gateway_stats = EdgeStats("agent"), EdgeStats("gateway")
     relay = AgentRelay(agent_stats)
-    relay.set_targets({DOMAIN: f"localhost:{origin_port}"})
+    relay.set_targets({DOMAIN: AgentTarget(f"localhost:{origin_port}")})
     relay.set_gateways({"127.0.0.1"})  # the gateway connects from loopback here
     relay_port = free_port()
     loop = asyncio.get_running_loop()
@@ -211,7 +211,7 @@ def test_a_held_domain_without_agent_answers_503_and_reaches_no_agent() -> None:
 def test_target_down_and_agent_unreachable_give_502() -> None:
     async def scenario() -> None:
         async with stack() as s:
-            s.relay.set_targets({DOMAIN: f"127.0.0.1:{free_port()}"})
+            s.relay.set_targets({DOMAIN: AgentTarget(f"127.0.0.1:{free_port()}")})
             reader, writer = await s.connect()
             writer.write(request("/"))
             status, _, body = await read_response(reader)
@@ -328,7 +328,12 @@ def test_an_h2c_tunnel_passes_http2_clients_through_and_answers_others_505() -> 
         ]  # fmt: skip
         stats = EdgeStats("gateway")
         relay = AgentRelay(EdgeStats("agent"))
-        relay.set_targets({H2C_DOMAIN: f"localhost:{target_port}", DOMAIN: "localhost:1"})
+        relay.set_targets(
+            {
+                H2C_DOMAIN: AgentTarget(f"localhost:{target_port}"),
+                DOMAIN: AgentTarget("localhost:1"),
+            }
+        )
         relay.set_gateways({"127.0.0.1"})  # the gateway connects from loopback here
         relay_port = free_port()
         loop = asyncio.get_running_loop()
@@ -408,7 +413,7 @@ def test_a_chunked_request_reaches_the_target_with_its_trailers() -> None:
         target_server = await asyncio.start_server(target, "127.0.0.1", 0)
         target_port = target_server.sockets[0].getsockname()[1]
         async with stack() as made:
-            made.relay.set_targets({DOMAIN: f"localhost:{target_port}"})
+            made.relay.set_targets({DOMAIN: AgentTarget(f"localhost:{target_port}")})
             reader, writer = await made.connect()
             writer.write(
                 b"POST /upload HTTP/1.1\r\nHost: " + DOMAIN.encode() + b"\r\n"

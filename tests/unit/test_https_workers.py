@@ -19,7 +19,7 @@ from aiohttp import web
 
 from kakuremichi.api.protocol import CertificateBundle
 from kakuremichi.edge import https_workers
-from kakuremichi.edge.agent_relay import AgentRelay
+from kakuremichi.edge.agent_relay import AgentRelay, AgentTarget
 from kakuremichi.edge.gateway_routes import FrontEndConfig, GatewayRoute
 from kakuremichi.edge.https_proxy import HttpsProxy, serve
 from kakuremichi.edge.https_workers import HttpsWorkers
@@ -123,7 +123,7 @@ async def gateway(worker_count: int) -> AsyncIterator[Gateway]:
     origin_port = free_port()
     await web.TCPSite(runner, "127.0.0.1", origin_port).start()
     relay = AgentRelay(EdgeStats("agent"))
-    relay.set_targets({name: f"localhost:{origin_port}" for name in (FIRST, SECOND)})
+    relay.set_targets({name: AgentTarget(f"localhost:{origin_port}") for name in (FIRST, SECOND)})
     relay.set_gateways({"127.0.0.1"})  # the gateway connects from loopback here
     relay_port = free_port()
     relay_server = await asyncio.get_running_loop().create_server(

@@ -12,7 +12,13 @@ from uuid import UUID
 
 from kakuremichi.control.addressing import SubnetAllocator, SubnetPool
 from kakuremichi.control.credentials import generate_wireguard_keypair
-from kakuremichi.control.ownership import Tenancy, TenantRule, TunnelFacts, decide_domains
+from kakuremichi.control.ownership import (
+    PublicPort,
+    Tenancy,
+    TenantRule,
+    TunnelFacts,
+    decide_domains,
+)
 from kakuremichi.control.state import ControlState
 from kakuremichi.control.store import Sealer
 from kakuremichi.control.topology import AgentNode
@@ -44,11 +50,16 @@ def verdict_of(
     agents: tuple[AgentNode, ...] = (HOME,),
     tenancy: Tenancy | None = None,
     away: frozenset[UUID] = frozenset(),
+    reserved: dict[PublicPort, str] | None = None,
+    unavailable: dict[PublicPort, tuple[str, str]] | None = None,
 ) -> Verdicts:
     certs = {(t.namespace, t.name): GOOD for t in tunnels}
     certs |= {("default", k): v for k, v in (certificates or {}).items()}
-    ownership = decide_domains(tunnels, tenancy or Tenancy())
-    result = verdicts({t.id: t for t in tunnels}, ownership, {a.id: a for a in agents}, certs, away)
+    ownership = decide_domains(tunnels, tenancy or Tenancy(), reserved_ports=reserved)
+    result = verdicts(
+        {t.id: t for t in tunnels}, ownership, {a.id: a for a in agents}, certs, away,
+        unavailable,
+    )  # fmt: skip
     return {
         t.name: (result[t.id].status, result[t.id].reason, result[t.id].message) for t in tunnels
     }
@@ -113,32 +124,39 @@ def test_an_h2c_tunnel_routes_as_h2c() -> None:
 
 
 def test_precedence_follows_the_table() -> None:
-    """A Tunnel that is over quota, not allowed its domain, without agent, certificate or
-    enablement reports the first rule of the table, and each fix uncovers the next."""
+    """A TCP Tunnel that is over quota, not allowed its domain, without its port, agent,
+    enablement or a gateway able to listen reports the first rule of the table, and each fix
+    uncovers the next; the certificate rule (HTTP Tunnels only) comes before Disabled."""
     policy = TenantRule("team", match_names=frozenset({"default"}), domains=frozenset(
         {"ok.example.com"}), max_tunnels=1)  # fmt: skip
     tenancy = Tenancy((policy,))
-    bad = CertificateVerdict(False, "SecretNotFound", "no Secret")
     older = tunnel("older", domain="ok.example.com", minutes=-1)
-    worst = tunnel("worst", domain="app.example.com", agent="ghost", enabled=False)
-    seen = [verdict_of(older, worst, certificates={"worst": bad}, tenancy=tenancy)["worst"][1]]
-    seen.append(verdict_of(worst, certificates={"worst": bad}, tenancy=tenancy)["worst"][1])
+    worst = dataclasses.replace(
+        tunnel("worst", domain="app.example.com", agent="ghost", enabled=False),
+        protocol="TCP", port=2222,
+    )  # fmt: skip
+    taken: dict[PublicPort, str] = {("TCP", 2222): "Gateway edge's HTTPS port"}
+    refused: dict[PublicPort, tuple[str, str]] = {("TCP", 2222): ("node-a", "Address in use")}
+    seen = [verdict_of(older, worst, tenancy=tenancy)["worst"][1]]
+    seen.append(verdict_of(worst, tenancy=tenancy)["worst"][1])
     allowed = Tenancy((dataclasses.replace(policy, domains=frozenset({"app.example.com"})),))
     holder = tunnel("holder", domain="app.example.com", minutes=-5, namespace="x")
-    seen.append(
-        verdict_of(holder, worst, certificates={"worst": bad}, tenancy=Tenancy())["worst"][1]
-    )
-    seen.append(verdict_of(worst, certificates={"worst": bad}, tenancy=allowed)["worst"][1])
+    seen.append(verdict_of(holder, worst, tenancy=Tenancy())["worst"][1])
+    seen.append(verdict_of(worst, tenancy=allowed, reserved=taken)["worst"][1])
+    seen.append(verdict_of(worst, tenancy=allowed)["worst"][1])
     fixed = dataclasses.replace(worst, agent="home")
-    seen.append(verdict_of(fixed, certificates={"worst": bad}, tenancy=allowed,
-                           away=frozenset({HOME.id}))["worst"][1])  # fmt: skip
-    seen.append(verdict_of(fixed, certificates={"worst": bad}, tenancy=allowed)["worst"][1])
-    seen.append(verdict_of(fixed, tenancy=allowed)["worst"][1])
-    seen.append(verdict_of(dataclasses.replace(fixed, enabled=True), tenancy=allowed)["worst"][1])
+    seen.append(verdict_of(fixed, tenancy=allowed, away=frozenset({HOME.id}))["worst"][1])
+    web = dataclasses.replace(fixed, protocol="HTTP", port=None)
+    bad = CertificateVerdict(False, "SecretNotFound", "no Secret")
+    seen.append(verdict_of(web, tenancy=allowed, certificates={"worst": bad})["worst"][1])
+    seen.append(verdict_of(fixed, tenancy=allowed, unavailable=refused)["worst"][1])
+    enabled = dataclasses.replace(fixed, enabled=True)
+    seen.append(verdict_of(enabled, tenancy=allowed, unavailable=refused)["worst"][1])
+    seen.append(verdict_of(enabled, tenancy=allowed)["worst"][1])
     table = [r.reason for r in READY_RULES]
     assert seen == [
-        "QuotaExceeded", "DomainNotAllowed", "DomainConflict", "AgentNotReady",
-        "AgentOffline", "SecretNotFound", "Disabled", "Serving",
+        "QuotaExceeded", "DomainNotAllowed", "DomainConflict", "PortConflict", "AgentNotReady",
+        "AgentOffline", "SecretNotFound", "Disabled", "PortUnavailable", "Serving",
     ]  # fmt: skip
     assert [table.index(r if r in table else "<Certificate's reason>") for r in seen] == list(
         range(len(table))

@@ -17,7 +17,15 @@ from uuid import UUID
 from pydantic import ConfigDict, Field, TypeAdapter
 
 from kakuremichi.api.fields import CamelModel, CidrRange, DomainName, PublicIPv4, TargetAddress
-from kakuremichi.api.resources import AppProtocol, ClientLimits, EdgeClient, Hsts
+from kakuremichi.api.resources import (
+    AppProtocol,
+    ClientLimits,
+    EdgeClient,
+    Hsts,
+    PortProtocol,
+    ProxyProtocol,
+    TunnelProtocol,
+)
 
 # A first frame larger than this is refused before it is parsed.
 MAX_AUTH_FRAME_BYTES = 4096
@@ -100,6 +108,17 @@ class PeerStatus(CamelModel):
     tx_bytes: Annotated[int, Field(ge=0)] = 0
 
 
+class PortTrouble(CamelModel):
+    """A tunnel's public port the gateway cannot bind (it retries)."""
+
+    protocol: PortProtocol
+    port: Port
+    error: Annotated[str, Field(max_length=256)]
+
+
+MAX_PORT_TROUBLES = 1024
+
+
 class StatusReport(CamelModel):
     """Periodic report of an edge's health."""
 
@@ -112,6 +131,10 @@ class StatusReport(CamelModel):
     tunnels: Annotated[int, Field(ge=0)] = 0
     active_connections: Annotated[int, Field(ge=0)] = 0
     requests_total: Annotated[int, Field(ge=0)] = 0
+    unavailable_ports: Annotated[list[PortTrouble], Field(max_length=MAX_PORT_TROUBLES)] = Field(
+        default_factory=list
+    )
+    """A gateway's: the tunnel ports of its config it could not bind, as of now."""
 
 
 class StatusMessage(CamelModel):
@@ -166,6 +189,13 @@ class AgentTunnel(FromControl):
     domain: DomainName
     target: TargetAddress
     enabled: bool = True
+    protocol: TunnelProtocol | None = None
+    """None: HTTP (left out of the message, as every field below at its default)."""
+    port: Port | None = None
+    """The public port (TCP, UDP): how the gateways name a UDP tunnel's datagrams."""
+    proxy_protocol: ProxyProtocol | None = None
+    """V1, V2: the agent begins each connection to the target (each datagram, UDP) with a
+    PROXY header carrying the client's address, as the gateway passed it on."""
 
 
 class AgentConfig(FromControl):
@@ -198,6 +228,8 @@ class GatewaySelf(FromControl):
     out of the message)."""
     client_limits: ClientLimits | None = None
     """None: the defaults (and left out of the message)."""
+    accept_proxy_protocol: bool | None = None
+    """True: read a PROXY header from ``trusted_proxies`` (None: false, left out)."""
     wireguard_private_key: WireGuardKey | None = None
     """Sent only over TLS (or loopback with ``--trust-loopback``), to edges that do not already
     hold it."""
@@ -225,6 +257,11 @@ class GatewayTunnel(FromControl):
     """None: HTTP1 (then left out of the message: gateways of releases before it refuse
     fields they do not know)."""
     hsts: Hsts | None = None
+    protocol: TunnelProtocol | None = None
+    """None: HTTP. TLS: passed through by SNI on the HTTPS port. TCP, UDP: on ``port``."""
+    port: Port | None = None
+    proxy_protocol: ProxyProtocol | None = None
+    """Set (V1, V2): the agent writes a PROXY header, so streams carry the client's address."""
 
 
 class CertificateBundle(FromControl):

@@ -8,6 +8,7 @@ never in spec, so a user's manifest holds only intent.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, Self, TypeVar
@@ -242,7 +243,17 @@ class ClientLimits(CamelModel):
     max_connections: Annotated[int, Field(ge=1, le=10_000_000)] = 4096
     """Open client connections per HTTPS process; more are refused at accept. The default
     fits the 128Mi each process is given (an idle TLS connection holds ~18 KiB): raise it with
-    the pod's memory limit."""
+    the pod's memory limit. TCP tunnels' ports count their connections the same way, the two
+    caps apart."""
+    tcp_idle_timeout_seconds: Annotated[float, Field(ge=10, le=7 * 86400)] = 3600
+    """A connection of a TCP or TLS-passthrough tunnel with no traffic either way this long is
+    closed."""
+    udp_idle_timeout_seconds: Annotated[float, Field(ge=5, le=3600)] = 60
+    """A UDP tunnel's flow (one client address and port) with no datagram either way this long
+    is forgotten; replies after that no longer reach the client."""
+    max_udp_flows: Annotated[int, Field(ge=1, le=1_000_000)] = 4096
+    """Flows of one UDP tunnel on each gateway; a datagram that would open one more is dropped
+    (and counted), so one tunnel's flood never takes another's."""
 
 
 class Hsts(CamelModel):
@@ -264,6 +275,9 @@ class Hsts(CamelModel):
 
 
 GatewayMode = Literal["InCluster", "External"]
+_PROXY_NEEDS_TRUST = (
+    "acceptProxyProtocol needs trustedProxies: the load balancers whose PROXY headers are believed"
+)
 
 
 class GatewaySpec(CamelModel):
@@ -278,7 +292,13 @@ class GatewaySpec(CamelModel):
                     "(!has(self.tolerations) || size(self.tolerations) == 0) && "
                     "!has(self.resources))",
                     "nodeSelector, tolerations and resources apply only to mode InCluster",
-                )
+                ),
+                cel_rule(
+                    "!has(self.acceptProxyProtocol) || !self.acceptProxyProtocol || "
+                    "(has(self.trustedProxies) && size(self.trustedProxies) > 0)",
+                    _PROXY_NEEDS_TRUST,
+                    ".acceptProxyProtocol",
+                ),
             ]
         }
     )
@@ -305,6 +325,13 @@ class GatewaySpec(CamelModel):
     """Load balancers in front of the gateways, as CIDR ranges: a connection from one of
     them has the client's ``X-Forwarded-For`` appended to (the nearest address outside these
     ranges becomes ``X-Real-IP``); from anyone else it is replaced. Default: none."""
+    accept_proxy_protocol: bool = False
+    """The gateways read a PROXY protocol header (v1 or v2, as HAProxy and cloud load
+    balancers send it) at the start of each TCP connection from an address in
+    ``trustedProxies`` (required then), and take its client address as the connection's: for
+    forwarded headers, per-address limits and the PROXY headers agents send on. A connection
+    from anyone else that begins with one is refused. Default: false (a header is refused
+    from everyone)."""
     client_limits: ClientLimits = Field(
         default_factory=ClientLimits, json_schema_extra={"default": {}}
     )
@@ -317,6 +344,8 @@ class GatewaySpec(CamelModel):
             self.node_selector or self.tolerations or self.resources is not None
         ):
             raise ValueError("nodeSelector, tolerations and resources apply only to mode InCluster")
+        if self.accept_proxy_protocol and not self.trusted_proxies:
+            raise ValueError(_PROXY_NEEDS_TRUST)
         return self
 
 
@@ -357,6 +386,20 @@ Issuer = Literal["ACME", "Secret"]
 Secret: the user maintains a kubernetes.io/tls Secret; the operator reads and validates it."""
 AppProtocol = Literal["HTTP1", "H2C"]
 """What a tunnel's target speaks: HTTP/1.1, or HTTP/2 without TLS (h2c, e.g. gRPC)."""
+TunnelProtocol = Literal["HTTP", "TLS", "TCP", "UDP"]
+"""What the gateways do with a tunnel's clients: HTTP (terminate TLS, read requests), TLS (pass
+the TLS connection through by its SNI name), TCP or UDP (forward a public port)."""
+PortProtocol = Literal["TCP", "UDP"]
+"""The protocols whose tunnels have a public port of their own."""
+ProxyProtocol = Literal["None", "V1", "V2"]
+"""Whether the agent tells the target the client's address with a PROXY protocol header."""
+GATEWAY_OWN_PORTS: dict[tuple[PortProtocol, int], str] = {
+    ("TCP", 80): "the gateways' HTTP port",
+    ("TCP", 443): "the gateways' HTTPS port",
+    ("UDP", 51820): "the gateways' WireGuard port",
+}
+"""The gateways' default ports: a Tunnel may never take them (a pool configured with other
+ports reserves those too, decided with the claims: PortConflict)."""
 
 _SECRET_NEEDS_NAME = cel_rule(
     "!has(self.issuer) || self.issuer != 'Secret' || has(self.secretName)",
@@ -390,10 +433,81 @@ _DOMAIN_IMMUTABLE = cel_rule(
 )
 
 
+@dataclass(frozen=True)
+class SpecRule:
+    """A rule across fields of a spec, the same in the model and in the CRD schema (CEL), with
+    one message for both."""
+
+    cel: str
+    message: str
+    field_path: str
+    broken: Callable[[TunnelSpec], bool]
+    """The model's side: true when the rule is broken."""
+
+    def entry(self) -> dict[str, Any]:
+        return cel_rule(self.cel, self.message, self.field_path)
+
+
+def _port_protocol(protocol: str) -> bool:
+    return protocol in ("TCP", "UDP")
+
+
+TUNNEL_RULES: tuple[SpecRule, ...] = (
+    SpecRule(
+        "!has(self.protocol) || !(self.protocol in ['TCP', 'UDP']) || has(self.port)",
+        "port is required for protocol TCP and UDP: the public port the gateways forward",
+        ".port",
+        lambda spec: _port_protocol(spec.protocol) and spec.port is None,
+    ),
+    SpecRule(
+        "!has(self.port) || (has(self.protocol) && self.protocol in ['TCP', 'UDP'])",
+        "port is only for protocol TCP and UDP: HTTP and TLS tunnels are served on the "
+        "gateways' HTTPS port, by name",
+        ".port",
+        lambda spec: spec.port is not None and not _port_protocol(spec.protocol),
+    ),
+    SpecRule(
+        "!has(self.port) || !has(self.protocol) || !("
+        "(self.protocol == 'TCP' && (self.port == 80 || self.port == 443)) || "
+        "(self.protocol == 'UDP' && self.port == 51820))",
+        "port must not be one of the gateways' own (80 and 443 TCP, 51820 UDP): pick another",
+        ".port",
+        lambda spec: (spec.protocol, spec.port) in GATEWAY_OWN_PORTS,
+    ),
+    SpecRule(
+        "!has(self.proxyProtocol) || self.proxyProtocol == 'None' || "
+        "(has(self.protocol) && self.protocol != 'HTTP')",
+        "proxyProtocol is for protocol TLS, TCP and UDP: HTTP tunnels tell the target the "
+        "client's address in X-Forwarded-For",
+        ".proxyProtocol",
+        lambda spec: spec.proxy_protocol != "None" and spec.protocol == "HTTP",
+    ),
+    SpecRule(
+        "!has(self.proxyProtocol) || self.proxyProtocol != 'V1' || !has(self.protocol) || "
+        "self.protocol != 'UDP'",
+        "proxyProtocol V1 has no form for UDP: use V2",
+        ".proxyProtocol",
+        lambda spec: spec.proxy_protocol == "V1" and spec.protocol == "UDP",
+    ),
+    SpecRule(
+        "!has(self.appProtocol) || self.appProtocol != 'H2C' || !has(self.protocol) || "
+        "self.protocol == 'HTTP'",
+        "appProtocol H2C is for protocol HTTP: TLS, TCP and UDP tunnels pass their bytes on "
+        "as they are",
+        ".appProtocol",
+        lambda spec: spec.app_protocol == "H2C" and spec.protocol != "HTTP",
+    ),
+)
+
+
 class TunnelSpec(CamelModel):
     """Publishes ``domain`` on every gateway and forwards it through ``agent`` to ``target``."""
 
-    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [_DOMAIN_IMMUTABLE]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [_DOMAIN_IMMUTABLE, *(r.entry() for r in TUNNEL_RULES)]
+        }
+    )
 
     domain: DomainName
     """Public DNS name, e.g. app.example.com. The oldest claim holds it; it cannot be changed
@@ -402,20 +516,49 @@ class TunnelSpec(CamelModel):
     """Name of the Agent (same namespace) that reaches the target."""
     target: TargetAddress
     """host:port the agent forwards to, e.g. localhost:8080."""
+    protocol: TunnelProtocol = "HTTP"
+    """HTTP (default): the gateways terminate TLS with the tunnel's certificate and forward
+    each request. TLS: the gateways pass the TLS connection through, chosen by the name the
+    client asks for (SNI) on their HTTPS port, and never decrypt it: the target holds its own
+    certificate. TCP, UDP: the gateways forward ``port`` (tcp://domain:port,
+    udp://domain:port). Only HTTP tunnels get a Certificate."""
+    port: Port | None = None
+    """The public port on every gateway, for protocol TCP and UDP (required there, refused
+    otherwise). Not 80 or 443 (TCP) or 51820 (UDP), nor a port a Gateway pool uses; the oldest
+    claim on a protocol and port holds it (others: PortConflict)."""
+    proxy_protocol: ProxyProtocol = "None"
+    """V1 or V2: the agent begins each connection to the target (TLS, TCP) with a PROXY
+    protocol header carrying the client's address and port, as HAProxy defines it; for UDP
+    (V2 only) every datagram carries one. The target must expect it (nginx: ``listen ...
+    proxy_protocol``). Not for HTTP tunnels, which carry X-Forwarded-For."""
     app_protocol: AppProtocol = "HTTP1"
-    """What the target speaks. HTTP1 (default): HTTP/1.1; the gateway reads each request and
-    adds X-Forwarded-For/-Proto/-Host. H2C: HTTP/2 without TLS, as gRPC servers speak it;
-    clients must negotiate HTTP/2 (ALPN h2) and their connection is passed to the target as it
-    is, without X-Forwarded-* headers."""
+    """What the target speaks (protocol HTTP). HTTP1 (default): HTTP/1.1; the gateway reads each
+    request and adds X-Forwarded-For/-Proto/-Host. H2C: HTTP/2 without TLS, as gRPC servers
+    speak it; clients must negotiate HTTP/2 (ALPN h2) and their connection is passed to the
+    target as it is, without X-Forwarded-* headers."""
     enabled: bool = True
     """When false the tunnel is kept but not routed."""
     description: Annotated[str, Field(max_length=1024)] | None = None
     """Free-form note."""
     tls: TunnelTLS = Field(default_factory=TunnelTLS, json_schema_extra={"default": {}})
-    """Certificate source."""
+    """Certificate source (protocol HTTP; ignored otherwise)."""
     hsts: Hsts | None = None
     """Add ``Strict-Transport-Security`` to the tunnel's responses (HTTP1 tunnels). Unset:
     the origin's own header, if any, is all browsers see."""
+
+    @model_validator(mode="after")
+    def _fields_fit_the_protocol(self) -> Self:
+        for rule in TUNNEL_RULES:
+            if rule.broken(self):
+                raise ValueError(rule.message)
+        return self
+
+    @property
+    def public_port(self) -> tuple[PortProtocol, int] | None:
+        """(TCP or UDP, port) for a tunnel with a port of its own."""
+        if self.port is not None and self.protocol in ("TCP", "UDP"):
+            return ("TCP" if self.protocol == "TCP" else "UDP"), self.port
+        return None
 
 
 class TunnelClaim(CamelModel):
@@ -667,6 +810,8 @@ TUNNEL = ResourceKind(
     status=TunnelStatus,
     columns=(
         PrinterColumn("Domain", ".spec.domain"),
+        PrinterColumn("Protocol", ".spec.protocol"),
+        PrinterColumn("Port", ".spec.port", "integer"),
         PrinterColumn("Agent", ".spec.agent"),
         PrinterColumn("Target", ".spec.target"),
         PrinterColumn("Enabled", ".spec.enabled", "boolean", priority=1),

@@ -16,6 +16,7 @@ def front_end_settings(spec: GatewaySpec) -> dict[str, Any]:
     return {
         "trusted_proxies": tuple(spec.trusted_proxies),
         "client_limits": None if limits == ClientLimits() else limits,
+        "accept_proxy_protocol": spec.accept_proxy_protocol,
     }
 
 

@@ -173,6 +173,8 @@ class Mirror:
                 tunnel.agent_id = row.route.agent_id
                 tunnel.target = row.route.target
                 tunnel.enabled = row.route.enabled
+                tunnel.protocol = row.route.protocol
+                tunnel.port = row.route.port
                 tunnel.description = row.description
                 session.add(tunnel)
 

@@ -32,7 +32,14 @@ from functools import cached_property
 from typing import Literal
 from uuid import UUID
 
-from kakuremichi.api.resources import AppProtocol, Hsts, TenantPolicySpec
+from kakuremichi.api.resources import (
+    AppProtocol,
+    Hsts,
+    PortProtocol,
+    ProxyProtocol,
+    TenantPolicySpec,
+    TunnelProtocol,
+)
 
 
 @dataclass(frozen=True, order=True)
@@ -61,10 +68,29 @@ class TunnelFacts:
     description: str | None = None
     app_protocol: AppProtocol = "HTTP1"
     hsts: Hsts | None = None
+    protocol: TunnelProtocol = "HTTP"
+    port: int | None = None
+    proxy_protocol: ProxyProtocol = "None"
 
     @property
     def claim(self) -> Claim:
         return Claim(self.created, self.id)
+
+    @property
+    def public_port(self) -> PublicPort | None:
+        """(TCP or UDP, port) of a tunnel with a port of its own."""
+        if self.port is None or self.protocol not in ("TCP", "UDP"):
+            return None
+        return ("TCP" if self.protocol == "TCP" else "UDP"), self.port
+
+    @property
+    def url(self) -> str:
+        if self.public_port is not None:
+            return f"{self.protocol.lower()}://{self.domain}:{self.port}"
+        return f"https://{self.domain}"
+
+
+PublicPort = tuple[PortProtocol, int]
 
 
 @dataclass(frozen=True)
@@ -179,7 +205,7 @@ class Tenancy:
 
 # --- The decision -----------------------------------------------------------------------------
 
-Standing = Literal["QuotaExceeded", "DomainNotAllowed", "DomainConflict"]
+Standing = Literal["QuotaExceeded", "DomainNotAllowed", "DomainConflict", "PortConflict"]
 
 
 @dataclass(frozen=True)
@@ -221,6 +247,8 @@ class DomainOwnership:
     claims: Mapping[UUID, datetime] = field(default_factory=dict)
     """Tunnel → when its claim began, for every Tunnel that claims (holders and those waiting
     behind them): what the next decision and a restart must remember."""
+    ports: Mapping[PublicPort, TunnelFacts] = field(default_factory=dict)
+    """(TCP or UDP, port) → the domain holder that holds that public port too."""
 
     @property
     def unable(self) -> frozenset[UUID]:
@@ -230,6 +258,13 @@ class DomainOwnership:
     def holds(self, tunnel: TunnelFacts) -> bool:
         holder = self.holders.get(tunnel.domain)
         return holder is not None and holder.id == tunnel.id
+
+    def serves(self, tunnel: TunnelFacts) -> bool:
+        """It holds its domain and, with a port of its own, that port."""
+        if not self.holds(tunnel):
+            return False
+        port = tunnel.public_port
+        return port is None or (port in self.ports and self.ports[port].id == tunnel.id)
 
 
 def _grants(tenancy: Tenancy, namespaces: Iterable[str]) -> dict[str, Grant]:
@@ -257,9 +292,14 @@ def _beyond_quota(
 
 
 def decide_domains(
-    tunnels: Iterable[TunnelFacts], tenancy: Tenancy, history: ClaimHistory | None = None
+    tunnels: Iterable[TunnelFacts],
+    tenancy: Tenancy,
+    history: ClaimHistory | None = None,
+    reserved_ports: Mapping[PublicPort, str] | None = None,
 ) -> DomainOwnership:
-    """Who holds each domain. Linear in the Tunnels but for one sort per namespace over quota."""
+    """Who holds each domain, and each TCP and UDP port: among the holders of their domains,
+    the oldest claim on a port holds it, unless ``reserved_ports`` (a Gateway pool's own
+    ports → whose) has it. Linear in the Tunnels but for one sort per namespace over quota."""
     tunnels = list(tunnels)
     history = history or ClaimHistory()
     grants = _grants(tenancy, (t.namespace for t in tunnels))
@@ -298,7 +338,49 @@ def decide_domains(
         refusals[tunnel.id] = Refusal(
             "DomainConflict", f"{tunnel.domain} is already claimed by {who}"
         )
-    return DomainOwnership(holders, refusals, {uid: c.created for uid, c in claims.items()})
+    ports = _decide_ports(holders.values(), claims, reserved_ports or {}, refusals)
+    return DomainOwnership(holders, refusals, {uid: c.created for uid, c in claims.items()}, ports)
+
+
+def _decide_ports(
+    holders: Iterable[TunnelFacts],
+    claims: Mapping[UUID, Claim],
+    reserved: Mapping[PublicPort, str],
+    refusals: dict[UUID, Refusal],
+) -> dict[PublicPort, TunnelFacts]:
+    """The oldest claim on each port among the domains' holders (a younger never displaces
+    it, as with domains); the others are refused with PortConflict, which names a holder in
+    the same namespace only."""
+    ports: dict[PublicPort, TunnelFacts] = {}
+    for tunnel in holders:
+        port = tunnel.public_port
+        if port is None or port in reserved:
+            continue
+        holder = ports.get(port)
+        if holder is None or claims[tunnel.id] < claims[holder.id]:
+            ports[port] = tunnel
+    for tunnel in holders:
+        port = tunnel.public_port
+        if port is None:
+            continue
+        name = f"{port[1]}/{port[0]}"
+        if port in reserved:
+            refusals[tunnel.id] = Refusal(
+                "PortConflict", f"spec.port: {name} is {reserved[port]}: pick another port"
+            )
+            continue
+        holder = ports[port]
+        if holder.id == tunnel.id:
+            continue
+        who = (
+            f"Tunnel {holder.name} of this namespace"
+            if holder.namespace == tunnel.namespace
+            else "another namespace"
+        )
+        refusals[tunnel.id] = Refusal(
+            "PortConflict", f"spec.port: {name} is already claimed by {who}"
+        )
+    return ports
 
 
 def _not_allowed(tunnel: TunnelFacts, grant: Grant) -> str:

@@ -84,12 +84,16 @@ class Presence:
         self.online.pop(identity.id, None)
         if identity.role == "agent":
             self.state.agent_connected(identity.id, False)
+        else:
+            self.state.gateway_ports_unavailable(identity.id, ())
         self._want(Wanted(identity, "offline"))
 
     def acknowledged(self, identity: EdgeIdentity, ack: protocol.AckMessage) -> None:
         self._want_if_changed(identity, "online" if ack.ok else "error")
 
     def reported(self, identity: EdgeIdentity, report: protocol.StatusReport) -> None:
+        if identity.role == "gateway":
+            self.state.gateway_ports_unavailable(identity.id, tuple(report.unavailable_ports))
         metadata = report.client.model_dump(by_alias=True, exclude_none=True)
         state: EdgeState = "error" if report.state == "error" else "online"
         self._want_if_changed(identity, state, metadata)

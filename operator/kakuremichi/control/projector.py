@@ -170,7 +170,7 @@ class Projector:
             ],
             "observedGeneration": tunnel.generation,
             "url": verdict.url,
-            "certificate": tunnel.certificate,
+            "certificate": tunnel.certificate if tunnel.protocol == "HTTP" else None,
             "claim": None
             if verdict.claimed_since is None
             else {

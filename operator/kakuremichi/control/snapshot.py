@@ -23,11 +23,13 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from uuid import UUID
 
-from kakuremichi.api.protocol import AcmeChallenge, CertificateBundle
+from kakuremichi.api.protocol import AcmeChallenge, CertificateBundle, PortTrouble
+from kakuremichi.api.resources import GATEWAY_OWN_PORTS
 from kakuremichi.control.ownership import (
     AgentClaim,
     ClaimHistory,
     DomainOwnership,
+    PublicPort,
     Tenancy,
     TunnelFacts,
     decide_agents,
@@ -59,6 +61,8 @@ class ControlFacts:
     tenancy: Tenancy = field(default_factory=Tenancy)
     history: ClaimHistory = field(default_factory=ClaimHistory)
     """When each claim began, as earlier decisions (and Tunnel status) recorded it."""
+    ports_unavailable: Mapping[UUID, tuple[PortTrouble, ...]] = field(default_factory=dict)
+    """Connected gateway instance → the tunnel ports it reports it cannot bind."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,33 @@ class Snapshot:
     @cached_property
     def ownership(self) -> DomainOwnership:
         facts = self.facts
-        return decide_domains(facts.tunnels.values(), facts.tenancy, facts.history)
+        return decide_domains(
+            facts.tunnels.values(), facts.tenancy, facts.history, self.reserved_ports
+        )
+
+    @cached_property
+    def reserved_ports(self) -> Mapping[PublicPort, str]:
+        """Ports no Tunnel may hold: the gateways' defaults and every pool's own."""
+        reserved: dict[PublicPort, str] = dict(GATEWAY_OWN_PORTS)
+        for gateway in self.facts.gateways.values():
+            whose = f"Gateway {gateway.pool or gateway.name}'s"
+            reserved.setdefault(("TCP", gateway.http_port), f"{whose} HTTP port")
+            reserved.setdefault(("TCP", gateway.https_port), f"{whose} HTTPS port")
+            reserved.setdefault(("UDP", gateway.wireguard_port), f"{whose} WireGuard port")
+        return reserved
+
+    @cached_property
+    def unavailable_ports(self) -> Mapping[PublicPort, tuple[str, str]]:
+        """Public port → (a gateway instance that cannot bind it, why), from the reports of
+        the gateways connected now."""
+        found: dict[PublicPort, tuple[str, str]] = {}
+        for gateway_id, troubles in sorted(self.facts.ports_unavailable.items()):
+            gateway = self.facts.gateways.get(gateway_id)
+            if gateway is None:
+                continue
+            for trouble in troubles:
+                found.setdefault((trouble.protocol, trouble.port), (gateway.name, trouble.error))
+        return found
 
     @cached_property
     def agent_refusals(self) -> Mapping[UUID, str]:
@@ -122,7 +152,7 @@ class Snapshot:
         facts = self.facts
         return verdicts(
             facts.tunnels, self.ownership, facts.agents, facts.certificate_verdicts,
-            facts.agents_away,
+            facts.agents_away, self.unavailable_ports,
         )  # fmt: skip
 
     @cached_property

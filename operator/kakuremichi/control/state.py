@@ -17,7 +17,7 @@ from typing import Any, Literal
 from uuid import UUID
 
 from kakuremichi.api.conditions import Condition
-from kakuremichi.api.protocol import AcmeChallenge, CertificateBundle
+from kakuremichi.api.protocol import AcmeChallenge, CertificateBundle, PortTrouble
 from kakuremichi.api.resources import GatewaySpec
 from kakuremichi.control.addressing import GatewayIndexAllocator, SubnetAllocator
 from kakuremichi.control.mirror import CertificateRow
@@ -123,6 +123,8 @@ class ControlState:
     """Tunnels found unable to claim (quota, policy): a claim of theirs begins when allowed."""
     tunnel_conditions: dict[UUID, list[Condition]] = field(default_factory=dict)
     """Conditions each Tunnel had when first seen, so transition times survive restarts."""
+    ports_unavailable: dict[UUID, tuple[PortTrouble, ...]] = field(default_factory=dict)
+    """Connected gateway instance → the tunnel ports it last reported it cannot bind."""
     generation: int = 0
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _snapshot: Snapshot | None = None
@@ -263,8 +265,20 @@ class ControlState:
             self.gateway_boots[gateway_id] = boot
             self.touch()
 
+    def gateway_ports_unavailable(
+        self, gateway_id: UUID, troubles: tuple[PortTrouble, ...]
+    ) -> None:
+        """What a connected gateway instance reports it cannot bind (nothing once it left)."""
+        if self.ports_unavailable.get(gateway_id, ()) != troubles:
+            if troubles:
+                self.ports_unavailable[gateway_id] = troubles
+            else:
+                self.ports_unavailable.pop(gateway_id, None)
+            self.touch()
+
     def remove_gateway(self, gateway_id: UUID) -> None:
         self._forget_credentials(gateway_id)
+        self.ports_unavailable.pop(gateway_id, None)
         self.gateway_boots.pop(gateway_id, None)
         self.pending_gateways.pop(gateway_id, None)
         self.gateway_indexes.release(gateway_id)
@@ -428,6 +442,7 @@ class ControlState:
                 certificate_verdicts=dict(self.certificate_verdicts),
                 bundles=dict(self.bundles),
                 challenges=dict(self.challenges),
+                ports_unavailable=dict(self.ports_unavailable),
                 tenancy=Tenancy(
                     tuple(self.tenant_rules[name] for name in sorted(self.tenant_rules)),
                     {ns: dict(labels) for ns, labels in self.namespace_labels.items()},

@@ -26,7 +26,7 @@ from kakuremichi.api.protocol import (
     GatewaySelf,
     GatewayTunnel,
 )
-from kakuremichi.api.resources import ClientLimits, Hsts
+from kakuremichi.api.resources import ClientLimits, Hsts, ProxyProtocol, TunnelProtocol
 from kakuremichi.control import addressing
 
 
@@ -68,6 +68,7 @@ class GatewayNode:
     trusted_proxies: tuple[str, ...] = ()
     client_limits: ClientLimits | None = None
     """None: the defaults."""
+    accept_proxy_protocol: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,10 @@ class Route:
     h2c: bool = False
     """The target speaks HTTP/2 without TLS (the Tunnel's appProtocol H2C)."""
     hsts: Hsts | None = None
+    protocol: TunnelProtocol = "HTTP"
+    port: int | None = None
+    """The public port (TCP, UDP), which the Tunnel holds."""
+    proxy_protocol: ProxyProtocol = "None"
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,7 @@ class Topology:
     @cached_property
     def served_certificates(self) -> tuple[CertificateBundle, ...]:
         """The certificates of held domains, by domain."""
-        held = {route.domain for route in self.routes}
+        held = {route.domain for route in self.routes if route.protocol == "HTTP"}
         return tuple(b for d, b in sorted(self.certificates.items()) if d in held)
 
     @cached_property
@@ -166,6 +171,9 @@ class Topology:
                 enabled=route.enabled,
                 app_protocol="H2C" if route.h2c else None,
                 hsts=route.hsts,
+                protocol=route.protocol if route.protocol != "HTTP" else None,
+                port=route.port,
+                proxy_protocol=route.proxy_protocol if route.proxy_protocol != "None" else None,
             )
             for route in self.routes
         )
@@ -218,7 +226,14 @@ def agent_config(
             for gateway in topology.gateways_by_index
         ],
         tunnels=[
-            AgentTunnel(domain=route.domain, target=route.target, enabled=route.enabled)
+            AgentTunnel(
+                domain=route.domain,
+                target=route.target,
+                enabled=route.enabled,
+                protocol=route.protocol if route.protocol != "HTTP" else None,
+                port=route.port,
+                proxy_protocol=route.proxy_protocol if route.proxy_protocol != "None" else None,
+            )
             for route in topology.served_routes_of(agent_id)
         ],
     )
@@ -246,6 +261,7 @@ def gateway_config(
             https_port=gateway.https_port,
             trusted_proxies=list(gateway.trusted_proxies) or None,
             client_limits=gateway.client_limits,
+            accept_proxy_protocol=gateway.accept_proxy_protocol or None,
             wireguard_private_key=private_key,
         ),
         agents=[

@@ -12,12 +12,12 @@ applies gives the verdict (docs/resources.md shows the same table).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from uuid import UUID
 
 from kakuremichi.api.conditions import ConditionStatus
-from kakuremichi.control.ownership import DomainOwnership, TunnelFacts
+from kakuremichi.control.ownership import DomainOwnership, PublicPort, TunnelFacts
 from kakuremichi.control.topology import AgentNode, Route
 
 
@@ -48,6 +48,8 @@ class Picture:
     certificates: Mapping[tuple[str, str], CertificateVerdict]
     away: frozenset[UUID] = frozenset()
     """Provisioned Agents not connected to control."""
+    unavailable_ports: Mapping[PublicPort, tuple[str, str]] = field(default_factory=dict)
+    """Public ports a connected gateway could not bind → (its instance, the error)."""
 
 
 Finding = tuple[str, str] | None
@@ -85,13 +87,28 @@ def _agent_offline(tunnel: TunnelFacts, picture: Picture) -> Finding:
     agent = picture.agents.get((tunnel.namespace, tunnel.agent))
     if agent is None or agent.id not in picture.away:
         return None
+    what = "requests for" if tunnel.protocol == "HTTP" else "clients of"
+    fate = "get 502" if tunnel.protocol == "HTTP" else "are closed"
     return "AgentOffline", (
-        f"Agent {tunnel.namespace}/{tunnel.agent} is not connected to control: requests for "
-        f"{tunnel.domain} get 502 until it is (start its edge, or check its network)"
+        f"Agent {tunnel.namespace}/{tunnel.agent} is not connected to control: {what} "
+        f"{tunnel.url} {fate} until it is (start its edge, or check its network)"
+    )
+
+
+def _port_unavailable(tunnel: TunnelFacts, picture: Picture) -> Finding:
+    port = tunnel.public_port
+    trouble = picture.unavailable_ports.get(port) if port is not None else None
+    if port is None or trouble is None:
+        return None
+    instance, error = trouble
+    return "PortUnavailable", (
+        f"gateway {instance} cannot listen on {port[1]}/{port[0]}: {error} (it retries every 10 s)"
     )
 
 
 def _certificate_not_ready(tunnel: TunnelFacts, picture: Picture) -> Finding:
+    if tunnel.protocol != "HTTP":
+        return None  # passed through or forwarded: the gateways need no certificate of its
     certificate = picture.certificates.get((tunnel.namespace, tunnel.certificate))
     if certificate is not None and certificate.ready:
         return None
@@ -105,7 +122,8 @@ def _disabled(tunnel: TunnelFacts, picture: Picture) -> Finding:
 
 
 def _serving(tunnel: TunnelFacts, picture: Picture) -> Finding:
-    return "Serving", f"https://{tunnel.domain} routes to {tunnel.target}"
+    how = " (TLS passed through)" if tunnel.protocol == "TLS" else ""
+    return "Serving", f"{tunnel.url}{how} routes to {tunnel.target}"
 
 
 READY_RULES: tuple[ReadyRule, ...] = (
@@ -128,6 +146,13 @@ READY_RULES: tuple[ReadyRule, ...] = (
         _not_holder("DomainConflict"),
     ),
     ReadyRule(
+        "PortConflict",
+        "the Tunnel holds its domain but not its port (TCP, UDP): an older Tunnel holds that "
+        "protocol and port (named only when in the same namespace), or a Gateway pool uses "
+        "it; it takes over once the holder is deleted",
+        _not_holder("PortConflict"),
+    ),
+    ReadyRule(
         "AgentNotReady",
         "the Tunnel holds the domain but its Agent does not exist or has no subnet yet "
         "(`PoolExhausted`, `QuotaExceeded`): the gateways answer 503 for the domain, which "
@@ -148,7 +173,19 @@ READY_RULES: tuple[ReadyRule, ...] = (
         "`NoGatewayOnline`, `DomainNotHeld`, `Acme…`",
         _certificate_not_ready,
     ),
-    ReadyRule("Disabled", "`spec.enabled` is false: routed, answered 404", _disabled),
+    ReadyRule(
+        "Disabled",
+        "`spec.enabled` is false: routed, answered 404 (TLS: closed; TCP, UDP: the port is "
+        "not listened on)",
+        _disabled,
+    ),
+    ReadyRule(
+        "PortUnavailable",
+        "a connected gateway cannot listen on the Tunnel's port (another program has it, or it "
+        "is privileged there); it retries every 10 s, and the Tunnel is `Serving` once every "
+        "gateway listens",
+        _port_unavailable,
+    ),
     ReadyRule("Serving", "`Ready=True`: the domain routes to the target", _serving),
 )
 
@@ -163,8 +200,11 @@ def verdicts(
     agents: Mapping[UUID, AgentNode],
     certificates: Mapping[tuple[str, str], CertificateVerdict],
     away: frozenset[UUID] = frozenset(),
+    unavailable_ports: Mapping[PublicPort, tuple[str, str]] | None = None,
 ) -> dict[UUID, TunnelVerdict]:
-    picture = Picture(ownership, agents_by_name(agents), certificates, away)
+    picture = Picture(
+        ownership, agents_by_name(agents), certificates, away, unavailable_ports or {}
+    )
     result: dict[UUID, TunnelVerdict] = {}
     for tunnel in tunnels.values():
         for rule in READY_RULES:
@@ -173,20 +213,22 @@ def verdicts(
                 reason, message = found
                 status: ConditionStatus = "True" if reason == "Serving" else "False"
                 result[tunnel.id] = TunnelVerdict(
-                    status, reason, message, f"https://{tunnel.domain}",
-                    ownership.claims.get(tunnel.id),
-                )  # fmt: skip
+                    status, reason, message, tunnel.url, ownership.claims.get(tunnel.id)
+                )
                 break
     return result
 
 
 def routes(ownership: DomainOwnership, agents: Mapping[UUID, AgentNode]) -> tuple[Route, ...]:
     """One route per held domain, sorted by domain: to the holder's Agent, or to none (the
-    gateways answer 503) while that Agent is not provisioned. Never to a younger claim."""
+    gateways answer 503) while that Agent is not provisioned. Never to a younger claim. A
+    holder without the port it asks for (PortConflict) has none."""
     by_name = agents_by_name(agents)
     found = []
     for domain in sorted(ownership.holders):
         holder = ownership.holders[domain]
+        if not ownership.serves(holder):
+            continue
         agent = by_name.get((holder.namespace, holder.agent))
         found.append(
             Route(
@@ -197,6 +239,9 @@ def routes(ownership: DomainOwnership, agents: Mapping[UUID, AgentNode]) -> tupl
                 holder.enabled,
                 h2c=holder.app_protocol == "H2C",
                 hsts=holder.hsts,
+                protocol=holder.protocol,
+                port=holder.port if holder.public_port is not None else None,
+                proxy_protocol=holder.proxy_protocol,
             )
         )
     return tuple(found)

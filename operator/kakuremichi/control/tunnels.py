@@ -72,6 +72,15 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
         UUID(meta.uid), TunnelStatus.model_validate(dict(body.status)).conditions
     )
     context.state.set_tunnel(facts_of(meta, spec))
+    if spec.protocol != "HTTP":
+        # Passed through or forwarded: no certificate of the gateways' (one made while the
+        # Tunnel was HTTP goes).
+        existing = await context.kube.get_object(CERTIFICATE, namespace, name)
+        if existing is not None and _owned_by(existing, str(meta.uid)):
+            await context.kube.delete_object(
+                CERTIFICATE, namespace, name, existing["metadata"]["uid"]
+            )
+        return
     # A Tunnel seen for the first time has no Certificate yet: create it without asking first
     # (one call instead of two for each new Tunnel); otherwise look, and fix what differs.
     created_now = False
@@ -94,6 +103,11 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
     del patch
 
 
+def _owned_by(found: Mapping[str, Any], uid: str) -> bool:
+    owners = found.get("metadata", {}).get("ownerReferences") or []
+    return any(owner.get("uid") == uid and owner.get("controller") for owner in owners)
+
+
 def facts_of(meta: Mapping[str, Any], spec: TunnelSpec) -> TunnelFacts:
     return TunnelFacts(
         id=UUID(meta["uid"]),
@@ -109,6 +123,9 @@ def facts_of(meta: Mapping[str, Any], spec: TunnelSpec) -> TunnelFacts:
         description=spec.description,
         app_protocol=spec.app_protocol,
         hsts=spec.hsts,
+        protocol=spec.protocol,
+        port=spec.port,
+        proxy_protocol=spec.proxy_protocol,
     )
 
 

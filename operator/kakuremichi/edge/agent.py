@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from typing import Any
 
 from kakuremichi.api import protocol
-from kakuremichi.edge.agent_relay import AgentRelay
+from kakuremichi.edge.agent_datagrams import AgentDatagrams
+from kakuremichi.edge.agent_relay import AgentRelay, AgentTarget
 from kakuremichi.edge.control_client import ApplyError
 from kakuremichi.edge.firewall import FirewallError
 from kakuremichi.edge.runtime import EdgeRuntime
@@ -31,6 +33,7 @@ class AgentEdge(EdgeRuntime):
     def __init__(self, settings: EdgeSettings) -> None:
         super().__init__(settings)
         self.relay = AgentRelay(self.stats)
+        self.datagrams = AgentDatagrams(self.stats, self.relay.resolver)
         self.server: asyncio.Server | None = None
         self.listening_on: str | None = None
 
@@ -45,7 +48,10 @@ class AgentEdge(EdgeRuntime):
         except FirewallError as error:
             raise ApplyError(str(error)) from None
         self.relay.set_gateways(gateways)
-        self.relay.set_targets({t.domain: t.target for t in config.tunnels if t.enabled})
+        self.datagrams.set_gateways({g.address: g.public_ip for g in config.gateways})
+        targets = {t.domain: AgentTarget.of(t) for t in config.tunnels if t.enabled}
+        self.relay.set_targets(targets)
+        self.datagrams.set_tunnels(targets)
         self.stats.tunnels = len(self.relay.targets)
         await self._listen(config.agent.virtual_ip)
 
@@ -69,6 +75,13 @@ class AgentEdge(EdgeRuntime):
                 listener.close()
                 raise
             self.server = await loop.create_server(self.relay.protocol, sock=listener)
+            # UDP Tunnels' frames arrive on the same port, over UDP (always bound: the
+            # gateways' UDP relay sockets expect it whether or not a UDP Tunnel exists yet).
+            if force:
+                self.datagrams.close_socket()
+            await self.datagrams.listen(
+                address, self.settings.wireguard_interface if self.settings.firewall else None
+            )
         except OSError as error:
             self.server = None
             raise ApplyError(f"cannot listen on {address}:{protocol.RELAY_PORT}: {error}") from None
@@ -79,8 +92,17 @@ class AgentEdge(EdgeRuntime):
         if self.listening_on is not None:
             await self._listen(self.listening_on, force=True)
 
+    def background_tasks(self) -> list[asyncio.Task[Any]]:
+        return [asyncio.create_task(self._sweep_flows(), name="udp-flows")]
+
+    async def _sweep_flows(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.datagrams.sweep(time.monotonic())
+
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
         self.relay.close_all()
+        self.datagrams.close_all()
         await super().stop()

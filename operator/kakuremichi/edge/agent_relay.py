@@ -3,8 +3,11 @@
 Gateways connect to the agent's virtual IP and open streams over that connection
 (:mod:`kakuremichi.edge.mux`), each naming its tunnel; the agent looks the tunnel up in its own
 config and connects to that tunnel's target, and to nothing else: a name it does not serve gets
-404, a target that refuses or does not answer gets 502. After that, bytes are spliced both ways
-with backpressure and half-closes passed on; the gateway has already done the HTTP work.
+404, a target that refuses or does not answer gets 502 (a TCP or TLS Tunnel's client: a closed
+connection). After that, bytes are spliced both ways with backpressure and half-closes passed
+on; the gateway has already done the HTTP work. A Tunnel with ``proxyProtocol`` has each
+connection to its target begin with a PROXY header carrying the client's address, which the
+gateway named with the stream (:mod:`kakuremichi.edge.stream_names`).
 
 Only the gateways of the agent's current config may connect: the listener is bound to the
 WireGuard interface (Linux would otherwise take packets for the virtual IP from any interface:
@@ -21,11 +24,16 @@ import logging
 import socket
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import cast
 
+from kakuremichi.api.protocol import AgentTunnel
+from kakuremichi.api.resources import ProxyProtocol, TunnelProtocol
+from kakuremichi.edge import proxy_header, stream_names
 from kakuremichi.edge.mux import MuxConnection, MuxStream
 from kakuremichi.edge.pages import error_response
 from kakuremichi.edge.stats import EdgeStats
+from kakuremichi.edge.stream_names import StreamName
 
 TARGET_CONNECT_TIMEOUT = 5.0
 RESOLVE_TTL_SECONDS = 30.0
@@ -62,12 +70,29 @@ class TargetResolver:
         return address
 
 
+@dataclass(frozen=True)
+class AgentTarget:
+    """Where one of the agent's enabled tunnels goes, and how."""
+
+    target: str
+    protocol: TunnelProtocol = "HTTP"
+    proxy_protocol: ProxyProtocol = "None"
+    port: int | None = None
+    """TCP, UDP: the public port."""
+
+    @classmethod
+    def of(cls, tunnel: AgentTunnel) -> AgentTarget:
+        return cls(
+            tunnel.target, tunnel.protocol or "HTTP", tunnel.proxy_protocol or "None", tunnel.port
+        )
+
+
 class AgentRelay:
     """Domain → target of this agent's enabled tunnels, and the open relays."""
 
     def __init__(self, stats: EdgeStats) -> None:
         self.stats = stats
-        self.targets: dict[str, str] = {}
+        self.targets: dict[str, AgentTarget] = {}
         self.relays: set[GatewayConnection] = set()
         self.connections: set[GatewayLink] = set()
         self.gateways: frozenset[str] = frozenset()
@@ -83,7 +108,7 @@ class AgentRelay:
                 log.info("closing the relay connection of %s: no longer a gateway", connection.peer)
                 connection.close()
 
-    def set_targets(self, targets: Mapping[str, str]) -> None:
+    def set_targets(self, targets: Mapping[str, AgentTarget]) -> None:
         """Serve ``targets``; relays of tunnels that were removed, disabled or now point
         elsewhere are closed, all others go on untouched."""
         before, self.targets = self.targets, dict(targets)
@@ -132,41 +157,51 @@ class GatewayLink(MuxConnection):
 class GatewayConnection(asyncio.Protocol):
     """One stream from a gateway: one tunnel's bytes, to and from one target connection."""
 
-    def __init__(self, relay: AgentRelay, domain: str) -> None:
+    def __init__(self, relay: AgentRelay, name: str) -> None:
         self.relay = relay
         self.stats = relay.stats
-        self.domain = domain
+        try:
+            self.name: StreamName | None = stream_names.decode(name)
+        except stream_names.StreamNameError as error:
+            log.warning("a stream from a gateway names %r: %s", name[:64], error)
+            self.name = None
+        self.domain = self.name.domain if self.name is not None else ""
+        self.tunnel: AgentTarget | None = None
         self.transport: MuxStream | None = None
         self.target: TargetConnection | None = None
+        self.client_done = self.target_done = False
+        """Each side has half-closed (TCP, TLS): once both have, the relay is over."""
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         transport = self.transport = cast(MuxStream, base)
         self.stats.connections_total += 1
         self.stats.active_connections += 1
         self.relay.relays.add(self)
-        target = self.relay.targets.get(self.domain)
-        if target is None:
+        tunnel = self.tunnel = self.relay.targets.get(self.domain)
+        if tunnel is None or tunnel.protocol == "UDP":
             self.stats.errors["unknown_tunnel"] += 1
             self.answer(404, f"No tunnel serves {self.domain} on this agent.")
             return
+        self.stats.tunnel_connections[self.domain] += 1
         transport.pause_reading()  # until the target is connected: the stream holds the bytes
-        asyncio.get_running_loop().create_task(self.connect(target))
+        asyncio.get_running_loop().create_task(self.connect(tunnel))
 
     def data_received(self, data: bytes) -> None:
         self.stats.received_bytes[self.domain] += len(data)
         if self.target is not None and self.target.transport is not None:
             self.target.transport.write(data)
 
-    async def connect(self, target: str) -> None:
+    async def connect(self, tunnel: AgentTarget) -> None:
         loop = asyncio.get_running_loop()
-        host, port = split_target(target)
+        host, port = split_target(tunnel.target)
         connection = TargetConnection(self)
         try:
             async with asyncio.timeout(TARGET_CONNECT_TIMEOUT):
                 address = await self.relay.resolver.resolve(host)
                 await loop.create_connection(lambda: connection, address, port)
         except (OSError, TimeoutError) as error:
-            log.info("target %s of %s unreachable: %s", target, self.domain, error or "timeout")
+            log.info("target %s of %s unreachable: %s", tunnel.target, self.domain,
+                     error or "timeout")  # fmt: skip
             self.stats.errors["target_unreachable"] += 1
             self.answer(502, f"The service behind {self.domain} is not answering.")
             return
@@ -174,15 +209,36 @@ class GatewayConnection(asyncio.Protocol):
             connection.close()
             return
         self.target = connection
+        if tunnel.proxy_protocol != "None" and connection.transport is not None:
+            name = self.name
+            connection.transport.write(
+                proxy_header.encode(
+                    tunnel.proxy_protocol,
+                    name.client if name is not None else None,
+                    name.gateway if name is not None else None,
+                )
+            )
         self.transport.resume_reading()
 
     def answer(self, code: int, detail: str) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.tunnel is None or self.tunnel.protocol == "HTTP":
             self.transport.write(error_response(code, detail))
-            self.transport.close()
+        self.transport.close()  # (a TCP or TLS client: just closed)
 
     def eof_received(self) -> bool | None:
-        return None  # gateways never half-close: a closed upstream is done with the target
+        tunnel, target = self.tunnel, self.target
+        if tunnel is None or tunnel.protocol == "HTTP" or target is None:
+            return None  # HTTP streams are not half-closed: a closed upstream is done
+        self.client_done = True
+        if self.target_done:
+            target.close()
+            return None
+        if target.transport is not None and not target.transport.is_closing():
+            target.transport.write_eof()  # the client is done sending; the answer may follow
+            return True
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.relay.relays.discard(self)
@@ -219,7 +275,12 @@ class TargetConnection(asyncio.Protocol):
             gateway.stats.sent_bytes[gateway.domain] += len(data)
 
     def eof_received(self) -> bool | None:
-        transport = self.gateway.transport
+        gateway = self.gateway
+        transport = gateway.transport
+        gateway.target_done = True
+        if gateway.client_done:
+            gateway.close()
+            return None
         if transport is not None and transport.can_write_eof() and not transport.is_closing():
             transport.write_eof()
             return True

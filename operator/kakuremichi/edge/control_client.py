@@ -80,6 +80,7 @@ class ControlClient:
         self.heartbeat_seconds = protocol.DEFAULT_HEARTBEAT_SECONDS
         self.applied = asyncio.Event()
         """Set once any config has been applied."""
+        self.report_wanted = False
 
     def _ssl(self) -> ssl.SSLContext | bool:
         if not self.settings.control_url.startswith("https://"):
@@ -218,11 +219,20 @@ class ControlClient:
         report = await self.edge.status_report()
         await socket.send_str(protocol.encode(protocol.StatusMessage(data=report)))
 
+    def report_soon(self) -> None:
+        """Send a status report within a second (something control shows has changed)."""
+        self.report_wanted = True
+
     async def _beat(self, socket: aiohttp.ClientWebSocketResponse) -> None:
         last_report = last_beat = time.monotonic()
         while not socket.closed:
             # Short naps: the interval control asks for may be shorter than the default.
             await asyncio.sleep(min(1.0, self.heartbeat_seconds))
+            if self.report_wanted:
+                self.report_wanted = False
+                last_report = time.monotonic()
+                with contextlib.suppress(ConnectionError, aiohttp.ClientError):
+                    await self._report(socket)
             if time.monotonic() - last_beat < self.heartbeat_seconds:
                 continue
             last_beat = time.monotonic()

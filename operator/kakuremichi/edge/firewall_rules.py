@@ -8,10 +8,12 @@ host has; one that does is judged here, and a drop here is final.
 
 - **Gateway**: nothing new may arrive from the WireGuard interface. Replies to the gateway's own
   connections (to agents' relays) pass, as does ICMP related to them (fragmentation needed, so
-  path MTU discovery works); nothing is forwarded from the interface to anywhere (an agent's
-  key must not open the gateway node's listeners, pods or Services behind it).
-- **Agent**: only new TCP connections to the relay port from the gateways of its current
-  config; nothing forwarded.
+  path MTU discovery works), and UDP Tunnels' frames from relay port to relay port (the
+  gateway's UDP relay socket takes an answer only for a flow it opened toward its sender);
+  nothing is forwarded from the interface to anywhere (an agent's key must not open the gateway
+  node's listeners, pods or Services behind it).
+- **Agent**: only new TCP connections to the relay port, and UDP frames from relay port to relay
+  port, from the gateways of its current config; nothing forwarded.
 
 The ruleset replaces the edge's table atomically (``nft -f`` runs a file as one transaction),
 whatever a previous run killed without cleaning up left behind.
@@ -67,6 +69,11 @@ def ruleset(role: Role, interface: str, relay_port: int, gateways: Iterable[str]
     ]
     if role == "agent":
         lines.append(f"    {wg} ip saddr @gateways tcp dport {relay_port} ct state new accept")
+        lines.append(
+            f"    {wg} ip saddr @gateways udp sport {relay_port} udp dport {relay_port} accept"
+        )
+    else:  # UDP Tunnels' answers (the gateway checks each belongs to a flow it opened there)
+        lines.append(f"    {wg} udp sport {relay_port} udp dport {relay_port} accept")
     lines += [
         f"    {wg} counter drop",
         "  }",

@@ -37,7 +37,9 @@ class HttpsFrontEnd:
         """Serve it from the next connection (certificates, limits) or request (routes) on."""
         config = prepared.config
         self.sni.install(prepared.certificates)
-        self.proxy.set_front_end(config.client_limits, config.trusted_proxies)
+        self.proxy.set_front_end(
+            config.client_limits, config.trusted_proxies, config.accept_proxy_protocol
+        )
         self.proxy.set_routes({r.domain: r for r in config.routes})
 
     def serves(self, domain: str) -> bool:

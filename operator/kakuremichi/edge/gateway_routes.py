@@ -1,5 +1,6 @@
-"""What a gateway serves on its HTTPS port, in one shape from control's config to the proxy:
-a route per domain, the certificates, and the front end's limits and trusted proxies.
+"""What a gateway serves, in one shape from control's config to the proxies: a route per domain
+(HTTP and TLS-passthrough Tunnels on the HTTPS port, TCP and UDP Tunnels on ports of their own),
+the certificates, and the front end's limits and trusted proxies.
 
 The gateway process and each of its HTTPS worker processes get the same
 :class:`FrontEndConfig` (the workers over a pipe, as JSON) and serve it the same way
@@ -13,7 +14,7 @@ from functools import cached_property
 from pydantic import BaseModel, ConfigDict, Field
 
 from kakuremichi.api.protocol import CertificateBundle, GatewayConfig, GatewayTunnel
-from kakuremichi.api.resources import ClientLimits, Hsts
+from kakuremichi.api.resources import ClientLimits, Hsts, TunnelProtocol
 
 
 class GatewayRoute(BaseModel):
@@ -29,6 +30,12 @@ class GatewayRoute(BaseModel):
     h2c: bool = False
     """The target speaks HTTP/2 without TLS: HTTP/2 clients are passed through."""
     hsts: Hsts | None = None
+    protocol: TunnelProtocol = "HTTP"
+    port: int | None = None
+    """TCP, UDP: the public port."""
+    client_address: bool = False
+    """Tell the agent the client's address when opening a stream (its Tunnel wants a PROXY
+    header); left out otherwise, which agents of every release understand."""
 
     @classmethod
     def of(cls, tunnel: GatewayTunnel) -> GatewayRoute:
@@ -38,7 +45,15 @@ class GatewayRoute(BaseModel):
             enabled=tunnel.enabled,
             h2c=tunnel.app_protocol == "H2C",
             hsts=tunnel.hsts,
+            protocol=tunnel.protocol or "HTTP",
+            port=tunnel.port,
+            client_address=bool(tunnel.proxy_protocol and tunnel.proxy_protocol != "None"),
         )
+
+    @property
+    def serving(self) -> bool:
+        """Enabled and with an agent to go to."""
+        return self.enabled and self.agent_ip is not None
 
     @cached_property
     def hsts_line(self) -> bytes | None:
@@ -56,6 +71,8 @@ class FrontEndConfig(BaseModel):
     client_limits: ClientLimits | None = None
     trusted_proxies: list[str] = Field(default_factory=list)
 
+    accept_proxy_protocol: bool = False
+
     @classmethod
     def of(cls, config: GatewayConfig) -> FrontEndConfig:
         return cls(
@@ -63,8 +80,9 @@ class FrontEndConfig(BaseModel):
             certificates=list(config.certificates),
             client_limits=config.gateway.client_limits,
             trusted_proxies=list(config.gateway.trusted_proxies or []),
+            accept_proxy_protocol=bool(config.gateway.accept_proxy_protocol),
         )
 
     def h2c_domains(self) -> set[str]:
         """The domains whose targets speak h2c: their TLS offers HTTP/2."""
-        return {r.domain.lower() for r in self.routes if r.h2c}
+        return {r.domain.lower() for r in self.routes if r.h2c and r.protocol == "HTTP"}

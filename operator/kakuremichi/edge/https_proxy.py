@@ -30,7 +30,7 @@ import ssl
 import time
 from asyncio import Server
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -43,6 +43,8 @@ from kakuremichi.edge.connection_caps import ConnectionCaps
 from kakuremichi.edge.gateway_routes import GatewayRoute
 from kakuremichi.edge.mux import MuxDialer, MuxStream, PeerUnreachable
 from kakuremichi.edge.pages import error_response
+from kakuremichi.edge.proxy_gate import ProxySettings
+from kakuremichi.edge.proxy_header import Address
 from kakuremichi.edge.request_heads import (
     HOP_BY_HOP,
     VERSIONS,
@@ -54,6 +56,7 @@ from kakuremichi.edge.request_heads import (
     request_target,
     transfer_coding_error,
 )
+from kakuremichi.edge.splice import ClientLink, Splices
 from kakuremichi.edge.stats import EdgeStats
 from kakuremichi.edge.tls import TlsServerConnection
 
@@ -102,23 +105,60 @@ class HttpsProxy:
         self.stats = stats
         self.dialer = MuxDialer(relay_port)
         self.routes: dict[str, GatewayRoute] = {}
+        """HTTP Tunnels' routes, by domain."""
+        self.passthrough: dict[str, GatewayRoute] = {}
+        """TLS Tunnels' routes, by domain: their connections are passed on undecrypted."""
         self.idle: dict[tuple[str, str], list[Upstream]] = {}
         self.clients: set[ClientConnection] = set()
         self.limits = ClientLimits()
         self.caps = ConnectionCaps(stats, self.limits)
         self.trusted_proxies: tuple[IpNetwork, ...] = ()
+        self.proxy_headers = ProxySettings()
+        self.splices = Splices(stats, self.dialer)
+        """TLS-passthrough connections (and, in the gateway process, TCP Tunnels')."""
 
-    def set_front_end(self, limits: ClientLimits | None, trusted_proxies: Sequence[str]) -> None:
+    def set_front_end(
+        self, limits: ClientLimits | None, trusted_proxies: Sequence[str],
+        accept_proxy_protocol: bool = False,
+    ) -> None:  # fmt: skip
         """Limits and trusted proxies from the next connection or request on."""
         self.limits = self.caps.limits = limits or ClientLimits()
         self.trusted_proxies = self.caps.exempt = parse_networks(trusted_proxies)
+        self.proxy_headers.set(
+            accept_proxy_protocol, self.trusted_proxies, self.limits.handshake_timeout_seconds
+        )
+        self.splices.idle_timeout = self.limits.tcp_idle_timeout_seconds
+
+    def tls_factory(self, front: ssl.SSLContext) -> Callable[[], asyncio.Protocol]:
+        """The HTTPS port's protocol factory (certificates by SNI from ``front``)."""
+        return self.proxy_headers.factory(
+            lambda client: TlsServerConnection(
+                front, self.protocol, self.stats, self.caps, self, client
+            ),
+            self.stats,
+        )
+
+    def pass_through(
+        self, route: GatewayRoute, transport: asyncio.Transport, admitted: bytes,
+        client: Address | None, first: bytes,
+    ) -> None:  # fmt: skip
+        link = ClientLink(self.splices, route, self.caps, admitted, client, first)
+        transport.set_protocol(link)
+        link.connection_made(transport)
 
     def set_routes(self, routes: Mapping[str, GatewayRoute]) -> None:
         """Serve ``routes`` from the next request on; idle upstream connections toward a
-        place a tunnel no longer goes are closed, all others are left alone."""
-        self.routes = dict(routes)
+        place a tunnel no longer goes are closed, all others are left alone. (TCP and UDP
+        routes are the gateway's ports' to serve, over the same connections to agents.)"""
+        self.routes = {d: r for d, r in routes.items() if r.protocol == "HTTP"}
+        self.passthrough = {d: r for d, r in routes.items() if r.protocol == "TLS"}
+        self.splices.close_where(
+            lambda link: (
+                link.route.protocol == "TLS" and self.passthrough.get(link.domain) != link.route
+            )
+        )
         self.dialer.keep_only(
-            {r.agent_ip for r in self.routes.values() if r.enabled and r.agent_ip is not None}
+            {r.agent_ip for r in routes.values() if r.serving and r.agent_ip is not None}
         )
         for key, idle in list(self.idle.items()):
             route = self.routes.get(key[1])
@@ -186,8 +226,10 @@ class HttpsProxy:
         for idle in self.idle.values():
             for upstream in [u for u in idle if now - u.idle_since > POOL_IDLE_TIMEOUT]:
                 upstream.close()
+        self.splices.sweep(now)
 
     def close_all(self) -> None:
+        self.splices.close_all()
         for client in list(self.clients):
             client.close()
         for idle in self.idle.values():
@@ -983,6 +1025,6 @@ async def serve(
     """Listen for TLS on ``host:port``; ``front`` picks each connection's certificate by SNI.
     ``reuse_port``: HTTPS worker processes listen on the same port."""
     return await asyncio.get_running_loop().create_server(
-        lambda: TlsServerConnection(front, proxy.protocol, proxy.stats, proxy.caps), host, port,
+        proxy.tls_factory(front), host, port,
         backlog=4096, reuse_address=True, reuse_port=reuse_port or None,
     )  # fmt: skip

@@ -25,7 +25,6 @@ from kakuremichi.edge.front_end import HttpsFrontEnd
 from kakuremichi.edge.gateway_routes import FrontEndConfig
 from kakuremichi.edge.sni import CertificateError
 from kakuremichi.edge.stats import DataPathCounters, EdgeStats
-from kakuremichi.edge.tls import TlsServerConnection
 
 REPORT_INTERVAL = 0.25
 """How often a worker sends its counters (when they changed)."""
@@ -116,9 +115,8 @@ class WorkerProcess:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def connection(self) -> TlsServerConnection:
-        front = self.front_end.sni.front
-        return TlsServerConnection(front, self.proxy.protocol, self.stats, self.proxy.caps)
+    def connection(self) -> asyncio.Protocol:
+        return self.proxy.tls_factory(self.front_end.sni.front)()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,7 +37,9 @@ CREDIT_BATCH = 64 * 1024
 """Credit goes back in batches of at least this (one WINDOW frame per 64 KiB handed on)."""
 OUTBOX_HIGH_WATER = 64 * 1024
 """Bytes a stream holds for lack of credit before it asks its writer to pause."""
-MAX_DOMAIN_BYTES = 253
+MAX_NAME_BYTES = 512
+"""What a stream is opened naming: its tunnel's domain, and maybe the client's address
+(:mod:`kakuremichi.edge.stream_names`)."""
 MAX_STREAMS = 65536
 LAST_STREAM_ID = 0xFFFFFFFF
 HELLO_TIMEOUT = 10.0
@@ -452,9 +454,9 @@ class MuxConnection(asyncio.Protocol):
         try:
             domain = payload.decode("ascii")
         except UnicodeDecodeError:
-            raise MuxError("a domain that is not ASCII") from None
-        if not domain or len(payload) > MAX_DOMAIN_BYTES or any(c.isspace() for c in domain):
-            raise MuxError("a malformed domain")
+            raise MuxError("a stream name that is not ASCII") from None
+        if not domain or len(payload) > MAX_NAME_BYTES or any(c.isspace() for c in domain):
+            raise MuxError("a malformed stream name")
         if len(self.streams) >= MAX_STREAMS:
             self.send(CLOSE, stream_id)
             return

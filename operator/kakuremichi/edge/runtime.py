@@ -93,7 +93,12 @@ class EdgeRuntime(ConfigTarget):
             tunnels=self.stats.tunnels,
             active_connections=max(0, self.stats.combined().active_connections),
             requests_total=self.stats.requests_total,
+            unavailable_ports=self.unavailable_ports(),
         )
+
+    def unavailable_ports(self) -> list[protocol.PortTrouble]:
+        """A gateway's Tunnel ports it could not bind."""
+        return []
 
     def set_connected(self, connected: bool) -> None:
         self.stats.control_connected = connected

@@ -45,6 +45,13 @@ class DataPathCounters(BaseModel):
     """HTTP/2 connections passed through to h2c targets, by tunnel."""
     limit_hits: dict[str, int] = Field(default_factory=dict)
     """Clients refused or closed by a ClientLimits limit, by limit."""
+    tunnel_connections: dict[str, int] = Field(default_factory=dict)
+    """Connections of TCP and TLS-passthrough tunnels (an agent's: streams), by tunnel."""
+    datagrams_in: dict[str, int] = Field(default_factory=dict)
+    """UDP tunnels' datagrams from clients toward targets, by tunnel."""
+    datagrams_out: dict[str, int] = Field(default_factory=dict)
+    dropped: dict[str, int] = Field(default_factory=dict)
+    """Datagrams dropped, by ``tunnel/reason``."""
 
     def plus(self, other: DataPathCounters, *, active: bool = True) -> DataPathCounters:
         """The sum; ``active=False`` leaves ``other``'s open connections out (its process is
@@ -62,6 +69,10 @@ class DataPathCounters(BaseModel):
             errors=_add(self.errors, other.errors),
             http2_connections=_add(self.http2_connections, other.http2_connections),
             limit_hits=_add(self.limit_hits, other.limit_hits),
+            tunnel_connections=_add(self.tunnel_connections, other.tunnel_connections),
+            datagrams_in=_add(self.datagrams_in, other.datagrams_in),
+            datagrams_out=_add(self.datagrams_out, other.datagrams_out),
+            dropped=_add(self.dropped, other.dropped),
         )
 
 
@@ -90,6 +101,13 @@ class EdgeStats:
     seen, so not in ``requests``)."""
     limit_hits: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
     """Clients refused or closed by a limit (max_head_bytes, head_timeout, ...), by limit."""
+    tunnel_connections: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    """Connections of TCP and TLS-passthrough tunnels (an agent's: streams), by tunnel."""
+    datagrams_in: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    """UDP tunnels' datagrams from clients toward targets, by tunnel."""
+    datagrams_out: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    dropped: defaultdict[str, int] = field(default_factory=lambda: defaultdict(int))
+    """Datagrams dropped, by ``tunnel/reason`` (too_large, flow_cap, no_flow, no_agent, ...)."""
     config_version: int = 0
     config_applied_at: float = 0.0
     config_errors: int = 0
@@ -112,7 +130,14 @@ class EdgeStats:
             errors=dict(self.errors),
             http2_connections=dict(self.http2_connections),
             limit_hits=dict(self.limit_hits),
+            tunnel_connections=dict(self.tunnel_connections),
+            datagrams_in=dict(self.datagrams_in),
+            datagrams_out=dict(self.datagrams_out),
+            dropped=dict(self.dropped),
         )
+
+    def drop(self, tunnel: str, reason: str) -> None:
+        self.dropped[f"{tunnel}/{reason}"] += 1
 
     def combined(self) -> DataPathCounters:
         """This process's counters plus every worker's."""
@@ -187,6 +212,34 @@ class _Collector(Collector):
             for limit, count in sorted(data.limit_hits.items()):
                 hits.add_metric([limit], count)
             yield hits
+        connections = CounterMetricFamily(
+            f"{prefix}_tunnel_connections",
+            "Connections of TCP and TLS-passthrough tunnels (agents: streams of every tunnel), "
+            "by tunnel",
+            labels=["tunnel"],
+        )
+        for domain, count in sorted(data.tunnel_connections.items()):
+            connections.add_metric([domain], count)
+        yield connections
+        datagrams = CounterMetricFamily(
+            f"{prefix}_datagrams",
+            "UDP tunnels' datagrams relayed, by tunnel and direction",
+            labels=["tunnel", "direction"],
+        )
+        for domain, count in sorted(data.datagrams_in.items()):
+            datagrams.add_metric([domain, "in"], count)
+        for domain, count in sorted(data.datagrams_out.items()):
+            datagrams.add_metric([domain, "out"], count)
+        yield datagrams
+        dropped = CounterMetricFamily(
+            f"{prefix}_datagrams_dropped",
+            "UDP datagrams dropped, by tunnel and reason",
+            labels=["tunnel", "reason"],
+        )
+        for key, count in sorted(data.dropped.items()):
+            domain, _, reason = key.rpartition("/")
+            dropped.add_metric([domain, reason], count)
+        yield dropped
         yield CounterMetricFamily(
             f"{prefix}_connections", "Connections accepted", value=data.connections_total
         )

@@ -14,10 +14,13 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable
-from typing import Any, cast
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, cast
 
+from kakuremichi.edge.client_hello import peek_server_name
 from kakuremichi.edge.connection_caps import ConnectionCaps
+from kakuremichi.edge.gateway_routes import GatewayRoute
+from kakuremichi.edge.proxy_header import Address
 from kakuremichi.edge.request_heads import client_address
 from kakuremichi.edge.stats import EdgeStats
 
@@ -26,13 +29,34 @@ READ_SIZE = 16 * 1024
 log = logging.getLogger(__name__)
 
 
+class Passthrough(Protocol):
+    """Where TLS-passthrough connections go (the gateway's proxy)."""
+
+    @property
+    def passthrough(self) -> Mapping[str, GatewayRoute]:
+        """TLS Tunnels by domain (empty: no ClientHello is peeked at)."""
+
+    def pass_through(
+        self,
+        route: GatewayRoute,
+        transport: asyncio.Transport,
+        admitted: bytes,
+        client: Address | None,
+        first: bytes,
+    ) -> None:
+        """Take the connection over, ``first`` (the ClientHello) being what it sent so far."""
+
+
 class TlsServerConnection(asyncio.Protocol):
     """One accepted TCP connection: the TLS handshake, then plaintext to and from the
-    application protocol made by ``factory`` (created once the handshake is done)."""
+    application protocol made by ``factory`` (created once the handshake is done). A
+    connection that asks (SNI) for a TLS-passthrough Tunnel's name is handed to ``router``
+    as it is, before any TLS of the gateway's."""
 
     __slots__ = (
-        "admitted", "app", "caps", "closing", "context", "factory", "incoming", "outgoing",
-        "read_scheduled", "reading_paused", "stats", "timer", "tls", "transport",
+        "admitted", "app", "caps", "client", "closing", "context", "factory", "hello",
+        "incoming", "outgoing", "read_scheduled", "reading_paused", "router", "stats", "timer",
+        "tls", "transport",
     )  # fmt: skip
 
     def __init__(
@@ -41,11 +65,19 @@ class TlsServerConnection(asyncio.Protocol):
         factory: Callable[[], asyncio.Protocol],
         stats: EdgeStats,
         caps: ConnectionCaps,
+        router: Passthrough | None = None,
+        client: Address | None = None,
     ) -> None:
         self.context = context
         self.factory = factory
         self.stats = stats
         self.caps = caps
+        self.router = router
+        self.client = client
+        """The client's address when a trusted load balancer said it (PROXY header): the
+        connection's peer name from then on."""
+        self.hello: bytearray | None = None
+        """The first bytes, held while the ClientHello is peeked at (TLS Tunnels exist)."""
         self.admitted: bytes | None = None
         """The connection's key in ``caps`` once it counts there."""
         self.transport: asyncio.Transport | None = None
@@ -62,17 +94,30 @@ class TlsServerConnection(asyncio.Protocol):
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, base)  # uvloop's transports are not subclasses
-        self.admitted = self.caps.admit(client_address(base.get_extra_info("peername")))
+        peer = self.client or base.get_extra_info("peername")
+        self.admitted = self.caps.admit(client_address(peer))
         if self.admitted is None:  # over a connection cap: not even a handshake
             self.closing = True
             self.transport.abort()
             return
         timeout = self.caps.limits.handshake_timeout_seconds
         self.timer = asyncio.get_running_loop().call_later(timeout, self._give_up)
+        if self.router is not None and self.router.passthrough:
+            self.hello = bytearray()
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return  # a failed handshake or a close in progress: nothing more is read
+        if self.hello is not None:
+            self.hello += data
+            peeked = peek_server_name(self.hello)
+            if not peeked.complete:
+                return
+            data, self.hello = bytes(self.hello), None
+            assert self.router is not None
+            route = self.router.passthrough.get(peeked.name or "")
+            if route is not None and self._pass_through(route, data):
+                return
         self.incoming.write(data)
         if self.app is None and not self._handshake():
             return
@@ -154,11 +199,25 @@ class TlsServerConnection(asyncio.Protocol):
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "ssl_object":
             return self.tls
+        if name == "peername" and self.client is not None:
+            return self.client
         if self.transport is None:
             return default
         return self.transport.get_extra_info(name, default)
 
     # --- internals -------------------------------------------------------------------------
+
+    def _pass_through(self, route: GatewayRoute, first: bytes) -> bool:
+        """Hand the connection to the TLS Tunnel's splice (False: it has none to go to)."""
+        if self.transport is None or self.admitted is None or self.router is None:
+            return False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        admitted, self.admitted = self.admitted, None  # the splice counts it from now on
+        self.closing = True  # nothing more of this object's
+        self.router.pass_through(route, self.transport, admitted, self.client, first)
+        return True
 
     def _handshake(self) -> bool:
         try:

@@ -42,6 +42,7 @@ from sqlalchemy import (
     Dialect,
     ForeignKey,
     Index,
+    Integer,
     MetaData,
     String,
     Text,
@@ -239,6 +240,12 @@ class Tunnel(Base):
     updated_at: Mapped[datetime] = mapped_column(
         UTCDateTime(), nullable=False, default=utcnow, onupdate=utcnow, server_default=_NOW
     )
+    # Beyond the document (docs/departures.md): what the gateways serve the domain as, and a
+    # TCP or UDP tunnel's public port.
+    protocol: Mapped[str] = mapped_column(
+        String(8), nullable=False, default="HTTP", server_default="HTTP"
+    )
+    port: Mapped[int | None] = mapped_column(Integer(), nullable=True)
 
     agent: Mapped[Agent] = relationship(back_populates="tunnels")
 
