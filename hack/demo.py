@@ -93,6 +93,8 @@ CONTROL_NAME = "control.kakuremichi.test"
 NODE = "kmdemo-node"
 NODE_LABEL = "kakuremichi-demo"
 CERT_NAME = "demo-tls"  # the kubernetes.io/tls Secret the Tunnel serves
+PASSTHROUGH_DOMAIN = "vault.kakuremichi.test"  # what the README's TLS Tunnel publishes
+ORIGIN_TLS_PORT = 8443
 
 # Network namespaces, and the root ends of their links (deleting a namespace deletes its links).
 GATEWAY_NS = "kmdemo-gateway"
@@ -751,6 +753,10 @@ def up() -> None:
     cert, key = ca.issue(DOMAIN)
     (STATE / f"{CERT_NAME}.crt").write_text(cert)
     write_private(STATE / f"{CERT_NAME}.key", key)
+    # The origin's own certificate, for a TLS (passthrough) Tunnel: the gateway never sees it.
+    cert, key = ca.issue(PASSTHROUGH_DOMAIN)
+    (STATE / "origin-tls.crt").write_text(cert)
+    write_private(STATE / "origin-tls.key", key)
 
     step(
         "what control serves the one-line installer: this checkout's wheel and its wheelhouse, "
@@ -849,11 +855,16 @@ def up() -> None:
     agent_args += ["--wireguard-interface", WIREGUARD_INTERFACES["agent"]]
     spawn("agent", in_namespace(AGENT_NS, str(KAKUREMICHI), *agent_args), edge_env)
 
-    step(f"the demo origin on 127.0.0.1:{ORIGIN_PORT} beside the agent")
+    step(f"the demo origin on 127.0.0.1:{ORIGIN_PORT} (TCP, UDP echo) and :{ORIGIN_TLS_PORT} "
+         "(its own TLS) beside the agent")  # fmt: skip
     spawn(
         "origin",
-        in_namespace(AGENT_NS, sys.executable, str(ORIGIN_SCRIPT), "127.0.0.1", str(ORIGIN_PORT)),
-    )
+        in_namespace(
+            AGENT_NS, sys.executable, str(ORIGIN_SCRIPT), "127.0.0.1", str(ORIGIN_PORT),
+            "--udp-echo", "--tls", str(ORIGIN_TLS_PORT), str(STATE / "origin-tls.crt"),
+            str(STATE / "origin-tls.key"),
+        ),
+    )  # fmt: skip
     origin_probe = in_namespace(AGENT_NS, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
                                 "--max-time", "2", f"http://127.0.0.1:{ORIGIN_PORT}/")  # fmt: skip
     wait_for(lambda: run(*origin_probe, check=False) == "200", "the origin", 30, ["origin"])

@@ -1,4 +1,10 @@
-"""The demo origin: what a user runs behind an agent. ``python demo_origin.py HOST PORT``.
+"""The demo origin: what a user runs behind an agent.
+
+    python demo_origin.py HOST PORT [--udp-echo] [--tls PORT CERT KEY]
+
+``--udp-echo`` also answers UDP datagrams on HOST:PORT (each echoed back, for a UDP Tunnel);
+``--tls`` also serves the same pages over HTTPS with a certificate of its own (for a TLS
+Tunnel: the gateway passes the connection through and never holds this key).
 
 ``make demo`` (hack/demo.py) runs it in the agent's network namespace; the end-to-end tests
 run it too (tests/e2e/origin.py only swaps the page at ``/``).
@@ -12,8 +18,9 @@ run it too (tests/e2e/origin.py only swaps the page at ``/``).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import sys
+import ssl
 from collections.abc import Awaitable, Callable
 
 from aiohttp import WSMsgType, web
@@ -111,5 +118,32 @@ def app(root: Handler = hello) -> web.Application:
     return application
 
 
+class UdpEcho(asyncio.DatagramProtocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.transport.sendto(b"demo origin heard: " + data, addr)  # type: ignore[attr-defined]
+
+
+async def serve(host: str, port: int, udp_echo: bool, tls: list[str] | None) -> None:
+    runner = web.AppRunner(app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    if udp_echo:
+        await asyncio.get_running_loop().create_datagram_endpoint(UdpEcho, local_addr=(host, port))
+    if tls:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(tls[1], tls[2])
+        await web.TCPSite(runner, host, int(tls[0]), ssl_context=context).start()
+    await asyncio.Event().wait()
+
+
 if __name__ == "__main__":
-    web.run_app(app(), host=sys.argv[1], port=int(sys.argv[2]), access_log=None, print=None)
+    parser = argparse.ArgumentParser(prog="demo_origin.py")
+    parser.add_argument("host")
+    parser.add_argument("port", type=int)
+    parser.add_argument("--udp-echo", action="store_true")
+    parser.add_argument("--tls", nargs=3, metavar=("PORT", "CERT", "KEY"))
+    args = parser.parse_args()
+    asyncio.run(serve(args.host, args.port, args.udp_echo, args.tls))

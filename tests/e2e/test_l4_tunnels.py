@@ -166,6 +166,10 @@ def test_redis_over_a_tcp_tunnel(world: World) -> None:
     assert in_client(world, *cli, "GET", "greeting").stdout.strip() == "through the tunnel"
     listed = world.kube.kubectl("get", "kmtun", "redis", "-n", world.namespace)
     assert "TCP" in listed and "16379" in listed
+    # A claim on a port dates from its Tunnel: no Tunnel moves onto another port later.
+    said = world.kube.kubectl("patch", "kmtun", "redis", "-n", world.namespace, "--type=merge",
+                              "-p", '{"spec": {"port": 16380}}', check=False)  # fmt: skip
+    assert "protocol and port cannot be changed" in said, said
 
 
 def test_proxy_v1_tells_nginx_the_clients_address(world: World) -> None:
@@ -202,6 +206,23 @@ def test_a_younger_tunnel_on_a_taken_port_waits_and_one_the_gateway_cannot_bind_
     world.tunnels.ready("squatted", timeout=40)  # retried every 10 s
     world.tunnels.delete("first")
     world.tunnels.ready("second")  # the port passes on once its holder is gone
+
+
+def test_a_port_below_1024_needs_the_pool_to_open_it(world: World) -> None:
+    tunnel(world, "low", protocol="TCP", port=1022, target=f"localhost:{REDIS_PORT}")
+    refused = world.tunnels.ready("low", "False", "PortNotAllowed")
+    message = next(c for c in refused["conditions"] if c["type"] == "Ready")["message"]
+    assert f"Gateway {world.gateway_name} opens to Tunnels" in message
+    gateways = Objects(world.kube, "", GATEWAY)
+    gateways.patch_spec(world.gateway_name, {"tunnelPorts": [
+        {"first": 1022, "last": 1022}, {"first": 1024, "last": 65535}]})  # fmt: skip
+    try:
+        world.tunnels.ready("low")
+        cli = (tool("redis-cli"), "-h", world.gateway_client_ip, "-p", "1022", "PING")
+        wait_until(lambda: in_client(world, *cli).stdout.strip() == "PONG", "redis on 1022")
+    finally:
+        gateways.patch_spec(world.gateway_name, {"tunnelPorts": [{"first": 1024, "last": 65535}]})
+    world.tunnels.ready("low", "False", "PortNotAllowed")
 
 
 def test_the_gateways_own_ports_are_refused_with_the_field_named(world: World) -> None:

@@ -197,13 +197,6 @@ class FakeKube:
         found = self.objects.get(self._key(kind, namespace, name))
         return None if found is None else _copy(found)
 
-    async def delete_object(self, kind: ResourceKind, namespace: str, name: str, uid: str) -> None:
-        key = self._key(kind, namespace, name)
-        found = self.objects.get(key)
-        if found is not None and found["metadata"].get("uid") == uid:
-            del self.objects[key]
-            self.writes.append(("delete", key))
-
     async def create_object(self, kind: ResourceKind, namespace: str, body: dict[str, Any]) -> None:
         name = body["metadata"]["name"]
         if self._key(kind, namespace, name) in self.objects:

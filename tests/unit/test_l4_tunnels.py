@@ -387,3 +387,39 @@ def _files(certificate: str, key: str) -> tuple[str, str]:
         c.write(certificate)
         k.write(key)
     return f"{folder}/c.pem", f"{folder}/k.pem"
+
+
+@scenario
+async def test_an_agent_cannot_flood_a_client_that_no_longer_speaks() -> None:
+    """After one datagram of its client, a flow carries at most 64 answers (a compromised agent
+    answering a forged address would otherwise flood it); the agent's answers do not keep the
+    flow alive either."""
+    async with l4() as stack:
+        public, _ = await udp_stack(stack)
+        client, answers = await udp_client(public)
+        client.sendto(b"one question")
+        assert await asyncio.wait_for(answers.get(), 5) == b"echo:one question"
+        me = ("127.0.0.1", client.get_extra_info("sockname")[1])
+        assert stack.datagrams.transport is not None
+        for number in range(100):
+            frame = udp_frames.encode(public, me, b"unasked %d" % number)
+            stack.datagrams.transport.sendto(frame, ("127.0.0.1", stack.relay_port))
+        await asyncio.sleep(0.3)
+        assert answers.qsize() == 63  # (64 in all, the echo among them)
+        assert stack.gateway_stats.dropped["dns.example.com/answer_budget"] == 37
+        client.close()
+
+
+@scenario
+async def test_one_host_cannot_take_all_of_a_udp_tunnels_flows() -> None:
+    async with l4(ClientLimits(max_udp_flows=8, max_udp_flows_per_address=3)) as stack:
+        stack.proxy.set_front_end(stack.proxy.limits, [])  # (loopback is no trusted proxy now)
+        public, _ = await udp_stack(stack)
+        clients = [await udp_client(public) for _ in range(4)]
+        for transport, _ in clients:
+            transport.sendto(b"hi")
+        await asyncio.sleep(0.3)
+        assert sum(q.qsize() for _, q in clients) == 3
+        assert stack.gateway_stats.dropped["dns.example.com/flow_cap_per_address"] == 1
+        for transport, _ in clients:
+            transport.close()

@@ -13,6 +13,7 @@ from uuid import UUID
 from kakuremichi.control.addressing import SubnetAllocator, SubnetPool
 from kakuremichi.control.credentials import generate_wireguard_keypair
 from kakuremichi.control.ownership import (
+    PortRules,
     PublicPort,
     Tenancy,
     TenantRule,
@@ -52,10 +53,12 @@ def verdict_of(
     away: frozenset[UUID] = frozenset(),
     reserved: dict[PublicPort, str] | None = None,
     unavailable: dict[PublicPort, tuple[str, str]] | None = None,
+    opened: dict[str, tuple[tuple[int, int], ...]] | None = None,
 ) -> Verdicts:
     certs = {(t.namespace, t.name): GOOD for t in tunnels}
     certs |= {("default", k): v for k, v in (certificates or {}).items()}
-    ownership = decide_domains(tunnels, tenancy or Tenancy(), reserved_ports=reserved)
+    rules = PortRules(reserved or {}, opened or {})
+    ownership = decide_domains(tunnels, tenancy or Tenancy(), ports=rules)
     result = verdicts(
         {t.id: t for t in tunnels}, ownership, {a.id: a for a in agents}, certs, away,
         unavailable,
@@ -142,6 +145,8 @@ def test_precedence_follows_the_table() -> None:
     allowed = Tenancy((dataclasses.replace(policy, domains=frozenset({"app.example.com"})),))
     holder = tunnel("holder", domain="app.example.com", minutes=-5, namespace="x")
     seen.append(verdict_of(holder, worst, tenancy=Tenancy())["worst"][1])
+    shut: dict[str, tuple[tuple[int, int], ...]] = {"edge": ((10000, 20000),)}
+    seen.append(verdict_of(worst, tenancy=allowed, reserved=taken, opened=shut)["worst"][1])
     seen.append(verdict_of(worst, tenancy=allowed, reserved=taken)["worst"][1])
     seen.append(verdict_of(worst, tenancy=allowed)["worst"][1])
     fixed = dataclasses.replace(worst, agent="home")
@@ -155,7 +160,8 @@ def test_precedence_follows_the_table() -> None:
     seen.append(verdict_of(enabled, tenancy=allowed)["worst"][1])
     table = [r.reason for r in READY_RULES]
     assert seen == [
-        "QuotaExceeded", "DomainNotAllowed", "DomainConflict", "PortConflict", "AgentNotReady",
+        "QuotaExceeded", "DomainNotAllowed", "DomainConflict", "PortNotAllowed", "PortConflict",
+        "AgentNotReady",
         "AgentOffline", "SecretNotFound", "Disabled", "PortUnavailable", "Serving",
     ]  # fmt: skip
     assert [table.index(r if r in table else "<Certificate's reason>") for r in seen] == list(

@@ -215,6 +215,35 @@ class GatewayPorts(CamelModel):
         return self
 
 
+_RANGE_ORDER = "last must not be below first"
+
+
+class PortRange(CamelModel):
+    """Ports first to last, both included."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        json_schema_extra={
+            "x-kubernetes-validations": [cel_rule("self.first <= self.last", _RANGE_ORDER, ".last")]
+        },
+    )
+
+    first: Port
+    last: Port
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.first > self.last:
+            raise ValueError(_RANGE_ORDER)
+        return self
+
+    def __str__(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+
+DEFAULT_TUNNEL_PORTS = (PortRange(first=1024, last=65535),)
+
+
 class ClientLimits(CamelModel):
     """What one client may hold of a gateway's HTTPS front end. Each limit is enforced while
     reading (an oversized head is refused at its limit, not when it ends) and each refusal is
@@ -254,6 +283,9 @@ class ClientLimits(CamelModel):
     max_udp_flows: Annotated[int, Field(ge=1, le=1_000_000)] = 4096
     """Flows of one UDP tunnel on each gateway; a datagram that would open one more is dropped
     (and counted), so one tunnel's flood never takes another's."""
+    max_udp_flows_per_address: Annotated[int, Field(ge=1, le=1_000_000)] = 512
+    """Flows of one UDP tunnel from one client address (IPv6: one /64) on each gateway, so one
+    host cannot take all of a tunnel's flows; trustedProxies are held to maxUdpFlows only."""
 
 
 class Hsts(CamelModel):
@@ -325,6 +357,14 @@ class GatewaySpec(CamelModel):
     """Load balancers in front of the gateways, as CIDR ranges: a connection from one of
     them has the client's ``X-Forwarded-For`` appended to (the nearest address outside these
     ranges becomes ``X-Real-IP``); from anyone else it is replaced. Default: none."""
+    tunnel_ports: Annotated[list[PortRange], Field(min_length=1, max_length=64)] = Field(
+        default_factory=lambda: list(DEFAULT_TUNNEL_PORTS),
+        json_schema_extra={"default": [{"first": 1024, "last": 65535}]},
+    )
+    """The ports this pool opens to TCP and UDP Tunnels (both protocols), on its nodes' own
+    addresses: a Tunnel's port outside them is PortNotAllowed. Default 1024-65535: a tenant
+    cannot take a port below 1024 (22, 25, 53...) of the nodes unless listed here, nor one a
+    node's service binds later."""
     accept_proxy_protocol: bool = False
     """The gateways read a PROXY protocol header (v1 or v2, as HAProxy and cloud load
     balancers send it) at the start of each TCP connection from an address in
@@ -396,6 +436,7 @@ ProxyProtocol = Literal["None", "V1", "V2"]
 GATEWAY_OWN_PORTS: dict[tuple[PortProtocol, int], str] = {
     ("TCP", 80): "the gateways' HTTP port",
     ("TCP", 443): "the gateways' HTTPS port",
+    ("UDP", 8471): "the gateways' relay port (UDP Tunnels' frames inside WireGuard)",
     ("UDP", 51820): "the gateways' WireGuard port",
 }
 """The gateways' default ports: a Tunnel may never take them (a pool configured with other
@@ -430,6 +471,16 @@ _DOMAIN_IMMUTABLE = cel_rule(
     "domain cannot be changed: create a new object for another domain (a claim's age is "
     "its object's)",
     ".domain",
+)
+
+
+_PORT_IMMUTABLE = cel_rule(
+    "(has(self.protocol) ? self.protocol : 'HTTP') == "
+    "(has(oldSelf.protocol) ? oldSelf.protocol : 'HTTP') && "
+    "(has(self.port) ? self.port : 0) == (has(oldSelf.port) ? oldSelf.port : 0)",
+    "protocol and port cannot be changed: create a new object for another (a claim on a port "
+    "dates from its object, as one on a domain does)",
+    ".port",
 )
 
 
@@ -469,8 +520,9 @@ TUNNEL_RULES: tuple[SpecRule, ...] = (
     SpecRule(
         "!has(self.port) || !has(self.protocol) || !("
         "(self.protocol == 'TCP' && (self.port == 80 || self.port == 443)) || "
-        "(self.protocol == 'UDP' && self.port == 51820))",
-        "port must not be one of the gateways' own (80 and 443 TCP, 51820 UDP): pick another",
+        "(self.protocol == 'UDP' && (self.port == 8471 || self.port == 51820)))",
+        "port must not be one of the gateways' own (80 and 443 TCP, 8471 and 51820 UDP): pick "
+        "another",
         ".port",
         lambda spec: (spec.protocol, spec.port) in GATEWAY_OWN_PORTS,
     ),
@@ -505,7 +557,11 @@ class TunnelSpec(CamelModel):
 
     model_config = ConfigDict(
         json_schema_extra={
-            "x-kubernetes-validations": [_DOMAIN_IMMUTABLE, *(r.entry() for r in TUNNEL_RULES)]
+            "x-kubernetes-validations": [
+                _DOMAIN_IMMUTABLE,
+                _PORT_IMMUTABLE,
+                *(r.entry() for r in TUNNEL_RULES),
+            ]
         }
     )
 
@@ -521,11 +577,12 @@ class TunnelSpec(CamelModel):
     each request. TLS: the gateways pass the TLS connection through, chosen by the name the
     client asks for (SNI) on their HTTPS port, and never decrypt it: the target holds its own
     certificate. TCP, UDP: the gateways forward ``port`` (tcp://domain:port,
-    udp://domain:port). Only HTTP tunnels get a Certificate."""
+    udp://domain:port). Only HTTP tunnels get a Certificate. Cannot be changed."""
     port: Port | None = None
     """The public port on every gateway, for protocol TCP and UDP (required there, refused
-    otherwise). Not 80 or 443 (TCP) or 51820 (UDP), nor a port a Gateway pool uses; the oldest
-    claim on a protocol and port holds it (others: PortConflict)."""
+    otherwise). Not 80 or 443 (TCP) or 8471 or 51820 (UDP), nor a port a Gateway pool uses
+    or does not open to Tunnels (its tunnelPorts); the oldest claim on a protocol and port
+    holds it (others: PortConflict). Protocol and port cannot be changed."""
     proxy_protocol: ProxyProtocol = "None"
     """V1 or V2: the agent begins each connection to the target (TLS, TCP) with a PROXY
     protocol header carrying the client's address and port, as HAProxy defines it; for UDP

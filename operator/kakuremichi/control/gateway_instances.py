@@ -10,13 +10,14 @@ from kakuremichi.api.resources import ClientLimits, GatewaySpec
 
 
 def front_end_settings(spec: GatewaySpec) -> dict[str, Any]:
-    """What the pool's spec says about its HTTPS front end, as GatewayNode fields (default
-    limits are left out of configs)."""
+    """What the pool's spec says about its front end and its Tunnels' ports, as GatewayNode
+    fields (default limits are left out of configs)."""
     limits = spec.client_limits
     return {
         "trusted_proxies": tuple(spec.trusted_proxies),
         "client_limits": None if limits == ClientLimits() else limits,
         "accept_proxy_protocol": spec.accept_proxy_protocol,
+        "tunnel_ports": tuple((r.first, r.last) for r in spec.tunnel_ports),
     }
 
 

@@ -445,17 +445,6 @@ class Kube:
         assert isinstance(found, dict)
         return found
 
-    async def delete_object(self, kind: ResourceKind, namespace: str, name: str, uid: str) -> None:
-        options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid))
-        try:
-            await self._call(
-                self.custom.delete_namespaced_custom_object,
-                GROUP, VERSION, namespace, kind.plural, name, body=options,
-            )  # fmt: skip
-        except ApiException as error:
-            if error.status not in (404, 409):  # (409: another object of that name since)
-                raise
-
     async def create_object(self, kind: ResourceKind, namespace: str, body: dict[str, Any]) -> None:
         await self._call(
             self.custom.create_namespaced_custom_object,

@@ -123,9 +123,6 @@ class KubeApi(Protocol):
         self, kind: ResourceKind, namespace: str, name: str, patch: dict[str, Any]
     ) -> None: ...
 
-    async def delete_object(self, kind: ResourceKind, namespace: str, name: str, uid: str) -> None:
-        """Delete the object if it is still the one with ``uid`` (gone already: fine)."""
-
     async def patch_status(
         self, kind: ResourceKind, namespace: str, name: str, status: dict[str, Any]
     ) -> bool:

@@ -205,7 +205,9 @@ class Tenancy:
 
 # --- The decision -----------------------------------------------------------------------------
 
-Standing = Literal["QuotaExceeded", "DomainNotAllowed", "DomainConflict", "PortConflict"]
+Standing = Literal[
+    "QuotaExceeded", "DomainNotAllowed", "DomainConflict", "PortNotAllowed", "PortConflict"
+]
 
 
 @dataclass(frozen=True)
@@ -291,15 +293,34 @@ def _beyond_quota(
     return beyond
 
 
+@dataclass(frozen=True)
+class PortRules:
+    """What the Gateway pools say of Tunnels' ports."""
+
+    reserved: Mapping[PublicPort, str] = field(default_factory=dict)
+    """A pool's own ports (and the gateways' defaults) → whose: no Tunnel's."""
+    open: Mapping[str, tuple[tuple[int, int], ...]] = field(default_factory=dict)
+    """Pool → the ranges it opens to Tunnels (``tunnelPorts``); a port must be in every
+    pool's (every gateway serves every Tunnel)."""
+
+    def closed_by(self, port: int) -> tuple[str, str] | None:
+        """(a pool that does not open ``port``, its ranges as text), if any."""
+        for pool, ranges in sorted(self.open.items()):
+            if not any(first <= port <= last for first, last in ranges):
+                listed = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+                return pool, listed
+        return None
+
+
 def decide_domains(
     tunnels: Iterable[TunnelFacts],
     tenancy: Tenancy,
     history: ClaimHistory | None = None,
-    reserved_ports: Mapping[PublicPort, str] | None = None,
+    ports: PortRules | None = None,
 ) -> DomainOwnership:
     """Who holds each domain, and each TCP and UDP port: among the holders of their domains,
-    the oldest claim on a port holds it, unless ``reserved_ports`` (a Gateway pool's own
-    ports → whose) has it. Linear in the Tunnels but for one sort per namespace over quota."""
+    the oldest claim on a port holds it, unless a Gateway pool has it or does not open it
+    (``ports``). Linear in the Tunnels but for one sort per namespace over quota."""
     tunnels = list(tunnels)
     history = history or ClaimHistory()
     grants = _grants(tenancy, (t.namespace for t in tunnels))
@@ -338,23 +359,32 @@ def decide_domains(
         refusals[tunnel.id] = Refusal(
             "DomainConflict", f"{tunnel.domain} is already claimed by {who}"
         )
-    ports = _decide_ports(holders.values(), claims, reserved_ports or {}, refusals)
-    return DomainOwnership(holders, refusals, {uid: c.created for uid, c in claims.items()}, ports)
+    held_ports = _decide_ports(holders.values(), claims, ports or PortRules(), refusals)
+    dates = {uid: c.created for uid, c in claims.items()}
+    return DomainOwnership(holders, refusals, dates, held_ports)
 
 
 def _decide_ports(
     holders: Iterable[TunnelFacts],
     claims: Mapping[UUID, Claim],
-    reserved: Mapping[PublicPort, str],
+    rules: PortRules,
     refusals: dict[UUID, Refusal],
 ) -> dict[PublicPort, TunnelFacts]:
     """The oldest claim on each port among the domains' holders (a younger never displaces
-    it, as with domains); the others are refused with PortConflict, which names a holder in
-    the same namespace only."""
+    it, as with domains: protocol and port cannot be changed, so a claim on a port dates from
+    its Tunnel); the others are refused with PortConflict, which names a holder in the same
+    namespace only. A port a pool does not open is PortNotAllowed and claims nothing."""
+    holders = list(holders)
+    closed = {
+        tunnel.id: found
+        for tunnel in holders
+        if tunnel.public_port is not None
+        and (found := rules.closed_by(tunnel.public_port[1])) is not None
+    }
     ports: dict[PublicPort, TunnelFacts] = {}
     for tunnel in holders:
         port = tunnel.public_port
-        if port is None or port in reserved:
+        if port is None or port in rules.reserved or tunnel.id in closed:
             continue
         holder = ports.get(port)
         if holder is None or claims[tunnel.id] < claims[holder.id]:
@@ -364,9 +394,18 @@ def _decide_ports(
         if port is None:
             continue
         name = f"{port[1]}/{port[0]}"
-        if port in reserved:
+        if tunnel.id in closed:
+            pool, listed = closed[tunnel.id]
             refusals[tunnel.id] = Refusal(
-                "PortConflict", f"spec.port: {name} is {reserved[port]}: pick another port"
+                "PortNotAllowed",
+                f"spec.port: {name} is not among the ports Gateway {pool} opens to Tunnels "
+                f"(its spec.tunnelPorts: {listed})",
+            )
+            continue
+        if port in rules.reserved:
+            refusals[tunnel.id] = Refusal(
+                "PortConflict",
+                f"spec.port: {name} is {rules.reserved[port]}: pick another port",
             )
             continue
         holder = ports[port]

@@ -29,6 +29,7 @@ from kakuremichi.control.ownership import (
     AgentClaim,
     ClaimHistory,
     DomainOwnership,
+    PortRules,
     PublicPort,
     Tenancy,
     TunnelFacts,
@@ -82,20 +83,22 @@ class Snapshot:
     @cached_property
     def ownership(self) -> DomainOwnership:
         facts = self.facts
-        return decide_domains(
-            facts.tunnels.values(), facts.tenancy, facts.history, self.reserved_ports
-        )
+        return decide_domains(facts.tunnels.values(), facts.tenancy, facts.history, self.port_rules)
 
     @cached_property
-    def reserved_ports(self) -> Mapping[PublicPort, str]:
-        """Ports no Tunnel may hold: the gateways' defaults and every pool's own."""
+    def port_rules(self) -> PortRules:
+        """Ports no Tunnel may hold (the gateways' defaults and every pool's own), and the
+        ranges each pool opens to Tunnels."""
         reserved: dict[PublicPort, str] = dict(GATEWAY_OWN_PORTS)
+        opened: dict[str, tuple[tuple[int, int], ...]] = {}
         for gateway in self.facts.gateways.values():
-            whose = f"Gateway {gateway.pool or gateway.name}'s"
+            pool = gateway.pool or gateway.name
+            whose = f"Gateway {pool}'s"
             reserved.setdefault(("TCP", gateway.http_port), f"{whose} HTTP port")
             reserved.setdefault(("TCP", gateway.https_port), f"{whose} HTTPS port")
             reserved.setdefault(("UDP", gateway.wireguard_port), f"{whose} WireGuard port")
-        return reserved
+            opened[pool] = gateway.tunnel_ports
+        return PortRules(reserved, opened)
 
     @cached_property
     def unavailable_ports(self) -> Mapping[PublicPort, tuple[str, str]]:

@@ -100,9 +100,10 @@ def _port_unavailable(tunnel: TunnelFacts, picture: Picture) -> Finding:
     trouble = picture.unavailable_ports.get(port) if port is not None else None
     if port is None or trouble is None:
         return None
-    instance, error = trouble
+    instance, _ = trouble  # (the error itself would tell a tenant what the host runs)
     return "PortUnavailable", (
-        f"gateway {instance} cannot listen on {port[1]}/{port[0]}: {error} (it retries every 10 s)"
+        f"gateway {instance} cannot listen on {port[1]}/{port[0]}: another program there holds "
+        "it; the gateway retries every 10 s (its log says more)"
     )
 
 
@@ -146,6 +147,13 @@ READY_RULES: tuple[ReadyRule, ...] = (
         _not_holder("DomainConflict"),
     ),
     ReadyRule(
+        "PortNotAllowed",
+        "the Tunnel (TCP, UDP) holds its domain, but a Gateway pool does not open its port to "
+        "Tunnels (`Gateway.spec.tunnelPorts`, 1024-65535 unless its admin says otherwise): it "
+        "claims no port",
+        _not_holder("PortNotAllowed"),
+    ),
+    ReadyRule(
         "PortConflict",
         "the Tunnel holds its domain but not its port (TCP, UDP): an older Tunnel holds that "
         "protocol and port (named only when in the same namespace), or a Gateway pool uses "
@@ -181,9 +189,8 @@ READY_RULES: tuple[ReadyRule, ...] = (
     ),
     ReadyRule(
         "PortUnavailable",
-        "a connected gateway cannot listen on the Tunnel's port (another program has it, or it "
-        "is privileged there); it retries every 10 s, and the Tunnel is `Serving` once every "
-        "gateway listens",
+        "a connected gateway cannot listen on the Tunnel's port (another program there holds "
+        "it); it retries every 10 s, and the Tunnel is `Serving` once every gateway listens",
         _port_unavailable,
     ),
     ReadyRule("Serving", "`Ready=True`: the domain routes to the target", _serving),

@@ -73,14 +73,7 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
     )
     context.state.set_tunnel(facts_of(meta, spec))
     if spec.protocol != "HTTP":
-        # Passed through or forwarded: no certificate of the gateways' (one made while the
-        # Tunnel was HTTP goes).
-        existing = await context.kube.get_object(CERTIFICATE, namespace, name)
-        if existing is not None and _owned_by(existing, str(meta.uid)):
-            await context.kube.delete_object(
-                CERTIFICATE, namespace, name, existing["metadata"]["uid"]
-            )
-        return
+        return  # passed through or forwarded: the gateways need no certificate of theirs
     # A Tunnel seen for the first time has no Certificate yet: create it without asking first
     # (one call instead of two for each new Tunnel); otherwise look, and fix what differs.
     created_now = False
@@ -101,11 +94,6 @@ async def reconcile(context: Context, body: kopf.Body, patch: kopf.Patch) -> Non
     # No status here: the projector writes url and certificate with the Ready condition, in one
     # patch instead of two (and one watch event fewer per new Tunnel).
     del patch
-
-
-def _owned_by(found: Mapping[str, Any], uid: str) -> bool:
-    owners = found.get("metadata", {}).get("ownerReferences") or []
-    return any(owner.get("uid") == uid and owner.get("controller") for owner in owners)
 
 
 def facts_of(meta: Mapping[str, Any], spec: TunnelSpec) -> TunnelFacts:

@@ -152,7 +152,7 @@ class AgentDatagrams(asyncio.DatagramProtocol):
                 return
             flow = self.flows[key] = TargetFlow(self, key, tunnel)
             self.flow_counts[port] = self.flow_counts.get(port, 0) + 1
-            asyncio.get_running_loop().create_task(flow.open())
+            flow.opening = asyncio.get_running_loop().create_task(flow.open())
         if tunnel.target.proxy_protocol == "V2":
             public = (self.gateways[gateway], port)
             head = proxy_header.encode("V2", client, public, datagram=True)
@@ -186,6 +186,8 @@ class TargetFlow(asyncio.DatagramProtocol):
         self.tunnel = tunnel
         self.transport: asyncio.DatagramTransport | None = None
         self.waiting: list[bytes] = []
+        self.opening: asyncio.Task[None] | None = None
+        """Making the socket (held: the loop keeps only weak references to tasks)."""
         self.closed = False
         self.last_active = time.monotonic()
 

@@ -2,10 +2,10 @@
 Tunnels' ports, forwarding over WireGuard.
 
 Applying a config prepares everything that can fail first (certificates), then changes WireGuard
-incrementally, then swaps routes, certificates and challenges in one step, then (re)binds the
-ports if they changed, then the TCP and UDP Tunnels' ports (one that cannot be bound is
-reported, not fatal), then waits until every HTTPS worker process serves the new routes. A
-config that fails leaves the previous one serving.
+incrementally, then swaps routes, certificates and challenges in one step, then the TCP and UDP
+Tunnels' ports (one that cannot be bound is reported and retried, not fatal), then (re)binds
+its own ports if they changed, then waits until every HTTPS worker process serves the new
+routes. A config that fails leaves the previous one serving.
 """
 
 from __future__ import annotations
@@ -72,11 +72,13 @@ class GatewayEdge(EdgeRuntime):
         self.plain.set_challenges(config.acme_challenges)
         self.stats.tunnels = sum(1 for t in config.tunnels if t.enabled)
         try:
+            # Tunnels' ports first: one that goes may be the one a pool's own port moves to
+            # (control never gives both in one config); one that cannot be bound yet is retried.
+            await self.ports.apply(front_end.routes, front_end.client_limits)
             await self._listen(
                 settings.http_port or config.gateway.http_port,
                 settings.https_port or config.gateway.https_port,
             )
-            await self.ports.apply(front_end.routes, front_end.client_limits)
             await self.workers.apply(front_end)
         except WorkerFailed as error:
             raise ApplyError(str(error)) from None

@@ -151,7 +151,9 @@ class HttpsProxy:
         place a tunnel no longer goes are closed, all others are left alone. (TCP and UDP
         routes are the gateway's ports' to serve, over the same connections to agents.)"""
         self.routes = {d: r for d, r in routes.items() if r.protocol == "HTTP"}
-        self.passthrough = {d: r for d, r in routes.items() if r.protocol == "TLS"}
+        # (Only those that serve: no ClientHello is peeked at for a disabled one, whose
+        # clients the gateway's own TLS refuses.)
+        self.passthrough = {d: r for d, r in routes.items() if r.protocol == "TLS" and r.serving}
         self.splices.close_where(
             lambda link: (
                 link.route.protocol == "TLS" and self.passthrough.get(link.domain) != link.route

@@ -132,6 +132,8 @@ def _address(text: str, version: int) -> str:
         address = ipaddress.ip_address(text)
     except ValueError:
         raise ProxyHeaderError(f"{text[:45]!r} is not an IP address") from None
+    if getattr(address, "scope_id", None):  # fe80::1%eth0: no client's address
+        raise ProxyHeaderError(f"{text[:45]!r} has a scope")
     if address.version != version or str(address) != text.lower():
         raise ProxyHeaderError(f"{text[:45]!r} is not an IPv{version} address as written")
     return str(address)

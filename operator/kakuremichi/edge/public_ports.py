@@ -28,10 +28,11 @@ from typing import cast
 from kakuremichi.api.protocol import RELAY_PORT
 from kakuremichi.api.resources import ClientLimits, PortProtocol
 from kakuremichi.edge import udp_frames
-from kakuremichi.edge.connection_caps import ConnectionCaps
+from kakuremichi.edge.connection_caps import ConnectionCaps, address_key
 from kakuremichi.edge.gateway_routes import GatewayRoute
 from kakuremichi.edge.proxy_gate import ProxySettings
 from kakuremichi.edge.proxy_header import Address
+from kakuremichi.edge.request_heads import trusted
 from kakuremichi.edge.splice import ClientLink, Splices
 from kakuremichi.edge.stats import EdgeStats
 
@@ -40,11 +41,20 @@ log = logging.getLogger(__name__)
 PortKey = tuple[PortProtocol, int]
 
 
+ANSWERS_PER_DATAGRAM = 64
+"""A flow carries at most this many answers per datagram of its client: an agent cannot make
+the gateway flood a client (perhaps a forged address) that no longer speaks."""
+
+
 @dataclass(eq=False)
 class UdpFlow:
     client: Address
     agent_ip: str
+    key: bytes
+    """Its client's, in the per-address count (IPv6: the /64)."""
     last_active: float = field(default_factory=time.monotonic)
+    """When its client last sent (answers do not keep a flow)."""
+    answers_left: int = ANSWERS_PER_DATAGRAM
 
 
 class UdpPort(asyncio.DatagramProtocol):
@@ -55,6 +65,8 @@ class UdpPort(asyncio.DatagramProtocol):
         self.route = route
         self.transport: asyncio.DatagramTransport | None = None
         self.flows: dict[Address, UdpFlow] = {}
+        self.by_address: dict[bytes, int] = {}
+        """Flows per client address (IPv6: per /64)."""
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, base)
@@ -69,12 +81,12 @@ class UdpPort(asyncio.DatagramProtocol):
             stats.drop(route.domain, "too_large")
             return
         flow = self.flows.get(client)
-        if flow is None or flow.agent_ip != route.agent_ip:
-            if len(self.flows) >= self.ports.limits.max_udp_flows:
-                stats.drop(route.domain, "flow_cap")
+        if flow is None:
+            flow = self._open_flow(client, route.agent_ip)
+            if flow is None:
                 return
-            flow = self.flows[client] = UdpFlow(client, route.agent_ip)
         flow.last_active = time.monotonic()
+        flow.answers_left = ANSWERS_PER_DATAGRAM
         stats.datagrams_in[route.domain] += 1
         stats.received_bytes[route.domain] += len(data)
         assert route.port is not None
@@ -87,7 +99,10 @@ class UdpPort(asyncio.DatagramProtocol):
         if flow is None or flow.agent_ip != agent_ip or self.transport is None:
             stats.drop(route.domain, "no_flow")
             return
-        flow.last_active = time.monotonic()
+        if flow.answers_left <= 0:
+            stats.drop(route.domain, "answer_budget")
+            return
+        flow.answers_left -= 1
         stats.datagrams_out[route.domain] += 1
         stats.sent_bytes[route.domain] += len(data)
         self.transport.sendto(data, client)
@@ -95,13 +110,43 @@ class UdpPort(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         self.ports.stats.errors["udp_send"] += 1
 
+    def _open_flow(self, client: Address, agent_ip: str) -> UdpFlow | None:
+        limits, stats, domain = self.ports.limits, self.ports.stats, self.route.domain
+        if len(self.flows) >= limits.max_udp_flows:
+            stats.drop(domain, "flow_cap")
+            return None
+        address = client[0].encode()
+        key = address_key(address)
+        if self.by_address.get(key, 0) >= limits.max_udp_flows_per_address and not trusted(
+            address, self.ports.proxy.trusted
+        ):
+            stats.drop(domain, "flow_cap_per_address")
+            return None
+        self.by_address[key] = self.by_address.get(key, 0) + 1
+        flow = self.flows[client] = UdpFlow(client, agent_ip, key)
+        return flow
+
+    def forget(self, client: Address) -> None:
+        flow = self.flows.pop(client, None)
+        if flow is None:
+            return
+        left = self.by_address.get(flow.key, 1) - 1
+        if left > 0:
+            self.by_address[flow.key] = left
+        else:
+            self.by_address.pop(flow.key, None)
+
+    def forget_all(self) -> None:
+        self.flows.clear()
+        self.by_address.clear()
+
     def sweep(self, now: float) -> None:
         limit = now - self.ports.limits.udp_idle_timeout_seconds
         for client in [c for c, f in self.flows.items() if f.last_active < limit]:
-            del self.flows[client]
+            self.forget(client)
 
     def close(self) -> None:
-        self.flows.clear()
+        self.forget_all()
         if self.transport is not None:
             self.transport.close()
 
@@ -167,11 +212,18 @@ class PublicPorts:
         self.link_transport: asyncio.DatagramTransport | None = None
         self.unavailable: dict[PortKey, str] = {}
         """Ports of the config that could not be bound: (protocol, port) → why."""
+        self.lock = asyncio.Lock()
+        """A config's apply and the retries of ports never interleave (a retry's bind of a
+        port a config just dropped would outlive it)."""
 
     async def apply(self, routes: Iterable[GatewayRoute], limits: ClientLimits | None) -> None:
         """Listen on exactly the enabled TCP and UDP routes' ports (a route without an agent
         keeps its port: its clients are closed, its datagrams dropped); connections and flows
         of a route that changed are closed."""
+        async with self.lock:
+            await self._apply(routes, limits)
+
+    async def _apply(self, routes: Iterable[GatewayRoute], limits: ClientLimits | None) -> None:
         self.limits = self.caps.limits = limits or ClientLimits()
         self.caps.exempt = self.proxy.trusted
         wanted: dict[PortKey, GatewayRoute] = {}
@@ -191,14 +243,18 @@ class PublicPorts:
         for key, route in wanted.items():
             udp = self.udp.get(key[1]) if key[0] == "UDP" else None
             if udp is not None and udp.route != route:
-                udp.flows.clear()
+                udp.forget_all()
                 udp.route = route
         if any(key[0] == "UDP" for key in wanted):
             await self._open_link()
-        await self.bind_missing()
+        await self._bind_missing()
 
     async def bind_missing(self) -> bool:
         """Bind the ports not bound yet; whether what is unavailable changed."""
+        async with self.lock:
+            return await self._bind_missing()
+
+    async def _bind_missing(self) -> bool:
         before = dict(self.unavailable)
         self.unavailable = {}
         for key, route in self.routes.items():
@@ -270,9 +326,12 @@ class PublicPorts:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if self.relay_device is not None:  # only what comes over WireGuard
-                sock.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.relay_device.encode()
-                )
+                try:
+                    sock.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.relay_device.encode()
+                    )
+                except PermissionError:  # (answers are still checked against the flows)
+                    log.warning("cannot bind the UDP relay socket to %s", self.relay_device)
             sock.bind(("0.0.0.0", self.relay_port))  # noqa: S104 - on the device alone
             sock.setblocking(False)
         except OSError:

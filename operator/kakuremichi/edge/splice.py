@@ -23,6 +23,8 @@ from kakuremichi.edge.request_heads import client_address
 from kakuremichi.edge.stats import EdgeStats
 from kakuremichi.edge.stream_names import StreamName
 
+CLOSE_TIMEOUT = 5.0
+"""A connection being closed whose client does not take what is left is cut off."""
 log = logging.getLogger(__name__)
 
 
@@ -40,11 +42,16 @@ class Splices:
             link.close()
 
     def sweep(self, now: float) -> None:
-        """Close the connections idle for longer than the timeout."""
+        """Close the connections idle for longer than the timeout; cut off those being
+        closed whose client will not take the rest (a zero window holds a close forever)."""
         limit = now - self.idle_timeout
-        for link in [link for link in self.links if link.last_active < limit]:
-            self.stats.limit_hits["tcp_idle_timeout"] += 1
-            link.close()
+        for link in list(self.links):
+            if link.closing_since:
+                if now - link.closing_since > CLOSE_TIMEOUT and link.transport is not None:
+                    link.transport.abort()
+            elif link.last_active < limit:
+                self.stats.limit_hits["tcp_idle_timeout"] += 1
+                link.close()
 
     def close_all(self) -> None:
         for link in list(self.links):
@@ -56,8 +63,9 @@ class ClientLink(asyncio.Protocol):
     to it. ``first`` is what was read before the splice began (a peeked ClientHello)."""
 
     __slots__ = (
-        "admitted", "caps", "client", "client_eof", "domain", "first", "last_active", "route",
-        "screening", "splices", "stats", "stream", "stream_eof", "transport",
+        "admitted", "caps", "client", "client_eof", "closing_since", "domain", "first",
+        "last_active", "route", "screening", "splices", "stats", "stream", "stream_eof",
+        "transport",
     )  # fmt: skip
 
     def __init__(
@@ -89,6 +97,7 @@ class ClientLink(asyncio.Protocol):
         self.stream: MuxStream | None = None
         self.client_eof = self.stream_eof = False
         self.last_active = time.monotonic()
+        self.closing_since = 0.0
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         transport = self.transport = cast(asyncio.Transport, base)
@@ -137,6 +146,10 @@ class ClientLink(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self.client_eof = True
+        if self.screening is not None:  # what was held back goes on before the end
+            held, self.screening = bytes(self.screening), None
+            if held and self.stream is not None:
+                self.stream.write(held)
         if self.stream is not None and not self.stream.is_closing():
             self.stream.write_eof()
         if self.stream_eof:
@@ -163,6 +176,8 @@ class ClientLink(asyncio.Protocol):
             self.stream.resume_reading()
 
     def close(self) -> None:
+        if not self.closing_since:
+            self.closing_since = time.monotonic()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
         if self.stream is not None:
@@ -202,6 +217,8 @@ class StreamSide(asyncio.Protocol):
         link = self.link
         if exc is not None:
             link.stats.errors["tunnel_stream_lost"] += 1
+        if not link.closing_since:
+            link.closing_since = time.monotonic()
         if link.transport is not None and not link.transport.is_closing():
             link.transport.close()  # what was written still goes out first
 

@@ -58,9 +58,12 @@ def decode(name: str) -> StreamName:
 
 def _ip(text: str) -> str:
     try:
-        return str(ipaddress.ip_address(text))
+        address = ipaddress.ip_address(text)
     except ValueError:
         raise StreamNameError(f"{text[:45]!r} is not an IP address") from None
+    if getattr(address, "scope_id", None):
+        raise StreamNameError(f"{text[:45]!r} has a scope")
+    return str(address)
 
 
 def _port(text: str) -> int:

@@ -17,7 +17,7 @@ import ssl
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, cast
 
-from kakuremichi.edge.client_hello import peek_server_name
+from kakuremichi.edge.client_hello import HelloReader
 from kakuremichi.edge.connection_caps import ConnectionCaps
 from kakuremichi.edge.gateway_routes import GatewayRoute
 from kakuremichi.edge.proxy_header import Address
@@ -76,7 +76,7 @@ class TlsServerConnection(asyncio.Protocol):
         self.client = client
         """The client's address when a trusted load balancer said it (PROXY header): the
         connection's peer name from then on."""
-        self.hello: bytearray | None = None
+        self.hello: HelloReader | None = None
         """The first bytes, held while the ClientHello is peeked at (TLS Tunnels exist)."""
         self.admitted: bytes | None = None
         """The connection's key in ``caps`` once it counts there."""
@@ -103,17 +103,16 @@ class TlsServerConnection(asyncio.Protocol):
         timeout = self.caps.limits.handshake_timeout_seconds
         self.timer = asyncio.get_running_loop().call_later(timeout, self._give_up)
         if self.router is not None and self.router.passthrough:
-            self.hello = bytearray()
+            self.hello = HelloReader()
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return  # a failed handshake or a close in progress: nothing more is read
         if self.hello is not None:
-            self.hello += data
-            peeked = peek_server_name(self.hello)
+            peeked = self.hello.feed(data)
             if not peeked.complete:
                 return
-            data, self.hello = bytes(self.hello), None
+            data, self.hello = bytes(self.hello.raw), None
             assert self.router is not None
             route = self.router.passthrough.get(peeked.name or "")
             if route is not None and self._pass_through(route, data):
