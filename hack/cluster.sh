@@ -22,6 +22,8 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=binaries/versions.env disable=SC1091
+. "${repo}/hack/binaries/versions.env"
 state=${KAKUREMICHI_CLUSTER_DIR:-${repo}/.cluster}
 pki="${state}/pki"
 kubeconfig="${state}/kubeconfig"
@@ -111,6 +113,17 @@ EOF
   chmod 600 "$file"
 }
 
+# The folder of the pinned Gateway API release's standard CRDs (fetched once into Go's module
+# cache, verified against the checksum database).
+gateway_api_crds() {
+  command -v go >/dev/null 2>&1 || return 1
+  local dir
+  dir=$(GOFLAGS=-mod=mod go mod download -json "sigs.k8s.io/gateway-api@${PIN_GATEWAY_API}" |
+    sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  [ -d "${dir}/config/crd/standard" ] || return 1
+  echo "${dir}/config/crd/standard"
+}
+
 up() {
   local bins port etcd_port peer_port
   bins=$(bin_dir)
@@ -157,6 +170,19 @@ up() {
   "${kubectl[@]}" apply --server-side -f "${repo}/crds/" >/dev/null
   wait_for kube-apiserver "CRDs to be established" 60 "${kubectl[@]}" wait --for condition=Established --timeout 5s \
     -f "${repo}/crds/"
+  # The Gateway API's standard CRDs, as a cluster that routes with it has them (its Gateway
+  # shares a plural with ours: everything of ours names gateways.kakuremichi.io in full).
+  local gateway_api file crds=()
+  if gateway_api=$(gateway_api_crds); then
+    "${kubectl[@]}" apply --server-side -f "$gateway_api" >/dev/null
+    for file in "$gateway_api"/*.yaml; do # (not the admission policy that comes with them)
+      if grep -q '^kind: CustomResourceDefinition' "$file"; then crds+=(-f "$file"); fi
+    done
+    wait_for kube-apiserver "Gateway API CRDs to be established" 60 "${kubectl[@]}" wait \
+      --for condition=Established --timeout 5s "${crds[@]}"
+  else
+    log "up: no Go toolchain to fetch the Gateway API CRDs (${PIN_GATEWAY_API}); not installed"
+  fi
   log "up: API server https://127.0.0.1:${port}; eval \"\$(hack/cluster.sh env)\" to use kubectl"
   echo "$kubeconfig"
 }

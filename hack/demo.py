@@ -155,6 +155,9 @@ spec:
   mode: InCluster
   nodeSelector:
     {NODE_LABEL}: "true"
+  # The ports TCP and UDP Tunnels may have (none unless the admin says: they are the node's)
+  tunnelPorts:
+    - {{first: 10000, last: 19999}}
 """
 
 

@@ -310,8 +310,10 @@ def running_world(
         node = made.node = made.add_node(made.gateway_public_ip)
         gateways = Objects(kube, namespace, GATEWAY)
         gateways.create(
-            made.gateway_name, {"mode": "InCluster", "nodeSelector": {"e2e": namespace}}
-        )
+            made.gateway_name,
+            {"mode": "InCluster", "nodeSelector": {"e2e": namespace},
+             "tunnelPorts": [{"first": 1024, "last": 65535}]},  # (TCP and UDP Tunnels' tests)
+        )  # fmt: skip
         made.cleanups.append(gateways.delete_all)  # waits: the operator must see it go
         apps = client.AppsV1Api(kube.api_client())
         daemonset: Any = wait_until(

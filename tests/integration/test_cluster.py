@@ -65,6 +65,18 @@ def test_crds_are_installed_and_listed_by_category(kube: Cluster) -> None:
     assert "No resources found" in kube.kubectl("get", "kakuremichi", "-A", check=False)
 
 
+def test_the_gateway_apis_gateway_and_ours_are_told_apart(kube: Cluster) -> None:
+    """The local cluster carries the Gateway API's standard CRDs, as a cluster routing with it
+    does; its Gateway shares our plural, so everything of ours says gateways.kakuremichi.io."""
+    if "gateways.gateway.networking.k8s.io" not in kube.kubectl("get", "crd", "-o", "name"):
+        pytest.skip("no Go toolchain fetched the Gateway API CRDs")
+    for kind in ("gatewayclasses", "gateways", "httproutes", "grpcroutes", "referencegrants"):
+        kube.kubectl("get", f"{kind}.gateway.networking.k8s.io", "-A")
+    ours = kube.kubectl("get", "gateways.kakuremichi.io", "-o", "name")
+    assert all(line.startswith("gateway.kakuremichi.io/") for line in ours.split())
+    assert "gateway.networking.k8s.io" not in kube.kubectl("get", "kakuremichi", "-A", "-o", "name")
+
+
 def test_a_pod_can_be_created_in_a_fresh_namespace(kube: Cluster, namespace: str) -> None:
     core = client.CoreV1Api(kube.api_client())
     wait_until(lambda: core.read_namespaced_service_account("default", namespace), "default SA")

@@ -332,8 +332,8 @@ def remove_leftovers(kube: Cluster, apps: str, gateways: tuple[str, str]) -> Non
     their namespace terminating and show up in other tests' listings."""
     left = kube.kubectl("get", "agents,tunnels,certificates", "-n", apps, "-o", "name",
                         check=False).split()  # fmt: skip
-    gone = kube.kubectl("get", "gateways", *gateways, "-o", "name", "--ignore-not-found",
-                        check=False).split()  # fmt: skip
+    gone = kube.kubectl("get", "gateways.kakuremichi.io", *gateways, "-o", "name",
+                        "--ignore-not-found", check=False).split()  # fmt: skip
     for name, namespace in [(n, ["-n", apps]) for n in left if "/" in n] + [
         (n, []) for n in gone if "/" in n
     ]:

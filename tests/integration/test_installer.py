@@ -222,8 +222,13 @@ def test_control_serves_its_own_wheel_and_nothing_else(
         ([], None, "--api-key=KEY is required"),
         (["--api-key=hunter2"], None, "does not look like a kakuremichi API key"),
         (["--api-key=agt_" + "a" * 32, "--control-url=ftp://x"], None, "http:// or https://"),
+        (
+            ["--api-key=agt_" + "a" * 32, "--control-url=http://192.0.2.7:8480"],
+            None,
+            "is plain HTTP: anyone on the way could change what this installs as root",
+        ),
     ],
-    ids=["not-root", "no-systemd", "no-key", "bad-key", "bad-url"],
+    ids=["not-root", "no-systemd", "no-key", "bad-key", "bad-url", "plain-http"],
 )
 def test_installer_refuses_clearly(
     operator: OperatorProcess, tmp_path: Path, args: list[str], user: str | None, message: str
@@ -387,3 +392,33 @@ def test_with_no_wireguard_to_get_installer_and_agent_say_so_in_one_line(
         )  # fmt: skip
         assert alone.returncode == protocol.EXIT_NO_WIREGUARD, alone.stderr
         assert line in alone.stderr.splitlines()
+
+
+def test_a_wheelhouse_that_fails_is_not_replaced_by_the_package_index_unasked(
+    kube: Cluster, make_host: netns.HostFactory, wheel: Path, tmp_path: Path
+) -> None:
+    """A wheelhouse without the dependencies (as a network attacker could make it look by
+    breaking its downloads) ends the install with the way out named, instead of pip taking
+    what is missing from whatever index it is pointed at."""
+    built = binaries.find("wireguard-go")
+    assert built is not None
+    served = tmp_path / "wireguard-go"
+    served.mkdir()
+    shutil.copy2(built, served / "wireguard-go-linux-amd64")
+    incomplete = tmp_path / "wheelhouse"
+    incomplete.mkdir()
+    shutil.copy2(wheel, incomplete / wheel.name)
+    with bare_host(kube, make_host, tmp_path, "--edge-wheel", str(wheel),
+                   "--edge-wheelhouse", str(incomplete),
+                   "--edge-wireguard-go", str(served)) as bare:  # fmt: skip
+        bare.agent_key(kube, "partial")
+        root = tmp_path / "root"
+        command = f"{one_liner(kube, bare, 'partial')} --prefix={root}"
+        done = subprocess.run(
+            bare.host.command("env", f"PATH={without_wireguard_go()}", "sh", "-c", command),
+            capture_output=True, text=True, check=False, timeout=600,
+        )  # fmt: skip
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "Rerun with --allow-index" in done.stderr
+        assert "trying the package index" not in done.stderr
+        assert not (root / "opt" / "kakuremichi" / "venv" / "bin" / "kakuremichi").exists()

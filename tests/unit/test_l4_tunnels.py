@@ -89,12 +89,13 @@ class L4:
     relay_port: int
     https_port: int
     ca: TestCA
+    trusted: list[str] = field(default_factory=lambda: ["127.0.0.1/32"])
 
     async def serve(self, routes: list[GatewayRoute], targets: dict[str, AgentTarget]) -> None:
         self.relay.set_targets(targets)
         self.datagrams.set_tunnels(targets)
         self.proxy.set_routes({r.domain: r for r in routes})
-        await self.ports.apply(routes, self.proxy.limits)
+        await self.ports.apply(routes, self.proxy.limits, self.trusted)
 
 
 @asynccontextmanager
@@ -210,7 +211,7 @@ async def test_a_load_balancers_proxy_header_is_believed_and_a_clients_is_refuse
         assert stack.gateway_stats.limit_hits["proxy_header"] >= 1
         # Anyone else is screened: not trusted now, and posing with a header.
         stack.proxy.set_front_end(None, ["10.9.9.9/32"], accept_proxy_protocol=True)
-        await stack.ports.apply(list(stack.ports.routes.values()), None)
+        await stack.ports.apply(list(stack.ports.routes.values()), None, ["10.9.9.9/32"])
         hits = stack.gateway_stats.limit_hits["proxy_header"]
         assert await exchange(public, b"forged", first=said) == b""
         assert stack.gateway_stats.limit_hits["proxy_header"] == hits + 1
@@ -336,19 +337,22 @@ async def test_udp_proxy_v2_header_carries_the_client_in_every_datagram() -> Non
 
 
 @scenario
-async def test_too_large_datagrams_and_flows_over_the_cap_are_dropped_and_counted() -> None:
+async def test_too_large_datagrams_are_dropped_and_a_full_flow_table_takes_new_clients() -> None:
     async with l4(ClientLimits(max_udp_flows=1)) as stack:
         public, _ = await udp_stack(stack)
         one, answers = await udp_client(public)
         one.sendto(b"x" * (udp_frames.max_datagram("127.0.0.1") + 1))
         one.sendto(b"fits")
         assert await asyncio.wait_for(answers.get(), 5) == b"echo:fits"
-        two, _ = await udp_client(public)
-        two.sendto(b"over the cap")
-        await asyncio.sleep(0.2)
+        two, two_answers = await udp_client(public)
+        two.sendto(b"over the cap")  # the table is full: the flow heard from longest ago goes
+        assert await asyncio.wait_for(two_answers.get(), 5) == b"echo:over the cap"
         dropped = stack.gateway_stats.dropped
         assert dropped["dns.example.com/too_large"] == 1
-        assert dropped["dns.example.com/flow_cap"] == 1
+        assert dropped["dns.example.com/flow_evicted"] == 1
+        assert list(stack.ports.udp[public].flows) == [
+            ("127.0.0.1", two.get_extra_info("sockname")[1])
+        ]
         one.close()
         two.close()
 
@@ -414,6 +418,7 @@ async def test_an_agent_cannot_flood_a_client_that_no_longer_speaks() -> None:
 async def test_one_host_cannot_take_all_of_a_udp_tunnels_flows() -> None:
     async with l4(ClientLimits(max_udp_flows=8, max_udp_flows_per_address=3)) as stack:
         stack.proxy.set_front_end(stack.proxy.limits, [])  # (loopback is no trusted proxy now)
+        stack.trusted = []
         public, _ = await udp_stack(stack)
         clients = [await udp_client(public) for _ in range(4)]
         for transport, _ in clients:
@@ -423,3 +428,22 @@ async def test_one_host_cannot_take_all_of_a_udp_tunnels_flows() -> None:
         assert stack.gateway_stats.dropped["dns.example.com/flow_cap_per_address"] == 1
         for transport, _ in clients:
             transport.close()
+
+
+@scenario
+async def test_answers_are_budgeted_in_bytes_too() -> None:
+    """A 12-byte datagram buys at most 4096 bytes of answers (udpAnswerBytes): an agent cannot
+    turn one small forged datagram into a flood from the gateway's address."""
+    async with l4() as stack:
+        public, _ = await udp_stack(stack)
+        client, answers = await udp_client(public)
+        client.sendto(b"twelve bytes")
+        assert await asyncio.wait_for(answers.get(), 5) == b"echo:twelve bytes"  # 17 bytes
+        me = ("127.0.0.1", client.get_extra_info("sockname")[1])
+        assert stack.datagrams.transport is not None
+        for _ in range(10):
+            frame = udp_frames.encode(public, me, b"x" * 1300)
+            stack.datagrams.transport.sendto(frame, ("127.0.0.1", stack.relay_port))
+        await asyncio.sleep(0.3)
+        assert answers.qsize() == 3  # 17 + 3 x 1300 <= 4096 < 17 + 4 x 1300
+        client.close()

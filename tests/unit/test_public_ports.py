@@ -32,7 +32,14 @@ AGENTS = {
 }
 GATEWAY_KEY = generate_wireguard_keypair().public_key
 GATEWAY = GatewayNode(
-    uuid.uuid4(), "node-a", 1, "203.0.113.1", GATEWAY_KEY, pool="edge", https_port=8443
+    uuid.uuid4(),
+    "node-a",
+    1,
+    "203.0.113.1",
+    GATEWAY_KEY,
+    pool="edge",
+    https_port=8443,
+    tunnel_ports=((1024, 65535),),
 )
 
 
@@ -127,16 +134,18 @@ def test_a_pools_own_ports_are_nobodys() -> None:
     assert ownership.refusals[wireguard.id].reason == "PortConflict"
 
 
-def test_a_domain_conflict_comes_first_and_claims_no_port() -> None:
-    """A Tunnel that does not hold its domain holds no port either, so it cannot keep a port
-    from a later Tunnel that holds its own domain."""
+def test_a_tunnel_waiting_for_its_domain_keeps_its_place_for_its_port() -> None:
+    """A Tunnel behind an older claim on its domain still claims its port from its own date,
+    so a later Tunnel cannot take the port and lose it again when the domain comes free: the
+    domain's refusal is what it is told first."""
     holder = tcp("team-a", "db", 5432)
-    loser = dataclasses.replace(tcp("team-b", "dup", 6000, minutes=1), domain=holder.domain)
+    waiting = dataclasses.replace(tcp("team-b", "dup", 6000, minutes=1), domain=holder.domain)
     later = tcp("team-b", "other", 6000, minutes=2)
-    found = reasons(world(holder, loser, later))
+    found = reasons(world(holder, waiting, later))
     assert {name: reason for name, (reason, _) in found.items()} == {
-        "db": "Serving", "dup": "DomainConflict", "other": "Serving",
+        "db": "Serving", "dup": "DomainConflict", "other": "PortConflict",
     }  # fmt: skip
+    assert "Tunnel dup of this namespace" in found["other"][1]
 
 
 def test_a_port_a_gateway_cannot_bind_is_port_unavailable_while_that_gateway_is_connected() -> None:
@@ -256,8 +265,8 @@ def test_accept_proxy_protocol_needs_trusted_proxies() -> None:
 
 
 def test_a_port_a_pool_does_not_open_is_nobodys() -> None:
-    """Below 1024 by default: a tenant cannot take a node's 22 or 53, nor one a node's service
-    binds after the Tunnel."""
+    """None by default: a tenant cannot take a node's 22, a kubelet's 10250 or a CNI's 8472,
+    nor one a node's service binds after the Tunnel; the admin opens ranges meant for them."""
     ssh = tcp("team-a", "ssh", 22)
     found = reasons(world(ssh))
     assert found["ssh"] == (
@@ -265,8 +274,35 @@ def test_a_port_a_pool_does_not_open_is_nobodys() -> None:
         "spec.port: 22/TCP is not among the ports Gateway edge opens to Tunnels (its "
         "spec.tunnelPorts: 1024-65535)",
     )
+    shut = dataclasses.replace(GATEWAY, tunnel_ports=())
+    kubelet = tcp("team-a", "kubelet", 10250)
+    assert reasons(world(kubelet, gateways=(shut,)))["kubelet"][1].endswith(
+        "(its spec.tunnelPorts: none)"
+    )
     opened = dataclasses.replace(GATEWAY, tunnel_ports=((22, 22), (1024, 65535)))
     assert reasons(world(ssh, gateways=(opened,)))["ssh"][0] == "Serving"
     # A Tunnel that may not have its port keeps no one else from it.
     later = tcp("team-b", "ssh2", 22, minutes=1)
     assert reasons(world(ssh, later, gateways=(opened,)))["ssh2"][0] == "PortConflict"
+
+
+def test_a_tunnel_that_comes_to_hold_its_domain_late_takes_no_port_held_meanwhile() -> None:
+    """The sleeper: an attacker's TCP Tunnel waits behind its own HTTP Tunnel on the same
+    domain; a victim takes port 5000 later; the attacker deletes the HTTP Tunnel so that the
+    sleeper holds its domain. Its claim on the port was there all along, so the victim never
+    got the port in the first place (and never loses a port it serves)."""
+    blocker = tunnel("team-b", "blocker", "evil.example.com", minutes=0)
+    sleeper = tunnel("team-b", "sleeper", "evil.example.com", minutes=1, protocol="TCP", port=5000)
+    victim = tcp("team-a", "db", 5000, minutes=2)
+    before = reasons(world(blocker, sleeper, victim))
+    assert before["sleeper"][0] == "DomainConflict"
+    assert before["db"] == (
+        "PortConflict",
+        "spec.port: 5000/TCP is already claimed by another namespace",
+    )
+    after = reasons(world(sleeper, victim))
+    assert after["sleeper"][0] == "Serving" and after["db"][0] == "PortConflict"
+    # Without a sleeper, whoever serves a port keeps it while it exists.
+    alone = reasons(world(victim, tunnel("team-b", "late", "late.example.com", minutes=3,
+                                          protocol="TCP", port=5000)))  # fmt: skip
+    assert alone["db"][0] == "Serving" and alone["late"][0] == "PortConflict"

@@ -241,9 +241,6 @@ class PortRange(CamelModel):
         return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
 
 
-DEFAULT_TUNNEL_PORTS = (PortRange(first=1024, last=65535),)
-
-
 class ClientLimits(CamelModel):
     """What one client may hold of a gateway's HTTPS front end. Each limit is enforced while
     reading (an oversized head is refused at its limit, not when it ends) and each refusal is
@@ -278,8 +275,14 @@ class ClientLimits(CamelModel):
     """A connection of a TCP or TLS-passthrough tunnel with no traffic either way this long is
     closed."""
     udp_idle_timeout_seconds: Annotated[float, Field(ge=5, le=3600)] = 60
-    """A UDP tunnel's flow (one client address and port) with no datagram either way this long
-    is forgotten; replies after that no longer reach the client."""
+    """A UDP tunnel's flow (one client address and port) with no datagram from its client this
+    long is forgotten (answers do not keep it); answers after that no longer reach the
+    client."""
+    udp_answer_bytes: Annotated[int, Field(ge=1500, le=1024 * 1024)] = 4096
+    """Bytes of answers a UDP flow carries per datagram of its client (at least 8 times that
+    datagram's size, and at most 64 answers): a tenant's agent answering a forged source address
+    cannot make the gateway flood it. Enough for request/answer protocols (DNS, games, QUIC,
+    WireGuard); a target that streams to a silent client needs it raised."""
     max_udp_flows: Annotated[int, Field(ge=1, le=1_000_000)] = 4096
     """Flows of one UDP tunnel on each gateway; a datagram that would open one more is dropped
     (and counted), so one tunnel's flood never takes another's."""
@@ -357,14 +360,12 @@ class GatewaySpec(CamelModel):
     """Load balancers in front of the gateways, as CIDR ranges: a connection from one of
     them has the client's ``X-Forwarded-For`` appended to (the nearest address outside these
     ranges becomes ``X-Real-IP``); from anyone else it is replaced. Default: none."""
-    tunnel_ports: Annotated[list[PortRange], Field(min_length=1, max_length=64)] = Field(
-        default_factory=lambda: list(DEFAULT_TUNNEL_PORTS),
-        json_schema_extra={"default": [{"first": 1024, "last": 65535}]},
-    )
+    tunnel_ports: Annotated[list[PortRange], Field(max_length=64)] = Field(default_factory=list)
     """The ports this pool opens to TCP and UDP Tunnels (both protocols), on its nodes' own
-    addresses: a Tunnel's port outside them is PortNotAllowed. Default 1024-65535: a tenant
-    cannot take a port below 1024 (22, 25, 53...) of the nodes unless listed here, nor one a
-    node's service binds later."""
+    addresses (InCluster gateways use the host's network): a Tunnel's port outside them is
+    PortNotAllowed. Default: none, so no tenant takes a port of the nodes (a kubelet's, a
+    CNI's, one a node's service binds after a restart) unless the admin opens a range meant
+    for Tunnels, e.g. [{first: 20000, last: 29999}]."""
     accept_proxy_protocol: bool = False
     """The gateways read a PROXY protocol header (v1 or v2, as HAProxy and cloud load
     balancers send it) at the start of each TCP connection from an address in

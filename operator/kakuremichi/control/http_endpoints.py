@@ -4,6 +4,9 @@ release, a wheelhouse at ``/install/wheels/`` for ``pip --find-links``, wireguar
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -11,6 +14,11 @@ from kakuremichi.control import metrics
 from kakuremichi.control.channel import ControlChannel
 from kakuremichi.control.installer import EdgeKit, install_script
 from kakuremichi.control.settings import ControlSettings
+
+DOWNLOADS_AT_ONCE = 16
+"""Files of the edge kit sent at the same time: the listener is the control channel's too, so
+many downloads (or slow readers) must not take the sockets and the bandwidth its edges need."""
+DOWNLOAD_WAIT_SECONDS = 30.0
 
 
 class HttpEndpoints:
@@ -22,6 +30,23 @@ class HttpEndpoints:
         self.kit = kit or EdgeKit.load(
             settings.edge_wheel, settings.edge_wheelhouse, settings.edge_wireguard_go
         )
+        self.downloads = asyncio.Semaphore(DOWNLOADS_AT_ONCE)
+
+    async def send_file(self, request: web.Request, path: Path) -> web.StreamResponse:
+        """The file, sent while holding one of the download slots (503 after waiting 30 s)."""
+        try:
+            async with asyncio.timeout(DOWNLOAD_WAIT_SECONDS):
+                await self.downloads.acquire()
+        except TimeoutError:
+            raise web.HTTPServiceUnavailable(
+                text="too many downloads at once; try again\n", headers={"Retry-After": "10"}
+            ) from None
+        try:
+            response = web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+            await response.prepare(request)  # (sent before the slot is given back)
+            return response
+        finally:
+            self.downloads.release()
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -47,7 +72,7 @@ class HttpEndpoints:
         served = self.kit.wheel
         if served is None or request.match_info["wheel"] != served.name:
             raise web.HTTPNotFound(text="no such wheel here\n")
-        return web.FileResponse(served, headers={"Content-Type": "application/octet-stream"})
+        return await self.send_file(request, served)
 
     async def wheelhouse_index(self, request: web.Request) -> web.Response:
         """Links to every wheel of the wheelhouse: what ``pip --find-links`` reads."""
@@ -62,16 +87,14 @@ class HttpEndpoints:
         name = request.match_info["file"]
         if self.kit.wheelhouse is None or name not in self.kit.wheelhouse_files():
             raise web.HTTPNotFound(text="no such wheel here\n")
-        return web.FileResponse(
-            self.kit.wheelhouse / name, headers={"Content-Type": "application/octet-stream"}
-        )
+        return await self.send_file(request, self.kit.wheelhouse / name)
 
     async def wireguard_go(self, request: web.Request) -> web.StreamResponse:
         """A wireguard-go build, for hosts without kernel WireGuard (the script checks it)."""
         build = self.kit.wireguard_go.get(request.match_info["arch"])
         if build is None:
             raise web.HTTPNotFound(text="no wireguard-go for that architecture here\n")
-        return web.FileResponse(build[0], headers={"Content-Type": "application/octet-stream"})
+        return await self.send_file(request, build[0])
 
     async def metrics(self, request: web.Request) -> web.Response:
         connected = self.channel.connected()

@@ -12,6 +12,7 @@ import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -53,9 +54,15 @@ class EdgeKit:
         return cls(wheel, wheelhouse if wheelhouse and wheelhouse.is_dir() else None, builds)
 
     def wheelhouse_files(self) -> list[str]:
+        """The wheelhouse's wheels, listed once (it does not change under a running operator,
+        and a request must not make the loop read a folder)."""
+        return list(self._wheelhouse_files)
+
+    @cached_property
+    def _wheelhouse_files(self) -> tuple[str, ...]:
         if self.wheelhouse is None:
-            return []
-        return sorted(p.name for p in self.wheelhouse.iterdir() if p.name.endswith(".whl"))
+            return ()
+        return tuple(sorted(p.name for p in self.wheelhouse.iterdir() if p.name.endswith(".whl")))
 
 
 def default_wheelhouse(directory: Path = IMAGE_WHEELHOUSE) -> Path | None:
@@ -130,14 +137,11 @@ def plain_http_warning(control_url: str) -> str | None:
 
 def one_liner(role: str, control_url: str, api_key: str, ca_file: str | None = None) -> str:
     """The command that installs an edge, as the data-model document shows it (with
-    ``ca_file``, a path on the host, for a control URL signed by a private CA)."""
+    ``ca_file``, a path on the host, for a control URL signed by a private CA). Every value is
+    quoted for the shell where it needs it (the one-liner runs as root)."""
+    script = shlex.quote(f"{control_url}{ROUTE_PREFIX}{role}.sh")
+    args = f"--api-key={shlex.quote(api_key)} --control-url={shlex.quote(control_url)}"
     if ca_file is None:
-        return (
-            f"curl -sSL {control_url}{ROUTE_PREFIX}{role}.sh | sh -s -- "
-            f"--api-key={api_key} --control-url={control_url}"
-        )
+        return f"curl -sSL {script} | sh -s -- {args}"
     ca = shlex.quote(ca_file)
-    return (
-        f"curl -sSL --cacert {ca} {control_url}{ROUTE_PREFIX}{role}.sh | sh -s -- "
-        f"--api-key={api_key} --control-url={control_url} --ca-file={ca}"
-    )
+    return f"curl -sSL --cacert {ca} {script} | sh -s -- {args} --ca-file={ca}"

@@ -308,7 +308,7 @@ class PortRules:
         for pool, ranges in sorted(self.open.items()):
             if not any(first <= port <= last for first, last in ranges):
                 listed = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
-                return pool, listed
+                return pool, listed or "none"
         return None
 
 
@@ -359,22 +359,27 @@ def decide_domains(
         refusals[tunnel.id] = Refusal(
             "DomainConflict", f"{tunnel.domain} is already claimed by {who}"
         )
-    held_ports = _decide_ports(holders.values(), claims, ports or PortRules(), refusals)
+    # Every claimant claims its port too, whether or not it holds its domain now (one waiting
+    # behind an older claim on its domain keeps its place for the port): a Tunnel that comes
+    # to hold its domain later never takes a port from one that held it meanwhile.
+    claimants = [t for t in tunnels if t.id in claims]
+    held_ports = _decide_ports(claimants, claims, ports or PortRules(), refusals)
     dates = {uid: c.created for uid, c in claims.items()}
     return DomainOwnership(holders, refusals, dates, held_ports)
 
 
 def _decide_ports(
-    holders: Iterable[TunnelFacts],
+    claimants: Iterable[TunnelFacts],
     claims: Mapping[UUID, Claim],
     rules: PortRules,
     refusals: dict[UUID, Refusal],
 ) -> dict[PublicPort, TunnelFacts]:
-    """The oldest claim on each port among the domains' holders (a younger never displaces
-    it, as with domains: protocol and port cannot be changed, so a claim on a port dates from
-    its Tunnel); the others are refused with PortConflict, which names a holder in the same
-    namespace only. A port a pool does not open is PortNotAllowed and claims nothing."""
-    holders = list(holders)
+    """The oldest claim on each port among the Tunnels that claim (a younger never displaces
+    it, as with domains; protocol and port cannot be changed, so a claim on a port dates as
+    its claim on its domain does); the others are refused with PortConflict, which names a
+    holder in the same namespace only, unless they are refused for their domain already. A
+    port a pool does not open is PortNotAllowed and claims nothing."""
+    holders = list(claimants)
     closed = {
         tunnel.id: found
         for tunnel in holders
@@ -394,6 +399,8 @@ def _decide_ports(
         if port is None:
             continue
         name = f"{port[1]}/{port[0]}"
+        if tunnel.id in refusals:  # (DomainConflict says it first)
+            continue
         if tunnel.id in closed:
             pool, listed = closed[tunnel.id]
             refusals[tunnel.id] = Refusal(

@@ -3,6 +3,7 @@ option of the command, its help and its row in the README's table (``control/fla
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +17,11 @@ from kakuremichi.control.manifests import EdgeImage
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
 ACME = "ACME (Tunnels and Certificates with issuer ACME)"
+
+
+_CONTROL_URL = re.compile(
+    r"^https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?(/[A-Za-z0-9._~/-]*)?$"
+)
 
 
 class ControlSettings(BaseModel):
@@ -330,6 +336,12 @@ class ControlSettings(BaseModel):
 
     @model_validator(mode="after")
     def _together(self) -> ControlSettings:
+        if not _CONTROL_URL.match(self.control_url):
+            raise ValueError(
+                f"--control-url: {self.control_url!r} must be http:// or https://, a host name or "
+                "address, maybe a port and a path, and nothing else (it is written into the "
+                "installer scripts that hosts run as root)"
+            )
         if (self.control_tls_cert is None) != (self.control_tls_key is None):
             raise ValueError("--control-tls-cert and --control-tls-key go together")
         try:

@@ -69,7 +69,7 @@ class GatewayNode:
     client_limits: ClientLimits | None = None
     """None: the defaults."""
     accept_proxy_protocol: bool = False
-    tunnel_ports: tuple[tuple[int, int], ...] = ((1024, 65535),)
+    tunnel_ports: tuple[tuple[int, int], ...] = ()
     """The pool's ``tunnelPorts``: (first, last) ranges a TCP or UDP Tunnel's port must be in."""
 
 

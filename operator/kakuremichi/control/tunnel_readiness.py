@@ -149,8 +149,8 @@ READY_RULES: tuple[ReadyRule, ...] = (
     ReadyRule(
         "PortNotAllowed",
         "the Tunnel (TCP, UDP) holds its domain, but a Gateway pool does not open its port to "
-        "Tunnels (`Gateway.spec.tunnelPorts`, 1024-65535 unless its admin says otherwise): it "
-        "claims no port",
+        "Tunnels (`Gateway.spec.tunnelPorts`: none until the admin opens a range): it claims "
+        "no port",
         _not_holder("PortNotAllowed"),
     ),
     ReadyRule(

@@ -1,11 +1,12 @@
 """``kakuremichi gateway``: TLS by SNI (or passed through), ACME HTTP-01 answers, TCP and UDP
 Tunnels' ports, forwarding over WireGuard.
 
-Applying a config prepares everything that can fail first (certificates), then changes WireGuard
-incrementally, then swaps routes, certificates and challenges in one step, then the TCP and UDP
-Tunnels' ports (one that cannot be bound is reported and retried, not fatal), then (re)binds
-its own ports if they changed, then waits until every HTTPS worker process serves the new
-routes. A config that fails leaves the previous one serving.
+Applying a config prepares everything that can fail first (certificates), then the TCP and UDP
+Tunnels' ports (one that cannot be bound is reported and retried, not fatal; done first so that
+a port a Tunnel gives up is free for the pool's own), then changes WireGuard incrementally, then
+swaps routes, certificates and challenges in one step, then (re)binds its own ports if they
+changed, then waits until every HTTPS worker process serves the new routes. A config that fails
+leaves the previous one serving.
 """
 
 from __future__ import annotations
@@ -67,14 +68,15 @@ class GatewayEdge(EdgeRuntime):
         plan = gateway_plan(config, key)
         if settings.wireguard_port is not None:
             plan = dataclasses.replace(plan, listen_port=settings.wireguard_port)
+        # Tunnels' ports before the pool's own and WireGuard's: one that goes may be the one a
+        # pool's port moves to (control never gives both in one config); one that cannot be
+        # bound yet (the pool's port it takes is still open) is retried.
+        await self.ports.apply(front_end.routes, front_end.client_limits, front_end.trusted_proxies)
         await self.apply_wireguard(plan)
         self.front_end.install(prepared)
         self.plain.set_challenges(config.acme_challenges)
         self.stats.tunnels = sum(1 for t in config.tunnels if t.enabled)
         try:
-            # Tunnels' ports first: one that goes may be the one a pool's own port moves to
-            # (control never gives both in one config); one that cannot be bound yet is retried.
-            await self.ports.apply(front_end.routes, front_end.client_limits)
             await self._listen(
                 settings.http_port or config.gateway.http_port,
                 settings.https_port or config.gateway.https_port,

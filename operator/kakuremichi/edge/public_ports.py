@@ -21,7 +21,8 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -32,7 +33,7 @@ from kakuremichi.edge.connection_caps import ConnectionCaps, address_key
 from kakuremichi.edge.gateway_routes import GatewayRoute
 from kakuremichi.edge.proxy_gate import ProxySettings
 from kakuremichi.edge.proxy_header import Address
-from kakuremichi.edge.request_heads import trusted
+from kakuremichi.edge.request_heads import parse_networks, trusted
 from kakuremichi.edge.splice import ClientLink, Splices
 from kakuremichi.edge.stats import EdgeStats
 
@@ -42,8 +43,9 @@ PortKey = tuple[PortProtocol, int]
 
 
 ANSWERS_PER_DATAGRAM = 64
-"""A flow carries at most this many answers per datagram of its client: an agent cannot make
-the gateway flood a client (perhaps a forged address) that no longer speaks."""
+"""A flow carries at most this many answers per datagram of its client, and at most
+``udpAnswerBytes`` (or 8 times the datagram) of them: an agent cannot make the gateway flood a
+client (perhaps a forged address) that no longer speaks."""
 
 
 @dataclass(eq=False)
@@ -55,6 +57,7 @@ class UdpFlow:
     last_active: float = field(default_factory=time.monotonic)
     """When its client last sent (answers do not keep a flow)."""
     answers_left: int = ANSWERS_PER_DATAGRAM
+    answer_bytes_left: int = 0
 
 
 class UdpPort(asyncio.DatagramProtocol):
@@ -64,7 +67,8 @@ class UdpPort(asyncio.DatagramProtocol):
         self.ports = ports
         self.route = route
         self.transport: asyncio.DatagramTransport | None = None
-        self.flows: dict[Address, UdpFlow] = {}
+        self.flows: OrderedDict[Address, UdpFlow] = OrderedDict()
+        """Least recently heard from first: when the table is full, the first goes."""
         self.by_address: dict[bytes, int] = {}
         """Flows per client address (IPv6: per /64)."""
 
@@ -85,8 +89,11 @@ class UdpPort(asyncio.DatagramProtocol):
             flow = self._open_flow(client, route.agent_ip)
             if flow is None:
                 return
+        else:
+            self.flows.move_to_end(client)
         flow.last_active = time.monotonic()
         flow.answers_left = ANSWERS_PER_DATAGRAM
+        flow.answer_bytes_left = max(self.ports.limits.udp_answer_bytes, 8 * len(data))
         stats.datagrams_in[route.domain] += 1
         stats.received_bytes[route.domain] += len(data)
         assert route.port is not None
@@ -99,10 +106,11 @@ class UdpPort(asyncio.DatagramProtocol):
         if flow is None or flow.agent_ip != agent_ip or self.transport is None:
             stats.drop(route.domain, "no_flow")
             return
-        if flow.answers_left <= 0:
+        if flow.answers_left <= 0 or flow.answer_bytes_left < len(data):
             stats.drop(route.domain, "answer_budget")
             return
         flow.answers_left -= 1
+        flow.answer_bytes_left -= len(data)
         stats.datagrams_out[route.domain] += 1
         stats.sent_bytes[route.domain] += len(data)
         self.transport.sendto(data, client)
@@ -112,16 +120,18 @@ class UdpPort(asyncio.DatagramProtocol):
 
     def _open_flow(self, client: Address, agent_ip: str) -> UdpFlow | None:
         limits, stats, domain = self.ports.limits, self.ports.stats, self.route.domain
-        if len(self.flows) >= limits.max_udp_flows:
-            stats.drop(domain, "flow_cap")
-            return None
         address = client[0].encode()
         key = address_key(address)
         if self.by_address.get(key, 0) >= limits.max_udp_flows_per_address and not trusted(
-            address, self.ports.proxy.trusted
+            address, self.ports.caps.exempt
         ):
             stats.drop(domain, "flow_cap_per_address")
             return None
+        if len(self.flows) >= limits.max_udp_flows:
+            # Full (perhaps of forged sources): the flow heard from least recently goes, so a
+            # new client is never locked out; it is counted.
+            self.forget(next(iter(self.flows)))
+            stats.drop(domain, "flow_evicted")
         self.by_address[key] = self.by_address.get(key, 0) + 1
         flow = self.flows[client] = UdpFlow(client, agent_ip, key)
         return flow
@@ -212,20 +222,28 @@ class PublicPorts:
         self.link_transport: asyncio.DatagramTransport | None = None
         self.unavailable: dict[PortKey, str] = {}
         """Ports of the config that could not be bound: (protocol, port) → why."""
+        self.link_error: str | None = None
+        """Why the UDP relay socket could not be opened (its UDP Tunnels are unavailable)."""
         self.lock = asyncio.Lock()
         """A config's apply and the retries of ports never interleave (a retry's bind of a
         port a config just dropped would outlive it)."""
 
-    async def apply(self, routes: Iterable[GatewayRoute], limits: ClientLimits | None) -> None:
+    async def apply(
+        self, routes: Iterable[GatewayRoute], limits: ClientLimits | None,
+        trusted_proxies: Sequence[str] = (),
+    ) -> None:  # fmt: skip
         """Listen on exactly the enabled TCP and UDP routes' ports (a route without an agent
         keeps its port: its clients are closed, its datagrams dropped); connections and flows
         of a route that changed are closed."""
         async with self.lock:
-            await self._apply(routes, limits)
+            await self._apply(routes, limits, trusted_proxies)
 
-    async def _apply(self, routes: Iterable[GatewayRoute], limits: ClientLimits | None) -> None:
+    async def _apply(
+        self, routes: Iterable[GatewayRoute], limits: ClientLimits | None,
+        trusted_proxies: Sequence[str],
+    ) -> None:  # fmt: skip
         self.limits = self.caps.limits = limits or ClientLimits()
-        self.caps.exempt = self.proxy.trusted
+        self.caps.exempt = parse_networks(trusted_proxies)
         wanted: dict[PortKey, GatewayRoute] = {}
         for route in routes:
             if route.protocol in ("TCP", "UDP") and route.port is not None and route.enabled:
@@ -245,8 +263,15 @@ class PublicPorts:
             if udp is not None and udp.route != route:
                 udp.forget_all()
                 udp.route = route
+        self.link_error = None
         if any(key[0] == "UDP" for key in wanted):
-            await self._open_link()
+            try:
+                await self._open_link()
+            except OSError as error:
+                # Never a relay socket open to more than WireGuard: no UDP Tunnels instead.
+                self.link_error = error.strerror or str(error)
+                log.error("cannot open the UDP relay socket on %s: %s; UDP Tunnels are not "
+                          "served", self.relay_device, self.link_error)  # fmt: skip
         await self._bind_missing()
 
     async def bind_missing(self) -> bool:
@@ -260,6 +285,9 @@ class PublicPorts:
         for key, route in self.routes.items():
             protocol, port = key
             if (protocol == "TCP" and port in self.tcp) or (protocol == "UDP" and port in self.udp):
+                continue
+            if protocol == "UDP" and self.link_error is not None:
+                self.unavailable[key] = f"no UDP relay socket: {self.link_error}"[:200]
                 continue
             try:
                 if protocol == "TCP":
@@ -326,12 +354,9 @@ class PublicPorts:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if self.relay_device is not None:  # only what comes over WireGuard
-                try:
-                    sock.setsockopt(
-                        socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.relay_device.encode()
-                    )
-                except PermissionError:  # (answers are still checked against the flows)
-                    log.warning("cannot bind the UDP relay socket to %s", self.relay_device)
+                sock.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.relay_device.encode()
+                )
             sock.bind(("0.0.0.0", self.relay_port))  # noqa: S104 - on the device alone
             sock.setblocking(False)
         except OSError:

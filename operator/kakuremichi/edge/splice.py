@@ -24,7 +24,7 @@ from kakuremichi.edge.stats import EdgeStats
 from kakuremichi.edge.stream_names import StreamName
 
 CLOSE_TIMEOUT = 5.0
-"""A connection being closed whose client does not take what is left is cut off."""
+"""A connection being closed whose client takes nothing of what is left this long is cut off."""
 log = logging.getLogger(__name__)
 
 
@@ -47,8 +47,14 @@ class Splices:
         limit = now - self.idle_timeout
         for link in list(self.links):
             if link.closing_since:
-                if now - link.closing_since > CLOSE_TIMEOUT and link.transport is not None:
-                    link.transport.abort()
+                transport = link.transport
+                if transport is None:
+                    continue
+                left = transport.get_write_buffer_size()
+                if left < link.closing_left:  # still taking it, however slowly
+                    link.closing_left, link.closing_since = left, now
+                elif now - link.closing_since > CLOSE_TIMEOUT:
+                    transport.abort()
             elif link.last_active < limit:
                 self.stats.limit_hits["tcp_idle_timeout"] += 1
                 link.close()
@@ -63,7 +69,8 @@ class ClientLink(asyncio.Protocol):
     to it. ``first`` is what was read before the splice began (a peeked ClientHello)."""
 
     __slots__ = (
-        "admitted", "caps", "client", "client_eof", "closing_since", "domain", "first",
+        "admitted", "caps", "client", "client_eof", "closing_left", "closing_since", "domain",
+        "first",
         "last_active", "route", "screening", "splices", "stats", "stream", "stream_eof",
         "transport",
     )  # fmt: skip
@@ -98,6 +105,9 @@ class ClientLink(asyncio.Protocol):
         self.client_eof = self.stream_eof = False
         self.last_active = time.monotonic()
         self.closing_since = 0.0
+        """When it was closed, or last took some of what was left to send (0: open)."""
+        self.closing_left = 1 << 62
+        """What was left to send then."""
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         transport = self.transport = cast(asyncio.Transport, base)
