@@ -9,6 +9,7 @@ import asyncio
 import functools
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -447,3 +448,22 @@ async def test_answers_are_budgeted_in_bytes_too() -> None:
         await asyncio.sleep(0.3)
         assert answers.qsize() == 3  # 17 + 3 x 1300 <= 4096 < 17 + 4 x 1300
         client.close()
+
+
+@scenario
+async def test_a_flow_whose_client_falls_silent_is_forgotten_and_one_that_speaks_is_kept() -> None:
+    async with l4() as stack:
+        public, _ = await udp_stack(stack)
+        quiet, quiet_answers = await udp_client(public)
+        talker, talker_answers = await udp_client(public)
+        quiet.sendto(b"once")
+        await asyncio.wait_for(quiet_answers.get(), 5)
+        talker.sendto(b"again")
+        await asyncio.wait_for(talker_answers.get(), 5)
+        port = stack.ports.udp[public]
+        port.flows[("127.0.0.1", talker.get_extra_info("sockname")[1])].last_active += 30
+        port.sweep(time.monotonic() + 61)  # past the quiet one's 60 s, not the talker's
+        assert list(port.flows) == [("127.0.0.1", talker.get_extra_info("sockname")[1])]
+        assert sum(port.by_address.values()) == 1
+        quiet.close()
+        talker.close()

@@ -151,8 +151,13 @@ class UdpPort(asyncio.DatagramProtocol):
         self.by_address.clear()
 
     def sweep(self, now: float) -> None:
+        """Forget the flows idle too long: the oldest are first, so this stops at the first
+        one that is not."""
         limit = now - self.ports.limits.udp_idle_timeout_seconds
-        for client in [c for c, f in self.flows.items() if f.last_active < limit]:
+        while self.flows:
+            client, flow = next(iter(self.flows.items()))
+            if flow.last_active >= limit:
+                break
             self.forget(client)
 
     def close(self) -> None:
