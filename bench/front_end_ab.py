@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.infra.ports import free_port  # noqa: E402 - one way to pick ports
 from tests.infra.tlsgen import TestCA  # noqa: E402 - the repository's own test CA
 
 BASELINE = "c34a41a"
@@ -101,12 +101,6 @@ http {{
     }}
 }}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def start(args: Sequence[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

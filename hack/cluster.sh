@@ -39,7 +39,10 @@ die() {
   exit 1
 }
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# Three distinct free ports at once (the sockets are held until all are chosen).
+free_ports() {
+  python3 -c 'import socket; s=[socket.socket() for _ in range(3)]; [x.bind(("127.0.0.1",0)) for x in s]; print(*[x.getsockname()[1] for x in s])'
+}
 
 bin_dir() {
   "${repo}/hack/build-binaries.sh" kube-apiserver kube-controller-manager kubectl etcd
@@ -131,8 +134,10 @@ up() {
   make_pki
   # Ports are chosen once and kept, so `up` after `up` finds the same cluster.
   if [ ! -f "${state}/ports.env" ]; then
+    local chosen
+    read -r -a chosen <<<"$(free_ports)"
     printf 'port=%s\netcd_port=%s\npeer_port=%s\n' \
-      "${KAKUREMICHI_API_PORT:-$(free_port)}" "$(free_port)" "$(free_port)" >"${state}/ports.env"
+      "${KAKUREMICHI_API_PORT:-${chosen[0]}}" "${chosen[1]}" "${chosen[2]}" >"${state}/ports.env"
   fi
   # shellcheck disable=SC1091
   . "${state}/ports.env"

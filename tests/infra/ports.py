@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import socket
 
+# Ports already handed out in this process: the kernel may offer a just-closed port again, and two
+# calls in a row (an HTTP and an HTTPS port) must not get the same one.
+_handed_out: set[int] = set()
+
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, kind) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no loopback port left that was not handed out before")
 
 
 def free_tcp_and_udp_port() -> int:
