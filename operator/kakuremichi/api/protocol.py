@@ -157,6 +157,16 @@ class FromControl(CamelModel):
     model_config = ConfigDict(extra="ignore")
 
 
+BackendName = Annotated[
+    str,
+    Field(
+        max_length=128,
+        pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?:[0-9]{1,5}$",
+    ),
+]
+"""``namespace/service:port``: the name of a stream to a route's backend (a domain, which names
+a Tunnel's streams, never has a ``/``)."""
+
 # --- What control sends to an agent ------------------------------------------------------------
 
 
@@ -198,12 +208,23 @@ class AgentTunnel(FromControl):
     PROXY header carrying the client's address, as the gateway passed it on."""
 
 
+class AgentBackend(FromControl):
+    """A backend of routes (Ingress, HTTPRoute) served by a cluster agent: a Service port,
+    reached at the addresses of its ready endpoints. Gateways open streams named ``name``."""
+
+    name: BackendName
+    endpoints: Annotated[list[TargetAddress], Field(max_length=1000)] = Field(default_factory=list)
+    """``ip:port`` of every ready endpoint; connections are spread across them (none: 503)."""
+
+
 class AgentConfig(FromControl):
     version: ConfigVersion
     heartbeat_seconds: HeartbeatSeconds = DEFAULT_HEARTBEAT_SECONDS
     agent: AgentSelf
     gateways: list[GatewayPeer] = Field(default_factory=list)
     tunnels: list[AgentTunnel] = Field(default_factory=list)
+    backends: list[AgentBackend] | None = None
+    """A cluster agent's route backends (None: none, and left out of the message)."""
 
 
 class AgentConfigMessage(FromControl):
@@ -246,6 +267,71 @@ class AgentPeer(FromControl):
     """This gateway's own address inside the agent's subnet (10.N.M.g)."""
 
 
+# --- Per-request routing (rules of Ingresses and HTTPRoutes) -------------------------------------
+
+HeaderName = Annotated[
+    str, Field(min_length=1, max_length=256, pattern=r"^[-!#$%&'*+.^_`|~0-9A-Za-z]+$")
+]
+HeaderValue = Annotated[str, Field(max_length=4096, pattern=r"^[\t\x20-\x7e\x80-\U0010ffff]*$")]
+"""No CR, LF or NUL: a value never ends a line of the request head."""
+PathValue = Annotated[
+    str, Field(min_length=1, max_length=1024, pattern=r"^/[-A-Za-z0-9._~!$&'()*+,;=:@/%]*$")
+]
+
+
+class PathMatch(FromControl):
+    type: Literal["Exact", "PathPrefix"] = "PathPrefix"
+    """PathPrefix: by whole segments (``/api`` matches ``/api`` and ``/api/x``, not ``/apix``)."""
+    value: PathValue = "/"
+
+
+class HeaderMatch(FromControl):
+    name: HeaderName
+    value: HeaderValue
+    """Exact, case-sensitive; the name is not."""
+
+
+class QueryMatch(FromControl):
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    value: Annotated[str, Field(max_length=1024)]
+    """Exact, after percent-decoding both."""
+
+
+class RequestMatch(FromControl):
+    """All of its parts must fit (none: every request does)."""
+
+    path: PathMatch | None = None
+    method: Annotated[str, Field(max_length=32, pattern=r"^[A-Z]+$")] | None = None
+    headers: Annotated[list[HeaderMatch], Field(max_length=16)] | None = None
+    query: Annotated[list[QueryMatch], Field(max_length=16)] | None = None
+
+
+class WeightedBackend(FromControl):
+    stream: BackendName
+    weight: Annotated[int, Field(ge=0, le=1_000_000)] = 1
+
+
+class HeaderPair(FromControl):
+    name: HeaderName
+    value: HeaderValue
+
+
+class HeaderEdits(FromControl):
+    """Request header modifiers, applied in this order: remove, set (replaces), add."""
+
+    set: Annotated[list[HeaderPair], Field(max_length=16)] | None = None
+    add: Annotated[list[HeaderPair], Field(max_length=16)] | None = None
+    remove: Annotated[list[HeaderName], Field(max_length=16)] | None = None
+
+
+class RequestRule(FromControl):
+    matches: Annotated[list[RequestMatch], Field(max_length=64)] | None = None
+    """One of them must fit (none: every request fits)."""
+    backends: Annotated[list[WeightedBackend], Field(max_length=16)] = Field(default_factory=list)
+    """Chosen per request in proportion to their weights; none (or all weights 0): 500."""
+    request_headers: HeaderEdits | None = None
+
+
 class GatewayTunnel(FromControl):
     domain: DomainName
     agent_virtual_ip: IPv4Text | None = None
@@ -262,6 +348,10 @@ class GatewayTunnel(FromControl):
     port: Port | None = None
     proxy_protocol: ProxyProtocol | None = None
     """Set (V1, V2): the agent writes a PROXY header, so streams carry the client's address."""
+    rules: Annotated[list[RequestRule], Field(max_length=1000)] | None = None
+    """Per-request routing (HTTP, from Ingress and HTTPRoute rules), in order of precedence:
+    the first rule one of whose matches fits a request chooses its backend. None: every
+    request goes to the stream named by the domain, as for a Tunnel."""
 
 
 class CertificateBundle(FromControl):

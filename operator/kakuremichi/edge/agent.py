@@ -50,7 +50,8 @@ class AgentEdge(EdgeRuntime):
         self.relay.set_gateways(gateways)
         self.datagrams.set_gateways({g.address: g.public_ip for g in config.gateways})
         targets = {t.domain: AgentTarget.of(t) for t in config.tunnels if t.enabled}
-        self.relay.set_targets(targets)
+        backends = {b.name: AgentTarget.backend(b) for b in config.backends or ()}
+        self.relay.set_targets({**targets, **backends})
         self.datagrams.set_tunnels(targets)
         self.stats.tunnels = len(self.relay.targets)
         await self._listen(config.agent.virtual_ip)
@@ -93,12 +94,15 @@ class AgentEdge(EdgeRuntime):
             await self._listen(self.listening_on, force=True)
 
     def background_tasks(self) -> list[asyncio.Task[Any]]:
-        return [asyncio.create_task(self._sweep_flows(), name="udp-flows")]
+        return [asyncio.create_task(self._sweep(), name="sweep")]
 
-    async def _sweep_flows(self) -> None:
+    async def _sweep(self) -> None:
+        """Idle UDP flows; relays to endpoints that left their backend."""
         while True:
             await asyncio.sleep(1.0)
-            self.datagrams.sweep(time.monotonic())
+            now = time.monotonic()
+            self.datagrams.sweep(now)
+            self.relay.sweep(now)
 
     async def stop(self) -> None:
         if self.server is not None:

@@ -19,6 +19,7 @@ dropped from the config loses its connections, and their streams, at once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import socket
@@ -27,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import cast
 
-from kakuremichi.api.protocol import AgentTunnel
+from kakuremichi.api.protocol import AgentBackend, AgentTunnel
 from kakuremichi.api.resources import ProxyProtocol, TunnelProtocol
 from kakuremichi.edge import proxy_header, stream_names
 from kakuremichi.edge.mux import MuxConnection, MuxStream
@@ -37,6 +38,11 @@ from kakuremichi.edge.stream_names import StreamName
 
 TARGET_CONNECT_TIMEOUT = 5.0
 RESOLVE_TTL_SECONDS = 30.0
+ENDPOINT_ATTEMPTS = 3
+"""A backend's endpoints tried in turn for one stream, while they refuse (a pod just gone)."""
+RETIRED_QUIET_SECONDS = 2.0
+"""A relay to an endpoint no longer listed is closed once quiet this long: a response in
+flight finishes, a kept-alive connection goes (the gateway's next request gets another)."""
 log = logging.getLogger(__name__)
 
 
@@ -79,12 +85,24 @@ class AgentTarget:
     proxy_protocol: ProxyProtocol = "None"
     port: int | None = None
     """TCP, UDP: the public port."""
+    endpoints: tuple[str, ...] | None = None
+    """A route backend's ready endpoints (``ip:port``), connections spread across them; None:
+    a Tunnel, which goes to ``target``."""
 
     @classmethod
     def of(cls, tunnel: AgentTunnel) -> AgentTarget:
         return cls(
             tunnel.target, tunnel.protocol or "HTTP", tunnel.proxy_protocol or "None", tunnel.port
         )
+
+    @classmethod
+    def backend(cls, backend: AgentBackend) -> AgentTarget:
+        return cls("", endpoints=tuple(backend.endpoints))
+
+    @property
+    def places(self) -> str:
+        """Where it goes, for a log line."""
+        return self.target if self.endpoints is None else f"{len(self.endpoints)} endpoints"
 
 
 class AgentRelay:
@@ -99,6 +117,8 @@ class AgentRelay:
         """The addresses gateways connect from (their WireGuard addresses in this agent's
         subnet): nobody else may."""
         self.resolver = TargetResolver()
+        self.turns: dict[str, int] = {}
+        """Per backend: where the next stream's turn through its endpoints starts."""
 
     def set_gateways(self, addresses: Iterable[str]) -> None:
         """Take connections from these addresses only; close those of any other."""
@@ -110,11 +130,34 @@ class AgentRelay:
 
     def set_targets(self, targets: Mapping[str, AgentTarget]) -> None:
         """Serve ``targets``; relays of tunnels that were removed, disabled or now point
-        elsewhere are closed, all others go on untouched."""
+        elsewhere are closed, all others go on untouched. A backend's endpoints changing closes
+        nothing at once: relays to an endpoint that left are retired (closed once quiet)."""
         before, self.targets = self.targets, dict(targets)
-        changed = {d for d in before if self.targets.get(d) != before[d]}
+        changed = {d for d in before if _same_place(self.targets.get(d), before[d]) is False}
+        self.turns = {name: turn for name, turn in self.turns.items() if name in self.targets}
         for relay in list(self.relays):
             if relay.domain in changed:
+                relay.close()
+            elif relay.endpoint:
+                now = self.targets.get(relay.domain)
+                relay.retired = now is None or relay.endpoint not in (now.endpoints or ())
+
+    def candidates(self, name: str, tunnel: AgentTarget) -> list[str]:
+        """Where a new stream of ``name`` may connect, in the order to try: a Tunnel's target;
+        a backend's endpoints, each stream starting one further (round robin)."""
+        endpoints = tunnel.endpoints
+        if endpoints is None:
+            return [tunnel.target]
+        if not endpoints:
+            return []
+        turn = self.turns.get(name, 0) % len(endpoints)
+        self.turns[name] = turn + 1
+        return [*endpoints[turn:], *endpoints[:turn]][:ENDPOINT_ATTEMPTS]
+
+    def sweep(self, now: float) -> None:
+        """Close relays to endpoints that left, once they are quiet."""
+        for relay in [r for r in self.relays if r.retired]:
+            if now - relay.last_active >= RETIRED_QUIET_SECONDS:
                 relay.close()
 
     def protocol(self) -> MuxConnection:
@@ -126,6 +169,15 @@ class AgentRelay:
             relay.close()
         for connection in list(self.connections):
             connection.close()
+
+
+def _same_place(now: AgentTarget | None, before: AgentTarget) -> bool:
+    """Whether ``now`` goes where ``before`` did, endpoints aside (they are followed live)."""
+    if now is None:
+        return False
+    if now.endpoints is not None and before.endpoints is not None:
+        return dataclasses.replace(now, endpoints=()) == dataclasses.replace(before, endpoints=())
+    return now == before
 
 
 class GatewayLink(MuxConnection):
@@ -171,6 +223,12 @@ class GatewayConnection(asyncio.Protocol):
         self.target: TargetConnection | None = None
         self.client_done = self.target_done = False
         """Each side has half-closed (TCP, TLS): once both have, the relay is over."""
+        self.endpoint = ""
+        """The backend endpoint connected to (Tunnels: empty)."""
+        self.retired = False
+        """The endpoint left its backend: closed once quiet."""
+        self.last_active = 0.0
+        """When bytes last passed (backends only: what retiring looks at)."""
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         transport = self.transport = cast(MuxStream, base)
@@ -188,20 +246,28 @@ class GatewayConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.stats.received_bytes[self.domain] += len(data)
+        if self.endpoint:
+            self.last_active = time.monotonic()
         if self.target is not None and self.target.transport is not None:
             self.target.transport.write(data)
 
     async def connect(self, tunnel: AgentTarget) -> None:
-        loop = asyncio.get_running_loop()
-        host, port = split_target(tunnel.target)
-        connection = TargetConnection(self)
-        try:
-            async with asyncio.timeout(TARGET_CONNECT_TIMEOUT):
-                address = await self.relay.resolver.resolve(host)
-                await loop.create_connection(lambda: connection, address, port)
-        except (OSError, TimeoutError) as error:
-            log.info("target %s of %s unreachable: %s", tunnel.target, self.domain,
-                     error or "timeout")  # fmt: skip
+        candidates = self.relay.candidates(self.domain, tunnel)
+        if not candidates:
+            self.stats.errors["no_endpoint"] += 1
+            self.answer(503, f"No endpoint of {self.domain} is ready.")
+            return
+        connection = None
+        for place in candidates:
+            try:
+                connection = await self._connect_to(place)
+                break
+            except TimeoutError:
+                log.info("target %s of %s unreachable: timeout", place, self.domain)
+                break  # (another try would keep the client waiting as long again)
+            except OSError as error:
+                log.info("target %s of %s unreachable: %s", place, self.domain, error)
+        if connection is None:
             self.stats.errors["target_unreachable"] += 1
             self.answer(502, f"The service behind {self.domain} is not answering.")
             return
@@ -209,6 +275,8 @@ class GatewayConnection(asyncio.Protocol):
             connection.close()
             return
         self.target = connection
+        if tunnel.endpoints is not None:
+            self.endpoint, self.last_active = place, time.monotonic()
         if tunnel.proxy_protocol != "None" and connection.transport is not None:
             name = self.name
             connection.transport.write(
@@ -219,6 +287,14 @@ class GatewayConnection(asyncio.Protocol):
                 )
             )
         self.transport.resume_reading()
+
+    async def _connect_to(self, place: str) -> TargetConnection:
+        host, port = split_target(place)
+        connection = TargetConnection(self)
+        async with asyncio.timeout(TARGET_CONNECT_TIMEOUT):
+            address = await self.relay.resolver.resolve(host)
+            await asyncio.get_running_loop().create_connection(lambda: connection, address, port)
+        return connection
 
     def answer(self, code: int, detail: str) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -270,6 +346,8 @@ class TargetConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         gateway = self.gateway
+        if gateway.endpoint:
+            gateway.last_active = time.monotonic()
         if gateway.transport is not None:
             gateway.transport.write(data)
             gateway.stats.sent_bytes[gateway.domain] += len(data)

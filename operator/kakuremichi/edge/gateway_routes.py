@@ -13,8 +13,9 @@ from functools import cached_property
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kakuremichi.api.protocol import CertificateBundle, GatewayConfig, GatewayTunnel
+from kakuremichi.api.protocol import CertificateBundle, GatewayConfig, GatewayTunnel, RequestRule
 from kakuremichi.api.resources import ClientLimits, Hsts, TunnelProtocol
+from kakuremichi.edge.request_routing import RequestRouter
 
 
 class GatewayRoute(BaseModel):
@@ -36,6 +37,9 @@ class GatewayRoute(BaseModel):
     client_address: bool = False
     """Tell the agent the client's address when opening a stream (its Tunnel wants a PROXY
     header); left out otherwise, which agents of every release understand."""
+    rules: tuple[RequestRule, ...] | None = None
+    """HTTP from routes (Ingress, HTTPRoute): each request goes to the backend its rules choose
+    (:mod:`kakuremichi.edge.request_routing`). None: to the stream named by the domain."""
 
     @classmethod
     def of(cls, tunnel: GatewayTunnel) -> GatewayRoute:
@@ -48,12 +52,23 @@ class GatewayRoute(BaseModel):
             protocol=tunnel.protocol or "HTTP",
             port=tunnel.port,
             client_address=bool(tunnel.proxy_protocol and tunnel.proxy_protocol != "None"),
+            rules=tuple(tunnel.rules) if tunnel.rules is not None else None,
         )
 
     @property
     def serving(self) -> bool:
         """Enabled and with an agent to go to."""
         return self.enabled and self.agent_ip is not None
+
+    @cached_property
+    def router(self) -> RequestRouter | None:
+        """The rules, compiled once per config (None: a Tunnel's domain, no rules)."""
+        return RequestRouter(self.rules) if self.rules is not None else None
+
+    def serves_stream(self, stream: str) -> bool:
+        """Whether a stream named ``stream`` is still one this route's requests go to."""
+        router = self.router
+        return stream == self.domain if router is None else stream in router.streams
 
     @cached_property
     def hsts_line(self) -> bytes | None:

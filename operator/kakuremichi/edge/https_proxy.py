@@ -56,6 +56,13 @@ from kakuremichi.edge.request_heads import (
     request_target,
     transfer_coding_error,
 )
+from kakuremichi.edge.request_routing import (
+    Edits,
+    PathRefused,
+    Request,
+    RequestRouter,
+    normalize_path,
+)
 from kakuremichi.edge.splice import ClientLink, Splices
 from kakuremichi.edge.stats import EdgeStats
 from kakuremichi.edge.tls import TlsServerConnection
@@ -77,6 +84,17 @@ IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS"))
 NOT_TRAILERS = frozenset((b"content-length", b"transfer-encoding", b"host", b"trailer"))
 """Fields a trailer must not carry (RFC 9110 6.5.1): dropped, the others passed on."""
 log = logging.getLogger(__name__)
+
+
+UpstreamKey = tuple[str, str, str]
+"""Agent address, domain, stream name: idle upstream streams are reused by this."""
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedRequest:
+    stream: str
+    path: bytes
+    edits: Edits | None
 
 
 @dataclass(slots=True)
@@ -108,7 +126,7 @@ class HttpsProxy:
         """HTTP Tunnels' routes, by domain."""
         self.passthrough: dict[str, GatewayRoute] = {}
         """TLS Tunnels' routes, by domain: their connections are passed on undecrypted."""
-        self.idle: dict[tuple[str, str], list[Upstream]] = {}
+        self.idle: dict[UpstreamKey, list[Upstream]] = {}
         self.clients: set[ClientConnection] = set()
         self.limits = ClientLimits()
         self.caps = ConnectionCaps(stats, self.limits)
@@ -163,8 +181,7 @@ class HttpsProxy:
             {r.agent_ip for r in routes.values() if r.serving and r.agent_ip is not None}
         )
         for key, idle in list(self.idle.items()):
-            route = self.routes.get(key[1])
-            if route is None or not route.enabled or route.agent_ip != key[0]:
+            if not self.still_goes(key):
                 del self.idle[key]
                 for upstream in idle:
                     upstream.close()
@@ -172,9 +189,19 @@ class HttpsProxy:
     def protocol(self) -> ClientConnection:
         return ClientConnection(self)
 
-    def acquire(self, route: GatewayRoute, client: ClientConnection) -> Upstream:
+    def still_goes(self, key: UpstreamKey) -> bool:
+        """Whether requests still go where a stream of ``key`` goes."""
+        route = self.routes.get(key[1])
+        if route is None or not route.enabled or route.agent_ip != key[0]:
+            return False
+        # (a Tunnel's stream is named by its domain: one comparison on the common path)
+        return route.rules is None if key[2] == key[1] else route.serves_stream(key[2])
+
+    def acquire(self, route: GatewayRoute, client: ClientConnection, stream: str) -> Upstream:
+        """A stream named ``stream`` (the domain, or a backend its rules chose) to the route's
+        agent: an idle one, else a new one."""
         assert route.agent_ip is not None  # (callers answer 503 for a route without agent)
-        key = (route.agent_ip, route.domain)
+        key = (route.agent_ip, route.domain, stream)
         idle = self.idle.get(key)
         while idle:
             upstream = idle.pop()
@@ -186,7 +213,7 @@ class HttpsProxy:
             upstream.close()  # e.g. bytes arrived after its last response: not trustworthy
         upstream = Upstream(self, key, client)
         upstream.hsts = route.hsts_line
-        self.dialer.open_stream(route.agent_ip, route.domain, upstream)
+        self.dialer.open_stream(route.agent_ip, stream, upstream)
         return upstream
 
     def release(self, upstream: Upstream) -> None:
@@ -201,8 +228,7 @@ class HttpsProxy:
         ):
             upstream.close()
             return
-        route = self.routes.get(upstream.key[1])
-        if route is None or not route.enabled or route.agent_ip != upstream.key[0]:
+        if not self.still_goes(upstream.key):
             upstream.close()
             return
         upstream.idle_since = time.monotonic()
@@ -330,7 +356,8 @@ class ClientConnection(asyncio.Protocol):
             return
         self.raw = True
         self.stats.http2_connections[self.domain] += 1
-        upstream = self.upstream = Upstream(self.proxy, (route.agent_ip, route.domain), self)
+        key = (route.agent_ip, route.domain, route.domain)
+        upstream = self.upstream = Upstream(self.proxy, key, self)
         upstream.untracked, upstream.reusable = True, False
         self.proxy.dialer.open_stream(route.agent_ip, route.domain, upstream)
 
@@ -541,21 +568,40 @@ class ClientConnection(asyncio.Protocol):
             self.fail(505, f"{name} is served over HTTP/2 only (its service speaks h2c, e.g. "
                            "gRPC): use an HTTP/2 client.")  # fmt: skip
             return
+        stream = name
+        headers, header_names = self.headers, self.header_names
+        router = route.router
+        if router is not None:  # a host with rules (Ingress, HTTPRoute): a backend per request
+            choice = self._route_request(router, name, method, path)
+            if choice is None:
+                return
+            stream, path = choice.stream, choice.path
+            if choice.edits is not None:
+                headers, header_names = choice.edits.apply(headers, header_names)
         self.keep_alive = parser.should_keep_alive()
         self.chunked = bool(self.codings)
         upgrade = bool(self.upgrade) and parser.should_upgrade()
         upstream = self.upstream
-        if upstream is not None and (upstream.closed or upstream.key[0] != route.agent_ip):
-            self.upstream = None
-            upstream.client_gone()
-            upstream = None
+        if upstream is not None:  # (between requests a client holds none: the common case)
+            elsewhere = upstream.key != (route.agent_ip, name, stream)
+            if elsewhere and upstream.pending and not upstream.closed:
+                # Pipelined behind a request to another backend: the answers must come in
+                # order, so this one is not taken; the connection closes once those in flight
+                # are answered, and the client sends it again on a new one (RFC 9112 9.3.2).
+                self.stopped, self.keep_alive = True, False
+                if self.transport is not None:
+                    self.transport.pause_reading()
+                return
+            if elsewhere or upstream.closed:
+                self.upstream = None
+                upstream.client_gone()
+                upstream = None
         if upstream is None:
-            upstream = self.upstream = self.proxy.acquire(route, self)
-        headers = self.headers
+            upstream = self.upstream = self.proxy.acquire(route, self, stream)
         if self.connection:
             dropped = connection_options(self.connection)
             if dropped:
-                headers = [h for h, n in zip(headers, self.header_names, strict=True)
+                headers = [h for h, n in zip(headers, header_names, strict=True)
                            if n not in dropped]  # fmt: skip
         if self.forwarded:
             forwarded_for, real_ip = request_heads.forwarded_for(
@@ -578,6 +624,26 @@ class ClientConnection(asyncio.Protocol):
         replay = head if method in IDEMPOTENT and not self.has_body and not upgrade else None
         upstream.send_request(head, method == b"HEAD", replay)
         self.forwarding = True
+
+    def _route_request(
+        self, router: RequestRouter, name: str, method: bytes, target: bytes
+    ) -> RoutedRequest | None:
+        """The backend of a request to a host with rules, and the path that goes upstream
+        (normalized: the one the rules matched); None once answered here."""
+        raw_path, _, query = target.partition(b"?")
+        try:
+            path = normalize_path(raw_path)
+        except PathRefused as refusal:
+            self.fail(400, str(refusal))
+            return None
+        choice = router.choose(Request(method, path, query, self.headers, self.header_names))
+        if choice is None:
+            self.fail(404, f"No route of {name} matches this request.")
+            return None
+        if choice.stream is None:
+            self.fail(500, f"The route of {name} that matches this request has no backend.")
+            return None
+        return RoutedRequest(choice.stream, path + target[len(raw_path) :], choice.edits)
 
     def on_chunk_header(self) -> None:
         self.maybe_trailers = True  # the last chunk's header, unless data follows
@@ -744,8 +810,12 @@ class ClientConnection(asyncio.Protocol):
             # A kept-alive stream the agent had just closed, or a connection that had died
             # unnoticed: nothing was processed, so the requests go again, once, on a fresh one.
             route = self.proxy.routes.get(self.domain)
-            if route is not None and route.enabled and route.agent_ip is not None:
-                fresh = self.upstream = self.proxy.acquire(route, self)
+            if (
+                route is not None
+                and route.agent_ip is not None
+                and self.proxy.still_goes(upstream.key)
+            ):
+                fresh = self.upstream = self.proxy.acquire(route, self, upstream.key[2])
                 fresh.is_replay = True
                 for pending in upstream.pending:
                     assert pending.replay is not None
@@ -817,7 +887,7 @@ class ClientConnection(asyncio.Protocol):
 class Upstream(asyncio.Protocol):
     """A stream to an agent for one tunnel, carrying HTTP/1.1."""
 
-    def __init__(self, proxy: HttpsProxy, key: tuple[str, str], client: ClientConnection) -> None:
+    def __init__(self, proxy: HttpsProxy, key: UpstreamKey, client: ClientConnection) -> None:
         self.proxy = proxy
         self.key = key
         self.domain = key[1]

@@ -1,0 +1,264 @@
+"""Per-request routing on a gateway: which backend a request for a host with rules (from an
+Ingress or HTTPRoute) goes to, and the header edits on the way. Pure; built once per config.
+
+Rules come from control in order of precedence and the first one with a fitting match wins, so
+the gateway never ranks them itself. A request's path is normalized before it is matched and the
+normalized path is the one forwarded: the backend sees exactly the path that chose it. Without
+that, ``/public/%2e%2e/admin`` would be matched as under ``/public`` and served as ``/admin`` by
+an origin that normalizes; encoded slashes and backslashes (``%2F``, ``%5C``, ``\\``), which
+origins disagree about, are refused outright on hosts with rules.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
+
+from kakuremichi.api.protocol import HeaderEdits, PathMatch, RequestMatch, RequestRule
+from kakuremichi.edge.request_heads import HOP_BY_HOP, address_field
+
+PROTECTED = frozenset((b"host", b"content-length", b"trailer", *HOP_BY_HOP))
+"""Fields a header edit never touches: the gateway frames the request and names the client
+itself (control refuses such edits; a gateway ignores them if one arrives anyway)."""
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX = frozenset(b"0123456789ABCDEFabcdef")
+
+
+class PathRefused(ValueError):
+    """A request path no rule may be matched against: answered 400 with this sentence."""
+
+
+def normalize_path(path: bytes) -> bytes:
+    """``path`` (no query) with percent-encoded unreserved characters decoded, other escapes in
+    upper case, dot segments removed and repeated slashes merged (RFC 3986 6.2.2, 5.2.4)."""
+    if b"\\" in path:
+        raise PathRefused("A request path with a backslash is not served on this host.")
+    out = bytearray()
+    i, size = 0, len(path)
+    while i < size:
+        byte = path[i]
+        if byte == 0x25:  # %
+            pair = path[i + 1 : i + 3]
+            if len(pair) < 2 or pair[0] not in _HEX or pair[1] not in _HEX:
+                raise PathRefused("The request path has a malformed percent-encoding.")
+            value = int(pair, 16)
+            if value in (0x2F, 0x5C):
+                raise PathRefused("A request path with an encoded slash or backslash is not "
+                                  "served on this host.")  # fmt: skip
+            if value in _UNRESERVED:
+                out.append(value)
+            else:
+                out += b"%" + pair.upper()
+            i += 3
+            continue
+        if byte <= 0x20 or byte >= 0x7F:
+            raise PathRefused("The request path has a character that must be percent-encoded.")
+        out.append(byte)
+        i += 1
+    segments: list[bytes] = []
+    parts = bytes(out).split(b"/")
+    for part in parts[1:]:
+        if part == b"..":
+            if segments:
+                segments.pop()
+        elif part not in (b".", b""):
+            segments.append(part)
+    trailing = len(parts) > 1 and parts[-1] in (b"", b".", b"..") and bool(segments)
+    return b"/" + b"/".join(segments) + (b"/" if trailing else b"")
+
+
+@dataclass(frozen=True, slots=True)
+class _Path:
+    exact: bool
+    value: bytes
+
+    @classmethod
+    def of(cls, match: PathMatch) -> _Path:
+        value = normalize_path(match.value.encode())
+        if match.type == "PathPrefix":
+            value = value.rstrip(b"/")  # "/api/" is the prefix "/api"; "/" is "" then
+        return cls(match.type == "Exact", value)
+
+    def fits(self, path: bytes) -> bool:
+        if self.exact:
+            return path == self.value
+        prefix = self.value
+        return not prefix or path == prefix or path.startswith(prefix + b"/")
+
+
+@dataclass(frozen=True, slots=True)
+class _Match:
+    path: _Path | None
+    method: bytes | None
+    headers: tuple[tuple[bytes, bytes], ...]
+    query: tuple[tuple[bytes, bytes], ...]
+
+    @classmethod
+    def of(cls, match: RequestMatch) -> _Match:
+        return cls(
+            _Path.of(match.path) if match.path is not None else None,
+            match.method.encode() if match.method else None,
+            tuple(_first_of_each((h.name.lower().encode(), h.value.encode())
+                                 for h in match.headers or ())),
+            tuple(_first_of_each((unquote_to_bytes(q.name), unquote_to_bytes(q.value))
+                                 for q in match.query or ())),
+        )  # fmt: skip
+
+    def fits(self, request: Request) -> bool:
+        if self.path is not None and not self.path.fits(request.path):
+            return False
+        if self.method is not None and request.method != self.method:
+            return False
+        for name, value in self.headers:
+            if request.header(name) != value:
+                return False
+        return all(request.query_value(name) == value for name, value in self.query)
+
+
+def _first_of_each(pairs: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Gateway API: of entries naming the same field, only the first counts."""
+    seen: set[bytes] = set()
+    kept = []
+    for name, value in pairs:
+        if name not in seen:
+            seen.add(name)
+            kept.append((name, value))
+    return kept
+
+
+@dataclass(slots=True)
+class Request:
+    """What rules look at, taken from a request head only when its host has rules."""
+
+    method: bytes
+    path: bytes
+    """Normalized (:func:`normalize_path`)."""
+    query: bytes
+    header_lines: Sequence[bytes]
+    """``name: value\\r\\n``, as the client sent them."""
+    header_names: Sequence[bytes]
+    """Lower case, one per line."""
+    _query: dict[bytes, bytes] | None = None
+
+    def header(self, lower: bytes) -> bytes | None:
+        """The value of field ``lower``; repeated fields joined with ``, `` (RFC 9110 5.3)."""
+        values = [
+            line[len(name) + 2 : -2].strip()
+            for line, name in zip(self.header_lines, self.header_names, strict=True)
+            if name == lower
+        ]
+        return b", ".join(values) if values else None
+
+    def query_value(self, name: bytes) -> bytes | None:
+        """The first value of query parameter ``name``, percent-decoded."""
+        if self._query is None:
+            self._query = {}
+            for pair in self.query.split(b"&"):
+                key, _, value = pair.partition(b"=")
+                self._query.setdefault(unquote_to_bytes(key), unquote_to_bytes(value))
+        return self._query.get(name)
+
+
+@dataclass(frozen=True, slots=True)
+class Edits:
+    """Request header modifiers, compiled: removed names, then set and added lines."""
+
+    drop: frozenset[bytes]
+    lines: tuple[bytes, ...]
+    names: tuple[bytes, ...]
+
+    @classmethod
+    def of(cls, edits: HeaderEdits | None) -> Edits | None:
+        if edits is None:
+            return None
+        allowed = [
+            pair for pair in (*(edits.set or ()), *(edits.add or ()))
+            if _editable(pair.name.lower().encode())
+        ]  # fmt: skip
+        set_names = {p.name.lower().encode() for p in edits.set or () if p in allowed}
+        removed = {n.lower().encode() for n in edits.remove or ()}
+        drop = frozenset(n for n in removed | set_names if _editable(n))
+        lines = tuple(f"{p.name}: {p.value}\r\n".encode() for p in allowed)
+        names = tuple(p.name.lower().encode() for p in allowed)
+        return cls(drop, lines, names) if drop or lines else None
+
+    def apply(
+        self, lines: Sequence[bytes], names: Sequence[bytes]
+    ) -> tuple[list[bytes], list[bytes]]:
+        """The header lines and their lower-case names after the edits."""
+        kept = [i for i, name in enumerate(names) if name not in self.drop]
+        return (
+            [*(lines[i] for i in kept), *self.lines],
+            [*(names[i] for i in kept), *self.names],
+        )
+
+
+def _editable(lower: bytes) -> bool:
+    return lower not in PROTECTED and not address_field(lower)
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    stream: str | None
+    """The backend's stream name; None: the rule has no backend to send to (500)."""
+    edits: Edits | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    matches: tuple[_Match, ...]
+    streams: tuple[str, ...]
+    bounds: tuple[int, ...]
+    """Cumulative weights: backend i takes picks below bounds[i]."""
+    edits: Edits | None
+
+    @classmethod
+    def of(cls, rule: RequestRule) -> _Rule:
+        weighted = [b for b in rule.backends if b.weight > 0]
+        bounds, total = [], 0
+        for backend in weighted:
+            total += backend.weight
+            bounds.append(total)
+        return cls(
+            tuple(_Match.of(m) for m in rule.matches or ()),
+            tuple(b.stream for b in weighted),
+            tuple(bounds),
+            Edits.of(rule.request_headers),
+        )
+
+    def fits(self, request: Request) -> bool:
+        return not self.matches or any(m.fits(request) for m in self.matches)
+
+    def pick(self, draw: Callable[[int], int]) -> str | None:
+        if not self.streams:
+            return None
+        if len(self.streams) == 1:
+            return self.streams[0]
+        ticket = draw(self.bounds[-1])
+        for stream, bound in zip(self.streams, self.bounds, strict=True):
+            if ticket < bound:
+                return stream
+        return self.streams[-1]
+
+
+class RequestRouter:
+    """A host's rules, compiled once."""
+
+    __slots__ = ("_draw", "_rules", "streams")
+
+    def __init__(
+        self, rules: Sequence[RequestRule], draw: Callable[[int], int] = random.randrange
+    ) -> None:
+        self._rules = tuple(_Rule.of(r) for r in rules)
+        self._draw = draw
+        self.streams = frozenset(s for rule in self._rules for s in rule.streams)
+        """Every backend stream the rules may choose."""
+
+    def choose(self, request: Request) -> Choice | None:
+        """The first fitting rule's choice; None: no rule fits (404)."""
+        for rule in self._rules:
+            if rule.fits(request):
+                return Choice(rule.pick(self._draw), rule.edits)
+        return None
