@@ -76,6 +76,7 @@ bench: deps binaries $(STAMP)
 	@hack/install-deps.sh bench
 	$(BIN)/python bench/dataplane.py
 	$(BIN)/python bench/front_end_ab.py
+	$(BIN)/python bench/request_path_ab.py
 	$(BIN)/python bench/control_plane.py
 
 # The control plane alone: local API servers and the operator, no root, no network namespaces.
