@@ -1,0 +1,244 @@
+"""What an Ingress of class ``kakuremichi`` asks to serve: per host, the rules the gateways apply
+to each request and the Service ports they lead to. Pure: the operator feeds it an Ingress and
+the Services of its namespace; the ownership decision then weighs each host's claim against
+Tunnels' and other routes' (issue 21).
+
+Follows the Ingress API as ingress controllers read it: ``pathType`` Exact or Prefix (by whole
+path segments; ImplementationSpecific is read as Prefix), the longest matching path first and
+Exact before Prefix at equal length, ``defaultBackend`` for what no path of a host matches.
+Backends come from the Ingress's own namespace only (an Ingress cannot name another), by a port
+of a Service that exists there; what cannot be served is said once per field, in a sentence,
+and the rest is served.
+
+Kakuremichi publishes named hosts: a rule without ``host`` or with a wildcard is refused (a
+wildcard certificate would need DNS-01), as is a ``resource`` backend.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kakuremichi.api.protocol import PathMatch, RequestMatch, RequestRule, WeightedBackend
+
+INGRESS_CLASS = "kakuremichi"
+INGRESS_CONTROLLER = "kakuremichi.io/ingress-controller"
+CLASS_ANNOTATION = "kubernetes.io/ingress.class"
+DEFAULT_CLASS_ANNOTATION = "ingressclass.kubernetes.io/is-default-class"
+_HOST = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)+$"
+)
+_PATH = re.compile(r"^/[-A-Za-z0-9._~!$&'()*+,;=:@/%]{0,1023}$")
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    port: int
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class ServiceFacts:
+    """What routing needs of a Service: its ports, and whether it has endpoints of its own."""
+
+    name: str
+    ports: tuple[ServicePort, ...]
+    external_name: bool = False
+    """type ExternalName: no endpoints to reach (refused: it would let a route name any host)."""
+
+    @classmethod
+    def of(cls, service: Mapping[str, Any]) -> ServiceFacts:
+        spec = service.get("spec") or {}
+        ports = tuple(
+            ServicePort(int(p.get("port", 0)), str(p.get("name") or ""))
+            for p in spec.get("ports") or ()
+            if str(p.get("protocol") or "TCP") == "TCP"
+        )
+        return cls(
+            str((service.get("metadata") or {}).get("name", "")),
+            ports,
+            spec.get("type") == "ExternalName",
+        )
+
+
+@dataclass(frozen=True, order=True)
+class BackendRef:
+    """A Service port a route leads to; its stream name is what gateways and the agent say."""
+
+    namespace: str
+    service: str
+    port: int
+    port_name: str = field(default="", compare=False)
+    """The Service port's name, which its EndpointSlices' ports carry."""
+
+    @property
+    def stream(self) -> str:
+        return f"{self.namespace}/{self.service}:{self.port}"
+
+
+@dataclass
+class HostRoutes:
+    """One host of an Ingress: its rules, in order of precedence, and where they lead."""
+
+    host: str
+    rules: list[RequestRule] = field(default_factory=list)
+    backends: set[BackendRef] = field(default_factory=set)
+    tls_secret: str | None = None
+    """``spec.tls[].secretName`` covering the host (None: a certificate from ACME)."""
+
+
+@dataclass
+class IngressRoutes:
+    hosts: dict[str, HostRoutes] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    """One sentence per field that cannot be served, the field named first."""
+
+
+def is_ours(ingress: Mapping[str, Any], default_class: bool) -> bool:
+    """Whether an Ingress is of class ``kakuremichi``: by ``spec.ingressClassName``, else the
+    old annotation, else (neither set) when our IngressClass is the cluster's default."""
+    spec = ingress.get("spec") or {}
+    named = spec.get("ingressClassName")
+    if named is None:
+        named = ((ingress.get("metadata") or {}).get("annotations") or {}).get(CLASS_ANNOTATION)
+    return named == INGRESS_CLASS if named is not None else default_class
+
+
+def ingress_routes(
+    ingress: Mapping[str, Any], services: Mapping[str, ServiceFacts]
+) -> IngressRoutes:
+    """The hosts an Ingress asks for, with their rules; ``services``: its namespace's, by name."""
+    namespace = str((ingress.get("metadata") or {}).get("namespace", ""))
+    spec = ingress.get("spec") or {}
+    out = IngressRoutes()
+    paths: dict[str, list[tuple[_Ranked, RequestRule, BackendRef]]] = {}
+    for r, rule in enumerate(_list(spec.get("rules"))):
+        at = f"spec.rules[{r}]"
+        host = str(rule.get("host") or "")
+        if not host:
+            out.problems.append(f"{at}.host: kakuremichi publishes named hosts only; give this "
+                                "rule a host such as app.example.com.")  # fmt: skip
+            continue
+        if host.startswith("*."):
+            out.problems.append(f"{at}.host: wildcard hosts are not served (their certificate "
+                                "would need DNS-01); name each host.")  # fmt: skip
+            continue
+        if not _HOST.match(host):
+            out.problems.append(f"{at}.host: must be a lower-case DNS name such as "
+                                "app.example.com.")  # fmt: skip
+            continue
+        entries = paths.setdefault(host, [])
+        for p, path in enumerate(_list((rule.get("http") or {}).get("paths"))):
+            entry = _path_rule(path, f"{at}.http.paths[{p}]", namespace, services, out.problems)
+            if entry is not None:
+                entries.append(entry)
+    default = None
+    if spec.get("defaultBackend"):
+        ref = _backend(spec["defaultBackend"], "spec.defaultBackend", namespace, services,
+                       out.problems)  # fmt: skip
+        if ref is not None:
+            default = ref
+            if not paths:
+                out.problems.append("spec.defaultBackend: served on the hosts of spec.rules "
+                                    "only; kakuremichi publishes named hosts.")  # fmt: skip
+    for host, entries in paths.items():
+        ordered = sorted(entries, key=lambda e: e[0])  # (stable: declaration order breaks ties)
+        routes = out.hosts[host] = HostRoutes(host)
+        routes.rules = [rule for _, rule, _ in ordered]
+        routes.backends = {ref for _, _, ref in ordered}
+        if default is not None:
+            routes.rules.append(RequestRule(backends=[WeightedBackend(stream=default.stream)]))
+            routes.backends.add(default)
+    _tls(spec, out)
+    return out
+
+
+@dataclass(frozen=True, order=True)
+class _Ranked:
+    """Ingress precedence: the longest path first, then Exact before Prefix."""
+
+    length: int
+    prefix: bool
+
+
+def _path_rule(
+    path: Mapping[str, Any], at: str, namespace: str, services: Mapping[str, ServiceFacts],
+    problems: list[str],
+) -> tuple[_Ranked, RequestRule, BackendRef] | None:  # fmt: skip
+    kind = path.get("pathType") or "ImplementationSpecific"
+    if kind not in ("Exact", "Prefix", "ImplementationSpecific"):
+        problems.append(f"{at}.pathType: must be Exact, Prefix or ImplementationSpecific.")
+        return None
+    value = str(path.get("path") or "/")
+    if not _PATH.match(value):
+        problems.append(f"{at}.path: must be an absolute path such as /api, without a query.")
+        return None
+    ref = _backend(path.get("backend") or {}, f"{at}.backend", namespace, services, problems)
+    if ref is None:
+        return None
+    exact = kind == "Exact"
+    match = PathMatch(type="Exact" if exact else "PathPrefix", value=value)
+    rule = RequestRule(
+        matches=[RequestMatch(path=match)], backends=[WeightedBackend(stream=ref.stream)]
+    )
+    length = len(value if exact else value.rstrip("/"))
+    return _Ranked(-length, not exact), rule, ref
+
+
+def _backend(
+    backend: Mapping[str, Any], at: str, namespace: str, services: Mapping[str, ServiceFacts],
+    problems: list[str],
+) -> BackendRef | None:  # fmt: skip
+    if backend.get("resource"):
+        problems.append(f"{at}.resource: only Service backends are served.")
+        return None
+    service = backend.get("service") or {}
+    name = str(service.get("name") or "")
+    if not _NAME.match(name):
+        problems.append(f"{at}.service.name: must name a Service of this namespace.")
+        return None
+    facts = services.get(name)
+    if facts is None:
+        problems.append(f"{at}.service.name: there is no Service {name} in this namespace.")
+        return None
+    if facts.external_name:
+        problems.append(f"{at}.service.name: Service {name} is of type ExternalName, which "
+                        "is not served (it has no endpoints in the cluster).")  # fmt: skip
+        return None
+    port = service.get("port") or {}
+    wanted_number, wanted_name = port.get("number"), port.get("name")
+    for candidate in facts.ports:
+        if (wanted_number is not None and candidate.port == wanted_number) or (
+            wanted_name is not None and candidate.name == wanted_name
+        ):
+            return BackendRef(namespace, name, candidate.port, candidate.name)
+    said = wanted_number if wanted_number is not None else wanted_name
+    problems.append(f"{at}.service.port: Service {name} has no TCP port {said}.")
+    return None
+
+
+def _tls(spec: Mapping[str, Any], out: IngressRoutes) -> None:
+    for t, tls in enumerate(_list(spec.get("tls"))):
+        secret = tls.get("secretName")
+        if secret is not None and not _NAME.match(str(secret)):
+            out.problems.append(f"spec.tls[{t}].secretName: must name a Secret of this "
+                                "namespace.")  # fmt: skip
+            continue
+        for host in tls.get("hosts") or ():
+            routes = out.hosts.get(str(host))
+            if routes is not None and routes.tls_secret is None and secret:
+                routes.tls_secret = str(secret)
+
+
+def _list(value: object) -> Sequence[Mapping[str, Any]]:
+    if not isinstance(value, list):
+        return ()
+    return [v for v in value if isinstance(v, Mapping)]
+
+
+def backends_of(routes: Iterable[IngressRoutes]) -> set[BackendRef]:
+    """Every Service port some host of these routes leads to."""
+    return {ref for r in routes for host in r.hosts.values() for ref in host.backends}

@@ -1,0 +1,92 @@
+"""Where a route backend's connections go: the ready endpoints of a Service port, read from the
+Service's EndpointSlices as ingress controllers read them. Pure.
+
+EndpointSlices are namespaced objects a tenant may write by hand (a Service without selector, as
+the demo does for a server outside the cluster), so their addresses are hostile input: the
+cluster agent runs in the system namespace and would otherwise connect wherever a slice points.
+An address is never used when it is loopback, link-local (cloud metadata lives there),
+unspecified or multicast, nor when it is ``foreign``: the operator passes the addresses of other
+namespaces' pods and of the nodes, so that no tenant reaches another's pods, or a node's own
+services, through a slice of its own.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Collection, Iterable, Mapping
+from typing import Any
+
+from kakuremichi.control.ingress_routes import BackendRef
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+MAX_ENDPOINTS = 1000
+"""As many as an agent's config takes per backend (the first, in address order)."""
+
+
+def usable(address: str, foreign: Collection[str] = ()) -> bool:
+    """Whether the cluster agent may connect to ``address`` for a route of this namespace."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return usable(str(ip.ipv4_mapped), foreign)
+    return str(ip) not in foreign
+
+
+def ready_endpoints(
+    ref: BackendRef, slices: Iterable[Mapping[str, Any]], foreign: Collection[str] = ()
+) -> list[str]:
+    """``ip:port`` (``[ip]:port`` for IPv6) of every ready endpoint of the Service port ``ref``,
+    from the EndpointSlices of its Service (others are ignored), sorted, at most
+    :data:`MAX_ENDPOINTS`."""
+    found: set[tuple[int, str, int]] = set()
+    for piece in slices:
+        metadata = piece.get("metadata") or {}
+        labels = metadata.get("labels") or {}
+        if metadata.get("namespace") != ref.namespace:
+            continue
+        if labels.get(SERVICE_NAME_LABEL) != ref.service:
+            continue
+        family = piece.get("addressType")
+        if family not in ("IPv4", "IPv6"):
+            continue  # (FQDN: a name to resolve is a place the tenant chooses at any time)
+        port = _port(piece.get("ports"), ref.port_name)
+        if port is None:
+            continue
+        for endpoint in piece.get("endpoints") or ():
+            if not isinstance(endpoint, Mapping):
+                continue
+            conditions = endpoint.get("conditions") or {}
+            if conditions.get("ready") is False:  # (unset means ready, says the API)
+                continue
+            addresses = endpoint.get("addresses") or ()
+            if not addresses:
+                continue
+            address = str(addresses[0])  # (the addresses of one endpoint are fungible)
+            if not usable(address, foreign):
+                continue
+            version = 6 if family == "IPv6" else 4
+            found.add((version, str(ipaddress.ip_address(address)), port))
+    ordered = sorted(found, key=lambda e: (e[0], ipaddress.ip_address(e[1]), e[2]))
+    return [
+        f"[{address}]:{port}" if version == 6 else f"{address}:{port}"
+        for version, address, port in ordered[:MAX_ENDPOINTS]
+    ]
+
+
+def _port(ports: object, name: str) -> int | None:
+    """The slice's number for the Service port named ``name`` ("" for an unnamed one)."""
+    if not isinstance(ports, list):
+        return None
+    for port in ports:
+        if not isinstance(port, Mapping):
+            continue
+        if str(port.get("name") or "") != name or str(port.get("protocol") or "TCP") != "TCP":
+            continue
+        number = port.get("port")
+        if isinstance(number, int) and 1 <= number <= 65535:
+            return number
+    return None
