@@ -4,18 +4,21 @@ cases beside each: what a tenant could write to reach beyond its namespace."""
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import pytest
 
+from kakuremichi.api.request_paths import normalize_path
 from kakuremichi.control.ingress_routes import (
     BackendRef,
     ServiceFacts,
+    ServicePort,
     ingress_routes,
     is_ours,
 )
 from kakuremichi.control.route_endpoints import ready_endpoints, usable
-from kakuremichi.edge.request_routing import Request, RequestRouter, normalize_path
+from kakuremichi.edge.request_routing import Request, RequestRouter
 
 SERVICES = {
     "web": ServiceFacts.of({"metadata": {"name": "web"},
@@ -187,3 +190,62 @@ def test_a_hand_written_slice_cannot_point_into_other_tenants_or_the_node() -> N
         ready_endpoints(WEB, [{**endpoint_slice(["a.example.com"]), "addressType": "FQDN"}]) == []
     )
     assert not usable("not-an-address")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"rules": "x"}, {"rules": [None, 5, "x"]}, {"rules": [{"host": 5}]},
+        {"rules": [{"host": "a.example.com", "http": "x"}]},
+        {"rules": [{"host": "a.example.com", "http": {"paths": [{"path": 5, "backend": "web"}]}}]},
+        {"rules": [{"host": "a.example.com", "http": {"paths": [
+            {"path": "/", "pathType": "Prefix", "backend": {"service": "web"}},
+            {"path": "/", "pathType": "Prefix",
+             "backend": {"service": {"name": "web", "port": 80}}},
+            {"path": "/", "pathType": "Prefix",
+             "backend": {"service": {"name": "web", "port": {"number": "80"}}}},
+            *({"path": p, "pathType": "ImplementationSpecific", "backend": backend("web", 80)}
+              for p in ("/a\n", "/x%5C", "/x/..;/y")),
+        ]}}]},
+        {"defaultBackend": "x", "tls": [{"hosts": 5, "secretName": 7}], "rules": []},
+        {"rules": [{"host": "a.example.com\n", "http": {"paths": [path("/", "web", 80)]}}]},
+    ],
+)  # fmt: skip
+def test_no_ingress_a_tenant_can_write_raises(spec: dict[str, Any]) -> None:
+    routes = ingress_routes(ingress(spec), SERVICES)
+    for host in routes.hosts.values():
+        assert all(isinstance(p, str) for p in routes.problems) and host.host.endswith(".com")
+    hostile_service = ServiceFacts.of({"metadata": None, "spec": {"ports": [None, {"port": "x"},
+                                                                  {"port": True}, 5]}})  # fmt: skip
+    assert hostile_service.ports == ()
+
+
+def test_precedence_is_that_of_the_path_the_gateways_will_read() -> None:
+    routes = ingress_routes(ingress({"rules": [{"host": "a.example.com", "http": {"paths": [
+        path("/./././././././", "web", 80, "ImplementationSpecific"),
+        path("/admin", "api", 8080),
+    ]}}]}), SERVICES)  # fmt: skip
+    assert chosen(routes.hosts["a.example.com"].rules, "/admin/x") == "shop/api:8080"
+
+
+def test_the_longest_names_still_make_a_stream_name() -> None:
+    long = "s" * 63
+    services = {long: ServiceFacts(long, (ServicePort(65535, "http"),))}
+    spec = {"rules": [{"host": "a.example.com", "http": {"paths": [path("/", long, 65535)]}}]}
+    routes = ingress_routes({**ingress(spec), "metadata": {"namespace": "n" * 63}}, services)
+    assert routes.problems == [] and len(next(iter(routes.hosts["a.example.com"].backends))
+                                         .stream) == 133  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["0.1.2.3", "100.100.100.200", "fd00:ec2::254", "64:ff9b::a9fe:a9fe", "::127.0.0.1",
+     "::ffff:0:7f00:1", "2002:7f00:1::", "2001:0:4136:e378:8000:63bf:3fff:fdd2", "10.96.0.1"],
+)  # fmt: skip
+def test_addresses_that_carry_or_reach_elsewhere_are_refused(address: str) -> None:
+    assert not usable(address, foreign={"10.96.0.1"})  # (a Service's cluster IP)
+
+
+def test_only_the_allowed_space_when_one_is_given() -> None:
+    pods = [ipaddress.ip_network("10.244.0.0/16")]
+    assert usable("10.244.1.2", allowed=pods) and not usable("203.0.113.7", allowed=pods)

@@ -25,17 +25,16 @@ from kakuremichi.api.protocol import (
     AgentConfig,
     CertificateBundle,
     GatewayTunnel,
+    PathMatch,
+    RequestMatch,
     RequestRule,
+    WeightedBackend,
 )
+from kakuremichi.api.request_paths import PathRefused, normalize_path
 from kakuremichi.edge.agent_relay import AgentRelay, AgentTarget
-from kakuremichi.edge.gateway_routes import GatewayRoute
+from kakuremichi.edge.gateway_routes import FrontEndConfig, GatewayRoute
 from kakuremichi.edge.https_proxy import HttpsProxy, serve
-from kakuremichi.edge.request_routing import (
-    PathRefused,
-    Request,
-    RequestRouter,
-    normalize_path,
-)
+from kakuremichi.edge.request_routing import Request, RequestRouter
 from kakuremichi.edge.sni import SniContexts
 from kakuremichi.edge.stats import EdgeStats
 from tests.infra.ports import free_port
@@ -410,3 +409,99 @@ def test_configs_without_routes_are_what_earlier_edges_read() -> None:
     assert "backends" not in protocol.encode(protocol.AgentConfigMessage(data=agent))
     tunnel = GatewayTunnel(domain=DOMAIN, target="localhost:80")
     assert "rules" not in tunnel.model_dump_json(by_alias=True, exclude_none=True)
+
+
+@pytest.mark.parametrize("raw", ["/admin#x", "/public/..;/admin", "/public/.;x/a", "*", "a/b"])
+def test_fragments_dot_parameters_and_non_paths_are_refused_where_rules_route(raw: str) -> None:
+    with pytest.raises(PathRefused):
+        normalize_path(raw.encode())
+
+
+def test_a_rule_path_that_could_never_fit_breaks_nothing_else() -> None:
+    hopeless = PathMatch.model_construct(type="PathPrefix", value="/x%5C")  # past validation
+    rule = RequestRule.model_construct(
+        matches=[RequestMatch.model_construct(path=hopeless, method=None, headers=None,
+                                              query=None)],
+        backends=[WeightedBackend(stream=API)], request_headers=None,
+    )  # fmt: skip
+    router = RequestRouter((rule, *rules(prefix("/", WEB))))
+    assert router.choose(asked("/x")).stream == WEB  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="pattern"):
+        PathMatch(value="/x%5C")  # (and control cannot send it)
+
+
+def test_no_rule_set_makes_a_request_expensive() -> None:
+    many = {"matches": [{"path": {"value": f"/p{m}"},
+                         "headers": [{"name": f"X-H{h}", "value": "v"} for h in range(16)]}
+                        for m in range(64)],
+            "backends": [{"stream": WEB}]}  # fmt: skip
+    rule = RequestRule.model_validate(many)
+    headers = {f"X-H{h}": "v" for h in range(99)}
+    request = asked("/nothing", headers=headers)
+    started = time.process_time()
+    router = RequestRouter([rule] * 1000)
+    assert router.left_out == 1000 - 2048 // (64 * 17)  # beyond the budget of conditions
+    for _ in range(10):
+        assert router.choose(request) is None
+    spent = time.process_time() - started
+    assert spent < 0.5, spent  # (one request took 5 s before the budget)
+
+
+def test_a_client_cannot_drop_a_header_a_rule_sets() -> None:
+    async def scenario() -> None:
+        async with stack("web") as s:
+            s.backends({WEB: ["web"]})
+            s.route(prefix("/", WEB, requestHeaders={"set": [{"name": "X-Team", "value": "a"}]}))
+            _, body = await s.get("/", "Connection: x-team, keep-alive\r\n")
+            assert body["headers"]["X-Team"] == "a"
+
+    run(scenario)
+
+
+def test_an_endpoint_that_left_gets_no_traffic_even_on_a_busy_stream() -> None:
+    async def scenario() -> None:
+        async with stack("a", "b") as s:
+            s.route(prefix("/", WEB))
+            s.backends({WEB: ["a"]})
+            connection = await asyncio.open_connection(
+                "127.0.0.1", s.https_port, ssl=s.client_tls, server_hostname=DOMAIN
+            )
+            assert (await s.get("/", reader_writer=connection))[1]["origin"] == "a"
+            s.backends({WEB: ["b"]})
+            s.relay.sweep(time.monotonic())  # busy just now: not quiet yet
+            assert (await s.get("/", reader_writer=connection))[1]["origin"] == "a"
+            s.relay.sweep(time.monotonic() + 11)  # retired long enough: closed, busy or not
+            await asyncio.sleep(0.2)
+            assert (await s.get("/", reader_writer=connection))[1]["origin"] == "b"
+
+    run(scenario)
+
+
+def test_an_endpoint_that_leaves_while_being_connected_to_is_retired_at_once() -> None:
+    async def scenario() -> None:
+        async with stack("a", "b") as s:
+            s.route(prefix("/", WEB))
+            s.backends({WEB: ["a"]})
+            resolve = s.relay.resolver.resolve
+
+            async def slow(host: str) -> str:
+                s.backends({WEB: ["b"]})  # the slice changes mid-connect
+                return await resolve(host)
+
+            s.relay.resolver.resolve = slow  # type: ignore[method-assign]
+            assert (await s.get("/"))[1]["origin"] == "a"  # this stream is served...
+            s.relay.resolver.resolve = resolve  # type: ignore[method-assign]
+            assert all(r.retired for r in s.relay.relays if r.endpoint.endswith(
+                str(s.origins["a"])))  # fmt: skip
+            s.relay.sweep(time.monotonic() + 2)  # ...and closed once quiet
+            await asyncio.sleep(0.2)
+            assert {(await s.get("/"))[1]["origin"] for _ in range(4)} == {"b"}
+
+    run(scenario)
+
+
+def test_http2_is_not_offered_where_requests_are_routed_by_rules() -> None:
+    routed = GatewayRoute(
+        domain=DOMAIN, agent_ip="127.0.0.1", h2c=True, rules=rules(prefix("/", WEB))
+    )
+    assert FrontEndConfig(routes=[routed]).h2c_domains() == set()

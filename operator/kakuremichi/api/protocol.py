@@ -160,7 +160,7 @@ class FromControl(CamelModel):
 BackendName = Annotated[
     str,
     Field(
-        max_length=128,
+        max_length=133,
         pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?:[0-9]{1,5}$",
     ),
 ]
@@ -275,7 +275,14 @@ HeaderName = Annotated[
 HeaderValue = Annotated[str, Field(max_length=4096, pattern=r"^[\t\x20-\x7e\x80-\U0010ffff]*$")]
 """No CR, LF or NUL: a value never ends a line of the request head."""
 PathValue = Annotated[
-    str, Field(min_length=1, max_length=1024, pattern=r"^/[-A-Za-z0-9._~!$&'()*+,;=:@/%]*$")
+    str,
+    Field(
+        min_length=1,
+        max_length=1024,
+        # (percent-escapes well formed, and never an encoded slash or backslash: a request
+        # path with one is refused on such hosts, so a rule with one could never fit)
+        pattern=r"^/(?:[-A-Za-z0-9._~!$&'()*+,;=:@/]|%(?:[013-46-9A-Fa-f][0-9A-Fa-f]|2[0-9A-Ea-e]|5[0-9ABabD-Fd-f]))*$",
+    ),
 ]
 
 

@@ -11,7 +11,9 @@ of a Service that exists there; what cannot be served is said once per field, in
 and the rest is served.
 
 Kakuremichi publishes named hosts: a rule without ``host`` or with a wildcard is refused (a
-wildcard certificate would need DNS-01), as is a ``resource`` backend.
+wildcard certificate would need DNS-01), as is a ``resource`` backend. Every value is checked
+for its type as well (the API server's schema is not this module's guarantee): nothing an
+Ingress or Service says raises here.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from kakuremichi.api.protocol import PathMatch, RequestMatch, RequestRule, WeightedBackend
+from kakuremichi.api.request_paths import PathRefused, normalize_path
 
 INGRESS_CLASS = "kakuremichi"
 INGRESS_CONTROLLER = "kakuremichi.io/ingress-controller"
@@ -51,17 +56,14 @@ class ServiceFacts:
 
     @classmethod
     def of(cls, service: Mapping[str, Any]) -> ServiceFacts:
-        spec = service.get("spec") or {}
+        spec = _map(service.get("spec"))
         ports = tuple(
-            ServicePort(int(p.get("port", 0)), str(p.get("name") or ""))
-            for p in spec.get("ports") or ()
-            if str(p.get("protocol") or "TCP") == "TCP"
+            ServicePort(p["port"], _text(p.get("name")))
+            for p in _list(spec.get("ports"))
+            if _is_port(p.get("port")) and (p.get("protocol") or "TCP") == "TCP"
         )
-        return cls(
-            str((service.get("metadata") or {}).get("name", "")),
-            ports,
-            spec.get("type") == "ExternalName",
-        )
+        return cls(str(_map(service.get("metadata")).get("name", "")), ports,
+                   spec.get("type") == "ExternalName")  # fmt: skip
 
 
 @dataclass(frozen=True, order=True)
@@ -100,10 +102,10 @@ class IngressRoutes:
 def is_ours(ingress: Mapping[str, Any], default_class: bool) -> bool:
     """Whether an Ingress is of class ``kakuremichi``: by ``spec.ingressClassName``, else the
     old annotation, else (neither set) when our IngressClass is the cluster's default."""
-    spec = ingress.get("spec") or {}
+    spec = _map(ingress.get("spec"))
     named = spec.get("ingressClassName")
     if named is None:
-        named = ((ingress.get("metadata") or {}).get("annotations") or {}).get(CLASS_ANNOTATION)
+        named = _map(_map(ingress.get("metadata")).get("annotations")).get(CLASS_ANNOTATION)
     return named == INGRESS_CLASS if named is not None else default_class
 
 
@@ -111,13 +113,13 @@ def ingress_routes(
     ingress: Mapping[str, Any], services: Mapping[str, ServiceFacts]
 ) -> IngressRoutes:
     """The hosts an Ingress asks for, with their rules; ``services``: its namespace's, by name."""
-    namespace = str((ingress.get("metadata") or {}).get("namespace", ""))
-    spec = ingress.get("spec") or {}
+    namespace = str(_map(ingress.get("metadata")).get("namespace", ""))
+    spec = _map(ingress.get("spec"))
     out = IngressRoutes()
     paths: dict[str, list[tuple[_Ranked, RequestRule, BackendRef]]] = {}
     for r, rule in enumerate(_list(spec.get("rules"))):
         at = f"spec.rules[{r}]"
-        host = str(rule.get("host") or "")
+        host = _text(rule.get("host"))
         if not host:
             out.problems.append(f"{at}.host: kakuremichi publishes named hosts only; give this "
                                 "rule a host such as app.example.com.")  # fmt: skip
@@ -126,18 +128,18 @@ def ingress_routes(
             out.problems.append(f"{at}.host: wildcard hosts are not served (their certificate "
                                 "would need DNS-01); name each host.")  # fmt: skip
             continue
-        if not _HOST.match(host):
+        if not _HOST.fullmatch(host):
             out.problems.append(f"{at}.host: must be a lower-case DNS name such as "
                                 "app.example.com.")  # fmt: skip
             continue
         entries = paths.setdefault(host, [])
-        for p, path in enumerate(_list((rule.get("http") or {}).get("paths"))):
+        for p, path in enumerate(_list(_map(rule.get("http")).get("paths"))):
             entry = _path_rule(path, f"{at}.http.paths[{p}]", namespace, services, out.problems)
             if entry is not None:
                 entries.append(entry)
     default = None
     if spec.get("defaultBackend"):
-        ref = _backend(spec["defaultBackend"], "spec.defaultBackend", namespace, services,
+        ref = _backend(_map(spec["defaultBackend"]), "spec.defaultBackend", namespace, services,
                        out.problems)  # fmt: skip
         if ref is not None:
             default = ref
@@ -172,19 +174,29 @@ def _path_rule(
     if kind not in ("Exact", "Prefix", "ImplementationSpecific"):
         problems.append(f"{at}.pathType: must be Exact, Prefix or ImplementationSpecific.")
         return None
-    value = str(path.get("path") or "/")
-    if not _PATH.match(value):
+    value = path.get("path") or "/"
+    if not isinstance(value, str) or not _PATH.fullmatch(value):
         problems.append(f"{at}.path: must be an absolute path such as /api, without a query.")
         return None
-    ref = _backend(path.get("backend") or {}, f"{at}.backend", namespace, services, problems)
+    try:
+        normal = normalize_path(value.encode()).decode()
+    except PathRefused as refusal:
+        problems.append(f"{at}.path: {refusal}".replace("on this host", "here"))
+        return None
+    ref = _backend(_map(path.get("backend")), f"{at}.backend", namespace, services, problems)
     if ref is None:
         return None
     exact = kind == "Exact"
-    match = PathMatch(type="Exact" if exact else "PathPrefix", value=value)
-    rule = RequestRule(
-        matches=[RequestMatch(path=match)], backends=[WeightedBackend(stream=ref.stream)]
-    )
-    length = len(value if exact else value.rstrip("/"))
+    try:
+        match = PathMatch(type="Exact" if exact else "PathPrefix", value=value)
+        rule = RequestRule(
+            matches=[RequestMatch(path=match)], backends=[WeightedBackend(stream=ref.stream)]
+        )
+    except ValidationError:
+        problems.append(f"{at}.path: must be an absolute path such as /api, without a query.")
+        return None
+    # Ranked as the gateways will read it (``/./././`` is ``/``, however long it looks).
+    length = len(normal if exact else normal.rstrip("/"))
     return _Ranked(-length, not exact), rule, ref
 
 
@@ -195,9 +207,9 @@ def _backend(
     if backend.get("resource"):
         problems.append(f"{at}.resource: only Service backends are served.")
         return None
-    service = backend.get("service") or {}
-    name = str(service.get("name") or "")
-    if not _NAME.match(name):
+    service = _map(backend.get("service"))
+    name = _text(service.get("name"))
+    if not _NAME.fullmatch(name):
         problems.append(f"{at}.service.name: must name a Service of this namespace.")
         return None
     facts = services.get(name)
@@ -208,8 +220,15 @@ def _backend(
         problems.append(f"{at}.service.name: Service {name} is of type ExternalName, which "
                         "is not served (it has no endpoints in the cluster).")  # fmt: skip
         return None
-    port = service.get("port") or {}
+    port = _map(service.get("port"))
     wanted_number, wanted_name = port.get("number"), port.get("name")
+    if not _is_port(wanted_number):
+        wanted_number = None
+    if not isinstance(wanted_name, str) or not wanted_name:
+        wanted_name = None
+    if wanted_number is None and wanted_name is None:
+        problems.append(f"{at}.service.port: give the Service port's number or name.")
+        return None
     for candidate in facts.ports:
         if (wanted_number is not None and candidate.port == wanted_number) or (
             wanted_name is not None and candidate.name == wanted_name
@@ -223,12 +242,13 @@ def _backend(
 def _tls(spec: Mapping[str, Any], out: IngressRoutes) -> None:
     for t, tls in enumerate(_list(spec.get("tls"))):
         secret = tls.get("secretName")
-        if secret is not None and not _NAME.match(str(secret)):
+        if secret is not None and not (isinstance(secret, str) and _NAME.fullmatch(secret)):
             out.problems.append(f"spec.tls[{t}].secretName: must name a Secret of this "
                                 "namespace.")  # fmt: skip
             continue
-        for host in tls.get("hosts") or ():
-            routes = out.hosts.get(str(host))
+        hosts = tls.get("hosts")
+        for host in hosts if isinstance(hosts, list) else ():
+            routes = out.hosts.get(host) if isinstance(host, str) else None
             if routes is not None and routes.tls_secret is None and secret:
                 routes.tls_secret = str(secret)
 
@@ -237,6 +257,18 @@ def _list(value: object) -> Sequence[Mapping[str, Any]]:
     if not isinstance(value, list):
         return ()
     return [v for v in value if isinstance(v, Mapping)]
+
+
+def _map(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _is_port(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
 
 
 def backends_of(routes: Iterable[IngressRoutes]) -> set[BackendRef]:

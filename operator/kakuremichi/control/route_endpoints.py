@@ -4,16 +4,20 @@ Service's EndpointSlices as ingress controllers read them. Pure.
 EndpointSlices are namespaced objects a tenant may write by hand (a Service without selector, as
 the demo does for a server outside the cluster), so their addresses are hostile input: the
 cluster agent runs in the system namespace and would otherwise connect wherever a slice points.
-An address is never used when it is loopback, link-local (cloud metadata lives there),
-unspecified or multicast, nor when it is ``foreign``: the operator passes the addresses of other
-namespaces' pods and of the nodes, so that no tenant reaches another's pods, or a node's own
-services, through a slice of its own.
+An address is never used when it is loopback, link-local (cloud metadata lives there, and at
+``fd00:ec2::254`` and ``100.100.100.200``), unspecified, multicast, in ``0.0.0.0/8``, or an IPv6
+form that carries an IPv4 address (mapped, compatible, SIIT, NAT64, 6to4, Teredo: they would
+reach the address they carry), nor when it is ``foreign``: the operator passes the addresses of
+other namespaces' pods, every Service's cluster IP (kube-proxy would forward to that Service's
+pods, whatever their namespace) and the nodes', so that no tenant reaches another's pods, or a
+node's own services, through a slice of its own. ``allowed``, when given, is the only space
+addresses may come from (e.g. the pod network plus the ranges an administrator opens).
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from kakuremichi.control.ingress_routes import BackendRef
@@ -23,26 +27,59 @@ MAX_ENDPOINTS = 1000
 """As many as an agent's config takes per backend (the first, in address order)."""
 
 
-def usable(address: str, foreign: Collection[str] = ()) -> bool:
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+NEVER = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "100.100.100.200/32", "fd00:ec2::254/128",
+    "::/96", "::ffff:0:0/96", "::ffff:0:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48",
+    "2002::/16", "2001::/32",
+))  # fmt: skip
+"""Beyond loopback, link-local, unspecified and multicast: cloud metadata elsewhere, and IPv6
+forms that carry an IPv4 address."""
+
+
+def usable(
+    address: str, foreign: Collection[str] = (), allowed: Sequence[Network] | None = None
+) -> bool:
     """Whether the cluster agent may connect to ``address`` for a route of this namespace."""
+    return _usable(address, _addresses(foreign), allowed)
+
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _usable(address: str, foreign: set[Address], allowed: Sequence[Network] | None) -> bool:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
     if ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return usable(str(ip.ipv4_mapped), foreign)
-    return str(ip) not in foreign
+    if any(ip.version == n.version and ip in n for n in NEVER):
+        return False
+    if allowed is not None and not any(ip.version == n.version and ip in n for n in allowed):
+        return False
+    return ip not in foreign
+
+
+def _addresses(texts: Collection[str]) -> set[Address]:
+    found: set[Address] = set()
+    for text in texts:
+        try:
+            found.add(ipaddress.ip_address(text))
+        except ValueError:
+            continue
+    return found
 
 
 def ready_endpoints(
-    ref: BackendRef, slices: Iterable[Mapping[str, Any]], foreign: Collection[str] = ()
-) -> list[str]:
+    ref: BackendRef, slices: Iterable[Mapping[str, Any]], foreign: Collection[str] = (),
+    allowed: Sequence[Network] | None = None,
+) -> list[str]:  # fmt: skip
     """``ip:port`` (``[ip]:port`` for IPv6) of every ready endpoint of the Service port ``ref``,
     from the EndpointSlices of its Service (others are ignored), sorted, at most
     :data:`MAX_ENDPOINTS`."""
     found: set[tuple[int, str, int]] = set()
+    blocked = _addresses(foreign)
     for piece in slices:
         metadata = piece.get("metadata") or {}
         labels = metadata.get("labels") or {}
@@ -66,7 +103,7 @@ def ready_endpoints(
             if not addresses:
                 continue
             address = str(addresses[0])  # (the addresses of one endpoint are fungible)
-            if not usable(address, foreign):
+            if not _usable(address, blocked, allowed):
                 continue
             version = 6 if family == "IPv6" else 4
             found.add((version, str(ipaddress.ip_address(address)), port))

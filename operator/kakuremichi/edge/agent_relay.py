@@ -40,9 +40,11 @@ TARGET_CONNECT_TIMEOUT = 5.0
 RESOLVE_TTL_SECONDS = 30.0
 ENDPOINT_ATTEMPTS = 3
 """A backend's endpoints tried in turn for one stream, while they refuse (a pod just gone)."""
-RETIRED_QUIET_SECONDS = 2.0
+RETIRED_QUIET_SECONDS = 1.0
 """A relay to an endpoint no longer listed is closed once quiet this long: a response in
-flight finishes, a kept-alive connection goes (the gateway's next request gets another)."""
+flight finishes, a kept-alive connection goes (the gateway's next request gets another)..."""
+RETIRED_LIMIT_SECONDS = 10.0
+"""... and after this long whatever it carries (a busy kept-alive stream is never quiet)."""
 log = logging.getLogger(__name__)
 
 
@@ -139,8 +141,12 @@ class AgentRelay:
             if relay.domain in changed:
                 relay.close()
             elif relay.endpoint:
-                now = self.targets.get(relay.domain)
-                relay.retired = now is None or relay.endpoint not in (now.endpoints or ())
+                relay.check_listed()
+
+    def listed(self, name: str, place: str) -> bool:
+        """Whether ``place`` is (still) an endpoint of backend ``name``."""
+        now = self.targets.get(name)
+        return now is not None and place in (now.endpoints or ())
 
     def candidates(self, name: str, tunnel: AgentTarget) -> list[str]:
         """Where a new stream of ``name`` may connect, in the order to try: a Tunnel's target;
@@ -155,9 +161,10 @@ class AgentRelay:
         return [*endpoints[turn:], *endpoints[:turn]][:ENDPOINT_ATTEMPTS]
 
     def sweep(self, now: float) -> None:
-        """Close relays to endpoints that left, once they are quiet."""
+        """Close relays to endpoints that left, once they are quiet (or retired long enough)."""
         for relay in [r for r in self.relays if r.retired]:
-            if now - relay.last_active >= RETIRED_QUIET_SECONDS:
+            quiet = now - relay.last_active >= RETIRED_QUIET_SECONDS
+            if quiet or now - relay.retired_at >= RETIRED_LIMIT_SECONDS:
                 relay.close()
 
     def protocol(self) -> MuxConnection:
@@ -227,6 +234,7 @@ class GatewayConnection(asyncio.Protocol):
         """The backend endpoint connected to (Tunnels: empty)."""
         self.retired = False
         """The endpoint left its backend: closed once quiet."""
+        self.retired_at = 0.0
         self.last_active = 0.0
         """When bytes last passed (backends only: what retiring looks at)."""
 
@@ -259,6 +267,8 @@ class GatewayConnection(asyncio.Protocol):
             return
         connection = None
         for place in candidates:
+            if tunnel.endpoints is not None and not self.relay.listed(self.domain, place):
+                continue  # (it left while an earlier one was tried)
             try:
                 connection = await self._connect_to(place)
                 break
@@ -277,6 +287,7 @@ class GatewayConnection(asyncio.Protocol):
         self.target = connection
         if tunnel.endpoints is not None:
             self.endpoint, self.last_active = place, time.monotonic()
+            self.check_listed()  # (it may have left while connecting)
         if tunnel.proxy_protocol != "None" and connection.transport is not None:
             name = self.name
             connection.transport.write(
@@ -287,6 +298,11 @@ class GatewayConnection(asyncio.Protocol):
                 )
             )
         self.transport.resume_reading()
+
+    def check_listed(self) -> None:
+        """Retire this relay if its endpoint is no longer one of its backend's."""
+        if not self.retired and not self.relay.listed(self.domain, self.endpoint):
+            self.retired, self.retired_at = True, time.monotonic()
 
     async def _connect_to(self, place: str) -> TargetConnection:
         host, port = split_target(place)

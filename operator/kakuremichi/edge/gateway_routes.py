@@ -100,4 +100,8 @@ class FrontEndConfig(BaseModel):
 
     def h2c_domains(self) -> set[str]:
         """The domains whose targets speak h2c: their TLS offers HTTP/2."""
-        return {r.domain.lower() for r in self.routes if r.h2c and r.protocol == "HTTP"}
+        return {
+            r.domain.lower()
+            for r in self.routes
+            if r.h2c and r.protocol == "HTTP" and r.rules is None  # (rules: HTTP/1.1 only)
+        }

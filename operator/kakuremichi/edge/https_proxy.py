@@ -37,6 +37,7 @@ from typing import cast
 import httptools
 
 from kakuremichi.api.protocol import RELAY_PORT
+from kakuremichi.api.request_paths import PathRefused, normalize_path
 from kakuremichi.api.resources import ClientLimits
 from kakuremichi.edge import request_heads
 from kakuremichi.edge.connection_caps import ConnectionCaps
@@ -56,13 +57,7 @@ from kakuremichi.edge.request_heads import (
     request_target,
     transfer_coding_error,
 )
-from kakuremichi.edge.request_routing import (
-    Edits,
-    PathRefused,
-    Request,
-    RequestRouter,
-    normalize_path,
-)
+from kakuremichi.edge.request_routing import Edits, Request, RequestRouter
 from kakuremichi.edge.splice import ClientLink, Splices
 from kakuremichi.edge.stats import EdgeStats
 from kakuremichi.edge.tls import TlsServerConnection
@@ -351,7 +346,13 @@ class ClientConnection(asyncio.Protocol):
     def _pass_through(self) -> None:
         """An HTTP/2 client of an h2c tunnel: every byte both ways, on a stream of its own."""
         route = self.proxy.routes.get(self.domain)
-        if route is None or not route.enabled or not route.h2c or route.agent_ip is None:
+        if (
+            route is None
+            or not route.enabled
+            or not route.h2c
+            or route.agent_ip is None
+            or route.rules is not None  # (HTTP/2 is not routed per request: not offered)
+        ):
             self.close()  # the tunnel changed during the handshake, or has no agent now
             return
         self.raw = True
@@ -570,9 +571,15 @@ class ClientConnection(asyncio.Protocol):
             return
         stream = name
         headers, header_names = self.headers, self.header_names
+        if self.connection:  # (before any edit: a client cannot drop what a rule sets)
+            dropped = connection_options(self.connection)
+            if dropped:
+                kept = [i for i, n in enumerate(header_names) if n not in dropped]
+                headers = [headers[i] for i in kept]
+                header_names = [header_names[i] for i in kept]
         router = route.router
         if router is not None:  # a host with rules (Ingress, HTTPRoute): a backend per request
-            choice = self._route_request(router, name, method, path)
+            choice = self._route_request(router, name, method, path, headers, header_names)
             if choice is None:
                 return
             stream, path = choice.stream, choice.path
@@ -598,11 +605,6 @@ class ClientConnection(asyncio.Protocol):
                 upstream = None
         if upstream is None:
             upstream = self.upstream = self.proxy.acquire(route, self, stream)
-        if self.connection:
-            dropped = connection_options(self.connection)
-            if dropped:
-                headers = [h for h, n in zip(headers, header_names, strict=True)
-                           if n not in dropped]  # fmt: skip
         if self.forwarded:
             forwarded_for, real_ip = request_heads.forwarded_for(
                 self.client_ip, self.forwarded, self.proxy.trusted_proxies
@@ -626,17 +628,22 @@ class ClientConnection(asyncio.Protocol):
         self.forwarding = True
 
     def _route_request(
-        self, router: RequestRouter, name: str, method: bytes, target: bytes
-    ) -> RoutedRequest | None:
+        self, router: RequestRouter, name: str, method: bytes, target: bytes,
+        headers: list[bytes], header_names: list[bytes],
+    ) -> RoutedRequest | None:  # fmt: skip
         """The backend of a request to a host with rules, and the path that goes upstream
         (normalized: the one the rules matched); None once answered here."""
         raw_path, _, query = target.partition(b"?")
         try:
             path = normalize_path(raw_path)
+            if b"#" in query:
+                raise PathRefused(
+                    "A request target with a fragment (#) is not served on this host."
+                )
         except PathRefused as refusal:
             self.fail(400, str(refusal))
             return None
-        choice = router.choose(Request(method, path, query, self.headers, self.header_names))
+        choice = router.choose(Request(method, path, query, headers, header_names))
         if choice is None:
             self.fail(404, f"No route of {name} matches this request.")
             return None

@@ -6,7 +6,14 @@ the gateway never ranks them itself. A request's path is normalized before it is
 normalized path is the one forwarded: the backend sees exactly the path that chose it. Without
 that, ``/public/%2e%2e/admin`` would be matched as under ``/public`` and served as ``/admin`` by
 an origin that normalizes; encoded slashes and backslashes (``%2F``, ``%5C``, ``\\``), which
-origins disagree about, are refused outright on hosts with rules.
+origins disagree about, are refused outright on hosts with rules, as are fragments (``#``: an
+origin stops reading the path there) and dot segments with parameters (``..;x``: Java servers
+drop the parameter and read ``..``).
+
+A host's rules are bounded (:data:`MAX_CONDITIONS` conditions in all; rules beyond are left out
+and counted), and a request's headers are read into a dict once, so no rule set makes a request
+cost more than a few thousand comparisons. Compiling never fails: a rule path that could never
+fit (control refuses those) fits nothing.
 """
 
 from __future__ import annotations
@@ -17,56 +24,16 @@ from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
 from kakuremichi.api.protocol import HeaderEdits, PathMatch, RequestMatch, RequestRule
+from kakuremichi.api.request_paths import PathRefused, normalize_path
 from kakuremichi.edge.request_heads import HOP_BY_HOP, address_field
 
 PROTECTED = frozenset((b"host", b"content-length", b"trailer", *HOP_BY_HOP))
 """Fields a header edit never touches: the gateway frames the request and names the client
 itself (control refuses such edits; a gateway ignores them if one arrives anyway)."""
-_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_HEX = frozenset(b"0123456789ABCDEFabcdef")
-
-
-class PathRefused(ValueError):
-    """A request path no rule may be matched against: answered 400 with this sentence."""
-
-
-def normalize_path(path: bytes) -> bytes:
-    """``path`` (no query) with percent-encoded unreserved characters decoded, other escapes in
-    upper case, dot segments removed and repeated slashes merged (RFC 3986 6.2.2, 5.2.4)."""
-    if b"\\" in path:
-        raise PathRefused("A request path with a backslash is not served on this host.")
-    out = bytearray()
-    i, size = 0, len(path)
-    while i < size:
-        byte = path[i]
-        if byte == 0x25:  # %
-            pair = path[i + 1 : i + 3]
-            if len(pair) < 2 or pair[0] not in _HEX or pair[1] not in _HEX:
-                raise PathRefused("The request path has a malformed percent-encoding.")
-            value = int(pair, 16)
-            if value in (0x2F, 0x5C):
-                raise PathRefused("A request path with an encoded slash or backslash is not "
-                                  "served on this host.")  # fmt: skip
-            if value in _UNRESERVED:
-                out.append(value)
-            else:
-                out += b"%" + pair.upper()
-            i += 3
-            continue
-        if byte <= 0x20 or byte >= 0x7F:
-            raise PathRefused("The request path has a character that must be percent-encoded.")
-        out.append(byte)
-        i += 1
-    segments: list[bytes] = []
-    parts = bytes(out).split(b"/")
-    for part in parts[1:]:
-        if part == b"..":
-            if segments:
-                segments.pop()
-        elif part not in (b".", b""):
-            segments.append(part)
-    trailing = len(parts) > 1 and parts[-1] in (b"", b".", b"..") and bool(segments)
-    return b"/" + b"/".join(segments) + (b"/" if trailing else b"")
+MAX_CONDITIONS = 2048
+"""Path, method, header and query conditions of one host, in all."""
+_NEVER = b"\x00"
+"""A path no request has (normalized paths have no NUL): what an impossible rule path fits."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +43,10 @@ class _Path:
 
     @classmethod
     def of(cls, match: PathMatch) -> _Path:
-        value = normalize_path(match.value.encode())
+        try:
+            value = normalize_path(match.value.encode())
+        except PathRefused:
+            return cls(True, _NEVER)
         if match.type == "PathPrefix":
             value = value.rstrip(b"/")  # "/api/" is the prefix "/api"; "/" is "" then
         return cls(match.type == "Exact", value)
@@ -142,14 +112,17 @@ class Request:
     """Lower case, one per line."""
     _query: dict[bytes, bytes] | None = None
 
+    _headers: dict[bytes, bytes] | None = None
+
     def header(self, lower: bytes) -> bytes | None:
         """The value of field ``lower``; repeated fields joined with ``, `` (RFC 9110 5.3)."""
-        values = [
-            line[len(name) + 2 : -2].strip()
-            for line, name in zip(self.header_lines, self.header_names, strict=True)
-            if name == lower
-        ]
-        return b", ".join(values) if values else None
+        if self._headers is None:
+            self._headers = {}
+            for line, name in zip(self.header_lines, self.header_names, strict=True):
+                value = line[len(name) + 2 : -2].strip()
+                known = self._headers.get(name)
+                self._headers[name] = value if known is None else known + b", " + value
+        return self._headers.get(lower)
 
     def query_value(self, name: bytes) -> bytes | None:
         """The first value of query parameter ``name``, percent-decoded."""
@@ -243,15 +216,31 @@ class _Rule:
         return self.streams[-1]
 
 
+def _conditions(rule: RequestRule) -> int:
+    return max(1, sum(
+        max(1, (m.path is not None) + (m.method is not None) + len(m.headers or ())
+               + len(m.query or ()))
+        for m in rule.matches or ()
+    ))  # fmt: skip
+
+
 class RequestRouter:
     """A host's rules, compiled once."""
 
-    __slots__ = ("_draw", "_rules", "streams")
+    __slots__ = ("_draw", "_rules", "left_out", "streams")
 
     def __init__(
         self, rules: Sequence[RequestRule], draw: Callable[[int], int] = random.randrange
     ) -> None:
-        self._rules = tuple(_Rule.of(r) for r in rules)
+        kept, budget = [], MAX_CONDITIONS
+        for rule in rules:
+            budget -= _conditions(rule)
+            if budget < 0:
+                break
+            kept.append(_Rule.of(rule))
+        self._rules = tuple(kept)
+        self.left_out = len(rules) - len(kept)
+        """Rules beyond :data:`MAX_CONDITIONS` (control refuses what would need them)."""
         self._draw = draw
         self.streams = frozenset(s for rule in self._rules for s in rule.streams)
         """Every backend stream the rules may choose."""
