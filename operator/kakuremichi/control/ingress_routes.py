@@ -18,15 +18,19 @@ Ingress or Service says raises here.
 
 from __future__ import annotations
 
+import hashlib
 import re
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
 
 from kakuremichi.api.protocol import PathMatch, RequestMatch, RequestRule, WeightedBackend
 from kakuremichi.api.request_paths import PathRefused, normalize_path
+from kakuremichi.control.ownership import TunnelFacts
 
 INGRESS_CLASS = "kakuremichi"
 INGRESS_CONTROLLER = "kakuremichi.io/ingress-controller"
@@ -274,3 +278,39 @@ def _is_port(value: object) -> bool:
 def backends_of(routes: Iterable[IngressRoutes]) -> set[BackendRef]:
     """Every Service port some host of these routes leads to."""
     return {ref for r in routes for host in r.hosts.values() for ref in host.backends}
+
+
+def certificate_name(ingress: str, host: str) -> str:
+    """The Certificate object that serves ``host`` of Ingress ``ingress`` (same namespace)."""
+    digest = hashlib.sha256(host.encode()).hexdigest()[:10]
+    return f"{ingress[:230]}-{digest}"
+
+
+def host_claims(
+    ingress: Mapping[str, Any], routes: IngressRoutes, cluster_agent: tuple[str, str]
+) -> tuple[TunnelFacts, ...]:
+    """Each host an Ingress asks for, as a claim in the one ownership decision: dated from the
+    Ingress's creation, with an id that stays the same for the same Ingress and host, served
+    through the cluster agent (``(namespace, name)``) by the host's rules."""
+    metadata = _map(ingress.get("metadata"))
+    namespace, name = str(metadata.get("namespace", "")), str(metadata.get("name", ""))
+    created = datetime.fromisoformat(
+        str(metadata.get("creationTimestamp", "")).replace("Z", "+00:00")
+    )
+    uid = str(metadata.get("uid", ""))
+    claims = []
+    for host, served in sorted(routes.hosts.items()):
+        if not served.rules:
+            continue  # (every path of it was refused: nothing to serve, nothing to hold)
+        first = min(served.backends)
+        claims.append(TunnelFacts(
+            id=uuid.uuid5(uuid.NAMESPACE_URL, f"kakuremichi:ingress:{uid}/{host}"),
+            namespace=namespace, name=name, domain=host, agent=cluster_agent[1],
+            agent_namespace=cluster_agent[0],
+            target=f"{first.service}.{first.namespace}:{first.port}",
+            enabled=True, created=created, generation=int(metadata.get("generation") or 0),
+            certificate=certificate_name(name, host), description=f"Ingress {namespace}/{name}",
+            source=f"Ingress {name}", rules=tuple(served.rules),
+            backends=tuple(sorted(ref.stream for ref in served.backends)),
+        ))  # fmt: skip
+    return tuple(claims)

@@ -32,6 +32,7 @@ from functools import cached_property
 from typing import Literal
 from uuid import UUID
 
+from kakuremichi.api.protocol import RequestRule
 from kakuremichi.api.resources import (
     AppProtocol,
     Hsts,
@@ -71,10 +72,30 @@ class TunnelFacts:
     protocol: TunnelProtocol = "HTTP"
     port: int | None = None
     proxy_protocol: ProxyProtocol = "None"
+    # A host of a route (Ingress, HTTPRoute) claims like a Tunnel, with these besides:
+    source: str | None = None
+    """The route object, e.g. ``Ingress web`` (None: a Tunnel): how refusals name a holder of
+    the same namespace, and the mirror row's description."""
+    agent_namespace: str | None = None
+    """The Agent's namespace when it is not the claim's own (routes go through the cluster
+    agent, in the operator's namespace)."""
+    rules: tuple[RequestRule, ...] | None = None
+    """Per-request routing to ``backends`` (None: every request to ``target``)."""
+    backends: tuple[str, ...] = ()
+    """The backend streams (``namespace/service:port``) the rules lead to."""
 
     @property
     def claim(self) -> Claim:
         return Claim(self.created, self.id)
+
+    @property
+    def agent_key(self) -> tuple[str, str]:
+        """(namespace, name) of the Agent it goes through."""
+        return self.agent_namespace or self.namespace, self.agent
+
+    @property
+    def kind_and_name(self) -> str:
+        return self.source or f"Tunnel {self.name}"
 
     @property
     def public_port(self) -> PublicPort | None:
@@ -352,7 +373,7 @@ def decide_domains(
         if tunnel.id in refusals or holder is None or holder.id == tunnel.id:
             continue
         who = (
-            f"Tunnel {holder.name} of this namespace"
+            f"{holder.kind_and_name} of this namespace"
             if holder.namespace == tunnel.namespace
             else "another namespace"
         )
@@ -419,7 +440,7 @@ def _decide_ports(
         if holder.id == tunnel.id:
             continue
         who = (
-            f"Tunnel {holder.name} of this namespace"
+            f"{holder.kind_and_name} of this namespace"
             if holder.namespace == tunnel.namespace
             else "another namespace"
         )

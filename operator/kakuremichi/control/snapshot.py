@@ -46,6 +46,11 @@ CertificateKey = tuple[str, str]
 @dataclass(frozen=True)
 class ControlFacts:
     tunnels: Mapping[UUID, TunnelFacts] = field(default_factory=dict)
+    route_claims: Mapping[UUID, TunnelFacts] = field(default_factory=dict)
+    """Hosts of routes (Ingress, HTTPRoute), claiming beside the Tunnels."""
+    endpoints: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Route backend → its ready endpoints (projected into the cluster agent's config only:
+    they take no part in the decision)."""
     agent_claims: Mapping[UUID, AgentClaim] = field(default_factory=dict)
     """Every Agent seen, provisioned or not."""
     agents: Mapping[UUID, AgentNode] = field(default_factory=dict)
@@ -83,7 +88,8 @@ class Snapshot:
     @cached_property
     def ownership(self) -> DomainOwnership:
         facts = self.facts
-        return decide_domains(facts.tunnels.values(), facts.tenancy, facts.history, self.port_rules)
+        claims = [*facts.tunnels.values(), *facts.route_claims.values()]
+        return decide_domains(claims, facts.tenancy, facts.history, self.port_rules)
 
     @cached_property
     def port_rules(self) -> PortRules:
@@ -142,6 +148,7 @@ class Snapshot:
             gateways=facts.gateways,
             gateway_boots=facts.gateway_boots,
             routes=self.routes,
+            endpoints=facts.endpoints,
             certificates=certificates,
             challenges=tuple(
                 facts.challenges[key]
@@ -160,9 +167,9 @@ class Snapshot:
 
     @cached_property
     def tunnel_rows(self) -> tuple[TunnelRowFacts, ...]:
-        tunnels = self.facts.tunnels
+        claims = {**self.facts.tunnels, **self.facts.route_claims}
         return tuple(
-            TunnelRowFacts(route.tunnel_id, route, tunnels[route.tunnel_id].description)
+            TunnelRowFacts(route.tunnel_id, route, claims[route.tunnel_id].description)
             for route in self.routes
             if route.agent_id is not None
         )

@@ -93,6 +93,10 @@ class ControlState:
     startup: StartupWindow = field(default_factory=StartupWindow)
     """While open, an unknown key may belong to an object not reconciled again yet."""
     tunnels: dict[UUID, TunnelFacts] = field(default_factory=dict)
+    route_claims: dict[str, tuple[TunnelFacts, ...]] = field(default_factory=dict)
+    """Route object (e.g. ``Ingress shop/web``) → the claims of its hosts."""
+    endpoints: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Route backend → its ready endpoints."""
     certificate_verdicts: dict[tuple[str, str], CertificateVerdict] = field(default_factory=dict)
     """(namespace, Certificate name) → whether it can be served."""
     bundles: dict[tuple[str, str], CertificateBundle] = field(default_factory=dict)
@@ -292,6 +296,24 @@ class ControlState:
             self.tunnels[tunnel.id] = tunnel
             self.touch()
 
+    def set_route_claims(self, source: str, claims: tuple[TunnelFacts, ...]) -> None:
+        """What one route object claims now (none: it claims nothing, or is gone)."""
+        if self.route_claims.get(source, ()) != claims:
+            if claims:
+                self.route_claims[source] = claims
+            else:
+                self.route_claims.pop(source, None)
+            self.touch()
+
+    def set_endpoints(self, backend: str, endpoints: tuple[str, ...] | None) -> None:
+        """A route backend's ready endpoints (None: it is no longer watched)."""
+        if self.endpoints.get(backend) != endpoints:
+            if endpoints is None:
+                self.endpoints.pop(backend, None)
+            else:
+                self.endpoints[backend] = endpoints
+            self.touch()
+
     def seed_tunnel_conditions(self, tunnel_id: UUID, conditions: list[Condition]) -> None:
         """The conditions a Tunnel had when first seen, so transition times survive restarts."""
         self.tunnel_conditions.setdefault(tunnel_id, conditions)
@@ -434,6 +456,8 @@ class ControlState:
         if self._snapshot is None or self._snapshot.generation != self.generation:
             facts = ControlFacts(
                 tunnels=dict(self.tunnels),
+                route_claims={c.id: c for claims in self.route_claims.values() for c in claims},
+                endpoints=dict(self.endpoints),
                 agent_claims=dict(self.agent_claims),
                 agents=dict(self.agents),
                 agents_away=self.agents_away(),

@@ -16,6 +16,7 @@ from uuid import UUID
 
 from kakuremichi.api.protocol import (
     AcmeChallenge,
+    AgentBackend,
     AgentConfig,
     AgentPeer,
     AgentSelf,
@@ -25,6 +26,7 @@ from kakuremichi.api.protocol import (
     GatewayPeer,
     GatewaySelf,
     GatewayTunnel,
+    RequestRule,
 )
 from kakuremichi.api.resources import ClientLimits, Hsts, ProxyProtocol, TunnelProtocol
 from kakuremichi.control import addressing
@@ -92,6 +94,9 @@ class Route:
     port: int | None = None
     """The public port (TCP, UDP), which the Tunnel holds."""
     proxy_protocol: ProxyProtocol = "None"
+    rules: tuple[RequestRule, ...] | None = None
+    """A route's host: per-request routing to ``backends`` (None: a Tunnel's domain)."""
+    backends: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,8 @@ class Topology:
     certificates: Mapping[str, CertificateBundle] = field(default_factory=dict)
     """Domain → the certificate its holder serves."""
     challenges: tuple[AcmeChallenge, ...] = ()
+    endpoints: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Route backend (``namespace/service:port``) → its ready endpoints (``ip:port``)."""
 
     def served_routes(self) -> list[Route]:
         """Routes that reach an agent, sorted by domain."""
@@ -121,6 +128,11 @@ class Topology:
             if route.agent_id is not None:
                 by_agent.setdefault(route.agent_id, []).append(route)
         return {agent_id: tuple(routes) for agent_id, routes in by_agent.items()}
+
+    def backends_of(self, agent_id: UUID) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """The route backends one agent serves, with their endpoints, by name."""
+        names = sorted({b for r in self._served_by_agent.get(agent_id, ()) for b in r.backends})
+        return tuple((name, self.endpoints.get(name, ())) for name in names)
 
     # Computed once per topology and shared by every config rendered from it: a change fans out
     # to every connected edge, so per-edge work must stay small (bench/README.md).
@@ -176,6 +188,7 @@ class Topology:
                 protocol=route.protocol if route.protocol != "HTTP" else None,
                 port=route.port,
                 proxy_protocol=route.proxy_protocol if route.proxy_protocol != "None" else None,
+                rules=list(route.rules) if route.rules is not None else None,
             )
             for route in self.routes
         )
@@ -189,6 +202,7 @@ def agent_inputs(topology: Topology, agent_id: UUID) -> tuple[object, ...]:
         topology.gateways_by_index,
         topology.boots_by_index,
         topology._served_by_agent.get(agent_id, ()),
+        topology.backends_of(agent_id),
     )
 
 
@@ -237,7 +251,13 @@ def agent_config(
                 proxy_protocol=route.proxy_protocol if route.proxy_protocol != "None" else None,
             )
             for route in topology.served_routes_of(agent_id)
+            if route.rules is None  # (a route's host is served through its backends)
         ],
+        backends=[
+            AgentBackend(name=name, endpoints=list(endpoints))
+            for name, endpoints in topology.backends_of(agent_id)
+        ]
+        or None,
     )
 
 

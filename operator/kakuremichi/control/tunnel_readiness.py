@@ -75,7 +75,7 @@ def _not_holder(standing: str) -> Callable[[TunnelFacts, Picture], Finding]:
 
 
 def _agent_missing(tunnel: TunnelFacts, picture: Picture) -> Finding:
-    if (tunnel.namespace, tunnel.agent) in picture.agents:
+    if tunnel.agent_key in picture.agents:
         return None
     return "AgentNotReady", (
         f"Agent {tunnel.namespace}/{tunnel.agent} does not exist or is not provisioned "
@@ -84,7 +84,7 @@ def _agent_missing(tunnel: TunnelFacts, picture: Picture) -> Finding:
 
 
 def _agent_offline(tunnel: TunnelFacts, picture: Picture) -> Finding:
-    agent = picture.agents.get((tunnel.namespace, tunnel.agent))
+    agent = picture.agents.get(tunnel.agent_key)
     if agent is None or agent.id not in picture.away:
         return None
     what = "requests for" if tunnel.protocol == "HTTP" else "clients of"
@@ -236,7 +236,7 @@ def routes(ownership: DomainOwnership, agents: Mapping[UUID, AgentNode]) -> tupl
         holder = ownership.holders[domain]
         if not ownership.serves(holder):
             continue
-        agent = by_name.get((holder.namespace, holder.agent))
+        agent = by_name.get(holder.agent_key)
         found.append(
             Route(
                 domain,
@@ -249,6 +249,8 @@ def routes(ownership: DomainOwnership, agents: Mapping[UUID, AgentNode]) -> tupl
                 protocol=holder.protocol,
                 port=holder.port if holder.public_port is not None else None,
                 proxy_protocol=holder.proxy_protocol,
+                rules=holder.rules,
+                backends=holder.backends,
             )
         )
     return tuple(found)
