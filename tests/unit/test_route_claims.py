@@ -4,20 +4,27 @@ the snapshot's projections out."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kakuremichi.control.addressing import SubnetAllocator, SubnetPool
 from kakuremichi.control.credentials import generate_wireguard_keypair
-from kakuremichi.control.ingress_routes import ServiceFacts, host_claims, ingress_routes
-from kakuremichi.control.ownership import TunnelFacts
+from kakuremichi.control.ingress_routes import (
+    ServiceFacts,
+    claim_id,
+    host_claims,
+    ingress_routes,
+)
+from kakuremichi.control.ownership import TenantRule, TunnelFacts
 from kakuremichi.control.snapshot import ControlFacts, Snapshot
 from kakuremichi.control.state import ControlState
 from kakuremichi.control.store import Sealer
 from kakuremichi.control.topology import AgentNode, GatewayNode, agent_config, gateway_config
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
+NOW = T0 + timedelta(days=5)
 
 
 def key() -> str:
@@ -44,8 +51,13 @@ def ingress(namespace: str, host: str, created: datetime, name: str = "web") -> 
     }  # fmt: skip
 
 
-def claims(body: dict[str, Any]) -> tuple[TunnelFacts, ...]:
-    return host_claims(body, ingress_routes(body, SERVICES), (SYSTEM, CLUSTER_AGENT.name))
+def claims(body: dict[str, Any], seen_at: datetime | None = None) -> tuple[TunnelFacts, ...]:
+    """An Ingress's claims, as an operator that first saw it at ``seen_at`` (default: when it
+    was created) would make them."""
+    created = datetime.fromisoformat(body["metadata"]["creationTimestamp"].replace("Z", "+00:00"))
+    routes = ingress_routes(body, SERVICES)
+    seen = {claim_id(body["metadata"]["uid"], host): seen_at or created for host in routes.hosts}
+    return host_claims(body, routes, (SYSTEM, CLUSTER_AGENT.name), seen, NOW)
 
 
 def tunnel(namespace: str, domain: str, created: datetime) -> TunnelFacts:
@@ -124,3 +136,44 @@ def test_facts_go_into_the_state_through_its_methods_and_each_change_is_a_genera
     state.set_route_claims("Ingress shop/web", ())
     state.set_endpoints("shop/web:80", None)
     assert state.snapshot().facts.route_claims == {} and state.snapshot().facts.endpoints == {}
+
+
+def test_an_old_ingress_edited_to_name_a_held_domain_claims_it_from_now() -> None:
+    holder = tunnel("bob", "shop.example.com", T0 + timedelta(days=1))
+    body = ingress("mallory", "shop.example.com", T0)  # created long before the Tunnel...
+    routes = ingress_routes(body, SERVICES)
+    # ...but this host is new to the operator (it was edited in today): dated now, not T0
+    edited = host_claims(body, routes, (SYSTEM, CLUSTER_AGENT.name), {}, NOW)
+    decided = snapshot(holder, routes=edited)
+    assert decided.ownership.holders["shop.example.com"].id == holder.id
+    assert decided.ownership.refusals[edited[0].id].reason == "DomainConflict"
+
+
+def test_route_claims_keep_their_dates_and_refusals_from_one_decision_to_the_next() -> None:
+    state = ControlState(Sealer(Sealer.generate_key()), SubnetAllocator(SubnetPool()))
+    tight = TenantRule("tight", frozenset({"shop"}), suffixes=(".example.com",), max_tunnels=1)
+    state.set_tenant_rule(tight)
+    shop = claims(ingress("shop", "a.example.com", T0))
+    extra = claims(ingress("shop", "b.example.com", T0 + timedelta(hours=1), name="extra"))
+    state.set_route_claims("Ingress shop/web", shop)
+    state.set_route_claims("Ingress shop/extra", extra)
+    state.record_claims(state.snapshot().ownership)
+    assert state.claim_since[shop[0].id] == T0 and extra[0].id in state.claim_refused
+
+
+def test_hosts_the_gateways_would_refuse_never_reach_them_and_never_stop_the_others() -> None:
+    body = ingress("shop", "shop.123", T0)
+    assert ingress_routes(body, SERVICES).hosts == {}  # (the API server allows it; we do not)
+    many = ingress("shop", "many.example.com", T0)
+    many["spec"]["rules"][0]["http"]["paths"] = [
+        {"path": f"/p{i}", "pathType": "Exact",
+         "backend": {"service": {"name": "web", "port": {"number": 80}}}} for i in range(600)
+    ]  # fmt: skip
+    routes = ingress_routes(many, SERVICES)
+    assert len(routes.hosts["many.example.com"].rules) == 500
+    assert "at most 500 paths" in routes.problems[0]
+    broken = dataclasses.replace(claims(ingress("shop", "ok.example.com", T0))[0],
+                                 domain="bad..example.com")  # fmt: skip
+    decided = snapshot(tunnel("alice", "alice.example.com", T0), routes=(broken,))
+    served = [t.domain for t in gateway_config(decided.topology, GATEWAY.id, 1).tunnels]
+    assert served == ["alice.example.com"]

@@ -28,6 +28,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from kakuremichi.api import validation
 from kakuremichi.api.protocol import PathMatch, RequestMatch, RequestRule, WeightedBackend
 from kakuremichi.api.request_paths import PathRefused, normalize_path
 from kakuremichi.control.ownership import TunnelFacts
@@ -36,6 +37,8 @@ INGRESS_CLASS = "kakuremichi"
 INGRESS_CONTROLLER = "kakuremichi.io/ingress-controller"
 CLASS_ANNOTATION = "kubernetes.io/ingress.class"
 DEFAULT_CLASS_ANNOTATION = "ingressclass.kubernetes.io/is-default-class"
+MAX_PATHS_PER_HOST = 500
+"""Within what a gateway takes for one host (1,000 rules, 2,048 conditions)."""
 _HOST = re.compile(
     r"^(?=.{1,253}$)([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)+$"
 )
@@ -132,12 +135,17 @@ def ingress_routes(
             out.problems.append(f"{at}.host: wildcard hosts are not served (their certificate "
                                 "would need DNS-01); name each host.")  # fmt: skip
             continue
-        if not _HOST.fullmatch(host):
+        if not _HOST.fullmatch(host) or not _is_domain(host):
             out.problems.append(f"{at}.host: must be a lower-case DNS name such as "
                                 "app.example.com.")  # fmt: skip
             continue
         entries = paths.setdefault(host, [])
         for p, path in enumerate(_list(_map(rule.get("http")).get("paths"))):
+            if len(entries) >= MAX_PATHS_PER_HOST:
+                out.problems.append(f"{at}.http.paths[{p}]: a host has at most "
+                                    f"{MAX_PATHS_PER_HOST} paths; this one and those after it "
+                                    "are not served.")  # fmt: skip
+                break
             entry = _path_rule(path, f"{at}.http.paths[{p}]", namespace, services, out.problems)
             if entry is not None:
                 entries.append(entry)
@@ -267,6 +275,15 @@ def _map(value: object) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
+def _is_domain(host: str) -> bool:
+    """As a Tunnel's domain must be (no numeric last label, as the API server allows)."""
+    try:
+        validation.domain_name(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _text(value: object) -> str:
     return value if isinstance(value, str) else ""
 
@@ -286,29 +303,39 @@ def certificate_name(ingress: str, host: str) -> str:
     return f"{ingress[:230]}-{digest}"
 
 
+def claim_id(ingress_uid: str, host: str) -> uuid.UUID:
+    """The same for the same Ingress and host, and never a Kubernetes uid (those are v4)."""
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"kakuremichi:ingress:{ingress_uid}/{host}")
+
+
 def host_claims(
-    ingress: Mapping[str, Any], routes: IngressRoutes, cluster_agent: tuple[str, str]
-) -> tuple[TunnelFacts, ...]:
-    """Each host an Ingress asks for, as a claim in the one ownership decision: dated from the
-    Ingress's creation, with an id that stays the same for the same Ingress and host, served
-    through the cluster agent (``(namespace, name)``) by the host's rules."""
+    ingress: Mapping[str, Any], routes: IngressRoutes, cluster_agent: tuple[str, str],
+    seen: Mapping[uuid.UUID, datetime], now: datetime,
+) -> tuple[TunnelFacts, ...]:  # fmt: skip
+    """Each host an Ingress asks for, as a claim in the one ownership decision, served through
+    the cluster agent (``(namespace, name)``) by the host's rules.
+
+    A claim dates from when the operator first saw that host in that Ingress (``seen``, else
+    ``now``), never from the Ingress's creation: hosts of an Ingress can be edited, and an old
+    Ingress edited today to name a domain someone holds would otherwise be the oldest claim on
+    it. (Whoever feeds this must keep ``seen`` across restarts, as Tunnels' claims are kept.)
+    """
     metadata = _map(ingress.get("metadata"))
     namespace, name = str(metadata.get("namespace", "")), str(metadata.get("name", ""))
-    created = datetime.fromisoformat(
-        str(metadata.get("creationTimestamp", "")).replace("Z", "+00:00")
-    )
     uid = str(metadata.get("uid", ""))
     claims = []
     for host, served in sorted(routes.hosts.items()):
         if not served.rules:
             continue  # (every path of it was refused: nothing to serve, nothing to hold)
         first = min(served.backends)
+        identity = claim_id(uid, host)
         claims.append(TunnelFacts(
-            id=uuid.uuid5(uuid.NAMESPACE_URL, f"kakuremichi:ingress:{uid}/{host}"),
+            id=identity,
             namespace=namespace, name=name, domain=host, agent=cluster_agent[1],
             agent_namespace=cluster_agent[0],
             target=f"{first.service}.{first.namespace}:{first.port}",
-            enabled=True, created=created, generation=int(metadata.get("generation") or 0),
+            enabled=True, created=seen.get(identity, now),
+            generation=int(metadata.get("generation") or 0),
             certificate=certificate_name(name, host), description=f"Ingress {namespace}/{name}",
             source=f"Ingress {name}", rules=tuple(served.rules),
             backends=tuple(sorted(ref.stream for ref in served.backends)),

@@ -359,7 +359,8 @@ def decide_domains(
             refusals[tunnel.id] = Refusal(
                 "QuotaExceeded",
                 f"namespace {tunnel.namespace} may have {quota.limit} Tunnels (TenantPolicy "
-                f"{quota.policy}); this one is younger than the {quota.limit} oldest",
+                f"{quota.policy}); this one is younger than the {quota.limit} oldest (hosts "
+                "of Ingresses count as Tunnels)",
             )
         elif not grant.allows(tunnel.domain):
             refusals[tunnel.id] = Refusal("DomainNotAllowed", _not_allowed(tunnel, grant))

@@ -327,9 +327,9 @@ class ControlState:
 
     def record_claims(self, ownership: DomainOwnership) -> None:
         """Remember when each claim began, so the next decision dates it the same."""
-        refused = set(ownership.unable)
-        since = {uid: when for uid, when in ownership.claims.items() if uid in self.tunnels}
-        refused &= set(self.tunnels)
+        known = set(self.tunnels) | {c.id for cs in self.route_claims.values() for c in cs}
+        refused = set(ownership.unable) & known
+        since = {uid: when for uid, when in ownership.claims.items() if uid in known}
         if since != self.claim_since or refused != self.claim_refused:
             self.claim_since, self.claim_refused = since, refused
             self.touch()

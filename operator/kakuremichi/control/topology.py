@@ -14,6 +14,8 @@ from functools import cached_property
 from typing import Literal
 from uuid import UUID
 
+from pydantic import ValidationError
+
 from kakuremichi.api.protocol import (
     AcmeChallenge,
     AgentBackend,
@@ -175,8 +177,14 @@ class Topology:
 
     @cached_property
     def _gateway_tunnels(self) -> tuple[GatewayTunnel, ...]:
-        return tuple(
-            GatewayTunnel(
+        return tuple(t for t in map(self._gateway_tunnel, self.routes) if t is not None)
+
+    def _gateway_tunnel(self, route: Route) -> GatewayTunnel | None:
+        """The route as gateways read it; None if it does not pass the wire's checks (a route
+        from a tenant's Ingress that the checks before missed: it is left out, and every other
+        route still reaches the gateways)."""
+        try:
+            return GatewayTunnel(
                 domain=route.domain,
                 agent_virtual_ip=(
                     self.agents[route.agent_id].virtual_ip if route.agent_id is not None else None
@@ -190,8 +198,8 @@ class Topology:
                 proxy_protocol=route.proxy_protocol if route.proxy_protocol != "None" else None,
                 rules=list(route.rules) if route.rules is not None else None,
             )
-            for route in self.routes
-        )
+        except ValidationError:
+            return None
 
 
 def agent_inputs(topology: Topology, agent_id: UUID) -> tuple[object, ...]:

@@ -78,7 +78,7 @@ def _agent_missing(tunnel: TunnelFacts, picture: Picture) -> Finding:
     if tunnel.agent_key in picture.agents:
         return None
     return "AgentNotReady", (
-        f"Agent {tunnel.namespace}/{tunnel.agent} does not exist or is not provisioned "
+        f"Agent {'/'.join(tunnel.agent_key)} does not exist or is not provisioned "
         f"({tunnel.domain} stays this Tunnel's meanwhile)"
     )
 
@@ -90,7 +90,7 @@ def _agent_offline(tunnel: TunnelFacts, picture: Picture) -> Finding:
     what = "requests for" if tunnel.protocol == "HTTP" else "clients of"
     fate = "get 502" if tunnel.protocol == "HTTP" else "are closed"
     return "AgentOffline", (
-        f"Agent {tunnel.namespace}/{tunnel.agent} is not connected to control: {what} "
+        f"Agent {'/'.join(tunnel.agent_key)} is not connected to control: {what} "
         f"{tunnel.url} {fate} until it is (start its edge, or check its network)"
     )
 
