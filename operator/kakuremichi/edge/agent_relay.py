@@ -101,11 +101,6 @@ class AgentTarget:
     def backend(cls, backend: AgentBackend) -> AgentTarget:
         return cls("", endpoints=tuple(backend.endpoints))
 
-    @property
-    def places(self) -> str:
-        """Where it goes, for a log line."""
-        return self.target if self.endpoints is None else f"{len(self.endpoints)} endpoints"
-
 
 class AgentRelay:
     """Domain → target of this agent's enabled tunnels, and the open relays."""
@@ -135,7 +130,7 @@ class AgentRelay:
         elsewhere are closed, all others go on untouched. A backend's endpoints changing closes
         nothing at once: relays to an endpoint that left are retired (closed once quiet)."""
         before, self.targets = self.targets, dict(targets)
-        changed = {d for d in before if _same_place(self.targets.get(d), before[d]) is False}
+        changed = {d for d in before if not _same_place(self.targets.get(d), before[d])}
         self.turns = {name: turn for name, turn in self.turns.items() if name in self.targets}
         for relay in list(self.relays):
             if relay.domain in changed:

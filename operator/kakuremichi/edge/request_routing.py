@@ -111,7 +111,6 @@ class Request:
     header_names: Sequence[bytes]
     """Lower case, one per line."""
     _query: dict[bytes, bytes] | None = None
-
     _headers: dict[bytes, bytes] | None = None
 
     def header(self, lower: bytes) -> bytes | None:
