@@ -24,7 +24,7 @@ BASELINE = "20c1e29"
 """The last revision before per-request routing (issue 21)."""
 
 MEASURE = r"""
-import sys, time
+import os, sys, time
 from kakuremichi.edge.https_proxy import ClientConnection, HttpsProxy
 from kakuremichi.edge.gateway_routes import GatewayRoute
 from kakuremichi.edge.stats import EdgeStats
@@ -60,7 +60,18 @@ class Stream:
 
 
 proxy = HttpsProxy(EdgeStats("gateway"))
-proxy.set_routes({"localhost": GatewayRoute(domain="localhost", agent_ip="127.0.0.1")})
+rules = None
+if int(os.environ.get("KM_RULES", "0")):  # N path rules that do not fit, then a catch-all
+    from kakuremichi.api.protocol import RequestRule
+    backend = [{"stream": "shop/web:80"}]
+    rules = tuple(
+        RequestRule.model_validate(
+            {"matches": [{"path": {"value": f"/p{i}"}}], "backends": backend}
+        )
+        for i in range(int(os.environ["KM_RULES"]))
+    ) + (RequestRule.model_validate({"backends": backend}),)
+route = GatewayRoute(domain="localhost", agent_ip="127.0.0.1", rules=rules)
+proxy.set_routes({"localhost": route})
 proxy.dialer.open_stream = lambda ip, name, upstream: upstream.connection_made(Stream(upstream))
 client = ClientConnection(proxy)
 client.connection_made(Client())
@@ -80,18 +91,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", default=BASELINE, help="revision A (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rules", type=int, default=0,
+                        help="instead: the working tree, a host without rules against one whose "
+                             "requests pass N path rules before a catch-all")  # fmt: skip
     options = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kakuremichi-path-ab-"))
     before_tree = work / "before"
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(before_tree),
                     options.before], check=True, capture_output=True)  # fmt: skip
     trees = {"before": before_tree, "after": REPO}
+    rules = {"before": "0", "after": "0"}
+    if options.rules:
+        trees["before"], rules["after"] = REPO, str(options.rules)
     figures: dict[str, list[float]] = {"before": [], "after": []}
     try:
         for round_ in range(options.rounds):
             order = ("before", "after") if round_ % 2 == 0 else ("after", "before")
             for name in order:
-                env = dict(os.environ, PYTHONPATH=str(trees[name] / "operator"))
+                env = dict(os.environ, PYTHONPATH=str(trees[name] / "operator"),
+                           KM_RULES=rules[name])  # fmt: skip
                 out = subprocess.run([sys.executable, "-c", MEASURE], env=env, check=True,
                                      capture_output=True, text=True).stdout  # fmt: skip
                 figures[name].append(float(out.strip()))
@@ -101,7 +119,9 @@ def main() -> int:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(before_tree)],
                        check=False, capture_output=True)  # fmt: skip
     before, after = min(figures["before"]), min(figures["after"])
-    print(f"fastest per request: before ({options.before}) {before:.2f} µs, after {after:.2f} µs "
+    label = "no rules" if options.rules else f"before ({options.before})"
+    after_label = f"{options.rules} rules" if options.rules else "after"
+    print(f"fastest per request: {label} {before:.2f} µs, {after_label} {after:.2f} µs "
           f"(+{after - before:.2f} µs, ratio {after / before:.3f})")  # fmt: skip
     return 0
 

@@ -6,6 +6,7 @@ the rules."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import ssl
 import time
@@ -505,3 +506,15 @@ def test_http2_is_not_offered_where_requests_are_routed_by_rules() -> None:
         domain=DOMAIN, agent_ip="127.0.0.1", h2c=True, rules=rules(prefix("/", WEB))
     )
     assert FrontEndConfig(routes=[routed]).h2c_domains() == set()
+
+
+def test_normalizing_is_idempotent_and_leaves_no_dot_or_empty_segment() -> None:
+    pieces = ["a", "bc", ".", "..", "", "%41", "%2e", "%2E%2e", ".well-known", "x;y"]
+    for size in range(1, 5):
+        for parts in itertools.product(pieces, repeat=size):
+            raw = ("/" + "/".join(parts)).encode()
+            normal = normalize_path(raw)
+            assert normalize_path(normal) == normal, raw
+            segments = normal.split(b"/")[1:]
+            assert all(s not in (b".", b"..") for s in segments), raw
+            assert b"//" not in normal and normal.startswith(b"/"), raw

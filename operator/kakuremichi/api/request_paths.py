@@ -5,7 +5,12 @@ with it (RFC 3986 6.2.2 and 5.2.4, plus refusals of forms that origins read diff
 
 from __future__ import annotations
 
+import re
+
 __all__ = ["PathRefused", "normalize_path"]
+
+_PLAIN = re.compile(rb"/[-A-Za-z0-9._~!$&'()*+,;=:@/]*")
+"""A path with nothing to normalize but, maybe, dot segments and repeated slashes."""
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = frozenset(b"0123456789ABCDEFabcdef")
@@ -18,6 +23,8 @@ class PathRefused(ValueError):
 def normalize_path(path: bytes) -> bytes:
     """``path`` (no query) with percent-encoded unreserved characters decoded, other escapes in
     upper case, dot segments removed and repeated slashes merged (RFC 3986 6.2.2, 5.2.4)."""
+    if _PLAIN.fullmatch(path) and b"//" not in path and b"/." not in path:
+        return path  # (most requests: no escape, no dot segment, no empty segment)
     if not path.startswith(b"/"):
         raise PathRefused("Only requests for a path (/...) are served on this host.")
     if b"\\" in path:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from urllib.parse import unquote_to_bytes
 
 from kakuremichi.api.protocol import HeaderEdits, PathMatch, RequestMatch, RequestRule
@@ -79,6 +80,14 @@ class _Match:
     def fits(self, request: Request) -> bool:
         if self.path is not None and not self.path.fits(request.path):
             return False
+        return self.fits_besides_path(request)
+
+    @property
+    def besides_path(self) -> bool:
+        """Whether it has conditions other than its path."""
+        return self.method is not None or bool(self.headers) or bool(self.query)
+
+    def fits_besides_path(self, request: Request) -> bool:
         if self.method is not None and request.method != self.method:
             return False
         for name, value in self.headers:
@@ -178,7 +187,7 @@ class Choice:
     edits: Edits | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class _Rule:
     matches: tuple[_Match, ...]
     streams: tuple[str, ...]
@@ -203,6 +212,15 @@ class _Rule:
     def fits(self, request: Request) -> bool:
         return not self.matches or any(m.fits(request) for m in self.matches)
 
+    def choice(self, draw: Callable[[int], int]) -> Choice:
+        if len(self.streams) <= 1:  # (the common case: no draw, one object per rule)
+            return self._fixed
+        return Choice(self.pick(draw), self.edits)
+
+    @cached_property
+    def _fixed(self) -> Choice:
+        return Choice(self.streams[0] if self.streams else None, self.edits)
+
     def pick(self, draw: Callable[[int], int]) -> str | None:
         if not self.streams:
             return None
@@ -226,7 +244,7 @@ def _conditions(rule: RequestRule) -> int:
 class RequestRouter:
     """A host's rules, compiled once."""
 
-    __slots__ = ("_draw", "_rules", "left_out", "streams")
+    __slots__ = ("_draw", "_entries", "_rules", "left_out", "streams")
 
     def __init__(
         self, rules: Sequence[RequestRule], draw: Callable[[int], int] = random.randrange
@@ -243,10 +261,37 @@ class RequestRouter:
         self._draw = draw
         self.streams = frozenset(s for rule in self._rules for s in rule.streams)
         """Every backend stream the rules may choose."""
+        self._entries = tuple(
+            _entry(m, rule) for rule in self._rules for m in rule.matches or (None,)
+        )
+        """Each match of each rule, in order, flattened for :meth:`choose`'s one loop."""
 
     def choose(self, request: Request) -> Choice | None:
         """The first fitting rule's choice; None: no rule fits (404)."""
-        for rule in self._rules:
-            if rule.fits(request):
-                return Choice(rule.pick(self._draw), rule.edits)
+        path = request.path
+        for kind, value, under, rest, rule in self._entries:
+            # (inlined path tests: this loop is per request and per rule)
+            if kind == _EXACT:
+                if path != value:
+                    continue
+            elif kind == _PREFIX and path != value and not path.startswith(under):
+                continue
+            if rest is not None and not rest.fits_besides_path(request):
+                continue
+            return rule.choice(self._draw)
         return None
+
+
+_ANY, _EXACT, _PREFIX = 0, 1, 2
+_Entry = tuple[int, bytes, bytes, _Match | None, _Rule]
+
+
+def _entry(match: _Match | None, rule: _Rule) -> _Entry:
+    """(path test, its value, the value with a slash, the match if it has more to test, rule)."""
+    path = match.path if match is not None else None
+    rest = match if match is not None and match.besides_path else None
+    if path is None or (not path.exact and not path.value):  # (the prefix "/": every path)
+        return _ANY, b"", b"", rest, rule
+    if path.exact:
+        return _EXACT, path.value, b"", rest, rule
+    return _PREFIX, path.value, path.value + b"/", rest, rule
