@@ -18,14 +18,13 @@ from dataclasses import dataclass
 
 import pytest
 
-from kakuremichi.api.protocol import CertificateBundle
 from kakuremichi.api.resources import ClientLimits, Hsts
 from kakuremichi.edge.agent_relay import AgentRelay, AgentTarget
 from kakuremichi.edge.gateway_routes import GatewayRoute
-from kakuremichi.edge.https_proxy import HttpsProxy, serve
-from kakuremichi.edge.sni import SniContexts
+from kakuremichi.edge.https_proxy import HttpsProxy
 from kakuremichi.edge.stats import EdgeStats
 from tests.infra import plain_origin
+from tests.infra.front_end import serve_https
 from tests.infra.ports import free_port
 from tests.infra.tlsgen import TestCA
 
@@ -76,12 +75,7 @@ async def stack(limits: ClientLimits | None = None, hsts: Hsts | None = None,
     proxy = HttpsProxy(gateway_stats, relay_port=relay_port)
     proxy.set_front_end(limits, trusted or [])
     proxy.set_routes({DOMAIN: GatewayRoute(domain=DOMAIN, agent_ip="127.0.0.1", hsts=hsts)})
-    sni = SniContexts()
-    sni.install(sni.prepare([CertificateBundle(
-        domain=DOMAIN, certificate=issued.certificate_pem, private_key=issued.private_key_pem
-    )]))  # fmt: skip
-    https_port = free_port()
-    server = await serve(proxy, sni.front, "127.0.0.1", https_port)
+    server, https_port = await serve_https(proxy, DOMAIN, issued)
     sweeping = asyncio.create_task(proxy.sweep_forever(0.1))
     try:
         yield Stack(https_port, proxy, gateway_stats, agent_stats,

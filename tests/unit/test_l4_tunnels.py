@@ -17,16 +17,15 @@ from typing import cast
 
 import pytest
 
-from kakuremichi.api.protocol import CertificateBundle
 from kakuremichi.api.resources import ClientLimits
 from kakuremichi.edge import proxy_header, udp_frames
 from kakuremichi.edge.agent_datagrams import AgentDatagrams
 from kakuremichi.edge.agent_relay import AgentRelay, AgentTarget
 from kakuremichi.edge.gateway_routes import GatewayRoute
-from kakuremichi.edge.https_proxy import HttpsProxy, serve
+from kakuremichi.edge.https_proxy import HttpsProxy
 from kakuremichi.edge.public_ports import PublicPorts
-from kakuremichi.edge.sni import SniContexts
 from kakuremichi.edge.stats import EdgeStats
+from tests.infra.front_end import serve_https
 from tests.infra.ports import free_port
 from tests.infra.tlsgen import TestCA
 
@@ -116,13 +115,7 @@ async def l4(limits: ClientLimits | None = None) -> AsyncIterator[L4]:
     ports = PublicPorts(gateway_stats, proxy.splices, proxy.proxy_headers, "127.0.0.1", None,
                         relay_port)  # fmt: skip
     ca = TestCA()
-    web = ca.issue("web.example.com")
-    sni = SniContexts()
-    sni.install(sni.prepare([CertificateBundle(
-        domain="web.example.com", certificate=web.certificate_pem,
-        private_key=web.private_key_pem)]))  # fmt: skip
-    https_port = free_port()
-    https = await serve(proxy, sni.front, "127.0.0.1", https_port)
+    https, https_port = await serve_https(proxy, "web.example.com", ca.issue("web.example.com"))
     try:
         yield L4(proxy, ports, relay, datagrams, gateway_stats, agent_stats, relay_port,
                  https_port, ca)  # fmt: skip

@@ -24,7 +24,6 @@ from kakuremichi.api import protocol
 from kakuremichi.api.protocol import (
     AgentBackend,
     AgentConfig,
-    CertificateBundle,
     GatewayTunnel,
     PathMatch,
     RequestMatch,
@@ -34,10 +33,10 @@ from kakuremichi.api.protocol import (
 from kakuremichi.api.request_paths import PathRefused, normalize_path
 from kakuremichi.edge.agent_relay import AgentRelay, AgentTarget
 from kakuremichi.edge.gateway_routes import FrontEndConfig, GatewayRoute
-from kakuremichi.edge.https_proxy import HttpsProxy, serve
+from kakuremichi.edge.https_proxy import HttpsProxy
 from kakuremichi.edge.request_routing import Request, RequestRouter
-from kakuremichi.edge.sni import SniContexts
 from kakuremichi.edge.stats import EdgeStats
+from tests.infra.front_end import serve_https
 from tests.infra.ports import free_port
 from tests.infra.tlsgen import TestCA
 
@@ -237,12 +236,7 @@ async def stack(*names: str) -> AsyncIterator[Stack]:
         relay.protocol, "127.0.0.1", relay_port
     )
     proxy = HttpsProxy(EdgeStats("gateway"), relay_port=relay_port)
-    sni = SniContexts()
-    sni.install(sni.prepare([CertificateBundle(
-        domain=DOMAIN, certificate=issued.certificate_pem, private_key=issued.private_key_pem
-    )]))  # fmt: skip
-    https_port = free_port()
-    server = await serve(proxy, sni.front, "127.0.0.1", https_port)
+    server, https_port = await serve_https(proxy, DOMAIN, issued)
     try:
         yield Stack(https_port, relay, proxy, origins, ssl.create_default_context(cadata=ca.pem))
     finally:

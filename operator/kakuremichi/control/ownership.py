@@ -373,13 +373,8 @@ def decide_domains(
         holder = holders.get(tunnel.domain)
         if tunnel.id in refusals or holder is None or holder.id == tunnel.id:
             continue
-        who = (
-            f"{holder.kind_and_name} of this namespace"
-            if holder.namespace == tunnel.namespace
-            else "another namespace"
-        )
         refusals[tunnel.id] = Refusal(
-            "DomainConflict", f"{tunnel.domain} is already claimed by {who}"
+            "DomainConflict", f"{tunnel.domain} is already claimed by {_named(holder, tunnel)}"
         )
     # Every claimant claims its port too, whether or not it holds its domain now (one waiting
     # behind an older claim on its domain keeps its place for the port): a Tunnel that comes
@@ -440,15 +435,18 @@ def _decide_ports(
         holder = ports[port]
         if holder.id == tunnel.id:
             continue
-        who = (
-            f"{holder.kind_and_name} of this namespace"
-            if holder.namespace == tunnel.namespace
-            else "another namespace"
-        )
         refusals[tunnel.id] = Refusal(
-            "PortConflict", f"spec.port: {name} is already claimed by {who}"
+            "PortConflict", f"spec.port: {name} is already claimed by {_named(holder, tunnel)}"
         )
     return ports
+
+
+def _named(holder: TunnelFacts, claimant: TunnelFacts) -> str:
+    """The holder as a refusal names it: by kind and name in the claimant's own namespace,
+    never anything of another tenant's."""
+    if holder.namespace == claimant.namespace:
+        return f"{holder.kind_and_name} of this namespace"
+    return "another namespace"
 
 
 def _not_allowed(tunnel: TunnelFacts, grant: Grant) -> str:

@@ -52,12 +52,6 @@ class _Path:
             value = value.rstrip(b"/")  # "/api/" is the prefix "/api"; "/" is "" then
         return cls(match.type == "Exact", value)
 
-    def fits(self, path: bytes) -> bool:
-        if self.exact:
-            return path == self.value
-        prefix = self.value
-        return not prefix or path == prefix or path.startswith(prefix + b"/")
-
 
 @dataclass(frozen=True, slots=True)
 class _Match:
@@ -76,11 +70,6 @@ class _Match:
             tuple(_first_of_each((unquote_to_bytes(q.name), unquote_to_bytes(q.value))
                                  for q in match.query or ())),
         )  # fmt: skip
-
-    def fits(self, request: Request) -> bool:
-        if self.path is not None and not self.path.fits(request.path):
-            return False
-        return self.fits_besides_path(request)
 
     @property
     def besides_path(self) -> bool:
@@ -208,9 +197,6 @@ class _Rule:
             tuple(bounds),
             Edits.of(rule.request_headers),
         )
-
-    def fits(self, request: Request) -> bool:
-        return not self.matches or any(m.fits(request) for m in self.matches)
 
     def choice(self, draw: Callable[[int], int]) -> Choice:
         if len(self.streams) <= 1:  # (the common case: no draw, one object per rule)
