@@ -16,7 +16,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from kakuremichi.api.resources import API_VERSION, ResourceKind
-from kakuremichi.control.kube_api import SecretNotOwned, StoredSecret
+from kakuremichi.control.kube_api import AnyKind, BuiltinKind, SecretNotOwned, StoredSecret
 from kakuremichi.control.pod_identity import PodFacts, ReviewedToken
 
 Key = tuple[str, str, str]
@@ -54,6 +54,11 @@ class FakeKube:
     service_accounts: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     events: list[tuple[str, str, str, bool, str]] = field(default_factory=list)
     """(kind, namespace, name, warning, reason)."""
+    messages: list[str] = field(default_factory=list)
+    """Each Event's message, in the order of ``events``."""
+    builtin: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    """Objects of kinds the operator does not define (Ingresses, Services…), by plural."""
+    config_maps: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
     writes: list[tuple[str, Key]] = field(default_factory=list)
     """Every write, in order: (verb, what)."""
     _versions: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
@@ -110,13 +115,14 @@ class FakeKube:
         return {name: dict(labels) for name, labels in self.namespaces.items()}
 
     async def post_event(
-        self, kind: ResourceKind, namespace: str, name: str, uid: str, warning: bool,
+        self, kind: AnyKind, namespace: str, name: str, uid: str, warning: bool,
         reason: str, message: str,
     ) -> None:  # fmt: skip
         self.events.append((kind.kind, namespace, name, warning, reason))
+        self.messages.append(message)
 
     async def announce(
-        self, kind: ResourceKind, body: Mapping[str, Any], warning: bool, reason: str, message: str
+        self, kind: AnyKind, body: Mapping[str, Any], warning: bool, reason: str, message: str
     ) -> None:
         meta = body.get("metadata") or {}
         await self.post_event(
@@ -216,6 +222,10 @@ class FakeKube:
             found["metadata"]["generation"] += 1
         self.writes.append(("patch", self._key(kind, namespace, name)))
 
+    async def delete_object(self, kind: ResourceKind, namespace: str, name: str) -> None:
+        if self.objects.pop(self._key(kind, namespace, name), None) is not None:
+            self.writes.append(("delete", self._key(kind, namespace, name)))
+
     async def patch_status(
         self, kind: ResourceKind, namespace: str, name: str, status: dict[str, Any]
     ) -> bool:
@@ -240,3 +250,45 @@ class FakeKube:
             for (plural, namespace, _), body in sorted(self.objects.items())
             if plural == kind.plural and (not namespaces or namespace in namespaces)
         ]
+
+    def put_builtin(self, kind: BuiltinKind, body: dict[str, Any]) -> dict[str, Any]:
+        """An object of a kind the operator only reads, as the API server would return it."""
+        meta = body.setdefault("metadata", {})
+        meta.setdefault("uid", str(uuid.uuid4()))
+        meta.setdefault("generation", 1)
+        meta.setdefault("creationTimestamp", datetime.now(UTC).isoformat().replace("+00:00", "Z"))
+        meta["resourceVersion"] = str(next(self._versions))
+        body.setdefault("apiVersion", kind.api_version)
+        body.setdefault("kind", kind.kind)
+        namespace = meta.get("namespace") or "" if kind.namespaced else ""
+        self.builtin[(kind.plural, namespace, meta["name"])] = body
+        return body
+
+    async def list_builtin(
+        self, kind: BuiltinKind, namespaces: tuple[str, ...] = ()
+    ) -> list[dict[str, Any]]:
+        return [
+            _copy(body)
+            for (plural, namespace, _), body in sorted(self.builtin.items())
+            if plural == kind.plural and (not namespaces or namespace in namespaces)
+        ]
+
+    async def patch_builtin_status(
+        self, kind: BuiltinKind, namespace: str, name: str, status: dict[str, Any]
+    ) -> bool:
+        found = self.builtin.get((kind.plural, namespace if kind.namespaced else "", name))
+        if found is None:
+            return False
+        merge(found.setdefault("status", {}), status)
+        self.writes.append(("status", (kind.plural, namespace, name)))
+        return True
+
+    async def read_config_map(self, namespace: str, name: str) -> dict[str, str] | None:
+        found = self.config_maps.get((namespace, name))
+        return None if found is None else dict(found)
+
+    async def write_config_map(
+        self, namespace: str, name: str, data: Mapping[str, str], labels: Mapping[str, str]
+    ) -> None:
+        self.config_maps[(namespace, name)] = dict(data)
+        self.writes.append(("configmap", ("configmaps", namespace, name)))

@@ -26,6 +26,7 @@ from kubernetes import client
 
 from kakuremichi.api import protocol
 from kakuremichi.api.resources import AGENT, CERTIFICATE, GATEWAY, TUNNEL
+from kakuremichi.control.ingress_routes import INGRESS_CONTROLLER
 from kakuremichi.control.manifests import AGENT_LABEL, SIDECAR_NAME
 from tests.infra import binaries, kubelet, ports
 from tests.infra.cluster import Cluster, unique_name
@@ -87,7 +88,7 @@ def only(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict
 
 
 def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    deployment = only(docs, "Deployment")
+    deployment = only(docs, "Deployment", "km-kakuremichi")
     found: dict[str, Any] = deployment["spec"]["template"]["spec"]["containers"][0]
     return found
 
@@ -102,7 +103,8 @@ VARIANTS: dict[str, list[str]] = {
                 "ingress.className=nginx", "ingress.tls[0].secretName=control-public"],
     "no-persistence": ["persistence.enabled=false"],
     "existing-secret": ["controlTLS.existingSecret=my-control-tls"],
-    "namespaced": ["watchNamespaces={apps,web}", "acme.email=ops@example.com", "acme.eab.kid=k1",
+    "namespaced": ["watchNamespaces={apps,web}", "clusterAgent.enabled=false",
+                   "acme.email=ops@example.com", "acme.eab.kid=k1",
                    "acme.eab.hmacKey=c2VjcmV0", "excludeCIDRs={10.96.0.0/12}"],
     "plain": ["controlTLS.enabled=false", "webhook.enabled=false"],
 }  # fmt: skip
@@ -116,11 +118,12 @@ def test_chart_lints_and_renders(helm: Helm, variant: str) -> None:
     operator = container(docs)
     args = operator["args"]
     assert args[0] == "operator"
-    assert only(docs, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
+    assert only(docs, "Deployment", "km-kakuremichi")["spec"]["strategy"] == {"type": "Recreate"}
     assert operator["securityContext"]["readOnlyRootFilesystem"] is True
     service = only(docs, "Service", "km-kakuremichi")
     volumes = {
-        v["name"]: v for v in only(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]
+        v["name"]: v
+        for v in only(docs, "Deployment", "km-kakuremichi")["spec"]["template"]["spec"]["volumes"]
     }
     if variant == "defaults":
         assert "--all-namespaces" in args
@@ -131,6 +134,13 @@ def test_chart_lints_and_renders(helm: Helm, variant: str) -> None:
         assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "km-kakuremichi-data"
         # No webhook configuration of our own: the operator (kopf) manages it.
         assert not [d for d in docs if "WebhookConfiguration" in d["kind"]]
+        # The cluster agent: its Agent and Deployment, and the IngressClass it serves.
+        assert "--cluster-agent=$(POD_NAMESPACE)/km-kakuremichi-cluster-agent" in args
+        assert only(docs, "Agent")["metadata"]["name"] == "km-kakuremichi-cluster-agent"
+        assert only(docs, "IngressClass")["spec"]["controller"] == INGRESS_CONTROLLER
+        agent = only(docs, "Deployment", "km-kakuremichi-cluster-agent")["spec"]["template"]
+        (secret,) = [v for v in agent["spec"]["volumes"] if v["name"] == "credentials"]
+        assert secret["secret"]["secretName"] == "kakuremichi-agent-km-kakuremichi-cluster-agent"
     elif variant == "load-balancer":
         assert service["spec"]["type"] == "LoadBalancer"
         assert "--control-url=https://203.0.113.7:8480" in args
@@ -152,6 +162,7 @@ def test_chart_lints_and_renders(helm: Helm, variant: str) -> None:
     elif variant == "namespaced":
         assert {"--namespace=apps", "--namespace=web", "--acme-eab-kid=k1"} <= set(args)
         assert "--all-namespaces" not in args
+        assert not [a for a in args if a.startswith("--cluster-agent")]
         eab = next(e for e in operator["env"] if e["name"] == "KAKUREMICHI_ACME_EAB_HMAC_KEY")
         assert eab["valueFrom"]["secretKeyRef"]["name"] == "km-kakuremichi-acme-eab"
         roles = [
@@ -263,6 +274,7 @@ def installed(
         notes = helm.run(
             "install", release, str(CHART), "--namespace", system, "--create-namespace",
             "--skip-crds", "--set", f"watchNamespaces={{{apps}}}",
+            "--set", "clusterAgent.enabled=false",
             "--set", "controlTLS.ipAddresses={127.0.0.1}", kubeconfig=kubeconfig,
         )  # fmt: skip
         assert "kakuremichi agent-command" in notes.stdout  # NOTES.txt: what to do next

@@ -816,6 +816,10 @@ class ResourceKind:
     def crd_name(self) -> str:
         return f"{self.plural}.{GROUP}"
 
+    @property
+    def api_version(self) -> str:
+        return API_VERSION
+
 
 AGENT = ResourceKind(
     kind="Agent",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -106,14 +106,18 @@ class IngressRoutes:
     """One sentence per field that cannot be served, the field named first."""
 
 
-def is_ours(ingress: Mapping[str, Any], default_class: bool) -> bool:
-    """Whether an Ingress is of class ``kakuremichi``: by ``spec.ingressClassName``, else the
-    old annotation, else (neither set) when our IngressClass is the cluster's default."""
+def is_ours(
+    ingress: Mapping[str, Any], default_class: bool, classes: Collection[str] = (INGRESS_CLASS,)
+) -> bool:
+    """Whether an Ingress is ours: by ``spec.ingressClassName`` naming one of ``classes`` (the
+    IngressClasses of our controller), else the old annotation naming ``kakuremichi``, else
+    (neither set) when one of our IngressClasses is the cluster's default."""
     spec = _map(ingress.get("spec"))
     named = spec.get("ingressClassName")
-    if named is None:
-        named = _map(_map(ingress.get("metadata")).get("annotations")).get(CLASS_ANNOTATION)
-    return named == INGRESS_CLASS if named is not None else default_class
+    if named is not None:
+        return named in classes or named == INGRESS_CLASS
+    annotated = _map(_map(ingress.get("metadata")).get("annotations")).get(CLASS_ANNOTATION)
+    return annotated == INGRESS_CLASS if annotated is not None else default_class
 
 
 def ingress_routes(

@@ -22,8 +22,8 @@ from typing import Any, TypeVar, cast
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from kakuremichi.api.resources import API_VERSION, GROUP, VERSION, ResourceKind
-from kakuremichi.control.kube_api import SecretNotOwned, StoredSecret
+from kakuremichi.api.resources import GROUP, VERSION, ResourceKind
+from kakuremichi.control.kube_api import AnyKind, BuiltinKind, SecretNotOwned, StoredSecret
 from kakuremichi.control.pod_identity import PodFacts, ReviewedToken
 
 T = TypeVar("T")
@@ -62,6 +62,7 @@ class Kube:
         self.core = client.CoreV1Api(api)
         self.apps = client.AppsV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self.api = api
         self.authentication = client.AuthenticationV1Api(api)
         self._threads = ThreadPoolExecutor(CONCURRENT_CALLS, thread_name_prefix="kube")
         self._secrets: dict[tuple[str, str], tuple[float, asyncio.Future[StoredSecret | None]]]
@@ -205,7 +206,7 @@ class Kube:
 
     async def post_event(
         self,
-        kind: ResourceKind,
+        kind: AnyKind,
         namespace: str,
         name: str,
         uid: str,
@@ -219,7 +220,7 @@ class Kube:
         event = client.CoreV1Event(
             metadata=client.V1ObjectMeta(generate_name=f"{name}.", namespace=where),
             involved_object=client.V1ObjectReference(
-                api_version=API_VERSION,
+                api_version=kind.api_version,
                 kind=kind.kind,
                 name=name,
                 namespace=namespace or None,
@@ -238,7 +239,7 @@ class Kube:
         await self._call(self.core.create_namespaced_event, where, event)
 
     async def announce(
-        self, kind: ResourceKind, body: Mapping[str, Any], warning: bool, reason: str, message: str
+        self, kind: AnyKind, body: Mapping[str, Any], warning: bool, reason: str, message: str
     ) -> None:
         """An Event on ``body`` (a whole object); a failure costs a log line, nothing more.
         Unlike kopf's event posting, this works outside kopf's handlers too (the tasks that
@@ -463,6 +464,16 @@ class Kube:
             GROUP, VERSION, namespace, kind.plural, name, patch,
         )  # fmt: skip
 
+    async def delete_object(self, kind: ResourceKind, namespace: str, name: str) -> None:
+        try:
+            await self._call(
+                self.custom.delete_namespaced_custom_object,
+                GROUP, VERSION, namespace, kind.plural, name,
+            )  # fmt: skip
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
     async def patch_status(
         self, kind: ResourceKind, namespace: str, name: str, status: dict[str, Any]
     ) -> bool:
@@ -518,6 +529,79 @@ class Kube:
                 token = (listing.get("metadata") or {}).get("continue")
                 if not token:
                     break
+
+    async def _rest(
+        self, method: str, path: str, query: list[tuple[str, Any]] | None = None,
+        body: Any = None, content_type: str | None = None,
+    ) -> Any:  # fmt: skip
+        """A call to any path of the API (kinds the typed clients do not cover as plain dicts)."""
+        headers = {"Accept": "application/json"}
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        return await self._call(
+            self.api.call_api, path, method, query_params=query or [], header_params=headers,
+            body=body, response_type="object", auth_settings=["BearerToken"],
+            _return_http_data_only=True,
+        )  # fmt: skip
+
+    async def list_builtin(
+        self, kind: BuiltinKind, namespaces: tuple[str, ...] = ()
+    ) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        scopes: tuple[str | None, ...] = namespaces if kind.namespaced and namespaces else (None,)
+        for namespace in scopes:
+            token: str | None = None
+            while True:
+                query: list[tuple[str, Any]] = [("limit", LIST_PAGE_SIZE)]
+                if token:
+                    query.append(("continue", token))
+                listing = await self._rest("GET", _path(kind, namespace), query)
+                found.extend(_items(listing))
+                token = (listing.get("metadata") or {}).get("continue")
+                if not token:
+                    break
+        return found
+
+    async def patch_builtin_status(
+        self, kind: BuiltinKind, namespace: str, name: str, status: dict[str, Any]
+    ) -> bool:
+        path = f"{_path(kind, namespace if kind.namespaced else None)}/{name}/status"
+        try:
+            await self._rest("PATCH", path, body={"status": status},
+                             content_type="application/merge-patch+json")  # fmt: skip
+        except ApiException as error:
+            if error.status == 404:
+                return False
+            raise
+        return True
+
+    async def read_config_map(self, namespace: str, name: str) -> dict[str, str] | None:
+        try:
+            found = await self._call(self.core.read_namespaced_config_map, name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return dict(found.data or {})
+
+    async def write_config_map(
+        self, namespace: str, name: str, data: Mapping[str, str], labels: Mapping[str, str]
+    ) -> None:
+        body = client.V1ConfigMap(
+            metadata=client.V1ObjectMeta(name=name, namespace=namespace, labels=dict(labels)),
+            data=dict(data),
+        )
+        try:
+            await self._call(self.core.replace_namespaced_config_map, name, namespace, body)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            await self._call(self.core.create_namespaced_config_map, namespace, body)
+
+
+def _path(kind: BuiltinKind, namespace: str | None) -> str:
+    root = f"/apis/{kind.group}/{kind.version}" if kind.group else f"/api/{kind.version}"
+    return f"{root}/namespaces/{namespace}/{kind.plural}" if namespace else f"{root}/{kind.plural}"
 
 
 def _items(listing: object) -> list[dict[str, Any]]:

@@ -30,6 +30,31 @@ class StoredSecret:
         return uid in self.owners and all(self.labels.get(k) == v for k, v in MANAGED_BY.items())
 
 
+@dataclass(frozen=True)
+class BuiltinKind:
+    """A kind the operator reads but does not define (Kubernetes' own, Gateway API's)."""
+
+    group: str
+    """"" for the core group."""
+    version: str
+    plural: str
+    kind: str
+    namespaced: bool = True
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+
+INGRESS = BuiltinKind("networking.k8s.io", "v1", "ingresses", "Ingress")
+INGRESS_CLASS = BuiltinKind("networking.k8s.io", "v1", "ingressclasses", "IngressClass", False)
+SERVICE = BuiltinKind("", "v1", "services", "Service")
+ENDPOINT_SLICE = BuiltinKind("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice")
+POD = BuiltinKind("", "v1", "pods", "Pod")
+NODE = BuiltinKind("", "v1", "nodes", "Node", False)
+AnyKind = ResourceKind | BuiltinKind
+
+
 class SecretNotOwned(Exception):
     def __init__(self, namespace: str, name: str) -> None:
         super().__init__(
@@ -55,7 +80,7 @@ class KubeApi(Protocol):
 
     async def post_event(
         self,
-        kind: ResourceKind,
+        kind: AnyKind,
         namespace: str,
         name: str,
         uid: str,
@@ -65,7 +90,7 @@ class KubeApi(Protocol):
     ) -> None: ...
 
     async def announce(
-        self, kind: ResourceKind, body: Mapping[str, Any], warning: bool, reason: str, message: str
+        self, kind: AnyKind, body: Mapping[str, Any], warning: bool, reason: str, message: str
     ) -> None:
         """An Event on ``body``; never fails."""
 
@@ -123,6 +148,9 @@ class KubeApi(Protocol):
         self, kind: ResourceKind, namespace: str, name: str, patch: dict[str, Any]
     ) -> None: ...
 
+    async def delete_object(self, kind: ResourceKind, namespace: str, name: str) -> None:
+        """Delete it (already gone is fine)."""
+
     async def patch_status(
         self, kind: ResourceKind, namespace: str, name: str, status: dict[str, Any]
     ) -> bool:
@@ -135,3 +163,20 @@ class KubeApi(Protocol):
     def pages(
         self, kind: ResourceKind, namespaces: tuple[str, ...] = ()
     ) -> AsyncIterator[list[dict[str, Any]]]: ...
+
+    async def list_builtin(
+        self, kind: BuiltinKind, namespaces: tuple[str, ...] = ()
+    ) -> list[dict[str, Any]]:
+        """Every object of ``kind`` in ``namespaces`` (all when empty)."""
+
+    async def patch_builtin_status(
+        self, kind: BuiltinKind, namespace: str, name: str, status: dict[str, Any]
+    ) -> bool:
+        """Merge ``status`` into the object's; False when the object is gone."""
+
+    async def read_config_map(self, namespace: str, name: str) -> dict[str, str] | None: ...
+
+    async def write_config_map(
+        self, namespace: str, name: str, data: Mapping[str, str], labels: Mapping[str, str]
+    ) -> None:
+        """Create the ConfigMap, or replace its data."""

@@ -22,6 +22,7 @@ from kakuremichi.control import (
     agents,
     certificates,
     gateways,
+    ingresses,
     node_admission,
     tenancy,
     tunnels,
@@ -156,6 +157,7 @@ def build_registry(context: Context) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     tasks: list[asyncio.Task[None]] = []
     acme = AcmeIssuer(context)
+    ingress = ingresses.register(registry, context)
 
     @kopf.on.login(registry=registry)
     async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
@@ -203,6 +205,9 @@ def build_registry(context: Context) -> kopf.OperatorRegistry:
         edges |= await gateways.restore_indexes(context)
         context.state.startup.expect(edges)  # their keys are known once each is reconciled
         restored = await tunnels.restore_claims(context)
+        if ingress is not None:  # (its claims weigh against those, from the first decision)
+            await ingress.restore()
+            tasks.append(asyncio.create_task(ingress.run(), name="ingresses"))
         tasks.append(asyncio.create_task(Projector(context).run(), name="projector"))
         tasks.append(asyncio.create_task(acme.run(), name="acme"))
         tasks.append(

@@ -126,6 +126,17 @@ class ControlSettings(BaseModel):
             default_text="$POD_NAMESPACE or default",
         ),
     ] = "default"
+    cluster_agent: Annotated[
+        str | None,
+        Field(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"),
+        Flag(
+            "--cluster-agent",
+            "the Agent that serves Ingresses of class kakuremichi, reaching their Services' "
+            "endpoints; without it, Ingresses are not watched",
+            "NS/NAME",
+            env="KAKUREMICHI_CLUSTER_AGENT",
+        ),
+    ] = None
     subnet_range: Annotated[
         str,
         Field(pattern=r"^\d{1,3}(-\d{1,3})?$"),
@@ -342,6 +353,12 @@ class ControlSettings(BaseModel):
                 "address, maybe a port and a path, and nothing else (it is written into the "
                 "installer scripts that hosts run as root)"
             )
+        if self.cluster_agent is not None and self.namespaces:
+            raise ValueError(
+                "--cluster-agent: Ingresses are served only when every namespace is watched "
+                "(no --namespace): which addresses belong to other tenants' pods is known only "
+                "then"
+            )
         if (self.control_tls_cert is None) != (self.control_tls_key is None):
             raise ValueError("--control-tls-cert and --control-tls-key go together")
         try:
@@ -351,6 +368,13 @@ class ControlSettings(BaseModel):
                 f"--subnet-pool/--subnet-third-octets/--exclude-cidr: {error}"
             ) from None
         return self
+
+    def cluster_agent_key(self) -> tuple[str, str] | None:
+        """(namespace, name) of ``--cluster-agent``."""
+        if self.cluster_agent is None:
+            return None
+        namespace, _, name = self.cluster_agent.partition("/")
+        return namespace, name
 
     def edge(self) -> EdgeImage:
         """What the operator renders into gateway DaemonSets and agent sidecars."""

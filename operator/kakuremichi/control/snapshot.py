@@ -166,6 +166,15 @@ class Snapshot:
         )  # fmt: skip
 
     @cached_property
+    def route_verdicts(self) -> Mapping[UUID, TunnelVerdict]:
+        """Whether each host of a route is served, and why not, as for Tunnels."""
+        facts = self.facts
+        return verdicts(
+            facts.route_claims, self.ownership, facts.agents, facts.certificate_verdicts,
+            facts.agents_away, self.unavailable_ports,
+        )  # fmt: skip
+
+    @cached_property
     def tunnel_rows(self) -> tuple[TunnelRowFacts, ...]:
         claims = {**self.facts.tunnels, **self.facts.route_claims}
         return tuple(

@@ -1,0 +1,247 @@
+"""What the cluster says that routes depend on (Ingresses, IngressClasses, Services,
+EndpointSlices, and the addresses of pods, Services and nodes), as the watches last told it, and
+the one decision that follows: each Ingress's claims, problems and Certificates, and each
+backend's endpoints. Pure: the operator's watches feed it (:mod:`kakuremichi.control.ingresses`)
+and project its decision into the state and the cluster.
+
+Bodies are kept trimmed to what routing reads, and every ``saw_…`` says whether anything that
+routing reads changed, so that the churn of a busy cluster (pod status, Service annotations)
+costs no decision.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from kakuremichi.api.resources import CertificateSpec
+from kakuremichi.control.ingress_routes import (
+    DEFAULT_CLASS_ANNOTATION,
+    INGRESS_CONTROLLER,
+    BackendRef,
+    ServiceFacts,
+    backends_of,
+    host_claims,
+    ingress_routes,
+    is_ours,
+)
+from kakuremichi.control.ownership import TunnelFacts
+from kakuremichi.control.route_endpoints import SERVICE_NAME_LABEL, ready_endpoints
+
+Key = tuple[str, str]
+"""(namespace, name)."""
+
+ADMIN_NAMESPACES = ("kube-system",)
+"""Namespaces whose EndpointSlices' addresses no other namespace's route may use (besides the
+operator's own and the API server's ``default/kubernetes``)."""
+
+
+@dataclass(frozen=True)
+class IngressDecision:
+    """What one Ingress of ours gets."""
+
+    namespace: str
+    name: str
+    uid: str
+    claims: tuple[TunnelFacts, ...]
+    """One per host that has something to serve."""
+    problems: tuple[str, ...]
+    """One sentence per field that cannot be served."""
+    certificates: Mapping[str, CertificateSpec]
+    """Certificate name → its spec, one per claimed host."""
+
+    @property
+    def source(self) -> str:
+        return source_of(self.namespace, self.name)
+
+
+def source_of(namespace: str, name: str) -> str:
+    """How the state names an Ingress's set of claims."""
+    return f"Ingress {namespace}/{name}"
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    ingresses: Mapping[Key, IngressDecision] = field(default_factory=dict)
+    endpoints: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Backend stream (``namespace/service:port``) → its usable ready endpoints."""
+
+    def claims(self) -> dict[uuid.UUID, TunnelFacts]:
+        return {c.id: c for d in self.ingresses.values() for c in d.claims}
+
+
+@dataclass
+class RouteSources:
+    cluster_agent: Key
+    system_namespace: str
+    ingresses: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    classes: dict[str, bool] = field(default_factory=dict)
+    """Our IngressClasses (controller ``kakuremichi.io/ingress-controller``) → default or not."""
+    services: dict[Key, ServiceFacts] = field(default_factory=dict)
+    service_ips: dict[Key, tuple[str, ...]] = field(default_factory=dict)
+    slices: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    pod_ips: dict[Key, tuple[str, ...]] = field(default_factory=dict)
+    node_ips: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    # --- facts in -------------------------------------------------------------------------
+
+    def saw_ingress(self, body: Mapping[str, Any]) -> bool:
+        meta = _map(body.get("metadata"))
+        annotations = _map(meta.get("annotations"))
+        trimmed = {
+            "metadata": {
+                "namespace": meta.get("namespace") or "", "name": meta.get("name") or "",
+                "uid": meta.get("uid") or "", "generation": meta.get("generation"),
+                "annotations": {k: v for k, v in annotations.items()
+                                if k == "kubernetes.io/ingress.class"},
+            },
+            "spec": _map(body.get("spec")),
+        }  # fmt: skip
+        return _put(self.ingresses, _key(meta), trimmed)
+
+    def ingress_gone(self, namespace: str, name: str) -> bool:
+        return self.ingresses.pop((namespace, name), None) is not None
+
+    def saw_class(self, body: Mapping[str, Any]) -> bool:
+        meta = _map(body.get("metadata"))
+        name = str(meta.get("name") or "")
+        if _map(body.get("spec")).get("controller") != INGRESS_CONTROLLER:
+            return self.class_gone(name)
+        default = _map(meta.get("annotations")).get(DEFAULT_CLASS_ANNOTATION) == "true"
+        return _put(self.classes, name, default)
+
+    def class_gone(self, name: str) -> bool:
+        return self.classes.pop(name, None) is not None
+
+    def saw_service(self, body: Mapping[str, Any]) -> bool:
+        meta, spec = _map(body.get("metadata")), _map(body.get("spec"))
+        ips = [spec.get("clusterIP"), *(spec.get("clusterIPs") or ()),
+               *(spec.get("externalIPs") or ())]  # fmt: skip
+        addresses = tuple(sorted({str(ip) for ip in ips if ip and ip != "None"}))
+        changed = _put(self.service_ips, _key(meta), addresses)
+        return _put(self.services, _key(meta), ServiceFacts.of(body)) or changed
+
+    def service_gone(self, namespace: str, name: str) -> bool:
+        self.service_ips.pop((namespace, name), None)
+        return self.services.pop((namespace, name), None) is not None
+
+    def saw_slice(self, body: Mapping[str, Any]) -> bool:
+        meta = _map(body.get("metadata"))
+        trimmed = {
+            "metadata": {
+                "namespace": meta.get("namespace") or "",
+                "labels": {SERVICE_NAME_LABEL: _map(meta.get("labels")).get(SERVICE_NAME_LABEL)},
+            },
+            "addressType": body.get("addressType"),
+            "ports": body.get("ports"),
+            "endpoints": body.get("endpoints"),
+        }
+        return _put(self.slices, _key(meta), trimmed)
+
+    def slice_gone(self, namespace: str, name: str) -> bool:
+        return self.slices.pop((namespace, name), None) is not None
+
+    def saw_pod(self, body: Mapping[str, Any]) -> bool:
+        status = _map(body.get("status"))
+        ips = {str(p.get("ip")) for p in status.get("podIPs") or () if isinstance(p, Mapping)}
+        if status.get("podIP"):
+            ips.add(str(status["podIP"]))
+        if _map(body.get("spec")).get("hostNetwork"):
+            ips.clear()  # (a node's address: foreign to every route anyway)
+        return _put(self.pod_ips, _key(_map(body.get("metadata"))), tuple(sorted(ips)))
+
+    def pod_gone(self, namespace: str, name: str) -> bool:
+        return self.pod_ips.pop((namespace, name), None) is not None
+
+    def saw_node(self, body: Mapping[str, Any]) -> bool:
+        addresses = _map(body.get("status")).get("addresses") or ()
+        ips = tuple(sorted({
+            str(a.get("address")) for a in addresses
+            if isinstance(a, Mapping) and a.get("type") in ("InternalIP", "ExternalIP")
+        }))  # fmt: skip
+        return _put(self.node_ips, str(_map(body.get("metadata")).get("name") or ""), ips)
+
+    def node_gone(self, name: str) -> bool:
+        return self.node_ips.pop(name, None) is not None
+
+    # --- the decision ---------------------------------------------------------------------
+
+    def decide(self, seen: Mapping[uuid.UUID, datetime], now: datetime) -> RouteDecision:
+        """Each Ingress of ours: its hosts' claims (dated by ``seen``, else ``now``), problems
+        and Certificates; and the endpoints of every backend one of them leads to."""
+        default = any(self.classes.values())
+        by_namespace: dict[str, dict[str, ServiceFacts]] = {}
+        for (namespace, name), facts in self.services.items():
+            by_namespace.setdefault(namespace, {})[name] = facts
+        decided: dict[Key, IngressDecision] = {}
+        refs: set[BackendRef] = set()
+        for key, body in sorted(self.ingresses.items()):
+            if not is_ours(body, default, self.classes):
+                continue
+            routes = ingress_routes(body, by_namespace.get(key[0], {}))
+            claims = host_claims(body, routes, self.cluster_agent, seen, now)
+            certificates = {}
+            for claim in claims:
+                secret = routes.hosts[claim.domain].tls_secret
+                certificates[claim.certificate] = CertificateSpec(
+                    domain=claim.domain,
+                    secret_name=secret or f"{claim.certificate}-tls",
+                    issuer="Secret" if secret else "ACME",
+                )
+            decided[key] = IngressDecision(
+                key[0], key[1], str(body["metadata"]["uid"]), claims, tuple(routes.problems),
+                certificates,
+            )  # fmt: skip
+            refs |= backends_of([routes])
+        return RouteDecision(decided, self._endpoints(refs))
+
+    def _endpoints(self, refs: set[BackendRef]) -> dict[str, tuple[str, ...]]:
+        slices: dict[Key, list[dict[str, Any]]] = {}
+        for (namespace, _), piece in self.slices.items():
+            service = piece["metadata"]["labels"].get(SERVICE_NAME_LABEL)
+            if isinstance(service, str):
+                slices.setdefault((namespace, service), []).append(piece)
+        shared = {ip for ips in self.service_ips.values() for ip in ips}
+        shared |= {ip for ips in self.node_ips.values() for ip in ips}
+        endpoints: dict[str, tuple[str, ...]] = {}
+        foreign_of: dict[str, set[str]] = {}
+        for ref in sorted(refs):
+            foreign = foreign_of.get(ref.namespace)
+            if foreign is None:
+                foreign = foreign_of[ref.namespace] = shared | self._others(ref.namespace)
+            found = ready_endpoints(ref, slices.get((ref.namespace, ref.service), ()), foreign)
+            endpoints[ref.stream] = tuple(found)
+        return endpoints
+
+    def _others(self, namespace: str) -> set[str]:
+        """Addresses that belong to other namespaces: their pods', and those the cluster's own
+        services and the operator's namespace stand behind (the API server's address is in no
+        pod, but in ``default/kubernetes``'s EndpointSlice)."""
+        found = {ip for (ns, _), ips in self.pod_ips.items() if ns != namespace for ip in ips}
+        admin = {*ADMIN_NAMESPACES, self.system_namespace}
+        for (ns, _), piece in self.slices.items():
+            service = piece["metadata"]["labels"].get(SERVICE_NAME_LABEL)
+            if ns == namespace or not (ns in admin or (ns, service) == ("default", "kubernetes")):
+                continue
+            for endpoint in piece.get("endpoints") or ():
+                if isinstance(endpoint, Mapping):
+                    found |= {str(a) for a in endpoint.get("addresses") or ()}
+        return found
+
+
+def _key(meta: Mapping[str, Any]) -> Key:
+    return str(meta.get("namespace") or ""), str(meta.get("name") or "")
+
+
+def _map(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _put(table: dict[Any, Any], key: object, value: object) -> bool:
+    if key in table and table[key] == value:
+        return False
+    table[key] = value
+    return True
