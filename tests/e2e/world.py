@@ -240,13 +240,17 @@ def running_world(
     *,
     public_on_root_link: bool = False,
     operator_args: Sequence[str] = (),
+    cluster_agent: bool = False,
 ) -> Iterator[World]:
     """Everything up and connected, with no Tunnel yet.
 
     ``public_on_root_link``: the gateway's public address (the Node's ExternalIP, the agent's
     WireGuard endpoint) is its address on the link to the root namespace, so that processes
     there (Pebble, the operator's self-check) reach its HTTP port as the internet would; the
-    agent gets a host route to it over its direct link."""
+    agent gets a host route to it over its direct link.
+
+    ``cluster_agent``: the operator watches every namespace and serves Ingresses through the
+    Agent ``web`` (``--cluster-agent``)."""
     hosts = [netns.Host(role) for role in ("gateway", "agent", "client")]
     gateway_host, agent_host, client_host = hosts
     namespace = cluster.unique_name("e2e")
@@ -295,7 +299,9 @@ def running_world(
             kube=kube, namespace=namespace, db_path=db_path, log_path=workdir / "operator.log",
             control_url=control_url, ca_file=made.ca_file,
             health_url=f"https://{control_ip.ip}:{port}/healthz",
-            args=["--db", f"sqlite:///{db_path}", "--namespace", namespace,
+            args=["--db", f"sqlite:///{db_path}",
+                  *(["--cluster-agent", f"{namespace}/web"] if cluster_agent
+                    else ["--namespace", namespace]),
                   "--subnet-pool", "1-3", "--control-listen", f"{control_ip.ip}:{port}",
                   "--control-url", control_url,
                   "--control-tls-cert", str(workdir / "control.crt"),

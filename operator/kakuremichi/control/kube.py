@@ -62,7 +62,6 @@ class Kube:
         self.core = client.CoreV1Api(api)
         self.apps = client.AppsV1Api(api)
         self.custom = client.CustomObjectsApi(api)
-        self.api = api
         self.authentication = client.AuthenticationV1Api(api)
         self._threads = ThreadPoolExecutor(CONCURRENT_CALLS, thread_name_prefix="kube")
         self._secrets: dict[tuple[str, str], tuple[float, asyncio.Future[StoredSecret | None]]]
@@ -530,45 +529,68 @@ class Kube:
                 if not token:
                     break
 
-    async def _rest(
-        self, method: str, path: str, query: list[tuple[str, Any]] | None = None,
-        body: Any = None, content_type: str | None = None,
-    ) -> Any:  # fmt: skip
-        """A call to any path of the API (kinds the typed clients do not cover as plain dicts)."""
-        headers = {"Accept": "application/json"}
-        if content_type is not None:
-            headers["Content-Type"] = content_type
-        return await self._call(
-            self.api.call_api, path, method, query_params=query or [], header_params=headers,
-            body=body, response_type="object", auth_settings=["BearerToken"],
-            _return_http_data_only=True,
-        )  # fmt: skip
-
     async def list_builtin(
         self, kind: BuiltinKind, namespaces: tuple[str, ...] = ()
     ) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = []
         scopes: tuple[str | None, ...] = namespaces if kind.namespaced and namespaces else (None,)
+        found: list[dict[str, Any]] = []
         for namespace in scopes:
+            if not kind.group:  # (the core group: the typed client, then plain dicts)
+                found.extend(await self._list_core(kind, namespace))
+                continue
             token: str | None = None
             while True:
-                query: list[tuple[str, Any]] = [("limit", LIST_PAGE_SIZE)]
+                options: dict[str, Any] = {"limit": LIST_PAGE_SIZE}
                 if token:
-                    query.append(("continue", token))
-                listing = await self._rest("GET", _path(kind, namespace), query)
+                    options["_continue"] = token
+                if namespace is None:
+                    listing = await self._call(
+                        self.custom.list_cluster_custom_object,
+                        kind.group, kind.version, kind.plural, **options,
+                    )  # fmt: skip
+                else:
+                    listing = await self._call(
+                        self.custom.list_namespaced_custom_object,
+                        kind.group, kind.version, namespace, kind.plural, **options,
+                    )  # fmt: skip
                 found.extend(_items(listing))
+                assert isinstance(listing, dict)
                 token = (listing.get("metadata") or {}).get("continue")
                 if not token:
                     break
         return found
 
+    async def _list_core(self, kind: BuiltinKind, namespace: str | None) -> list[dict[str, Any]]:
+        calls: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
+            "services": (self.core.list_service_for_all_namespaces,
+                         self.core.list_namespaced_service),
+            "pods": (self.core.list_pod_for_all_namespaces, self.core.list_namespaced_pod),
+        }  # fmt: skip
+        everywhere, one = calls[kind.plural]
+        found: list[dict[str, Any]] = []
+        token: str | None = None
+        while True:
+            options: dict[str, Any] = {"limit": LIST_PAGE_SIZE}
+            if token:
+                options["_continue"] = token
+            if namespace is None:
+                listing = await self._call(everywhere, **options)
+            else:
+                listing = await self._call(one, namespace, **options)
+            found.extend(self.core.api_client.sanitize_for_serialization(listing.items))
+            token = listing.metadata._continue if listing.metadata else None
+            if not token:
+                return found
+
     async def patch_builtin_status(
         self, kind: BuiltinKind, namespace: str, name: str, status: dict[str, Any]
     ) -> bool:
-        path = f"{_path(kind, namespace if kind.namespaced else None)}/{name}/status"
+        body = {"status": status}
         try:
-            await self._rest("PATCH", path, body={"status": status},
-                             content_type="application/merge-patch+json")  # fmt: skip
+            await self._call(
+                self.custom.patch_namespaced_custom_object_status,
+                kind.group, kind.version, namespace, kind.plural, name, body,
+            )  # fmt: skip
         except ApiException as error:
             if error.status == 404:
                 return False
@@ -597,11 +619,6 @@ class Kube:
             if error.status != 404:
                 raise
             await self._call(self.core.create_namespaced_config_map, namespace, body)
-
-
-def _path(kind: BuiltinKind, namespace: str | None) -> str:
-    root = f"/apis/{kind.group}/{kind.version}" if kind.group else f"/api/{kind.version}"
-    return f"{root}/namespaces/{namespace}/{kind.plural}" if namespace else f"{root}/{kind.plural}"
 
 
 def _items(listing: object) -> list[dict[str, Any]]:
