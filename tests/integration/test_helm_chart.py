@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from kubernetes import client
 from kakuremichi.api import protocol
 from kakuremichi.api.resources import AGENT, CERTIFICATE, GATEWAY, TUNNEL
 from kakuremichi.control.ingress_routes import INGRESS_CONTROLLER
+from kakuremichi.control.ingresses import CLAIMS_CONFIG_MAP
 from kakuremichi.control.manifests import AGENT_LABEL, SIDECAR_NAME
 from tests.infra import binaries, kubelet, ports
 from tests.infra.cluster import Cluster, unique_name
@@ -262,20 +264,35 @@ def installed(
 ) -> Iterator[Installed]:
     """The chart installed (watching one namespace) and the operator running as its Deployment
     says, with its ServiceAccount's token."""
-    tmp_path = tmp_path_factory.mktemp("chart-operator")
+    with chart_operator(kube, helm, tmp_path_factory.mktemp("chart-operator")) as made:
+        yield made
+
+
+@contextlib.contextmanager
+def chart_operator(
+    kube: Cluster, helm: Helm, tmp_path: Path, everywhere: bool = False
+) -> Iterator[Installed]:
+    """The chart installed and its operator running with the chart's RBAC only: watching one
+    namespace (``apps``), or (``everywhere``) every namespace with the cluster agent on."""
     release, system, apps = unique_name("kmh"), unique_name("kmhsys"), unique_name("kmhapp")
     gateways = (unique_name("kmhext"), unique_name("kmhpool"))
     kube.kubectl("create", "namespace", apps)
     kubeconfig = kube.kubeconfig
     fullname = f"{release}-kakuremichi"
     operator: OperatorProcess | None = None
+    # Everywhere: the cluster agent's IngressClass is left to the cluster (it is cluster-scoped,
+    # and Ingresses naming class kakuremichi are served without it).
+    scope = (
+        ["--set", "clusterAgent.ingressClass.create=false"]
+        if everywhere
+        else ["--set", f"watchNamespaces={{{apps}}}", "--set", "clusterAgent.enabled=false"]
+    )
     try:
         # CRDs are the cluster's already (hack/cluster.sh installs crds/): --skip-crds.
         notes = helm.run(
             "install", release, str(CHART), "--namespace", system, "--create-namespace",
-            "--skip-crds", "--set", f"watchNamespaces={{{apps}}}",
-            "--set", "clusterAgent.enabled=false",
-            "--set", "controlTLS.ipAddresses={127.0.0.1}", kubeconfig=kubeconfig,
+            "--skip-crds", *scope, "--set", "controlTLS.ipAddresses={127.0.0.1}",
+            kubeconfig=kubeconfig,
         )  # fmt: skip
         assert "kakuremichi agent-command" in notes.stdout  # NOTES.txt: what to do next
         token = kube.kubectl("create", "token", fullname, "-n", system, "--duration", "1h")
@@ -558,3 +575,67 @@ def test_the_sealing_key_lives_in_a_secret_helm_does_not_own(
     helm.run("upgrade", installed.release, str(CHART), "--namespace", installed.system,
              "--reuse-values", kubeconfig=kube.kubeconfig)  # fmt: skip
     assert secrets.read(name) == before
+
+
+def test_ingresses_are_served_with_the_charts_rbac_only(
+    kube: Cluster, helm: Helm, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The chart with its defaults (every namespace, the cluster agent): the operator, with the
+    chart's ServiceAccount alone, watches Ingresses, Services, EndpointSlices, pods and nodes,
+    makes an Ingress's Certificate, writes its status and keeps its claim's date."""
+    tmp_path = tmp_path_factory.mktemp("chart-ingress")
+    with chart_operator(kube, helm, tmp_path, everywhere=True) as installed:
+        apps, system = installed.apps, installed.system
+        external, _ = installed.gateways
+        gateways = Objects(kube, apps, GATEWAY)
+        host = f"{unique_name('ing')}.example.com"
+        try:
+            gateways.create(external, {"mode": "External", "publicIP": "203.0.113.11"})
+            gateways.ready(external)
+            manifest = {"apiVersion": "v1", "kind": "List", "items": [
+                {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+                 "spec": {"ports": [{"port": 80, "protocol": "TCP"}]}},
+                {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                 "metadata": {"name": "web-1", "labels": {"kubernetes.io/service-name": "web"}},
+                 "addressType": "IPv4", "ports": [{"name": "", "port": 8080}],
+                 "endpoints": [{"addresses": ["192.0.2.10"]}]},
+                {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+                 "metadata": {"name": "site"},
+                 "spec": {"ingressClassName": "kakuremichi", "rules": [{"host": host, "http": {
+                     "paths": [{"path": "/", "pathType": "Prefix", "backend": {
+                         "service": {"name": "web", "port": {"number": 80}}}}]}}]}},
+            ]}  # fmt: skip
+            kube.kubectl("apply", "-n", apps, "-f", "-", input_text=json.dumps(manifest))
+
+            def certificate() -> dict[str, Any] | None:
+                listed = json.loads(kube.kubectl("get", "certificates.kakuremichi.io", "-n", apps,
+                                                 "-o", "json"))["items"]  # fmt: skip
+                return next((c for c in listed if c["spec"]["domain"] == host), None)
+
+            made: dict[str, Any] = wait_until(certificate, "the host's Certificate")
+            (owner,) = made["metadata"]["ownerReferences"]
+            assert (owner["kind"], owner["name"]) == ("Ingress", "site")
+            balancer = "jsonpath={.status.loadBalancer.ingress[*].ip}"
+            wait_until(
+                lambda: (
+                    kube.kubectl("get", "ingress", "site", "-n", apps, "-o", balancer)
+                    == "203.0.113.11"
+                ),
+                "the Ingress's status to name the gateway",
+            )
+            dates = CLAIMS_CONFIG_MAP
+            stored = json.loads(kube.kubectl("get", "configmap", dates, "-n", system, "-o", "json"))
+            assert len(stored["data"]) == 1
+            kube.kubectl("delete", "ingress", "site", "-n", apps)
+            wait_until(
+                lambda: (
+                    not json.loads(
+                        kube.kubectl("get", "configmap", dates, "-n", system, "-o", "json")
+                    ).get("data")
+                ),
+                "the Ingress's claim to be forgotten",
+            )
+        finally:
+            gateways.delete_all()
+        trouble = rbac_trouble(installed.operator)
+        assert not trouble, f"the operator hit RBAC limits:\n{trouble}"
