@@ -21,13 +21,13 @@ from typing import Any
 import pytest
 
 from kakuremichi.api.resources import GATEWAY
-from tests.e2e.world import World, running_world, skip_unless_possible
+from tests.e2e.world import ENDPOINT_RANGE, World, running_world, skip_unless_possible
 from tests.infra import netns
 from tests.infra.cluster import Cluster
 from tests.infra.objects import Objects, Secrets
 from tests.infra.polling import wait_until
 
-BACKEND_SUBNET = "192.168.254.0"
+BACKEND_SUBNET = ENDPOINT_RANGE.removesuffix("/24")
 BACKEND_IP = "192.168.254.2"
 SITE_A, SITE_B, API = 8080, 8082, 8081
 

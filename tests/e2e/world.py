@@ -60,6 +60,10 @@ class Edge:
         return self.log.read_text(errors="replace")[-4000:]
 
 
+ENDPOINT_RANGE = "192.168.254.0/24"
+"""Where servers outside the cluster are, for the Ingress tests (``--endpoint-range``)."""
+
+
 @dataclass
 class World:
     kube: Cluster
@@ -250,7 +254,7 @@ def running_world(
     agent gets a host route to it over its direct link.
 
     ``cluster_agent``: the operator watches every namespace and serves Ingresses through the
-    Agent ``web`` (``--cluster-agent``)."""
+    Agent ``web`` (``--cluster-agent``), to pods or to servers in :data:`ENDPOINT_RANGE`."""
     hosts = [netns.Host(role) for role in ("gateway", "agent", "client")]
     gateway_host, agent_host, client_host = hosts
     namespace = cluster.unique_name("e2e")
@@ -300,7 +304,8 @@ def running_world(
             control_url=control_url, ca_file=made.ca_file,
             health_url=f"https://{control_ip.ip}:{port}/healthz",
             args=["--db", f"sqlite:///{db_path}",
-                  *(["--cluster-agent", f"{namespace}/web"] if cluster_agent
+                  *(["--cluster-agent", f"{namespace}/web",
+                     "--endpoint-range", ENDPOINT_RANGE] if cluster_agent
                     else ["--namespace", namespace]),
                   "--subnet-pool", "1-3", "--control-listen", f"{control_ip.ip}:{port}",
                   "--control-url", control_url,

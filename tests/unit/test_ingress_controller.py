@@ -12,10 +12,11 @@ from uuid import UUID
 
 import pytest
 
-from kakuremichi.api.resources import AGENT, TUNNEL
+from kakuremichi.api.resources import AGENT, CERTIFICATE, TUNNEL
 from kakuremichi.control import agents, tunnels
 from kakuremichi.control.addressing import SubnetAllocator
 from kakuremichi.control.context import Context
+from kakuremichi.control.ingress_routes import certificate_name
 from kakuremichi.control.ingresses import CLAIMS_CONFIG_MAP, IngressController
 from kakuremichi.control.kube_api import (
     ENDPOINT_SLICE,
@@ -44,10 +45,12 @@ def shop() -> dict[str, Any]:
     return ingress("site", "shop", [host("shop.example.com", ("/", "web", 80))])
 
 
-def make_context(tmp_path: Path, kube: FakeKube | None = None) -> Context:
+def make_context(
+    tmp_path: Path, kube: FakeKube | None = None, ranges: tuple[str, ...] = ()
+) -> Context:
     settings = ControlSettings(
         db_url=f"sqlite:///{tmp_path / 'km.db'}", system_namespace=SYSTEM,
-        cluster_agent=f"{SYSTEM}/{AGENT_NAME}",
+        cluster_agent=f"{SYSTEM}/{AGENT_NAME}", endpoint_ranges=ranges,
     )  # fmt: skip
     state = ControlState(Sealer(Sealer.generate_key()), SubnetAllocator(settings.subnet_pool()))
     kube = kube or FakeKube()
@@ -305,6 +308,90 @@ def test_claim_dates_survive_a_restart_so_a_younger_tunnel_never_takes_the_host(
     asyncio.run(scenario())
 
 
+def test_outside_its_pods_a_slice_reaches_only_the_ranges_the_administrator_opens(
+    tmp_path: Path,
+) -> None:
+    """A node's bridge, a NodePort, the cloud's host services, any host of the VPC: none of
+    them is a pod of the tenant's namespace, so none is reached unless the administrator opened
+    its range (``--endpoint-range``) for servers outside the cluster."""
+
+    async def scenario(ranges: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+        context = make_context(tmp_path / str(len(ranges)), ranges=ranges)
+        agent_id = await cluster_agent(context)
+        controller = IngressController(context, (SYSTEM, AGENT_NAME))
+        outside = ("10.244.1.1", "168.63.129.16", "100.64.0.9", "192.168.77.5")
+        feed(controller, fake(context),
+             (SERVICE, service("ext", "home", 80, "10.96.0.40")),
+             (ENDPOINT_SLICE, endpoint_slice("ext-1", "home", "ext", 10250, *outside)),
+             (INGRESS, ingress("site", "home",
+                               [host("home.example.com", ("/", "ext", 80))])))  # fmt: skip
+        await settle(controller)
+        return backends(context, agent_id)
+
+    assert asyncio.run(scenario(())) == {"home/ext:80": ()}
+    opened = asyncio.run(scenario(("192.168.77.0/24",)))
+    assert opened == {"home/ext:80": ("192.168.77.5:10250",)}
+
+
+def test_another_tenants_external_ips_cannot_take_a_namespaces_own_pods(context: Context) -> None:
+    async def scenario() -> None:
+        agent_id = await cluster_agent(context)
+        controller = IngressController(context, (SYSTEM, AGENT_NAME))
+        kube = fake(context)
+        shadow = service("shadow", "evil", 80, "10.96.0.50")
+        shadow["spec"]["externalIPs"] = ["10.244.2.7"]
+        feed(controller, kube,
+             (POD, pod("web-0", "bank", "10.244.2.7")),
+             (SERVICE, service("web", "bank", 80, "10.96.0.20")),
+             (ENDPOINT_SLICE, endpoint_slice("web-1", "bank", "web", 8080, "10.244.2.7")),
+             (INGRESS, ingress("site", "bank", [host("bank.example.com", ("/", "web", 80))])),
+             (SERVICE, shadow))  # fmt: skip
+        await settle(controller)
+        assert backends(context, agent_id) == {"bank/web:80": ("10.244.2.7:8080",)}
+
+    asyncio.run(scenario())
+
+
+def test_an_ingress_that_cannot_be_read_costs_nobody_else_their_routes(context: Context) -> None:
+    async def scenario() -> None:
+        await cluster_agent(context)
+        controller = IngressController(context, (SYSTEM, AGENT_NAME))
+        kube = fake(context)
+        odd = ingress("odd", "evil", [host("odd.example.com", ("/", "web", 80))])
+        odd["spec"]["ingressClassName"] = ["kakuremichi"]
+        broken_slice = endpoint_slice("web-2", "shop", "web", 8080)
+        broken_slice["endpoints"] = 5
+        feed(controller, kube, (SERVICE, service("web", "shop", 80, "10.96.0.10")),
+             (SERVICE, service("web", "evil", 80, "10.96.0.11")),
+             (ENDPOINT_SLICE, broken_slice), (INGRESS, odd), (INGRESS, shop()))  # fmt: skip
+        await settle(controller)
+        assert {r.domain for r in context.state.snapshot().routes} == {"shop.example.com"}
+
+    asyncio.run(scenario())
+
+
+def test_a_certificate_of_that_name_that_is_not_the_ingresss_is_never_touched(
+    context: Context,
+) -> None:
+    async def scenario() -> None:
+        await cluster_agent(context)
+        controller = IngressController(context, (SYSTEM, AGENT_NAME))
+        kube = fake(context)
+        feed(controller, kube, (SERVICE, service("web", "shop", 80, "10.96.0.10")))
+        name = certificate_name("site", "shop.example.com")
+        theirs = kube.add(CERTIFICATE, name, {"domain": "pay.example.com",
+                                              "secretName": "pay-tls"}, "shop")  # fmt: skip
+        feed(controller, kube, (INGRESS, shop()))
+        await settle(controller)
+        assert kube.objects[("certificates", "shop", name)] == theirs
+        assert ("Ingress", "shop", "site", True, "CertificateNameTaken") in kube.events
+        controller.ingress_gone("shop", "site")
+        await settle(controller)
+        assert ("certificates", "shop", name) in kube.objects
+
+    asyncio.run(scenario())
+
+
 def current_agent(kube: FakeKube) -> dict[str, Any]:
     return kube.objects[("agents", SYSTEM, AGENT_NAME)]
 
@@ -316,6 +403,7 @@ def test_what_goes_away_stops_being_served(context: Context) -> None:
         kube = fake(context)
         feed(controller, kube,
              (SERVICE, service("web", "shop", 80, "10.96.0.10")),
+             (POD, pod("web-0", "shop", "10.0.5.1")), (POD, pod("web-1", "shop", "10.0.5.2")),
              (ENDPOINT_SLICE, endpoint_slice("web-1", "shop", "web", 8080, "10.0.5.1", "10.0.5.2")),
              (INGRESS, ingress("site", "shop", [
                  host("a.example.com", ("/", "web", 80)),
@@ -324,10 +412,11 @@ def test_what_goes_away_stops_being_served(context: Context) -> None:
         assert backends(context, agent_id)["shop/web:80"] == ("10.0.5.1:8080", "10.0.5.2:8080")
         assert len([k for k in kube.objects if k[0] == "certificates"]) == 2
         # An endpoint that is no longer ready, and a host taken out of the Ingress.
+        edited = ingress("site", "shop", [host("a.example.com", ("/", "web", 80))])
+        edited["metadata"]["uid"] = kube.builtin[("ingresses", "shop", "site")]["metadata"]["uid"]
         feed(controller, kube,
              (ENDPOINT_SLICE, endpoint_slice("web-1", "shop", "web", 8080, "10.0.5.1")),
-             (INGRESS, ingress("site", "shop",
-                               [host("a.example.com", ("/", "web", 80))])))  # fmt: skip
+             (INGRESS, edited))  # fmt: skip
         await settle(controller)
         assert backends(context, agent_id)["shop/web:80"] == ("10.0.5.1:8080",)
         assert {r.domain for r in context.state.snapshot().routes} == {"a.example.com"}

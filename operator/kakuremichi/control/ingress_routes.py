@@ -115,7 +115,7 @@ def is_ours(
     spec = _map(ingress.get("spec"))
     named = spec.get("ingressClassName")
     if named is not None:
-        return named in classes or named == INGRESS_CLASS
+        return isinstance(named, str) and (named in classes or named == INGRESS_CLASS)
     annotated = _map(_map(ingress.get("metadata")).get("annotations")).get(CLASS_ANNOTATION)
     return annotated == INGRESS_CLASS if annotated is not None else default_class
 
@@ -302,9 +302,10 @@ def backends_of(routes: Iterable[IngressRoutes]) -> set[BackendRef]:
 
 
 def certificate_name(ingress: str, host: str) -> str:
-    """The Certificate object that serves ``host`` of Ingress ``ingress`` (same namespace)."""
-    digest = hashlib.sha256(host.encode()).hexdigest()[:10]
-    return f"{ingress[:230]}-{digest}"
+    """The Certificate object that serves ``host`` of Ingress ``ingress`` (same namespace): the
+    digest covers the whole name, so long names that share a prefix never meet."""
+    digest = hashlib.sha256(f"{ingress}/{host}".encode()).hexdigest()[:16]
+    return f"{ingress[:40].rstrip('-.')}-{digest}"
 
 
 def claim_id(ingress_uid: str, host: str) -> uuid.UUID:

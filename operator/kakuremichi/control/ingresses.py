@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -41,6 +42,8 @@ from kakuremichi.control.snapshot import Snapshot
 
 CLAIMS_CONFIG_MAP = "kakuremichi-route-claims"
 """Claim id → when the operator first saw that host in that Ingress (ISO 8601)."""
+MAX_PROBLEM_EVENTS = 10
+"""Per Ingress and change; more are summed up in one."""
 SETTLE_SECONDS = 0.1
 RETRY_SECONDS = 5.0
 log = logging.getLogger(__name__)
@@ -49,7 +52,8 @@ log = logging.getLogger(__name__)
 class IngressController:
     def __init__(self, context: Context, cluster_agent: Key) -> None:
         self.context = context
-        self.sources = RouteSources(cluster_agent, context.settings.system_namespace)
+        allowed = tuple(ipaddress.ip_network(r) for r in context.settings.endpoint_ranges)
+        self.sources = RouteSources(cluster_agent, context.settings.system_namespace, allowed)
         self.news = asyncio.Event()
         self.seen: dict[UUID, datetime] = {}
         self.saved: dict[UUID, datetime] | None = None
@@ -91,6 +95,13 @@ class IngressController:
             self.sources.saw_service(body)
         for body in await kube.list_builtin(INGRESS):
             self.saw_ingress(body)
+        # Whose each address is, before any endpoint is given out.
+        for body in await kube.list_builtin(POD):
+            self.sources.saw_pod(body)
+        for body in await kube.list_builtin(NODE):
+            self.sources.saw_node(body)
+        for body in await kube.list_builtin(ENDPOINT_SLICE):
+            self.sources.saw_slice(body)
         stored = await kube.read_config_map(settings.system_namespace, CLAIMS_CONFIG_MAP)
         self.seen = _dates(stored or {})
         self.saved = dict(self.seen)
@@ -156,7 +167,6 @@ class IngressController:
 
     async def project(self, snapshot: Snapshot) -> None:
         """The decision, into the cluster: only what differs from what was written."""
-        await self._save_dates()
         for key, decided in self.decision.ingresses.items():
             await self._certificates(key, decided)
             await self._balancer(key, decided, snapshot)
@@ -166,15 +176,25 @@ class IngressController:
         live = {c for d in self.decision.ingresses.values() for c in (x.id for x in d.claims)}
         for gone in set(self.told_hosts) - live:
             del self.told_hosts[gone]
+        await self._save_dates(snapshot)
 
-    async def _save_dates(self) -> None:
-        if self.seen == self.saved:
+    async def _save_dates(self, snapshot: Snapshot) -> None:
+        """When each claim began as the ownership decision dated it: only claims it allowed (one
+        refused for a quota or a policy begins when allowed, and must not come back from a
+        restart with the date it was first seen)."""
+        ownership = snapshot.ownership
+        dates = {
+            claim: ownership.claims[claim]
+            for claim in self.decision.claims()
+            if claim in ownership.claims and claim not in ownership.unable
+        }
+        if dates == self.saved:
             return
-        data = {str(claim): when.isoformat() for claim, when in sorted(self.seen.items())}
+        data = {str(claim): when.isoformat() for claim, when in sorted(dates.items())}
         await self.context.kube.write_config_map(
             self.context.settings.system_namespace, CLAIMS_CONFIG_MAP, data, MANAGED_BY
         )
-        self.saved = dict(self.seen)
+        self.saved = dates
 
     async def _certificates(self, key: Key, decided: IngressDecision | None) -> None:
         kube, namespace = self.context.kube, key[0]
@@ -185,6 +205,14 @@ class IngressController:
                 continue
             assert decided is not None
             existing = await kube.get_object(CERTIFICATE, namespace, name)
+            if existing is not None and not _owned(existing, decided.uid):
+                # (someone else's of that name, a Tunnel's say: never touched)
+                if self.certificates.get((namespace, name)) != {"taken": True}:
+                    self.certificates[(namespace, name)] = {"taken": True}
+                    await kube.announce(INGRESS, _reference(decided), True, "CertificateNameTaken",
+                                        f"{spec.domain}: Certificate {name} of this namespace is "
+                                        "not this Ingress's; rename or delete it.")  # fmt: skip
+                continue
             if existing is not None and existing["spec"].get("domain") != body["domain"]:
                 await kube.delete_object(CERTIFICATE, namespace, name)  # (domain is immutable)
                 existing = None
@@ -195,7 +223,12 @@ class IngressController:
             self.certificates[(namespace, name)] = body
             self.made.setdefault(key, set()).add(name)
         for name in sorted(self.made.get(key, set()) - set(wanted)):
-            await kube.delete_object(CERTIFICATE, namespace, name)
+            existing = await kube.get_object(CERTIFICATE, namespace, name)
+            if existing is not None and (
+                _owned(existing, decided.uid) if decided is not None
+                else _owned(existing, name=key[1])
+            ):  # fmt: skip
+                await kube.delete_object(CERTIFICATE, namespace, name)
             self.certificates.pop((namespace, name), None)
             self.made[key].discard(name)
         if not self.made.get(key):
@@ -217,12 +250,16 @@ class IngressController:
     async def _tell(self, key: Key, decided: IngressDecision, snapshot: Snapshot) -> None:
         """Events: each field that cannot be served, once; each host's verdict when it moves."""
         kube = self.context.kube
-        body = {"metadata": {"namespace": key[0], "name": key[1], "uid": decided.uid}}
+        body = _reference(decided)
         told = self.told_problems.get(key, ())
         if decided.problems != told:
-            for problem in decided.problems:
-                if problem not in told:
-                    await kube.announce(INGRESS, body, True, "RouteRefused", problem)
+            new = [problem for problem in decided.problems if problem not in told]
+            for problem in new[:MAX_PROBLEM_EVENTS]:
+                await kube.announce(INGRESS, body, True, "RouteRefused", problem)
+            if len(new) > MAX_PROBLEM_EVENTS:
+                await kube.announce(INGRESS, body, True, "RouteRefused",
+                                    f"and {len(new) - MAX_PROBLEM_EVENTS} more fields are not "
+                                    "served.")  # fmt: skip
             self.told_problems[key] = decided.problems
         for claim in decided.claims:
             verdict = snapshot.route_verdicts.get(claim.id)
@@ -256,6 +293,20 @@ def _certificate(decided: IngressDecision, name: str, spec: dict[str, Any]) -> d
         },
         "spec": spec,
     }
+
+
+def _reference(decided: IngressDecision) -> dict[str, Any]:
+    return {"metadata": {"namespace": decided.namespace, "name": decided.name, "uid": decided.uid}}
+
+
+def _owned(certificate: Mapping[str, Any], uid: str = "", *, name: str = "") -> bool:
+    """Made for the Ingress of that uid (or, once it is gone, of that name)."""
+    owners = (certificate.get("metadata") or {}).get("ownerReferences") or ()
+    return any(
+        o.get("kind") == INGRESS.kind and o.get("apiVersion") == INGRESS.api_version
+        and (o.get("uid") == uid if uid else o.get("name") == name)
+        for o in owners
+    )  # fmt: skip
 
 
 def _dates(stored: Mapping[str, str]) -> dict[UUID, datetime]:

@@ -565,6 +565,7 @@ class Kube:
             "services": (self.core.list_service_for_all_namespaces,
                          self.core.list_namespaced_service),
             "pods": (self.core.list_pod_for_all_namespaces, self.core.list_namespaced_pod),
+            "nodes": (self.core.list_node, self.core.list_node),
         }  # fmt: skip
         everywhere, one = calls[kind.plural]
         found: list[dict[str, Any]] = []

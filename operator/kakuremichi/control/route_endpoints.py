@@ -48,6 +48,8 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def _usable(address: str, foreign: set[Address], allowed: Sequence[Network] | None) -> bool:
+    if "%" in address:
+        return False  # (a scoped IPv6 address would compare unequal to the one it names)
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -73,45 +75,62 @@ def _addresses(texts: Collection[str]) -> set[Address]:
 
 def ready_endpoints(
     ref: BackendRef, slices: Iterable[Mapping[str, Any]], foreign: Collection[str] = (),
-    allowed: Sequence[Network] | None = None,
+    allowed: Sequence[Network] | None = None, own: Collection[str] = (),
 ) -> list[str]:  # fmt: skip
     """``ip:port`` (``[ip]:port`` for IPv6) of every ready endpoint of the Service port ``ref``,
     from the EndpointSlices of its Service (others are ignored), sorted, at most
-    :data:`MAX_ENDPOINTS`."""
+    :data:`MAX_ENDPOINTS`. An address in ``own`` (the pods of the route's namespace) is usable
+    whatever ``foreign`` and ``allowed`` say (never when loopback, link-local and the like)."""
     found: set[tuple[int, str, int]] = set()
-    blocked = _addresses(foreign)
+    blocked, mine = _addresses(foreign), _addresses(own)
     for piece in slices:
-        metadata = piece.get("metadata") or {}
-        labels = metadata.get("labels") or {}
+        if not isinstance(piece, Mapping):
+            continue
+        metadata = _mapping(piece.get("metadata"))
+        labels = _mapping(metadata.get("labels"))
         if metadata.get("namespace") != ref.namespace:
             continue
         if labels.get(SERVICE_NAME_LABEL) != ref.service:
             continue
-        family = piece.get("addressType")
-        if family not in ("IPv4", "IPv6"):
+        if piece.get("addressType") not in ("IPv4", "IPv6"):
             continue  # (FQDN: a name to resolve is a place the tenant chooses at any time)
         port = _port(piece.get("ports"), ref.port_name)
         if port is None:
             continue
-        for endpoint in piece.get("endpoints") or ():
+        endpoints = piece.get("endpoints")
+        for endpoint in endpoints if isinstance(endpoints, list) else ():
             if not isinstance(endpoint, Mapping):
                 continue
-            conditions = endpoint.get("conditions") or {}
-            if conditions.get("ready") is False:  # (unset means ready, says the API)
-                continue
-            addresses = endpoint.get("addresses") or ()
-            if not addresses:
+            if _mapping(endpoint.get("conditions")).get("ready") is False:
+                continue  # (unset means ready, says the API)
+            addresses = endpoint.get("addresses")
+            if not isinstance(addresses, list) or not addresses:
                 continue
             address = str(addresses[0])  # (the addresses of one endpoint are fungible)
-            if not _usable(address, blocked, allowed):
+            usable = (
+                _usable(address, set(), None) if _parsed(address) in mine
+                else _usable(address, blocked, allowed)
+            )  # fmt: skip
+            if not usable:
                 continue
-            version = 6 if family == "IPv6" else 4
-            found.add((version, str(ipaddress.ip_address(address)), port))
+            ip = ipaddress.ip_address(address)
+            found.add((ip.version, str(ip), port))
     ordered = sorted(found, key=lambda e: (e[0], ipaddress.ip_address(e[1]), e[2]))
     return [
         f"[{address}]:{port}" if version == 6 else f"{address}:{port}"
         for version, address, port in ordered[:MAX_ENDPOINTS]
     ]
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _parsed(text: str) -> Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
 
 
 def _port(ports: object, name: str) -> int | None:

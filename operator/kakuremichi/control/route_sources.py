@@ -29,11 +29,13 @@ from kakuremichi.control.ingress_routes import (
     is_ours,
 )
 from kakuremichi.control.ownership import TunnelFacts
-from kakuremichi.control.route_endpoints import SERVICE_NAME_LABEL, ready_endpoints
+from kakuremichi.control.route_endpoints import SERVICE_NAME_LABEL, Network, ready_endpoints
 
 Key = tuple[str, str]
 """(namespace, name)."""
 
+MAX_HOSTS_PER_INGRESS = 100
+"""Hosts beyond these are not served (each is a claim, a Certificate and a stored date)."""
 ADMIN_NAMESPACES = ("kube-system",)
 """Namespaces whose EndpointSlices' addresses no other namespace's route may use (besides the
 operator's own and the API server's ``default/kubernetes``)."""
@@ -75,13 +77,24 @@ class RouteDecision:
 
 @dataclass
 class RouteSources:
+    """An endpoint is used when it is the address of a pod of the route's own namespace, or lies
+    in ``allowed`` (ranges the administrator opens to hand-written EndpointSlices, e.g. servers
+    outside the cluster) and belongs to nothing of another namespace's: anything else (a node's
+    services, the cloud's, another network's hosts) is out of reach by default."""
+
     cluster_agent: Key
     system_namespace: str
+    allowed: tuple[Network, ...] = ()
     ingresses: dict[Key, dict[str, Any]] = field(default_factory=dict)
     classes: dict[str, bool] = field(default_factory=dict)
     """Our IngressClasses (controller ``kakuremichi.io/ingress-controller``) → default or not."""
     services: dict[Key, ServiceFacts] = field(default_factory=dict)
     service_ips: dict[Key, tuple[str, ...]] = field(default_factory=dict)
+    """Cluster IPs, which the API server allocates (kube-proxy forwards them to that Service's
+    pods, whatever namespace they are in)."""
+    external_ips: dict[Key, tuple[str, ...]] = field(default_factory=dict)
+    """``spec.externalIPs``, which a Service's namespace chooses (foreign to other namespaces;
+    never stronger than a namespace's own pods)."""
     slices: dict[Key, dict[str, Any]] = field(default_factory=dict)
     pod_ips: dict[Key, tuple[str, ...]] = field(default_factory=dict)
     node_ips: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -118,14 +131,16 @@ class RouteSources:
 
     def saw_service(self, body: Mapping[str, Any]) -> bool:
         meta, spec = _map(body.get("metadata")), _map(body.get("spec"))
-        ips = [spec.get("clusterIP"), *(spec.get("clusterIPs") or ()),
-               *(spec.get("externalIPs") or ())]  # fmt: skip
-        addresses = tuple(sorted({str(ip) for ip in ips if ip and ip != "None"}))
+        allocated = [spec.get("clusterIP"), *_texts(spec.get("clusterIPs"))]
+        addresses = tuple(sorted({str(ip) for ip in allocated if ip and ip != "None"}))
         changed = _put(self.service_ips, _key(meta), addresses)
+        chosen = tuple(sorted(set(_texts(spec.get("externalIPs")))))
+        changed = _put(self.external_ips, _key(meta), chosen) or changed
         return _put(self.services, _key(meta), ServiceFacts.of(body)) or changed
 
     def service_gone(self, namespace: str, name: str) -> bool:
         self.service_ips.pop((namespace, name), None)
+        self.external_ips.pop((namespace, name), None)
         return self.services.pop((namespace, name), None) is not None
 
     def saw_slice(self, body: Mapping[str, Any]) -> bool:
@@ -146,7 +161,7 @@ class RouteSources:
 
     def saw_pod(self, body: Mapping[str, Any]) -> bool:
         status = _map(body.get("status"))
-        ips = {str(p.get("ip")) for p in status.get("podIPs") or () if isinstance(p, Mapping)}
+        ips = {str(p.get("ip")) for p in _list(status.get("podIPs")) if isinstance(p, Mapping)}
         if status.get("podIP"):
             ips.add(str(status["podIP"]))
         if _map(body.get("spec")).get("hostNetwork"):
@@ -157,7 +172,7 @@ class RouteSources:
         return self.pod_ips.pop((namespace, name), None) is not None
 
     def saw_node(self, body: Mapping[str, Any]) -> bool:
-        addresses = _map(body.get("status")).get("addresses") or ()
+        addresses = _list(_map(body.get("status")).get("addresses"))
         ips = tuple(sorted({
             str(a.get("address")) for a in addresses
             if isinstance(a, Mapping) and a.get("type") in ("InternalIP", "ExternalIP")
@@ -179,24 +194,44 @@ class RouteSources:
         decided: dict[Key, IngressDecision] = {}
         refs: set[BackendRef] = set()
         for key, body in sorted(self.ingresses.items()):
-            if not is_ours(body, default, self.classes):
+            try:
+                if not is_ours(body, default, self.classes):
+                    continue
+                decided[key], leads_to = self._decide_ingress(key, body, by_namespace, seen, now)
+            except Exception as error:  # (one odd object never costs the others their routes)
+                problem = f"the Ingress could not be read: {type(error).__name__}"
+                uid = str(body["metadata"]["uid"])
+                decided[key] = IngressDecision(key[0], key[1], uid, (), (problem,), {})
                 continue
-            routes = ingress_routes(body, by_namespace.get(key[0], {}))
-            claims = host_claims(body, routes, self.cluster_agent, seen, now)
-            certificates = {}
-            for claim in claims:
-                secret = routes.hosts[claim.domain].tls_secret
-                certificates[claim.certificate] = CertificateSpec(
-                    domain=claim.domain,
-                    secret_name=secret or f"{claim.certificate}-tls",
-                    issuer="Secret" if secret else "ACME",
-                )
-            decided[key] = IngressDecision(
-                key[0], key[1], str(body["metadata"]["uid"]), claims, tuple(routes.problems),
-                certificates,
-            )  # fmt: skip
-            refs |= backends_of([routes])
+            refs |= leads_to
         return RouteDecision(decided, self._endpoints(refs))
+
+    def _decide_ingress(
+        self, key: Key, body: Mapping[str, Any],
+        by_namespace: Mapping[str, dict[str, ServiceFacts]],
+        seen: Mapping[uuid.UUID, datetime], now: datetime,
+    ) -> tuple[IngressDecision, set[BackendRef]]:  # fmt: skip
+        routes = ingress_routes(body, by_namespace.get(key[0], {}))
+        problems = list(routes.problems)
+        if len(routes.hosts) > MAX_HOSTS_PER_INGRESS:
+            for extra in sorted(routes.hosts)[MAX_HOSTS_PER_INGRESS:]:
+                del routes.hosts[extra]
+            problems.append(
+                f"spec.rules: an Ingress serves at most {MAX_HOSTS_PER_INGRESS} hosts; those "
+                "after the first (in name order) are not served."
+            )
+        claims = host_claims(body, routes, self.cluster_agent, seen, now)
+        certificates = {}
+        for claim in claims:
+            secret = routes.hosts[claim.domain].tls_secret
+            certificates[claim.certificate] = CertificateSpec(
+                domain=claim.domain,
+                secret_name=secret or f"{claim.certificate}-tls",
+                issuer="Secret" if secret else "ACME",
+            )
+        uid = str(body["metadata"]["uid"])
+        decided = IngressDecision(key[0], key[1], uid, claims, tuple(problems), certificates)
+        return decided, backends_of([routes])
 
     def _endpoints(self, refs: set[BackendRef]) -> dict[str, tuple[str, ...]]:
         slices: dict[Key, list[dict[str, Any]]] = {}
@@ -212,23 +247,30 @@ class RouteSources:
             foreign = foreign_of.get(ref.namespace)
             if foreign is None:
                 foreign = foreign_of[ref.namespace] = shared | self._others(ref.namespace)
-            found = ready_endpoints(ref, slices.get((ref.namespace, ref.service), ()), foreign)
+            own = {ip for (ns, _), ips in self.pod_ips.items() if ns == ref.namespace for ip in ips}
+            try:
+                found = ready_endpoints(
+                    ref, slices.get((ref.namespace, ref.service), ()), foreign, self.allowed, own
+                )
+            except Exception:  # (an odd slice costs its own Service its endpoints, no more)
+                found = []
             endpoints[ref.stream] = tuple(found)
         return endpoints
 
     def _others(self, namespace: str) -> set[str]:
-        """Addresses that belong to other namespaces: their pods', and those the cluster's own
-        services and the operator's namespace stand behind (the API server's address is in no
-        pod, but in ``default/kubernetes``'s EndpointSlice)."""
+        """Addresses that belong to other namespaces: their pods' and external IPs, and those
+        the cluster's own services and the operator's namespace stand behind (the API server's
+        address is in no pod, but in ``default/kubernetes``'s EndpointSlice)."""
         found = {ip for (ns, _), ips in self.pod_ips.items() if ns != namespace for ip in ips}
+        found |= {ip for (ns, _), ips in self.external_ips.items() if ns != namespace for ip in ips}
         admin = {*ADMIN_NAMESPACES, self.system_namespace}
         for (ns, _), piece in self.slices.items():
             service = piece["metadata"]["labels"].get(SERVICE_NAME_LABEL)
             if ns == namespace or not (ns in admin or (ns, service) == ("default", "kubernetes")):
                 continue
-            for endpoint in piece.get("endpoints") or ():
+            for endpoint in _list(piece.get("endpoints")):
                 if isinstance(endpoint, Mapping):
-                    found |= {str(a) for a in endpoint.get("addresses") or ()}
+                    found |= set(_texts(endpoint.get("addresses")))
         return found
 
 
@@ -238,6 +280,14 @@ def _key(meta: Mapping[str, Any]) -> Key:
 
 def _map(value: object) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: object) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _texts(value: object) -> list[str]:
+    return [v for v in _list(value) if isinstance(v, str)]
 
 
 def _put(table: dict[Any, Any], key: object, value: object) -> bool:

@@ -3,6 +3,7 @@ option of the command, its help and its row in the README's table (``control/fla
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated
@@ -137,6 +138,15 @@ class ControlSettings(BaseModel):
             env="KAKUREMICHI_CLUSTER_AGENT",
         ),
     ] = None
+    endpoint_ranges: Annotated[
+        tuple[str, ...],
+        Flag(
+            "--endpoint-range",
+            "besides the pods of a route's own namespace, the addresses its EndpointSlices may "
+            "name (e.g. servers outside the cluster); none by default",
+            "CIDR",
+        ),
+    ] = ()
     subnet_range: Annotated[
         str,
         Field(pattern=r"^\d{1,3}(-\d{1,3})?$"),
@@ -359,6 +369,13 @@ class ControlSettings(BaseModel):
                 "(no --namespace): which addresses belong to other tenants' pods is known only "
                 "then"
             )
+        for text in self.endpoint_ranges:
+            try:
+                ipaddress.ip_network(text)
+            except ValueError:
+                raise ValueError(
+                    f"--endpoint-range: {text!r} is not a network such as 192.168.10.0/24"
+                ) from None
         if (self.control_tls_cert is None) != (self.control_tls_key is None):
             raise ValueError("--control-tls-cert and --control-tls-key go together")
         try:
