@@ -243,11 +243,14 @@ class RouteSources:
         shared |= {ip for ips in self.node_ips.values() for ip in ips}
         endpoints: dict[str, tuple[str, ...]] = {}
         foreign_of: dict[str, set[str]] = {}
+        pods_of: dict[str, set[str]] = {}
+        for (ns, _), ips in self.pod_ips.items():
+            pods_of.setdefault(ns, set()).update(ips)
         for ref in sorted(refs):
             foreign = foreign_of.get(ref.namespace)
             if foreign is None:
                 foreign = foreign_of[ref.namespace] = shared | self._others(ref.namespace)
-            own = {ip for (ns, _), ips in self.pod_ips.items() if ns == ref.namespace for ip in ips}
+            own = pods_of.get(ref.namespace, set())
             try:
                 found = ready_endpoints(
                     ref, slices.get((ref.namespace, ref.service), ()), foreign, self.allowed, own
