@@ -11,6 +11,7 @@ from typing import Any, cast
 from uuid import UUID
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from kakuremichi.api.resources import AGENT, CERTIFICATE, TUNNEL
 from kakuremichi.control import agents, tunnels
@@ -117,6 +118,12 @@ async def cluster_agent(context: Context) -> UUID:
     return UUID(body["metadata"]["uid"])
 
 
+async def controller_of(context: Context) -> tuple[IngressController, FakeKube, UUID]:
+    """The cluster agent provisioned, and the controller that serves through it."""
+    agent_id = await cluster_agent(context)
+    return IngressController(context, (SYSTEM, AGENT_NAME)), fake(context), agent_id
+
+
 def feed(
     controller: IngressController, kube: FakeKube, *bodies: tuple[Any, dict[str, Any]]
 ) -> None:
@@ -150,9 +157,7 @@ def test_an_ingress_is_served_through_the_cluster_agent_with_its_certificate(
     context: Context,
 ) -> None:
     async def scenario() -> None:
-        agent_id = await cluster_agent(context)
-        controller = IngressController(context, (SYSTEM, AGENT_NAME))
-        kube = fake(context)
+        controller, kube, agent_id = await controller_of(context)
         feed(controller, kube,
              (SERVICE, service("web", "shop", 80, "10.96.0.10")),
              (ENDPOINT_SLICE, endpoint_slice("web-1", "shop", "web", 8080, "10.244.1.5")),
@@ -188,9 +193,7 @@ def test_a_tls_secret_is_read_as_it_is_and_an_ingress_of_another_class_is_left_a
     context: Context,
 ) -> None:
     async def scenario() -> None:
-        await cluster_agent(context)
-        controller = IngressController(context, (SYSTEM, AGENT_NAME))
-        kube = fake(context)
+        controller, kube, _ = await controller_of(context)
         mine = ingress("site", "shop", [host("shop.example.com", ("/", "web", 80))],
                        tls=[{"hosts": ["shop.example.com"],
                              "secretName": "shop-cert"}])  # fmt: skip
@@ -215,9 +218,7 @@ def test_a_tenants_endpoint_slice_reaches_only_its_own_namespaces_pods(context: 
     operator's own pod, cloud metadata and loopback: the cluster agent is given none of them."""
 
     async def scenario() -> None:
-        agent_id = await cluster_agent(context)
-        controller = IngressController(context, (SYSTEM, AGENT_NAME))
-        kube = fake(context)
+        controller, kube, agent_id = await controller_of(context)
         hostile = ("10.244.2.7", "10.96.0.20", "192.168.1.10", "172.18.0.2", "10.244.0.3",
                    "169.254.169.254", "127.0.0.1", "10.244.1.9")  # fmt: skip
         feed(controller, kube,
@@ -335,9 +336,7 @@ def test_outside_its_pods_a_slice_reaches_only_the_ranges_the_administrator_open
 
 def test_another_tenants_external_ips_cannot_take_a_namespaces_own_pods(context: Context) -> None:
     async def scenario() -> None:
-        agent_id = await cluster_agent(context)
-        controller = IngressController(context, (SYSTEM, AGENT_NAME))
-        kube = fake(context)
+        controller, kube, agent_id = await controller_of(context)
         shadow = service("shadow", "evil", 80, "10.96.0.50")
         shadow["spec"]["externalIPs"] = ["10.244.2.7"]
         feed(controller, kube,
@@ -354,9 +353,7 @@ def test_another_tenants_external_ips_cannot_take_a_namespaces_own_pods(context:
 
 def test_an_ingress_that_cannot_be_read_costs_nobody_else_their_routes(context: Context) -> None:
     async def scenario() -> None:
-        await cluster_agent(context)
-        controller = IngressController(context, (SYSTEM, AGENT_NAME))
-        kube = fake(context)
+        controller, kube, _ = await controller_of(context)
         odd = ingress("odd", "evil", [host("odd.example.com", ("/", "web", 80))])
         odd["spec"]["ingressClassName"] = ["kakuremichi"]
         broken_slice = endpoint_slice("web-2", "shop", "web", 8080)
@@ -374,9 +371,7 @@ def test_a_certificate_of_that_name_that_is_not_the_ingresss_is_never_touched(
     context: Context,
 ) -> None:
     async def scenario() -> None:
-        await cluster_agent(context)
-        controller = IngressController(context, (SYSTEM, AGENT_NAME))
-        kube = fake(context)
+        controller, kube, _ = await controller_of(context)
         feed(controller, kube, (SERVICE, service("web", "shop", 80, "10.96.0.10")))
         name = certificate_name("site", "shop.example.com")
         theirs = kube.add(CERTIFICATE, name, {"domain": "pay.example.com",
@@ -392,15 +387,43 @@ def test_a_certificate_of_that_name_that_is_not_the_ingresss_is_never_touched(
     asyncio.run(scenario())
 
 
+def test_an_ingress_whose_writes_fail_holds_back_no_other(context: Context) -> None:
+    """A namespace being deleted refuses every write into it: the Ingresses of other
+    namespaces still get their Certificates and status."""
+
+    async def scenario() -> None:
+        controller, kube, _ = await controller_of(context)
+        create = kube.create_object
+
+        async def refusing(kind: Any, namespace: str, body: dict[str, Any]) -> None:
+            if namespace == "going":
+                raise ApiException(status=403, reason="Forbidden")
+            await create(kind, namespace, body)
+
+        kube.create_object = refusing  # type: ignore[method-assign]
+        feed(controller, kube,
+             (SERVICE, service("web", "going", 80, "10.96.0.11")),
+             (INGRESS, ingress("aaa", "going", [host("going.example.com", ("/", "web", 80))])),
+             (SERVICE, service("web", "shop", 80, "10.96.0.10")), (INGRESS, shop()))  # fmt: skip
+        context.state.set_gateway(GatewayNode(UUID(int=7), "gw", 1, "203.0.113.9", "k" * 43 + "="))
+        controller.decide()
+        assert not await controller.project(context.state.snapshot())  # (tried again later)
+        assert [k for k in kube.objects if k[0] == "certificates"] == [
+            ("certificates", "shop", certificate_name("site", "shop.example.com"))
+        ]
+        status = kube.builtin[("ingresses", "shop", "site")]["status"]
+        assert status["loadBalancer"]["ingress"] == [{"ip": "203.0.113.9"}]
+
+    asyncio.run(scenario())
+
+
 def current_agent(kube: FakeKube) -> dict[str, Any]:
     return kube.objects[("agents", SYSTEM, AGENT_NAME)]
 
 
 def test_what_goes_away_stops_being_served(context: Context) -> None:
     async def scenario() -> None:
-        agent_id = await cluster_agent(context)
-        controller = IngressController(context, (SYSTEM, AGENT_NAME))
-        kube = fake(context)
+        controller, kube, agent_id = await controller_of(context)
         feed(controller, kube,
              (SERVICE, service("web", "shop", 80, "10.96.0.10")),
              (POD, pod("web-0", "shop", "10.0.5.1")), (POD, pod("web-1", "shop", "10.0.5.2")),
@@ -433,9 +456,7 @@ def test_what_goes_away_stops_being_served(context: Context) -> None:
 
 def test_a_default_ingress_class_takes_ingresses_without_a_class(context: Context) -> None:
     async def scenario() -> None:
-        await cluster_agent(context)
-        controller = IngressController(context, (SYSTEM, AGENT_NAME))
-        kube = fake(context)
+        controller, kube, _ = await controller_of(context)
         unclassed = ingress("site", "shop", [host("shop.example.com", ("/", "web", 80))])
         del unclassed["spec"]["ingressClassName"]
         feed(controller, kube, (SERVICE, service("web", "shop", 80, "10.96.0.10")),
@@ -454,9 +475,7 @@ def test_a_default_ingress_class_takes_ingresses_without_a_class(context: Contex
 
 def test_a_refused_field_is_told_once_as_an_event(context: Context) -> None:
     async def scenario() -> None:
-        await cluster_agent(context)
-        controller = IngressController(context, (SYSTEM, AGENT_NAME))
-        kube = fake(context)
+        controller, kube, _ = await controller_of(context)
         feed(controller, kube, (INGRESS, ingress("site", "shop", [
             host("shop.example.com", ("/", "missing", 80))])))  # fmt: skip
         await settle(controller)

@@ -25,6 +25,7 @@ from typing import Any
 from uuid import UUID
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from kakuremichi.api.resources import API_VERSION, CERTIFICATE
 from kakuremichi.control.context import Context
@@ -139,11 +140,12 @@ class IngressController:
     async def run(self) -> None:
         generation = -1
         while True:
+            wait = None
             try:
                 if self.news.is_set():
                     self.decide()
-                await self.project(self.context.state.snapshot())
-                wait = None
+                if not await self.project(self.context.state.snapshot()):
+                    wait = RETRY_SECONDS
             except Exception:  # the next pass tries again
                 log.exception("serving Ingresses failed; trying again")
                 wait = RETRY_SECONDS
@@ -165,18 +167,32 @@ class IngressController:
         await asyncio.sleep(SETTLE_SECONDS)
         return self.context.state.generation
 
-    async def project(self, snapshot: Snapshot) -> None:
-        """The decision, into the cluster: only what differs from what was written."""
+    async def project(self, snapshot: Snapshot) -> bool:
+        """The decision, into the cluster: only what differs from what was written. An Ingress
+        whose writes fail (its namespace being deleted, say) is tried again at the next pass,
+        and holds back no other; False when one failed."""
+        done = True
         for key, decided in self.decision.ingresses.items():
-            await self._certificates(key, decided)
-            await self._balancer(key, decided, snapshot)
-            await self._tell(key, decided, snapshot)
+            try:
+                await self._certificates(key, decided)
+                await self._balancer(key, decided, snapshot)
+                await self._tell(key, decided, snapshot)
+            except Exception as error:
+                done = False
+                if not _terminating(error):
+                    log.warning("writing what Ingress %s/%s is served as failed: %s", *key, error)
         for key in set(self.made) - set(self.decision.ingresses):
-            await self._certificates(key, None)  # (no longer ours, or gone)
+            try:
+                await self._certificates(key, None)  # (no longer ours, or gone)
+            except Exception as error:
+                done = False
+                if not _terminating(error):
+                    log.warning("removing Ingress %s/%s's Certificates failed: %s", *key, error)
         live = {c for d in self.decision.ingresses.values() for c in (x.id for x in d.claims)}
         for gone in set(self.told_hosts) - live:
             del self.told_hosts[gone]
         await self._save_dates(snapshot)
+        return done
 
     async def _save_dates(self, snapshot: Snapshot) -> None:
         """When each claim began as the ownership decision dated it: only claims it allowed (one
@@ -293,6 +309,11 @@ def _certificate(decided: IngressDecision, name: str, spec: dict[str, Any]) -> d
         },
         "spec": spec,
     }
+
+
+def _terminating(error: Exception) -> bool:
+    """Refused because the namespace is being deleted (nothing to write there any more)."""
+    return isinstance(error, ApiException) and "NamespaceTerminating" in str(error.body or "")
 
 
 def _reference(decided: IngressDecision) -> dict[str, Any]:

@@ -506,7 +506,14 @@ class Kube:
     ) -> AsyncIterator[list[dict[str, Any]]]:
         """The objects of ``kind`` in ``namespaces`` (all when empty), a page at a time: at
         thousands of objects one whole listing is tens of MiB of Python objects."""
-        scopes: tuple[str | None, ...] = namespaces if kind.namespaced and namespaces else (None,)
+        async for page in self._custom_pages(GROUP, VERSION, kind.plural, kind.namespaced,
+                                             namespaces):  # fmt: skip
+            yield page
+
+    async def _custom_pages(
+        self, group: str, version: str, plural: str, namespaced: bool, namespaces: tuple[str, ...]
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        scopes: tuple[str | None, ...] = namespaces if namespaced and namespaces else (None,)
         for namespace in scopes:
             token: str | None = None
             while True:
@@ -515,13 +522,12 @@ class Kube:
                     options["_continue"] = token
                 if namespace is None:
                     listing = await self._call(
-                        self.custom.list_cluster_custom_object, GROUP, VERSION, kind.plural,
-                        **options,
-                    )  # fmt: skip
+                        self.custom.list_cluster_custom_object, group, version, plural, **options
+                    )
                 else:
                     listing = await self._call(
                         self.custom.list_namespaced_custom_object,
-                        GROUP, VERSION, namespace, kind.plural, **options,
+                        group, version, namespace, plural, **options,
                     )  # fmt: skip
                 yield _items(listing)
                 assert isinstance(listing, dict)
@@ -532,33 +538,14 @@ class Kube:
     async def list_builtin(
         self, kind: BuiltinKind, namespaces: tuple[str, ...] = ()
     ) -> list[dict[str, Any]]:
-        scopes: tuple[str | None, ...] = namespaces if kind.namespaced and namespaces else (None,)
-        found: list[dict[str, Any]] = []
-        for namespace in scopes:
-            if not kind.group:  # (the core group: the typed client, then plain dicts)
-                found.extend(await self._list_core(kind, namespace))
-                continue
-            token: str | None = None
-            while True:
-                options: dict[str, Any] = {"limit": LIST_PAGE_SIZE}
-                if token:
-                    options["_continue"] = token
-                if namespace is None:
-                    listing = await self._call(
-                        self.custom.list_cluster_custom_object,
-                        kind.group, kind.version, kind.plural, **options,
-                    )  # fmt: skip
-                else:
-                    listing = await self._call(
-                        self.custom.list_namespaced_custom_object,
-                        kind.group, kind.version, namespace, kind.plural, **options,
-                    )  # fmt: skip
-                found.extend(_items(listing))
-                assert isinstance(listing, dict)
-                token = (listing.get("metadata") or {}).get("continue")
-                if not token:
-                    break
-        return found
+        if not kind.group:  # (the core group: the typed client, then plain dicts)
+            scopes: tuple[str | None, ...] = (
+                namespaces if kind.namespaced and namespaces else (None,)
+            )
+            return [item for namespace in scopes for item in await self._list_core(kind, namespace)]
+        pages = self._custom_pages(kind.group, kind.version, kind.plural, kind.namespaced,
+                                   namespaces)  # fmt: skip
+        return [item async for page in pages for item in page]
 
     async def _list_core(self, kind: BuiltinKind, namespace: str | None) -> list[dict[str, Any]]:
         calls: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
