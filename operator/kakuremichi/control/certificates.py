@@ -215,7 +215,7 @@ async def recheck_sources(context: Context) -> None:
             del schedule[gone]
         # Only the Secrets of Certificates whose Tunnel holds the domain: what others hold is
         # served to nobody, and a namespace's thousands of them must not cost a read each.
-        held = {(h.namespace, h.certificate) for h in state.snapshot().ownership.holders.values()}
+        held = {h.certificate_key for h in state.snapshot().ownership.holders.values()}
         for key, users in list(state.secret_users.items()):
             if not any((key[0], certificate) in held for certificate in users):
                 continue

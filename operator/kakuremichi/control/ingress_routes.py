@@ -139,7 +139,7 @@ def ingress_routes(
             out.problems.append(f"{at}.host: wildcard hosts are not served (their certificate "
                                 "would need DNS-01); name each host.")  # fmt: skip
             continue
-        if not _HOST.fullmatch(host) or not _is_domain(host):
+        if not _HOST.fullmatch(host) or not is_domain(host):
             out.problems.append(f"{at}.host: must be a lower-case DNS name such as "
                                 "app.example.com.")  # fmt: skip
             continue
@@ -279,7 +279,7 @@ def _map(value: object) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
-def _is_domain(host: str) -> bool:
+def is_domain(host: str) -> bool:
     """As a Tunnel's domain must be (no numeric last label, as the API server allows)."""
     try:
         validation.domain_name(host)

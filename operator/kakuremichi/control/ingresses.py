@@ -1,5 +1,6 @@
-"""The Ingress controller: Ingresses of class ``kakuremichi`` served through the cluster agent
-(``--cluster-agent``), a thin shell around :mod:`kakuremichi.control.route_sources`.
+"""The route controller: Ingresses of class ``kakuremichi``, and Gateway API Gateways and
+HTTPRoutes of a GatewayClass of ours, served through the cluster agent (``--cluster-agent``); a
+thin shell around :mod:`kakuremichi.control.route_sources`.
 
 Watches feed the sources (Ingresses, IngressClasses, Services, EndpointSlices, and the
 addresses of pods and nodes); one task decides from them and projects the decision: each
@@ -7,7 +8,9 @@ Ingress's host claims and each backend's endpoints into the state (where they we
 Tunnels' claims in the one ownership decision), a Certificate per claimed host owned by the
 Ingress (``spec.tls[].secretName`` read as it is, else ACME), ``status.loadBalancer`` (the
 gateways' addresses, once the Ingress holds a host) and Events that say, per field and per host,
-what is not served and why.
+what is not served and why. For the Gateway API: statuses (GatewayClass, Gateway and its
+listeners, each HTTPRoute's parents of ours), a Certificate per host owned by the Gateway that
+gives it, and the same Events on HTTPRoutes.
 
 When each host's claim began is kept in a ConfigMap of the operator's namespace, which no tenant
 writes: an annotation on the Ingress could be kept from an earlier claim and restored later.
@@ -19,7 +22,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -27,20 +30,32 @@ from uuid import UUID
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from kakuremichi.api.resources import API_VERSION, CERTIFICATE
+from kakuremichi.api.resources import API_VERSION, CERTIFICATE, CertificateSpec
+from kakuremichi.control import gateway_api_status
 from kakuremichi.control.context import Context
+from kakuremichi.control.gateway_api import GatewayDecision
+from kakuremichi.control.gateway_api import RouteDecision as HTTPRouteDecision
 from kakuremichi.control.kube_api import (
     ENDPOINT_SLICE,
+    GATEWAY_CLASS,
+    HTTP_ROUTE,
     INGRESS,
     INGRESS_CLASS,
     MANAGED_BY,
+    NAMESPACE,
     NODE,
     POD,
+    REFERENCE_GRANT,
+    ROUTED_GATEWAY,
     SERVICE,
+    BuiltinKind,
 )
+from kakuremichi.control.ownership import TunnelFacts
 from kakuremichi.control.route_sources import IngressDecision, Key, RouteDecision, RouteSources
 from kakuremichi.control.snapshot import Snapshot
 
+Owner = tuple[str, str, str]
+"""(kind, namespace, name)."""
 CLAIMS_CONFIG_MAP = "kakuremichi-route-claims"
 """Claim id → when the operator first saw that host in that Ingress (ISO 8601)."""
 MAX_PROBLEM_EVENTS = 10
@@ -61,14 +76,16 @@ class IngressController:
         self.decision = RouteDecision()
         self.applied: set[str] = set()
         """Sources whose claims are in the state."""
-        self.made: dict[Key, set[str]] = {}
-        """Ingress → the Certificates made for it."""
+        self.made: dict[Owner, set[str]] = {}
+        """(kind, namespace, name) of an Ingress or Gateway → the Certificates made for it."""
         self.certificates: dict[Key, dict[str, Any]] = {}
         """(namespace, Certificate) → its spec as last written or seen."""
         self.balancers: dict[Key, list[dict[str, str]]] = {}
         """Ingress → ``status.loadBalancer.ingress`` as last written or seen."""
-        self.told_problems: dict[Key, tuple[str, ...]] = {}
+        self.told_problems: dict[Owner, tuple[str, ...]] = {}
         self.told_hosts: dict[UUID, tuple[str, str]] = {}
+        self.statuses: dict[Owner, dict[str, Any]] = {}
+        """(kind, namespace, name) of a Gateway API object → its status as last written or seen."""
 
     def heard(self, changed: bool) -> None:
         if changed:
@@ -83,8 +100,33 @@ class IngressController:
 
     def ingress_gone(self, namespace: str, name: str) -> None:
         self.balancers.pop((namespace, name), None)
-        self.told_problems.pop((namespace, name), None)
+        self.told_problems.pop((INGRESS.kind, namespace, name), None)
         self.heard(self.sources.ingress_gone(namespace, name))
+
+    def saw_gateway_api(self, kind: BuiltinKind, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        owner = (kind.kind, meta.get("namespace") or "", meta.get("name") or "")
+        status = body.get("status")
+        self.statuses[owner] = dict(status) if isinstance(status, Mapping) else {}
+        sources = self.sources
+        saw = {
+            GATEWAY_CLASS.kind: sources.saw_gateway_class, ROUTED_GATEWAY.kind: sources.saw_gateway,
+            HTTP_ROUTE.kind: sources.saw_http_route, REFERENCE_GRANT.kind: sources.saw_grant,
+        }[kind.kind]  # fmt: skip
+        self.heard(saw(body))
+
+    def gateway_api_gone(self, kind: BuiltinKind, namespace: str, name: str) -> None:
+        self.statuses.pop((kind.kind, namespace, name), None)
+        self.told_problems.pop((kind.kind, namespace, name), None)
+        sources = self.sources
+        if kind is GATEWAY_CLASS:
+            self.heard(sources.gateway_class_gone(name))
+            return
+        gone = {
+            ROUTED_GATEWAY.kind: sources.gateway_gone, HTTP_ROUTE.kind: sources.http_route_gone,
+            REFERENCE_GRANT.kind: sources.grant_gone,
+        }[kind.kind]  # fmt: skip
+        self.heard(gone(namespace, name))
 
     async def restore(self) -> None:
         """Before any decision (and any edge's config): every Ingress's claims, dated as the
@@ -96,6 +138,17 @@ class IngressController:
             self.sources.saw_service(body)
         for body in await kube.list_builtin(INGRESS):
             self.saw_ingress(body)
+        for body in await kube.list_builtin(NAMESPACE):
+            self.sources.saw_namespace(body)
+        for kind in (GATEWAY_CLASS, REFERENCE_GRANT, ROUTED_GATEWAY, HTTP_ROUTE):
+            try:
+                found = await kube.list_builtin(kind)
+            except ApiException as error:
+                if error.status != 404:
+                    raise
+                continue  # (the Gateway API's CRDs are not installed)
+            for body in found:
+                self.saw_gateway_api(kind, body)
         # Whose each address is, before any endpoint is given out.
         for body in await kube.list_builtin(POD):
             self.sources.saw_pod(body)
@@ -110,12 +163,15 @@ class IngressController:
             for body in page:
                 meta = body.get("metadata") or {}
                 for owner in meta.get("ownerReferences") or ():
-                    if (
-                        owner.get("kind") == "Ingress"
-                        and owner.get("apiVersion") == INGRESS.api_version
-                    ):
+                    for kind in (INGRESS, ROUTED_GATEWAY):
+                        if (owner.get("kind"), owner.get("apiVersion")) != (
+                            kind.kind,
+                            kind.api_version,
+                        ):
+                            continue
                         namespace, name = meta.get("namespace") or "", meta.get("name") or ""
-                        self.made.setdefault((namespace, owner.get("name") or ""), set()).add(name)
+                        made_for = (kind.kind, namespace, owner.get("name") or "")
+                        self.made.setdefault(made_for, set()).add(name)
                         self.certificates[(namespace, name)] = dict(body.get("spec") or {})
         self.decide()
 
@@ -126,12 +182,12 @@ class IngressController:
         self.decision = self.sources.decide(self.seen, now)
         self.seen = {claim: self.seen.get(claim, now) for claim in self.decision.claims()}
         state = self.context.state
-        current = {d.source for d in self.decision.ingresses.values()}
-        for source in self.applied - current:
+        sets = self.decision.claim_sets()
+        for source in self.applied - set(sets):
             state.set_route_claims(source, ())
-        for decided in self.decision.ingresses.values():
-            state.set_route_claims(decided.source, decided.claims)
-        self.applied = current
+        for source, claims in sets.items():
+            state.set_route_claims(source, claims)
+        self.applied = set(sets)
         for backend in set(state.endpoints) - set(self.decision.endpoints):
             state.set_endpoints(backend, None)
         for backend, endpoints in self.decision.endpoints.items():
@@ -174,24 +230,83 @@ class IngressController:
         done = True
         for key, decided in self.decision.ingresses.items():
             try:
-                await self._certificates(key, decided)
+                await self._certificates(INGRESS, key, decided.uid, decided.certificates)
                 await self._balancer(key, decided, snapshot)
-                await self._tell(key, decided, snapshot)
+                await self._tell(INGRESS, key, decided, decided.problems, decided.claims, snapshot)
             except Exception as error:
                 done = False
                 if not _terminating(error):
                     log.warning("writing what Ingress %s/%s is served as failed: %s", *key, error)
-        for key in set(self.made) - set(self.decision.ingresses):
+        done = await self._project_gateway_api(snapshot) and done
+        wanted = {(INGRESS.kind, *key) for key in self.decision.ingresses}
+        wanted |= {(ROUTED_GATEWAY.kind, *key) for key in self.decision.gateway_api.gateways}
+        for owner in set(self.made) - wanted:
+            kind = INGRESS if owner[0] == INGRESS.kind else ROUTED_GATEWAY
             try:
-                await self._certificates(key, None)  # (no longer ours, or gone)
+                await self._certificates(kind, owner[1:], None, {})  # (no longer ours, or gone)
             except Exception as error:
                 done = False
                 if not _terminating(error):
-                    log.warning("removing Ingress %s/%s's Certificates failed: %s", *key, error)
-        live = {c for d in self.decision.ingresses.values() for c in (x.id for x in d.claims)}
+                    log.warning("removing %s %s/%s's Certificates failed: %s", *owner, error)
+        live = set(self.decision.claims())
         for gone in set(self.told_hosts) - live:
             del self.told_hosts[gone]
         await self._save_dates(snapshot)
+        return done
+
+    async def _project_gateway_api(self, snapshot: Snapshot) -> bool:
+        """Statuses of the GatewayClasses, Gateways and HTTPRoutes of ours, the Gateways'
+        Certificates, and Events on HTTPRoutes; False when a write failed."""
+        decided = self.decision.gateway_api
+        now = datetime.now(UTC)
+        done = True
+        writes: list[tuple[BuiltinKind, Key, Any]] = []
+        for name, of_class in decided.classes.items():
+            previous = self.statuses.get((GATEWAY_CLASS.kind, "", name), {})
+            status = gateway_api_status.class_status(of_class, previous, now)
+            writes.append((GATEWAY_CLASS, ("", name), status))
+        for key, gateway in decided.gateways.items():
+            previous = self.statuses.get((ROUTED_GATEWAY.kind, *key), {})
+            status = gateway_api_status.gateway_status(
+                gateway, _pool_addresses(snapshot, gateway), previous, now
+            )
+            writes.append((ROUTED_GATEWAY, key, status))
+        for key, route in decided.routes.items():
+            previous = self.statuses.get((HTTP_ROUTE.kind, *key), {})
+            writes.append((HTTP_ROUTE, key, gateway_api_status.route_status(route, previous, now)))
+        for kind, key, status in writes:
+            owner = (kind.kind, *key)
+            previous = self.statuses.get(owner, {})
+            if gateway_api_status.without_times(
+                {k: previous.get(k) for k in status}
+            ) == gateway_api_status.without_times(status):
+                continue
+            try:
+                if await self.context.kube.patch_builtin_status(kind, *key, status):
+                    self.statuses[owner] = {**previous, **status}
+            except Exception as error:
+                done = False
+                if not _terminating(error):
+                    log.warning("writing the status of %s %s/%s failed: %s", *owner, error)
+        for key, gateway in decided.gateways.items():
+            try:
+                await self._certificates(ROUTED_GATEWAY, key, gateway.uid, gateway.certificates)
+            except Exception as error:
+                done = False
+                if not _terminating(error):
+                    log.warning("writing Gateway %s/%s's Certificates failed: %s", *key, error)
+        claims_of: dict[Key, list[Any]] = {}
+        for claims in decided.claims.values():
+            for claim in claims:
+                claims_of.setdefault((claim.namespace, claim.name), []).append(claim)
+        for key, route in decided.routes.items():
+            try:
+                await self._tell(HTTP_ROUTE, key, route, route.problems,
+                                 claims_of.get(key, ()), snapshot)  # fmt: skip
+            except Exception as error:
+                done = False
+                if not _terminating(error):
+                    log.warning("telling HTTPRoute %s/%s's problems failed: %s", *key, error)
         return done
 
     async def _save_dates(self, snapshot: Snapshot) -> None:
@@ -212,43 +327,49 @@ class IngressController:
         )
         self.saved = dates
 
-    async def _certificates(self, key: Key, decided: IngressDecision | None) -> None:
+    async def _certificates(
+        self, kind: BuiltinKind, key: Key, uid: str | None, wanted: Mapping[str, CertificateSpec]
+    ) -> None:
+        """The Certificates an Ingress or Gateway (``uid``; None once gone) wants, owned by it;
+        those it no longer wants deleted, and never one of that name that is not its own."""
         kube, namespace = self.context.kube, key[0]
-        wanted = {} if decided is None else decided.certificates
+        made_for = (kind.kind, *key)
+        reference = {"metadata": {"namespace": key[0], "name": key[1], "uid": uid or ""}}
         for name, spec in wanted.items():
             body = spec.model_dump(mode="json", by_alias=True)
             if self.certificates.get((namespace, name)) == body:
                 continue
-            assert decided is not None
+            assert uid is not None
             existing = await kube.get_object(CERTIFICATE, namespace, name)
-            if existing is not None and not _owned(existing, decided.uid):
+            if existing is not None and not _owned(existing, kind, uid):
                 # (someone else's of that name, a Tunnel's say: never touched)
                 if self.certificates.get((namespace, name)) != {"taken": True}:
                     self.certificates[(namespace, name)] = {"taken": True}
-                    await kube.announce(INGRESS, _reference(decided), True, "CertificateNameTaken",
-                                        f"{spec.domain}: Certificate {name} of this namespace is "
-                                        "not this Ingress's; rename or delete it.")  # fmt: skip
+                    message = (f"{spec.domain}: Certificate {name} of this namespace is not "
+                               f"this {kind.kind}'s; rename or delete it.")  # fmt: skip
+                    await kube.announce(kind, reference, True, "CertificateNameTaken", message)
                 continue
             if existing is not None and existing["spec"].get("domain") != body["domain"]:
                 await kube.delete_object(CERTIFICATE, namespace, name)  # (domain is immutable)
                 existing = None
             if existing is None:
-                await kube.create_object(CERTIFICATE, namespace, _certificate(decided, name, body))
+                made = _certificate(kind, key[1], uid, name, body)
+                await kube.create_object(CERTIFICATE, namespace, made)
             elif {k: existing["spec"].get(k) for k in body} != body:
                 await kube.patch_object(CERTIFICATE, namespace, name, {"spec": body})
             self.certificates[(namespace, name)] = body
-            self.made.setdefault(key, set()).add(name)
-        for name in sorted(self.made.get(key, set()) - set(wanted)):
+            self.made.setdefault(made_for, set()).add(name)
+        for name in sorted(self.made.get(made_for, set()) - set(wanted)):
             existing = await kube.get_object(CERTIFICATE, namespace, name)
             if existing is not None and (
-                _owned(existing, decided.uid) if decided is not None
-                else _owned(existing, name=key[1])
+                _owned(existing, kind, uid) if uid is not None
+                else _owned(existing, kind, name=key[1])
             ):  # fmt: skip
                 await kube.delete_object(CERTIFICATE, namespace, name)
             self.certificates.pop((namespace, name), None)
-            self.made[key].discard(name)
-        if not self.made.get(key):
-            self.made.pop(key, None)
+            self.made[made_for].discard(name)
+        if not self.made.get(made_for):
+            self.made.pop(made_for, None)
 
     async def _balancer(self, key: Key, decided: IngressDecision, snapshot: Snapshot) -> None:
         """The gateways' addresses, once the Ingress holds a host (so that external-dns, say,
@@ -263,21 +384,24 @@ class IngressController:
         if await self.context.kube.patch_builtin_status(INGRESS, *key, status):
             self.balancers[key] = wanted
 
-    async def _tell(self, key: Key, decided: IngressDecision, snapshot: Snapshot) -> None:
+    async def _tell(
+        self, kind: BuiltinKind, key: Key, decided: IngressDecision | HTTPRouteDecision,
+        problems: tuple[str, ...], claims: Sequence[TunnelFacts], snapshot: Snapshot,
+    ) -> None:  # fmt: skip
         """Events: each field that cannot be served, once; each host's verdict when it moves."""
         kube = self.context.kube
         body = _reference(decided)
-        told = self.told_problems.get(key, ())
-        if decided.problems != told:
-            new = [problem for problem in decided.problems if problem not in told]
+        told = self.told_problems.get((kind.kind, *key), ())
+        if problems != told:
+            new = [problem for problem in problems if problem not in told]
             for problem in new[:MAX_PROBLEM_EVENTS]:
-                await kube.announce(INGRESS, body, True, "RouteRefused", problem)
+                await kube.announce(kind, body, True, "RouteRefused", problem)
             if len(new) > MAX_PROBLEM_EVENTS:
-                await kube.announce(INGRESS, body, True, "RouteRefused",
+                await kube.announce(kind, body, True, "RouteRefused",
                                     f"and {len(new) - MAX_PROBLEM_EVENTS} more fields are not "
                                     "served.")  # fmt: skip
-            self.told_problems[key] = decided.problems
-        for claim in decided.claims:
+            self.told_problems[(kind.kind, *key)] = problems
+        for claim in claims:
             verdict = snapshot.route_verdicts.get(claim.id)
             if verdict is None or self.told_hosts.get(claim.id) == (verdict.status, verdict.reason):
                 continue
@@ -285,11 +409,13 @@ class IngressController:
                 continue  # (its Certificate's first look is a moment away)
             serving = verdict.status == "True"
             message = f"{claim.domain}: {verdict.message}"
-            await kube.announce(INGRESS, body, not serving, verdict.reason, message)
+            await kube.announce(kind, body, not serving, verdict.reason, message)
             self.told_hosts[claim.id] = (verdict.status, verdict.reason)
 
 
-def _certificate(decided: IngressDecision, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+def _certificate(
+    kind: BuiltinKind, owner: str, uid: str, name: str, spec: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "apiVersion": API_VERSION,
         "kind": CERTIFICATE.kind,
@@ -298,10 +424,10 @@ def _certificate(decided: IngressDecision, name: str, spec: dict[str, Any]) -> d
             "labels": dict(MANAGED_BY),
             "ownerReferences": [
                 {
-                    "apiVersion": INGRESS.api_version,
-                    "kind": INGRESS.kind,
-                    "name": decided.name,
-                    "uid": decided.uid,
+                    "apiVersion": kind.api_version,
+                    "kind": kind.kind,
+                    "name": owner,
+                    "uid": uid,
                     "controller": True,
                     "blockOwnerDeletion": True,
                 }
@@ -316,15 +442,25 @@ def _terminating(error: Exception) -> bool:
     return isinstance(error, ApiException) and "NamespaceTerminating" in str(error.body or "")
 
 
-def _reference(decided: IngressDecision) -> dict[str, Any]:
+def _pool_addresses(snapshot: Snapshot, gateway: GatewayDecision) -> list[str]:
+    """The public addresses of the pool a Gateway is bound to (None: of every pool)."""
+    return sorted({
+        node.public_ip for node in snapshot.facts.gateways.values()
+        if gateway.pool is None or (node.pool or node.name) == gateway.pool
+    })  # fmt: skip
+
+
+def _reference(decided: IngressDecision | HTTPRouteDecision) -> dict[str, Any]:
     return {"metadata": {"namespace": decided.namespace, "name": decided.name, "uid": decided.uid}}
 
 
-def _owned(certificate: Mapping[str, Any], uid: str = "", *, name: str = "") -> bool:
-    """Made for the Ingress of that uid (or, once it is gone, of that name)."""
+def _owned(
+    certificate: Mapping[str, Any], kind: BuiltinKind, uid: str = "", *, name: str = ""
+) -> bool:
+    """Made for the object of that kind and uid (or, once it is gone, of that name)."""
     owners = (certificate.get("metadata") or {}).get("ownerReferences") or ()
     return any(
-        o.get("kind") == INGRESS.kind and o.get("apiVersion") == INGRESS.api_version
+        o.get("kind") == kind.kind and o.get("apiVersion") == kind.api_version
         and (o.get("uid") == uid if uid else o.get("name") == name)
         for o in owners
     )  # fmt: skip
@@ -337,6 +473,20 @@ def _dates(stored: Mapping[str, str]) -> dict[UUID, datetime]:
             moment = datetime.fromisoformat(when)
             found[UUID(claim)] = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
     return found
+
+
+def _watch_gateway_api(
+    registry: kopf.OperatorRegistry, controller: IngressController, kind: BuiltinKind
+) -> None:
+    """(kopf watches these once their CRDs exist, and not before.)"""
+
+    @kopf.on.event(kind.group, kind.version, kind.plural, registry=registry)
+    async def gateway_api_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        if type == "DELETED":
+            namespace, name = body.metadata.namespace or "", body.metadata.name or ""
+            controller.gateway_api_gone(kind, namespace, name)
+        else:
+            controller.saw_gateway_api(kind, body)
 
 
 def register(registry: kopf.OperatorRegistry, context: Context) -> IngressController | None:
@@ -384,5 +534,14 @@ def register(registry: kopf.OperatorRegistry, context: Context) -> IngressContro
     async def node_event(type: str | None, body: kopf.Body, **_: Any) -> None:
         name = body.metadata.name or ""
         controller.heard(sources.node_gone(name) if type == "DELETED" else sources.saw_node(body))
+
+    @kopf.on.event(NAMESPACE.group, NAMESPACE.version, NAMESPACE.plural, registry=registry)
+    async def namespace_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        name = body.metadata.name or ""
+        gone = type == "DELETED"
+        controller.heard(sources.namespace_gone(name) if gone else sources.saw_namespace(body))
+
+    for kind in (GATEWAY_CLASS, ROUTED_GATEWAY, HTTP_ROUTE, REFERENCE_GRANT):
+        _watch_gateway_api(registry, controller, kind)
 
     return controller

@@ -553,6 +553,7 @@ class Kube:
                          self.core.list_namespaced_service),
             "pods": (self.core.list_pod_for_all_namespaces, self.core.list_namespaced_pod),
             "nodes": (self.core.list_node, self.core.list_node),
+            "namespaces": (self.core.list_namespace, self.core.list_namespace),
         }  # fmt: skip
         everywhere, one = calls[kind.plural]
         found: list[dict[str, Any]] = []
@@ -575,10 +576,16 @@ class Kube:
     ) -> bool:
         body = {"status": status}
         try:
-            await self._call(
-                self.custom.patch_namespaced_custom_object_status,
-                kind.group, kind.version, namespace, kind.plural, name, body,
-            )  # fmt: skip
+            if kind.namespaced:
+                await self._call(
+                    self.custom.patch_namespaced_custom_object_status,
+                    kind.group, kind.version, namespace, kind.plural, name, body,
+                )  # fmt: skip
+            else:
+                await self._call(
+                    self.custom.patch_cluster_custom_object_status,
+                    kind.group, kind.version, kind.plural, name, body,
+                )  # fmt: skip
         except ApiException as error:
             if error.status == 404:
                 return False

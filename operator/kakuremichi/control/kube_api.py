@@ -52,6 +52,15 @@ SERVICE = BuiltinKind("", "v1", "services", "Service")
 ENDPOINT_SLICE = BuiltinKind("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice")
 POD = BuiltinKind("", "v1", "pods", "Pod")
 NODE = BuiltinKind("", "v1", "nodes", "Node", False)
+NAMESPACE = BuiltinKind("", "v1", "namespaces", "Namespace", False)
+GATEWAY_CLASS = BuiltinKind("gateway.networking.k8s.io", "v1", "gatewayclasses", "GatewayClass",
+                            False)  # fmt: skip
+ROUTED_GATEWAY = BuiltinKind("gateway.networking.k8s.io", "v1", "gateways", "Gateway")
+"""The Gateway API's Gateway (ours, the pool of public entry nodes, is ``GATEWAY``)."""
+HTTP_ROUTE = BuiltinKind("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute")
+REFERENCE_GRANT = BuiltinKind("gateway.networking.k8s.io", "v1beta1", "referencegrants",
+                              "ReferenceGrant")  # fmt: skip
+GATEWAY_API_KINDS = (GATEWAY_CLASS, ROUTED_GATEWAY, HTTP_ROUTE, REFERENCE_GRANT)
 AnyKind = ResourceKind | BuiltinKind
 
 

@@ -83,6 +83,9 @@ class TunnelFacts:
     """Per-request routing to ``backends`` (None: every request to ``target``)."""
     backends: tuple[str, ...] = ()
     """The backend streams (``namespace/service:port``) the rules lead to."""
+    certificate_namespace: str | None = None
+    """The Certificate's namespace when it is not the claim's own (an HTTPRoute's host is
+    served with the certificate of the Gateway API Gateway it is attached to)."""
 
     @property
     def claim(self) -> Claim:
@@ -92,6 +95,11 @@ class TunnelFacts:
     def agent_key(self) -> tuple[str, str]:
         """(namespace, name) of the Agent it goes through."""
         return self.agent_namespace or self.namespace, self.agent
+
+    @property
+    def certificate_key(self) -> tuple[str, str]:
+        """(namespace, name) of the Certificate that serves it."""
+        return self.certificate_namespace or self.namespace, self.certificate
 
     @property
     def kind_and_name(self) -> str:

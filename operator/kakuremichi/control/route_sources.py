@@ -1,8 +1,10 @@
-"""What the cluster says that routes depend on (Ingresses, IngressClasses, Services,
+"""What the cluster says that routes depend on (Ingresses, IngressClasses, the Gateway API's
+GatewayClasses, Gateways, HTTPRoutes and ReferenceGrants, namespaces' labels, Services,
 EndpointSlices, and the addresses of pods, Services and nodes), as the watches last told it, and
-the one decision that follows: each Ingress's claims, problems and Certificates, and each
-backend's endpoints. Pure: the operator's watches feed it (:mod:`kakuremichi.control.ingresses`)
-and project its decision into the state and the cluster.
+the one decision that follows: each Ingress's claims, problems and Certificates, the Gateway
+API's (:mod:`kakuremichi.control.gateway_api`), and each backend's endpoints. Pure: the
+operator's watches feed it (:mod:`kakuremichi.control.ingresses`) and project its decision into
+the state and the cluster.
 
 Bodies are kept trimmed to what routing reads, and every ``saw_…`` says whether anything that
 routing reads changed, so that the churn of a busy cluster (pod status, Service annotations)
@@ -18,6 +20,12 @@ from datetime import datetime
 from typing import Any
 
 from kakuremichi.api.resources import CertificateSpec
+from kakuremichi.control import gateway_api
+from kakuremichi.control.gateway_api import (
+    GATEWAY_CONTROLLER,
+    GatewayApiDecision,
+    GatewayApiObjects,
+)
 from kakuremichi.control.ingress_routes import (
     DEFAULT_CLASS_ANNOTATION,
     INGRESS_CONTROLLER,
@@ -70,9 +78,18 @@ class RouteDecision:
     ingresses: Mapping[Key, IngressDecision] = field(default_factory=dict)
     endpoints: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """Backend stream (``namespace/service:port``) → its usable ready endpoints."""
+    gateway_api: GatewayApiDecision = field(default_factory=GatewayApiDecision)
 
     def claims(self) -> dict[uuid.UUID, TunnelFacts]:
-        return {c.id: c for d in self.ingresses.values() for c in d.claims}
+        found = {c.id: c for d in self.ingresses.values() for c in d.claims}
+        found.update({c.id: c for cs in self.gateway_api.claims.values() for c in cs})
+        return found
+
+    def claim_sets(self) -> dict[str, tuple[TunnelFacts, ...]]:
+        """Source → its claims, for every source of routes."""
+        sets = {d.source: d.claims for d in self.ingresses.values()}
+        sets.update(self.gateway_api.claims)
+        return sets
 
 
 @dataclass
@@ -98,6 +115,12 @@ class RouteSources:
     slices: dict[Key, dict[str, Any]] = field(default_factory=dict)
     pod_ips: dict[Key, tuple[str, ...]] = field(default_factory=dict)
     node_ips: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    gateway_classes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """GatewayClasses of our controller."""
+    gateways: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    http_routes: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    grants: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
 
     # --- facts in -------------------------------------------------------------------------
 
@@ -182,6 +205,47 @@ class RouteSources:
     def node_gone(self, name: str) -> bool:
         return self.node_ips.pop(name, None) is not None
 
+    def saw_gateway_class(self, body: Mapping[str, Any]) -> bool:
+        meta, spec = _map(body.get("metadata")), _map(body.get("spec"))
+        name = str(meta.get("name") or "")
+        if spec.get("controllerName") != GATEWAY_CONTROLLER:
+            return self.gateway_class_gone(name)
+        return _put(self.gateway_classes, name, {"metadata": _trim(meta), "spec": spec})
+
+    def gateway_class_gone(self, name: str) -> bool:
+        return self.gateway_classes.pop(name, None) is not None
+
+    def saw_gateway(self, body: Mapping[str, Any]) -> bool:
+        meta = _map(body.get("metadata"))
+        trimmed = {"metadata": _trim(meta), "spec": _map(body.get("spec"))}
+        return _put(self.gateways, _key(meta), trimmed)
+
+    def gateway_gone(self, namespace: str, name: str) -> bool:
+        return self.gateways.pop((namespace, name), None) is not None
+
+    def saw_http_route(self, body: Mapping[str, Any]) -> bool:
+        meta = _map(body.get("metadata"))
+        trimmed = {"metadata": _trim(meta), "spec": _map(body.get("spec"))}
+        return _put(self.http_routes, _key(meta), trimmed)
+
+    def http_route_gone(self, namespace: str, name: str) -> bool:
+        return self.http_routes.pop((namespace, name), None) is not None
+
+    def saw_grant(self, body: Mapping[str, Any]) -> bool:
+        meta = _map(body.get("metadata"))
+        return _put(self.grants, _key(meta), {"spec": _map(body.get("spec"))})
+
+    def grant_gone(self, namespace: str, name: str) -> bool:
+        return self.grants.pop((namespace, name), None) is not None
+
+    def saw_namespace(self, body: Mapping[str, Any]) -> bool:
+        meta = _map(body.get("metadata"))
+        labels = {str(k): str(v) for k, v in _map(meta.get("labels")).items()}
+        return _put(self.namespaces, str(meta.get("name") or ""), labels)
+
+    def namespace_gone(self, name: str) -> bool:
+        return self.namespaces.pop(name, None) is not None
+
     # --- the decision ---------------------------------------------------------------------
 
     def decide(self, seen: Mapping[uuid.UUID, datetime], now: datetime) -> RouteDecision:
@@ -204,7 +268,12 @@ class RouteSources:
                 decided[key] = IngressDecision(key[0], key[1], uid, (), (problem,), {})
                 continue
             refs |= leads_to
-        return RouteDecision(decided, self._endpoints(refs))
+        objects = GatewayApiObjects(
+            self.gateway_classes, self.gateways, self.http_routes, self.grants, self.namespaces
+        )
+        routed = gateway_api.decide(objects, by_namespace, self.cluster_agent, seen, now)
+        refs |= routed.backends
+        return RouteDecision(decided, self._endpoints(refs), routed)
 
     def _decide_ingress(
         self, key: Key, body: Mapping[str, Any],
@@ -275,6 +344,15 @@ class RouteSources:
                 if isinstance(endpoint, Mapping):
                     found |= set(_texts(endpoint.get("addresses")))
         return found
+
+
+def _trim(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """What routing reads of an object's metadata."""
+    return {
+        k: meta.get(k)
+        for k in ("namespace", "name", "uid", "generation", "creationTimestamp")
+        if meta.get(k) is not None
+    }
 
 
 def _key(meta: Mapping[str, Any]) -> Key:

@@ -133,7 +133,7 @@ class Snapshot:
         """Domain → the Certificate whose certificate is served for it (its holder's)."""
         served = {}
         for domain, holder in self.ownership.holders.items():
-            key = (holder.namespace, holder.certificate)
+            key = holder.certificate_key
             bundle = self.facts.bundles.get(key)
             if bundle is not None and bundle.domain == domain:
                 served[domain] = (key, bundle)
@@ -184,11 +184,7 @@ class Snapshot:
         )
 
     def may_issue(self, certificate: CertificateKey, domain: str) -> bool:
-        """Whether a Certificate may hold an ACME order for ``domain``: only when a Tunnel of
-        its namespace that it serves holds that domain now."""
+        """Whether a Certificate may hold an ACME order for ``domain``: only when the claim it
+        serves (a Tunnel's, a route's) holds that domain now."""
         holder = self.ownership.holders.get(domain)
-        return (
-            holder is not None
-            and holder.namespace == certificate[0]
-            and holder.certificate == certificate[1]
-        )
+        return holder is not None and holder.certificate_key == certificate

@@ -110,7 +110,7 @@ def _port_unavailable(tunnel: TunnelFacts, picture: Picture) -> Finding:
 def _certificate_not_ready(tunnel: TunnelFacts, picture: Picture) -> Finding:
     if tunnel.protocol != "HTTP":
         return None  # passed through or forwarded: the gateways need no certificate of its
-    certificate = picture.certificates.get((tunnel.namespace, tunnel.certificate))
+    certificate = picture.certificates.get(tunnel.certificate_key)
     if certificate is not None and certificate.ready:
         return None
     why = certificate.message if certificate else "not yet reconciled"

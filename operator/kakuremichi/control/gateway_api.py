@@ -1,0 +1,857 @@
+"""What Gateway API objects of class ``kakuremichi`` ask for, and what they get: pure, as
+:mod:`kakuremichi.control.ingress_routes` is for Ingresses (issue 21).
+
+From GatewayClasses, Gateways, HTTPRoutes, ReferenceGrants, namespace labels and Services comes
+one decision:
+
+- each GatewayClass of our controller (``kakuremichi.io/gateway-controller``) is accepted, or
+  not, with the reason;
+- each Gateway of such a class: its conditions, its listeners' (HTTP on port 80, HTTPS on 443:
+  the ports the gateways listen on), the pool whose addresses it gets, and a Certificate per host
+  served through it (a listener's ``certificateRefs``, or ACME with the listener TLS option
+  ``kakuremichi.io/issuer: ACME`` and for hosts attached to HTTP listeners only);
+- each HTTPRoute attached to such a Gateway: a status per parent of ours (``Accepted``,
+  ``ResolvedRefs``, ``PartiallyInvalid``, with the spec's reasons), its problems in sentences;
+- one claim per namespace and host: the rules of every HTTPRoute of that namespace attached with
+  that host, ordered as the Gateway API orders matches (Exact path, then the longest prefix, then
+  method, then the most header and query matches, then the oldest route, then its name, then
+  rule order), weighed in the one ownership decision against Tunnels, Ingresses and other
+  namespaces' routes. Routes of one namespace merge on a host; routes of two namespaces never do
+  (the oldest claim holds, as for every domain).
+
+Backends are Services of the route's namespace, or of another whose ReferenceGrant allows it.
+Nothing any of these objects says raises here: the API server's schema is not this module's
+guarantee.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from kakuremichi.api.protocol import (
+    HeaderEdits,
+    HeaderMatch,
+    HeaderPair,
+    PathMatch,
+    QueryMatch,
+    RequestMatch,
+    RequestRule,
+    WeightedBackend,
+)
+from kakuremichi.api.resources import CertificateSpec
+from kakuremichi.control.ingress_routes import BackendRef, ServiceFacts, is_domain
+from kakuremichi.control.ownership import TunnelFacts
+
+GROUP = "gateway.networking.k8s.io"
+VERSION = "v1"
+GATEWAY_CONTROLLER = "kakuremichi.io/gateway-controller"
+POOL_GROUP = "kakuremichi.io"
+ISSUER_OPTION = "kakuremichi.io/issuer"
+"""Listener ``tls.options`` key: ``ACME`` has the hosts' certificates issued by ACME."""
+HTTP_PORT, HTTPS_PORT = 80, 443
+MAX_RULES_PER_HOST = 1000
+"""What a gateway takes for one host."""
+MAX_HOSTS_PER_NAMESPACE = 500
+
+Key = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Condition:
+    type: str
+    status: bool
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class ListenerDecision:
+    name: str
+    accepted: bool
+    supported_kinds: tuple[str, ...]
+    attached: int
+    conditions: tuple[Condition, ...]
+    """Accepted, ResolvedRefs, Conflicted (Programmed follows from the Gateway's addresses)."""
+
+
+@dataclass(frozen=True)
+class GatewayDecision:
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    accepted: bool
+    pool: str | None
+    """The kakuremichi Gateway pool whose addresses it gets (None: every pool's)."""
+    conditions: tuple[Condition, ...]
+    listeners: tuple[ListenerDecision, ...]
+    certificates: Mapping[str, CertificateSpec]
+    """Certificate name (in the Gateway's namespace) → its spec, one per host served."""
+
+
+@dataclass(frozen=True)
+class ParentDecision:
+    ref: Mapping[str, Any]
+    """The parentRef, as the route gave it (status echoes it)."""
+    conditions: tuple[Condition, ...]
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    parents: tuple[ParentDecision, ...]
+    problems: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ClassDecision:
+    name: str
+    generation: int
+    conditions: tuple[Condition, ...]
+
+
+@dataclass(frozen=True)
+class GatewayApiDecision:
+    classes: Mapping[str, ClassDecision] = field(default_factory=dict)
+    gateways: Mapping[Key, GatewayDecision] = field(default_factory=dict)
+    routes: Mapping[Key, RouteDecision] = field(default_factory=dict)
+    claims: Mapping[str, tuple[TunnelFacts, ...]] = field(default_factory=dict)
+    """Source (``HTTPRoutes <namespace>``) → that namespace's host claims."""
+    backends: frozenset[BackendRef] = frozenset()
+
+
+@dataclass(frozen=True)
+class GatewayApiObjects:
+    """The objects as the watches last told them (bodies, by key)."""
+
+    classes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    gateways: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
+    http_routes: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
+    grants: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
+    namespaces: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    """Namespace → its labels (for ``allowedRoutes.namespaces.selector``)."""
+
+
+def source_of(namespace: str) -> str:
+    return f"HTTPRoutes {namespace}"
+
+
+def certificate_name(gateway: str, host: str) -> str:
+    """A Certificate of a Gateway (its namespace) for a host; never an Ingress's name."""
+    digest = hashlib.sha256(f"gateway:{gateway}/{host}".encode()).hexdigest()[:16]
+    return f"{gateway[:40].rstrip('-.')}-{digest}"
+
+
+def claim_id(namespace: str, host: str) -> uuid.UUID:
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"kakuremichi:httproutes:{namespace}/{host}")
+
+
+# --- the decision ---------------------------------------------------------------------------
+
+
+def decide(
+    objects: GatewayApiObjects, services: Mapping[str, Mapping[str, ServiceFacts]],
+    cluster_agent: Key, seen: Mapping[uuid.UUID, datetime], now: datetime,
+) -> GatewayApiDecision:  # fmt: skip
+    """``services``: namespace → name → facts; ``seen``: when each claim was first seen."""
+    classes = {name: _class(name, body) for name, body in sorted(objects.classes.items())}
+    accepted_classes = {n for n, c in classes.items() if c.conditions[0].status}
+    listeners: dict[Key, list[_Listener]] = {}
+    gateway_facts: dict[Key, tuple[Mapping[str, Any], list[Condition], str | None, bool]] = {}
+    for key, body in sorted(objects.gateways.items()):
+        spec = _map(body.get("spec"))
+        class_name = spec.get("gatewayClassName")
+        if class_name not in classes:
+            continue
+        conditions, pool, ok = _gateway(body, objects.classes[class_name],
+                                        class_name in accepted_classes)  # fmt: skip
+        gateway_facts[key] = (body, conditions, pool, ok)
+        listeners[key] = _listeners(key, spec, objects.grants) if ok else []
+
+    routes: dict[Key, RouteDecision] = {}
+    attachments: list[_Attached] = []
+    problems_of: dict[Key, list[str]] = {}
+    for key, body in sorted(objects.http_routes.items(), key=lambda kv: _age(kv[1], kv[0])):
+        try:
+            decided, attached = _route(key, body, gateway_facts, listeners, objects, services)
+        except Exception as error:  # (one odd object never costs the others their routes)
+            meta = _map(body.get("metadata"))
+            problem = f"the HTTPRoute could not be read: {type(error).__name__}"
+            decided = RouteDecision(key[0], key[1], str(meta.get("uid", "")), 0, (), (problem,))
+            attached = []
+        if decided.parents:
+            routes[key] = decided
+            problems_of[key] = list(decided.problems)
+            attachments.extend(attached)
+
+    claims, certificates, backends = _claims(attachments, cluster_agent, seen, now)
+    gateways = {}
+    for key, (body, conditions, pool, ok) in gateway_facts.items():
+        meta = _map(body.get("metadata"))
+        counted = [
+            ListenerDecision(
+                listener.name,
+                listener.accepted,
+                listener.kinds,
+                sum(1 for a in _unique_routes(attachments, key, listener.name)),
+                tuple(listener.conditions),
+            )
+            for listener in listeners[key]
+        ]
+        gateways[key] = GatewayDecision(
+            key[0], key[1], str(meta.get("uid", "")), _generation(meta), ok, pool,
+            tuple(conditions), tuple(counted), certificates.get(key, {}),
+        )  # fmt: skip
+    return GatewayApiDecision(classes, gateways, routes, claims, frozenset(backends))
+
+
+def _class(name: str, body: Mapping[str, Any]) -> ClassDecision:
+    spec = _map(body.get("spec"))
+    generation = _generation(_map(body.get("metadata")))
+    ref = spec.get("parametersRef")
+    if ref is not None:
+        ref = _map(ref)
+        if ref.get("group") != POOL_GROUP or ref.get("kind") != "Gateway":
+            return ClassDecision(name, generation, (Condition(
+                "Accepted", False, "InvalidParameters",
+                "spec.parametersRef: must name a kakuremichi Gateway pool (group "
+                "kakuremichi.io, kind Gateway).",
+            ),))  # fmt: skip
+    return ClassDecision(name, generation, (
+        Condition("Accepted", True, "Accepted", "kakuremichi serves Gateways of this class."),
+    ))  # fmt: skip
+
+
+def _gateway(
+    body: Mapping[str, Any], class_body: Mapping[str, Any], class_ok: bool
+) -> tuple[list[Condition], str | None, bool]:
+    """Its Accepted condition, the pool it is bound to, and whether it is accepted."""
+    spec = _map(body.get("spec"))
+    if not class_ok:
+        return [Condition("Accepted", False, "InvalidParameters",
+                          "spec.gatewayClassName: the GatewayClass is not accepted (its status "
+                          "says why).")], None, False  # fmt: skip
+    if _list(spec.get("addresses")):
+        return [Condition("Accepted", False, "UnsupportedAddress",
+                          "spec.addresses: a Gateway takes the addresses of its kakuremichi "
+                          "Gateway pool; leave this field out.")], None, False  # fmt: skip
+    pool = None
+    for ref in (_map(_map(spec.get("infrastructure")).get("parametersRef")),
+                _map(_map(class_body.get("spec")).get("parametersRef"))):  # fmt: skip
+        if not ref:
+            continue
+        if ref.get("group") != POOL_GROUP or ref.get("kind") != "Gateway":
+            return (
+                [
+                    Condition(
+                        "Accepted",
+                        False,
+                        "InvalidParameters",
+                        "spec.infrastructure.parametersRef: must name a kakuremichi "
+                        "Gateway pool (group kakuremichi.io, kind Gateway).",
+                    )
+                ],
+                None,
+                False,
+            )
+        pool = _text(ref.get("name")) or None
+        break
+    return [Condition("Accepted", True, "Accepted", "Bound to " + (
+        f"kakuremichi Gateway pool {pool}." if pool else "every kakuremichi Gateway pool."
+    ))], pool, True  # fmt: skip
+
+
+@dataclass
+class _Listener:
+    name: str
+    protocol: str
+    port: int
+    hostname: str | None
+    accepted: bool
+    kinds: tuple[str, ...]
+    namespaces: Mapping[str, Any]
+    conditions: list[Condition]
+    certificate: tuple[str, str] | None = None
+    """("Secret", name) or ("ACME", "") for HTTPS; None for HTTP."""
+
+
+def _listeners(key: Key, spec: Mapping[str, Any], grants: Mapping[Key, Mapping[str, Any]]
+               ) -> list[_Listener]:  # fmt: skip
+    out: list[_Listener] = []
+    for i, item in enumerate(_list(spec.get("listeners"))):
+        at = f"spec.listeners[{i}]"
+        name, protocol, port = (
+            _text(item.get("name")),
+            _text(item.get("protocol")),
+            item.get("port"),
+        )
+        hostname = _text(item.get("hostname")) or None
+        allowed = _map(item.get("allowedRoutes"))
+        conditions: list[Condition] = []
+        accepted = True
+        if protocol not in ("HTTP", "HTTPS"):
+            accepted = False
+            conditions.append(
+                Condition(
+                    "Accepted",
+                    False,
+                    "UnsupportedProtocol",
+                    f"{at}.protocol: kakuremichi serves HTTP and HTTPS "
+                    f"listeners; {protocol or 'this'} is not served yet.",
+                )
+            )
+        elif port != (HTTP_PORT if protocol == "HTTP" else HTTPS_PORT):
+            accepted = False
+            wanted = HTTP_PORT if protocol == "HTTP" else HTTPS_PORT
+            conditions.append(Condition("Accepted", False, "PortUnavailable",
+                                        f"{at}.port: the gateways take {protocol} on port "
+                                        f"{wanted}."))  # fmt: skip
+        kinds, bad_kinds = _kinds(allowed)
+        resolved = Condition("ResolvedRefs", True, "ResolvedRefs", "All references resolved.")
+        if bad_kinds:
+            resolved = Condition("ResolvedRefs", False, "InvalidRouteKinds",
+                                 f"{at}.allowedRoutes.kinds: only HTTPRoute is served here, not "
+                                 f"{', '.join(bad_kinds)}.")  # fmt: skip
+        certificate = None
+        if accepted and protocol == "HTTPS":
+            certificate, refused = _listener_certificate(key, _map(item.get("tls")), at, grants)
+            if refused is not None:
+                resolved = refused
+        if accepted:
+            conditions.append(Condition("Accepted", True, "Accepted", "Listener accepted."))
+        conditions.append(resolved)
+        out.append(_Listener(
+            name, protocol, port if isinstance(port, int) else 0, hostname,
+            accepted and resolved.status, kinds if accepted else (),
+            _map(allowed.get("namespaces")), conditions, certificate,
+        ))  # fmt: skip
+    seen: dict[tuple[int, str | None], list[_Listener]] = {}
+    for listener in out:
+        if listener.accepted:
+            seen.setdefault((listener.port, listener.hostname), []).append(listener)
+    for same in seen.values():
+        for listener in same:
+            conflicted = len(same) > 1
+            listener.conditions.append(Condition(
+                "Conflicted", conflicted, "HostnameConflict" if conflicted else "NoConflicts",
+                "Another listener has the same port and hostname." if conflicted
+                else "No conflicts.",
+            ))  # fmt: skip
+            listener.accepted = listener.accepted and not conflicted
+    return out
+
+
+def _kinds(allowed: Mapping[str, Any]) -> tuple[tuple[str, ...], list[str]]:
+    given = allowed.get("kinds")
+    if not isinstance(given, list) or not given:
+        return ("HTTPRoute",), []
+    good, bad = [], []
+    for kind in _list(given):
+        group = kind.get("group", GROUP)
+        name = _text(kind.get("kind"))
+        if group == GROUP and name == "HTTPRoute":
+            good.append(name)
+        else:
+            bad.append(f"{group or 'core'}/{name}")
+    return tuple(good), bad
+
+
+def _listener_certificate(
+    key: Key, tls: Mapping[str, Any], at: str, grants: Mapping[Key, Mapping[str, Any]]
+) -> tuple[tuple[str, str] | None, Condition | None]:
+    if tls.get("mode", "Terminate") != "Terminate":
+        return None, Condition("ResolvedRefs", False, "InvalidCertificateRef",
+                               f"{at}.tls.mode: HTTPS listeners terminate TLS here; TLS "
+                               "passthrough comes with TLS listeners.")  # fmt: skip
+    refs = _list(tls.get("certificateRefs"))
+    if not refs:
+        if _map(tls.get("options")).get(ISSUER_OPTION) == "ACME":
+            return ("ACME", ""), None
+        return None, Condition("ResolvedRefs", False, "InvalidCertificateRef",
+                               f"{at}.tls: name a Secret in certificateRefs, or set the option "
+                               f"{ISSUER_OPTION}: ACME.")  # fmt: skip
+    ref = refs[0]
+    if ref.get("group", "") not in ("", None) or ref.get("kind", "Secret") != "Secret":
+        return None, Condition(
+            "ResolvedRefs",
+            False,
+            "InvalidCertificateRef",
+            f"{at}.tls.certificateRefs[0]: must be a Secret.",
+        )
+    name = _text(ref.get("name"))
+    namespace = _text(ref.get("namespace")) or key[0]
+    if namespace != key[0]:
+        if not _granted(grants, ("Gateway", key[0]), ("Secret", namespace, name)):
+            return None, Condition(
+                "ResolvedRefs",
+                False,
+                "RefNotPermitted",
+                f"{at}.tls.certificateRefs[0]: no ReferenceGrant in that "
+                "namespace allows this Gateway to use its Secret.",
+            )
+        return None, Condition("ResolvedRefs", False, "InvalidCertificateRef",
+                               f"{at}.tls.certificateRefs[0]: kakuremichi reads certificate "
+                               "Secrets of the Gateway's own namespace only for now; copy it "
+                               "there.")  # fmt: skip
+    if not name:
+        return None, Condition(
+            "ResolvedRefs",
+            False,
+            "InvalidCertificateRef",
+            f"{at}.tls.certificateRefs[0].name: name a Secret.",
+        )
+    return ("Secret", name), None
+
+
+def _granted(
+    grants: Mapping[Key, Mapping[str, Any]], source: tuple[str, str], target: tuple[str, str, str]
+) -> bool:
+    """Whether a ReferenceGrant in the target's namespace lets ``source`` (kind, namespace)
+    refer to ``target`` (kind, namespace, name)."""
+    kind, namespace = source
+    to_kind, to_namespace, to_name = target
+    to_group = "" if to_kind in ("Secret", "Service") else GROUP
+    for (grant_namespace, _), body in grants.items():
+        if grant_namespace != to_namespace:
+            continue
+        spec = _map(body.get("spec"))
+        froms = any(
+            f.get("group") == GROUP and f.get("kind") == kind and f.get("namespace") == namespace
+            for f in _list(spec.get("from"))
+        )
+        tos = any(
+            (t.get("group") or "") == to_group and t.get("kind") == to_kind
+            and (not t.get("name") or t.get("name") == to_name)
+            for t in _list(spec.get("to"))
+        )  # fmt: skip
+        if froms and tos:
+            return True
+    return False
+
+
+# --- routes ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Attached:
+    """A route attached to a listener of a Gateway with a host, and what it brings there."""
+
+    gateway: Key
+    listener: str
+    route: Key
+    host: str
+    rules: tuple[tuple[tuple[Any, ...], RequestRule], ...]
+    backends: frozenset[BackendRef]
+    created: str
+    generation: int
+    certificate: tuple[str, str] | None
+
+
+def _route(
+    key: Key, body: Mapping[str, Any],
+    gateways: Mapping[Key, tuple[Mapping[str, Any], list[Condition], str | None, bool]],
+    listeners: Mapping[Key, list[_Listener]], objects: GatewayApiObjects,
+    services: Mapping[str, Mapping[str, ServiceFacts]],
+) -> tuple[RouteDecision, list[_Attached]]:  # fmt: skip
+    meta, spec = _map(body.get("metadata")), _map(body.get("spec"))
+    namespace = key[0]
+    problems: list[str] = []
+    rules, backends, resolved, partial = _rules(key, spec, objects.grants, services, problems)
+    route_hosts: list[str | None] = [*_list_text(spec.get("hostnames"))] or [None]
+    parents: list[ParentDecision] = []
+    attached: list[_Attached] = []
+    for p, ref in enumerate(_list(spec.get("parentRefs"))):
+        if ref.get("group", GROUP) != GROUP or ref.get("kind", "Gateway") != "Gateway":
+            continue
+        parent = (_text(ref.get("namespace")) or namespace, _text(ref.get("name")))
+        if parent not in gateways:
+            continue  # (not a Gateway of ours: its controller, if any, says)
+        _, _, _, gateway_ok = gateways[parent]
+        at = f"spec.parentRefs[{p}]"
+        accepted = _attach(at, key, ref, parent, gateway_ok, listeners.get(parent, []),
+                           route_hosts, objects.namespaces)  # fmt: skip
+        conditions: list[Condition] = []
+        if isinstance(accepted, Condition):
+            conditions.append(accepted)
+        else:
+            hosts = sorted({h for _, h in accepted if h is not None})
+            named = [h for h in hosts if not h.startswith("*.") and is_domain(h)]
+            unnamed = [h for h in hosts if h not in named]
+            for h in unnamed:
+                problems.append(
+                    f"spec.hostnames: {h} is not served (kakuremichi publishes "
+                    "named hosts; a wildcard's certificate would need DNS-01)."
+                )
+            if not named:
+                conditions.append(Condition("Accepted", False, "UnsupportedValue",
+                                            f"{at}: no named host to serve; give "
+                                            "spec.hostnames (or the listener a hostname).")
+                                  )  # fmt: skip
+            elif not rules:
+                conditions.append(Condition("Accepted", False, "UnsupportedValue",
+                                            "spec.rules: no rule can be served (see "
+                                            "PartiallyInvalid and the Events)."))  # fmt: skip
+            else:
+                conditions.append(Condition("Accepted", True, "Accepted", "Route accepted."))
+                certificates = {listener.name: listener.certificate for listener, _ in accepted}
+                for listener, host in accepted:
+                    if host in named:
+                        attached.append(_Attached(
+                            parent, listener.name, key, host, tuple(rules),
+                            frozenset(backends), _created(meta), _generation(meta),
+                            certificates[listener.name],
+                        ))  # fmt: skip
+        conditions.append(resolved)
+        if partial is not None:
+            conditions.append(partial)
+        parents.append(ParentDecision(dict(ref), tuple(conditions)))
+    uid = str(meta.get("uid", ""))
+    decided = RouteDecision(namespace, key[1], uid, _generation(meta), tuple(parents),
+                            tuple(dict.fromkeys(problems)))  # fmt: skip
+    return decided, attached
+
+
+def _attach(
+    at: str, route: Key, ref: Mapping[str, Any], parent: Key, gateway_ok: bool,
+    listeners: Sequence[_Listener], route_hosts: Sequence[str | None],
+    namespaces: Mapping[str, Mapping[str, str]],
+) -> Condition | list[tuple[_Listener, str | None]]:  # fmt: skip
+    """The (listener, host) pairs a parentRef attaches the route to, or why none."""
+    if not gateway_ok:
+        return Condition(
+            "Accepted",
+            False,
+            "NoMatchingParent",
+            f"{at}: Gateway {parent[1]} is not accepted (its status says why).",
+        )
+    section, port = ref.get("sectionName"), ref.get("port")
+    candidates = [
+        listener for listener in listeners
+        if (section is None or listener.name == section) and (port is None or listener.port == port)
+    ]  # fmt: skip
+    if not candidates:
+        return Condition("Accepted", False, "NoMatchingParent",
+                         f"{at}: Gateway {parent[1]} has no listener that matches "
+                         "sectionName and port.")  # fmt: skip
+    allowed = [
+        listener for listener in candidates
+        if listener.accepted and "HTTPRoute" in listener.kinds
+        and _namespace_allowed(listener.namespaces, route[0], parent[0], namespaces)
+    ]  # fmt: skip
+    if not allowed:
+        return Condition("Accepted", False, "NotAllowedByListeners",
+                         f"{at}: no listener of Gateway {parent[1]} that it names accepts "
+                         "HTTPRoutes from this namespace.")  # fmt: skip
+    pairs: list[tuple[_Listener, str | None]] = []
+    for listener in allowed:
+        for host in route_hosts:
+            meet = _intersect(listener.hostname, host)
+            if meet is not None:
+                pairs.append((listener, meet))
+    if not pairs:
+        return Condition("Accepted", False, "NoMatchingListenerHostname",
+                         f"{at}: no hostname of this route fits a listener of Gateway "
+                         f"{parent[1]}.")  # fmt: skip
+    return pairs
+
+
+def _namespace_allowed(
+    rule: Mapping[str, Any], route_namespace: str, gateway_namespace: str,
+    namespaces: Mapping[str, Mapping[str, str]],
+) -> bool:  # fmt: skip
+    origin = rule.get("from", "Same")
+    if origin == "All":
+        return True
+    if origin == "Same":
+        return route_namespace == gateway_namespace
+    if origin == "Selector":
+        labels = namespaces.get(route_namespace)
+        return labels is not None and _selects(_map(rule.get("selector")), labels)
+    return False
+
+
+def _selects(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    for label, wanted in _map(selector.get("matchLabels")).items():
+        if labels.get(label) != wanted:
+            return False
+    for expression in _list(selector.get("matchExpressions")):
+        name, operator = _text(expression.get("key")), expression.get("operator")
+        values = _list_text(expression.get("values"))
+        if operator == "In" and labels.get(name) not in values:
+            return False
+        if operator == "NotIn" and labels.get(name) in values:
+            return False
+        if operator == "Exists" and name not in labels:
+            return False
+        if operator == "DoesNotExist" and name in labels:
+            return False
+        if operator not in ("In", "NotIn", "Exists", "DoesNotExist"):
+            return False
+    return True
+
+
+def _intersect(listener: str | None, route: str | None) -> str | None:
+    """The hostname a route serves through a listener (None: they never meet); no hostname on
+    either side matches anything, and ``*.example.com`` any name below example.com."""
+    if listener is None or route is None:
+        return route if listener is None else listener
+    if listener == route:
+        return route
+    if listener.startswith("*.") and route.endswith(listener[1:]):
+        return route
+    if route.startswith("*.") and listener.endswith(route[1:]):
+        return listener
+    return None
+
+
+def _rules(
+    key: Key, spec: Mapping[str, Any], grants: Mapping[Key, Mapping[str, Any]],
+    services: Mapping[str, Mapping[str, ServiceFacts]], problems: list[str],
+) -> tuple[list[tuple[tuple[Any, ...], RequestRule]], set[BackendRef], Condition,
+           Condition | None]:  # fmt: skip
+    """The route's rules, one per match with its precedence (not counting the route's age and
+    name), the backends they lead to, ResolvedRefs, and PartiallyInvalid (None: all valid)."""
+    out: list[tuple[tuple[Any, ...], RequestRule]] = []
+    backends: set[BackendRef] = set()
+    unresolved: list[tuple[str, str]] = []
+    invalid = 0
+    given = _list(spec.get("rules")) or [{}]
+    for r, rule in enumerate(given):
+        at = f"spec.rules[{r}]"
+        try:
+            edits, refused = _filters(_list(rule.get("filters")), f"{at}.filters")
+            if refused:  # (its requests answered 500: never passed on unfiltered)
+                problems.extend(refused)
+                invalid += 1
+            weighted: list[WeightedBackend] = []
+            for b, ref in enumerate(_list(rule.get("backendRefs"))):
+                where = f"{at}.backendRefs[{b}]"
+                if _list(ref.get("filters")):
+                    problems.append(f"{where}.filters: filters on a backend are not served; "
+                                    "put them on the rule.")  # fmt: skip
+                found = _backend_ref(key, ref, where, grants, services)
+                if isinstance(found, tuple):
+                    unresolved.append(found)
+                    continue
+                weight = ref.get("weight", 1)
+                weight = weight if isinstance(weight, int) and not isinstance(weight, bool) else 1
+                backends.add(found)
+                weighted.append(WeightedBackend(stream=found.stream, weight=max(0, weight)))
+            matches = _list(rule.get("matches")) or [{}]
+            for m, match in enumerate(matches):
+                made = _match(match, f"{at}.matches[{m}]")
+                if isinstance(made, str):
+                    problems.append(made)
+                    continue
+                request, rank = made
+                out.append(((*rank, r, m), RequestRule(
+                    matches=[request], backends=[] if refused else weighted,
+                    request_headers=edits,
+                )))  # fmt: skip
+        except (ValidationError, ValueError, TypeError):
+            problems.append(f"{at}: a value here is out of range or malformed; the rule is not "
+                            "served.")  # fmt: skip
+            invalid += 1
+    if unresolved:
+        reason = unresolved[0][0]
+        for _, sentence in unresolved:
+            problems.append(sentence)
+        resolved = Condition("ResolvedRefs", False, reason, "; ".join(s for _, s in unresolved))
+    else:
+        resolved = Condition("ResolvedRefs", True, "ResolvedRefs", "All references resolved.")
+    partial = None
+    if invalid or len(out) < sum(len(_list(r.get("matches")) or [{}]) for r in given):
+        partial = Condition("PartiallyInvalid", True, "UnsupportedValue",
+                            "Some rules or matches are not served; the route's Events say "
+                            "which and why.")  # fmt: skip
+    return out, backends, resolved, partial
+
+
+def _filters(filters: Sequence[Mapping[str, Any]], at: str) -> tuple[HeaderEdits | None, list[str]]:
+    edits: HeaderEdits | None = None
+    refused = []
+    for f, item in enumerate(filters):
+        kind = item.get("type")
+        if kind == "RequestHeaderModifier" and edits is None:
+            modifier = _map(item.get("requestHeaderModifier"))
+            edits = HeaderEdits(
+                set=[HeaderPair(name=_text(h.get("name")), value=_text(h.get("value")))
+                     for h in _list(modifier.get("set"))] or None,
+                add=[HeaderPair(name=_text(h.get("name")), value=_text(h.get("value")))
+                     for h in _list(modifier.get("add"))] or None,
+                remove=_list_text(modifier.get("remove")) or None,
+            )  # fmt: skip
+        else:
+            refused.append(f"{at}[{f}].type: {kind} is not served yet (RequestHeaderModifier "
+                           "is); the rule is not served.")  # fmt: skip
+    return edits, refused
+
+
+def _backend_ref(
+    route: Key, ref: Mapping[str, Any], at: str, grants: Mapping[Key, Mapping[str, Any]],
+    services: Mapping[str, Mapping[str, ServiceFacts]],
+) -> BackendRef | tuple[str, str]:  # fmt: skip
+    """The Service port, or (reason, sentence) why not."""
+    if ref.get("group", "") not in ("", None) or ref.get("kind", "Service") != "Service":
+        return "InvalidKind", f"{at}: only Service backends are served."
+    name = _text(ref.get("name"))
+    namespace = _text(ref.get("namespace")) or route[0]
+    if namespace != route[0] and not _granted(grants, ("HTTPRoute", route[0]),
+                                              ("Service", namespace, name)):  # fmt: skip
+        return "RefNotPermitted", (
+            f"{at}: a Service of another namespace needs a "
+            "ReferenceGrant there that allows this route."
+        )
+    facts = services.get(namespace, {}).get(name)
+    if facts is None or facts.external_name:
+        return "BackendNotFound", f"{at}: there is no Service {name} to serve."
+    port = ref.get("port")
+    for candidate in facts.ports:
+        if candidate.port == port:
+            return BackendRef(namespace, name, candidate.port, candidate.name)
+    return "BackendNotFound", f"{at}.port: Service {name} has no TCP port {port}."
+
+
+def _match(match: Mapping[str, Any], at: str) -> tuple[RequestMatch, tuple[Any, ...]] | str:
+    """A match and its precedence (smaller first), or why it is not served."""
+    path = _map(match.get("path"))
+    kind = path.get("type", "PathPrefix")
+    value = path.get("value", "/")
+    if kind not in ("Exact", "PathPrefix"):
+        return f"{at}.path.type: {kind} is not served (Exact and PathPrefix are)."
+    if not isinstance(value, str):
+        return f"{at}.path.value: must be an absolute path."
+    headers = []
+    for h, header in enumerate(_list(match.get("headers"))):
+        if header.get("type", "Exact") != "Exact":
+            return f"{at}.headers[{h}].type: only Exact header matches are served."
+        headers.append(
+            HeaderMatch(name=_text(header.get("name")), value=_text(header.get("value")))
+        )
+    query = []
+    for q, param in enumerate(_list(match.get("queryParams"))):
+        if param.get("type", "Exact") != "Exact":
+            return f"{at}.queryParams[{q}].type: only Exact query matches are served."
+        query.append(QueryMatch(name=_text(param.get("name")), value=_text(param.get("value"))))
+    method = match.get("method")
+    try:
+        request = RequestMatch(
+            path=PathMatch(type=kind, value=value), method=method or None,
+            headers=headers or None, query=query or None,
+        )  # fmt: skip
+    except ValidationError:
+        return f"{at}: a value is out of range or malformed (paths without encoded slashes)."
+    length = len(value.rstrip("/")) if kind == "PathPrefix" else len(value)
+    rank = (kind != "Exact", -length, method is None, -len(headers), -len(query))
+    return request, rank
+
+
+def _claims(
+    attachments: Sequence[_Attached], cluster_agent: Key, seen: Mapping[uuid.UUID, datetime],
+    now: datetime,
+) -> tuple[dict[str, tuple[TunnelFacts, ...]], dict[Key, dict[str, CertificateSpec]],
+           set[BackendRef]]:  # fmt: skip
+    """One claim per namespace and host, with the rules of its routes in precedence order;
+    one Certificate per host in the Gateway that gives its certificate."""
+    by_host: dict[tuple[str, str], list[_Attached]] = {}
+    for attached in attachments:
+        by_host.setdefault((attached.route[0], attached.host), []).append(attached)
+    claims: dict[str, list[TunnelFacts]] = {}
+    certificates: dict[Key, dict[str, CertificateSpec]] = {}
+    backends: set[BackendRef] = set()
+    for (namespace, host), found in sorted(by_host.items()):
+        if len(claims.get(source_of(namespace), ())) >= MAX_HOSTS_PER_NAMESPACE:
+            continue
+        routes: dict[Key, _Attached] = {}
+        for attached in found:
+            routes.setdefault(attached.route, attached)
+        ordered = sorted(
+            ((rank[:-2], a.created, a.route, rank[-2:]), rule)
+            for a in routes.values() for rank, rule in a.rules
+        )  # fmt: skip
+        rules = [rule for _, rule in ordered][:MAX_RULES_PER_HOST]
+        refs = {ref for a in routes.values() for ref in a.backends}
+        if not rules:
+            continue  # (a host whose rules all lead nowhere is still held: its requests get 500)
+        # The certificate: a Secret of an HTTPS listener, else ACME (the oldest Gateway first).
+        giver = min(found, key=lambda a: (_preference(a.certificate), a.gateway, a.listener))
+        kind, secret = giver.certificate or ("ACME", "")
+        certificate = certificate_name(giver.gateway[1], host)
+        certificates.setdefault(giver.gateway, {})[certificate] = CertificateSpec(
+            domain=host,
+            secret_name=secret or f"{certificate}-tls",
+            issuer="Secret" if kind == "Secret" else "ACME",
+        )
+        first_route = min(routes.values(), key=lambda a: (a.created, a.route))
+        identity = claim_id(namespace, host)
+        names = ", ".join(f"{namespace}/{r[1]}" for r in sorted(routes))
+        claims.setdefault(source_of(namespace), []).append(TunnelFacts(
+            id=identity, namespace=namespace, name=first_route.route[1], domain=host,
+            agent=cluster_agent[1], agent_namespace=cluster_agent[0],
+            target=_target(refs), enabled=True,
+            created=seen.get(identity, now), generation=first_route.generation,
+            certificate=certificate, certificate_namespace=giver.gateway[0],
+            description=f"HTTPRoute {names}"[:1024], source=f"HTTPRoute {first_route.route[1]}",
+            rules=tuple(rules), backends=tuple(sorted(ref.stream for ref in refs)),
+        ))  # fmt: skip
+        backends |= refs
+    return {k: tuple(v) for k, v in claims.items()}, certificates, backends
+
+
+def _target(refs: set[BackendRef]) -> str:
+    """What the mirror row and messages name as the host's target."""
+    if not refs:
+        return "no-backend.invalid:80"
+    first = min(refs)
+    return f"{first.service}.{first.namespace}:{first.port}"
+
+
+def _preference(certificate: tuple[str, str] | None) -> int:
+    """A listener's own Secret first, then ACME on HTTPS, then an HTTP listener (ACME)."""
+    return 2 if certificate is None else 0 if certificate[0] == "Secret" else 1
+
+
+def _unique_routes(attachments: Sequence[_Attached], gateway: Key, listener: str) -> set[Key]:
+    return {a.route for a in attachments if a.gateway == gateway and a.listener == listener}
+
+
+# --- reading values -------------------------------------------------------------------------
+
+
+def _age(body: Mapping[str, Any], key: Key) -> tuple[str, Key]:
+    return _created(_map(body.get("metadata"))), key
+
+
+def _created(meta: Mapping[str, Any]) -> str:
+    return _text(meta.get("creationTimestamp"))
+
+
+def _generation(meta: Mapping[str, Any]) -> int:
+    value = meta.get("generation")
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _list(value: object) -> list[Mapping[str, Any]]:
+    return [v for v in value if isinstance(v, Mapping)] if isinstance(value, list) else []
+
+
+def _list_text(value: object) -> list[str]:
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def _map(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""

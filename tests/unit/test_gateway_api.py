@@ -1,0 +1,434 @@
+"""Gateway API objects of class ``kakuremichi`` against an in-memory cluster: what a user sees
+(statuses with the spec's reasons, Certificates, the rules the gateways get) and what a tenant
+who tries to cross a namespace gets (a refusal that names nothing of the other's)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+
+from kakuremichi.api.resources import AGENT, TUNNEL
+from kakuremichi.control import agents, tunnels
+from kakuremichi.control.context import Context
+from kakuremichi.control.gateway_api import GATEWAY_CONTROLLER
+from kakuremichi.control.ingresses import IngressController
+from kakuremichi.control.kube_api import (
+    ENDPOINT_SLICE,
+    GATEWAY_CLASS,
+    HTTP_ROUTE,
+    NAMESPACE,
+    POD,
+    REFERENCE_GRANT,
+    ROUTED_GATEWAY,
+    SERVICE,
+    BuiltinKind,
+)
+from kakuremichi.control.topology import GatewayNode
+from tests.infra.fake_kube import FakeKube
+from tests.unit.test_control_plane import reconcile
+from tests.unit.test_ingress_controller import (
+    backends,
+    controller_of,
+    endpoint_slice,
+    feed,
+    make_context,
+    pod,
+    service,
+    settle,
+)
+
+INFRA = "infra"
+
+
+@pytest.fixture
+def context(tmp_path: Path) -> Context:
+    return make_context(tmp_path)
+
+
+def gateway_class(name: str = "kakuremichi", **spec: Any) -> dict[str, Any]:
+    return {"metadata": {"name": name}, "spec": {"controllerName": GATEWAY_CONTROLLER, **spec}}
+
+
+def https(name: str = "https", hostname: str | None = None, secret: str = "site-cert",
+          **more: Any) -> dict[str, Any]:  # fmt: skip
+    listener: dict[str, Any] = {
+        "name": name, "protocol": "HTTPS", "port": 443,
+        "tls": {"mode": "Terminate", "certificateRefs": [{"kind": "Secret", "name": secret}]},
+        **more,
+    }  # fmt: skip
+    if hostname:
+        listener["hostname"] = hostname
+    return listener
+
+
+def gateway(name: str, namespace: str, *listeners: dict[str, Any], **spec: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"gatewayClassName": "kakuremichi", "listeners": list(listeners), **spec},
+    }
+
+
+def route(name: str, namespace: str, hostnames: list[str], rules: list[dict[str, Any]],
+          parent: tuple[str, str] = ("edge", INFRA), **ref: Any) -> dict[str, Any]:  # fmt: skip
+    return {
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "parentRefs": [{"name": parent[0], "namespace": parent[1], **ref}],
+            "hostnames": hostnames,
+            "rules": rules,
+        },
+    }
+
+
+def to(service_name: str, port: int = 80, weight: int | None = None, **ref: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": service_name, "port": port, **ref}
+    if weight is not None:
+        out["weight"] = weight
+    return out
+
+
+def everywhere() -> dict[str, Any]:
+    return {"namespaces": {"from": "All"}}
+
+
+def tell(controller: IngressController, kube: FakeKube, *objects: tuple[BuiltinKind, Any]) -> None:
+    for kind, body in objects:
+        stored = kube.put_builtin(kind, body)
+        if kind is NAMESPACE:
+            controller.heard(controller.sources.saw_namespace(stored))
+        elif kind in (GATEWAY_CLASS, ROUTED_GATEWAY, HTTP_ROUTE, REFERENCE_GRANT):
+            controller.saw_gateway_api(kind, stored)
+        else:
+            feed(controller, kube, (kind, stored))
+
+
+def status(kube: FakeKube, kind: BuiltinKind, namespace: str, name: str) -> dict[str, Any]:
+    found: dict[str, Any] = kube.builtin[(kind.plural, namespace, name)].get("status") or {}
+    return found
+
+
+def conditions(entries: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in entries}
+
+
+def parent_conditions(kube: FakeKube, namespace: str, name: str) -> dict[str, tuple[str, str]]:
+    (parent,) = [
+        p for p in status(kube, HTTP_ROUTE, namespace, name).get("parents", ())
+        if p["controllerName"] == GATEWAY_CONTROLLER
+    ]  # fmt: skip
+    return conditions(parent["conditions"])
+
+
+def shop_backend(namespace: str = "shop", ip: str = "10.244.1.5") -> list[tuple[BuiltinKind, Any]]:
+    return [
+        (SERVICE, service("web", namespace, 80, f"10.96.0.{ip.rsplit('.', 1)[1]}")),
+        (ENDPOINT_SLICE, endpoint_slice(f"web-{namespace}", namespace, "web", 8080, ip)),
+        (POD, pod(f"web-{namespace}", namespace, ip)),
+    ]
+
+
+def test_an_httproute_is_served_through_a_gateway_with_the_statuses_the_spec_asks(
+    context: Context,
+) -> None:
+    async def scenario() -> None:
+        controller, kube, agent_id = await controller_of(context)
+        tell(controller, kube, (GATEWAY_CLASS, gateway_class()),
+             (ROUTED_GATEWAY, gateway("edge", INFRA, https(allowedRoutes=everywhere()),
+                                      {"name": "http", "protocol": "HTTP", "port": 80,
+                                       "allowedRoutes": everywhere()})),
+             *shop_backend(),
+             (SERVICE, service("canary", "shop", 80, "10.96.0.11")),
+             (HTTP_ROUTE, route("site", "shop", ["shop.example.com"], [
+                 {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}}],
+                  "backendRefs": [to("web", weight=90), to("canary", weight=10)],
+                  "filters": [{"type": "RequestHeaderModifier",
+                               "requestHeaderModifier": {"set": [{"name": "X-Env",
+                                                                  "value": "prod"}]}}]},
+                 {"backendRefs": [to("web")]},
+             ])))  # fmt: skip
+        await settle(controller)
+        assert conditions(status(kube, GATEWAY_CLASS, "", "kakuremichi")["conditions"]) == {
+            "Accepted": ("True", "Accepted")
+        }
+        assert parent_conditions(kube, "shop", "site") == {
+            "Accepted": ("True", "Accepted"), "ResolvedRefs": ("True", "ResolvedRefs"),
+        }  # fmt: skip
+        gateway_status = status(kube, ROUTED_GATEWAY, INFRA, "edge")
+        assert conditions(gateway_status["conditions"]) == {
+            "Accepted": ("True", "Accepted"), "Programmed": ("False", "AddressNotAssigned"),
+        }  # fmt: skip
+        listeners = {entry["name"]: entry for entry in gateway_status["listeners"]}
+        # The route attaches to both listeners (no sectionName), and is one route on each.
+        assert [listeners[n]["attachedRoutes"] for n in ("https", "http")] == [1, 1]
+        assert listeners["https"]["supportedKinds"] == [
+            {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"}
+        ]
+        # The host: its rules in order, weights kept, served through the cluster agent.
+        (served,) = context.state.snapshot().routes
+        assert (served.domain, served.agent_id) == ("shop.example.com", agent_id)
+        assert served.rules is not None
+        first, second = served.rules
+        assert first.matches is not None and first.matches[0].path is not None
+        assert first.matches[0].path.value == "/api"
+        assert [(b.stream, b.weight) for b in first.backends] == [
+            ("shop/web:80", 90), ("shop/canary:80", 10),
+        ]  # fmt: skip
+        assert first.request_headers is not None and first.request_headers.set is not None
+        assert [b.stream for b in second.backends] == ["shop/web:80"]
+        assert backends(context, agent_id)["shop/web:80"] == ("10.244.1.5:8080",)
+        # The certificate: the listener's Secret, in the Gateway's namespace, owned by it.
+        (certificate,) = [b for (plural, ns, _), b in kube.objects.items()
+                          if plural == "certificates"]  # fmt: skip
+        assert certificate["metadata"]["namespace"] == INFRA
+        assert certificate["spec"] == {"domain": "shop.example.com", "secretName": "site-cert",
+                                       "issuer": "Secret", "autoRenew": True}  # fmt: skip
+        (owner,) = certificate["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["apiVersion"]) == ("Gateway", "gateway.networking.k8s.io/v1")
+        # A gateway with an address: Programmed, and its address in status.
+        context.state.set_gateway(GatewayNode(UUID(int=7), "gw", 1, "203.0.113.9", "k" * 43 + "="))
+        await settle(controller)
+        gateway_status = status(kube, ROUTED_GATEWAY, INFRA, "edge")
+        assert conditions(gateway_status["conditions"])["Programmed"] == ("True", "Programmed")
+        assert gateway_status["addresses"] == [{"type": "IPAddress", "value": "203.0.113.9"}]
+        writes = len(kube.writes)
+        await settle(controller)
+        assert len(kube.writes) == writes  # a steady cluster costs no API call
+
+    asyncio.run(scenario())
+
+
+def test_a_backend_of_another_namespace_needs_a_reference_grant_there(context: Context) -> None:
+    """The attacker's route names the bank's Service: refused with RefNotPermitted, and the
+    cluster agent is given nothing of the bank's; the bank's grant to another namespace is no
+    grant to the attacker."""
+
+    async def scenario() -> None:
+        controller, kube, agent_id = await controller_of(context)
+        tell(controller, kube, (GATEWAY_CLASS, gateway_class()),
+             (ROUTED_GATEWAY, gateway("edge", INFRA, https(allowedRoutes=everywhere()))),
+             *shop_backend("bank", "10.244.2.7"),
+             (REFERENCE_GRANT, {"metadata": {"name": "shop-only", "namespace": "bank"}, "spec": {
+                 "from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
+                           "namespace": "shop"}],
+                 "to": [{"group": "", "kind": "Service"}]}}),
+             (HTTP_ROUTE, route("grab", "evil", ["grab.example.com"],
+                                [{"backendRefs": [to("web", namespace="bank")]}])))  # fmt: skip
+        await settle(controller)
+        assert parent_conditions(kube, "evil", "grab")["ResolvedRefs"] == (
+            "False", "RefNotPermitted",
+        )  # fmt: skip
+        assert "bank/web:80" not in backends(context, agent_id)
+        (served,) = context.state.snapshot().routes
+        assert served.rules is not None and served.rules[0].backends == []  # (answered 500)
+        # The namespace the bank granted: resolved, and the bank's pods are its backends.
+        granted = [{"backendRefs": [to("web", namespace="bank")]}]
+        tell(controller, kube, (HTTP_ROUTE, route("pay", "shop", ["pay.example.com"], granted)))
+        await settle(controller)
+        assert parent_conditions(kube, "shop", "pay")["ResolvedRefs"] == ("True", "ResolvedRefs")
+        assert backends(context, agent_id)["bank/web:80"] == ("10.244.2.7:8080",)
+
+    asyncio.run(scenario())
+
+
+def test_allowed_routes_decide_which_namespaces_attach(context: Context) -> None:
+    async def scenario() -> None:
+        controller, kube, _ = await controller_of(context)
+        selected = {
+            "namespaces": {
+                "from": "Selector",
+                "selector": {"matchLabels": {"shared-gateway": "yes"}},
+            }
+        }
+        tell(controller, kube, (GATEWAY_CLASS, gateway_class()),
+             (NAMESPACE, {"metadata": {"name": "team-a", "labels": {"shared-gateway": "yes"}}}),
+             (NAMESPACE, {"metadata": {"name": "team-b"}}),
+             (ROUTED_GATEWAY, gateway("own", INFRA, https())),  # (allowedRoutes: Same)
+             (ROUTED_GATEWAY, gateway("shared", INFRA, https(allowedRoutes=selected))),
+             *shop_backend("team-a"), *shop_backend("team-b", "10.244.3.3"),
+             (HTTP_ROUTE, route("a", "team-a", ["a.example.com"], [{"backendRefs": [to("web")]}],
+                                parent=("shared", INFRA))),
+             (HTTP_ROUTE, route("b", "team-b", ["b.example.com"], [{"backendRefs": [to("web")]}],
+                                parent=("shared", INFRA))),
+             (HTTP_ROUTE, route("c", "team-a", ["c.example.com"], [{"backendRefs": [to("web")]}],
+                                parent=("own", INFRA))))  # fmt: skip
+        await settle(controller)
+        assert parent_conditions(kube, "team-a", "a")["Accepted"] == ("True", "Accepted")
+        refused = ("False", "NotAllowedByListeners")
+        assert parent_conditions(kube, "team-b", "b")["Accepted"] == refused
+        assert parent_conditions(kube, "team-a", "c")["Accepted"] == refused
+        assert {r.domain for r in context.state.snapshot().routes} == {"a.example.com"}
+
+    asyncio.run(scenario())
+
+
+def test_routes_of_a_namespace_merge_on_a_host_in_the_specs_order_and_no_other_namespace_joins(
+    context: Context,
+) -> None:
+    async def scenario() -> None:
+        controller, kube, _ = await controller_of(context)
+        tell(controller, kube, (GATEWAY_CLASS, gateway_class()),
+             (ROUTED_GATEWAY, gateway("edge", INFRA, https(allowedRoutes=everywhere()))),
+             *shop_backend(), *shop_backend("evil", "10.244.9.9"),
+             (SERVICE, service("api", "shop", 80, "10.96.0.12")),
+             (HTTP_ROUTE, route("root", "shop", ["shop.example.com"],
+                                [{"backendRefs": [to("web")]}])),
+             (HTTP_ROUTE, route("api", "shop", ["shop.example.com"], [
+                 {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}},
+                              {"path": {"type": "Exact", "value": "/login"}},
+                              {"path": {"type": "PathPrefix", "value": "/api"},
+                               "headers": [{"name": "X-Beta", "value": "1"}]}],
+                  "backendRefs": [to("api")]}])))  # fmt: skip
+        await settle(controller)
+        tell(controller, kube, (HTTP_ROUTE, route("steal", "evil", ["shop.example.com"], [
+            {"matches": [{"path": {"type": "Exact", "value": "/login"}}],
+             "backendRefs": [to("web")]}])))  # fmt: skip
+        await settle(controller)
+        (served,) = context.state.snapshot().routes
+        assert served.rules is not None
+        order = [
+            (m.path.type, m.path.value, len(m.headers or ()))
+            for rule in served.rules for m in rule.matches or () if m.path is not None
+        ]  # fmt: skip
+        assert order == [("Exact", "/login", 0), ("PathPrefix", "/api", 1),
+                         ("PathPrefix", "/api", 0), ("PathPrefix", "/", 0)]  # fmt: skip
+        assert {b.stream for rule in served.rules for b in rule.backends} == {
+            "shop/web:80", "shop/api:80",
+        }  # fmt: skip
+        # The other namespace's route is attached, but its host is not its: told in an Event
+        # that names nobody.
+        assert parent_conditions(kube, "evil", "steal")["Accepted"] == ("True", "Accepted")
+        told = [
+            (kube.events[i][4], kube.messages[i]) for i in range(len(kube.events))
+            if kube.events[i][1:3] == ("evil", "steal")
+        ]  # fmt: skip
+        assert [reason for reason, _ in told] == ["DomainConflict"]
+        assert "shop" not in told[0][1].replace("shop.example.com", "")
+
+    asyncio.run(scenario())
+
+
+def test_what_cannot_be_served_is_said_with_the_specs_reasons(context: Context) -> None:
+    async def scenario() -> None:
+        controller, kube, _ = await controller_of(context)
+        tell(controller, kube, (GATEWAY_CLASS, gateway_class()),
+             (GATEWAY_CLASS, gateway_class("odd", parametersRef={
+                 "group": "example.com", "kind": "Config", "name": "x"})),
+             (ROUTED_GATEWAY, gateway("edge", INFRA,
+                                      https("a", "x.example.com"), https("b", "x.example.com"),
+                                      {"name": "tcp", "protocol": "TCP", "port": 5432},
+                                      {"name": "alt", "protocol": "HTTP", "port": 8080},
+                                      https("wild", "*.example.com",
+                                            allowedRoutes=everywhere()))),
+             (ROUTED_GATEWAY, gateway("fixed", INFRA, https(),
+                                      addresses=[{"type": "IPAddress", "value": "1.2.3.4"}])),
+             *shop_backend(),
+             (HTTP_ROUTE, route("site", "shop", ["a.example.com", "b.other.org"], [
+                 {"backendRefs": [to("web")]},
+                 {"matches": [{"path": {"type": "RegularExpression", "value": "/v[0-9]"}}],
+                  "backendRefs": [to("web")]},
+                 {"matches": [{"path": {"value": "/old"}}],
+                  "filters": [{"type": "RequestRedirect",
+                               "requestRedirect": {"hostname": "new.example.com"}}],
+                  "backendRefs": [to("web")]},
+                 {"matches": [{"path": {"value": "/gone"}}], "backendRefs": [to("nope")]},
+             ])),
+             (HTTP_ROUTE, route("any", "shop", [], [{"backendRefs": [to("web")]}])),
+        )  # fmt: skip
+        gateway_body = kube.builtin[("gateways", INFRA, "edge")]
+        gateway_body["spec"]["gatewayClassName"] = "kakuremichi"
+        await settle(controller)
+        assert conditions(status(kube, GATEWAY_CLASS, "", "odd")["conditions"])["Accepted"] == (
+            "False", "InvalidParameters",
+        )  # fmt: skip
+        fixed = conditions(status(kube, ROUTED_GATEWAY, INFRA, "fixed")["conditions"])
+        assert fixed["Accepted"] == ("False", "UnsupportedAddress")
+        listeners = {
+            entry["name"]: conditions(entry["conditions"])
+            for entry in status(kube, ROUTED_GATEWAY, INFRA, "edge")["listeners"]
+        }
+        assert listeners["a"]["Conflicted"] == ("True", "HostnameConflict")
+        assert listeners["b"]["Conflicted"] == ("True", "HostnameConflict")
+        assert listeners["tcp"]["Accepted"] == ("False", "UnsupportedProtocol")
+        assert listeners["alt"]["Accepted"] == ("False", "PortUnavailable")
+        assert listeners["wild"]["Programmed"][0] == "False"  # (no gateway address yet)
+        site = parent_conditions(kube, "shop", "site")
+        assert site["Accepted"] == ("True", "Accepted")
+        assert site["ResolvedRefs"] == ("False", "BackendNotFound")
+        assert site["PartiallyInvalid"] == ("True", "UnsupportedValue")
+        # Through the wildcard listener: the named host that fits it; the redirect's requests
+        # are answered 500, never passed on as if no filter were there.
+        (served,) = context.state.snapshot().routes
+        assert served.domain == "a.example.com" and served.rules is not None
+        by_path = {
+            rule.matches[0].path.value: rule.backends
+            for rule in served.rules if rule.matches and rule.matches[0].path
+        }  # fmt: skip
+        assert by_path["/old"] == [] and by_path["/gone"] == []
+        assert "/v[0-9]" not in by_path
+        # No hostname on either side: nothing named to publish.
+        assert parent_conditions(kube, "shop", "any")["Accepted"] == ("False", "UnsupportedValue")
+
+    asyncio.run(scenario())
+
+
+def test_an_httproute_cannot_take_a_domain_a_tunnel_holds(context: Context) -> None:
+    async def scenario() -> None:
+        controller, kube, _ = await controller_of(context)
+        home = kube.add(AGENT, "home", {}, "bank")
+        await reconcile(context, AGENT, home, agents.reconcile)
+        tunnel = kube.add(TUNNEL, "app", {"domain": "pay.example.com", "agent": "home",
+                                          "target": "localhost:80"}, "bank")  # fmt: skip
+        await reconcile(context, TUNNEL, tunnel, tunnels.reconcile)
+        tell(
+            controller,
+            kube,
+            (GATEWAY_CLASS, gateway_class()),
+            (ROUTED_GATEWAY, gateway("edge", "evil", https())),
+            *shop_backend("evil", "10.244.9.9"),
+            (
+                HTTP_ROUTE,
+                route(
+                    "grab",
+                    "evil",
+                    ["pay.example.com"],
+                    [{"backendRefs": [to("web")]}],
+                    parent=("edge", "evil"),
+                ),
+            ),
+        )
+        await settle(controller)
+        (served,) = context.state.snapshot().routes
+        assert served.rules is None  # (the Tunnel's)
+        reasons = [e[4] for e in kube.events if e[1:3] == ("evil", "grab")]
+        assert reasons == ["DomainConflict"]
+        # The Gateway's Certificate for that host is made, but never served or issued: the
+        # holder's is.
+        (made,) = [n for (p, ns, n) in kube.objects if p == "certificates" and ns == "evil"]
+        assert not context.state.snapshot().may_issue(("evil", made), "pay.example.com")
+
+    asyncio.run(scenario())
+
+
+def test_parents_written_by_other_controllers_are_kept(context: Context) -> None:
+    async def scenario() -> None:
+        controller, kube, _ = await controller_of(context)
+        theirs = {"parentRef": {"name": "nginx-gw"}, "controllerName": "example.com/nginx",
+                  "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
+                                  "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z",
+                                  "observedGeneration": 1}]}  # fmt: skip
+        body = route("site", "shop", ["shop.example.com"], [{"backendRefs": [to("web")]}])
+        body["spec"]["parentRefs"].append({"name": "nginx-gw"})
+        body["status"] = {"parents": [theirs]}
+        tell(controller, kube, (GATEWAY_CLASS, gateway_class()),
+             (ROUTED_GATEWAY, gateway("edge", INFRA, https(allowedRoutes=everywhere()))),
+             *shop_backend(), (HTTP_ROUTE, body))  # fmt: skip
+        await settle(controller)
+        parents = status(kube, HTTP_ROUTE, "shop", "site")["parents"]
+        assert [p["controllerName"] for p in parents] == ["example.com/nginx", GATEWAY_CONTROLLER]
+        assert parents[0] == theirs
+
+    asyncio.run(scenario())
