@@ -1,12 +1,15 @@
-"""An Ingress of class ``kakuremichi`` end to end: the operator watches every namespace and
-serves the Ingress through the cluster agent, over WireGuard, to nginx servers in a network
-namespace of their own (the "pod network"), named by a Service without selector and
-EndpointSlices written by hand, as a user with a server outside the cluster writes them.
+"""An Ingress of class ``kakuremichi``, and an HTTPRoute attached to a Gateway API Gateway of a
+GatewayClass of ours, end to end: the operator watches every namespace and serves them through
+the cluster agent, over WireGuard, to nginx servers in a network namespace of their own (the
+"pod network"), named by Services without selector and EndpointSlices written by hand, as a user
+with a server outside the cluster writes them.
 
 Shown as a user sees it: the certificate from a Secret created after the Ingress (as
 cert-manager fills one), path routing, connections spread across endpoints, an endpoint that goes
 away no longer answered, ``status.loadBalancer`` naming the gateway, and a slice pointing at a
-node's address (the gateway's) never used."""
+node's address (the gateway's) never used. For the HTTPRoute: weights, a header match and a
+request header set, the Gateway's statuses, and a backend of another namespace refused without a
+ReferenceGrant."""
 
 from __future__ import annotations
 
@@ -21,9 +24,10 @@ from typing import Any
 import pytest
 
 from kakuremichi.api.resources import GATEWAY
+from kakuremichi.control.gateway_api import GATEWAY_CONTROLLER
 from tests.e2e.world import ENDPOINT_RANGE, World, running_world, skip_unless_possible
 from tests.infra import netns
-from tests.infra.cluster import Cluster
+from tests.infra.cluster import Cluster, unique_name
 from tests.infra.objects import Objects, Secrets
 from tests.infra.polling import wait_until
 
@@ -59,7 +63,8 @@ def start_nginx(host: netns.Host, nginx: str, workdir: Path) -> None:
     folder = workdir / "nginx"
     folder.mkdir()
     servers = "\n".join(
-        f'server {{ listen {BACKEND_IP}:{port}; location / {{ return 200 "{name} $uri\\n"; }} }}'
+        f"server {{ listen {BACKEND_IP}:{port}; location / {{ "
+        f'return 200 "{name} $uri $http_x_route\\n"; }} }}'
         for name, port in (("site-a", SITE_A), ("site-b", SITE_B), ("api", API))
     )
     temp = " ".join(
@@ -157,7 +162,7 @@ def test_an_ingress_is_served_over_wireguard_by_path_with_its_endpoints(world: W
     wait_until(lambda: world.get("/")[0] == 200, "the Ingress to answer over HTTPS", timeout=90)
 
     # Path routing: /api and below to one Service, the rest to the other.
-    assert world.get("/api/items") == (200, "api /api/items\n")
+    assert world.get("/api/items") == (200, "api /api/items \n")  # (no X-Route header)
     assert world.get("/apix")[1].startswith("site-")
     # Connections spread across the ready endpoints.
     assert set(answers(world, "/", 12)) == {"site-a", "site-b"}
@@ -175,3 +180,103 @@ def test_an_ingress_is_served_over_wireguard_by_path_with_its_endpoints(world: W
     status = world.kube.kubectl("get", "ingress", "shop", "-n", world.namespace, "-o",
                                 "jsonpath={.status.loadBalancer.ingress[*].ip}")  # fmt: skip
     assert status.split() == [world.gateway_public_ip]
+
+
+def test_an_httproute_is_served_with_weights_header_matches_and_the_specs_statuses(
+    world: World,
+) -> None:
+    host = f"{unique_name('route')}.e2e.test"
+    klass = unique_name("kmgc")
+    v1 = "gateway.networking.k8s.io/v1"
+    issued = world.ca.issue(host)
+    Secrets(world.kube, world.namespace).put_tls(
+        "edge-tls", issued.certificate_pem, issued.private_key_pem
+    )
+    gateway_class = {"apiVersion": v1, "kind": "GatewayClass", "metadata": {"name": klass},
+                     "spec": {"controllerName": GATEWAY_CONTROLLER}}  # fmt: skip
+    world.kube.kubectl("apply", "-f", "-", input_text=json.dumps(gateway_class))
+    other = unique_name("e2eother")
+    world.kube.kubectl("create", "namespace", other)
+    try:
+        apply(
+            world, service("blue"), service("green"), service("api"),
+            endpoint_slice("blue-1", "blue", BACKEND_IP, SITE_A),
+            endpoint_slice("green-1", "green", BACKEND_IP, SITE_B),
+            endpoint_slice("green-2", "green", BACKEND_IP, API),
+            endpoint_slice("api-2", "api", BACKEND_IP, API),
+            {"apiVersion": v1, "kind": "Gateway", "metadata": {"name": "edge"},
+             "spec": {"gatewayClassName": klass, "listeners": [
+                 {"name": "https", "protocol": "HTTPS", "port": 443,
+                  "tls": {"certificateRefs": [{"name": "edge-tls"}]}}]}},
+            {"apiVersion": v1, "kind": "HTTPRoute", "metadata": {"name": "shop"},
+             "spec": {"parentRefs": [{"name": "edge"}], "hostnames": [host], "rules": [
+                 {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}}],
+                  "backendRefs": [{"name": "api", "port": 80}],
+                  "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {
+                      "set": [{"name": "X-Route", "value": "api-rule"}]}}]},
+                 {"matches": [{"headers": [{"name": "X-Canary", "value": "always"}]}],
+                  "backendRefs": [{"name": "green", "port": 80}]},
+                 {"backendRefs": [{"name": "blue", "port": 80, "weight": 1},
+                                  {"name": "green", "port": 80, "weight": 1}]},
+             ]}},
+            # A backend of another namespace, which grants nothing: refused.
+            {"apiVersion": v1, "kind": "HTTPRoute", "metadata": {"name": "reach"},
+             "spec": {"parentRefs": [{"name": "edge"}], "hostnames": [f"x.{host}"], "rules": [
+                 {"backendRefs": [{"name": "db", "namespace": other, "port": 80}]}]}},
+        )  # fmt: skip
+        resolve = ("--resolve", f"{host}:443:{world.gateway_client_ip}")
+
+        def get(path: str, *args: str) -> tuple[int, str]:
+            done = world.curl("-o", "-", "-w", "\n%{http_code}", *resolve, *args,
+                              f"https://{host}{path}")  # fmt: skip
+            body, _, code = done.stdout.rpartition("\n")
+            return int(code or 0), body
+
+        wait_until(lambda: get("/")[0] == 200, "the HTTPRoute to answer over HTTPS", timeout=90)
+        # Path, with the rule's header set on the way; a header match; weights over both.
+        assert get("/api/x") == (200, "api /api/x api-rule\n")
+
+        def canary(count: int) -> set[str]:
+            return {get("/", "-H", "X-Canary: always")[1].split()[0] for _ in range(count)}
+
+        assert canary(12) == {"site-b", "api"}  # (green's two endpoints)
+        seen = Counter(get("/")[1].split()[0] for _ in range(30))
+        assert {"site-a"} < set(seen) <= {"site-a", "site-b", "api"}, seen
+        # An endpoint that goes away stops receiving requests.
+        world.kube.kubectl("delete", "endpointslice", "green-2", "-n", world.namespace)
+        wait_until(lambda: canary(10) == {"site-b"}, "green-2 to be left out", timeout=60)
+
+        def conditions(kind: str, name: str, path: str) -> dict[str, str]:
+            found = json.loads(world.kube.kubectl("get", kind, name, "-n", world.namespace,
+                                                  "-o", "json"))  # fmt: skip
+            for step in path.split("."):
+                found = found[int(step)] if step.isdigit() else found[step]
+            return {c["type"]: c["reason"] for c in found}
+
+        routes, gateways = (
+            "httproutes.gateway.networking.k8s.io",
+            "gateways.gateway.networking.k8s.io",
+        )
+        wait_until(
+            lambda: (
+                conditions(routes, "reach", "status.parents.0.conditions").get("ResolvedRefs")
+                == "RefNotPermitted"
+            ),
+            "the cross-namespace backend to be refused",
+        )
+        assert conditions(routes, "shop", "status.parents.0.conditions") == {
+            "Accepted": "Accepted",
+            "ResolvedRefs": "ResolvedRefs",
+        }
+        assert conditions(gateways, "edge", "status.conditions") == {
+            "Accepted": "Accepted",
+            "Programmed": "Programmed",
+        }
+        status = json.loads(world.kube.kubectl("get", gateways, "edge", "-n", world.namespace,
+                                               "-o", "json"))["status"]  # fmt: skip
+        assert status["addresses"] == [{"type": "IPAddress", "value": world.gateway_public_ip}]
+        assert status["listeners"][0]["attachedRoutes"] == 2
+    finally:
+        world.kube.kubectl("delete", "gatewayclass.gateway.networking.k8s.io", klass,
+                           "--wait=false")  # fmt: skip
+        world.kube.kubectl("delete", "namespace", other, "--wait=false")

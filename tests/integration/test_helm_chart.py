@@ -27,6 +27,7 @@ from kubernetes import client
 
 from kakuremichi.api import protocol
 from kakuremichi.api.resources import AGENT, CERTIFICATE, GATEWAY, TUNNEL
+from kakuremichi.control.gateway_api import GATEWAY_CONTROLLER
 from kakuremichi.control.ingress_routes import INGRESS_CONTROLLER
 from kakuremichi.control.ingresses import CLAIMS_CONFIG_MAP
 from kakuremichi.control.manifests import AGENT_LABEL, SIDECAR_NAME
@@ -140,6 +141,8 @@ def test_chart_lints_and_renders(helm: Helm, variant: str) -> None:
         assert "--cluster-agent=$(POD_NAMESPACE)/km-kakuremichi-cluster-agent" in args
         assert only(docs, "Agent")["metadata"]["name"] == "km-kakuremichi-cluster-agent"
         assert only(docs, "IngressClass")["spec"]["controller"] == INGRESS_CONTROLLER
+        # (no GatewayClass where the Gateway API is not installed: its kind would be refused)
+        assert not [d for d in docs if d["kind"] == "GatewayClass"]
         agent = only(docs, "Deployment", "km-kakuremichi-cluster-agent")["spec"]["template"]
         (secret,) = [v for v in agent["spec"]["volumes"] if v["name"] == "credentials"]
         assert secret["secret"]["secretName"] == "kakuremichi-agent-km-kakuremichi-cluster-agent"
@@ -180,6 +183,17 @@ def test_chart_lints_and_renders(helm: Helm, variant: str) -> None:
         assert "--control-url=http://km-kakuremichi.kmsys.svc:8480" in args
         assert not [a for a in args if a.startswith(("--control-tls", "--webhook"))]
         assert not [d for d in docs if d["kind"] == "Secret"]
+
+
+def test_the_gateway_class_is_made_where_the_gateway_api_is_installed(helm: Helm) -> None:
+    api = "gateway.networking.k8s.io/v1/GatewayClass"
+    out = helm.run("template", "km", str(CHART), "--namespace", "kmsys", "--api-versions", api)
+    docs = [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+    made = only(docs, "GatewayClass", "kakuremichi")
+    assert made["spec"]["controllerName"] == GATEWAY_CONTROLLER
+    gateway_api = [r for r in only(docs, "ClusterRole")["rules"]
+                   if r["apiGroups"] == ["gateway.networking.k8s.io"]]  # fmt: skip
+    assert {v for r in gateway_api for v in r["verbs"]} == {"list", "watch", "patch", "update"}
 
 
 def test_schema_refuses_bad_values_by_name(helm: Helm) -> None:
@@ -280,10 +294,16 @@ def chart_operator(
     kubeconfig = kube.kubeconfig
     fullname = f"{release}-kakuremichi"
     operator: OperatorProcess | None = None
-    # Everywhere: the cluster agent's IngressClass is left to the cluster (it is cluster-scoped,
-    # and Ingresses naming class kakuremichi are served without it).
+    # Everywhere: the cluster agent's IngressClass and GatewayClass are left to the cluster (they
+    # are cluster-scoped; Ingresses naming class kakuremichi are served without it, and the
+    # tests make the GatewayClass).
     scope = (
-        ["--set", "clusterAgent.ingressClass.create=false"]
+        [
+            "--set",
+            "clusterAgent.ingressClass.create=false",
+            "--set",
+            "clusterAgent.gatewayClass.create=false",
+        ]
         if everywhere
         else ["--set", f"watchNamespaces={{{apps}}}", "--set", "clusterAgent.enabled=false"]
     )
@@ -577,12 +597,15 @@ def test_the_sealing_key_lives_in_a_secret_helm_does_not_own(
     assert secrets.read(name) == before
 
 
-def test_ingresses_are_served_with_the_charts_rbac_only(
+def test_ingresses_and_httproutes_are_served_with_the_charts_rbac_only(
     kube: Cluster, helm: Helm, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """The chart with its defaults (every namespace, the cluster agent): the operator, with the
     chart's ServiceAccount alone, watches Ingresses, Services, EndpointSlices, pods and nodes,
-    makes an Ingress's Certificate, writes its status and keeps its claim's date."""
+    makes an Ingress's Certificate, writes its status and keeps its claim's date; and for the
+    Gateway API (its CRDs installed by hack/cluster.sh), writes the statuses of a GatewayClass,
+    a Gateway and HTTPRoutes (one accepted, one from a namespace the listener does not allow)
+    and makes the Certificate the Gateway gives."""
     tmp_path = tmp_path_factory.mktemp("chart-ingress")
     with chart_operator(kube, helm, tmp_path, everywhere=True) as installed:
         apps, system = installed.apps, installed.system
@@ -635,7 +658,80 @@ def test_ingresses_are_served_with_the_charts_rbac_only(
                 ),
                 "the Ingress's claim to be forgotten",
             )
+            gateway_api(kube, apps, f"{unique_name('rt')}.example.com", "203.0.113.11")
         finally:
             gateways.delete_all()
         trouble = rbac_trouble(installed.operator)
         assert not trouble, f"the operator hit RBAC limits:\n{trouble}"
+
+
+def gateway_api(kube: Cluster, apps: str, host: str, address: str) -> None:
+    """A GatewayClass of ours, a Gateway and two HTTPRoutes, served (or refused) as the spec
+    says, through the API server's own Gateway API CRDs."""
+    klass, outsider = unique_name("kmgc"), unique_name("kmhout")
+    kube.kubectl("create", "namespace", outsider)
+    gateway_class = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+                     "metadata": {"name": klass},
+                     "spec": {"controllerName": GATEWAY_CONTROLLER}}  # fmt: skip
+    gateway = {
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": "edge", "namespace": apps},
+        "spec": {"gatewayClassName": klass, "listeners": [
+            {"name": "https", "protocol": "HTTPS", "port": 443,
+             "tls": {"certificateRefs": [{"name": "edge-cert"}]}},
+            {"name": "http", "protocol": "HTTP", "port": 80},
+        ]},
+    }  # fmt: skip
+
+    def route(namespace: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "site", "namespace": namespace},
+            "spec": {
+                "parentRefs": [{"name": "edge", "namespace": apps, "sectionName": "https"}],
+                "hostnames": [host],
+                "rules": [{"backendRefs": [{"name": "web", "port": 80}]}],
+            },
+        }  # fmt: skip
+
+    document = {"apiVersion": "v1", "kind": "List",
+                "items": [gateway_class, gateway, route(apps), route(outsider)]}  # fmt: skip
+    try:
+        kube.kubectl("apply", "-f", "-", input_text=json.dumps(document))
+
+        def parent(namespace: str) -> dict[str, tuple[str, str]]:
+            found = json.loads(kube.kubectl("get", "httproutes.gateway.networking.k8s.io", "site",
+                                            "-n", namespace, "-o", "json"))  # fmt: skip
+            parents = (found.get("status") or {}).get("parents") or [{}]
+            return {c["type"]: (c["status"], c["reason"]) for c in parents[0].get("conditions", ())}
+
+        wait_until(lambda: parent(apps).get("Accepted") == ("True", "Accepted"),
+                   "the HTTPRoute to be accepted")  # fmt: skip
+        assert parent(apps)["ResolvedRefs"] == ("True", "ResolvedRefs")
+        wait_until(lambda: parent(outsider).get("Accepted") == ("False", "NotAllowedByListeners"),
+                   "the other namespace's HTTPRoute to be refused")  # fmt: skip
+
+        def gateway_status() -> dict[str, Any]:
+            found = json.loads(kube.kubectl("get", "gateways.gateway.networking.k8s.io", "edge",
+                                            "-n", apps, "-o", "json"))  # fmt: skip
+            status: dict[str, Any] = found.get("status") or {}
+            return status
+
+        wait_until(lambda: gateway_status().get("addresses") == [
+            {"type": "IPAddress", "value": address}], "the Gateway to be programmed")  # fmt: skip
+        listeners = {item["name"]: item for item in gateway_status()["listeners"]}
+        assert listeners["https"]["attachedRoutes"] == 1
+        accepted = json.loads(
+            kube.kubectl("get", "gatewayclasses.gateway.networking.k8s.io", klass, "-o", "json")
+        )["status"]["conditions"]
+        assert [(c["type"], c["status"]) for c in accepted] == [("Accepted", "True")]
+        listed = json.loads(kube.kubectl("get", "certificates.kakuremichi.io", "-n", apps, "-o",
+                                         "json"))["items"]  # fmt: skip
+        (made,) = [c for c in listed if c["spec"]["domain"] == host]
+        assert made["spec"]["secretName"] == "edge-cert"
+        (owner,) = made["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["name"]) == ("Gateway", "edge")
+    finally:
+        kube.kubectl("delete", "-f", "-", "--ignore-not-found", "--wait=false",
+                     input_text=json.dumps(document))  # fmt: skip
+        kube.kubectl("delete", "namespace", outsider, "--wait=false")
