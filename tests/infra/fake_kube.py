@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -272,6 +272,18 @@ class FakeKube:
             for (plural, namespace, _), body in sorted(self.builtin.items())
             if plural == kind.plural and (not namespaces or namespace in namespaces)
         ]
+
+    async def edit_builtin_status(
+        self, kind: BuiltinKind, namespace: str, name: str,
+        edit: Callable[[dict[str, Any]], dict[str, Any]],
+    ) -> dict[str, Any] | None:  # fmt: skip
+        found = self.builtin.get((kind.plural, namespace if kind.namespaced else "", name))
+        if found is None:
+            return None
+        status = edit(_copy(found.get("status") or {}))
+        found["status"] = _copy(status)
+        self.writes.append(("status", (kind.plural, namespace, name)))
+        return status
 
     async def patch_builtin_status(
         self, kind: BuiltinKind, namespace: str, name: str, status: dict[str, Any]

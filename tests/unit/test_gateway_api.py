@@ -223,7 +223,8 @@ def test_a_backend_of_another_namespace_needs_a_reference_grant_there(context: C
         )  # fmt: skip
         assert "bank/web:80" not in backends(context, agent_id)
         (served,) = context.state.snapshot().routes
-        assert served.rules is not None and served.rules[0].backends == []  # (answered 500)
+        assert served.rules is not None  # (its share answered 500, never the bank's)
+        assert [(b.stream, b.weight) for b in served.rules[0].backends] == [(None, 1)]
         # The namespace the bank granted: resolved, and the bank's pods are its backends.
         granted = [{"backendRefs": [to("web", namespace="bank")]}]
         tell(controller, kube, (HTTP_ROUTE, route("pay", "shop", ["pay.example.com"], granted)))
@@ -367,7 +368,7 @@ def test_what_cannot_be_served_is_said_with_the_specs_reasons(context: Context) 
             rule.matches[0].path.value: rule.backends
             for rule in served.rules if rule.matches and rule.matches[0].path
         }  # fmt: skip
-        assert by_path["/old"] == [] and by_path["/gone"] == []
+        assert by_path["/old"] == [] and [b.stream for b in by_path["/gone"]] == [None]
         assert "/v[0-9]" not in by_path
         # No hostname on either side: nothing named to publish.
         assert parent_conditions(kube, "shop", "any")["Accepted"] == ("False", "UnsupportedValue")
@@ -430,5 +431,125 @@ def test_parents_written_by_other_controllers_are_kept(context: Context) -> None
         parents = status(kube, HTTP_ROUTE, "shop", "site")["parents"]
         assert [p["controllerName"] for p in parents] == ["example.com/nginx", GATEWAY_CONTROLLER]
         assert parents[0] == theirs
+
+    asyncio.run(scenario())
+
+
+def test_a_bad_certificate_ref_costs_nobody_else_their_routes(context: Context) -> None:
+    """A tenant's Gateway names a Secret no Certificate could: its listener is refused
+    (InvalidCertificateRef), and every other route is still decided and served."""
+
+    async def scenario() -> None:
+        controller, kube, _ = await controller_of(context)
+        tell(controller, kube, (GATEWAY_CLASS, gateway_class()),
+             (ROUTED_GATEWAY, gateway("bad", "evil", https(secret="Bad_Name"))),
+             (ROUTED_GATEWAY, gateway("edge", INFRA, https(allowedRoutes=everywhere()))),
+             *shop_backend(), *shop_backend("evil", "10.244.9.9"),
+             (HTTP_ROUTE, route("x", "evil", ["x.example.com"], [{"backendRefs": [to("web")]}],
+                                parent=("bad", "evil"))),
+             (HTTP_ROUTE, route("site", "shop", ["shop.example.com"],
+                                [{"backendRefs": [to("web")]}])))  # fmt: skip
+        await settle(controller)
+        (listener,) = status(kube, ROUTED_GATEWAY, "evil", "bad")["listeners"]
+        assert conditions(listener["conditions"])["ResolvedRefs"] == (
+            "False", "InvalidCertificateRef",
+        )  # fmt: skip
+        assert {r.domain for r in context.state.snapshot().routes} == {"shop.example.com"}
+
+    asyncio.run(scenario())
+
+
+def test_another_namespace_on_an_open_listener_never_rewrites_the_holders_certificate(
+    context: Context,
+) -> None:
+    """The shop's Gateway serves its host with its own Secret, and has an HTTP listener open to
+    every namespace: the attacker attaches a route for the shop's host there. The shop's
+    Certificate keeps its Secret, and no ACME order is allowed for the attacker's."""
+
+    async def scenario() -> None:
+        controller, kube, _ = await controller_of(context)
+        tell(
+            controller,
+            kube,
+            (GATEWAY_CLASS, gateway_class()),
+            (
+                ROUTED_GATEWAY,
+                gateway(
+                    "edge",
+                    "shop",
+                    https(secret="shop-cert"),
+                    {"name": "http", "protocol": "HTTP", "port": 80, "allowedRoutes": everywhere()},
+                ),
+            ),
+            *shop_backend(),
+            *shop_backend("zzz", "10.244.9.9"),
+            (
+                HTTP_ROUTE,
+                route(
+                    "site",
+                    "shop",
+                    ["shop.example.com"],
+                    [{"backendRefs": [to("web")]}],
+                    parent=("edge", "shop"),
+                ),
+            ),
+        )
+        await settle(controller)
+        tell(controller, kube, (HTTP_ROUTE, route(
+            "grab", "zzz", ["shop.example.com"], [{"backendRefs": [to("web")]}],
+            parent=("edge", "shop"), sectionName="http")))  # fmt: skip
+        await settle(controller)
+        made = {
+            name: body["spec"] for (plural, ns, name), body in kube.objects.items()
+            if plural == "certificates" and ns == "shop"
+        }  # fmt: skip
+        specs = sorted((s["issuer"], s["secretName"]) for s in made.values())
+        assert specs[0] == ("ACME", specs[0][1]) and specs[1] == ("Secret", "shop-cert")
+        (held,) = context.state.snapshot().routes
+        holder = context.state.snapshot().ownership.holders["shop.example.com"]
+        assert held.domain == "shop.example.com" and holder.namespace == "shop"
+        assert made[holder.certificate]["secretName"] == "shop-cert"
+        acme = next(name for name, spec in made.items() if spec["issuer"] == "ACME")
+        assert not context.state.snapshot().may_issue(("shop", acme), "shop.example.com")
+
+    asyncio.run(scenario())
+
+
+def test_a_route_learns_nothing_of_a_gateway_that_takes_no_routes_from_its_namespace(
+    context: Context,
+) -> None:
+    async def scenario() -> None:
+        controller, kube, _ = await controller_of(context)
+        tell(controller, kube, (GATEWAY_CLASS, gateway_class()),
+             (ROUTED_GATEWAY, gateway("private", "bank", https("admin-portal"))),
+             *shop_backend("evil", "10.244.9.9"),
+             (HTTP_ROUTE, route("probe", "evil", ["p.example.com"],
+                                [{"backendRefs": [to("web")]}], parent=("private", "bank"),
+                                sectionName="guess")))  # fmt: skip
+        await settle(controller)
+        (parent,) = status(kube, HTTP_ROUTE, "evil", "probe")["parents"]
+        (accepted,) = [c for c in parent["conditions"] if c["type"] == "Accepted"]
+        assert accepted["reason"] == "NotAllowedByListeners"
+        assert "admin-portal" not in accepted["message"] and "guess" not in accepted["message"]
+
+    asyncio.run(scenario())
+
+
+def test_a_routes_parents_of_ours_go_when_its_gateway_goes(context: Context) -> None:
+    async def scenario() -> None:
+        controller, kube, _ = await controller_of(context)
+        tell(controller, kube, (GATEWAY_CLASS, gateway_class()),
+             (ROUTED_GATEWAY, gateway("edge", INFRA, https(allowedRoutes=everywhere()))),
+             *shop_backend(),
+             (HTTP_ROUTE, route("site", "shop", ["shop.example.com"],
+                                [{"backendRefs": [to("web")]}])))  # fmt: skip
+        await settle(controller)
+        assert parent_conditions(kube, "shop", "site")["Accepted"] == ("True", "Accepted")
+        del kube.builtin[("gateways", INFRA, "edge")]
+        controller.gateway_api_gone(ROUTED_GATEWAY, INFRA, "edge")
+        await settle(controller)
+        assert status(kube, HTTP_ROUTE, "shop", "site")["parents"] == []
+        assert not context.state.snapshot().routes
+        assert not [k for k in kube.objects if k[0] == "certificates"]
 
     asyncio.run(scenario())

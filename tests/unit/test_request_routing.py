@@ -131,6 +131,14 @@ def test_weights_share_requests_and_a_rule_without_weight_has_no_backend() -> No
     empty = RequestRouter(rules({"backends": [{"stream": WEB, "weight": 0}]}))
     choice = empty.choose(asked("/"))
     assert choice is not None and choice.stream is None
+    # A backend that does not resolve keeps its share, answered 500 (no stream).
+    draws = iter(range(4))
+    half = RequestRouter(
+        rules({"backends": [{"stream": WEB, "weight": 1}, {"stream": None, "weight": 1}]}),
+        draw=lambda total: next(draws) % total,
+    )
+    assert [half.choose(asked("/")).stream for _ in range(4)] == [WEB, None, WEB, None]  # type: ignore[union-attr]
+    assert half.streams == {WEB}
 
 
 def test_header_edits_never_touch_framing_host_or_client_address_fields() -> None:

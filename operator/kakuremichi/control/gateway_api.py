@@ -26,10 +26,12 @@ guarantee.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import re
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -59,6 +61,9 @@ HTTP_PORT, HTTPS_PORT = 80, 443
 MAX_RULES_PER_HOST = 1000
 """What a gateway takes for one host."""
 MAX_HOSTS_PER_NAMESPACE = 500
+MAX_ATTACHMENTS_PER_ROUTE = 100
+"""(listener, host) pairs of one route: parentRefs by listeners by hostnames could be 32,768."""
+_SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 Key = tuple[str, str]
 
@@ -146,9 +151,10 @@ def source_of(namespace: str) -> str:
     return f"HTTPRoutes {namespace}"
 
 
-def certificate_name(gateway: str, host: str) -> str:
-    """A Certificate of a Gateway (its namespace) for a host; never an Ingress's name."""
-    digest = hashlib.sha256(f"gateway:{gateway}/{host}".encode()).hexdigest()[:16]
+def certificate_name(gateway: str, host: str, namespace: str) -> str:
+    """A Certificate of a Gateway (its namespace) for the claim of routes of ``namespace`` on a
+    host; never an Ingress's name."""
+    digest = hashlib.sha256(f"gateway:{gateway}/{host}/{namespace}".encode()).hexdigest()[:16]
     return f"{gateway[:40].rstrip('-.')}-{digest}"
 
 
@@ -166,24 +172,31 @@ def decide(
     """``services``: namespace → name → facts; ``seen``: when each claim was first seen."""
     classes = {name: _class(name, body) for name, body in sorted(objects.classes.items())}
     accepted_classes = {n for n, c in classes.items() if c.conditions[0].status}
+    grants = _grants_by_namespace(objects.grants)
     listeners: dict[Key, list[_Listener]] = {}
     gateway_facts: dict[Key, tuple[Mapping[str, Any], list[Condition], str | None, bool]] = {}
     for key, body in sorted(objects.gateways.items()):
         spec = _map(body.get("spec"))
         class_name = spec.get("gatewayClassName")
-        if class_name not in classes:
+        if not isinstance(class_name, str) or class_name not in classes:
             continue
-        conditions, pool, ok = _gateway(body, objects.classes[class_name],
-                                        class_name in accepted_classes)  # fmt: skip
+        try:
+            conditions, pool, ok = _gateway(body, objects.classes[class_name],
+                                            class_name in accepted_classes)  # fmt: skip
+            listeners[key] = _listeners(key, spec, grants) if ok else []
+        except Exception as error:  # (one odd object never costs the others their routes)
+            conditions = [Condition("Accepted", False, "Invalid", "The Gateway could not be "
+                                    f"read: {type(error).__name__}.")]  # fmt: skip
+            pool, ok, listeners[key] = None, False, []
         gateway_facts[key] = (body, conditions, pool, ok)
-        listeners[key] = _listeners(key, spec, objects.grants) if ok else []
 
     routes: dict[Key, RouteDecision] = {}
     attachments: list[_Attached] = []
     problems_of: dict[Key, list[str]] = {}
     for key, body in sorted(objects.http_routes.items(), key=lambda kv: _age(kv[1], kv[0])):
         try:
-            decided, attached = _route(key, body, gateway_facts, listeners, objects, services)
+            decided, attached = _route(key, body, gateway_facts, listeners, objects, grants,
+                                       services)  # fmt: skip
         except Exception as error:  # (one odd object never costs the others their routes)
             meta = _map(body.get("metadata"))
             problem = f"the HTTPRoute could not be read: {type(error).__name__}"
@@ -194,7 +207,13 @@ def decide(
             problems_of[key] = list(decided.problems)
             attachments.extend(attached)
 
-    claims, certificates, backends = _claims(attachments, cluster_agent, seen, now)
+    claims, certificates, backends, dropped = _claims(attachments, cluster_agent, seen, now)
+    for key, said in dropped.items():
+        decided = routes[key]
+        routes[key] = replace(decided, problems=tuple(dict.fromkeys((*decided.problems, *said))))
+    attached_routes: dict[tuple[Key, str], set[Key]] = {}
+    for one in attachments:
+        attached_routes.setdefault((one.gateway, one.listener), set()).add(one.route)
     gateways = {}
     for key, (body, conditions, pool, ok) in gateway_facts.items():
         meta = _map(body.get("metadata"))
@@ -203,7 +222,7 @@ def decide(
                 listener.name,
                 listener.accepted,
                 listener.kinds,
-                sum(1 for a in _unique_routes(attachments, key, listener.name)),
+                len(attached_routes.get((key, listener.name), ())),
                 tuple(listener.conditions),
             )
             for listener in listeners[key]
@@ -246,8 +265,9 @@ def _gateway(
                           "spec.addresses: a Gateway takes the addresses of its kakuremichi "
                           "Gateway pool; leave this field out.")], None, False  # fmt: skip
     pool = None
-    for ref in (_map(_map(spec.get("infrastructure")).get("parametersRef")),
-                _map(_map(class_body.get("spec")).get("parametersRef"))):  # fmt: skip
+    # (the administrator's GatewayClass first: a Gateway chooses a pool only where it says none)
+    for ref in (_map(_map(class_body.get("spec")).get("parametersRef")),
+                _map(_map(spec.get("infrastructure")).get("parametersRef"))):  # fmt: skip
         if not ref:
             continue
         if ref.get("group") != POOL_GROUP or ref.get("kind") != "Gateway":
@@ -285,7 +305,7 @@ class _Listener:
     """("Secret", name) or ("ACME", "") for HTTPS; None for HTTP."""
 
 
-def _listeners(key: Key, spec: Mapping[str, Any], grants: Mapping[Key, Mapping[str, Any]]
+def _listeners(key: Key, spec: Mapping[str, Any], grants: Grants
                ) -> list[_Listener]:  # fmt: skip
     out: list[_Listener] = []
     for i, item in enumerate(_list(spec.get("listeners"))):
@@ -367,7 +387,7 @@ def _kinds(allowed: Mapping[str, Any]) -> tuple[tuple[str, ...], list[str]]:
 
 
 def _listener_certificate(
-    key: Key, tls: Mapping[str, Any], at: str, grants: Mapping[Key, Mapping[str, Any]]
+    key: Key, tls: Mapping[str, Any], at: str, grants: Grants
 ) -> tuple[tuple[str, str] | None, Condition | None]:
     if tls.get("mode", "Terminate") != "Terminate":
         return None, Condition("ResolvedRefs", False, "InvalidCertificateRef",
@@ -403,28 +423,31 @@ def _listener_certificate(
                                f"{at}.tls.certificateRefs[0]: kakuremichi reads certificate "
                                "Secrets of the Gateway's own namespace only for now; copy it "
                                "there.")  # fmt: skip
-    if not name:
-        return None, Condition(
-            "ResolvedRefs",
-            False,
-            "InvalidCertificateRef",
-            f"{at}.tls.certificateRefs[0].name: name a Secret.",
-        )
+    if not _SECRET_NAME.fullmatch(name):
+        return None, Condition("ResolvedRefs", False, "InvalidCertificateRef",
+                               f"{at}.tls.certificateRefs[0].name: name a Secret of this "
+                               "namespace.")  # fmt: skip
     return ("Secret", name), None
 
 
-def _granted(
-    grants: Mapping[Key, Mapping[str, Any]], source: tuple[str, str], target: tuple[str, str, str]
-) -> bool:
+Grants = Mapping[str, Sequence[Mapping[str, Any]]]
+"""Namespace → the specs of its ReferenceGrants."""
+
+
+def _grants_by_namespace(grants: Mapping[Key, Mapping[str, Any]]) -> dict[str, list[Any]]:
+    by_namespace: dict[str, list[Any]] = {}
+    for (namespace, _), body in sorted(grants.items()):
+        by_namespace.setdefault(namespace, []).append(_map(body.get("spec")))
+    return by_namespace
+
+
+def _granted(grants: Grants, source: tuple[str, str], target: tuple[str, str, str]) -> bool:
     """Whether a ReferenceGrant in the target's namespace lets ``source`` (kind, namespace)
     refer to ``target`` (kind, namespace, name)."""
     kind, namespace = source
     to_kind, to_namespace, to_name = target
     to_group = "" if to_kind in ("Secret", "Service") else GROUP
-    for (grant_namespace, _), body in grants.items():
-        if grant_namespace != to_namespace:
-            continue
-        spec = _map(body.get("spec"))
+    for spec in grants.get(to_namespace, ()):
         froms = any(
             f.get("group") == GROUP and f.get("kind") == kind and f.get("namespace") == namespace
             for f in _list(spec.get("from"))
@@ -455,18 +478,19 @@ class _Attached:
     created: str
     generation: int
     certificate: tuple[str, str] | None
+    listener_hostname: str | None
 
 
 def _route(
     key: Key, body: Mapping[str, Any],
     gateways: Mapping[Key, tuple[Mapping[str, Any], list[Condition], str | None, bool]],
-    listeners: Mapping[Key, list[_Listener]], objects: GatewayApiObjects,
+    listeners: Mapping[Key, list[_Listener]], objects: GatewayApiObjects, grants: Grants,
     services: Mapping[str, Mapping[str, ServiceFacts]],
 ) -> tuple[RouteDecision, list[_Attached]]:  # fmt: skip
     meta, spec = _map(body.get("metadata")), _map(body.get("spec"))
     namespace = key[0]
     problems: list[str] = []
-    rules, backends, resolved, partial = _rules(key, spec, objects.grants, services, problems)
+    rules, backends, resolved, partial = _rules(key, spec, grants, services, problems)
     route_hosts: list[str | None] = [*_list_text(spec.get("hostnames"))] or [None]
     parents: list[ParentDecision] = []
     attached: list[_Attached] = []
@@ -485,7 +509,7 @@ def _route(
             conditions.append(accepted)
         else:
             hosts = sorted({h for _, h in accepted if h is not None})
-            named = [h for h in hosts if not h.startswith("*.") and is_domain(h)]
+            named = {h for h in hosts if _named(h)}
             unnamed = [h for h in hosts if h not in named]
             for h in unnamed:
                 problems.append(
@@ -503,14 +527,19 @@ def _route(
                                             "PartiallyInvalid and the Events)."))  # fmt: skip
             else:
                 conditions.append(Condition("Accepted", True, "Accepted", "Route accepted."))
-                certificates = {listener.name: listener.certificate for listener, _ in accepted}
                 for listener, host in accepted:
-                    if host in named:
-                        attached.append(_Attached(
-                            parent, listener.name, key, host, tuple(rules),
-                            frozenset(backends), _created(meta), _generation(meta),
-                            certificates[listener.name],
-                        ))  # fmt: skip
+                    if host not in named:
+                        continue
+                    if len(attached) >= MAX_ATTACHMENTS_PER_ROUTE:
+                        problems.append(f"spec: a route attaches at most "
+                                        f"{MAX_ATTACHMENTS_PER_ROUTE} times (listeners by "
+                                        "hostnames); the rest is not served.")  # fmt: skip
+                        break
+                    attached.append(_Attached(
+                        parent, listener.name, key, host, tuple(rules), frozenset(backends),
+                        _created(meta), _generation(meta), listener.certificate,
+                        listener.hostname,
+                    ))  # fmt: skip
         conditions.append(resolved)
         if partial is not None:
             conditions.append(partial)
@@ -526,7 +555,16 @@ def _attach(
     listeners: Sequence[_Listener], route_hosts: Sequence[str | None],
     namespaces: Mapping[str, Mapping[str, str]],
 ) -> Condition | list[tuple[_Listener, str | None]]:  # fmt: skip
-    """The (listener, host) pairs a parentRef attaches the route to, or why none."""
+    """The (listener, host) pairs a parentRef attaches the route to, or why none. A route of a
+    namespace that no listener allows learns nothing more of the Gateway (not its listeners,
+    not whether it is accepted)."""
+    open_to_it = any(
+        _namespace_allowed(listener.namespaces, route[0], parent[0], namespaces)
+        for listener in listeners
+    ) or (not gateway_ok and route[0] == parent[0])  # fmt: skip
+    if not open_to_it:
+        return Condition("Accepted", False, "NotAllowedByListeners",
+                         f"{at}: the Gateway takes no routes from this namespace.")  # fmt: skip
     if not gateway_ok:
         return Condition(
             "Accepted",
@@ -615,7 +653,7 @@ def _intersect(listener: str | None, route: str | None) -> str | None:
 
 
 def _rules(
-    key: Key, spec: Mapping[str, Any], grants: Mapping[Key, Mapping[str, Any]],
+    key: Key, spec: Mapping[str, Any], grants: Grants,
     services: Mapping[str, Mapping[str, ServiceFacts]], problems: list[str],
 ) -> tuple[list[tuple[tuple[Any, ...], RequestRule]], set[BackendRef], Condition,
            Condition | None]:  # fmt: skip
@@ -636,17 +674,24 @@ def _rules(
             weighted: list[WeightedBackend] = []
             for b, ref in enumerate(_list(rule.get("backendRefs"))):
                 where = f"{at}.backendRefs[{b}]"
-                if _list(ref.get("filters")):
-                    problems.append(f"{where}.filters: filters on a backend are not served; "
-                                    "put them on the rule.")  # fmt: skip
+                weight = ref.get("weight", 1)
+                weight = weight if isinstance(weight, int) and not isinstance(weight, bool) else 1
+                weight = min(max(0, weight), 1_000_000)
+                # What cannot be reached takes its share all the same, answered 500 (as the
+                # spec asks): never shifted onto the others.
                 found = _backend_ref(key, ref, where, grants, services)
                 if isinstance(found, tuple):
                     unresolved.append(found)
+                    weighted.append(WeightedBackend(stream=None, weight=weight))
                     continue
-                weight = ref.get("weight", 1)
-                weight = weight if isinstance(weight, int) and not isinstance(weight, bool) else 1
+                if _list(ref.get("filters")):
+                    problems.append(f"{where}.filters: filters on a backend are not served (its "
+                                    "share is answered 500); put them on the rule.")  # fmt: skip
+                    invalid += 1
+                    weighted.append(WeightedBackend(stream=None, weight=weight))
+                    continue
                 backends.add(found)
-                weighted.append(WeightedBackend(stream=found.stream, weight=max(0, weight)))
+                weighted.append(WeightedBackend(stream=found.stream, weight=weight))
             matches = _list(rule.get("matches")) or [{}]
             for m, match in enumerate(matches):
                 made = _match(match, f"{at}.matches[{m}]")
@@ -698,7 +743,7 @@ def _filters(filters: Sequence[Mapping[str, Any]], at: str) -> tuple[HeaderEdits
 
 
 def _backend_ref(
-    route: Key, ref: Mapping[str, Any], at: str, grants: Mapping[Key, Mapping[str, Any]],
+    route: Key, ref: Mapping[str, Any], at: str, grants: Grants,
     services: Mapping[str, Mapping[str, ServiceFacts]],
 ) -> BackendRef | tuple[str, str]:  # fmt: skip
     """The Service port, or (reason, sentence) why not."""
@@ -760,52 +805,97 @@ def _claims(
     attachments: Sequence[_Attached], cluster_agent: Key, seen: Mapping[uuid.UUID, datetime],
     now: datetime,
 ) -> tuple[dict[str, tuple[TunnelFacts, ...]], dict[Key, dict[str, CertificateSpec]],
-           set[BackendRef]]:  # fmt: skip
+           set[BackendRef], dict[Key, list[str]]]:  # fmt: skip
     """One claim per namespace and host, with the rules of its routes in precedence order;
-    one Certificate per host in the Gateway that gives its certificate."""
+    a Certificate per claim in the Gateway that gives its certificate (per claim: another
+    namespace's claim on that host never rewrites the holder's); what was left out, per route."""
     by_host: dict[tuple[str, str], list[_Attached]] = {}
     for attached in attachments:
         by_host.setdefault((attached.route[0], attached.host), []).append(attached)
     claims: dict[str, list[TunnelFacts]] = {}
     certificates: dict[Key, dict[str, CertificateSpec]] = {}
     backends: set[BackendRef] = set()
+    dropped: dict[Key, list[str]] = {}
     for (namespace, host), found in sorted(by_host.items()):
         if len(claims.get(source_of(namespace), ())) >= MAX_HOSTS_PER_NAMESPACE:
+            for attached in found:
+                dropped.setdefault(attached.route, []).append(
+                    f"spec.hostnames: {host} is not served: a namespace's HTTPRoutes serve at "
+                    f"most {MAX_HOSTS_PER_NAMESPACE} hosts."
+                )
             continue
-        routes: dict[Key, _Attached] = {}
-        for attached in found:
-            routes.setdefault(attached.route, attached)
-        ordered = sorted(
-            ((rank[:-2], a.created, a.route, rank[-2:]), rule)
-            for a in routes.values() for rank, rule in a.rules
-        )  # fmt: skip
-        rules = [rule for _, rule in ordered][:MAX_RULES_PER_HOST]
-        refs = {ref for a in routes.values() for ref in a.backends}
-        if not rules:
-            continue  # (a host whose rules all lead nowhere is still held: its requests get 500)
-        # The certificate: a Secret of an HTTPS listener, else ACME (the oldest Gateway first).
-        giver = min(found, key=lambda a: (_preference(a.certificate), a.gateway, a.listener))
-        kind, secret = giver.certificate or ("ACME", "")
-        certificate = certificate_name(giver.gateway[1], host)
-        certificates.setdefault(giver.gateway, {})[certificate] = CertificateSpec(
-            domain=host,
-            secret_name=secret or f"{certificate}-tls",
-            issuer="Secret" if kind == "Secret" else "ACME",
-        )
-        first_route = min(routes.values(), key=lambda a: (a.created, a.route))
-        identity = claim_id(namespace, host)
-        names = ", ".join(f"{namespace}/{r[1]}" for r in sorted(routes))
-        claims.setdefault(source_of(namespace), []).append(TunnelFacts(
-            id=identity, namespace=namespace, name=first_route.route[1], domain=host,
-            agent=cluster_agent[1], agent_namespace=cluster_agent[0],
-            target=_target(refs), enabled=True,
-            created=seen.get(identity, now), generation=first_route.generation,
-            certificate=certificate, certificate_namespace=giver.gateway[0],
-            description=f"HTTPRoute {names}"[:1024], source=f"HTTPRoute {first_route.route[1]}",
-            rules=tuple(rules), backends=tuple(sorted(ref.stream for ref in refs)),
-        ))  # fmt: skip
+        try:
+            made = _claim(namespace, host, found, cluster_agent, seen, now, dropped)
+        except Exception as error:  # (one odd host never costs the others theirs)
+            for attached in found:
+                dropped.setdefault(attached.route, []).append(
+                    f"spec.hostnames: {host} is not served: {type(error).__name__}."
+                )
+            continue
+        if made is None:
+            continue
+        claim, (gateway, certificate, spec), refs = made
+        claims.setdefault(source_of(namespace), []).append(claim)
+        certificates.setdefault(gateway, {})[certificate] = spec
         backends |= refs
-    return {k: tuple(v) for k, v in claims.items()}, certificates, backends
+    return {k: tuple(v) for k, v in claims.items()}, certificates, backends, dropped
+
+
+def _claim(
+    namespace: str, host: str, found: Sequence[_Attached], cluster_agent: Key,
+    seen: Mapping[uuid.UUID, datetime], now: datetime, dropped: dict[Key, list[str]],
+) -> tuple[TunnelFacts, tuple[Key, str, CertificateSpec], set[BackendRef]] | None:  # fmt: skip
+    routes: dict[Key, _Attached] = {}
+    for attached in found:
+        routes.setdefault(attached.route, attached)
+    ordered = sorted(
+        ((rank[:-2], a.created, a.route, rank[-2:]), rule)
+        for a in routes.values() for rank, rule in a.rules
+    )  # fmt: skip
+    rules = [rule for _, rule in ordered]
+    if len(rules) > MAX_RULES_PER_HOST:
+        for route in routes:
+            dropped.setdefault(route, []).append(
+                f"spec.rules: {host} takes at most {MAX_RULES_PER_HOST} matches over all "
+                "its routes; those of least precedence are not served."
+            )
+        rules = rules[:MAX_RULES_PER_HOST]
+    refs = {ref for a in routes.values() for ref in a.backends}
+    if not rules:
+        return None
+    # The certificate: an HTTPS listener's before an HTTP one's (ACME); the most specific (its
+    # hostname the host itself, then the longest wildcard); its own Secret before ACME; then
+    # the Gateway and listener by name.
+    giver = min(found, key=lambda a: (
+        a.certificate is None, _specificity(a.listener_hostname, host),
+        _preference(a.certificate), a.gateway, a.listener,
+    ))  # fmt: skip
+    kind, secret = giver.certificate or ("ACME", "")
+    certificate = certificate_name(giver.gateway[1], host, namespace)
+    spec = CertificateSpec(
+        domain=host,
+        secret_name=secret or f"{certificate}-tls",
+        issuer="Secret" if kind == "Secret" else "ACME",
+    )
+    first_route = min(routes.values(), key=lambda a: (a.created, a.route))
+    identity = claim_id(namespace, host)
+    names = ", ".join(f"{namespace}/{r[1]}" for r in sorted(routes))
+    claim = TunnelFacts(
+        id=identity, namespace=namespace, name=first_route.route[1], domain=host,
+        agent=cluster_agent[1], agent_namespace=cluster_agent[0],
+        target=_target(refs), enabled=True,
+        created=seen.get(identity, now), generation=first_route.generation,
+        certificate=certificate, certificate_namespace=giver.gateway[0],
+        description=f"HTTPRoute {names}"[:1024], source=f"HTTPRoute {first_route.route[1]}",
+        rules=tuple(rules), backends=tuple(sorted(ref.stream for ref in refs)),
+    )  # fmt: skip
+    return claim, (giver.gateway, certificate, spec), refs
+
+
+@functools.lru_cache(maxsize=4096)
+def _named(host: str) -> bool:
+    """A host kakuremichi can publish (no wildcard); cached: routes name hosts many times."""
+    return not host.startswith("*.") and is_domain(host)
 
 
 def _target(refs: set[BackendRef]) -> str:
@@ -816,13 +906,16 @@ def _target(refs: set[BackendRef]) -> str:
     return f"{first.service}.{first.namespace}:{first.port}"
 
 
+def _specificity(listener: str | None, host: str) -> int:
+    """Smaller for a listener hostname that says more of ``host``."""
+    if listener == host:
+        return 0
+    return 1000 - len(listener) if listener else 1000
+
+
 def _preference(certificate: tuple[str, str] | None) -> int:
     """A listener's own Secret first, then ACME on HTTPS, then an HTTP listener (ACME)."""
     return 2 if certificate is None else 0 if certificate[0] == "Secret" else 1
-
-
-def _unique_routes(attachments: Sequence[_Attached], gateway: Key, listener: str) -> set[Key]:
-    return {a.route for a in attachments if a.gateway == gateway and a.listener == listener}
 
 
 # --- reading values -------------------------------------------------------------------------

@@ -99,10 +99,10 @@ def gateway_status(
 
 
 def route_status(
-    decided: RouteDecision, previous: Mapping[str, Any], now: datetime
+    decided: RouteDecision | None, previous: Mapping[str, Any], now: datetime
 ) -> dict[str, Any]:
-    """Our entries of ``status.parents`` (one per parentRef to a Gateway of ours), after those of
-    other controllers."""
+    """Our entries of ``status.parents`` (one per parentRef to a Gateway of ours; None: none
+    any more), after those of other controllers, which are kept as they are."""
     before = [p for p in previous.get("parents") or () if isinstance(p, Mapping)]
     others = [dict(p) for p in before if p.get("controllerName") != GATEWAY_CONTROLLER]
     ours_before = {
@@ -110,16 +110,25 @@ def route_status(
         if p.get("controllerName") == GATEWAY_CONTROLLER
     }  # fmt: skip
     ours = []
-    for parent in decided.parents:
+    generation = decided.generation if decided is not None else 0
+    for parent in decided.parents if decided is not None else ():
         old = ours_before.get(_ref_key(parent.ref)) or {}
         ours.append({
             "parentRef": dict(parent.ref),
             "controllerName": GATEWAY_CONTROLLER,
             "conditions": conditions(
-                parent.conditions, old.get("conditions"), decided.generation, now
+                parent.conditions, old.get("conditions"), generation, now
             ),
         })  # fmt: skip
     return {"parents": (others + ours)[:32]}
+
+
+def has_ours(status: Mapping[str, Any]) -> bool:
+    """Whether a route's status has entries of ours."""
+    return any(
+        isinstance(p, Mapping) and p.get("controllerName") == GATEWAY_CONTROLLER
+        for p in status.get("parents") or ()
+    )
 
 
 def _ref_key(ref: object) -> tuple[str, ...]:

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -271,7 +271,15 @@ class IngressController:
                 gateway, _pool_addresses(snapshot, gateway), previous, now
             )
             writes.append((ROUTED_GATEWAY, key, status))
-        for key, route in decided.routes.items():
+        # A route's parents: ours, and those of routes no longer attached (entries of ours
+        # that would say Accepted of a Gateway that is gone) taken away.
+        routes: dict[Key, HTTPRouteDecision | None] = {
+            (namespace, name): None
+            for (kind, namespace, name), status in self.statuses.items()
+            if kind == HTTP_ROUTE.kind and gateway_api_status.has_ours(status)
+        }
+        routes.update(decided.routes)
+        for key, route in routes.items():
             previous = self.statuses.get((HTTP_ROUTE.kind, *key), {})
             writes.append((HTTP_ROUTE, key, gateway_api_status.route_status(route, previous, now)))
         for kind, key, status in writes:
@@ -282,7 +290,14 @@ class IngressController:
             ) == gateway_api_status.without_times(status):
                 continue
             try:
-                if await self.context.kube.patch_builtin_status(kind, *key, status):
+                if kind is HTTP_ROUTE:  # (other controllers write their parents: read, then edit)
+                    edit = _route_edit(routes[key], now)
+                    written = await self.context.kube.edit_builtin_status(kind, *key, edit)
+                    if written is None:
+                        self.statuses.pop(owner, None)
+                    else:
+                        self.statuses[owner] = written
+                elif await self.context.kube.patch_builtin_status(kind, *key, status):
                     self.statuses[owner] = {**previous, **status}
             except Exception as error:
                 done = False
@@ -440,6 +455,15 @@ def _certificate(
 def _terminating(error: Exception) -> bool:
     """Refused because the namespace is being deleted (nothing to write there any more)."""
     return isinstance(error, ApiException) and "NamespaceTerminating" in str(error.body or "")
+
+
+def _route_edit(
+    decided: HTTPRouteDecision | None, now: datetime
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def edit(stored: dict[str, Any]) -> dict[str, Any]:
+        return {**stored, **gateway_api_status.route_status(decided, stored, now)}
+
+    return edit
 
 
 def _pool_addresses(snapshot: Snapshot, gateway: GatewayDecision) -> list[str]:

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 CONCURRENT_CALLS = 16
 """Kubernetes calls in flight at once (worker threads, and pooled connections to match)."""
 LIST_PAGE_SIZE = 500
+STATUS_EDIT_ATTEMPTS = 3
+"""Reads and writes of a status that others write too, before giving up until the next pass."""
 REQUEST_TIMEOUT_SECONDS = (5.0, 30.0)
 """Connect and read deadlines of every call: a hung API server (a stopped process, a lost
 route) fails the call, which its caller retries, instead of holding a worker thread until it
@@ -591,6 +593,37 @@ class Kube:
                 return False
             raise
         return True
+
+    async def edit_builtin_status(
+        self, kind: BuiltinKind, namespace: str, name: str,
+        edit: Callable[[dict[str, Any]], dict[str, Any]],
+    ) -> dict[str, Any] | None:  # fmt: skip
+        for attempt in range(STATUS_EDIT_ATTEMPTS):
+            try:
+                found = await self._call(
+                    self.custom.get_namespaced_custom_object,
+                    kind.group, kind.version, namespace, kind.plural, name,
+                )  # fmt: skip
+            except ApiException as error:
+                if error.status == 404:
+                    return None
+                raise
+            assert isinstance(found, dict)
+            status = edit(dict(found.get("status") or {}))
+            body = {**found, "status": status}
+            try:
+                await self._call(
+                    self.custom.replace_namespaced_custom_object_status,
+                    kind.group, kind.version, namespace, kind.plural, name, body,
+                )  # fmt: skip
+            except ApiException as error:
+                if error.status == 404:
+                    return None
+                if error.status == 409 and attempt + 1 < STATUS_EDIT_ATTEMPTS:
+                    continue  # (written meanwhile: read it again)
+                raise
+            return status
+        return None
 
     async def read_config_map(self, namespace: str, name: str) -> dict[str, str] | None:
         try:

@@ -5,7 +5,7 @@ fast, while the integration tier keeps the real API server."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -182,6 +182,14 @@ class KubeApi(Protocol):
         self, kind: BuiltinKind, namespace: str, name: str, status: dict[str, Any]
     ) -> bool:
         """Merge ``status`` into the object's; False when the object is gone."""
+
+    async def edit_builtin_status(
+        self, kind: BuiltinKind, namespace: str, name: str,
+        edit: Callable[[dict[str, Any]], dict[str, Any]],
+    ) -> dict[str, Any] | None:  # fmt: skip
+        """Replace the status with ``edit(status as stored)``, guarded by the object's
+        resourceVersion (read again on a conflict): for a status other controllers write parts
+        of. The status written; None when the object is gone."""
 
     async def read_config_map(self, namespace: str, name: str) -> dict[str, str] | None: ...
 

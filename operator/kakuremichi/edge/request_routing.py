@@ -179,7 +179,8 @@ class Choice:
 @dataclass(frozen=True)
 class _Rule:
     matches: tuple[_Match, ...]
-    streams: tuple[str, ...]
+    streams: tuple[str | None, ...]
+    """None: that share is answered 500."""
     bounds: tuple[int, ...]
     """Cumulative weights: backend i takes picks below bounds[i]."""
     edits: Edits | None
@@ -245,7 +246,7 @@ class RequestRouter:
         self.left_out = len(rules) - len(kept)
         """Rules beyond :data:`MAX_CONDITIONS` (control refuses what would need them)."""
         self._draw = draw
-        self.streams = frozenset(s for rule in self._rules for s in rule.streams)
+        self.streams = frozenset(s for rule in self._rules for s in rule.streams if s is not None)
         """Every backend stream the rules may choose."""
         self._entries = tuple(
             _entry(m, rule) for rule in self._rules for m in rule.matches or (None,)
