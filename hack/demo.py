@@ -27,6 +27,13 @@
    injects the agent sidecar; the agent runs in kmdemo-agent with the sidecar's arguments and
    credentials, beside the demo origin (hack/demo_origin.py on 127.0.0.1:8080);
 6. a Tunnel publishing demo.kakuremichi.test with a certificate from the demo CA;
+7. the cluster agent: the operator watches every namespace and serves Ingresses and HTTPRoutes
+   through the Agent ``demo`` (``--cluster-agent``), which may reach a second origin on
+   192.168.237.2:8090 in kmdemo-agent (``--endpoint-range 192.168.237.2/32``); the IngressClass
+   and GatewayClass ``kakuremichi``, a namespace ``demo-apps`` with a Gateway API Gateway and
+   the demo CA's certificates for ingress.kakuremichi.test and route.kakuremichi.test, and two
+   files to apply: .demo/ingress.yaml and .demo/httproute.yaml (a Service without selector, an
+   EndpointSlice naming that origin, and an Ingress or an HTTPRoute);
 
 then waits for the first HTTPS answer through the gateway and prints the curl command that gets
 it. ``add-host NAME`` then brings in another machine the way the Add-Agent flow has it: a
@@ -112,13 +119,17 @@ AGENT_IP = "192.168.237.2"
 SUBNETS = ("192.168.237.0/24", "192.168.238.0/24", "192.168.239.0/24")
 PREFERRED_CONTROL_PORT = 8443
 ORIGIN_PORT = 8080
+ROUTES_ORIGIN_PORT = 8090  # on AGENT_IP: what the cluster agent reaches for Ingresses, HTTPRoutes
+APPS_NAMESPACE = "demo-apps"
+INGRESS_DOMAIN = "ingress.kakuremichi.test"
+ROUTE_DOMAIN = "route.kakuremichi.test"
 # wireguard-go keeps its UAPI socket in /var/run/wireguard/<interface>.sock, one folder for all
 # namespaces: names of our own keep the demo clear of other edges on this machine (the tests').
 WIREGUARD_UAPI_DIR = Path("/var/run/wireguard")
 WIREGUARD_INTERFACES = {"gateway": "kmdemo-wg-gw", "agent": "kmdemo-wg-ag"}
 
 # Started processes, in the order `down` stops them (hosts added later go first).
-PROCESS_NAMES = ("origin", "agent", "gateway", "operator")
+PROCESS_NAMES = ("routes-origin", "origin", "agent", "gateway", "operator")
 # Hosts added with `add-host NAME`: namespace kmdemo-h-NAME, links to the root (control) and to
 # the gateway's namespace (its public address), subnets by the host's number.
 HOST_NS_PREFIX = "kmdemo-h-"
@@ -159,6 +170,119 @@ spec:
   tunnelPorts:
     - {{first: 10000, last: 19999}}
 """
+
+
+CLASSES_YAML = """\
+apiVersion: networking.k8s.io/v1
+kind: IngressClass
+metadata:
+  name: kakuremichi
+spec:
+  controller: kakuremichi.io/ingress-controller
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata:
+  name: kakuremichi
+spec:
+  controllerName: kakuremichi.io/gateway-controller
+"""
+
+ROUTED_GATEWAY_YAML = f"""\
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: demo
+  namespace: {APPS_NAMESPACE}
+spec:
+  gatewayClassName: kakuremichi
+  listeners:
+  - name: https
+    protocol: HTTPS
+    port: 443
+    hostname: "*.kakuremichi.test"
+    tls:
+      certificateRefs:
+      - name: route-tls
+"""
+
+
+def backend_yaml(name: str) -> str:
+    """A Service without selector and the EndpointSlice that names the demo's second origin."""
+    return f"""\
+apiVersion: v1
+kind: Service
+metadata:
+  name: {name}
+  namespace: {APPS_NAMESPACE}
+spec:
+  ports:
+  - name: http
+    port: 80
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: {APPS_NAMESPACE}
+  labels:
+    kubernetes.io/service-name: {name}
+addressType: IPv4
+ports:
+- name: http
+  port: {ROUTES_ORIGIN_PORT}
+endpoints:
+- addresses: ["{AGENT_IP}"]
+"""
+
+
+INGRESS_YAML = (
+    backend_yaml("web")
+    + f"""\
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: web
+  namespace: {APPS_NAMESPACE}
+spec:
+  ingressClassName: kakuremichi
+  tls:
+  - hosts: [{INGRESS_DOMAIN}]
+    secretName: ingress-tls
+  rules:
+  - host: {INGRESS_DOMAIN}
+    http:
+      paths:
+      - path: /
+        pathType: Prefix
+        backend:
+          service:
+            name: web
+            port:
+              number: 80
+"""
+)
+
+HTTPROUTE_YAML = (
+    backend_yaml("site")
+    + f"""\
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata:
+  name: site
+  namespace: {APPS_NAMESPACE}
+spec:
+  parentRefs:
+  - name: demo
+  hostnames: [{ROUTE_DOMAIN}]
+  rules:
+  - backendRefs:
+    - name: site
+      port: 80
+"""
+)
 
 
 POD_YAML = f"""\
@@ -775,7 +899,9 @@ def up() -> None:
         "operator",
         [str(KAKUREMICHI), "operator",
          "--db", f"sqlite:///{STATE / 'kakuremichi.db'}",
-         "--namespace", NAMESPACE, "--system-namespace", NAMESPACE,
+         "--system-namespace", NAMESPACE,
+         # (every namespace: Ingresses and HTTPRoutes are served from wherever they are)
+         "--cluster-agent", f"{NAMESPACE}/demo", "--endpoint-range", f"{AGENT_IP}/32",
          "--control-listen", f"{CONTROL_IP}:{port}", "--control-url", control_url,
          "--control-tls-cert", str(STATE / "control.crt"),
          "--control-tls-key", str(STATE / "control.key"),
@@ -886,6 +1012,23 @@ def up() -> None:
     step("waiting for the first HTTPS answer through the gateway")
     watch = ["operator", "gateway", "agent", "origin"]
     wait_for(lambda: probe_demo(ca_file) == "200", "HTTP 200 through the gateway", 120, watch)
+
+    step(f"for Ingresses and HTTPRoutes: a second origin on {AGENT_IP}:{ROUTES_ORIGIN_PORT}, the "
+         f"IngressClass and GatewayClass kakuremichi, the namespace {APPS_NAMESPACE} with a "
+         "Gateway and certificates")  # fmt: skip
+    origin = [sys.executable, str(ORIGIN_SCRIPT), AGENT_IP, str(ROUTES_ORIGIN_PORT)]
+    spawn("routes-origin", in_namespace(AGENT_NS, *origin))
+    kube.apply(CLASSES_YAML)
+    kube("create", "namespace", APPS_NAMESPACE)
+    for secret, domain in (("ingress-tls", INGRESS_DOMAIN), ("route-tls", ROUTE_DOMAIN)):
+        cert, key = ca.issue(domain)
+        (STATE / f"{secret}.crt").write_text(cert)
+        write_private(STATE / f"{secret}.key", key)
+        kube("create", "secret", "tls", secret, "-n", APPS_NAMESPACE,
+             f"--cert={STATE / secret}.crt", f"--key={STATE / secret}.key")  # fmt: skip
+    kube.apply(ROUTED_GATEWAY_YAML)
+    (STATE / "ingress.yaml").write_text(INGRESS_YAML)
+    (STATE / "httproute.yaml").write_text(HTTPROUTE_YAML)
     summary(kube, time.monotonic() - started)
 
 
@@ -1069,6 +1212,13 @@ def summary(kube: Kube, seconds: float) -> None:
     say("(as root, on this machine):")
     say("")
     say(shlex.join(curl_command(STATE / "ca.pem")))
+    say("")
+    say("An Ingress, and an HTTPRoute, to a server beside the agent (through the cluster agent):")
+    say("")
+    say(f"KUBECONFIG={KUBECONFIG} {kubectl} apply -f {STATE}/ingress.yaml")
+    say(shlex.join(curl_command(STATE / "ca.pem", INGRESS_DOMAIN)))
+    say(f"KUBECONFIG={KUBECONFIG} {kubectl} apply -f {STATE}/httproute.yaml")
+    say(shlex.join(curl_command(STATE / "ca.pem", ROUTE_DOMAIN)))
     say("")
     say(f"  logs       {STATE}/{{operator,gateway,agent,origin}}.log")
     say(f"  resources  export KUBECONFIG={KUBECONFIG}")

@@ -193,7 +193,8 @@ def test_the_gateway_class_is_made_where_the_gateway_api_is_installed(helm: Helm
     assert made["spec"]["controllerName"] == GATEWAY_CONTROLLER
     gateway_api = [r for r in only(docs, "ClusterRole")["rules"]
                    if r["apiGroups"] == ["gateway.networking.k8s.io"]]  # fmt: skip
-    assert {v for r in gateway_api for v in r["verbs"]} == {"list", "watch", "patch", "update"}
+    assert {v for r in gateway_api for v in r["verbs"]} == {"get", "list", "watch", "patch",
+                                                             "update"}  # fmt: skip
 
 
 def test_schema_refuses_bad_values_by_name(helm: Helm) -> None:
