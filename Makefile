@@ -24,6 +24,7 @@ help:
 	@echo "make bench-control  250 Agents / 5,000 Tunnels on a local API server, config fan-out to"
 	@echo "                 every connected edge; bench/RESULTS-control-plane.md (no root needed)"
 	@echo "make kind-up     (Docker) a kind cluster with the image, the chart and the quick start; make kind-down"
+	@echo "make gateway-conformance  (Docker) the Gateway API conformance suite on that kind cluster"
 	@echo "make cluster-up  a local API server for kubectl (hack/cluster.sh); make cluster-down"
 	@echo "make crds        regenerate crds/ from the models"
 	@echo "make lint        ruff check + format check + the import contracts (lint-imports);"
@@ -108,7 +109,9 @@ clean:
 
 # kakuremichi on a local kind cluster, for a machine with Docker, kind, helm and kubectl:
 # builds the edge image, installs the chart and applies examples/quickstart/ (hack/kind-up.sh).
-.PHONY: kind-up kind-down
+.PHONY: kind-up kind-down gateway-conformance
+gateway-conformance:
+	@hack/gateway-conformance.sh
 kind-up:
 	@hack/kind-up.sh
 
