@@ -77,7 +77,7 @@ read -r -a extra <<<"${GO_TEST_ARGS:-}"
 kubectl config use-context "kind-${cluster}" >/dev/null
 (
   cd "$work/conformance"
-  go test ./ -run TestConformance -timeout 90m "${extra[@]}" -args \
+  GOWORK=off go test ./ -run TestConformance -timeout 90m "${extra[@]}" -args \
     --gateway-class=kakuremichi --supported-features="$FEATURES" \
     --conformance-profiles=GATEWAY-HTTP --report-output="$REPORT" \
     --organization=kakuremichi --project=kakuremichi --version="v${version}" \
