@@ -20,6 +20,7 @@ from kakuremichi.control.kube_api import (
     ENDPOINT_SLICE,
     GATEWAY_CLASS,
     HTTP_ROUTE,
+    INGRESS,
     NAMESPACE,
     POD,
     REFERENCE_GRANT,
@@ -35,6 +36,8 @@ from tests.unit.test_ingress_controller import (
     controller_of,
     endpoint_slice,
     feed,
+    host,
+    ingress,
     make_context,
     pod,
     service,
@@ -551,5 +554,38 @@ def test_a_routes_parents_of_ours_go_when_its_gateway_goes(context: Context) -> 
         assert status(kube, HTTP_ROUTE, "shop", "site")["parents"] == []
         assert not context.state.snapshot().routes
         assert not [k for k in kube.objects if k[0] == "certificates"]
+
+    asyncio.run(scenario())
+
+
+def test_routes_deleted_before_the_watches_began_are_forgotten(context: Context) -> None:
+    """Listed at the start, deleted before any watch saw it go (no event): the next check for
+    vanished objects drops their claims, and an object created since is kept."""
+
+    async def scenario() -> None:
+        controller, kube, _ = await controller_of(context)
+        for kind, body in (
+            (GATEWAY_CLASS, gateway_class()),
+            (ROUTED_GATEWAY, gateway("edge", INFRA, https(allowedRoutes=everywhere()))),
+            *shop_backend(),
+            (HTTP_ROUTE, route("site", "shop", ["shop.example.com"],
+                               [{"backendRefs": [to("web")]}])),
+            (INGRESS, ingress("old", "shop", [host("old.example.com", ("/", "web", 80))])),
+        ):  # fmt: skip
+            kube.put_builtin(kind, body)
+        await controller.restore()
+        await controller.project(context.state.snapshot())
+        served = {r.domain for r in context.state.snapshot().routes}
+        assert served == {"shop.example.com", "old.example.com"}
+        del kube.builtin[("httproutes", "shop", "site")]
+        del kube.builtin[("ingresses", "shop", "old")]
+        tell(
+            controller,
+            kube,
+            (HTTP_ROUTE, route("new", "shop", ["new.example.com"], [{"backendRefs": [to("web")]}])),
+        )
+        await controller.forget_vanished()
+        await settle(controller)
+        assert {r.domain for r in context.state.snapshot().routes} == {"new.example.com"}
 
     asyncio.run(scenario())

@@ -84,6 +84,8 @@ class IngressController:
         """Ingress → ``status.loadBalancer.ingress`` as last written or seen."""
         self.told_problems: dict[Owner, tuple[str, ...]] = {}
         self.told_hosts: dict[UUID, tuple[str, str]] = {}
+        self.restored: dict[str, set[Key]] = {}
+        """Kind → the objects listed at the start (those :meth:`forget_vanished` checks)."""
         self.statuses: dict[Owner, dict[str, Any]] = {}
         """(kind, namespace, name) of a Gateway API object → its status as last written or seen."""
 
@@ -138,6 +140,7 @@ class IngressController:
             self.sources.saw_service(body)
         for body in await kube.list_builtin(INGRESS):
             self.saw_ingress(body)
+            self.restored.setdefault(INGRESS.kind, set()).add(_key_of(body))
         for body in await kube.list_builtin(NAMESPACE):
             self.sources.saw_namespace(body)
         for kind in (GATEWAY_CLASS, REFERENCE_GRANT, ROUTED_GATEWAY, HTTP_ROUTE):
@@ -149,6 +152,7 @@ class IngressController:
                 continue  # (the Gateway API's CRDs are not installed)
             for body in found:
                 self.saw_gateway_api(kind, body)
+                self.restored.setdefault(kind.kind, set()).add(_key_of(body))
         # Whose each address is, before any endpoint is given out.
         for body in await kube.list_builtin(POD):
             self.sources.saw_pod(body)
@@ -174,6 +178,25 @@ class IngressController:
                         self.made.setdefault(made_for, set()).add(name)
                         self.certificates[(namespace, name)] = dict(body.get("spec") or {})
         self.decide()
+
+    async def forget_vanished(self) -> None:
+        """Ingresses and Gateway API objects have no finalizer: one deleted between the start's
+        listing and the first watch sends no event, and would keep its claims. Drop those
+        listed at the start that are no longer listed (only those: one created since may be
+        missing from this listing)."""
+        kube = self.context.kube
+        for kind in (INGRESS, GATEWAY_CLASS, REFERENCE_GRANT, ROUTED_GATEWAY, HTTP_ROUTE):
+            restored = self.restored.get(kind.kind, set())
+            if not restored:
+                continue
+            listed = {_key_of(body) for body in await kube.list_builtin(kind)}
+            for namespace, name in sorted(restored - listed):
+                log.info("%s %s/%s was deleted meanwhile: forgotten", kind.kind, namespace, name)
+                if kind is INGRESS:
+                    self.ingress_gone(namespace, name)
+                else:
+                    self.gateway_api_gone(kind, namespace, name)
+            self.restored[kind.kind] = restored & listed
 
     def decide(self) -> None:
         """Decide from the sources, and put the claims and endpoints into the state."""
@@ -455,6 +478,11 @@ def _certificate(
 def _terminating(error: Exception) -> bool:
     """Refused because the namespace is being deleted (nothing to write there any more)."""
     return isinstance(error, ApiException) and "NamespaceTerminating" in str(error.body or "")
+
+
+def _key_of(body: Mapping[str, Any]) -> Key:
+    meta = body.get("metadata") or {}
+    return str(meta.get("namespace") or ""), str(meta.get("name") or "")
 
 
 def _route_edit(

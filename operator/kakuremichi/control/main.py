@@ -142,13 +142,18 @@ VANISHED_CHECKS_SECONDS = (30.0, 300.0)
 """After a start: when to look for objects without finalizer deleted before the watches began."""
 
 
-async def forget_vanished(context: Context, tunnel_uids: set[UUID], policies: set[str]) -> None:
+async def forget_vanished(
+    context: Context, tunnel_uids: set[UUID], policies: set[str],
+    routes: ingresses.IngressController | None,
+) -> None:  # fmt: skip
     started = asyncio.get_running_loop().time()
     for after in VANISHED_CHECKS_SECONDS:
         await asyncio.sleep(max(0.0, started + after - asyncio.get_running_loop().time()))
         try:
             await tunnels.forget_vanished(context, tunnel_uids)
             await tenancy.forget_vanished(context, policies)
+            if routes is not None:
+                await routes.forget_vanished()
         except Exception:  # the next check tries again
             log.exception("looking for objects deleted during the start failed")
 
@@ -224,7 +229,7 @@ def build_registry(context: Context) -> kopf.OperatorRegistry:
         tasks.append(asyncio.create_task(agents.readmit(context), name="readmit"))
         tasks.append(
             asyncio.create_task(
-                forget_vanished(context, restored, policies), name="forget vanished"
+                forget_vanished(context, restored, policies, ingress), name="forget vanished"
             )
         )
 
