@@ -79,10 +79,12 @@ bench: deps binaries $(STAMP)
 	$(BIN)/python bench/front_end_ab.py
 	$(BIN)/python bench/request_path_ab.py
 	$(BIN)/python bench/control_plane.py
+	$(BIN)/python bench/route_decision.py
 
 # The control plane alone: local API servers and the operator, no root, no network namespaces.
 bench-control: binaries $(STAMP)
 	$(BIN)/python bench/control_plane.py
+	$(BIN)/python bench/route_decision.py
 
 cluster-up: binaries
 	@hack/cluster.sh up >/dev/null

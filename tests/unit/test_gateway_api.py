@@ -589,3 +589,30 @@ def test_routes_deleted_before_the_watches_began_are_forgotten(context: Context)
         assert {r.domain for r in context.state.snapshot().routes} == {"new.example.com"}
 
     asyncio.run(scenario())
+
+
+def test_the_running_controller_decides_off_the_loop_from_a_copy(context: Context) -> None:
+    """The decision runs in a thread on a copy of the sources: what the watches tell meanwhile
+    changes nothing it reads, and makes the next decision."""
+
+    async def scenario() -> None:
+        controller, kube, _ = await controller_of(context)
+        copied = controller.sources.copy()
+        tell(controller, kube, (GATEWAY_CLASS, gateway_class()),
+             (ROUTED_GATEWAY, gateway("edge", INFRA, https(allowedRoutes=everywhere()))),
+             *shop_backend(),
+             (HTTP_ROUTE, route("site", "shop", ["shop.example.com"],
+                                [{"backendRefs": [to("web")]}])))  # fmt: skip
+        assert not copied.http_routes and not copied.services
+        running = asyncio.create_task(controller.run())
+        try:
+            for _ in range(100):
+                if context.state.snapshot().routes:
+                    break
+                await asyncio.sleep(0.05)
+            assert {r.domain for r in context.state.snapshot().routes} == {"shop.example.com"}
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+
+    asyncio.run(scenario())

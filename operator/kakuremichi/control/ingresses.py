@@ -202,7 +202,19 @@ class IngressController:
         """Decide from the sources, and put the claims and endpoints into the state."""
         self.news.clear()
         now = datetime.now(UTC)
-        self.decision = self.sources.decide(self.seen, now)
+        self._apply(self.sources.decide(self.seen, now), now)
+
+    async def decide_off_the_loop(self) -> None:
+        """:meth:`decide`, the decision itself in a thread (seconds, for a cluster of 10,000
+        hosts: the watches and the edges' connections go on meanwhile), from a copy of the
+        sources as they are now; what arrives meanwhile makes the next one."""
+        self.news.clear()
+        now = datetime.now(UTC)
+        sources, seen = self.sources.copy(), dict(self.seen)
+        self._apply(await asyncio.to_thread(sources.decide, seen, now), now)
+
+    def _apply(self, decision: RouteDecision, now: datetime) -> None:
+        self.decision = decision
         self.seen = {claim: self.seen.get(claim, now) for claim in self.decision.claims()}
         state = self.context.state
         sets = self.decision.claim_sets()
@@ -222,7 +234,7 @@ class IngressController:
             wait = None
             try:
                 if self.news.is_set():
-                    self.decide()
+                    await self.decide_off_the_loop()
                 if not await self.project(self.context.state.snapshot()):
                     wait = RETRY_SECONDS
             except Exception:  # the next pass tries again

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from kakuremichi.control.ingress_routes import BackendRef
@@ -63,7 +64,7 @@ def _usable(address: str, foreign: set[Address], allowed: Sequence[Network] | No
     return ip not in foreign
 
 
-def _addresses(texts: Collection[str]) -> set[Address]:
+def _addresses(texts: Iterable[str]) -> set[Address]:
     found: set[Address] = set()
     for text in texts:
         try:
@@ -73,14 +74,50 @@ def _addresses(texts: Collection[str]) -> set[Address]:
     return found
 
 
+@dataclass
+class AddressBook:
+    """Whose each address is, parsed once per decision (not once per backend: a cluster's pods
+    times its backends would be quadratic): pods by namespace, addresses a namespace chose or
+    stands behind (``externalIPs``, the admin namespaces' slices), and those shared by all
+    (cluster IPs, nodes)."""
+
+    pods: dict[Address, set[str]] = field(default_factory=dict)
+    chosen: dict[Address, set[str]] = field(default_factory=dict)
+    shared: set[Address] = field(default_factory=set)
+
+    def add_pods(self, namespace: str, addresses: Iterable[str]) -> None:
+        for address in _addresses(addresses):
+            self.pods.setdefault(address, set()).add(namespace)
+
+    def add_chosen(self, namespace: str, addresses: Iterable[str]) -> None:
+        for address in _addresses(addresses):
+            self.chosen.setdefault(address, set()).add(namespace)
+
+    def add_shared(self, addresses: Iterable[str]) -> None:
+        self.shared |= _addresses(addresses)
+
+    def own(self, namespace: str, address: Address) -> bool:
+        return namespace in self.pods.get(address, ())
+
+    def foreign(self, namespace: str, address: Address) -> bool:
+        if address in self.shared:
+            return True
+        return any(
+            owners - {namespace}
+            for owners in (self.pods.get(address, set()), self.chosen.get(address, set()))
+        )
+
+
 def ready_endpoints(
     ref: BackendRef, slices: Iterable[Mapping[str, Any]], foreign: Collection[str] = (),
     allowed: Sequence[Network] | None = None, own: Collection[str] = (),
+    book: AddressBook | None = None,
 ) -> list[str]:  # fmt: skip
     """``ip:port`` (``[ip]:port`` for IPv6) of every ready endpoint of the Service port ``ref``,
     from the EndpointSlices of its Service (others are ignored), sorted, at most
     :data:`MAX_ENDPOINTS`. An address in ``own`` (the pods of the route's namespace) is usable
-    whatever ``foreign`` and ``allowed`` say (never when loopback, link-local and the like)."""
+    whatever ``foreign`` and ``allowed`` say (never when loopback, link-local and the like).
+    ``book``, when given, says which are the namespace's own and which foreign instead."""
     found: set[tuple[int, str, int]] = set()
     blocked, mine = _addresses(foreign), _addresses(own)
     for piece in slices:
@@ -107,8 +144,14 @@ def ready_endpoints(
             if not isinstance(addresses, list) or not addresses:
                 continue
             address = str(addresses[0])  # (the addresses of one endpoint are fungible)
+            parsed = _parsed(address)
+            if book is not None and parsed is not None:
+                if book.own(ref.namespace, parsed):
+                    mine.add(parsed)
+                elif book.foreign(ref.namespace, parsed):
+                    blocked.add(parsed)
             usable = (
-                _usable(address, set(), None) if _parsed(address) in mine
+                _usable(address, set(), None) if parsed in mine
                 else _usable(address, blocked, allowed)
             )  # fmt: skip
             if not usable:

@@ -13,6 +13,7 @@ costs no decision.
 
 from __future__ import annotations
 
+import copy
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,7 +38,12 @@ from kakuremichi.control.ingress_routes import (
     is_ours,
 )
 from kakuremichi.control.ownership import TunnelFacts
-from kakuremichi.control.route_endpoints import SERVICE_NAME_LABEL, Network, ready_endpoints
+from kakuremichi.control.route_endpoints import (
+    SERVICE_NAME_LABEL,
+    AddressBook,
+    Network,
+    ready_endpoints,
+)
 
 Key = tuple[str, str]
 """(namespace, name)."""
@@ -121,6 +127,15 @@ class RouteSources:
     http_routes: dict[Key, dict[str, Any]] = field(default_factory=dict)
     grants: dict[Key, dict[str, Any]] = field(default_factory=dict)
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def copy(self) -> RouteSources:
+        """A copy a decision can read while the watches change this one (bodies are replaced,
+        never changed in place: shallow copies of the tables suffice)."""
+        copied = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, dict):
+                setattr(copied, name, dict(value))
+        return copied
 
     # --- facts in -------------------------------------------------------------------------
 
@@ -308,42 +323,43 @@ class RouteSources:
             service = piece["metadata"]["labels"].get(SERVICE_NAME_LABEL)
             if isinstance(service, str):
                 slices.setdefault((namespace, service), []).append(piece)
-        shared = {ip for ips in self.service_ips.values() for ip in ips}
-        shared |= {ip for ips in self.node_ips.values() for ip in ips}
+        book = self._address_book()
         endpoints: dict[str, tuple[str, ...]] = {}
-        foreign_of: dict[str, set[str]] = {}
-        pods_of: dict[str, set[str]] = {}
-        for (ns, _), ips in self.pod_ips.items():
-            pods_of.setdefault(ns, set()).update(ips)
         for ref in sorted(refs):
-            foreign = foreign_of.get(ref.namespace)
-            if foreign is None:
-                foreign = foreign_of[ref.namespace] = shared | self._others(ref.namespace)
-            own = pods_of.get(ref.namespace, set())
             try:
                 found = ready_endpoints(
-                    ref, slices.get((ref.namespace, ref.service), ()), foreign, self.allowed, own
-                )
+                    ref, slices.get((ref.namespace, ref.service), ()), allowed=self.allowed,
+                    book=book,
+                )  # fmt: skip
             except Exception:  # (an odd slice costs its own Service its endpoints, no more)
                 found = []
             endpoints[ref.stream] = tuple(found)
         return endpoints
 
-    def _others(self, namespace: str) -> set[str]:
-        """Addresses that belong to other namespaces: their pods' and external IPs, and those
-        the cluster's own services and the operator's namespace stand behind (the API server's
-        address is in no pod, but in ``default/kubernetes``'s EndpointSlice)."""
-        found = {ip for (ns, _), ips in self.pod_ips.items() if ns != namespace for ip in ips}
-        found |= {ip for (ns, _), ips in self.external_ips.items() if ns != namespace for ip in ips}
+    def _address_book(self) -> AddressBook:
+        """Whose each address is: a namespace's pods (its own, foreign to the others), the
+        ``externalIPs`` a namespace chose and the addresses the cluster's own services and the
+        operator's namespace stand behind (the API server's address is in no pod, but in
+        ``default/kubernetes``'s EndpointSlice), foreign to the others; cluster IPs and nodes,
+        foreign to all."""
+        book = AddressBook()
+        for (namespace, _), ips in self.pod_ips.items():
+            book.add_pods(namespace, ips)
+        for (namespace, _), ips in self.external_ips.items():
+            book.add_chosen(namespace, ips)
+        for ips in self.service_ips.values():
+            book.add_shared(ips)
+        for ips in self.node_ips.values():
+            book.add_shared(ips)
         admin = {*ADMIN_NAMESPACES, self.system_namespace}
-        for (ns, _), piece in self.slices.items():
+        for (namespace, _), piece in self.slices.items():
             service = piece["metadata"]["labels"].get(SERVICE_NAME_LABEL)
-            if ns == namespace or not (ns in admin or (ns, service) == ("default", "kubernetes")):
+            if not (namespace in admin or (namespace, service) == ("default", "kubernetes")):
                 continue
             for endpoint in _list(piece.get("endpoints")):
                 if isinstance(endpoint, Mapping):
-                    found |= set(_texts(endpoint.get("addresses")))
-        return found
+                    book.add_chosen(namespace, _texts(endpoint.get("addresses")))
+        return book
 
 
 def _trim(meta: Mapping[str, Any]) -> dict[str, Any]:
