@@ -34,6 +34,7 @@ from tests.infra.polling import wait_until
 BACKEND_SUBNET = ENDPOINT_RANGE.removesuffix("/24")
 BACKEND_IP = "192.168.254.2"
 SITE_A, SITE_B, API = 8080, 8082, 8081
+VAULT = 8443  # nginx's own TLS, for the TLSRoute (passed through: the gateway never holds it)
 
 
 def _nginx() -> str:
@@ -54,9 +55,16 @@ def world(
         backend = netns.Host("backend")
         made.extra_hosts.append(backend)
         netns.link(made.agent_host, backend, BACKEND_SUBNET)
+        issued = made.ca.issue(vault_host(made))
+        (workdir / "vault.crt").write_text(issued.certificate_pem)
+        (workdir / "vault.key").write_text(issued.private_key_pem)
         start_nginx(backend, nginx, workdir)
         Objects(kube, "", GATEWAY).ready(made.gateway_name)
         yield made
+
+
+def vault_host(world: World) -> str:
+    return f"vault.{world.domain}"
 
 
 def start_nginx(host: netns.Host, nginx: str, workdir: Path) -> None:
@@ -66,6 +74,11 @@ def start_nginx(host: netns.Host, nginx: str, workdir: Path) -> None:
         f"server {{ listen {BACKEND_IP}:{port}; location / {{ "
         f'return 200 "{name} $uri $http_x_route\\n"; }} }}'
         for name, port in (("site-a", SITE_A), ("site-b", SITE_B), ("api", API))
+    )
+    servers += (
+        f"\nserver {{ listen {BACKEND_IP}:{VAULT} ssl; ssl_certificate {workdir}/vault.crt; "
+        f"ssl_certificate_key {workdir}/vault.key; "
+        'location / { return 200 "vault $uri $ssl_server_name\\n"; } }'
     )
     temp = " ".join(
         f"{kind}_temp_path {folder};"
@@ -280,3 +293,56 @@ def test_an_httproute_is_served_with_weights_header_matches_and_the_specs_status
         world.kube.kubectl("delete", "gatewayclass.gateway.networking.k8s.io", klass,
                            "--wait=false")  # fmt: skip
         world.kube.kubectl("delete", "namespace", other, "--wait=false")
+
+
+def test_a_tlsroute_is_passed_through_to_the_origins_own_tls(world: World) -> None:
+    """A TLS listener (Passthrough) and a TLSRoute: the client's TLS reaches nginx's own
+    certificate through the gateway and WireGuard, which hold none for that host."""
+    host = vault_host(world)
+    klass = unique_name("kmgc")
+    v1 = "gateway.networking.k8s.io/v1"
+    gateway_class = {"apiVersion": v1, "kind": "GatewayClass", "metadata": {"name": klass},
+                     "spec": {"controllerName": GATEWAY_CONTROLLER}}  # fmt: skip
+    world.kube.kubectl("apply", "-f", "-", input_text=json.dumps(gateway_class))
+    try:
+        apply(
+            world,
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "vault"},
+             "spec": {"ports": [{"name": "tls", "port": 443, "protocol": "TCP"}]}},
+            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+             "metadata": {"name": "vault-1", "labels": {"kubernetes.io/service-name": "vault"}},
+             "addressType": "IPv4", "ports": [{"name": "tls", "port": VAULT, "protocol": "TCP"}],
+             "endpoints": [{"addresses": [BACKEND_IP]}]},
+            {"apiVersion": v1, "kind": "Gateway", "metadata": {"name": "passthrough"},
+             "spec": {"gatewayClassName": klass, "listeners": [
+                 {"name": "tls", "protocol": "TLS", "port": 443,
+                  "tls": {"mode": "Passthrough"}}]}},
+            {"apiVersion": v1, "kind": "TLSRoute", "metadata": {"name": "vault"},
+             "spec": {"parentRefs": [{"name": "passthrough"}], "hostnames": [host],
+                      "rules": [{"backendRefs": [{"name": "vault", "port": 443}]}]}},
+        )  # fmt: skip
+        resolve = ("--resolve", f"{host}:443:{world.gateway_client_ip}")
+
+        def get() -> tuple[int, str]:
+            done = world.curl("-o", "-", "-w", "\n%{http_code}", *resolve, f"https://{host}/x")
+            body, _, code = done.stdout.rpartition("\n")
+            return int(code or 0), body
+
+        wait_until(lambda: get()[0] == 200, "the TLSRoute to answer", timeout=90)
+        assert get() == (200, f"vault /x {host}\n")  # (nginx saw the SNI: the TLS was its own)
+        found = json.loads(
+            world.kube.kubectl(
+                "get",
+                "tlsroutes.gateway.networking.k8s.io",
+                "vault",
+                "-n",
+                world.namespace,
+                "-o",
+                "json",
+            )
+        )
+        reasons = {c["type"]: c["reason"] for c in found["status"]["parents"][0]["conditions"]}
+        assert reasons == {"Accepted": "Accepted", "ResolvedRefs": "ResolvedRefs"}
+    finally:
+        world.kube.kubectl("delete", "gatewayclass.gateway.networking.k8s.io", klass,
+                           "--wait=false")  # fmt: skip

@@ -681,7 +681,15 @@ def gateway_api(kube: Cluster, apps: str, host: str, address: str) -> None:
             {"name": "https", "protocol": "HTTPS", "port": 443,
              "tls": {"certificateRefs": [{"name": "edge-cert"}]}},
             {"name": "http", "protocol": "HTTP", "port": 80},
+            {"name": "tls", "protocol": "TLS", "port": 443, "hostname": f"vault.{host}",
+             "tls": {"mode": "Passthrough"}},
         ]},
+    }  # fmt: skip
+    tls_route = {
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "TLSRoute",
+        "metadata": {"name": "vault", "namespace": apps},
+        "spec": {"parentRefs": [{"name": "edge"}], "hostnames": [f"vault.{host}"],
+                 "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]},
     }  # fmt: skip
 
     def route(namespace: str) -> dict[str, Any]:
@@ -695,13 +703,14 @@ def gateway_api(kube: Cluster, apps: str, host: str, address: str) -> None:
             },
         }  # fmt: skip
 
-    document = {"apiVersion": "v1", "kind": "List",
-                "items": [gateway_class, gateway, route(apps), route(outsider)]}  # fmt: skip
+    items = [gateway_class, gateway, route(apps), route(outsider), tls_route]
+    document = {"apiVersion": "v1", "kind": "List", "items": items}
     try:
         kube.kubectl("apply", "-f", "-", input_text=json.dumps(document))
 
-        def parent(namespace: str) -> dict[str, tuple[str, str]]:
-            found = json.loads(kube.kubectl("get", "httproutes.gateway.networking.k8s.io", "site",
+        def parent(namespace: str, kind: str = "httproutes", name: str = "site"
+                   ) -> dict[str, tuple[str, str]]:  # fmt: skip
+            found = json.loads(kube.kubectl("get", f"{kind}.gateway.networking.k8s.io", name,
                                             "-n", namespace, "-o", "json"))  # fmt: skip
             parents = (found.get("status") or {}).get("parents") or [{}]
             return {c["type"]: (c["status"], c["reason"]) for c in parents[0].get("conditions", ())}
@@ -709,6 +718,8 @@ def gateway_api(kube: Cluster, apps: str, host: str, address: str) -> None:
         wait_until(lambda: parent(apps).get("Accepted") == ("True", "Accepted"),
                    "the HTTPRoute to be accepted")  # fmt: skip
         assert parent(apps)["ResolvedRefs"] == ("True", "ResolvedRefs")
+        wait_until(lambda: parent(apps, "tlsroutes", "vault").get("Accepted") == (
+            "True", "Accepted"), "the TLSRoute to be accepted")  # fmt: skip
         wait_until(lambda: parent(outsider).get("Accepted") == ("False", "NotAllowedByListeners"),
                    "the other namespace's HTTPRoute to be refused")  # fmt: skip
 

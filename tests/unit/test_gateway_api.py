@@ -26,9 +26,10 @@ from kakuremichi.control.kube_api import (
     REFERENCE_GRANT,
     ROUTED_GATEWAY,
     SERVICE,
+    TLS_ROUTE,
     BuiltinKind,
 )
-from kakuremichi.control.topology import GatewayNode
+from kakuremichi.control.topology import GatewayNode, agent_config
 from tests.infra.fake_kube import FakeKube
 from tests.unit.test_control_plane import reconcile
 from tests.unit.test_ingress_controller import (
@@ -103,7 +104,7 @@ def tell(controller: IngressController, kube: FakeKube, *objects: tuple[BuiltinK
         stored = kube.put_builtin(kind, body)
         if kind is NAMESPACE:
             controller.heard(controller.sources.saw_namespace(stored))
-        elif kind in (GATEWAY_CLASS, ROUTED_GATEWAY, HTTP_ROUTE, REFERENCE_GRANT):
+        elif kind in (GATEWAY_CLASS, ROUTED_GATEWAY, HTTP_ROUTE, TLS_ROUTE, REFERENCE_GRANT):
             controller.saw_gateway_api(kind, stored)
         else:
             feed(controller, kube, (kind, stored))
@@ -614,5 +615,74 @@ def test_the_running_controller_decides_off_the_loop_from_a_copy(context: Contex
         finally:
             running.cancel()
             await asyncio.gather(running, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def test_a_tlsroute_is_passed_through_to_its_backends_endpoints(context: Context) -> None:
+    """A TLS listener (Passthrough) and a TLSRoute: the gateways pass the host's connections
+    through by SNI, and the cluster agent sends them to the backend's ready endpoints; an
+    HTTPRoute cannot attach there, nor a TLSRoute to another namespace's Service without a
+    grant, and a TLS listener that would terminate is refused."""
+
+    async def scenario() -> None:
+        controller, kube, agent_id = await controller_of(context)
+        passthrough = {
+            "name": "tls",
+            "protocol": "TLS",
+            "port": 443,
+            "tls": {"mode": "Passthrough"},
+            "allowedRoutes": everywhere(),
+        }
+        terminate = {
+            "name": "odd",
+            "protocol": "TLS",
+            "port": 443,
+            "hostname": "x.example.com",
+            "tls": {"mode": "Terminate", "certificateRefs": [{"name": "c"}]},
+        }
+        tls_route = route("vault", "shop", ["vault.example.com"],
+                          [{"backendRefs": [to("web", 443)]}])  # fmt: skip
+        tell(controller, kube, (GATEWAY_CLASS, gateway_class()),
+             (ROUTED_GATEWAY, gateway("edge", INFRA, passthrough, terminate)),
+             (SERVICE, service("web", "shop", 443, "10.96.0.10")),
+             (ENDPOINT_SLICE, endpoint_slice("web-1", "shop", "web", 8443, "10.244.1.5")),
+             (POD, pod("web-0", "shop", "10.244.1.5")),
+             *shop_backend("bank", "10.244.2.7"),
+             (TLS_ROUTE, tls_route),
+             (TLS_ROUTE, route("grab", "evil", ["grab.example.com"],
+                               [{"backendRefs": [to("web", namespace="bank")]}])),
+             (HTTP_ROUTE, route("site", "shop", ["site.example.com"],
+                                [{"backendRefs": [to("web", 443)]}])))  # fmt: skip
+        await settle(controller)
+        vault = conditions(next(
+            p for p in status(kube, TLS_ROUTE, "shop", "vault")["parents"]
+        )["conditions"])  # fmt: skip
+        assert vault == {"Accepted": ("True", "Accepted"), "ResolvedRefs": ("True", "ResolvedRefs")}
+        grab = status(kube, TLS_ROUTE, "evil", "grab")["parents"][0]["conditions"]
+        assert conditions(grab)["ResolvedRefs"] == ("False", "RefNotPermitted")
+        assert parent_conditions(kube, "shop", "site")["Accepted"] == (
+            "False", "NotAllowedByListeners",
+        )  # fmt: skip
+        listeners = {
+            entry["name"]: entry
+            for entry in status(kube, ROUTED_GATEWAY, INFRA, "edge")["listeners"]
+        }
+        assert conditions(listeners["odd"]["conditions"])["Accepted"] == (
+            "False", "UnsupportedProtocol",
+        )  # fmt: skip
+        assert listeners["tls"]["supportedKinds"] == [
+            {"group": "gateway.networking.k8s.io", "kind": "TLSRoute"}
+        ]
+        assert listeners["tls"]["attachedRoutes"] == 2
+        # Passed through: no certificate, and the agent's tunnel names the backend.
+        served = {r.domain: r for r in context.state.snapshot().routes}
+        assert served["vault.example.com"].protocol == "TLS"
+        assert not [k for k in kube.objects if k[0] == "certificates"]
+        topology = context.state.snapshot().topology
+        config = agent_config(topology, agent_id, 1)
+        (tunnel,) = [t for t in config.tunnels if t.domain == "vault.example.com"]
+        assert tunnel.protocol == "TLS" and tunnel.backend == "shop/web:443"
+        assert dict(topology.backends_of(agent_id))["shop/web:443"] == ("10.244.1.5:8443",)
 
     asyncio.run(scenario())

@@ -414,6 +414,22 @@ def test_configs_without_routes_are_what_earlier_edges_read() -> None:
     assert "rules" not in tunnel.model_dump_json(by_alias=True, exclude_none=True)
 
 
+def test_a_passed_through_tunnel_that_names_a_backend_goes_to_its_endpoints() -> None:
+    """A TLSRoute's host at the cluster agent: the backend's endpoints, never the target; none
+    while the backend is not in the config (refused, never the target either)."""
+    tunnel = protocol.AgentTunnel(domain=DOMAIN, target="localhost:443", protocol="TLS",
+                                  backend="shop/vault:443")  # fmt: skip
+    backends = {"shop/vault:443": AgentTarget.backend(
+        AgentBackend(name="shop/vault:443", endpoints=["10.244.1.5:8443"]))}  # fmt: skip
+    target = AgentTarget.of(tunnel, backends)
+    assert (target.protocol, target.endpoints) == ("TLS", ("10.244.1.5:8443",))
+    relay = AgentRelay(EdgeStats("agent"))
+    assert relay.candidates(DOMAIN, target) == ["10.244.1.5:8443"]
+    assert relay.candidates(DOMAIN, AgentTarget.of(tunnel, {})) == []
+    plain = protocol.AgentTunnel(domain=DOMAIN, target="localhost:443", protocol="TLS")
+    assert "backend" not in plain.model_dump_json(by_alias=True, exclude_none=True)
+
+
 @pytest.mark.parametrize("raw", ["/admin#x", "/public/..;/admin", "/public/.;x/a", "*", "a/b"])
 def test_fragments_dot_parameters_and_non_paths_are_refused_where_rules_route(raw: str) -> None:
     with pytest.raises(PathRefused):

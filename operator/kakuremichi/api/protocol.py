@@ -206,6 +206,9 @@ class AgentTunnel(FromControl):
     proxy_protocol: ProxyProtocol | None = None
     """V1, V2: the agent begins each connection to the target (each datagram, UDP) with a
     PROXY header carrying the client's address, as the gateway passed it on."""
+    backend: BackendName | None = None
+    """A route backend (of ``backends``) whose ready endpoints this tunnel's connections go to
+    instead of ``target`` (a TLSRoute's host, passed through); None: ``target``."""
 
 
 class AgentBackend(FromControl):

@@ -58,6 +58,9 @@ POOL_GROUP = "kakuremichi.io"
 ISSUER_OPTION = "kakuremichi.io/issuer"
 """Listener ``tls.options`` key: ``ACME`` has the hosts' certificates issued by ACME."""
 HTTP_PORT, HTTPS_PORT = 80, 443
+HTTP_ROUTE, TLS_ROUTE = "HTTPRoute", "TLSRoute"
+ROUTE_KINDS = {"HTTP": (HTTP_ROUTE,), "HTTPS": (HTTP_ROUTE,), "TLS": (TLS_ROUTE,)}
+"""What each listener protocol served takes (TLS: passed through, by SNI, on 443)."""
 MAX_RULES_PER_HOST = 1000
 """What a gateway takes for one host."""
 MAX_HOSTS_PER_NAMESPACE = 500
@@ -130,8 +133,10 @@ class GatewayApiDecision:
     classes: Mapping[str, ClassDecision] = field(default_factory=dict)
     gateways: Mapping[Key, GatewayDecision] = field(default_factory=dict)
     routes: Mapping[Key, RouteDecision] = field(default_factory=dict)
+    """HTTPRoutes attached to a Gateway of ours."""
+    tls_routes: Mapping[Key, RouteDecision] = field(default_factory=dict)
     claims: Mapping[str, tuple[TunnelFacts, ...]] = field(default_factory=dict)
-    """Source (``HTTPRoutes <namespace>``) → that namespace's host claims."""
+    """Source (``HTTPRoutes <namespace>``, ``TLSRoutes <namespace>``) → its host claims."""
     backends: frozenset[BackendRef] = frozenset()
 
 
@@ -142,13 +147,14 @@ class GatewayApiObjects:
     classes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     gateways: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
     http_routes: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
+    tls_routes: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
     grants: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
     namespaces: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     """Namespace → its labels (for ``allowedRoutes.namespaces.selector``)."""
 
 
-def source_of(namespace: str) -> str:
-    return f"HTTPRoutes {namespace}"
+def source_of(namespace: str, kind: str = HTTP_ROUTE) -> str:
+    return f"{kind}s {namespace}"
 
 
 def certificate_name(gateway: str, host: str, namespace: str) -> str:
@@ -158,8 +164,8 @@ def certificate_name(gateway: str, host: str, namespace: str) -> str:
     return f"{gateway[:40].rstrip('-.')}-{digest}"
 
 
-def claim_id(namespace: str, host: str) -> uuid.UUID:
-    return uuid.uuid5(uuid.NAMESPACE_URL, f"kakuremichi:httproutes:{namespace}/{host}")
+def claim_id(namespace: str, host: str, kind: str = HTTP_ROUTE) -> uuid.UUID:
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"kakuremichi:{kind.lower()}s:{namespace}/{host}")
 
 
 # --- the decision ---------------------------------------------------------------------------
@@ -190,30 +196,31 @@ def decide(
             pool, ok, listeners[key] = None, False, []
         gateway_facts[key] = (body, conditions, pool, ok)
 
-    routes: dict[Key, RouteDecision] = {}
+    decided_routes: dict[str, dict[Key, RouteDecision]] = {HTTP_ROUTE: {}, TLS_ROUTE: {}}
     attachments: list[_Attached] = []
-    problems_of: dict[Key, list[str]] = {}
-    for key, body in sorted(objects.http_routes.items(), key=lambda kv: _age(kv[1], kv[0])):
-        try:
-            decided, attached = _route(key, body, gateway_facts, listeners, objects, grants,
-                                       services)  # fmt: skip
-        except Exception as error:  # (one odd object never costs the others their routes)
-            meta = _map(body.get("metadata"))
-            problem = f"the HTTPRoute could not be read: {type(error).__name__}"
-            decided = RouteDecision(key[0], key[1], str(meta.get("uid", "")), 0, (), (problem,))
-            attached = []
-        if decided.parents:
-            routes[key] = decided
-            problems_of[key] = list(decided.problems)
-            attachments.extend(attached)
+    for kind, bodies in ((HTTP_ROUTE, objects.http_routes), (TLS_ROUTE, objects.tls_routes)):
+        for key, body in sorted(bodies.items(), key=lambda kv: _age(kv[1], kv[0])):
+            try:
+                decided, attached = _route(kind, key, body, gateway_facts, listeners, objects,
+                                           grants, services)  # fmt: skip
+            except Exception as error:  # (one odd object never costs the others their routes)
+                meta = _map(body.get("metadata"))
+                problem = f"the {kind} could not be read: {type(error).__name__}"
+                uid = str(meta.get("uid", ""))
+                decided, attached = RouteDecision(key[0], key[1], uid, 0, (), (problem,)), []
+            if decided.parents:
+                decided_routes[kind][key] = decided
+                attachments.extend(attached)
 
     claims, certificates, backends, dropped = _claims(attachments, cluster_agent, seen, now)
-    for key, said in dropped.items():
-        decided = routes[key]
-        routes[key] = replace(decided, problems=tuple(dict.fromkeys((*decided.problems, *said))))
-    attached_routes: dict[tuple[Key, str], set[Key]] = {}
+    for (kind, *route), said in dropped.items():
+        key = (route[0], route[1])
+        decided = decided_routes[kind][key]
+        problems = tuple(dict.fromkeys((*decided.problems, *said)))
+        decided_routes[kind][key] = replace(decided, problems=problems)
+    attached_routes: dict[tuple[Key, str], set[tuple[str, str, str]]] = {}
     for one in attachments:
-        attached_routes.setdefault((one.gateway, one.listener), set()).add(one.route)
+        attached_routes.setdefault((one.gateway, one.listener), set()).add((one.kind, *one.route))
     gateways = {}
     for key, (body, conditions, pool, ok) in gateway_facts.items():
         meta = _map(body.get("metadata"))
@@ -231,7 +238,10 @@ def decide(
             key[0], key[1], str(meta.get("uid", "")), _generation(meta), ok, pool,
             tuple(conditions), tuple(counted), certificates.get(key, {}),
         )  # fmt: skip
-    return GatewayApiDecision(classes, gateways, routes, claims, frozenset(backends))
+    return GatewayApiDecision(
+        classes, gateways, decided_routes[HTTP_ROUTE], decided_routes[TLS_ROUTE], claims,
+        frozenset(backends),
+    )  # fmt: skip
 
 
 def _class(name: str, body: Mapping[str, Any]) -> ClassDecision:
@@ -319,29 +329,37 @@ def _listeners(key: Key, spec: Mapping[str, Any], grants: Grants
         allowed = _map(item.get("allowedRoutes"))
         conditions: list[Condition] = []
         accepted = True
-        if protocol not in ("HTTP", "HTTPS"):
+        tls = _map(item.get("tls"))
+        if protocol not in ROUTE_KINDS:
             accepted = False
             conditions.append(
                 Condition(
                     "Accepted",
                     False,
                     "UnsupportedProtocol",
-                    f"{at}.protocol: kakuremichi serves HTTP and HTTPS "
+                    f"{at}.protocol: kakuremichi serves HTTP, HTTPS and TLS "
                     f"listeners; {protocol or 'this'} is not served yet.",
                 )
             )
+        elif protocol == "TLS" and tls.get("mode", "Terminate") != "Passthrough":
+            accepted = False
+            conditions.append(Condition("Accepted", False, "UnsupportedProtocol",
+                                        f"{at}.tls.mode: TLS listeners pass TLS through "
+                                        "(Passthrough); to terminate it, use an HTTPS "
+                                        "listener."))  # fmt: skip
         elif port != (HTTP_PORT if protocol == "HTTP" else HTTPS_PORT):
             accepted = False
             wanted = HTTP_PORT if protocol == "HTTP" else HTTPS_PORT
             conditions.append(Condition("Accepted", False, "PortUnavailable",
                                         f"{at}.port: the gateways take {protocol} on port "
                                         f"{wanted}."))  # fmt: skip
-        kinds, bad_kinds = _kinds(allowed)
+        served_kinds = ROUTE_KINDS.get(protocol, (HTTP_ROUTE,))
+        kinds, bad_kinds = _kinds(allowed, served_kinds)
         resolved = Condition("ResolvedRefs", True, "ResolvedRefs", "All references resolved.")
         if bad_kinds:
             resolved = Condition("ResolvedRefs", False, "InvalidRouteKinds",
-                                 f"{at}.allowedRoutes.kinds: only HTTPRoute is served here, not "
-                                 f"{', '.join(bad_kinds)}.")  # fmt: skip
+                                 f"{at}.allowedRoutes.kinds: only {served_kinds[0]} is served "
+                                 f"here, not {', '.join(bad_kinds)}.")  # fmt: skip
         certificate = None
         if accepted and protocol == "HTTPS":
             certificate, refused = _listener_certificate(key, _map(item.get("tls")), at, grants)
@@ -371,15 +389,17 @@ def _listeners(key: Key, spec: Mapping[str, Any], grants: Grants
     return out
 
 
-def _kinds(allowed: Mapping[str, Any]) -> tuple[tuple[str, ...], list[str]]:
+def _kinds(
+    allowed: Mapping[str, Any], served: tuple[str, ...]
+) -> tuple[tuple[str, ...], list[str]]:
     given = allowed.get("kinds")
     if not isinstance(given, list) or not given:
-        return ("HTTPRoute",), []
+        return served, []
     good, bad = [], []
     for kind in _list(given):
         group = kind.get("group", GROUP)
         name = _text(kind.get("kind"))
-        if group == GROUP and name == "HTTPRoute":
+        if group == GROUP and name in served:
             good.append(name)
         else:
             bad.append(f"{group or 'core'}/{name}")
@@ -479,10 +499,11 @@ class _Attached:
     generation: int
     certificate: tuple[str, str] | None
     listener_hostname: str | None
+    kind: str = HTTP_ROUTE
 
 
 def _route(
-    key: Key, body: Mapping[str, Any],
+    kind: str, key: Key, body: Mapping[str, Any],
     gateways: Mapping[Key, tuple[Mapping[str, Any], list[Condition], str | None, bool]],
     listeners: Mapping[Key, list[_Listener]], objects: GatewayApiObjects, grants: Grants,
     services: Mapping[str, Mapping[str, ServiceFacts]],
@@ -490,7 +511,10 @@ def _route(
     meta, spec = _map(body.get("metadata")), _map(body.get("spec"))
     namespace = key[0]
     problems: list[str] = []
-    rules, backends, resolved, partial = _rules(key, spec, grants, services, problems)
+    if kind == TLS_ROUTE:
+        rules, backends, resolved, partial = _tls_rules(key, spec, grants, services, problems)
+    else:
+        rules, backends, resolved, partial = _rules(key, spec, grants, services, problems)
     route_hosts: list[str | None] = [*_list_text(spec.get("hostnames"))] or [None]
     parents: list[ParentDecision] = []
     attached: list[_Attached] = []
@@ -502,7 +526,7 @@ def _route(
             continue  # (not a Gateway of ours: its controller, if any, says)
         _, _, _, gateway_ok = gateways[parent]
         at = f"spec.parentRefs[{p}]"
-        accepted = _attach(at, key, ref, parent, gateway_ok, listeners.get(parent, []),
+        accepted = _attach(at, kind, key, ref, parent, gateway_ok, listeners.get(parent, []),
                            route_hosts, objects.namespaces)  # fmt: skip
         conditions: list[Condition] = []
         if isinstance(accepted, Condition):
@@ -521,7 +545,7 @@ def _route(
                                             f"{at}: no named host to serve; give "
                                             "spec.hostnames (or the listener a hostname).")
                                   )  # fmt: skip
-            elif not rules:
+            elif not rules and kind == HTTP_ROUTE:
                 conditions.append(Condition("Accepted", False, "UnsupportedValue",
                                             "spec.rules: no rule can be served (see "
                                             "PartiallyInvalid and the Events)."))  # fmt: skip
@@ -538,7 +562,7 @@ def _route(
                     attached.append(_Attached(
                         parent, listener.name, key, host, tuple(rules), frozenset(backends),
                         _created(meta), _generation(meta), listener.certificate,
-                        listener.hostname,
+                        listener.hostname, kind,
                     ))  # fmt: skip
         conditions.append(resolved)
         if partial is not None:
@@ -551,7 +575,7 @@ def _route(
 
 
 def _attach(
-    at: str, route: Key, ref: Mapping[str, Any], parent: Key, gateway_ok: bool,
+    at: str, kind: str, route: Key, ref: Mapping[str, Any], parent: Key, gateway_ok: bool,
     listeners: Sequence[_Listener], route_hosts: Sequence[str | None],
     namespaces: Mapping[str, Mapping[str, str]],
 ) -> Condition | list[tuple[_Listener, str | None]]:  # fmt: skip
@@ -583,13 +607,13 @@ def _attach(
                          "sectionName and port.")  # fmt: skip
     allowed = [
         listener for listener in candidates
-        if listener.accepted and "HTTPRoute" in listener.kinds
+        if listener.accepted and kind in listener.kinds
         and _namespace_allowed(listener.namespaces, route[0], parent[0], namespaces)
     ]  # fmt: skip
     if not allowed:
         return Condition("Accepted", False, "NotAllowedByListeners",
                          f"{at}: no listener of Gateway {parent[1]} that it names accepts "
-                         "HTTPRoutes from this namespace.")  # fmt: skip
+                         f"{kind}s from this namespace.")  # fmt: skip
     pairs: list[tuple[_Listener, str | None]] = []
     for listener in allowed:
         for host in route_hosts:
@@ -722,6 +746,42 @@ def _rules(
     return out, backends, resolved, partial
 
 
+def _tls_rules(
+    key: Key, spec: Mapping[str, Any], grants: Grants,
+    services: Mapping[str, Mapping[str, ServiceFacts]], problems: list[str],
+) -> tuple[list[tuple[tuple[Any, ...], RequestRule]], set[BackendRef], Condition,
+           Condition | None]:  # fmt: skip
+    """A TLSRoute's one rule: the backend its connections are passed through to (the first
+    that resolves and has weight; spreading by weight across several is not served yet)."""
+    backends: set[BackendRef] = set()
+    unresolved: list[tuple[str, str]] = []
+    partial = None
+    refs = [r for rule in _list(spec.get("rules"))[:1] for r in _list(rule.get("backendRefs"))]
+    for b, ref in enumerate(refs):
+        at = f"spec.rules[0].backendRefs[{b}]"
+        found = _backend_ref(key, ref, at, grants, services, TLS_ROUTE)
+        if isinstance(found, tuple):
+            unresolved.append(found)
+            continue
+        weight = ref.get("weight", 1)
+        if weight == 0:
+            continue
+        if backends:
+            problems.append(f"{at}: a TLSRoute is passed through to one backend for now (the "
+                            "first); this one is not used.")  # fmt: skip
+            partial = Condition("PartiallyInvalid", True, "UnsupportedValue",
+                                "Only the first backend of a TLSRoute is used.")  # fmt: skip
+            continue
+        backends.add(found)
+    problems.extend(sentence for _, sentence in unresolved)
+    if unresolved:
+        resolved = Condition("ResolvedRefs", False, unresolved[0][0],
+                             "; ".join(s for _, s in unresolved))  # fmt: skip
+    else:
+        resolved = Condition("ResolvedRefs", True, "ResolvedRefs", "All references resolved.")
+    return [], backends, resolved, partial
+
+
 def _filters(filters: Sequence[Mapping[str, Any]], at: str) -> tuple[HeaderEdits | None, list[str]]:
     edits: HeaderEdits | None = None
     refused = []
@@ -744,14 +804,14 @@ def _filters(filters: Sequence[Mapping[str, Any]], at: str) -> tuple[HeaderEdits
 
 def _backend_ref(
     route: Key, ref: Mapping[str, Any], at: str, grants: Grants,
-    services: Mapping[str, Mapping[str, ServiceFacts]],
+    services: Mapping[str, Mapping[str, ServiceFacts]], kind: str = HTTP_ROUTE,
 ) -> BackendRef | tuple[str, str]:  # fmt: skip
-    """The Service port, or (reason, sentence) why not."""
+    """The Service port, or (reason, sentence) why not (``kind``: the route's)."""
     if ref.get("group", "") not in ("", None) or ref.get("kind", "Service") != "Service":
         return "InvalidKind", f"{at}: only Service backends are served."
     name = _text(ref.get("name"))
     namespace = _text(ref.get("namespace")) or route[0]
-    if namespace != route[0] and not _granted(grants, ("HTTPRoute", route[0]),
+    if namespace != route[0] and not _granted(grants, (kind, route[0]),
                                               ("Service", namespace, name)):  # fmt: skip
         return "RefNotPermitted", (
             f"{at}: a Service of another namespace needs a "
@@ -805,45 +865,73 @@ def _claims(
     attachments: Sequence[_Attached], cluster_agent: Key, seen: Mapping[uuid.UUID, datetime],
     now: datetime,
 ) -> tuple[dict[str, tuple[TunnelFacts, ...]], dict[Key, dict[str, CertificateSpec]],
-           set[BackendRef], dict[Key, list[str]]]:  # fmt: skip
-    """One claim per namespace and host, with the rules of its routes in precedence order;
-    a Certificate per claim in the Gateway that gives its certificate (per claim: another
-    namespace's claim on that host never rewrites the holder's); what was left out, per route."""
-    by_host: dict[tuple[str, str], list[_Attached]] = {}
+           set[BackendRef], dict[tuple[str, str, str], list[str]]]:  # fmt: skip
+    """One claim per kind of route, namespace and host: for HTTPRoutes, with the rules of its
+    routes in precedence order, and a Certificate in the Gateway that gives its certificate
+    (per claim: another namespace's claim on that host never rewrites the holder's); for
+    TLSRoutes, passed through to the oldest route's backend. What was left out, per route
+    ((kind, namespace, name))."""
+    by_host: dict[tuple[str, str, str], list[_Attached]] = {}
     for attached in attachments:
-        by_host.setdefault((attached.route[0], attached.host), []).append(attached)
+        by_host.setdefault((attached.kind, attached.route[0], attached.host), []).append(attached)
     claims: dict[str, list[TunnelFacts]] = {}
     certificates: dict[Key, dict[str, CertificateSpec]] = {}
     backends: set[BackendRef] = set()
-    dropped: dict[Key, list[str]] = {}
-    for (namespace, host), found in sorted(by_host.items()):
-        if len(claims.get(source_of(namespace), ())) >= MAX_HOSTS_PER_NAMESPACE:
+    dropped: dict[tuple[str, str, str], list[str]] = {}
+    for (kind, namespace, host), found in sorted(by_host.items()):
+        source = source_of(namespace, kind)
+        if len(claims.get(source, ())) >= MAX_HOSTS_PER_NAMESPACE:
             for attached in found:
-                dropped.setdefault(attached.route, []).append(
-                    f"spec.hostnames: {host} is not served: a namespace's HTTPRoutes serve at "
+                dropped.setdefault((kind, *attached.route), []).append(
+                    f"spec.hostnames: {host} is not served: a namespace's {kind}s serve at "
                     f"most {MAX_HOSTS_PER_NAMESPACE} hosts."
                 )
             continue
         try:
-            made = _claim(namespace, host, found, cluster_agent, seen, now, dropped)
+            if kind == TLS_ROUTE:
+                claim, refs = _tls_claim(namespace, host, found, cluster_agent, seen, now)
+            else:
+                made = _claim(namespace, host, found, cluster_agent, seen, now, dropped)
+                if made is None:
+                    continue
+                claim, (gateway, certificate, spec), refs = made
+                certificates.setdefault(gateway, {})[certificate] = spec
         except Exception as error:  # (one odd host never costs the others theirs)
             for attached in found:
-                dropped.setdefault(attached.route, []).append(
+                dropped.setdefault((kind, *attached.route), []).append(
                     f"spec.hostnames: {host} is not served: {type(error).__name__}."
                 )
             continue
-        if made is None:
-            continue
-        claim, (gateway, certificate, spec), refs = made
-        claims.setdefault(source_of(namespace), []).append(claim)
-        certificates.setdefault(gateway, {})[certificate] = spec
+        claims.setdefault(source, []).append(claim)
         backends |= refs
     return {k: tuple(v) for k, v in claims.items()}, certificates, backends, dropped
 
 
+def _tls_claim(
+    namespace: str, host: str, found: Sequence[_Attached], cluster_agent: Key,
+    seen: Mapping[uuid.UUID, datetime], now: datetime,
+) -> tuple[TunnelFacts, set[BackendRef]]:  # fmt: skip
+    """A host of TLSRoutes: passed through by SNI to the oldest route's backend (none: its
+    connections are refused)."""
+    first = min(found, key=lambda a: (a.created, a.route))
+    refs = set(first.backends)
+    identity = claim_id(namespace, host, TLS_ROUTE)
+    names = ", ".join(sorted({f"{namespace}/{a.route[1]}" for a in found}))
+    claim = TunnelFacts(
+        id=identity, namespace=namespace, name=first.route[1], domain=host,
+        agent=cluster_agent[1], agent_namespace=cluster_agent[0], target=_target(refs),
+        enabled=True, created=seen.get(identity, now), generation=first.generation,
+        certificate="", description=f"TLSRoute {names}"[:1024],
+        source=f"TLSRoute {first.route[1]}", protocol="TLS",
+        backends=tuple(sorted(ref.stream for ref in refs)),
+    )  # fmt: skip
+    return claim, refs
+
+
 def _claim(
     namespace: str, host: str, found: Sequence[_Attached], cluster_agent: Key,
-    seen: Mapping[uuid.UUID, datetime], now: datetime, dropped: dict[Key, list[str]],
+    seen: Mapping[uuid.UUID, datetime], now: datetime,
+    dropped: dict[tuple[str, str, str], list[str]],
 ) -> tuple[TunnelFacts, tuple[Key, str, CertificateSpec], set[BackendRef]] | None:  # fmt: skip
     routes: dict[Key, _Attached] = {}
     for attached in found:
@@ -855,7 +943,7 @@ def _claim(
     rules = [rule for _, rule in ordered]
     if len(rules) > MAX_RULES_PER_HOST:
         for route in routes:
-            dropped.setdefault(route, []).append(
+            dropped.setdefault((HTTP_ROUTE, *route), []).append(
                 f"spec.rules: {host} takes at most {MAX_RULES_PER_HOST} matches over all "
                 "its routes; those of least precedence are not served."
             )

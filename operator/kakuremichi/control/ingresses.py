@@ -48,6 +48,7 @@ from kakuremichi.control.kube_api import (
     REFERENCE_GRANT,
     ROUTED_GATEWAY,
     SERVICE,
+    TLS_ROUTE,
     BuiltinKind,
 )
 from kakuremichi.control.ownership import TunnelFacts
@@ -56,6 +57,7 @@ from kakuremichi.control.snapshot import Snapshot
 
 Owner = tuple[str, str, str]
 """(kind, namespace, name)."""
+ROUTE_KINDS = {HTTP_ROUTE.kind: HTTP_ROUTE, TLS_ROUTE.kind: TLS_ROUTE}
 CLAIMS_CONFIG_MAP = "kakuremichi-route-claims"
 """Claim id → when the operator first saw that host in that Ingress (ISO 8601)."""
 MAX_PROBLEM_EVENTS = 10
@@ -113,7 +115,8 @@ class IngressController:
         sources = self.sources
         saw = {
             GATEWAY_CLASS.kind: sources.saw_gateway_class, ROUTED_GATEWAY.kind: sources.saw_gateway,
-            HTTP_ROUTE.kind: sources.saw_http_route, REFERENCE_GRANT.kind: sources.saw_grant,
+            HTTP_ROUTE.kind: sources.saw_http_route, TLS_ROUTE.kind: sources.saw_tls_route,
+            REFERENCE_GRANT.kind: sources.saw_grant,
         }[kind.kind]  # fmt: skip
         self.heard(saw(body))
 
@@ -126,6 +129,7 @@ class IngressController:
             return
         gone = {
             ROUTED_GATEWAY.kind: sources.gateway_gone, HTTP_ROUTE.kind: sources.http_route_gone,
+            TLS_ROUTE.kind: sources.tls_route_gone,
             REFERENCE_GRANT.kind: sources.grant_gone,
         }[kind.kind]  # fmt: skip
         self.heard(gone(namespace, name))
@@ -143,7 +147,7 @@ class IngressController:
             self.restored.setdefault(INGRESS.kind, set()).add(_key_of(body))
         for body in await kube.list_builtin(NAMESPACE):
             self.sources.saw_namespace(body)
-        for kind in (GATEWAY_CLASS, REFERENCE_GRANT, ROUTED_GATEWAY, HTTP_ROUTE):
+        for kind in (GATEWAY_CLASS, REFERENCE_GRANT, ROUTED_GATEWAY, HTTP_ROUTE, TLS_ROUTE):
             try:
                 found = await kube.list_builtin(kind)
             except ApiException as error:
@@ -185,7 +189,8 @@ class IngressController:
         listed at the start that are no longer listed (only those: one created since may be
         missing from this listing)."""
         kube = self.context.kube
-        for kind in (INGRESS, GATEWAY_CLASS, REFERENCE_GRANT, ROUTED_GATEWAY, HTTP_ROUTE):
+        for kind in (INGRESS, GATEWAY_CLASS, REFERENCE_GRANT, ROUTED_GATEWAY, HTTP_ROUTE,
+                     TLS_ROUTE):  # fmt: skip
             restored = self.restored.get(kind.kind, set())
             if not restored:
                 continue
@@ -308,15 +313,17 @@ class IngressController:
             writes.append((ROUTED_GATEWAY, key, status))
         # A route's parents: ours, and those of routes no longer attached (entries of ours
         # that would say Accepted of a Gateway that is gone) taken away.
-        routes: dict[Key, HTTPRouteDecision | None] = {
-            (namespace, name): None
-            for (kind, namespace, name), status in self.statuses.items()
-            if kind == HTTP_ROUTE.kind and gateway_api_status.has_ours(status)
+        routes: dict[Owner, HTTPRouteDecision | None] = {
+            owner: None
+            for owner, status in self.statuses.items()
+            if owner[0] in ROUTE_KINDS and gateway_api_status.has_ours(status)
         }
-        routes.update(decided.routes)
-        for key, route in routes.items():
-            previous = self.statuses.get((HTTP_ROUTE.kind, *key), {})
-            writes.append((HTTP_ROUTE, key, gateway_api_status.route_status(route, previous, now)))
+        routes.update({(HTTP_ROUTE.kind, *key): d for key, d in decided.routes.items()})
+        routes.update({(TLS_ROUTE.kind, *key): d for key, d in decided.tls_routes.items()})
+        for owner, route in routes.items():
+            previous = self.statuses.get(owner, {})
+            status = gateway_api_status.route_status(route, previous, now)
+            writes.append((ROUTE_KINDS[owner[0]], (owner[1], owner[2]), status))
         for kind, key, status in writes:
             owner = (kind.kind, *key)
             previous = self.statuses.get(owner, {})
@@ -325,8 +332,8 @@ class IngressController:
             ) == gateway_api_status.without_times(status):
                 continue
             try:
-                if kind is HTTP_ROUTE:  # (other controllers write their parents: read, then edit)
-                    edit = _route_edit(routes[key], now)
+                if kind.kind in ROUTE_KINDS:  # (others write their parents: read, then edit)
+                    edit = _route_edit(routes[owner], now)
                     written = await self.context.kube.edit_builtin_status(kind, *key, edit)
                     if written is None:
                         self.statuses.pop(owner, None)
@@ -345,18 +352,28 @@ class IngressController:
                 done = False
                 if not _terminating(error):
                     log.warning("writing Gateway %s/%s's Certificates failed: %s", *key, error)
-        claims_of: dict[Key, list[Any]] = {}
+        claims_of: dict[Owner, list[Any]] = {}
         for claims in decided.claims.values():
             for claim in claims:
-                claims_of.setdefault((claim.namespace, claim.name), []).append(claim)
-        for key, route in decided.routes.items():
-            try:
-                await self._tell(HTTP_ROUTE, key, route, route.problems,
-                                 claims_of.get(key, ()), snapshot)  # fmt: skip
-            except Exception as error:
-                done = False
-                if not _terminating(error):
-                    log.warning("telling HTTPRoute %s/%s's problems failed: %s", *key, error)
+                kind_name = (claim.source or "").split(" ", 1)[0]
+                claims_of.setdefault((kind_name, claim.namespace, claim.name), []).append(claim)
+        for route_kind, decided_routes in ((HTTP_ROUTE, decided.routes),
+                                           (TLS_ROUTE, decided.tls_routes)):  # fmt: skip
+            for key, route in decided_routes.items():
+                try:
+                    await self._tell(
+                        route_kind,
+                        key,
+                        route,
+                        route.problems,
+                        claims_of.get((route_kind.kind, *key), ()),
+                        snapshot,
+                    )
+                except Exception as error:
+                    done = False
+                    if not _terminating(error):
+                        log.warning("telling %s %s/%s's problems failed: %s", route_kind.kind,
+                                    *key, error)  # fmt: skip
         return done
 
     async def _save_dates(self, snapshot: Snapshot) -> None:
@@ -605,7 +622,7 @@ def register(registry: kopf.OperatorRegistry, context: Context) -> IngressContro
         gone = type == "DELETED"
         controller.heard(sources.namespace_gone(name) if gone else sources.saw_namespace(body))
 
-    for kind in (GATEWAY_CLASS, ROUTED_GATEWAY, HTTP_ROUTE, REFERENCE_GRANT):
+    for kind in (GATEWAY_CLASS, ROUTED_GATEWAY, HTTP_ROUTE, TLS_ROUTE, REFERENCE_GRANT):
         _watch_gateway_api(registry, controller, kind)
 
     return controller

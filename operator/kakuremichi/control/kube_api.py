@@ -58,9 +58,10 @@ GATEWAY_CLASS = BuiltinKind("gateway.networking.k8s.io", "v1", "gatewayclasses",
 ROUTED_GATEWAY = BuiltinKind("gateway.networking.k8s.io", "v1", "gateways", "Gateway")
 """The Gateway API's Gateway (ours, the pool of public entry nodes, is ``GATEWAY``)."""
 HTTP_ROUTE = BuiltinKind("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute")
+TLS_ROUTE = BuiltinKind("gateway.networking.k8s.io", "v1", "tlsroutes", "TLSRoute")
 REFERENCE_GRANT = BuiltinKind("gateway.networking.k8s.io", "v1beta1", "referencegrants",
                               "ReferenceGrant")  # fmt: skip
-GATEWAY_API_KINDS = (GATEWAY_CLASS, ROUTED_GATEWAY, HTTP_ROUTE, REFERENCE_GRANT)
+GATEWAY_API_KINDS = (GATEWAY_CLASS, ROUTED_GATEWAY, HTTP_ROUTE, TLS_ROUTE, REFERENCE_GRANT)
 AnyKind = ResourceKind | BuiltinKind
 
 

@@ -125,6 +125,7 @@ class RouteSources:
     """GatewayClasses of our controller."""
     gateways: dict[Key, dict[str, Any]] = field(default_factory=dict)
     http_routes: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    tls_routes: dict[Key, dict[str, Any]] = field(default_factory=dict)
     grants: dict[Key, dict[str, Any]] = field(default_factory=dict)
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
 
@@ -246,6 +247,14 @@ class RouteSources:
     def http_route_gone(self, namespace: str, name: str) -> bool:
         return self.http_routes.pop((namespace, name), None) is not None
 
+    def saw_tls_route(self, body: Mapping[str, Any]) -> bool:
+        meta = _map(body.get("metadata"))
+        trimmed = {"metadata": _trim(meta), "spec": _map(body.get("spec"))}
+        return _put(self.tls_routes, _key(meta), trimmed)
+
+    def tls_route_gone(self, namespace: str, name: str) -> bool:
+        return self.tls_routes.pop((namespace, name), None) is not None
+
     def saw_grant(self, body: Mapping[str, Any]) -> bool:
         meta = _map(body.get("metadata"))
         return _put(self.grants, _key(meta), {"spec": _map(body.get("spec"))})
@@ -284,7 +293,12 @@ class RouteSources:
                 continue
             refs |= leads_to
         objects = GatewayApiObjects(
-            self.gateway_classes, self.gateways, self.http_routes, self.grants, self.namespaces
+            self.gateway_classes,
+            self.gateways,
+            self.http_routes,
+            self.tls_routes,
+            self.grants,
+            self.namespaces,
         )
         routed = gateway_api.decide(objects, by_namespace, self.cluster_agent, seen, now)
         refs |= routed.backends

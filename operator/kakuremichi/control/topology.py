@@ -257,9 +257,11 @@ def agent_config(
                 protocol=route.protocol if route.protocol != "HTTP" else None,
                 port=route.port,
                 proxy_protocol=route.proxy_protocol if route.proxy_protocol != "None" else None,
+                # (a TLSRoute's host: passed through to its backend's endpoints)
+                backend=route.backends[0] if route.backends else None,
             )
             for route in topology.served_routes_of(agent_id)
-            if route.rules is None  # (a route's host is served through its backends)
+            if route.rules is None  # (an HTTP route's host is served through its backends)
         ],
         backends=[
             AgentBackend(name=name, endpoints=list(endpoints))

@@ -49,8 +49,8 @@ class AgentEdge(EdgeRuntime):
             raise ApplyError(str(error)) from None
         self.relay.set_gateways(gateways)
         self.datagrams.set_gateways({g.address: g.public_ip for g in config.gateways})
-        targets = {t.domain: AgentTarget.of(t) for t in config.tunnels if t.enabled}
         backends = {b.name: AgentTarget.backend(b) for b in config.backends or ()}
+        targets = {t.domain: AgentTarget.of(t, backends) for t in config.tunnels if t.enabled}
         self.relay.set_targets({**targets, **backends})
         self.datagrams.set_tunnels(targets)
         self.stats.tunnels = len(self.relay.targets)

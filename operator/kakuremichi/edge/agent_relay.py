@@ -92,10 +92,19 @@ class AgentTarget:
     a Tunnel, which goes to ``target``."""
 
     @classmethod
-    def of(cls, tunnel: AgentTunnel) -> AgentTarget:
+    def of(
+        cls, tunnel: AgentTunnel, backends: Mapping[str, AgentTarget] | None = None
+    ) -> AgentTarget:
+        """A tunnel's; one that names a route backend goes to that backend's endpoints (none
+        while it is not in ``backends``)."""
+        endpoints = None
+        if tunnel.backend is not None:
+            known = (backends or {}).get(tunnel.backend)
+            endpoints = known.endpoints if known is not None and known.endpoints else ()
         return cls(
-            tunnel.target, tunnel.protocol or "HTTP", tunnel.proxy_protocol or "None", tunnel.port
-        )
+            tunnel.target, tunnel.protocol or "HTTP", tunnel.proxy_protocol or "None", tunnel.port,
+            endpoints,
+        )  # fmt: skip
 
     @classmethod
     def backend(cls, backend: AgentBackend) -> AgentTarget:
