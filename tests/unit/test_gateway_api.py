@@ -683,6 +683,93 @@ def test_a_tlsroute_is_passed_through_to_its_backends_endpoints(context: Context
         config = agent_config(topology, agent_id, 1)
         (tunnel,) = [t for t in config.tunnels if t.domain == "vault.example.com"]
         assert tunnel.protocol == "TLS" and tunnel.backend == "shop/web:443"
+        # (no name to resolve, nothing listening: an agent that does not read backend is refused)
+        assert tunnel.target == "127.0.0.1:1"
         assert dict(topology.backends_of(agent_id))["shop/web:443"] == ("10.244.1.5:8443",)
+
+    asyncio.run(scenario())
+
+
+def test_a_wildcard_listener_open_to_all_cannot_take_a_host_its_gateway_names_elsewhere(
+    context: Context,
+) -> None:
+    """The shop's Gateway passes vault.example.com through (a TLS listener for the shop only)
+    and serves *.example.com over HTTPS to every namespace: the attacker's HTTPRoute for
+    vault.example.com finds no listener (the most specific one takes the host)."""
+
+    async def scenario() -> None:
+        controller, kube, _ = await controller_of(context)
+        tell(
+            controller,
+            kube,
+            (GATEWAY_CLASS, gateway_class()),
+            (
+                ROUTED_GATEWAY,
+                gateway(
+                    "edge",
+                    "shop",
+                    https("wild", "*.example.com", allowedRoutes=everywhere()),
+                    {
+                        "name": "vault",
+                        "protocol": "TLS",
+                        "port": 443,
+                        "hostname": "vault.example.com",
+                        "tls": {"mode": "Passthrough"},
+                    },
+                ),
+            ),
+            *shop_backend("evil", "10.244.9.9"),
+            (
+                HTTP_ROUTE,
+                route(
+                    "steal",
+                    "evil",
+                    ["vault.example.com", "mine.example.com"],
+                    [{"backendRefs": [to("web")]}],
+                    parent=("edge", "shop"),
+                ),
+            ),
+        )
+        await settle(controller)
+        assert parent_conditions(kube, "evil", "steal")["Accepted"] == ("True", "Accepted")
+        assert {r.domain for r in context.state.snapshot().routes} == {"mine.example.com"}
+
+    asyncio.run(scenario())
+
+
+def test_an_object_made_again_while_vanished_ones_are_looked_for_is_kept(
+    context: Context,
+) -> None:
+    async def scenario() -> None:
+        controller, kube, _ = await controller_of(context)
+        edge = gateway("edge", INFRA, https(allowedRoutes=everywhere()))
+        for kind, body in ((GATEWAY_CLASS, gateway_class()), (ROUTED_GATEWAY, edge),
+                           *shop_backend(),
+                           (HTTP_ROUTE, route("site", "shop", ["shop.example.com"],
+                                              [{"backendRefs": [to("web")]}]))):  # fmt: skip
+            kube.put_builtin(kind, body)
+        await controller.restore()
+        stale = await kube.list_builtin(HTTP_ROUTE)
+        # Deleted and made again; the watch tells both while the check's listing is on its
+        # way (it predates the new one).
+        controller.gateway_api_gone(HTTP_ROUTE, "shop", "site")
+        tell(
+            controller,
+            kube,
+            (
+                HTTP_ROUTE,
+                route("site", "shop", ["shop.example.com"], [{"backendRefs": [to("web")]}]),
+            ),
+        )
+        listing = kube.list_builtin
+
+        async def before_it(kind: BuiltinKind, namespaces: tuple[str, ...] = ()) -> Any:
+            return [] if kind is HTTP_ROUTE else await listing(kind, namespaces)
+
+        kube.list_builtin = before_it  # type: ignore[method-assign]
+        assert stale  # (it was listed at the start)
+        await controller.forget_vanished()
+        await settle(controller)
+        assert {r.domain for r in context.state.snapshot().routes} == {"shop.example.com"}
 
     asyncio.run(scenario())

@@ -64,6 +64,11 @@ ROUTE_KINDS = {"HTTP": (HTTP_ROUTE,), "HTTPS": (HTTP_ROUTE,), "TLS": (TLS_ROUTE,
 MAX_RULES_PER_HOST = 1000
 """What a gateway takes for one host."""
 MAX_HOSTS_PER_NAMESPACE = 500
+PASSTHROUGH_TARGET = "127.0.0.1:1"
+"""A TLSRoute host's ``target``: nothing listens there, and it is no name to resolve. The
+cluster agent sends the host's connections to its backend's endpoints; an agent of an earlier
+release, which does not read ``backend``, is refused there instead of dialling a Service's
+cluster IP (whose EndpointSlices a tenant writes by hand)."""
 MAX_ATTACHMENTS_PER_ROUTE = 100
 """(listener, host) pairs of one route: parentRefs by listeners by hostnames could be 32,768."""
 _SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
@@ -618,13 +623,26 @@ def _attach(
     for listener in allowed:
         for host in route_hosts:
             meet = _intersect(listener.hostname, host)
-            if meet is not None:
+            if meet is not None and _most_specific(listeners, listener, meet):
                 pairs.append((listener, meet))
     if not pairs:
         return Condition("Accepted", False, "NoMatchingListenerHostname",
                          f"{at}: no hostname of this route fits a listener of Gateway "
                          f"{parent[1]}.")  # fmt: skip
     return pairs
+
+
+def _most_specific(listeners: Sequence[_Listener], listener: _Listener, host: str) -> bool:
+    """Whether no other accepted listener on its port names ``host`` more specifically: a host
+    belongs to its most specific listener (a wildcard listener open to every namespace cannot
+    take a host that a listener of its own names)."""
+    mine = _specificity(listener.hostname, host)
+    return not any(
+        other.accepted and other.port == listener.port
+        and _intersect(other.hostname, host) == host
+        and _specificity(other.hostname, host) < mine
+        for other in listeners
+    )  # fmt: skip
 
 
 def _namespace_allowed(
@@ -757,22 +775,23 @@ def _tls_rules(
     unresolved: list[tuple[str, str]] = []
     partial = None
     refs = [r for rule in _list(spec.get("rules"))[:1] for r in _list(rule.get("backendRefs"))]
-    for b, ref in enumerate(refs):
+    live = [
+        (b, ref) for b, ref in enumerate(refs)
+        if not isinstance(weight := ref.get("weight", 1), int) or isinstance(weight, bool)
+        or weight > 0
+    ]  # fmt: skip
+    for b, ref in live[:1]:  # (the first with weight: what it does not resolve is refused)
         at = f"spec.rules[0].backendRefs[{b}]"
         found = _backend_ref(key, ref, at, grants, services, TLS_ROUTE)
         if isinstance(found, tuple):
             unresolved.append(found)
-            continue
-        weight = ref.get("weight", 1)
-        if weight == 0:
-            continue
-        if backends:
-            problems.append(f"{at}: a TLSRoute is passed through to one backend for now (the "
-                            "first); this one is not used.")  # fmt: skip
-            partial = Condition("PartiallyInvalid", True, "UnsupportedValue",
-                                "Only the first backend of a TLSRoute is used.")  # fmt: skip
-            continue
-        backends.add(found)
+        else:
+            backends.add(found)
+    if len(live) > 1:
+        problems.append("spec.rules[0].backendRefs: a TLSRoute is passed through to one backend "
+                        "for now (the first with weight); the others are not used.")  # fmt: skip
+        partial = Condition("PartiallyInvalid", True, "UnsupportedValue",
+                            "Only the first backend of a TLSRoute is used.")  # fmt: skip
     problems.extend(sentence for _, sentence in unresolved)
     if unresolved:
         resolved = Condition("ResolvedRefs", False, unresolved[0][0],
@@ -880,16 +899,22 @@ def _claims(
     dropped: dict[tuple[str, str, str], list[str]] = {}
     for (kind, namespace, host), found in sorted(by_host.items()):
         source = source_of(namespace, kind)
-        if len(claims.get(source, ())) >= MAX_HOSTS_PER_NAMESPACE:
+        held = sum(len(claims.get(source_of(namespace, k), ())) for k in (HTTP_ROUTE, TLS_ROUTE))
+        if held >= MAX_HOSTS_PER_NAMESPACE:
             for attached in found:
                 dropped.setdefault((kind, *attached.route), []).append(
-                    f"spec.hostnames: {host} is not served: a namespace's {kind}s serve at "
+                    f"spec.hostnames: {host} is not served: a namespace's routes serve at "
                     f"most {MAX_HOSTS_PER_NAMESPACE} hosts."
                 )
             continue
         try:
             if kind == TLS_ROUTE:
                 claim, refs = _tls_claim(namespace, host, found, cluster_agent, seen, now)
+                for other in {a.route for a in found} - {(namespace, claim.name)}:
+                    dropped.setdefault((kind, *other), []).append(
+                        f"spec.hostnames: {host} is passed through by the older TLSRoute "
+                        f"{claim.name} of this namespace, to its backend."
+                    )
             else:
                 made = _claim(namespace, host, found, cluster_agent, seen, now, dropped)
                 if made is None:
@@ -919,7 +944,7 @@ def _tls_claim(
     names = ", ".join(sorted({f"{namespace}/{a.route[1]}" for a in found}))
     claim = TunnelFacts(
         id=identity, namespace=namespace, name=first.route[1], domain=host,
-        agent=cluster_agent[1], agent_namespace=cluster_agent[0], target=_target(refs),
+        agent=cluster_agent[1], agent_namespace=cluster_agent[0], target=PASSTHROUGH_TARGET,
         enabled=True, created=seen.get(identity, now), generation=first.generation,
         certificate="", description=f"TLSRoute {names}"[:1024],
         source=f"TLSRoute {first.route[1]}", protocol="TLS",

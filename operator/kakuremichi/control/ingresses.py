@@ -100,11 +100,13 @@ class IngressController:
         key = (meta.get("namespace") or "", meta.get("name") or "")
         balancer = ((body.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
         self.balancers[key] = [dict(b) for b in balancer if isinstance(b, Mapping)]
+        self.restored.get(INGRESS.kind, set()).discard(key)  # (the watch has it now)
         self.heard(self.sources.saw_ingress(body))
 
     def ingress_gone(self, namespace: str, name: str) -> None:
         self.balancers.pop((namespace, name), None)
         self.told_problems.pop((INGRESS.kind, namespace, name), None)
+        self.restored.get(INGRESS.kind, set()).discard((namespace, name))
         self.heard(self.sources.ingress_gone(namespace, name))
 
     def saw_gateway_api(self, kind: BuiltinKind, body: Mapping[str, Any]) -> None:
@@ -112,6 +114,7 @@ class IngressController:
         owner = (kind.kind, meta.get("namespace") or "", meta.get("name") or "")
         status = body.get("status")
         self.statuses[owner] = dict(status) if isinstance(status, Mapping) else {}
+        self.restored.get(kind.kind, set()).discard(owner[1:])  # (the watch has it now)
         sources = self.sources
         saw = {
             GATEWAY_CLASS.kind: sources.saw_gateway_class, ROUTED_GATEWAY.kind: sources.saw_gateway,
@@ -123,6 +126,7 @@ class IngressController:
     def gateway_api_gone(self, kind: BuiltinKind, namespace: str, name: str) -> None:
         self.statuses.pop((kind.kind, namespace, name), None)
         self.told_problems.pop((kind.kind, namespace, name), None)
+        self.restored.get(kind.kind, set()).discard((namespace, name))
         sources = self.sources
         if kind is GATEWAY_CLASS:
             self.heard(sources.gateway_class_gone(name))
