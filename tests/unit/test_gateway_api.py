@@ -11,6 +11,7 @@ from uuid import UUID
 
 import pytest
 
+from kakuremichi.api import protocol
 from kakuremichi.api.resources import AGENT, TUNNEL
 from kakuremichi.control import agents, tunnels
 from kakuremichi.control.context import Context
@@ -29,7 +30,7 @@ from kakuremichi.control.kube_api import (
     TLS_ROUTE,
     BuiltinKind,
 )
-from kakuremichi.control.topology import GatewayNode, agent_config
+from kakuremichi.control.topology import GatewayNode, agent_config, gateway_config
 from tests.infra.fake_kube import FakeKube
 from tests.unit.test_control_plane import reconcile
 from tests.unit.test_ingress_controller import (
@@ -229,6 +230,15 @@ def test_a_backend_of_another_namespace_needs_a_reference_grant_there(context: C
         (served,) = context.state.snapshot().routes
         assert served.rules is not None  # (its share answered 500, never the bank's)
         assert [(b.stream, b.weight) for b in served.rules[0].backends] == [(None, 1)]
+        # ... and so a gateway reads it off the wire: the whole config, nobody's route lost.
+        context.state.set_gateway(GatewayNode(UUID(int=7), "gw", 1, "203.0.113.9", "k" * 43 + "="))
+        sent = gateway_config(context.state.snapshot().topology, UUID(int=7), 1)
+        read = protocol.gateway_inbound.validate_json(
+            protocol.encode(protocol.GatewayConfigMessage(data=sent))
+        )
+        assert isinstance(read, protocol.GatewayConfigMessage)
+        (tunnel,) = read.data.tunnels
+        assert tunnel.rules is not None and tunnel.rules[0].backends[0].stream is None
         # The namespace the bank granted: resolved, and the bank's pods are its backends.
         granted = [{"backendRefs": [to("web", namespace="bank")]}]
         tell(controller, kube, (HTTP_ROUTE, route("pay", "shop", ["pay.example.com"], granted)))

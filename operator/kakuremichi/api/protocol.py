@@ -317,9 +317,10 @@ class RequestMatch(FromControl):
 
 
 class WeightedBackend(FromControl):
-    stream: BackendName | None
-    """None: this share of requests is answered 500 (an HTTPRoute's backendRef that does not
-    resolve takes its weight's share, as the Gateway API asks; sent only then)."""
+    stream: BackendName | None = None
+    """None (left out of the message, as every None is): this share of requests is answered
+    500 (an HTTPRoute's backendRef that does not resolve takes its weight's share, as the
+    Gateway API asks; sent only then)."""
     weight: Annotated[int, Field(ge=0, le=1_000_000)] = 1
 
 

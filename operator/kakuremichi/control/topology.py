@@ -182,9 +182,11 @@ class Topology:
     def _gateway_tunnel(self, route: Route) -> GatewayTunnel | None:
         """The route as gateways read it; None if it does not pass the wire's checks (a route
         from a tenant's Ingress that the checks before missed: it is left out, and every other
-        route still reaches the gateways)."""
+        route still reaches the gateways). A route's rules are also read back as a gateway reads
+        them off the wire: one that would not come through whole would make a gateway refuse the
+        whole config, everyone's routes with it."""
         try:
-            return GatewayTunnel(
+            made = GatewayTunnel(
                 domain=route.domain,
                 agent_virtual_ip=(
                     self.agents[route.agent_id].virtual_ip if route.agent_id is not None else None
@@ -198,6 +200,11 @@ class Topology:
                 proxy_protocol=route.proxy_protocol if route.proxy_protocol != "None" else None,
                 rules=list(route.rules) if route.rules is not None else None,
             )
+            if made.rules is not None:
+                wire = made.model_dump_json(by_alias=True, exclude_none=True)
+                if GatewayTunnel.model_validate_json(wire) != made:
+                    return None
+            return made
         except ValidationError:
             return None
 
