@@ -1,22 +1,25 @@
 """What Gateway API objects of class ``kakuremichi`` ask for, and what they get: pure, as
 :mod:`kakuremichi.control.ingress_routes` is for Ingresses (issue 21).
 
-From GatewayClasses, Gateways, HTTPRoutes, ReferenceGrants, namespace labels and Services comes
-one decision:
+From GatewayClasses, Gateways, HTTPRoutes, TLSRoutes, ReferenceGrants, namespace labels and
+Services comes one decision:
 
 - each GatewayClass of our controller (``kakuremichi.io/gateway-controller``) is accepted, or
   not, with the reason;
-- each Gateway of such a class: its conditions, its listeners' (HTTP on port 80, HTTPS on 443:
-  the ports the gateways listen on), the pool whose addresses it gets, and a Certificate per host
-  served through it (a listener's ``certificateRefs``, or ACME with the listener TLS option
-  ``kakuremichi.io/issuer: ACME`` and for hosts attached to HTTP listeners only);
-- each HTTPRoute attached to such a Gateway: a status per parent of ours (``Accepted``,
-  ``ResolvedRefs``, ``PartiallyInvalid``, with the spec's reasons), its problems in sentences;
-- one claim per namespace and host: the rules of every HTTPRoute of that namespace attached with
-  that host, ordered as the Gateway API orders matches (Exact path, then the longest prefix, then
-  method, then the most header and query matches, then the oldest route, then its name, then
-  rule order), weighed in the one ownership decision against Tunnels, Ingresses and other
-  namespaces' routes. Routes of one namespace merge on a host; routes of two namespaces never do
+- each Gateway of such a class: its conditions, its listeners' (HTTP on port 80, HTTPS and TLS
+  passthrough on 443: the ports the gateways listen on), the pool whose addresses it gets, and a
+  Certificate per HTTP host served through it (a listener's ``certificateRefs``, or ACME with the
+  listener TLS option ``kakuremichi.io/issuer: ACME`` and for hosts attached to HTTP listeners
+  only); a host attaches through its most specific listener only;
+- each HTTPRoute and TLSRoute attached to such a Gateway: a status per parent of ours
+  (``Accepted``, ``ResolvedRefs``, ``PartiallyInvalid``, with the spec's reasons), its problems
+  in sentences;
+- one claim per kind, namespace and host: for HTTPRoutes, the rules of every HTTPRoute of that
+  namespace attached with that host, ordered as the Gateway API orders matches (Exact path, then
+  the longest prefix, then method, then the most header and query matches, then the oldest
+  route, then its name, then rule order); for TLSRoutes, the oldest route's backend, passed
+  through. Claims weigh in the one ownership decision against Tunnels, Ingresses and other
+  namespaces' routes: routes of one namespace merge on a host, routes of two namespaces never do
   (the oldest claim holds, as for every domain).
 
 Backends are Services of the route's namespace, or of another whose ReferenceGrant allows it.

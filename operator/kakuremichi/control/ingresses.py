@@ -1,16 +1,17 @@
-"""The route controller: Ingresses of class ``kakuremichi``, and Gateway API Gateways and
-HTTPRoutes of a GatewayClass of ours, served through the cluster agent (``--cluster-agent``); a
-thin shell around :mod:`kakuremichi.control.route_sources`.
+"""The route controller: Ingresses of class ``kakuremichi``, and Gateway API Gateways,
+HTTPRoutes and TLSRoutes of a GatewayClass of ours, served through the cluster agent
+(``--cluster-agent``); a thin shell around :mod:`kakuremichi.control.route_sources`.
 
-Watches feed the sources (Ingresses, IngressClasses, Services, EndpointSlices, and the
-addresses of pods and nodes); one task decides from them and projects the decision: each
+Watches feed the sources (Ingresses, IngressClasses, the Gateway API's kinds, namespaces,
+Services, EndpointSlices, and the addresses of pods and nodes); one task decides from them (in a
+thread, from a copy) and projects the decision: each
 Ingress's host claims and each backend's endpoints into the state (where they weigh against
 Tunnels' claims in the one ownership decision), a Certificate per claimed host owned by the
 Ingress (``spec.tls[].secretName`` read as it is, else ACME), ``status.loadBalancer`` (the
 gateways' addresses, once the Ingress holds a host) and Events that say, per field and per host,
 what is not served and why. For the Gateway API: statuses (GatewayClass, Gateway and its
-listeners, each HTTPRoute's parents of ours), a Certificate per host owned by the Gateway that
-gives it, and the same Events on HTTPRoutes.
+listeners, each route's parents of ours, read and replaced under its resourceVersion), a
+Certificate per HTTP host owned by the Gateway that gives it, and the same Events on routes.
 
 When each host's claim began is kept in a ConfigMap of the operator's namespace, which no tenant
 writes: an annotation on the Ingress could be kept from an earlier claim and restored later.
