@@ -209,7 +209,11 @@ class FakeKube:
             raise ApiException(status=409, reason="AlreadyExists")
         made = self.add(kind, name, body.get("spec") or {}, namespace)
         made["metadata"].update(
-            {k: v for k, v in body["metadata"].items() if k in ("labels", "ownerReferences")}
+            {
+                k: v
+                for k, v in body["metadata"].items()
+                if k in ("labels", "annotations", "ownerReferences")
+            }
         )
         self.writes.append(("create", self._key(kind, namespace, name)))
 

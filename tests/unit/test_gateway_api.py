@@ -34,6 +34,8 @@ from kakuremichi.control.topology import GatewayNode, agent_config, gateway_conf
 from tests.infra.fake_kube import FakeKube
 from tests.unit.test_control_plane import reconcile
 from tests.unit.test_ingress_controller import (
+    AGENT_NAME,
+    SYSTEM,
     backends,
     controller_of,
     endpoint_slice,
@@ -781,5 +783,51 @@ def test_an_object_made_again_while_vanished_ones_are_looked_for_is_kept(
         await controller.forget_vanished()
         await settle(controller)
         assert {r.domain for r in context.state.snapshot().routes} == {"shop.example.com"}
+
+    asyncio.run(scenario())
+
+
+def test_a_certificate_secret_of_another_namespace_is_used_where_a_grant_allows_it(
+    context: Context,
+) -> None:
+    """The Gateway names a Secret of the namespace certs: refused until certs grants it; then
+    the Certificate is made beside the Secret (it reads Secrets of its own namespace), says
+    its owner in an annotation, serves the host, and goes with the Gateway."""
+
+    async def scenario() -> None:
+        controller, kube, _ = await controller_of(context)
+        listener = https(allowedRoutes=everywhere())
+        listener["tls"]["certificateRefs"] = [{"name": "wild", "namespace": "certs"}]
+        tell(controller, kube, (GATEWAY_CLASS, gateway_class()),
+             (ROUTED_GATEWAY, gateway("edge", INFRA, listener)), *shop_backend(),
+             (HTTP_ROUTE, route("site", "shop", ["shop.example.com"],
+                                [{"backendRefs": [to("web")]}])))  # fmt: skip
+        await settle(controller)
+        (entry,) = status(kube, ROUTED_GATEWAY, INFRA, "edge")["listeners"]
+        assert conditions(entry["conditions"])["ResolvedRefs"] == ("False", "RefNotPermitted")
+        assert not context.state.snapshot().routes
+        tell(controller, kube, (REFERENCE_GRANT, {
+            "metadata": {"name": "edge-may-read", "namespace": "certs"},
+            "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
+                               "namespace": INFRA}],
+                     "to": [{"group": "", "kind": "Secret", "name": "wild"}]}}))  # fmt: skip
+        await settle(controller)
+        (made,) = [(ns, n) for (p, ns, n) in kube.objects if p == "certificates"]
+        assert made[0] == "certs"
+        body = kube.objects[("certificates", *made)]
+        assert body["spec"]["secretName"] == "wild" and "ownerReferences" not in body["metadata"]
+        assert body["metadata"]["annotations"]["kakuremichi.io/owner"].startswith(
+            f"gateway.networking.k8s.io/v1 Gateway {INFRA}/edge "
+        )
+        holder = context.state.snapshot().ownership.holders["shop.example.com"]
+        assert holder.certificate_key == made
+        # After a restart the Certificate is known again by its annotation, and goes with the
+        # Gateway (no owner reference would take it along).
+        restarted = IngressController(context, (SYSTEM, AGENT_NAME))
+        await restarted.restore()
+        del kube.builtin[("gateways", INFRA, "edge")]
+        restarted.gateway_api_gone(ROUTED_GATEWAY, INFRA, "edge")
+        await settle(restarted)
+        assert not [k for k in kube.objects if k[0] == "certificates"]
 
     asyncio.run(scenario())

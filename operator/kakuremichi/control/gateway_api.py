@@ -77,6 +77,8 @@ MAX_ATTACHMENTS_PER_ROUTE = 100
 _SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 Key = tuple[str, str]
+CertificateSource = tuple[str, str, str]
+"""("Secret", its name, its namespace) or ("ACME", "", "")."""
 
 
 @dataclass(frozen=True)
@@ -108,8 +110,9 @@ class GatewayDecision:
     """The kakuremichi Gateway pool whose addresses it gets (None: every pool's)."""
     conditions: tuple[Condition, ...]
     listeners: tuple[ListenerDecision, ...]
-    certificates: Mapping[str, CertificateSpec]
-    """Certificate name (in the Gateway's namespace) → its spec, one per host served."""
+    certificates: Mapping[Key, CertificateSpec]
+    """(namespace, name) of a Certificate → its spec, one per claim served through it: in the
+    Gateway's namespace, or in that of the Secret a ReferenceGrant lets it use."""
 
 
 @dataclass(frozen=True)
@@ -165,11 +168,12 @@ def source_of(namespace: str, kind: str = HTTP_ROUTE) -> str:
     return f"{kind}s {namespace}"
 
 
-def certificate_name(gateway: str, host: str, namespace: str) -> str:
-    """A Certificate of a Gateway (its namespace) for the claim of routes of ``namespace`` on a
-    host; never an Ingress's name."""
-    digest = hashlib.sha256(f"gateway:{gateway}/{host}/{namespace}".encode()).hexdigest()[:16]
-    return f"{gateway[:40].rstrip('-.')}-{digest}"
+def certificate_name(gateway: Key, host: str, namespace: str) -> str:
+    """A Certificate of a Gateway (``(namespace, name)``) for the claim of routes of
+    ``namespace`` on a host; never an Ingress's name."""
+    said = f"gateway:{gateway[0]}/{gateway[1]}/{host}/{namespace}"
+    digest = hashlib.sha256(said.encode()).hexdigest()[:16]
+    return f"{gateway[1][:40].rstrip('-.')}-{digest}"
 
 
 def claim_id(namespace: str, host: str, kind: str = HTTP_ROUTE) -> uuid.UUID:
@@ -319,8 +323,8 @@ class _Listener:
     kinds: tuple[str, ...]
     namespaces: Mapping[str, Any]
     conditions: list[Condition]
-    certificate: tuple[str, str] | None = None
-    """("Secret", name) or ("ACME", "") for HTTPS; None for HTTP."""
+    certificate: CertificateSource | None = None
+    """For HTTPS; None for HTTP."""
 
 
 def _listeners(key: Key, spec: Mapping[str, Any], grants: Grants
@@ -416,7 +420,7 @@ def _kinds(
 
 def _listener_certificate(
     key: Key, tls: Mapping[str, Any], at: str, grants: Grants
-) -> tuple[tuple[str, str] | None, Condition | None]:
+) -> tuple[CertificateSource | None, Condition | None]:
     if tls.get("mode", "Terminate") != "Terminate":
         return None, Condition("ResolvedRefs", False, "InvalidCertificateRef",
                                f"{at}.tls.mode: HTTPS listeners terminate TLS here; TLS "
@@ -424,7 +428,7 @@ def _listener_certificate(
     refs = _list(tls.get("certificateRefs"))
     if not refs:
         if _map(tls.get("options")).get(ISSUER_OPTION) == "ACME":
-            return ("ACME", ""), None
+            return ("ACME", "", ""), None
         return None, Condition("ResolvedRefs", False, "InvalidCertificateRef",
                                f"{at}.tls: name a Secret in certificateRefs, or set the option "
                                f"{ISSUER_OPTION}: ACME.")  # fmt: skip
@@ -438,24 +442,16 @@ def _listener_certificate(
         )
     name = _text(ref.get("name"))
     namespace = _text(ref.get("namespace")) or key[0]
-    if namespace != key[0]:
-        if not _granted(grants, ("Gateway", key[0]), ("Secret", namespace, name)):
-            return None, Condition(
-                "ResolvedRefs",
-                False,
-                "RefNotPermitted",
-                f"{at}.tls.certificateRefs[0]: no ReferenceGrant in that "
-                "namespace allows this Gateway to use its Secret.",
-            )
+    if namespace != key[0] and not _granted(
+        grants, ("Gateway", key[0]), ("Secret", namespace, name)
+    ):
+        return None, Condition("ResolvedRefs", False, "RefNotPermitted",
+                               f"{at}.tls.certificateRefs[0]: no ReferenceGrant in that "
+                               "namespace allows this Gateway to use its Secret.")  # fmt: skip
+    if not _SECRET_NAME.fullmatch(name) or not _SECRET_NAME.fullmatch(namespace):
         return None, Condition("ResolvedRefs", False, "InvalidCertificateRef",
-                               f"{at}.tls.certificateRefs[0]: kakuremichi reads certificate "
-                               "Secrets of the Gateway's own namespace only for now; copy it "
-                               "there.")  # fmt: skip
-    if not _SECRET_NAME.fullmatch(name):
-        return None, Condition("ResolvedRefs", False, "InvalidCertificateRef",
-                               f"{at}.tls.certificateRefs[0].name: name a Secret of this "
-                               "namespace.")  # fmt: skip
-    return ("Secret", name), None
+                               f"{at}.tls.certificateRefs[0].name: name a Secret.")  # fmt: skip
+    return ("Secret", name, namespace), None
 
 
 Grants = Mapping[str, Sequence[Mapping[str, Any]]]
@@ -505,7 +501,7 @@ class _Attached:
     backends: frozenset[BackendRef]
     created: str
     generation: int
-    certificate: tuple[str, str] | None
+    certificate: CertificateSource | None
     listener_hostname: str | None
     kind: str = HTTP_ROUTE
 
@@ -886,7 +882,7 @@ def _match(match: Mapping[str, Any], at: str) -> tuple[RequestMatch, tuple[Any, 
 def _claims(
     attachments: Sequence[_Attached], cluster_agent: Key, seen: Mapping[uuid.UUID, datetime],
     now: datetime,
-) -> tuple[dict[str, tuple[TunnelFacts, ...]], dict[Key, dict[str, CertificateSpec]],
+) -> tuple[dict[str, tuple[TunnelFacts, ...]], dict[Key, dict[Key, CertificateSpec]],
            set[BackendRef], dict[tuple[str, str, str], list[str]]]:  # fmt: skip
     """One claim per kind of route, namespace and host: for HTTPRoutes, with the rules of its
     routes in precedence order, and a Certificate in the Gateway that gives its certificate
@@ -897,7 +893,7 @@ def _claims(
     for attached in attachments:
         by_host.setdefault((attached.kind, attached.route[0], attached.host), []).append(attached)
     claims: dict[str, list[TunnelFacts]] = {}
-    certificates: dict[Key, dict[str, CertificateSpec]] = {}
+    certificates: dict[Key, dict[Key, CertificateSpec]] = {}
     backends: set[BackendRef] = set()
     dropped: dict[tuple[str, str, str], list[str]] = {}
     for (kind, namespace, host), found in sorted(by_host.items()):
@@ -960,7 +956,7 @@ def _claim(
     namespace: str, host: str, found: Sequence[_Attached], cluster_agent: Key,
     seen: Mapping[uuid.UUID, datetime], now: datetime,
     dropped: dict[tuple[str, str, str], list[str]],
-) -> tuple[TunnelFacts, tuple[Key, str, CertificateSpec], set[BackendRef]] | None:  # fmt: skip
+) -> tuple[TunnelFacts, tuple[Key, Key, CertificateSpec], set[BackendRef]] | None:  # fmt: skip
     routes: dict[Key, _Attached] = {}
     for attached in found:
         routes.setdefault(attached.route, attached)
@@ -986,8 +982,11 @@ def _claim(
         a.certificate is None, _specificity(a.listener_hostname, host),
         _preference(a.certificate), a.gateway, a.listener,
     ))  # fmt: skip
-    kind, secret = giver.certificate or ("ACME", "")
-    certificate = certificate_name(giver.gateway[1], host, namespace)
+    kind, secret, secret_namespace = giver.certificate or ("ACME", "", "")
+    certificate = certificate_name(giver.gateway, host, namespace)
+    # (beside the Secret, which a Certificate reads from its own namespace: the Gateway's, or
+    # the one whose ReferenceGrant lets the Gateway use it)
+    where = secret_namespace if kind == "Secret" else giver.gateway[0]
     spec = CertificateSpec(
         domain=host,
         secret_name=secret or f"{certificate}-tls",
@@ -1001,11 +1000,11 @@ def _claim(
         agent=cluster_agent[1], agent_namespace=cluster_agent[0],
         target=_target(refs), enabled=True,
         created=seen.get(identity, now), generation=first_route.generation,
-        certificate=certificate, certificate_namespace=giver.gateway[0],
+        certificate=certificate, certificate_namespace=where,
         description=f"HTTPRoute {names}"[:1024], source=f"HTTPRoute {first_route.route[1]}",
         rules=tuple(rules), backends=tuple(sorted(ref.stream for ref in refs)),
     )  # fmt: skip
-    return claim, (giver.gateway, certificate, spec), refs
+    return claim, (giver.gateway, (where, certificate), spec), refs
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1029,7 +1028,7 @@ def _specificity(listener: str | None, host: str) -> int:
     return 1000 - len(listener) if listener else 1000
 
 
-def _preference(certificate: tuple[str, str] | None) -> int:
+def _preference(certificate: CertificateSource | None) -> int:
     """A listener's own Secret first, then ACME on HTTPS, then an HTTP listener (ACME)."""
     return 2 if certificate is None else 0 if certificate[0] == "Secret" else 1
 

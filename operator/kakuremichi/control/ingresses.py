@@ -79,7 +79,7 @@ class IngressController:
         self.decision = RouteDecision()
         self.applied: set[str] = set()
         """Sources whose claims are in the state."""
-        self.made: dict[Owner, set[str]] = {}
+        self.made: dict[Owner, set[Key]] = {}
         """(kind, namespace, name) of an Ingress or Gateway → the Certificates made for it."""
         self.certificates: dict[Key, dict[str, Any]] = {}
         """(namespace, Certificate) → its spec as last written or seen."""
@@ -175,17 +175,10 @@ class IngressController:
         async for page in kube.pages(CERTIFICATE):
             for body in page:
                 meta = body.get("metadata") or {}
-                for owner in meta.get("ownerReferences") or ():
-                    for kind in (INGRESS, ROUTED_GATEWAY):
-                        if (owner.get("kind"), owner.get("apiVersion")) != (
-                            kind.kind,
-                            kind.api_version,
-                        ):
-                            continue
-                        namespace, name = meta.get("namespace") or "", meta.get("name") or ""
-                        made_for = (kind.kind, namespace, owner.get("name") or "")
-                        self.made.setdefault(made_for, set()).add(name)
-                        self.certificates[(namespace, name)] = dict(body.get("spec") or {})
+                namespace, name = meta.get("namespace") or "", meta.get("name") or ""
+                for made_for in _made_for(meta):
+                    self.made.setdefault(made_for, set()).add((namespace, name))
+                    self.certificates[(namespace, name)] = dict(body.get("spec") or {})
         self.decide()
 
     async def forget_vanished(self) -> None:
@@ -275,7 +268,8 @@ class IngressController:
         done = True
         for key, decided in self.decision.ingresses.items():
             try:
-                await self._certificates(INGRESS, key, decided.uid, decided.certificates)
+                certificates = {(key[0], n): spec for n, spec in decided.certificates.items()}
+                await self._certificates(INGRESS, key, decided.uid, certificates)
                 await self._balancer(key, decided, snapshot)
                 await self._tell(INGRESS, key, decided, decided.problems, decided.claims, snapshot)
             except Exception as error:
@@ -400,46 +394,46 @@ class IngressController:
         self.saved = dates
 
     async def _certificates(
-        self, kind: BuiltinKind, key: Key, uid: str | None, wanted: Mapping[str, CertificateSpec]
+        self, kind: BuiltinKind, key: Key, uid: str | None, wanted: Mapping[Key, CertificateSpec]
     ) -> None:
-        """The Certificates an Ingress or Gateway (``uid``; None once gone) wants, owned by it;
-        those it no longer wants deleted, and never one of that name that is not its own."""
-        kube, namespace = self.context.kube, key[0]
+        """The Certificates (``(namespace, name)``) an Ingress or Gateway (``uid``; None once
+        gone) wants, made for it; those it no longer wants deleted, and never one of that name
+        that is not its own. One in the owner's namespace is owned by it (garbage-collected with
+        it); one beside a Secret of another namespace (a Gateway's, by a ReferenceGrant) says
+        its owner in annotations, and goes when the owner no longer wants it."""
+        kube = self.context.kube
         made_for = (kind.kind, *key)
         reference = {"metadata": {"namespace": key[0], "name": key[1], "uid": uid or ""}}
-        for name, spec in wanted.items():
+        for (namespace, name), spec in wanted.items():
             body = spec.model_dump(mode="json", by_alias=True)
             if self.certificates.get((namespace, name)) == body:
                 continue
             assert uid is not None
             existing = await kube.get_object(CERTIFICATE, namespace, name)
-            if existing is not None and not _owned(existing, kind, uid):
+            if existing is not None and not _owned(existing, kind, key, uid):
                 # (someone else's of that name, a Tunnel's say: never touched)
                 if self.certificates.get((namespace, name)) != {"taken": True}:
                     self.certificates[(namespace, name)] = {"taken": True}
-                    message = (f"{spec.domain}: Certificate {name} of this namespace is not "
-                               f"this {kind.kind}'s; rename or delete it.")  # fmt: skip
+                    message = (f"{spec.domain}: Certificate {name} of namespace {namespace} is "
+                               f"not this {kind.kind}'s; rename or delete it.")  # fmt: skip
                     await kube.announce(kind, reference, True, "CertificateNameTaken", message)
                 continue
             if existing is not None and existing["spec"].get("domain") != body["domain"]:
                 await kube.delete_object(CERTIFICATE, namespace, name)  # (domain is immutable)
                 existing = None
             if existing is None:
-                made = _certificate(kind, key[1], uid, name, body)
+                made = _certificate(kind, key, uid, namespace, name, body)
                 await kube.create_object(CERTIFICATE, namespace, made)
             elif {k: existing["spec"].get(k) for k in body} != body:
                 await kube.patch_object(CERTIFICATE, namespace, name, {"spec": body})
             self.certificates[(namespace, name)] = body
-            self.made.setdefault(made_for, set()).add(name)
-        for name in sorted(self.made.get(made_for, set()) - set(wanted)):
+            self.made.setdefault(made_for, set()).add((namespace, name))
+        for namespace, name in sorted(self.made.get(made_for, set()) - set(wanted)):
             existing = await kube.get_object(CERTIFICATE, namespace, name)
-            if existing is not None and (
-                _owned(existing, kind, uid) if uid is not None
-                else _owned(existing, kind, name=key[1])
-            ):  # fmt: skip
+            if existing is not None and _owned(existing, kind, key, uid):
                 await kube.delete_object(CERTIFICATE, namespace, name)
             self.certificates.pop((namespace, name), None)
-            self.made[made_for].discard(name)
+            self.made[made_for].discard((namespace, name))
         if not self.made.get(made_for):
             self.made.pop(made_for, None)
 
@@ -485,28 +479,43 @@ class IngressController:
             self.told_hosts[claim.id] = (verdict.status, verdict.reason)
 
 
+OWNER_ANNOTATION = "kakuremichi.io/owner"
+"""On a Certificate outside its owner's namespace: ``<apiVersion> <Kind> <namespace>/<name>
+<uid>`` (an owner reference cannot cross namespaces)."""
+
+
 def _certificate(
-    kind: BuiltinKind, owner: str, uid: str, name: str, spec: dict[str, Any]
+    kind: BuiltinKind, owner: Key, uid: str, namespace: str, name: str, spec: dict[str, Any]
 ) -> dict[str, Any]:
-    return {
-        "apiVersion": API_VERSION,
-        "kind": CERTIFICATE.kind,
-        "metadata": {
-            "name": name,
-            "labels": dict(MANAGED_BY),
-            "ownerReferences": [
-                {
-                    "apiVersion": kind.api_version,
-                    "kind": kind.kind,
-                    "name": owner,
-                    "uid": uid,
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
-        },
-        "spec": spec,
-    }
+    metadata: dict[str, Any] = {"name": name, "labels": dict(MANAGED_BY)}
+    if namespace == owner[0]:
+        metadata["ownerReferences"] = [{
+            "apiVersion": kind.api_version, "kind": kind.kind, "name": owner[1], "uid": uid,
+            "controller": True, "blockOwnerDeletion": True,
+        }]  # fmt: skip
+    else:
+        metadata["annotations"] = {OWNER_ANNOTATION: _owner_said(kind, owner, uid)}
+    return {"apiVersion": API_VERSION, "kind": CERTIFICATE.kind, "metadata": metadata,
+            "spec": spec}  # fmt: skip
+
+
+def _owner_said(kind: BuiltinKind, owner: Key, uid: str) -> str:
+    return f"{kind.api_version} {kind.kind} {owner[0]}/{owner[1]} {uid}"
+
+
+def _made_for(meta: Mapping[str, Any]) -> list[Owner]:
+    """The Ingress or Gateway a Certificate was made for, if any."""
+    found: list[Owner] = []
+    namespace = str(meta.get("namespace") or "")
+    for kind in (INGRESS, ROUTED_GATEWAY):
+        for owner in meta.get("ownerReferences") or ():
+            if (owner.get("kind"), owner.get("apiVersion")) == (kind.kind, kind.api_version):
+                found.append((kind.kind, namespace, str(owner.get("name") or "")))
+        said = str((meta.get("annotations") or {}).get(OWNER_ANNOTATION) or "").split(" ")
+        if len(said) == 4 and (said[0], said[1]) == (kind.api_version, kind.kind):
+            owner_namespace, _, owner_name = said[2].partition("/")
+            found.append((kind.kind, owner_namespace, owner_name))
+    return found
 
 
 def _terminating(error: Exception) -> bool:
@@ -540,15 +549,20 @@ def _reference(decided: IngressDecision | HTTPRouteDecision) -> dict[str, Any]:
     return {"metadata": {"namespace": decided.namespace, "name": decided.name, "uid": decided.uid}}
 
 
-def _owned(
-    certificate: Mapping[str, Any], kind: BuiltinKind, uid: str = "", *, name: str = ""
-) -> bool:
-    """Made for the object of that kind and uid (or, once it is gone, of that name)."""
-    owners = (certificate.get("metadata") or {}).get("ownerReferences") or ()
+def _owned(certificate: Mapping[str, Any], kind: BuiltinKind, owner: Key, uid: str | None) -> bool:
+    """Made for that object (of that uid; once it is gone, of that name): by its owner
+    reference, or, outside its namespace, by the owner annotation."""
+    meta = certificate.get("metadata") or {}
+    said = str((meta.get("annotations") or {}).get(OWNER_ANNOTATION) or "")
+    if said:
+        mine = _owner_said(kind, owner, uid or "")
+        return said == mine if uid else said.rsplit(" ", 1)[0] == mine.rsplit(" ", 1)[0]
+    if meta.get("namespace") not in (None, owner[0]):
+        return False
     return any(
         o.get("kind") == kind.kind and o.get("apiVersion") == kind.api_version
-        and (o.get("uid") == uid if uid else o.get("name") == name)
-        for o in owners
+        and (o.get("uid") == uid if uid else o.get("name") == owner[1])
+        for o in meta.get("ownerReferences") or ()
     )  # fmt: skip
 
 
