@@ -8,8 +8,8 @@
 #   2. the Gateway API's standard CRDs, from the sigs.k8s.io/gateway-api module (go mod
 #      download, checked against the checksum database), then hack/kind-up.sh again, so that
 #      the chart makes the GatewayClass kakuremichi now that the cluster has the API;
-#   3. the suite (module sigs.k8s.io/gateway-api/conformance), profiles GATEWAY-HTTP and
-#      GATEWAY-TLS, with the
+#   3. the suite (module sigs.k8s.io/gateway-api/conformance), profiles GATEWAY-HTTP,
+#      GATEWAY-TLS and GATEWAY-GRPC, with the
 #      features docs/gateway-api.md claims; its report is written to $REPORT.
 #
 # What to expect: kakuremichi serves HTTP listeners on port 80 the way its gateways serve port
@@ -36,7 +36,7 @@ fi
 
 # Claimed (docs/gateway-api.md): core Gateway, HTTPRoute and ReferenceGrant, with these extended
 # features.
-CLAIMED="Gateway,HTTPRoute,ReferenceGrant,HTTPRouteQueryParamMatching,HTTPRouteMethodMatching,HTTPRouteParentRefPort,TLSRoute"
+CLAIMED="Gateway,HTTPRoute,ReferenceGrant,HTTPRouteQueryParamMatching,HTTPRouteMethodMatching,HTTPRouteParentRefPort,TLSRoute,GRPCRoute"
 FEATURES=${FEATURES:-$CLAIMED}
 REPORT=${REPORT:-${repo}/gateway-conformance-report.yaml}
 cluster=${KIND_CLUSTER:-kakuremichi}
@@ -80,7 +80,7 @@ kubectl config use-context "kind-${cluster}" >/dev/null
   cd "$work/conformance"
   GOWORK=off go test ./ -run TestConformance -timeout 90m "${extra[@]}" -args \
     --gateway-class=kakuremichi --supported-features="$FEATURES" \
-    --conformance-profiles=GATEWAY-HTTP,GATEWAY-TLS --report-output="$REPORT" \
+    --conformance-profiles=GATEWAY-HTTP,GATEWAY-TLS,GATEWAY-GRPC --report-output="$REPORT" \
     --organization=kakuremichi --project=kakuremichi --version="v${version}" \
     --url=https://github.com/kakuremichi/kakuremichi --contact=@kakuremichi/maintainers \
     --mode=default --allow-crds-mismatch

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import textwrap
 from collections import Counter
 from collections.abc import Iterator
@@ -25,6 +27,7 @@ import pytest
 
 from kakuremichi.api.resources import GATEWAY
 from kakuremichi.control.gateway_api import GATEWAY_CONTROLLER
+from tests.e2e.test_first_path import GRPC_CLIENT, GRPC_ORIGIN
 from tests.e2e.world import ENDPOINT_RANGE, World, running_world, skip_unless_possible
 from tests.infra import netns
 from tests.infra.cluster import Cluster, unique_name
@@ -35,6 +38,7 @@ BACKEND_SUBNET = ENDPOINT_RANGE.removesuffix("/24")
 BACKEND_IP = "192.168.254.2"
 SITE_A, SITE_B, API = 8080, 8082, 8081
 VAULT = 8443  # nginx's own TLS, for the TLSRoute (passed through: the gateway never holds it)
+GRPC = 50051  # the gRPC service (h2c) of the GRPCRoute
 
 
 def _nginx() -> str:
@@ -346,3 +350,56 @@ def test_a_tlsroute_is_passed_through_to_the_origins_own_tls(world: World) -> No
     finally:
         world.kube.kubectl("delete", "gatewayclass.gateway.networking.k8s.io", klass,
                            "--wait=false")  # fmt: skip
+
+
+def test_a_grpcroute_reaches_an_h2c_service_with_its_trailers(world: World) -> None:
+    """A GRPCRoute of one backend: a gRPC client over TLS reaches a gRPC service (h2c) beside
+    the cluster agent, its stream and the trailers that end it included."""
+    host = f"grpc.{world.domain}"
+    klass = unique_name("kmgc")
+    v1 = "gateway.networking.k8s.io/v1"
+    backend = next(h for h in world.extra_hosts if h.role == "backend")
+    server = backend.spawn([sys.executable, GRPC_ORIGIN, BACKEND_IP, str(GRPC)],
+                           log=world.workdir / "grpc-route.log")  # fmt: skip
+    issued = world.ca.issue(host)
+    Secrets(world.kube, world.namespace).put_tls(
+        "grpc-tls", issued.certificate_pem, issued.private_key_pem
+    )
+    gateway_class = {"apiVersion": v1, "kind": "GatewayClass", "metadata": {"name": klass},
+                     "spec": {"controllerName": GATEWAY_CONTROLLER}}  # fmt: skip
+    world.kube.kubectl("apply", "-f", "-", input_text=json.dumps(gateway_class))
+    try:
+        apply(
+            world,
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo"},
+             "spec": {"ports": [{"name": "grpc", "port": 50051, "protocol": "TCP"}]}},
+            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+             "metadata": {"name": "echo-1", "labels": {"kubernetes.io/service-name": "echo"}},
+             "addressType": "IPv4", "ports": [{"name": "grpc", "port": GRPC, "protocol": "TCP"}],
+             "endpoints": [{"addresses": [BACKEND_IP]}]},
+            {"apiVersion": v1, "kind": "Gateway", "metadata": {"name": "grpc"},
+             "spec": {"gatewayClassName": klass, "listeners": [
+                 {"name": "https", "protocol": "HTTPS", "port": 443,
+                  "tls": {"certificateRefs": [{"name": "grpc-tls"}]}}]}},
+            {"apiVersion": v1, "kind": "GRPCRoute", "metadata": {"name": "echo"},
+             "spec": {"parentRefs": [{"name": "grpc"}], "hostnames": [host],
+                      "rules": [{"backendRefs": [{"name": "echo", "port": 50051}]}]}},
+        )  # fmt: skip
+
+        def call() -> str:
+            done = subprocess.run(
+                world.client_host.command(sys.executable, "-c", GRPC_CLIENT,
+                                          f"{world.gateway_client_ip}:443", host,
+                                          str(world.ca_file)),
+                capture_output=True, text=True, check=False, timeout=60,
+            )  # fmt: skip
+            return done.stdout
+
+        assert wait_until(call, "a gRPC call through the GRPCRoute", timeout=90).splitlines() == [
+            "echo: hello", "0,1,2", "3",
+        ]  # fmt: skip
+    finally:
+        world.kube.kubectl("delete", "gatewayclass.gateway.networking.k8s.io", klass,
+                           "--wait=false")  # fmt: skip
+        server.kill()
+        server.wait(timeout=10)

@@ -20,6 +20,7 @@ from kakuremichi.control.ingresses import IngressController
 from kakuremichi.control.kube_api import (
     ENDPOINT_SLICE,
     GATEWAY_CLASS,
+    GRPC_ROUTE,
     HTTP_ROUTE,
     INGRESS,
     NAMESPACE,
@@ -107,7 +108,8 @@ def tell(controller: IngressController, kube: FakeKube, *objects: tuple[BuiltinK
         stored = kube.put_builtin(kind, body)
         if kind is NAMESPACE:
             controller.heard(controller.sources.saw_namespace(stored))
-        elif kind in (GATEWAY_CLASS, ROUTED_GATEWAY, HTTP_ROUTE, TLS_ROUTE, REFERENCE_GRANT):
+        elif kind in (GATEWAY_CLASS, ROUTED_GATEWAY, HTTP_ROUTE, TLS_ROUTE, GRPC_ROUTE,
+                      REFERENCE_GRANT):  # fmt: skip
             controller.saw_gateway_api(kind, stored)
         else:
             feed(controller, kube, (kind, stored))
@@ -172,7 +174,8 @@ def test_an_httproute_is_served_through_a_gateway_with_the_statuses_the_spec_ask
         # The route attaches to both listeners (no sectionName), and is one route on each.
         assert [listeners[n]["attachedRoutes"] for n in ("https", "http")] == [1, 1]
         assert listeners["https"]["supportedKinds"] == [
-            {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"}
+            {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"},
+            {"group": "gateway.networking.k8s.io", "kind": "GRPCRoute"},
         ]
         # The host: its rules in order, weights kept, served through the cluster agent.
         (served,) = context.state.snapshot().routes
@@ -829,5 +832,39 @@ def test_a_certificate_secret_of_another_namespace_is_used_where_a_grant_allows_
         restarted.gateway_api_gone(ROUTED_GATEWAY, INFRA, "edge")
         await settle(restarted)
         assert not [k for k in kube.objects if k[0] == "certificates"]
+
+    asyncio.run(scenario())
+
+
+def test_a_grpcroute_passes_a_hosts_http2_to_its_one_backend(context: Context) -> None:
+    """A GRPCRoute of one backend: TLS terminated with the listener's certificate, the HTTP/2
+    connection passed whole to the backend's endpoints (h2c). One with matches, or with calls
+    to several Services, is refused: per-call routing would be enforced by nobody."""
+
+    async def scenario() -> None:
+        controller, kube, agent_id = await controller_of(context)
+        tell(controller, kube, (GATEWAY_CLASS, gateway_class()),
+             (ROUTED_GATEWAY, gateway("edge", INFRA, https(allowedRoutes=everywhere()))),
+             *shop_backend(), (SERVICE, service("admin", "shop", 80, "10.96.0.11")),
+             (GRPC_ROUTE, route("echo", "shop", ["grpc.example.com"],
+                                [{"backendRefs": [to("web")]}])),
+             (GRPC_ROUTE, route("picky", "shop", ["picky.example.com"], [
+                 {"matches": [{"method": {"service": "Echo", "method": "Say"}}],
+                  "backendRefs": [to("web")]}])),
+             (GRPC_ROUTE, route("split", "shop", ["split.example.com"], [
+                 {"backendRefs": [to("web")]}, {"backendRefs": [to("admin")]}])))  # fmt: skip
+        await settle(controller)
+        echo = conditions(status(kube, GRPC_ROUTE, "shop", "echo")["parents"][0]["conditions"])
+        assert echo == {"Accepted": ("True", "Accepted"), "ResolvedRefs": ("True", "ResolvedRefs")}
+        for refused in ("picky", "split"):
+            said = status(kube, GRPC_ROUTE, "shop", refused)["parents"][0]["conditions"]
+            assert conditions(said)["Accepted"] == ("False", "UnsupportedValue")
+        (served,) = context.state.snapshot().routes
+        assert (served.domain, served.h2c, served.rules) == ("grpc.example.com", True, None)
+        config = agent_config(context.state.snapshot().topology, agent_id, 1)
+        (tunnel,) = config.tunnels
+        assert (tunnel.backend, tunnel.target) == ("shop/web:80", "127.0.0.1:1")
+        (certificate,) = [b for (p, _, _), b in kube.objects.items() if p == "certificates"]
+        assert certificate["spec"]["domain"] == "grpc.example.com"
 
     asyncio.run(scenario())

@@ -61,8 +61,10 @@ POOL_GROUP = "kakuremichi.io"
 ISSUER_OPTION = "kakuremichi.io/issuer"
 """Listener ``tls.options`` key: ``ACME`` has the hosts' certificates issued by ACME."""
 HTTP_PORT, HTTPS_PORT = 80, 443
-HTTP_ROUTE, TLS_ROUTE = "HTTPRoute", "TLSRoute"
-ROUTE_KINDS = {"HTTP": (HTTP_ROUTE,), "HTTPS": (HTTP_ROUTE,), "TLS": (TLS_ROUTE,)}
+HTTP_ROUTE, GRPC_ROUTE, TLS_ROUTE = "HTTPRoute", "GRPCRoute", "TLSRoute"
+ROUTE_KINDS = {
+    "HTTP": (HTTP_ROUTE, GRPC_ROUTE), "HTTPS": (HTTP_ROUTE, GRPC_ROUTE), "TLS": (TLS_ROUTE,),
+}  # fmt: skip
 """What each listener protocol served takes (TLS: passed through, by SNI, on 443)."""
 MAX_RULES_PER_HOST = 1000
 """What a gateway takes for one host."""
@@ -146,6 +148,7 @@ class GatewayApiDecision:
     routes: Mapping[Key, RouteDecision] = field(default_factory=dict)
     """HTTPRoutes attached to a Gateway of ours."""
     tls_routes: Mapping[Key, RouteDecision] = field(default_factory=dict)
+    grpc_routes: Mapping[Key, RouteDecision] = field(default_factory=dict)
     claims: Mapping[str, tuple[TunnelFacts, ...]] = field(default_factory=dict)
     """Source (``HTTPRoutes <namespace>``, ``TLSRoutes <namespace>``) → its host claims."""
     backends: frozenset[BackendRef] = frozenset()
@@ -162,16 +165,19 @@ class GatewayApiObjects:
     grants: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
     namespaces: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     """Namespace → its labels (for ``allowedRoutes.namespaces.selector``)."""
+    grpc_routes: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
 
 
 def source_of(namespace: str, kind: str = HTTP_ROUTE) -> str:
     return f"{kind}s {namespace}"
 
 
-def certificate_name(gateway: Key, host: str, namespace: str) -> str:
-    """A Certificate of a Gateway (``(namespace, name)``) for the claim of routes of
-    ``namespace`` on a host; never an Ingress's name."""
+def certificate_name(gateway: Key, host: str, namespace: str, kind: str = HTTP_ROUTE) -> str:
+    """A Certificate of a Gateway (``(namespace, name)``) for the claim of routes of ``kind``
+    and ``namespace`` on a host; never an Ingress's name."""
     said = f"gateway:{gateway[0]}/{gateway[1]}/{host}/{namespace}"
+    if kind != HTTP_ROUTE:
+        said += f"/{kind}"
     digest = hashlib.sha256(said.encode()).hexdigest()[:16]
     return f"{gateway[1][:40].rstrip('-.')}-{digest}"
 
@@ -208,9 +214,12 @@ def decide(
             pool, ok, listeners[key] = None, False, []
         gateway_facts[key] = (body, conditions, pool, ok)
 
-    decided_routes: dict[str, dict[Key, RouteDecision]] = {HTTP_ROUTE: {}, TLS_ROUTE: {}}
+    decided_routes: dict[str, dict[Key, RouteDecision]] = {
+        HTTP_ROUTE: {}, TLS_ROUTE: {}, GRPC_ROUTE: {},
+    }  # fmt: skip
     attachments: list[_Attached] = []
-    for kind, bodies in ((HTTP_ROUTE, objects.http_routes), (TLS_ROUTE, objects.tls_routes)):
+    for kind, bodies in ((HTTP_ROUTE, objects.http_routes), (TLS_ROUTE, objects.tls_routes),
+                         (GRPC_ROUTE, objects.grpc_routes)):  # fmt: skip
         for key, body in sorted(bodies.items(), key=lambda kv: _age(kv[1], kv[0])):
             try:
                 decided, attached = _route(kind, key, body, gateway_facts, listeners, objects,
@@ -251,8 +260,8 @@ def decide(
             tuple(conditions), tuple(counted), certificates.get(key, {}),
         )  # fmt: skip
     return GatewayApiDecision(
-        classes, gateways, decided_routes[HTTP_ROUTE], decided_routes[TLS_ROUTE], claims,
-        frozenset(backends),
+        classes, gateways, decided_routes[HTTP_ROUTE], decided_routes[TLS_ROUTE],
+        decided_routes[GRPC_ROUTE], claims, frozenset(backends),
     )  # fmt: skip
 
 
@@ -515,8 +524,12 @@ def _route(
     meta, spec = _map(body.get("metadata")), _map(body.get("spec"))
     namespace = key[0]
     problems: list[str] = []
+    refusal = None
     if kind == TLS_ROUTE:
         rules, backends, resolved, partial = _tls_rules(key, spec, grants, services, problems)
+    elif kind == GRPC_ROUTE:
+        refusal, backends, resolved = _grpc_rules(key, spec, grants, services, problems)
+        rules, partial = [], None
     else:
         rules, backends, resolved, partial = _rules(key, spec, grants, services, problems)
     route_hosts: list[str | None] = [*_list_text(spec.get("hostnames"))] or [None]
@@ -549,6 +562,8 @@ def _route(
                                             f"{at}: no named host to serve; give "
                                             "spec.hostnames (or the listener a hostname).")
                                   )  # fmt: skip
+            elif refusal is not None:
+                conditions.append(refusal)
             elif not rules and kind == HTTP_ROUTE:
                 conditions.append(Condition("Accepted", False, "UnsupportedValue",
                                             "spec.rules: no rule can be served (see "
@@ -763,6 +778,48 @@ def _rules(
     return out, backends, resolved, partial
 
 
+def _grpc_rules(
+    key: Key, spec: Mapping[str, Any], grants: Grants,
+    services: Mapping[str, Mapping[str, ServiceFacts]], problems: list[str],
+) -> tuple[Condition | None, set[BackendRef], Condition]:  # fmt: skip
+    """A GRPCRoute's backend: the gateways pass a gRPC host's HTTP/2 connections whole to one
+    Service port that speaks h2c, so every rule must lead there, without matches or filters
+    (served per call, they would be enforced by nobody). Why not, when it cannot be served."""
+    refs: list[tuple[str, Mapping[str, Any]]] = []
+    refusal = None
+    for r, rule in enumerate(_list(spec.get("rules")) or [{}]):
+        if _list(rule.get("matches")) or _list(rule.get("filters")):
+            refusal = Condition("Accepted", False, "UnsupportedValue",
+                                f"spec.rules[{r}]: matches and filters of a GRPCRoute are not "
+                                "served yet (every call of a host goes to its one backend); "
+                                "leave them out, or use one host per Service.")  # fmt: skip
+        for b, ref in enumerate(_list(rule.get("backendRefs"))):
+            weight = ref.get("weight", 1)
+            if not isinstance(weight, int) or isinstance(weight, bool) or weight > 0:
+                refs.append((f"spec.rules[{r}].backendRefs[{b}]", ref))
+    backends: set[BackendRef] = set()
+    unresolved: list[tuple[str, str]] = []
+    for at, ref in refs:
+        found = _backend_ref(key, ref, at, grants, services, GRPC_ROUTE)
+        if isinstance(found, tuple):
+            unresolved.append(found)
+        else:
+            backends.add(found)
+    if len(backends) > 1 or (backends and unresolved):
+        refusal = Condition("Accepted", False, "UnsupportedValue",
+                            "spec.rules: a GRPCRoute's calls go to one backend here; its rules "
+                            "name several.")  # fmt: skip
+    problems.extend(sentence for _, sentence in unresolved)
+    if refusal is not None:
+        problems.append(refusal.message)
+    if unresolved:
+        resolved = Condition("ResolvedRefs", False, unresolved[0][0],
+                             "; ".join(s for _, s in unresolved))  # fmt: skip
+    else:
+        resolved = Condition("ResolvedRefs", True, "ResolvedRefs", "All references resolved.")
+    return refusal, backends if refusal is None else set(), resolved
+
+
 def _tls_rules(
     key: Key, spec: Mapping[str, Any], grants: Grants,
     services: Mapping[str, Mapping[str, ServiceFacts]], problems: list[str],
@@ -898,7 +955,8 @@ def _claims(
     dropped: dict[tuple[str, str, str], list[str]] = {}
     for (kind, namespace, host), found in sorted(by_host.items()):
         source = source_of(namespace, kind)
-        held = sum(len(claims.get(source_of(namespace, k), ())) for k in (HTTP_ROUTE, TLS_ROUTE))
+        held = sum(len(claims.get(source_of(namespace, k), ()))
+                   for k in (HTTP_ROUTE, TLS_ROUTE, GRPC_ROUTE))  # fmt: skip
         if held >= MAX_HOSTS_PER_NAMESPACE:
             for attached in found:
                 dropped.setdefault((kind, *attached.route), []).append(
@@ -915,7 +973,7 @@ def _claims(
                         f"{claim.name} of this namespace, to its backend."
                     )
             else:
-                made = _claim(namespace, host, found, cluster_agent, seen, now, dropped)
+                made = _claim(namespace, host, found, cluster_agent, seen, now, dropped, kind)
                 if made is None:
                     continue
                 claim, (gateway, certificate, spec), refs = made
@@ -955,8 +1013,10 @@ def _tls_claim(
 def _claim(
     namespace: str, host: str, found: Sequence[_Attached], cluster_agent: Key,
     seen: Mapping[uuid.UUID, datetime], now: datetime,
-    dropped: dict[tuple[str, str, str], list[str]],
+    dropped: dict[tuple[str, str, str], list[str]], kind: str = HTTP_ROUTE,
 ) -> tuple[TunnelFacts, tuple[Key, Key, CertificateSpec], set[BackendRef]] | None:  # fmt: skip
+    """An HTTP host's claim (HTTPRoutes: rules; GRPCRoutes: their HTTP/2 connections passed to
+    the oldest route's one backend, which speaks h2c), with its Certificate."""
     routes: dict[Key, _Attached] = {}
     for attached in found:
         routes.setdefault(attached.route, attached)
@@ -973,7 +1033,15 @@ def _claim(
             )
         rules = rules[:MAX_RULES_PER_HOST]
     refs = {ref for a in routes.values() for ref in a.backends}
-    if not rules:
+    first_route = min(routes.values(), key=lambda a: (a.created, a.route))
+    if kind == GRPC_ROUTE:
+        refs = set(first_route.backends)
+        for other in set(routes) - {first_route.route}:
+            dropped.setdefault((kind, *other), []).append(
+                f"spec.hostnames: {host} is served by the older GRPCRoute "
+                f"{first_route.route[1]} of this namespace, to its backend."
+            )
+    elif not rules:
         return None
     # The certificate: an HTTPS listener's before an HTTP one's (ACME); the most specific (its
     # hostname the host itself, then the longest wildcard); its own Secret before ACME; then
@@ -982,27 +1050,28 @@ def _claim(
         a.certificate is None, _specificity(a.listener_hostname, host),
         _preference(a.certificate), a.gateway, a.listener,
     ))  # fmt: skip
-    kind, secret, secret_namespace = giver.certificate or ("ACME", "", "")
-    certificate = certificate_name(giver.gateway, host, namespace)
+    source, secret, secret_namespace = giver.certificate or ("ACME", "", "")
+    certificate = certificate_name(giver.gateway, host, namespace, kind)
     # (beside the Secret, which a Certificate reads from its own namespace: the Gateway's, or
     # the one whose ReferenceGrant lets the Gateway use it)
-    where = secret_namespace if kind == "Secret" else giver.gateway[0]
+    where = secret_namespace if source == "Secret" else giver.gateway[0]
     spec = CertificateSpec(
         domain=host,
         secret_name=secret or f"{certificate}-tls",
-        issuer="Secret" if kind == "Secret" else "ACME",
+        issuer="Secret" if source == "Secret" else "ACME",
     )
-    first_route = min(routes.values(), key=lambda a: (a.created, a.route))
-    identity = claim_id(namespace, host)
+    identity = claim_id(namespace, host, kind)
     names = ", ".join(f"{namespace}/{r[1]}" for r in sorted(routes))
     claim = TunnelFacts(
         id=identity, namespace=namespace, name=first_route.route[1], domain=host,
         agent=cluster_agent[1], agent_namespace=cluster_agent[0],
-        target=_target(refs), enabled=True,
+        target=PASSTHROUGH_TARGET if kind == GRPC_ROUTE else _target(refs), enabled=True,
         created=seen.get(identity, now), generation=first_route.generation,
         certificate=certificate, certificate_namespace=where,
-        description=f"HTTPRoute {names}"[:1024], source=f"HTTPRoute {first_route.route[1]}",
-        rules=tuple(rules), backends=tuple(sorted(ref.stream for ref in refs)),
+        description=f"{kind} {names}"[:1024], source=f"{kind} {first_route.route[1]}",
+        rules=None if kind == GRPC_ROUTE else tuple(rules),
+        app_protocol="H2C" if kind == GRPC_ROUTE else "HTTP1",
+        backends=tuple(sorted(ref.stream for ref in refs)),
     )  # fmt: skip
     return claim, (giver.gateway, (where, certificate), spec), refs
 
@@ -1016,7 +1085,7 @@ def _named(host: str) -> bool:
 def _target(refs: set[BackendRef]) -> str:
     """What the mirror row and messages name as the host's target."""
     if not refs:
-        return "no-backend.invalid:80"
+        return PASSTHROUGH_TARGET
     first = min(refs)
     return f"{first.service}.{first.namespace}:{first.port}"
 

@@ -39,6 +39,7 @@ from kakuremichi.control.gateway_api import RouteDecision as HTTPRouteDecision
 from kakuremichi.control.kube_api import (
     ENDPOINT_SLICE,
     GATEWAY_CLASS,
+    GRPC_ROUTE,
     HTTP_ROUTE,
     INGRESS,
     INGRESS_CLASS,
@@ -58,7 +59,7 @@ from kakuremichi.control.snapshot import Snapshot
 
 Owner = tuple[str, str, str]
 """(kind, namespace, name)."""
-ROUTE_KINDS = {HTTP_ROUTE.kind: HTTP_ROUTE, TLS_ROUTE.kind: TLS_ROUTE}
+ROUTE_KINDS = {kind.kind: kind for kind in (HTTP_ROUTE, TLS_ROUTE, GRPC_ROUTE)}
 CLAIMS_CONFIG_MAP = "kakuremichi-route-claims"
 """Claim id → when the operator first saw that host in that Ingress (ISO 8601)."""
 MAX_PROBLEM_EVENTS = 10
@@ -120,6 +121,7 @@ class IngressController:
         saw = {
             GATEWAY_CLASS.kind: sources.saw_gateway_class, ROUTED_GATEWAY.kind: sources.saw_gateway,
             HTTP_ROUTE.kind: sources.saw_http_route, TLS_ROUTE.kind: sources.saw_tls_route,
+            GRPC_ROUTE.kind: sources.saw_grpc_route,
             REFERENCE_GRANT.kind: sources.saw_grant,
         }[kind.kind]  # fmt: skip
         self.heard(saw(body))
@@ -134,7 +136,7 @@ class IngressController:
             return
         gone = {
             ROUTED_GATEWAY.kind: sources.gateway_gone, HTTP_ROUTE.kind: sources.http_route_gone,
-            TLS_ROUTE.kind: sources.tls_route_gone,
+            TLS_ROUTE.kind: sources.tls_route_gone, GRPC_ROUTE.kind: sources.grpc_route_gone,
             REFERENCE_GRANT.kind: sources.grant_gone,
         }[kind.kind]  # fmt: skip
         self.heard(gone(namespace, name))
@@ -152,7 +154,7 @@ class IngressController:
             self.restored.setdefault(INGRESS.kind, set()).add(_key_of(body))
         for body in await kube.list_builtin(NAMESPACE):
             self.sources.saw_namespace(body)
-        for kind in (GATEWAY_CLASS, REFERENCE_GRANT, ROUTED_GATEWAY, HTTP_ROUTE, TLS_ROUTE):
+        for kind in (GATEWAY_CLASS, REFERENCE_GRANT, ROUTED_GATEWAY, *ROUTE_KINDS.values()):
             try:
                 found = await kube.list_builtin(kind)
             except ApiException as error:
@@ -187,8 +189,8 @@ class IngressController:
         listed at the start that are no longer listed (only those: one created since may be
         missing from this listing)."""
         kube = self.context.kube
-        for kind in (INGRESS, GATEWAY_CLASS, REFERENCE_GRANT, ROUTED_GATEWAY, HTTP_ROUTE,
-                     TLS_ROUTE):  # fmt: skip
+        for kind in (INGRESS, GATEWAY_CLASS, REFERENCE_GRANT, ROUTED_GATEWAY,
+                     *ROUTE_KINDS.values()):  # fmt: skip
             restored = self.restored.get(kind.kind, set())
             if not restored:
                 continue
@@ -319,6 +321,7 @@ class IngressController:
         }
         routes.update({(HTTP_ROUTE.kind, *key): d for key, d in decided.routes.items()})
         routes.update({(TLS_ROUTE.kind, *key): d for key, d in decided.tls_routes.items()})
+        routes.update({(GRPC_ROUTE.kind, *key): d for key, d in decided.grpc_routes.items()})
         for owner, route in routes.items():
             previous = self.statuses.get(owner, {})
             status = gateway_api_status.route_status(route, previous, now)
@@ -357,7 +360,8 @@ class IngressController:
                 kind_name = (claim.source or "").split(" ", 1)[0]
                 claims_of.setdefault((kind_name, claim.namespace, claim.name), []).append(claim)
         for route_kind, decided_routes in ((HTTP_ROUTE, decided.routes),
-                                           (TLS_ROUTE, decided.tls_routes)):  # fmt: skip
+                                           (TLS_ROUTE, decided.tls_routes),
+                                           (GRPC_ROUTE, decided.grpc_routes)):  # fmt: skip
             for key, route in decided_routes.items():
                 try:
                     await self._tell(
@@ -641,7 +645,7 @@ def register(registry: kopf.OperatorRegistry, context: Context) -> IngressContro
         gone = type == "DELETED"
         controller.heard(sources.namespace_gone(name) if gone else sources.saw_namespace(body))
 
-    for kind in (GATEWAY_CLASS, ROUTED_GATEWAY, HTTP_ROUTE, TLS_ROUTE, REFERENCE_GRANT):
+    for kind in (GATEWAY_CLASS, ROUTED_GATEWAY, *ROUTE_KINDS.values(), REFERENCE_GRANT):
         _watch_gateway_api(registry, controller, kind)
 
     return controller

@@ -59,9 +59,12 @@ ROUTED_GATEWAY = BuiltinKind("gateway.networking.k8s.io", "v1", "gateways", "Gat
 """The Gateway API's Gateway (ours, the pool of public entry nodes, is ``GATEWAY``)."""
 HTTP_ROUTE = BuiltinKind("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute")
 TLS_ROUTE = BuiltinKind("gateway.networking.k8s.io", "v1", "tlsroutes", "TLSRoute")
+GRPC_ROUTE = BuiltinKind("gateway.networking.k8s.io", "v1", "grpcroutes", "GRPCRoute")
 REFERENCE_GRANT = BuiltinKind("gateway.networking.k8s.io", "v1beta1", "referencegrants",
                               "ReferenceGrant")  # fmt: skip
-GATEWAY_API_KINDS = (GATEWAY_CLASS, ROUTED_GATEWAY, HTTP_ROUTE, TLS_ROUTE, REFERENCE_GRANT)
+GATEWAY_API_KINDS = (
+    GATEWAY_CLASS, ROUTED_GATEWAY, HTTP_ROUTE, TLS_ROUTE, GRPC_ROUTE, REFERENCE_GRANT,
+)  # fmt: skip
 AnyKind = ResourceKind | BuiltinKind
 
 

@@ -126,6 +126,7 @@ class RouteSources:
     gateways: dict[Key, dict[str, Any]] = field(default_factory=dict)
     http_routes: dict[Key, dict[str, Any]] = field(default_factory=dict)
     tls_routes: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    grpc_routes: dict[Key, dict[str, Any]] = field(default_factory=dict)
     grants: dict[Key, dict[str, Any]] = field(default_factory=dict)
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
 
@@ -255,6 +256,14 @@ class RouteSources:
     def tls_route_gone(self, namespace: str, name: str) -> bool:
         return self.tls_routes.pop((namespace, name), None) is not None
 
+    def saw_grpc_route(self, body: Mapping[str, Any]) -> bool:
+        meta = _map(body.get("metadata"))
+        trimmed = {"metadata": _trim(meta), "spec": _map(body.get("spec"))}
+        return _put(self.grpc_routes, _key(meta), trimmed)
+
+    def grpc_route_gone(self, namespace: str, name: str) -> bool:
+        return self.grpc_routes.pop((namespace, name), None) is not None
+
     def saw_grant(self, body: Mapping[str, Any]) -> bool:
         meta = _map(body.get("metadata"))
         return _put(self.grants, _key(meta), {"spec": _map(body.get("spec"))})
@@ -299,6 +308,7 @@ class RouteSources:
             self.tls_routes,
             self.grants,
             self.namespaces,
+            self.grpc_routes,
         )
         routed = gateway_api.decide(objects, by_namespace, self.cluster_agent, seen, now)
         refs |= routed.backends
