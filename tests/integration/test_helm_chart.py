@@ -703,7 +703,14 @@ def gateway_api(kube: Cluster, apps: str, host: str, address: str) -> None:
             },
         }  # fmt: skip
 
-    items = [gateway_class, gateway, route(apps), route(outsider), tls_route]
+    grpc_route = {
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GRPCRoute",
+        "metadata": {"name": "rpc", "namespace": apps},
+        "spec": {"parentRefs": [{"name": "edge", "sectionName": "https"}],
+                 "hostnames": [f"rpc.{host}"],
+                 "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]},
+    }  # fmt: skip
+    items = [gateway_class, gateway, route(apps), route(outsider), tls_route, grpc_route]
     document = {"apiVersion": "v1", "kind": "List", "items": items}
     try:
         kube.kubectl("apply", "-f", "-", input_text=json.dumps(document))
@@ -720,6 +727,8 @@ def gateway_api(kube: Cluster, apps: str, host: str, address: str) -> None:
         assert parent(apps)["ResolvedRefs"] == ("True", "ResolvedRefs")
         wait_until(lambda: parent(apps, "tlsroutes", "vault").get("Accepted") == (
             "True", "Accepted"), "the TLSRoute to be accepted")  # fmt: skip
+        wait_until(lambda: parent(apps, "grpcroutes", "rpc").get("Accepted") == (
+            "True", "Accepted"), "the GRPCRoute to be accepted")  # fmt: skip
         wait_until(lambda: parent(outsider).get("Accepted") == ("False", "NotAllowedByListeners"),
                    "the other namespace's HTTPRoute to be refused")  # fmt: skip
 
@@ -732,7 +741,7 @@ def gateway_api(kube: Cluster, apps: str, host: str, address: str) -> None:
         wait_until(lambda: gateway_status().get("addresses") == [
             {"type": "IPAddress", "value": address}], "the Gateway to be programmed")  # fmt: skip
         listeners = {item["name"]: item for item in gateway_status()["listeners"]}
-        assert listeners["https"]["attachedRoutes"] == 1
+        assert listeners["https"]["attachedRoutes"] == 2  # (the HTTPRoute and the GRPCRoute)
         accepted = json.loads(
             kube.kubectl("get", "gatewayclasses.gateway.networking.k8s.io", klass, "-o", "json")
         )["status"]["conditions"]

@@ -1,8 +1,8 @@
 """What Gateway API objects of class ``kakuremichi`` ask for, and what they get: pure, as
 :mod:`kakuremichi.control.ingress_routes` is for Ingresses (issue 21).
 
-From GatewayClasses, Gateways, HTTPRoutes, TLSRoutes, ReferenceGrants, namespace labels and
-Services comes one decision:
+From GatewayClasses, Gateways, HTTPRoutes, GRPCRoutes, TLSRoutes, ReferenceGrants, namespace
+labels and Services comes one decision:
 
 - each GatewayClass of our controller (``kakuremichi.io/gateway-controller``) is accepted, or
   not, with the reason;
@@ -17,7 +17,8 @@ Services comes one decision:
 - one claim per kind, namespace and host: for HTTPRoutes, the rules of every HTTPRoute of that
   namespace attached with that host, ordered as the Gateway API orders matches (Exact path, then
   the longest prefix, then method, then the most header and query matches, then the oldest
-  route, then its name, then rule order); for TLSRoutes, the oldest route's backend, passed
+  route, then its name, then rule order); for GRPCRoutes, the oldest route's one backend, to
+  which HTTP/2 connections are passed whole; for TLSRoutes, the oldest route's backend, passed
   through. Claims weigh in the one ownership decision against Tunnels, Ingresses and other
   namespaces' routes: routes of one namespace merge on a host, routes of two namespaces never do
   (the oldest claim holds, as for every domain).
