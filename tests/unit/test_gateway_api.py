@@ -12,6 +12,7 @@ from uuid import UUID
 import pytest
 
 from kakuremichi.api import protocol
+from kakuremichi.api.protocol import CertificateBundle
 from kakuremichi.api.resources import AGENT, TUNNEL
 from kakuremichi.control import agents, tunnels
 from kakuremichi.control.context import Context
@@ -32,7 +33,9 @@ from kakuremichi.control.kube_api import (
     BuiltinKind,
 )
 from kakuremichi.control.topology import GatewayNode, agent_config, gateway_config
+from kakuremichi.control.tunnel_readiness import CertificateVerdict
 from tests.infra.fake_kube import FakeKube
+from tests.infra.tlsgen import TestCA
 from tests.unit.test_control_plane import reconcile
 from tests.unit.test_ingress_controller import (
     AGENT_NAME,
@@ -866,5 +869,99 @@ def test_a_grpcroute_passes_a_hosts_http2_to_its_one_backend(context: Context) -
         assert (tunnel.backend, tunnel.target) == ("shop/web:80", "127.0.0.1:1")
         (certificate,) = [b for (p, _, _), b in kube.objects.items() if p == "certificates"]
         assert certificate["spec"]["domain"] == "grpc.example.com"
+
+    asyncio.run(scenario())
+
+
+def test_whoever_writes_a_routes_certificate_cannot_order_a_key_for_its_host(
+    context: Context,
+) -> None:
+    """The namespace of the Secret a Gateway uses (by its grant) edits the Certificate made
+    there to ACME: no order is allowed for the host it does not hold."""
+
+    async def scenario() -> None:
+        controller, kube, _ = await controller_of(context)
+        listener = https(allowedRoutes=everywhere())
+        listener["tls"]["certificateRefs"] = [{"name": "wild", "namespace": "certs"}]
+        tell(controller, kube, (GATEWAY_CLASS, gateway_class()),
+             (ROUTED_GATEWAY, gateway("edge", INFRA, listener)), *shop_backend(),
+             (REFERENCE_GRANT, {"metadata": {"name": "g", "namespace": "certs"}, "spec": {
+                 "from": [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
+                           "namespace": INFRA}], "to": [{"group": "", "kind": "Secret"}]}}),
+             (HTTP_ROUTE, route("site", "shop", ["shop.example.com"],
+                                [{"backendRefs": [to("web")]}])))  # fmt: skip
+        await settle(controller)
+        (made,) = [(ns, n) for (p, ns, n) in kube.objects if p == "certificates"]
+        kube.objects[("certificates", *made)]["spec"]["issuer"] = "ACME"  # (certs' edit)
+        assert not context.state.snapshot().may_issue(made, "shop.example.com")
+
+    asyncio.run(scenario())
+
+
+def test_a_deleted_certificate_is_made_again_and_one_of_an_earlier_gateway_is_replaced(
+    context: Context,
+) -> None:
+    async def scenario() -> None:
+        controller, kube, _ = await controller_of(context)
+        tell(controller, kube, (GATEWAY_CLASS, gateway_class()),
+             (ROUTED_GATEWAY, gateway("edge", INFRA, https(allowedRoutes=everywhere()))),
+             *shop_backend(),
+             (HTTP_ROUTE, route("site", "shop", ["shop.example.com"],
+                                [{"backendRefs": [to("web")]}])))  # fmt: skip
+        await settle(controller)
+        (made,) = [k for k in kube.objects if k[0] == "certificates"]
+        del kube.objects[made]
+        controller.certificate_gone(made[1], made[2])
+        await settle(controller)
+        assert made in kube.objects
+        # The Gateway made again (a new uid): its Certificate is made anew for it.
+        tell(
+            controller,
+            kube,
+            (ROUTED_GATEWAY, gateway("edge", INFRA, https(allowedRoutes=everywhere()))),
+        )
+        controller.certificate_gone(made[1], made[2])  # (forget what was written)
+        await settle(controller)
+        (owner,) = kube.objects[made]["metadata"]["ownerReferences"]
+        assert owner["uid"] == kube.builtin[("gateways", INFRA, "edge")]["metadata"]["uid"]
+
+    asyncio.run(scenario())
+
+
+def test_a_grpcroute_with_a_broad_certificate_or_an_httproutes_host_is_not_served(
+    context: Context,
+) -> None:
+    """A GRPCRoute's HTTP/2 goes whole to its backend: with a certificate that names other
+    hosts (a client would reuse the connection for them) it is not served, and a host
+    HTTPRoutes of its namespace serve stays theirs, whatever the dates."""
+
+    async def scenario() -> None:
+        controller, kube, _ = await controller_of(context)
+        tell(controller, kube, (GATEWAY_CLASS, gateway_class()),
+             (ROUTED_GATEWAY, gateway("edge", INFRA, https(allowedRoutes=everywhere()))),
+             *shop_backend(),
+             (GRPC_ROUTE, route("rpc", "shop", ["both.example.com"],
+                                [{"backendRefs": [to("web")]}])),
+             (HTTP_ROUTE, route("site", "shop", ["both.example.com"],
+                                [{"backendRefs": [to("web")]}])),
+             (GRPC_ROUTE, route("echo", "shop", ["grpc.example.com"],
+                                [{"backendRefs": [to("web")]}])))  # fmt: skip
+        await settle(controller)
+        served = {r.domain: r for r in context.state.snapshot().routes}
+        assert served["both.example.com"].rules is not None  # (the HTTPRoute's)
+        # A certificate for *.example.com behind the gRPC host: not served, and said so.
+        holder = context.state.snapshot().ownership.holders["grpc.example.com"]
+        wild = TestCA().issue("*.example.com", "grpc.example.com")
+        context.state.set_certificate(holder.certificate_key, CertificateVerdict(
+            True, "Issued", "ok"), CertificateBundle(domain="grpc.example.com",
+            certificate=wild.certificate_pem, private_key=wild.private_key_pem))  # fmt: skip
+        snapshot = context.state.snapshot()
+        assert "grpc.example.com" not in snapshot.served_certificates
+        assert snapshot.route_verdicts[holder.id].reason == "CertificateTooBroad"
+        own = TestCA().issue("grpc.example.com")
+        context.state.set_certificate(holder.certificate_key, CertificateVerdict(
+            True, "Issued", "ok"), CertificateBundle(domain="grpc.example.com",
+            certificate=own.certificate_pem, private_key=own.private_key_pem))  # fmt: skip
+        assert "grpc.example.com" in context.state.snapshot().served_certificates
 
     asyncio.run(scenario())

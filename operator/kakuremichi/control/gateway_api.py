@@ -795,6 +795,10 @@ def _grpc_rules(
                                 "served yet (every call of a host goes to its one backend); "
                                 "leave them out, or use one host per Service.")  # fmt: skip
         for b, ref in enumerate(_list(rule.get("backendRefs"))):
+            if _list(ref.get("filters")):
+                refusal = Condition("Accepted", False, "UnsupportedValue",
+                                    f"spec.rules[{r}].backendRefs[{b}].filters: filters of a "
+                                    "GRPCRoute are not served yet.")  # fmt: skip
             weight = ref.get("weight", 1)
             if not isinstance(weight, int) or isinstance(weight, bool) or weight > 0:
                 refs.append((f"spec.rules[{r}].backendRefs[{b}]", ref))
@@ -954,8 +958,16 @@ def _claims(
     certificates: dict[Key, dict[Key, CertificateSpec]] = {}
     backends: set[BackendRef] = set()
     dropped: dict[tuple[str, str, str], list[str]] = {}
+    by_http = {(ns, host) for (kind, ns, host) in by_host if kind == HTTP_ROUTE}
     for (kind, namespace, host), found in sorted(by_host.items()):
         source = source_of(namespace, kind)
+        if kind == GRPC_ROUTE and (namespace, host) in by_http:
+            for attached in found:  # (one host, one way of serving it, whatever the dates)
+                dropped.setdefault((kind, *attached.route), []).append(
+                    f"spec.hostnames: {host} is served by HTTPRoutes of this namespace; a "
+                    "GRPCRoute needs a host of its own."
+                )
+            continue
         held = sum(len(claims.get(source_of(namespace, k), ()))
                    for k in (HTTP_ROUTE, TLS_ROUTE, GRPC_ROUTE))  # fmt: skip
         if held >= MAX_HOSTS_PER_NAMESPACE:
@@ -1068,7 +1080,7 @@ def _claim(
         agent=cluster_agent[1], agent_namespace=cluster_agent[0],
         target=PASSTHROUGH_TARGET if kind == GRPC_ROUTE else _target(refs), enabled=True,
         created=seen.get(identity, now), generation=first_route.generation,
-        certificate=certificate, certificate_namespace=where,
+        certificate=certificate, certificate_namespace=where, certificate_issuer=spec.issuer,
         description=f"{kind} {names}"[:1024], source=f"{kind} {first_route.route[1]}",
         rules=None if kind == GRPC_ROUTE else tuple(rules),
         app_protocol="H2C" if kind == GRPC_ROUTE else "HTTP1",

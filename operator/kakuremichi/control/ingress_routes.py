@@ -342,6 +342,7 @@ def host_claims(
             enabled=True, created=seen.get(identity, now),
             generation=int(metadata.get("generation") or 0),
             certificate=certificate_name(name, host), description=f"Ingress {namespace}/{name}",
+            certificate_issuer="Secret" if served.tls_secret else "ACME",
             source=f"Ingress {name}", rules=tuple(served.rules),
             backends=tuple(sorted(ref.stream for ref in served.backends)),
         ))  # fmt: skip

@@ -31,7 +31,7 @@ from uuid import UUID
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from kakuremichi.api.resources import API_VERSION, CERTIFICATE, CertificateSpec
+from kakuremichi.api.resources import API_VERSION, CERTIFICATE, GROUP, VERSION, CertificateSpec
 from kakuremichi.control import gateway_api_status
 from kakuremichi.control.context import Context
 from kakuremichi.control.gateway_api import GatewayDecision
@@ -110,6 +110,12 @@ class IngressController:
         self.told_problems.pop((INGRESS.kind, namespace, name), None)
         self.restored.get(INGRESS.kind, set()).discard((namespace, name))
         self.heard(self.sources.ingress_gone(namespace, name))
+
+    def certificate_gone(self, namespace: str, name: str) -> None:
+        """A Certificate was deleted: one of ours is made again at the next pass (what was
+        written is no longer there)."""
+        if self.certificates.pop((namespace, name), None) is not None:
+            self.news.set()
 
     def saw_gateway_api(self, kind: BuiltinKind, body: Mapping[str, Any]) -> None:
         meta = body.get("metadata") or {}
@@ -414,6 +420,11 @@ class IngressController:
                 continue
             assert uid is not None
             existing = await kube.get_object(CERTIFICATE, namespace, name)
+            earlier = existing is not None and not _owned(existing, kind, key, uid)
+            if earlier and existing is not None and _owned(existing, kind, key, None):
+                # (made for an earlier object of that name: made anew for this one)
+                await kube.delete_object(CERTIFICATE, namespace, name)
+                existing = None
             if existing is not None and not _owned(existing, kind, key, uid):
                 # (someone else's of that name, a Tunnel's say: never touched)
                 if self.certificates.get((namespace, name)) != {"taken": True}:
@@ -434,7 +445,8 @@ class IngressController:
             self.made.setdefault(made_for, set()).add((namespace, name))
         for namespace, name in sorted(self.made.get(made_for, set()) - set(wanted)):
             existing = await kube.get_object(CERTIFICATE, namespace, name)
-            if existing is not None and _owned(existing, kind, key, uid):
+            # (by the owner's name: one made for an earlier object of that name goes too)
+            if existing is not None and _owned(existing, kind, key, None):
                 await kube.delete_object(CERTIFICATE, namespace, name)
             self.certificates.pop((namespace, name), None)
             self.made[made_for].discard((namespace, name))
@@ -516,9 +528,12 @@ def _made_for(meta: Mapping[str, Any]) -> list[Owner]:
             if (owner.get("kind"), owner.get("apiVersion")) == (kind.kind, kind.api_version):
                 found.append((kind.kind, namespace, str(owner.get("name") or "")))
         said = str((meta.get("annotations") or {}).get(OWNER_ANNOTATION) or "").split(" ")
-        if len(said) == 4 and (said[0], said[1]) == (kind.api_version, kind.kind):
+        labels = meta.get("labels") or {}
+        ours = all(labels.get(k) == v for k, v in MANAGED_BY.items())
+        if ours and len(said) == 4 and (said[0], said[1]) == (kind.api_version, kind.kind):
             owner_namespace, _, owner_name = said[2].partition("/")
-            found.append((kind.kind, owner_namespace, owner_name))
+            if owner_namespace != namespace:  # (only ever written across namespaces)
+                found.append((kind.kind, owner_namespace, owner_name))
     return found
 
 
@@ -647,5 +662,10 @@ def register(registry: kopf.OperatorRegistry, context: Context) -> IngressContro
 
     for kind in (GATEWAY_CLASS, ROUTED_GATEWAY, *ROUTE_KINDS.values(), REFERENCE_GRANT):
         _watch_gateway_api(registry, controller, kind)
+
+    @kopf.on.event(GROUP, VERSION, CERTIFICATE.plural, registry=registry)
+    async def certificate_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        if type == "DELETED":
+            controller.certificate_gone(body.metadata.namespace or "", body.metadata.name or "")
 
     return controller

@@ -86,6 +86,10 @@ class TunnelFacts:
     certificate_namespace: str | None = None
     """The Certificate's namespace when it is not the claim's own (an HTTPRoute's host is
     served with the certificate of the Gateway API Gateway it is attached to)."""
+    certificate_issuer: str | None = None
+    """A route's: the issuer its Certificate was made with ("ACME", "Secret"). Whoever can
+    write that Certificate (the Gateway's namespace, the Secret's) cannot turn it to ACME and
+    order a key for a host it does not hold. None: a Tunnel's, as its own Certificate says."""
 
     @property
     def claim(self) -> Claim:

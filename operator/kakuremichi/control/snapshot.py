@@ -36,6 +36,7 @@ from kakuremichi.control.ownership import (
     decide_agents,
     decide_domains,
 )
+from kakuremichi.control.tls_material import names_only
 from kakuremichi.control.topology import AgentNode, GatewayNode, Route, Topology
 from kakuremichi.control.tunnel_readiness import CertificateVerdict, TunnelVerdict, routes, verdicts
 
@@ -136,6 +137,8 @@ class Snapshot:
             key = holder.certificate_key
             bundle = self.facts.bundles.get(key)
             if bundle is not None and bundle.domain == domain:
+                if _too_broad(holder, bundle):
+                    continue
                 served[domain] = (key, bundle)
         return served
 
@@ -169,10 +172,22 @@ class Snapshot:
     def route_verdicts(self) -> Mapping[UUID, TunnelVerdict]:
         """Whether each host of a route is served, and why not, as for Tunnels."""
         facts = self.facts
-        return verdicts(
+        found = dict(verdicts(
             facts.route_claims, self.ownership, facts.agents, facts.certificate_verdicts,
             facts.agents_away, self.unavailable_ports,
-        )  # fmt: skip
+        ))  # fmt: skip
+        for claim in facts.route_claims.values():
+            bundle = facts.bundles.get(claim.certificate_key)
+            if claim.id in found and bundle is not None and _too_broad(claim, bundle):
+                found[claim.id] = TunnelVerdict(
+                    "False", "CertificateTooBroad",
+                    f"Certificate {claim.certificate} names more than {claim.domain}: a gRPC "
+                    "host's HTTP/2 connections go whole to its backend, and clients reuse a "
+                    "connection for every name its certificate covers. Give it a certificate "
+                    "for this host alone (an HTTPS listener of that hostname, or ACME).",
+                    found[claim.id].url, found[claim.id].claimed_since,
+                )  # fmt: skip
+        return found
 
     @cached_property
     def tunnel_rows(self) -> tuple[TunnelRowFacts, ...]:
@@ -187,4 +202,19 @@ class Snapshot:
         """Whether a Certificate may hold an ACME order for ``domain``: only when the claim it
         serves (a Tunnel's, a route's) holds that domain now."""
         holder = self.ownership.holders.get(domain)
-        return holder is not None and holder.certificate_key == certificate
+        return (
+            holder is not None
+            and holder.certificate_key == certificate
+            and holder.certificate_issuer in (None, "ACME")
+        )
+
+
+def _too_broad(holder: TunnelFacts, bundle: CertificateBundle) -> bool:
+    """A route's HTTP/2 host passed whole to one backend (a GRPCRoute's) whose certificate
+    names other hosts too: never served (Tunnels with appProtocol H2C are their owner's
+    choice, and unchanged)."""
+    return (
+        holder.source is not None
+        and holder.app_protocol == "H2C"
+        and not names_only(bundle.certificate, holder.domain)
+    )

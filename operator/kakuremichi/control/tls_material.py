@@ -101,6 +101,18 @@ def _parse(chain_pem: bytes, key_pem: bytes) -> tuple[tuple[str, ...], datetime,
     return names, leaf.not_valid_before_utc, leaf.not_valid_after_utc, leaf.serial_number
 
 
+@functools.lru_cache(maxsize=256)
+def names_only(chain_pem: str, domain: str) -> bool:
+    """Whether the leaf of ``chain_pem`` names ``domain`` and nothing else (no other name, no
+    wildcard): an HTTP/2 connection passed whole to one backend must not be one a client may
+    reuse for other hosts its certificate covers (connection coalescing)."""
+    try:
+        leaf = x509.load_pem_x509_certificate(chain_pem.encode())
+    except ValueError:
+        return False
+    return {name.lower() for name in _dns_names(leaf)} == {domain}
+
+
 def _dns_names(certificate: x509.Certificate) -> list[str]:
     try:
         extension = certificate.extensions.get_extension_for_oid(
