@@ -1,5 +1,5 @@
 """How long the route decision takes (Ingresses and the Gateway API, issue 21): the pure
-``RouteSources.decide`` the route controller runs on the event loop after every settled change,
+``RouteSources.decide`` the route controller runs (in a thread) after every settled change,
 for clusters of growing size and for one hostile tenant. No root, no cluster; writes
 bench/RESULTS-route-decision.md.
 
@@ -154,8 +154,8 @@ def main() -> None:
     lines = [
         "# The route decision (bench/route_decision.py)", "",
         f"{datetime.now(UTC):%Y-%m-%d}, {rounds} rounds per case, one core of this machine "
-        "(2 cores, shared). The decision runs on the operator's event loop once per settled "
-        "change (0.1 s).", "",
+        "(2 cores, shared). The route controller makes the decision in a thread, once per "
+        "settled change (0.1 s), from a copy of its sources.", "",
         "| case | namespaces | hosts claimed | median | slowest |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]  # fmt: skip

@@ -302,8 +302,8 @@ class IngressController:
         return done
 
     async def _project_gateway_api(self, snapshot: Snapshot) -> bool:
-        """Statuses of the GatewayClasses, Gateways and HTTPRoutes of ours, the Gateways'
-        Certificates, and Events on HTTPRoutes; False when a write failed."""
+        """Statuses of the GatewayClasses, Gateways and routes of ours, the Gateways'
+        Certificates, and Events on routes; False when a write failed."""
         decided = self.decision.gateway_api
         now = datetime.now(UTC)
         done = True
