@@ -13,6 +13,7 @@ ReferenceGrant."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -109,21 +110,40 @@ def start_nginx(host: netns.Host, nginx: str, workdir: Path) -> None:
     )
 
 
-def service(name: str) -> dict[str, Any]:
+def service(name: str, port: int = 80, port_name: str = "http") -> dict[str, Any]:
     return {
         "apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
-        "spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}]},
+        "spec": {"ports": [{"name": port_name, "port": port, "protocol": "TCP"}]},
     }  # fmt: skip
 
 
-def endpoint_slice(name: str, service: str, address: str, port: int) -> dict[str, Any]:
+def endpoint_slice(
+    name: str, service: str, address: str, port: int, port_name: str = "http"
+) -> dict[str, Any]:
     return {
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": name, "labels": {"kubernetes.io/service-name": service}},
         "addressType": "IPv4",
-        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "ports": [{"name": port_name, "port": port, "protocol": "TCP"}],
         "endpoints": [{"addresses": [address], "conditions": {"ready": True}}],
     }  # fmt: skip
+
+
+GATEWAY_API = "gateway.networking.k8s.io/v1"
+
+
+@contextlib.contextmanager
+def gateway_class_of_ours(world: World) -> Iterator[str]:
+    """A GatewayClass of kakuremichi's controller (a name of its own: it is cluster-scoped)."""
+    name = unique_name("kmgc")
+    made = {"apiVersion": GATEWAY_API, "kind": "GatewayClass", "metadata": {"name": name},
+            "spec": {"controllerName": GATEWAY_CONTROLLER}}  # fmt: skip
+    world.kube.kubectl("apply", "-f", "-", input_text=json.dumps(made))
+    try:
+        yield name
+    finally:
+        world.kube.kubectl("delete", "gatewayclass.gateway.networking.k8s.io", name,
+                           "--wait=false")  # fmt: skip
 
 
 def apply(world: World, *bodies: dict[str, Any]) -> None:
@@ -203,125 +223,110 @@ def test_an_httproute_is_served_with_weights_header_matches_and_the_specs_status
     world: World,
 ) -> None:
     host = f"{unique_name('route')}.e2e.test"
-    klass = unique_name("kmgc")
-    v1 = "gateway.networking.k8s.io/v1"
     issued = world.ca.issue(host)
     Secrets(world.kube, world.namespace).put_tls(
         "edge-tls", issued.certificate_pem, issued.private_key_pem
     )
-    gateway_class = {"apiVersion": v1, "kind": "GatewayClass", "metadata": {"name": klass},
-                     "spec": {"controllerName": GATEWAY_CONTROLLER}}  # fmt: skip
-    world.kube.kubectl("apply", "-f", "-", input_text=json.dumps(gateway_class))
     other = unique_name("e2eother")
     world.kube.kubectl("create", "namespace", other)
-    try:
-        apply(
-            world, service("blue"), service("green"), service("api"),
-            endpoint_slice("blue-1", "blue", BACKEND_IP, SITE_A),
-            endpoint_slice("green-1", "green", BACKEND_IP, SITE_B),
-            endpoint_slice("green-2", "green", BACKEND_IP, API),
-            endpoint_slice("api-2", "api", BACKEND_IP, API),
-            {"apiVersion": v1, "kind": "Gateway", "metadata": {"name": "edge"},
-             "spec": {"gatewayClassName": klass, "listeners": [
-                 {"name": "https", "protocol": "HTTPS", "port": 443,
-                  "tls": {"certificateRefs": [{"name": "edge-tls"}]}}]}},
-            {"apiVersion": v1, "kind": "HTTPRoute", "metadata": {"name": "shop"},
-             "spec": {"parentRefs": [{"name": "edge"}], "hostnames": [host], "rules": [
-                 {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}}],
-                  "backendRefs": [{"name": "api", "port": 80}],
-                  "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {
-                      "set": [{"name": "X-Route", "value": "api-rule"}]}}]},
-                 {"matches": [{"headers": [{"name": "X-Canary", "value": "always"}]}],
-                  "backendRefs": [{"name": "green", "port": 80}]},
-                 {"backendRefs": [{"name": "blue", "port": 80, "weight": 1},
-                                  {"name": "green", "port": 80, "weight": 1}]},
-             ]}},
-            # A backend of another namespace, which grants nothing: refused.
-            {"apiVersion": v1, "kind": "HTTPRoute", "metadata": {"name": "reach"},
-             "spec": {"parentRefs": [{"name": "edge"}], "hostnames": [f"x.{host}"], "rules": [
-                 {"backendRefs": [{"name": "db", "namespace": other, "port": 80}]}]}},
-        )  # fmt: skip
-        resolve = ("--resolve", f"{host}:443:{world.gateway_client_ip}")
+    with gateway_class_of_ours(world) as klass:
+        try:
+            apply(
+                world, service("blue"), service("green"), service("api"),
+                endpoint_slice("blue-1", "blue", BACKEND_IP, SITE_A),
+                endpoint_slice("green-1", "green", BACKEND_IP, SITE_B),
+                endpoint_slice("green-2", "green", BACKEND_IP, API),
+                endpoint_slice("api-2", "api", BACKEND_IP, API),
+                {"apiVersion": GATEWAY_API, "kind": "Gateway", "metadata": {"name": "edge"},
+                 "spec": {"gatewayClassName": klass, "listeners": [
+                     {"name": "https", "protocol": "HTTPS", "port": 443,
+                      "tls": {"certificateRefs": [{"name": "edge-tls"}]}}]}},
+                {"apiVersion": GATEWAY_API, "kind": "HTTPRoute", "metadata": {"name": "shop"},
+                 "spec": {"parentRefs": [{"name": "edge"}], "hostnames": [host], "rules": [
+                     {"matches": [{"path": {"type": "PathPrefix", "value": "/api"}}],
+                      "backendRefs": [{"name": "api", "port": 80}],
+                      "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {
+                          "set": [{"name": "X-Route", "value": "api-rule"}]}}]},
+                     {"matches": [{"headers": [{"name": "X-Canary", "value": "always"}]}],
+                      "backendRefs": [{"name": "green", "port": 80}]},
+                     {"backendRefs": [{"name": "blue", "port": 80, "weight": 1},
+                                      {"name": "green", "port": 80, "weight": 1}]},
+                 ]}},
+                # A backend of another namespace, which grants nothing: refused.
+                {"apiVersion": GATEWAY_API, "kind": "HTTPRoute", "metadata": {"name": "reach"},
+                 "spec": {"parentRefs": [{"name": "edge"}], "hostnames": [f"x.{host}"], "rules": [
+                     {"backendRefs": [{"name": "db", "namespace": other, "port": 80}]}]}},
+            )  # fmt: skip
+            resolve = ("--resolve", f"{host}:443:{world.gateway_client_ip}")
 
-        def get(path: str, *args: str) -> tuple[int, str]:
-            done = world.curl("-o", "-", "-w", "\n%{http_code}", *resolve, *args,
-                              f"https://{host}{path}")  # fmt: skip
-            body, _, code = done.stdout.rpartition("\n")
-            return int(code or 0), body
+            def get(path: str, *args: str) -> tuple[int, str]:
+                done = world.curl("-o", "-", "-w", "\n%{http_code}", *resolve, *args,
+                                  f"https://{host}{path}")  # fmt: skip
+                body, _, code = done.stdout.rpartition("\n")
+                return int(code or 0), body
 
-        wait_until(lambda: get("/")[0] == 200, "the HTTPRoute to answer over HTTPS", timeout=90)
-        # Path, with the rule's header set on the way; a header match; weights over both.
-        assert get("/api/x") == (200, "api /api/x api-rule\n")
+            wait_until(lambda: get("/")[0] == 200, "the HTTPRoute to answer over HTTPS", timeout=90)
+            # Path, with the rule's header set on the way; a header match; weights over both.
+            assert get("/api/x") == (200, "api /api/x api-rule\n")
 
-        def canary(count: int) -> set[str]:
-            return {get("/", "-H", "X-Canary: always")[1].split()[0] for _ in range(count)}
+            def canary(count: int) -> set[str]:
+                return {get("/", "-H", "X-Canary: always")[1].split()[0] for _ in range(count)}
 
-        assert canary(12) == {"site-b", "api"}  # (green's two endpoints)
-        seen = Counter(get("/")[1].split()[0] for _ in range(30))
-        assert {"site-a"} < set(seen) <= {"site-a", "site-b", "api"}, seen
-        # An endpoint that goes away stops receiving requests.
-        world.kube.kubectl("delete", "endpointslice", "green-2", "-n", world.namespace)
-        wait_until(lambda: canary(10) == {"site-b"}, "green-2 to be left out", timeout=60)
+            assert canary(12) == {"site-b", "api"}  # (green's two endpoints)
+            seen = Counter(get("/")[1].split()[0] for _ in range(30))
+            assert {"site-a"} < set(seen) <= {"site-a", "site-b", "api"}, seen
+            # An endpoint that goes away stops receiving requests.
+            world.kube.kubectl("delete", "endpointslice", "green-2", "-n", world.namespace)
+            wait_until(lambda: canary(10) == {"site-b"}, "green-2 to be left out", timeout=60)
 
-        def conditions(kind: str, name: str, path: str) -> dict[str, str]:
-            found = json.loads(world.kube.kubectl("get", kind, name, "-n", world.namespace,
-                                                  "-o", "json"))  # fmt: skip
-            for step in path.split("."):
-                found = found[int(step)] if step.isdigit() else found[step]
-            return {c["type"]: c["reason"] for c in found}
+            def conditions(kind: str, name: str, path: str) -> dict[str, str]:
+                found = json.loads(world.kube.kubectl("get", kind, name, "-n", world.namespace,
+                                                      "-o", "json"))  # fmt: skip
+                for step in path.split("."):
+                    found = found[int(step)] if step.isdigit() else found[step]
+                return {c["type"]: c["reason"] for c in found}
 
-        routes, gateways = (
-            "httproutes.gateway.networking.k8s.io",
-            "gateways.gateway.networking.k8s.io",
-        )
-        wait_until(
-            lambda: (
-                conditions(routes, "reach", "status.parents.0.conditions").get("ResolvedRefs")
-                == "RefNotPermitted"
-            ),
-            "the cross-namespace backend to be refused",
-        )
-        assert conditions(routes, "shop", "status.parents.0.conditions") == {
-            "Accepted": "Accepted",
-            "ResolvedRefs": "ResolvedRefs",
-        }
-        assert conditions(gateways, "edge", "status.conditions") == {
-            "Accepted": "Accepted",
-            "Programmed": "Programmed",
-        }
-        status = json.loads(world.kube.kubectl("get", gateways, "edge", "-n", world.namespace,
-                                               "-o", "json"))["status"]  # fmt: skip
-        assert status["addresses"] == [{"type": "IPAddress", "value": world.gateway_public_ip}]
-        assert status["listeners"][0]["attachedRoutes"] == 2
-    finally:
-        world.kube.kubectl("delete", "gatewayclass.gateway.networking.k8s.io", klass,
-                           "--wait=false")  # fmt: skip
-        world.kube.kubectl("delete", "namespace", other, "--wait=false")
+            routes, gateways = (
+                "httproutes.gateway.networking.k8s.io",
+                "gateways.gateway.networking.k8s.io",
+            )
+            wait_until(
+                lambda: (
+                    conditions(routes, "reach", "status.parents.0.conditions").get("ResolvedRefs")
+                    == "RefNotPermitted"
+                ),
+                "the cross-namespace backend to be refused",
+            )
+            assert conditions(routes, "shop", "status.parents.0.conditions") == {
+                "Accepted": "Accepted",
+                "ResolvedRefs": "ResolvedRefs",
+            }
+            assert conditions(gateways, "edge", "status.conditions") == {
+                "Accepted": "Accepted",
+                "Programmed": "Programmed",
+            }
+            status = json.loads(world.kube.kubectl("get", gateways, "edge", "-n", world.namespace,
+                                                   "-o", "json"))["status"]  # fmt: skip
+            assert status["addresses"] == [{"type": "IPAddress", "value": world.gateway_public_ip}]
+            assert status["listeners"][0]["attachedRoutes"] == 2
+        finally:
+            world.kube.kubectl("delete", "namespace", other, "--wait=false")
 
 
 def test_a_tlsroute_is_passed_through_to_the_origins_own_tls(world: World) -> None:
     """A TLS listener (Passthrough) and a TLSRoute: the client's TLS reaches nginx's own
     certificate through the gateway and WireGuard, which hold none for that host."""
     host = vault_host(world)
-    klass = unique_name("kmgc")
-    v1 = "gateway.networking.k8s.io/v1"
-    gateway_class = {"apiVersion": v1, "kind": "GatewayClass", "metadata": {"name": klass},
-                     "spec": {"controllerName": GATEWAY_CONTROLLER}}  # fmt: skip
-    world.kube.kubectl("apply", "-f", "-", input_text=json.dumps(gateway_class))
-    try:
+    with gateway_class_of_ours(world) as klass:
         apply(
             world,
-            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "vault"},
-             "spec": {"ports": [{"name": "tls", "port": 443, "protocol": "TCP"}]}},
-            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-             "metadata": {"name": "vault-1", "labels": {"kubernetes.io/service-name": "vault"}},
-             "addressType": "IPv4", "ports": [{"name": "tls", "port": VAULT, "protocol": "TCP"}],
-             "endpoints": [{"addresses": [BACKEND_IP]}]},
-            {"apiVersion": v1, "kind": "Gateway", "metadata": {"name": "passthrough"},
+            service("vault", 443, "tls"),
+            endpoint_slice("vault-1", "vault", BACKEND_IP, VAULT, "tls"),
+            {"apiVersion": GATEWAY_API, "kind": "Gateway", "metadata": {"name": "passthrough"},
              "spec": {"gatewayClassName": klass, "listeners": [
                  {"name": "tls", "protocol": "TLS", "port": 443,
                   "tls": {"mode": "Passthrough"}}]}},
-            {"apiVersion": v1, "kind": "TLSRoute", "metadata": {"name": "vault"},
+            {"apiVersion": GATEWAY_API, "kind": "TLSRoute", "metadata": {"name": "vault"},
              "spec": {"parentRefs": [{"name": "passthrough"}], "hostnames": [host],
                       "rules": [{"backendRefs": [{"name": "vault", "port": 443}]}]}},
         )  # fmt: skip
@@ -347,17 +352,12 @@ def test_a_tlsroute_is_passed_through_to_the_origins_own_tls(world: World) -> No
         )
         reasons = {c["type"]: c["reason"] for c in found["status"]["parents"][0]["conditions"]}
         assert reasons == {"Accepted": "Accepted", "ResolvedRefs": "ResolvedRefs"}
-    finally:
-        world.kube.kubectl("delete", "gatewayclass.gateway.networking.k8s.io", klass,
-                           "--wait=false")  # fmt: skip
 
 
 def test_a_grpcroute_reaches_an_h2c_service_with_its_trailers(world: World) -> None:
     """A GRPCRoute of one backend: a gRPC client over TLS reaches a gRPC service (h2c) beside
     the cluster agent, its stream and the trailers that end it included."""
     host = f"grpc.{world.domain}"
-    klass = unique_name("kmgc")
-    v1 = "gateway.networking.k8s.io/v1"
     backend = next(h for h in world.extra_hosts if h.role == "backend")
     server = backend.spawn([sys.executable, GRPC_ORIGIN, BACKEND_IP, str(GRPC)],
                            log=world.workdir / "grpc-route.log")  # fmt: skip
@@ -365,41 +365,32 @@ def test_a_grpcroute_reaches_an_h2c_service_with_its_trailers(world: World) -> N
     Secrets(world.kube, world.namespace).put_tls(
         "grpc-tls", issued.certificate_pem, issued.private_key_pem
     )
-    gateway_class = {"apiVersion": v1, "kind": "GatewayClass", "metadata": {"name": klass},
-                     "spec": {"controllerName": GATEWAY_CONTROLLER}}  # fmt: skip
-    world.kube.kubectl("apply", "-f", "-", input_text=json.dumps(gateway_class))
-    try:
-        apply(
-            world,
-            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo"},
-             "spec": {"ports": [{"name": "grpc", "port": 50051, "protocol": "TCP"}]}},
-            {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-             "metadata": {"name": "echo-1", "labels": {"kubernetes.io/service-name": "echo"}},
-             "addressType": "IPv4", "ports": [{"name": "grpc", "port": GRPC, "protocol": "TCP"}],
-             "endpoints": [{"addresses": [BACKEND_IP]}]},
-            {"apiVersion": v1, "kind": "Gateway", "metadata": {"name": "grpc"},
-             "spec": {"gatewayClassName": klass, "listeners": [
-                 {"name": "https", "protocol": "HTTPS", "port": 443,
-                  "tls": {"certificateRefs": [{"name": "grpc-tls"}]}}]}},
-            {"apiVersion": v1, "kind": "GRPCRoute", "metadata": {"name": "echo"},
-             "spec": {"parentRefs": [{"name": "grpc"}], "hostnames": [host],
-                      "rules": [{"backendRefs": [{"name": "echo", "port": 50051}]}]}},
-        )  # fmt: skip
-
-        def call() -> str:
-            done = subprocess.run(
-                world.client_host.command(sys.executable, "-c", GRPC_CLIENT,
-                                          f"{world.gateway_client_ip}:443", host,
-                                          str(world.ca_file)),
-                capture_output=True, text=True, check=False, timeout=60,
+    with gateway_class_of_ours(world) as klass:
+        try:
+            apply(
+                world,
+                service("echo", 50051, "grpc"),
+                endpoint_slice("echo-1", "echo", BACKEND_IP, GRPC, "grpc"),
+                {"apiVersion": GATEWAY_API, "kind": "Gateway", "metadata": {"name": "grpc"},
+                 "spec": {"gatewayClassName": klass, "listeners": [
+                     {"name": "https", "protocol": "HTTPS", "port": 443,
+                      "tls": {"certificateRefs": [{"name": "grpc-tls"}]}}]}},
+                {"apiVersion": GATEWAY_API, "kind": "GRPCRoute", "metadata": {"name": "echo"},
+                 "spec": {"parentRefs": [{"name": "grpc"}], "hostnames": [host],
+                          "rules": [{"backendRefs": [{"name": "echo", "port": 50051}]}]}},
             )  # fmt: skip
-            return done.stdout
 
-        assert wait_until(call, "a gRPC call through the GRPCRoute", timeout=90).splitlines() == [
-            "echo: hello", "0,1,2", "3",
-        ]  # fmt: skip
-    finally:
-        world.kube.kubectl("delete", "gatewayclass.gateway.networking.k8s.io", klass,
-                           "--wait=false")  # fmt: skip
-        server.kill()
-        server.wait(timeout=10)
+            def call() -> str:
+                done = subprocess.run(
+                    world.client_host.command(sys.executable, "-c", GRPC_CLIENT,
+                                              f"{world.gateway_client_ip}:443", host,
+                                              str(world.ca_file)),
+                    capture_output=True, text=True, check=False, timeout=60,
+                )  # fmt: skip
+                return done.stdout
+
+            answered = wait_until(call, "a gRPC call through the GRPCRoute", timeout=90)
+            assert answered.splitlines() == ["echo: hello", "0,1,2", "3"]
+        finally:
+            server.kill()
+            server.wait(timeout=10)

@@ -219,12 +219,13 @@ def decide(
         HTTP_ROUTE: {}, TLS_ROUTE: {}, GRPC_ROUTE: {},
     }  # fmt: skip
     attachments: list[_Attached] = []
+    best: Best = {}
     for kind, bodies in ((HTTP_ROUTE, objects.http_routes), (TLS_ROUTE, objects.tls_routes),
                          (GRPC_ROUTE, objects.grpc_routes)):  # fmt: skip
         for key, body in sorted(bodies.items(), key=lambda kv: _age(kv[1], kv[0])):
             try:
                 decided, attached = _route(kind, key, body, gateway_facts, listeners, objects,
-                                           grants, services)  # fmt: skip
+                                           grants, services, best)  # fmt: skip
             except Exception as error:  # (one odd object never costs the others their routes)
                 meta = _map(body.get("metadata"))
                 problem = f"the {kind} could not be read: {type(error).__name__}"
@@ -520,7 +521,7 @@ def _route(
     kind: str, key: Key, body: Mapping[str, Any],
     gateways: Mapping[Key, tuple[Mapping[str, Any], list[Condition], str | None, bool]],
     listeners: Mapping[Key, list[_Listener]], objects: GatewayApiObjects, grants: Grants,
-    services: Mapping[str, Mapping[str, ServiceFacts]],
+    services: Mapping[str, Mapping[str, ServiceFacts]], best: Best,
 ) -> tuple[RouteDecision, list[_Attached]]:  # fmt: skip
     meta, spec = _map(body.get("metadata")), _map(body.get("spec"))
     namespace = key[0]
@@ -545,7 +546,7 @@ def _route(
         _, _, _, gateway_ok = gateways[parent]
         at = f"spec.parentRefs[{p}]"
         accepted = _attach(at, kind, key, ref, parent, gateway_ok, listeners.get(parent, []),
-                           route_hosts, objects.namespaces)  # fmt: skip
+                           route_hosts, objects.namespaces, best)  # fmt: skip
         conditions: list[Condition] = []
         if isinstance(accepted, Condition):
             conditions.append(accepted)
@@ -597,7 +598,7 @@ def _route(
 def _attach(
     at: str, kind: str, route: Key, ref: Mapping[str, Any], parent: Key, gateway_ok: bool,
     listeners: Sequence[_Listener], route_hosts: Sequence[str | None],
-    namespaces: Mapping[str, Mapping[str, str]],
+    namespaces: Mapping[str, Mapping[str, str]], best: Best,
 ) -> Condition | list[tuple[_Listener, str | None]]:  # fmt: skip
     """The (listener, host) pairs a parentRef attaches the route to, or why none. A route of a
     namespace that no listener allows learns nothing more of the Gateway (not its listeners,
@@ -638,7 +639,7 @@ def _attach(
     for listener in allowed:
         for host in route_hosts:
             meet = _intersect(listener.hostname, host)
-            if meet is not None and _most_specific(listeners, listener, meet):
+            if meet is not None and _most_specific(parent, listeners, listener, meet, best):
                 pairs.append((listener, meet))
     if not pairs:
         return Condition("Accepted", False, "NoMatchingListenerHostname",
@@ -647,17 +648,25 @@ def _attach(
     return pairs
 
 
-def _most_specific(listeners: Sequence[_Listener], listener: _Listener, host: str) -> bool:
+Best = dict[tuple[Key, int, str], int]
+"""(Gateway, port, host) → how specifically its most specific listener names the host (looked
+at once per decision: routes times listeners times listeners would be quadratic)."""
+
+
+def _most_specific(
+    gateway: Key, listeners: Sequence[_Listener], listener: _Listener, host: str, best: Best
+) -> bool:
     """Whether no other accepted listener on its port names ``host`` more specifically: a host
     belongs to its most specific listener (a wildcard listener open to every namespace cannot
     take a host that a listener of its own names)."""
-    mine = _specificity(listener.hostname, host)
-    return not any(
-        other.accepted and other.port == listener.port
-        and _intersect(other.hostname, host) == host
-        and _specificity(other.hostname, host) < mine
-        for other in listeners
-    )  # fmt: skip
+    key = (gateway, listener.port, host)
+    if key not in best:
+        best[key] = min((
+            _specificity(other.hostname, host) for other in listeners
+            if other.accepted and other.port == listener.port
+            and _intersect(other.hostname, host) == host
+        ), default=_specificity(None, host))  # fmt: skip
+    return _specificity(listener.hostname, host) <= best[key]
 
 
 def _namespace_allowed(
