@@ -78,6 +78,29 @@ def test_gateway_config_round_trips_in_the_documents_shape() -> None:
         assert encoded["data"][key] == GATEWAY_CONFIG["data"][key]
 
 
+def test_an_entry_an_edge_cannot_read_costs_only_itself(caplog: pytest.LogCaptureFixture) -> None:
+    """One tenant's route that slipped past control's checks (or a newer control's entry) is
+    left out of the config an edge applies; every other tenant's tunnels, certificates and
+    backends are applied, not kept stale behind a refused frame."""
+    gateway = json.loads(json.dumps(GATEWAY_CONFIG))
+    bad_rule = {"backends": [{"stream": "not a backend", "weight": 1}]}
+    gateway["data"]["tunnels"].append({"domain": "evil.example.com", "target": "localhost:1",
+                                       "rules": [bad_rule]})  # fmt: skip
+    gateway["data"]["certificates"].insert(0, {"domain": "-bad-", "certificate": "x",
+                                               "privateKey": "y"})  # fmt: skip
+    message = protocol.gateway_inbound.validate_json(json.dumps(gateway))
+    assert isinstance(message, protocol.GatewayConfigMessage)
+    assert [t.domain for t in message.data.tunnels] == ["app.example.com"]
+    assert [c.domain for c in message.data.certificates] == ["app.example.com"]
+    assert "left out an entry" in caplog.text
+    agent = json.loads(json.dumps(AGENT_CONFIG))
+    agent["data"]["backends"] = [{"name": "shop/web:80", "endpoints": ["10.244.1.5:8080"]},
+                                 {"name": "../etc", "endpoints": []}]  # fmt: skip
+    read = protocol.agent_inbound.validate_json(json.dumps(agent))
+    assert isinstance(read, protocol.AgentConfigMessage)
+    assert [b.name for b in read.data.backends or ()] == ["shop/web:80"]
+
+
 def test_every_field_the_document_lists_is_present() -> None:
     agent = json.loads(protocol.encode(protocol.agent_inbound.validate_python(AGENT_CONFIG)))
     assert {"agent", "gateways", "tunnels"} <= agent["data"].keys()
@@ -125,14 +148,16 @@ def test_malformed_client_frames_are_refused(frame: dict[str, object], field: st
     assert field in str(error.value)
 
 
-def test_config_refuses_invalid_tunnel_and_peer_values() -> None:
+def test_config_refuses_invalid_peer_values_and_leaves_out_invalid_tunnels() -> None:
     bad = json.loads(json.dumps(AGENT_CONFIG))
     bad["data"]["tunnels"][0]["domain"] = "not a domain"
     bad["data"]["gateways"][0]["wireguardPublicKey"] = "short"
     with pytest.raises(ValidationError) as error:
         protocol.agent_inbound.validate_python(bad)
-    text = str(error.value)
-    assert "tunnels.0.domain" in text and "gateways.0.wireguardPublicKey" in text
+    assert "gateways.0.wireguardPublicKey" in str(error.value)
+    bad["data"]["gateways"] = AGENT_CONFIG["data"]["gateways"]
+    read = protocol.agent_inbound.validate_python(bad)
+    assert isinstance(read, protocol.AgentConfigMessage) and read.data.tunnels == []
 
 
 def test_encode_leaves_out_unset_optionals() -> None:

@@ -10,11 +10,19 @@ Frames are JSON text. An edge's first frame is ``auth``; until it is accepted no
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import ConfigDict, Field, TypeAdapter
+from pydantic import (
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+)
 
 from kakuremichi.api.fields import CamelModel, CidrRange, DomainName, PublicIPv4, TargetAddress
 from kakuremichi.api.resources import (
@@ -157,6 +165,27 @@ class FromControl(CamelModel):
     model_config = ConfigDict(extra="ignore")
 
 
+log = logging.getLogger(__name__)
+
+
+def _each_on_its_own(value: object, handler: ValidatorFunctionWrapHandler) -> object:
+    """A config's entries read one by one: an entry an edge cannot read (a newer control's, or a
+    tenant's route that slipped past control's checks) is left out, and the rest applied. A whole
+    config refused would keep every tenant's routes and certificates as they were."""
+    if not isinstance(value, list):
+        return handler(value)
+    kept: list[object] = []
+    for item in value:
+        try:
+            kept.extend(handler([item]))
+        except ValidationError as error:
+            log.warning("left out an entry of a config from control: %s", error.errors()[:1])
+    return kept
+
+
+EachOnItsOwn = WrapValidator(_each_on_its_own)
+
+
 BackendName = Annotated[
     str,
     Field(
@@ -225,8 +254,8 @@ class AgentConfig(FromControl):
     heartbeat_seconds: HeartbeatSeconds = DEFAULT_HEARTBEAT_SECONDS
     agent: AgentSelf
     gateways: list[GatewayPeer] = Field(default_factory=list)
-    tunnels: list[AgentTunnel] = Field(default_factory=list)
-    backends: list[AgentBackend] | None = None
+    tunnels: Annotated[list[AgentTunnel], EachOnItsOwn] = Field(default_factory=list)
+    backends: Annotated[list[AgentBackend], EachOnItsOwn] | None = None
     """A cluster agent's route backends (None: none, and left out of the message)."""
 
 
@@ -390,9 +419,9 @@ class GatewayConfig(FromControl):
     heartbeat_seconds: HeartbeatSeconds = DEFAULT_HEARTBEAT_SECONDS
     gateway: GatewaySelf
     agents: list[AgentPeer] = Field(default_factory=list)
-    tunnels: list[GatewayTunnel] = Field(default_factory=list)
-    certificates: list[CertificateBundle] = Field(default_factory=list)
-    acme_challenges: list[AcmeChallenge] = Field(default_factory=list)
+    tunnels: Annotated[list[GatewayTunnel], EachOnItsOwn] = Field(default_factory=list)
+    certificates: Annotated[list[CertificateBundle], EachOnItsOwn] = Field(default_factory=list)
+    acme_challenges: Annotated[list[AcmeChallenge], EachOnItsOwn] = Field(default_factory=list)
 
 
 class GatewayConfigMessage(FromControl):
