@@ -172,8 +172,11 @@ def _each_on_its_own(value: object, handler: ValidatorFunctionWrapHandler) -> ob
     """A config's entries read one by one: an entry an edge cannot read (a newer control's, or a
     tenant's route that slipped past control's checks) is left out, and the rest applied. A whole
     config refused would keep every tenant's routes and certificates as they were."""
-    if not isinstance(value, list):
-        return handler(value)
+    try:
+        return handler(value)  # (the whole list at once, when it reads: the usual case, fast)
+    except ValidationError:
+        if not isinstance(value, list):
+            raise
     kept: list[object] = []
     for item in value:
         try:
