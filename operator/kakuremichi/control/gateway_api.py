@@ -162,11 +162,11 @@ class GatewayApiObjects:
     classes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     gateways: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
     http_routes: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
+    grpc_routes: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
     tls_routes: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
     grants: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
     namespaces: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     """Namespace → its labels (for ``allowedRoutes.namespaces.selector``)."""
-    grpc_routes: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
 
 
 def source_of(namespace: str, kind: str = HTTP_ROUTE) -> str:

@@ -479,17 +479,25 @@ class Kube:
         self, kind: ResourceKind, namespace: str, name: str, status: dict[str, Any]
     ) -> bool:
         """Merge ``status`` into the object's status; False when the object is gone."""
+        return await self._patch_status(
+            GROUP, VERSION, kind.plural, kind.namespaced, namespace, name, status
+        )
+
+    async def _patch_status(
+        self, group: str, version: str, plural: str, namespaced: bool, namespace: str,
+        name: str, status: dict[str, Any],
+    ) -> bool:  # fmt: skip
         body = {"status": status}
         try:
-            if kind.namespaced:
+            if namespaced:
                 await self._call(
                     self.custom.patch_namespaced_custom_object_status,
-                    GROUP, VERSION, namespace, kind.plural, name, body,
+                    group, version, namespace, plural, name, body,
                 )  # fmt: skip
             else:
                 await self._call(
                     self.custom.patch_cluster_custom_object_status,
-                    GROUP, VERSION, kind.plural, name, body,
+                    group, version, plural, name, body,
                 )  # fmt: skip
         except ApiException as error:
             if error.status == 404:
@@ -576,23 +584,9 @@ class Kube:
     async def patch_builtin_status(
         self, kind: BuiltinKind, namespace: str, name: str, status: dict[str, Any]
     ) -> bool:
-        body = {"status": status}
-        try:
-            if kind.namespaced:
-                await self._call(
-                    self.custom.patch_namespaced_custom_object_status,
-                    kind.group, kind.version, namespace, kind.plural, name, body,
-                )  # fmt: skip
-            else:
-                await self._call(
-                    self.custom.patch_cluster_custom_object_status,
-                    kind.group, kind.version, kind.plural, name, body,
-                )  # fmt: skip
-        except ApiException as error:
-            if error.status == 404:
-                return False
-            raise
-        return True
+        return await self._patch_status(
+            kind.group, kind.version, kind.plural, kind.namespaced, namespace, name, status
+        )
 
     async def edit_builtin_status(
         self, kind: BuiltinKind, namespace: str, name: str,

@@ -302,14 +302,10 @@ class RouteSources:
                 continue
             refs |= leads_to
         objects = GatewayApiObjects(
-            self.gateway_classes,
-            self.gateways,
-            self.http_routes,
-            self.tls_routes,
-            self.grants,
-            self.namespaces,
-            self.grpc_routes,
-        )
+            classes=self.gateway_classes, gateways=self.gateways, http_routes=self.http_routes,
+            grpc_routes=self.grpc_routes, tls_routes=self.tls_routes, grants=self.grants,
+            namespaces=self.namespaces,
+        )  # fmt: skip
         routed = gateway_api.decide(objects, by_namespace, self.cluster_agent, seen, now)
         refs |= routed.backends
         return RouteDecision(decided, self._endpoints(refs), routed)
