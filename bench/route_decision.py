@@ -82,7 +82,7 @@ def httproutes(namespaces: int) -> RouteSources:
                 {"name": "https", "protocol": "HTTPS", "port": 443,
                  "tls": {"certificateRefs": [{"name": "cert"}]}}]}})  # fmt: skip
         for i in range(10):
-            sources.saw_http_route({
+            sources.saw_route("HTTPRoute", {
                 "metadata": {"namespace": namespace, "name": f"route{i}", "uid": f"{n}-{i}",
                              "creationTimestamp": f"2026-01-01T00:{i:02d}:00Z"},
                 "spec": {
@@ -113,7 +113,7 @@ def hostile(_: int) -> RouteSources:
                  "hostname": f"h{i}.evil.example.com",
                  "tls": {"certificateRefs": [{"name": "c"}]}} for i in range(64)]}})  # fmt: skip
     for r in range(100):
-        sources.saw_http_route({
+        sources.saw_route("HTTPRoute", {
             "metadata": {"namespace": "evil", "name": f"r{r}", "uid": str(r),
                          "creationTimestamp": "2026-01-01T00:00:00Z"},
             "spec": {"parentRefs": [{"name": f"g{g}"} for g in range(16)],

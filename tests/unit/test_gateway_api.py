@@ -342,7 +342,13 @@ def test_what_cannot_be_served_is_said_with_the_specs_reasons(context: Context) 
                  "group": "example.com", "kind": "Config", "name": "x"})),
              (ROUTED_GATEWAY, gateway("edge", INFRA,
                                       https("a", "x.example.com"), https("b", "x.example.com"),
-                                      {"name": "tcp", "protocol": "TCP", "port": 5432},
+                                      {"name": "tcp", "protocol": "TCP", "port": 443},
+                                      {"name": "quic", "protocol": "example.com/QUIC",
+                                       "port": 443},
+                                      {"name": "dns", "protocol": "UDP", "port": 5353},
+                                      {"name": "dns2", "protocol": "UDP", "port": 5353,
+                                       "hostname": "ns.example.com"},
+                                      {"name": "dns3", "protocol": "TCP", "port": 5353},
                                       {"name": "alt", "protocol": "HTTP", "port": 8080},
                                       https("wild", "*.example.com",
                                             allowedRoutes=everywhere()))),
@@ -375,7 +381,12 @@ def test_what_cannot_be_served_is_said_with_the_specs_reasons(context: Context) 
         }
         assert listeners["a"]["Conflicted"] == ("True", "HostnameConflict")
         assert listeners["b"]["Conflicted"] == ("True", "HostnameConflict")
-        assert listeners["tcp"]["Accepted"] == ("False", "UnsupportedProtocol")
+        assert listeners["tcp"]["Accepted"] == ("False", "PortUnavailable")
+        assert listeners["quic"]["Accepted"] == ("False", "UnsupportedProtocol")
+        # (a UDP listener takes its whole port, whatever hostname it says; TCP is another)
+        assert listeners["dns"]["Conflicted"] == ("True", "ProtocolConflict")
+        assert listeners["dns2"]["Conflicted"] == ("True", "ProtocolConflict")
+        assert listeners["dns3"]["Conflicted"] == ("False", "NoConflicts")
         assert listeners["alt"]["Accepted"] == ("False", "PortUnavailable")
         assert listeners["wild"]["Programmed"][0] == "False"  # (no gateway address yet)
         site = parent_conditions(kube, "shop", "site")
@@ -622,7 +633,7 @@ def test_the_running_controller_decides_off_the_loop_from_a_copy(context: Contex
              *shop_backend(),
              (HTTP_ROUTE, route("site", "shop", ["shop.example.com"],
                                 [{"backendRefs": [to("web")]}])))  # fmt: skip
-        assert not copied.http_routes and not copied.services
+        assert not copied.routes.get("HTTPRoute") and not copied.services
         running = asyncio.create_task(controller.run())
         try:
             for _ in range(100):

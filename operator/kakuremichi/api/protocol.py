@@ -192,12 +192,13 @@ EachOnItsOwn = WrapValidator(_each_on_its_own)
 BackendName = Annotated[
     str,
     Field(
-        max_length=133,
-        pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?:[0-9]{1,5}$",
+        max_length=137,
+        pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?:[0-9]{1,5}(/udp)?$",
     ),
 ]
 """``namespace/service:port``: the name of a stream to a route's backend (a domain, which names
-a Tunnel's streams, never has a ``/``)."""
+a Tunnel's streams, never has a ``/``); ``namespace/service:port/udp`` names a UDP port's
+backend (a UDPRoute's), which the agent sends datagrams to."""
 
 # --- What control sends to an agent ------------------------------------------------------------
 

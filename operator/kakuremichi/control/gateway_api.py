@@ -51,7 +51,7 @@ from kakuremichi.api.protocol import (
     RequestRule,
     WeightedBackend,
 )
-from kakuremichi.api.resources import CertificateSpec
+from kakuremichi.api.resources import CertificateSpec, PortProtocol
 from kakuremichi.control.ingress_routes import BackendRef, ServiceFacts, is_domain
 from kakuremichi.control.ownership import TunnelFacts
 
@@ -63,10 +63,17 @@ ISSUER_OPTION = "kakuremichi.io/issuer"
 """Listener ``tls.options`` key: ``ACME`` has the hosts' certificates issued by ACME."""
 HTTP_PORT, HTTPS_PORT = 80, 443
 HTTP_ROUTE, GRPC_ROUTE, TLS_ROUTE = "HTTPRoute", "GRPCRoute", "TLSRoute"
+TCP_ROUTE, UDP_ROUTE = "TCPRoute", "UDPRoute"
+ALL_ROUTE_KINDS = (HTTP_ROUTE, TLS_ROUTE, GRPC_ROUTE, TCP_ROUTE, UDP_ROUTE)
+"""In the order they are decided (and claim hosts and ports)."""
+PORT_ROUTE_KINDS: Mapping[str, PortProtocol] = {TCP_ROUTE: "TCP", UDP_ROUTE: "UDP"}
+"""Routes that claim a public port of their listener, not a host."""
 ROUTE_KINDS = {
     "HTTP": (HTTP_ROUTE, GRPC_ROUTE), "HTTPS": (HTTP_ROUTE, GRPC_ROUTE), "TLS": (TLS_ROUTE,),
+    "TCP": (TCP_ROUTE,), "UDP": (UDP_ROUTE,),
 }  # fmt: skip
-"""What each listener protocol served takes (TLS: passed through, by SNI, on 443)."""
+"""What each listener protocol served takes (TLS: passed through, by SNI, on 443; TCP, UDP:
+forwarded from the listener's port, which the gateways open when a Gateway pool allows it)."""
 MAX_RULES_PER_HOST = 1000
 """What a gateway takes for one host."""
 MAX_HOSTS_PER_NAMESPACE = 500
@@ -75,6 +82,7 @@ PASSTHROUGH_TARGET = "127.0.0.1:1"
 cluster agent sends the host's connections to its backend's endpoints; an agent of an earlier
 release, which does not read ``backend``, is refused there instead of dialling a Service's
 cluster IP (whose EndpointSlices a tenant writes by hand)."""
+PORT_DOMAIN_SUFFIX = ".kakuremichi.invalid"
 MAX_ATTACHMENTS_PER_ROUTE = 100
 """(listener, host) pairs of one route: parentRefs by listeners by hostnames could be 32,768."""
 _SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
@@ -146,12 +154,10 @@ class ClassDecision:
 class GatewayApiDecision:
     classes: Mapping[str, ClassDecision] = field(default_factory=dict)
     gateways: Mapping[Key, GatewayDecision] = field(default_factory=dict)
-    routes: Mapping[Key, RouteDecision] = field(default_factory=dict)
-    """HTTPRoutes attached to a Gateway of ours."""
-    tls_routes: Mapping[Key, RouteDecision] = field(default_factory=dict)
-    grpc_routes: Mapping[Key, RouteDecision] = field(default_factory=dict)
+    routes: Mapping[str, Mapping[Key, RouteDecision]] = field(default_factory=dict)
+    """Kind → the routes of that kind attached to a Gateway of ours."""
     claims: Mapping[str, tuple[TunnelFacts, ...]] = field(default_factory=dict)
-    """Source (``HTTPRoutes <namespace>``, ``TLSRoutes <namespace>``) → its host claims."""
+    """Source (``HTTPRoutes <namespace>``, ``TCPRoutes <namespace>``) → its claims."""
     backends: frozenset[BackendRef] = frozenset()
 
 
@@ -161,9 +167,8 @@ class GatewayApiObjects:
 
     classes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     gateways: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
-    http_routes: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
-    grpc_routes: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
-    tls_routes: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
+    routes: Mapping[str, Mapping[Key, Mapping[str, Any]]] = field(default_factory=dict)
+    """Kind (``HTTPRoute``…) → its objects."""
     grants: Mapping[Key, Mapping[str, Any]] = field(default_factory=dict)
     namespaces: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     """Namespace → its labels (for ``allowedRoutes.namespaces.selector``)."""
@@ -215,13 +220,11 @@ def decide(
             pool, ok, listeners[key] = None, False, []
         gateway_facts[key] = (body, conditions, pool, ok)
 
-    decided_routes: dict[str, dict[Key, RouteDecision]] = {
-        HTTP_ROUTE: {}, TLS_ROUTE: {}, GRPC_ROUTE: {},
-    }  # fmt: skip
+    decided_routes: dict[str, dict[Key, RouteDecision]] = {kind: {} for kind in ALL_ROUTE_KINDS}
     attachments: list[_Attached] = []
     best: Best = {}
-    for kind, bodies in ((HTTP_ROUTE, objects.http_routes), (TLS_ROUTE, objects.tls_routes),
-                         (GRPC_ROUTE, objects.grpc_routes)):  # fmt: skip
+    for kind in ALL_ROUTE_KINDS:
+        bodies = objects.routes.get(kind, {})
         for key, body in sorted(bodies.items(), key=lambda kv: _age(kv[1], kv[0])):
             try:
                 decided, attached = _route(kind, key, body, gateway_facts, listeners, objects,
@@ -261,10 +264,7 @@ def decide(
             key[0], key[1], str(meta.get("uid", "")), _generation(meta), ok, pool,
             tuple(conditions), tuple(counted), certificates.get(key, {}),
         )  # fmt: skip
-    return GatewayApiDecision(
-        classes, gateways, decided_routes[HTTP_ROUTE], decided_routes[TLS_ROUTE],
-        decided_routes[GRPC_ROUTE], claims, frozenset(backends),
-    )  # fmt: skip
+    return GatewayApiDecision(classes, gateways, decided_routes, claims, frozenset(backends))
 
 
 def _class(name: str, body: Mapping[str, Any]) -> ClassDecision:
@@ -360,10 +360,21 @@ def _listeners(key: Key, spec: Mapping[str, Any], grants: Grants
                     "Accepted",
                     False,
                     "UnsupportedProtocol",
-                    f"{at}.protocol: kakuremichi serves HTTP, HTTPS and TLS "
+                    f"{at}.protocol: kakuremichi serves HTTP, HTTPS, TLS, TCP and UDP "
                     f"listeners; {protocol or 'this'} is not served yet.",
                 )
             )
+        elif protocol in ("TCP", "UDP"):
+            if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+                accepted = False
+                conditions.append(Condition("Accepted", False, "PortUnavailable",
+                                            f"{at}.port: a port from 1 to 65535."))  # fmt: skip
+            elif protocol == "TCP" and port in (HTTP_PORT, HTTPS_PORT):
+                accepted = False
+                conditions.append(Condition("Accepted", False, "PortUnavailable",
+                                            f"{at}.port: the gateways take HTTP on {HTTP_PORT} "
+                                            f"and HTTPS on {HTTPS_PORT}; a TCP listener needs "
+                                            "another port."))  # fmt: skip
         elif protocol == "TLS" and tls.get("mode", "Terminate") != "Passthrough":
             accepted = False
             conditions.append(Condition("Accepted", False, "UnsupportedProtocol",
@@ -396,16 +407,23 @@ def _listeners(key: Key, spec: Mapping[str, Any], grants: Grants
             accepted and resolved.status, kinds if accepted else (),
             _map(allowed.get("namespaces")), conditions, certificate,
         ))  # fmt: skip
-    seen: dict[tuple[int, str | None], list[_Listener]] = {}
+    # (a TCP or UDP listener takes its whole port: its hostname, if any, selects nothing)
+    seen: dict[tuple[str, int, str | None], list[_Listener]] = {}
     for listener in out:
-        if listener.accepted:
-            seen.setdefault((listener.port, listener.hostname), []).append(listener)
-    for same in seen.values():
+        if not listener.accepted:
+            continue
+        if listener.protocol in ("TCP", "UDP"):
+            seen.setdefault((listener.protocol, listener.port, None), []).append(listener)
+        else:
+            seen.setdefault(("", listener.port, listener.hostname), []).append(listener)
+    for (by_port, _, _), same in seen.items():
         for listener in same:
             conflicted = len(same) > 1
+            reason = "ProtocolConflict" if by_port else "HostnameConflict"
             listener.conditions.append(Condition(
-                "Conflicted", conflicted, "HostnameConflict" if conflicted else "NoConflicts",
-                "Another listener has the same port and hostname." if conflicted
+                "Conflicted", conflicted, reason if conflicted else "NoConflicts",
+                ("Another listener has the same protocol and port." if by_port else
+                 "Another listener has the same port and hostname.") if conflicted
                 else "No conflicts.",
             ))  # fmt: skip
             listener.accepted = listener.accepted and not conflicted
@@ -527,8 +545,9 @@ def _route(
     namespace = key[0]
     problems: list[str] = []
     refusal = None
-    if kind == TLS_ROUTE:
-        rules, backends, resolved, partial = _tls_rules(key, spec, grants, services, problems)
+    if kind == TLS_ROUTE or kind in PORT_ROUTE_KINDS:
+        rules, backends, resolved, partial = _passed_rules(kind, key, spec, grants, services,
+                                                           problems)  # fmt: skip
     elif kind == GRPC_ROUTE:
         refusal, backends, resolved = _grpc_rules(key, spec, grants, services, problems)
         rules, partial = [], None
@@ -550,6 +569,13 @@ def _route(
         conditions: list[Condition] = []
         if isinstance(accepted, Condition):
             conditions.append(accepted)
+        elif kind in PORT_ROUTE_KINDS:  # (a port of the listener, whatever its hostname)
+            conditions.append(Condition("Accepted", True, "Accepted", "Route accepted."))
+            for listener, _ in accepted[:MAX_ATTACHMENTS_PER_ROUTE]:
+                attached.append(_Attached(
+                    parent, listener.name, key, str(listener.port), (), frozenset(backends),
+                    _created(meta), _generation(meta), None, None, kind,
+                ))  # fmt: skip
         else:
             hosts = sorted({h for _, h in accepted if h is not None})
             named = {h for h in hosts if _named(h)}
@@ -635,6 +661,8 @@ def _attach(
         return Condition("Accepted", False, "NotAllowedByListeners",
                          f"{at}: no listener of Gateway {parent[1]} that it names accepts "
                          f"{kind}s from this namespace.")  # fmt: skip
+    if kind in PORT_ROUTE_KINDS:
+        return [(listener, None) for listener in allowed]
     pairs: list[tuple[_Listener, str | None]] = []
     for listener in allowed:
         for host in route_hosts:
@@ -834,13 +862,14 @@ def _grpc_rules(
     return refusal, backends if refusal is None else set(), resolved
 
 
-def _tls_rules(
-    key: Key, spec: Mapping[str, Any], grants: Grants,
+def _passed_rules(
+    kind: str, key: Key, spec: Mapping[str, Any], grants: Grants,
     services: Mapping[str, Mapping[str, ServiceFacts]], problems: list[str],
 ) -> tuple[list[tuple[tuple[Any, ...], RequestRule]], set[BackendRef], Condition,
            Condition | None]:  # fmt: skip
-    """A TLSRoute's one rule: the backend its connections are passed through to (the first
-    that resolves and has weight; spreading by weight across several is not served yet)."""
+    """The one rule of a TLSRoute, TCPRoute or UDPRoute: the backend its connections (or
+    datagrams) are passed to (the first that resolves and has weight; spreading by weight
+    across several is not served yet)."""
     backends: set[BackendRef] = set()
     unresolved: list[tuple[str, str]] = []
     partial = None
@@ -852,16 +881,16 @@ def _tls_rules(
     ]  # fmt: skip
     for b, ref in live[:1]:  # (the first with weight: what it does not resolve is refused)
         at = f"spec.rules[0].backendRefs[{b}]"
-        found = _backend_ref(key, ref, at, grants, services, TLS_ROUTE)
+        found = _backend_ref(key, ref, at, grants, services, kind)
         if isinstance(found, tuple):
             unresolved.append(found)
         else:
             backends.add(found)
     if len(live) > 1:
-        problems.append("spec.rules[0].backendRefs: a TLSRoute is passed through to one backend "
-                        "for now (the first with weight); the others are not used.")  # fmt: skip
+        problems.append(f"spec.rules[0].backendRefs: a {kind} is passed to one backend for now "
+                        "(the first with weight); the others are not used.")  # fmt: skip
         partial = Condition("PartiallyInvalid", True, "UnsupportedValue",
-                            "Only the first backend of a TLSRoute is used.")  # fmt: skip
+                            f"Only the first backend of a {kind} is used.")  # fmt: skip
     problems.extend(sentence for _, sentence in unresolved)
     if unresolved:
         resolved = Condition("ResolvedRefs", False, unresolved[0][0],
@@ -910,10 +939,11 @@ def _backend_ref(
     if facts is None or facts.external_name:
         return "BackendNotFound", f"{at}: there is no Service {name} to serve."
     port = ref.get("port")
+    protocol = PORT_ROUTE_KINDS.get(kind, "TCP")
     for candidate in facts.ports:
-        if candidate.port == port:
-            return BackendRef(namespace, name, candidate.port, candidate.name)
-    return "BackendNotFound", f"{at}.port: Service {name} has no TCP port {port}."
+        if candidate.port == port and candidate.protocol == protocol:
+            return BackendRef(namespace, name, candidate.port, candidate.name, protocol)
+    return "BackendNotFound", f"{at}.port: Service {name} has no {protocol} port {port}."
 
 
 def _match(match: Mapping[str, Any], at: str) -> tuple[RequestMatch, tuple[Any, ...]] | str:
@@ -977,8 +1007,7 @@ def _claims(
                     "GRPCRoute needs a host of its own."
                 )
             continue
-        held = sum(len(claims.get(source_of(namespace, k), ()))
-                   for k in (HTTP_ROUTE, TLS_ROUTE, GRPC_ROUTE))  # fmt: skip
+        held = sum(len(claims.get(source_of(namespace, k), ())) for k in ALL_ROUTE_KINDS)
         if held >= MAX_HOSTS_PER_NAMESPACE:
             for attached in found:
                 dropped.setdefault((kind, *attached.route), []).append(
@@ -987,7 +1016,15 @@ def _claims(
                 )
             continue
         try:
-            if kind == TLS_ROUTE:
+            if kind in PORT_ROUTE_KINDS:
+                claim, refs = _port_claim(kind, namespace, int(host), found, cluster_agent,
+                                          seen, now)  # fmt: skip
+                for other in {a.route for a in found} - {(namespace, claim.name)}:
+                    dropped.setdefault((kind, *other), []).append(
+                        f"spec.parentRefs: port {host}/{PORT_ROUTE_KINDS[kind]} is passed by "
+                        f"the older {kind} {claim.name} of this namespace, to its backend."
+                    )
+            elif kind == TLS_ROUTE:
                 claim, refs = _tls_claim(namespace, host, found, cluster_agent, seen, now)
                 for other in {a.route for a in found} - {(namespace, claim.name)}:
                     dropped.setdefault((kind, *other), []).append(
@@ -1027,6 +1064,36 @@ def _tls_claim(
         enabled=True, created=seen.get(identity, now), generation=first.generation,
         certificate="", description=f"TLSRoute {names}"[:1024],
         source=f"TLSRoute {first.route[1]}", protocol="TLS",
+        backends=tuple(sorted(ref.stream for ref in refs)),
+    )  # fmt: skip
+    return claim, refs
+
+
+def port_domain(kind: str, namespace: str, port: int) -> str:
+    """The name a claim on a public port alone goes by (a TCPRoute's, a UDPRoute's): where a
+    claim needs a domain (streams to the agent, the mirror's row). Under ``.invalid``, which
+    nobody can publish, and held by that claim alone (see :mod:`ownership`)."""
+    return f"{kind.lower()}-{port}.{namespace}{PORT_DOMAIN_SUFFIX}"
+
+
+def _port_claim(
+    kind: str, namespace: str, port: int, found: Sequence[_Attached], cluster_agent: Key,
+    seen: Mapping[uuid.UUID, datetime], now: datetime,
+) -> tuple[TunnelFacts, set[BackendRef]]:  # fmt: skip
+    """A public port of TCPRoutes or UDPRoutes of one namespace: forwarded to the oldest
+    route's backend (none: its connections are closed). The port is claimed as an L4 Tunnel's
+    is, against Tunnels and other namespaces' routes; a Gateway pool must open it."""
+    first = min(found, key=lambda a: (a.created, a.route))
+    refs = set(first.backends)
+    identity = claim_id(namespace, str(port), kind)
+    names = ", ".join(sorted({f"{namespace}/{a.route[1]}" for a in found}))
+    claim = TunnelFacts(
+        id=identity, namespace=namespace, name=first.route[1],
+        domain=port_domain(kind, namespace, port), agent=cluster_agent[1],
+        agent_namespace=cluster_agent[0], target=PASSTHROUGH_TARGET, enabled=True,
+        created=seen.get(identity, now), generation=first.generation, certificate="",
+        description=f"{kind} {names}"[:1024], source=f"{kind} {first.route[1]}",
+        protocol=PORT_ROUTE_KINDS[kind], port=port, by_port=True,
         backends=tuple(sorted(ref.stream for ref in refs)),
     )  # fmt: skip
     return claim, refs

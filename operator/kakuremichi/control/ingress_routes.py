@@ -50,6 +50,8 @@ _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 class ServicePort:
     port: int
     name: str = ""
+    protocol: str = "TCP"
+    """TCP or UDP (a UDPRoute's backend); Ingresses and HTTP routes take TCP ports only."""
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,9 @@ class ServiceFacts:
     def of(cls, service: Mapping[str, Any]) -> ServiceFacts:
         spec = _map(service.get("spec"))
         ports = tuple(
-            ServicePort(p["port"], _text(p.get("name")))
+            ServicePort(p["port"], _text(p.get("name")), p.get("protocol") or "TCP")
             for p in _list(spec.get("ports"))
-            if _is_port(p.get("port")) and (p.get("protocol") or "TCP") == "TCP"
+            if _is_port(p.get("port")) and (p.get("protocol") or "TCP") in ("TCP", "UDP")
         )
         return cls(str(_map(service.get("metadata")).get("name", "")), ports,
                    spec.get("type") == "ExternalName")  # fmt: skip
@@ -82,10 +84,15 @@ class BackendRef:
     port: int
     port_name: str = field(default="", compare=False)
     """The Service port's name, which its EndpointSlices' ports carry."""
+    protocol: str = "TCP"
+    """TCP, or UDP (a UDPRoute's backend)."""
 
     @property
     def stream(self) -> str:
-        return f"{self.namespace}/{self.service}:{self.port}"
+        """Its name in the edges' configs (a UDP port's with ``/udp``: a Service may have TCP
+        and UDP ports of one number)."""
+        suffix = "/udp" if self.protocol == "UDP" else ""
+        return f"{self.namespace}/{self.service}:{self.port}{suffix}"
 
 
 @dataclass
@@ -246,6 +253,8 @@ def _backend(
         problems.append(f"{at}.service.port: give the Service port's number or name.")
         return None
     for candidate in facts.ports:
+        if candidate.protocol != "TCP":
+            continue
         if (wanted_number is not None and candidate.port == wanted_number) or (
             wanted_name is not None and candidate.name == wanted_name
         ):

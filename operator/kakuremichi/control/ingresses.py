@@ -50,7 +50,9 @@ from kakuremichi.control.kube_api import (
     REFERENCE_GRANT,
     ROUTED_GATEWAY,
     SERVICE,
+    TCP_ROUTE,
     TLS_ROUTE,
+    UDP_ROUTE,
     BuiltinKind,
 )
 from kakuremichi.control.ownership import TunnelFacts
@@ -59,7 +61,8 @@ from kakuremichi.control.snapshot import Snapshot
 
 Owner = tuple[str, str, str]
 """(kind, namespace, name)."""
-ROUTE_KINDS = {kind.kind: kind for kind in (HTTP_ROUTE, TLS_ROUTE, GRPC_ROUTE)}
+ROUTE_KINDS = {kind.kind: kind for kind in (HTTP_ROUTE, TLS_ROUTE, GRPC_ROUTE, TCP_ROUTE,
+                                            UDP_ROUTE)}  # fmt: skip
 CLAIMS_CONFIG_MAP = "kakuremichi-route-claims"
 """Claim id → when the operator first saw that host in that Ingress (ISO 8601)."""
 MAX_PROBLEM_EVENTS = 10
@@ -124,10 +127,11 @@ class IngressController:
         self.statuses[owner] = dict(status) if isinstance(status, Mapping) else {}
         self.restored.get(kind.kind, set()).discard(owner[1:])  # (the watch has it now)
         sources = self.sources
+        if kind.kind in ROUTE_KINDS:
+            self.heard(sources.saw_route(kind.kind, body))
+            return
         saw = {
             GATEWAY_CLASS.kind: sources.saw_gateway_class, ROUTED_GATEWAY.kind: sources.saw_gateway,
-            HTTP_ROUTE.kind: sources.saw_http_route, TLS_ROUTE.kind: sources.saw_tls_route,
-            GRPC_ROUTE.kind: sources.saw_grpc_route,
             REFERENCE_GRANT.kind: sources.saw_grant,
         }[kind.kind]  # fmt: skip
         self.heard(saw(body))
@@ -140,10 +144,11 @@ class IngressController:
         if kind is GATEWAY_CLASS:
             self.heard(sources.gateway_class_gone(name))
             return
+        if kind.kind in ROUTE_KINDS:
+            self.heard(sources.route_gone(kind.kind, namespace, name))
+            return
         gone = {
-            ROUTED_GATEWAY.kind: sources.gateway_gone, HTTP_ROUTE.kind: sources.http_route_gone,
-            TLS_ROUTE.kind: sources.tls_route_gone, GRPC_ROUTE.kind: sources.grpc_route_gone,
-            REFERENCE_GRANT.kind: sources.grant_gone,
+            ROUTED_GATEWAY.kind: sources.gateway_gone, REFERENCE_GRANT.kind: sources.grant_gone,
         }[kind.kind]  # fmt: skip
         self.heard(gone(namespace, name))
 
@@ -325,9 +330,8 @@ class IngressController:
             for owner, status in self.statuses.items()
             if owner[0] in ROUTE_KINDS and gateway_api_status.has_ours(status)
         }
-        routes.update({(HTTP_ROUTE.kind, *key): d for key, d in decided.routes.items()})
-        routes.update({(TLS_ROUTE.kind, *key): d for key, d in decided.tls_routes.items()})
-        routes.update({(GRPC_ROUTE.kind, *key): d for key, d in decided.grpc_routes.items()})
+        for kind_name, of_kind in decided.routes.items():
+            routes.update({(kind_name, *key): d for key, d in of_kind.items()})
         for owner, route in routes.items():
             previous = self.statuses.get(owner, {})
             status = gateway_api_status.route_status(route, previous, now)
@@ -365,9 +369,8 @@ class IngressController:
             for claim in claims:
                 kind_name = (claim.source or "").split(" ", 1)[0]
                 claims_of.setdefault((kind_name, claim.namespace, claim.name), []).append(claim)
-        for route_kind, decided_routes in ((HTTP_ROUTE, decided.routes),
-                                           (TLS_ROUTE, decided.tls_routes),
-                                           (GRPC_ROUTE, decided.grpc_routes)):  # fmt: skip
+        for kind_name, decided_routes in decided.routes.items():
+            route_kind = ROUTE_KINDS[kind_name]
             for key, route in decided_routes.items():
                 try:
                     await self._tell(
@@ -490,7 +493,8 @@ class IngressController:
             if verdict.reason == "CertificatePending" and claim.id not in self.told_hosts:
                 continue  # (its Certificate's first look is a moment away)
             serving = verdict.status == "True"
-            message = f"{claim.domain}: {verdict.message}"
+            said = f"port {claim.port}/{claim.protocol}" if claim.by_port else claim.domain
+            message = f"{said}: {verdict.message}"
             await kube.announce(kind, body, not serving, verdict.reason, message)
             self.told_hosts[claim.id] = (verdict.status, verdict.reason)
 

@@ -60,10 +60,13 @@ ROUTED_GATEWAY = BuiltinKind("gateway.networking.k8s.io", "v1", "gateways", "Gat
 HTTP_ROUTE = BuiltinKind("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute")
 TLS_ROUTE = BuiltinKind("gateway.networking.k8s.io", "v1", "tlsroutes", "TLSRoute")
 GRPC_ROUTE = BuiltinKind("gateway.networking.k8s.io", "v1", "grpcroutes", "GRPCRoute")
+TCP_ROUTE = BuiltinKind("gateway.networking.k8s.io", "v1", "tcproutes", "TCPRoute")
+UDP_ROUTE = BuiltinKind("gateway.networking.k8s.io", "v1", "udproutes", "UDPRoute")
 REFERENCE_GRANT = BuiltinKind("gateway.networking.k8s.io", "v1beta1", "referencegrants",
                               "ReferenceGrant")  # fmt: skip
 GATEWAY_API_KINDS = (
-    GATEWAY_CLASS, ROUTED_GATEWAY, HTTP_ROUTE, TLS_ROUTE, GRPC_ROUTE, REFERENCE_GRANT,
+    GATEWAY_CLASS, ROUTED_GATEWAY, HTTP_ROUTE, TLS_ROUTE, GRPC_ROUTE, TCP_ROUTE, UDP_ROUTE,
+    REFERENCE_GRANT,
 )  # fmt: skip
 AnyKind = ResourceKind | BuiltinKind
 

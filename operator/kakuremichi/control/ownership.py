@@ -86,6 +86,10 @@ class TunnelFacts:
     certificate_namespace: str | None = None
     """The Certificate's namespace when it is not the claim's own (an HTTPRoute's host is
     served with the certificate of the Gateway API Gateway it is attached to)."""
+    by_port: bool = False
+    """A claim on a public port alone (a TCPRoute's, a UDPRoute's): its ``domain`` is a name
+    made up for it, which it alone holds and no TenantPolicy lists (a namespace that some
+    policy selects may claim ports; which ports, the Gateway pools say)."""
     certificate_issuer: str | None = None
     """A route's: the issuer its Certificate was made with ("ACME", "Secret"). Whoever can
     write that Certificate (the Gateway's namespace, the Secret's) cannot turn it to ACME and
@@ -118,6 +122,8 @@ class TunnelFacts:
 
     @property
     def url(self) -> str:
+        if self.by_port:
+            return f"{self.protocol.lower()}://*:{self.port}"
         if self.public_port is not None:
             return f"{self.protocol.lower()}://{self.domain}:{self.port}"
         return f"https://{self.domain}"
@@ -203,6 +209,10 @@ class Grant:
 
     def allows(self, domain: str) -> bool:
         return not self.governed or any(p.allows(domain) for p in self.policies)
+
+    def allows_ports(self) -> bool:
+        """Whether it may claim a port without a domain (routes of a TCP or UDP listener)."""
+        return not self.governed or bool(self.policies)
 
     @cached_property
     def max_agents(self) -> Quota | None:
@@ -374,12 +384,15 @@ def decide_domains(
                 f"{quota.policy}); this one is younger than the {quota.limit} oldest (hosts "
                 "of Ingresses count as Tunnels)",
             )
-        elif not grant.allows(tunnel.domain):
+        elif not (grant.allows_ports() if tunnel.by_port else grant.allows(tunnel.domain)):
             refusals[tunnel.id] = Refusal("DomainNotAllowed", _not_allowed(tunnel, grant))
         else:
             claim = claims[tunnel.id] = Claim(history.since_of(tunnel), tunnel.id)
             holder = holders.get(tunnel.domain)
-            if holder is None or claim < claims[holder.id]:
+            # (a port claim's made-up name is its own: no Tunnel that names it takes it first)
+            if holder is None or (
+                not holder.by_port and (tunnel.by_port or claim < claims[holder.id])
+            ):
                 holders[tunnel.domain] = tunnel
     for tunnel in tunnels:
         holder = holders.get(tunnel.domain)
@@ -428,27 +441,28 @@ def _decide_ports(
         if port is None:
             continue
         name = f"{port[1]}/{port[0]}"
+        where = "the listener's port" if tunnel.by_port else "spec.port"
         if tunnel.id in refusals:  # (DomainConflict says it first)
             continue
         if tunnel.id in closed:
             pool, listed = closed[tunnel.id]
             refusals[tunnel.id] = Refusal(
                 "PortNotAllowed",
-                f"spec.port: {name} is not among the ports Gateway {pool} opens to Tunnels "
+                f"{where}: {name} is not among the ports Gateway {pool} opens to Tunnels "
                 f"(its spec.tunnelPorts: {listed})",
             )
             continue
         if port in rules.reserved:
             refusals[tunnel.id] = Refusal(
                 "PortConflict",
-                f"spec.port: {name} is {rules.reserved[port]}: pick another port",
+                f"{where}: {name} is {rules.reserved[port]}: pick another port",
             )
             continue
         holder = ports[port]
         if holder.id == tunnel.id:
             continue
         refusals[tunnel.id] = Refusal(
-            "PortConflict", f"spec.port: {name} is already claimed by {_named(holder, tunnel)}"
+            "PortConflict", f"{where}: {name} is already claimed by {_named(holder, tunnel)}"
         )
     return ports
 
@@ -462,6 +476,8 @@ def _named(holder: TunnelFacts, claimant: TunnelFacts) -> str:
 
 
 def _not_allowed(tunnel: TunnelFacts, grant: Grant) -> str:
+    if tunnel.by_port:
+        return f"no TenantPolicy selects namespace {tunnel.namespace}, so it may claim no port"
     if not grant.policies:
         return (
             f"spec.domain: no TenantPolicy selects namespace {tunnel.namespace}, so it may "

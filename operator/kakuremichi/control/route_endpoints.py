@@ -131,7 +131,7 @@ def ready_endpoints(
             continue
         if piece.get("addressType") not in ("IPv4", "IPv6"):
             continue  # (FQDN: a name to resolve is a place the tenant chooses at any time)
-        port = _port(piece.get("ports"), ref.port_name)
+        port = _port(piece.get("ports"), ref.port_name, ref.protocol)
         if port is None:
             continue
         endpoints = piece.get("endpoints")
@@ -176,14 +176,15 @@ def _parsed(text: str) -> Address | None:
         return None
 
 
-def _port(ports: object, name: str) -> int | None:
-    """The slice's number for the Service port named ``name`` ("" for an unnamed one)."""
+def _port(ports: object, name: str, protocol: str = "TCP") -> int | None:
+    """The slice's number for the Service port named ``name`` ("" for an unnamed one) and
+    ``protocol``."""
     if not isinstance(ports, list):
         return None
     for port in ports:
         if not isinstance(port, Mapping):
             continue
-        if str(port.get("name") or "") != name or str(port.get("protocol") or "TCP") != "TCP":
+        if str(port.get("name") or "") != name or str(port.get("protocol") or "TCP") != protocol:
             continue
         number = port.get("port")
         if isinstance(number, int) and 1 <= number <= 65535:

@@ -124,9 +124,8 @@ class RouteSources:
     gateway_classes: dict[str, dict[str, Any]] = field(default_factory=dict)
     """GatewayClasses of our controller."""
     gateways: dict[Key, dict[str, Any]] = field(default_factory=dict)
-    http_routes: dict[Key, dict[str, Any]] = field(default_factory=dict)
-    tls_routes: dict[Key, dict[str, Any]] = field(default_factory=dict)
-    grpc_routes: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    routes: dict[str, dict[Key, dict[str, Any]]] = field(default_factory=dict)
+    """Route kind (``HTTPRoute``, ``TCPRoute``…) → its objects."""
     grants: dict[Key, dict[str, Any]] = field(default_factory=dict)
     namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
 
@@ -137,6 +136,7 @@ class RouteSources:
         for name, value in vars(self).items():
             if isinstance(value, dict):
                 setattr(copied, name, dict(value))
+        copied.routes = {kind: dict(objects) for kind, objects in self.routes.items()}
         return copied
 
     # --- facts in -------------------------------------------------------------------------
@@ -240,29 +240,13 @@ class RouteSources:
     def gateway_gone(self, namespace: str, name: str) -> bool:
         return self.gateways.pop((namespace, name), None) is not None
 
-    def saw_http_route(self, body: Mapping[str, Any]) -> bool:
+    def saw_route(self, kind: str, body: Mapping[str, Any]) -> bool:
         meta = _map(body.get("metadata"))
         trimmed = {"metadata": _trim(meta), "spec": _map(body.get("spec"))}
-        return _put(self.http_routes, _key(meta), trimmed)
+        return _put(self.routes.setdefault(kind, {}), _key(meta), trimmed)
 
-    def http_route_gone(self, namespace: str, name: str) -> bool:
-        return self.http_routes.pop((namespace, name), None) is not None
-
-    def saw_tls_route(self, body: Mapping[str, Any]) -> bool:
-        meta = _map(body.get("metadata"))
-        trimmed = {"metadata": _trim(meta), "spec": _map(body.get("spec"))}
-        return _put(self.tls_routes, _key(meta), trimmed)
-
-    def tls_route_gone(self, namespace: str, name: str) -> bool:
-        return self.tls_routes.pop((namespace, name), None) is not None
-
-    def saw_grpc_route(self, body: Mapping[str, Any]) -> bool:
-        meta = _map(body.get("metadata"))
-        trimmed = {"metadata": _trim(meta), "spec": _map(body.get("spec"))}
-        return _put(self.grpc_routes, _key(meta), trimmed)
-
-    def grpc_route_gone(self, namespace: str, name: str) -> bool:
-        return self.grpc_routes.pop((namespace, name), None) is not None
+    def route_gone(self, kind: str, namespace: str, name: str) -> bool:
+        return self.routes.get(kind, {}).pop((namespace, name), None) is not None
 
     def saw_grant(self, body: Mapping[str, Any]) -> bool:
         meta = _map(body.get("metadata"))
@@ -302,9 +286,8 @@ class RouteSources:
                 continue
             refs |= leads_to
         objects = GatewayApiObjects(
-            classes=self.gateway_classes, gateways=self.gateways, http_routes=self.http_routes,
-            grpc_routes=self.grpc_routes, tls_routes=self.tls_routes, grants=self.grants,
-            namespaces=self.namespaces,
+            classes=self.gateway_classes, gateways=self.gateways, routes=self.routes,
+            grants=self.grants, namespaces=self.namespaces,
         )  # fmt: skip
         routed = gateway_api.decide(objects, by_namespace, self.cluster_agent, seen, now)
         refs |= routed.backends

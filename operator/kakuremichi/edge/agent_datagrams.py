@@ -22,7 +22,7 @@ from typing import cast
 
 from kakuremichi.api.protocol import RELAY_PORT
 from kakuremichi.edge import proxy_header, udp_frames
-from kakuremichi.edge.agent_relay import AgentTarget, TargetResolver, split_target
+from kakuremichi.edge.agent_relay import AgentTarget, TargetResolver, same_place, split_target
 from kakuremichi.edge.proxy_header import Address
 from kakuremichi.edge.stats import EdgeStats
 
@@ -59,6 +59,8 @@ class AgentDatagrams(asyncio.DatagramProtocol):
         self.flows: dict[FlowKey, TargetFlow] = {}
         self.flow_counts: dict[int, int] = {}
         """Flows by Tunnel port."""
+        self.turns: dict[int, int] = {}
+        """Per port of a route backend: where the next flow's turn through its endpoints is."""
         self.listening_on: str | None = None
 
     # --- configuration ---------------------------------------------------------------------
@@ -76,9 +78,27 @@ class AgentDatagrams(asyncio.DatagramProtocol):
             if t.protocol == "UDP" and t.port is not None
         }
         before, self.tunnels = self.tunnels, wanted
-        changed = {port for port, tunnel in before.items() if wanted.get(port) != tunnel}
-        for key in [k for k in self.flows if k[1] in changed]:
-            self.forget(key)
+        changed = {port for port, tunnel in before.items() if not _same(wanted.get(port), tunnel)}
+        self.turns = {port: turn for port, turn in self.turns.items() if port in wanted}
+        for key, flow in list(self.flows.items()):
+            now = wanted.get(key[1])
+            if key[1] in changed or (
+                flow.endpoint is not None and now is not None
+                and flow.endpoint not in (now.target.endpoints or ())
+            ):  # fmt: skip
+                self.forget(key)  # (an endpoint that left its backend: its flows end with it)
+
+    def endpoint_for(self, tunnel: UdpTunnel, port: int) -> str | None:
+        """Where a new flow goes: a Tunnel's target; a backend's endpoints in turn (None:
+        it has none ready)."""
+        endpoints = tunnel.target.endpoints
+        if endpoints is None:
+            return tunnel.target.target
+        if not endpoints:
+            return None
+        turn = self.turns.get(port, 0) % len(endpoints)
+        self.turns[port] = turn + 1
+        return endpoints[turn]
 
     async def listen(self, address: str, device: str | None) -> None:
         """The relay socket on the virtual IP (bound to the WireGuard interface, when given)."""
@@ -150,7 +170,11 @@ class AgentDatagrams(asyncio.DatagramProtocol):
             if self.flow_counts.get(port, 0) >= MAX_FLOWS_PER_TUNNEL:
                 self.stats.drop(tunnel.domain, "flow_cap")
                 return
-            flow = self.flows[key] = TargetFlow(self, key, tunnel)
+            endpoint = self.endpoint_for(tunnel, port)
+            if endpoint is None:
+                self.stats.drop(tunnel.domain, "no_endpoint")
+                return
+            flow = self.flows[key] = TargetFlow(self, key, tunnel, endpoint)
             self.flow_counts[port] = self.flow_counts.get(port, 0) + 1
             flow.opening = asyncio.get_running_loop().create_task(flow.open())
         if tunnel.target.proxy_protocol == "V2":
@@ -180,10 +204,16 @@ class AgentDatagrams(asyncio.DatagramProtocol):
 class TargetFlow(asyncio.DatagramProtocol):
     """One client's datagrams to the target, over a socket of its own."""
 
-    def __init__(self, relay: AgentDatagrams, key: FlowKey, tunnel: UdpTunnel) -> None:
+    def __init__(
+        self, relay: AgentDatagrams, key: FlowKey, tunnel: UdpTunnel, place: str | None = None
+    ) -> None:
         self.relay = relay
         self.key = key
         self.tunnel = tunnel
+        self.place = place or tunnel.target.target
+        """``host:port`` its datagrams go to."""
+        self.endpoint = place if tunnel.target.endpoints is not None else None
+        """The route backend's endpoint it goes to (None: a Tunnel's target)."""
         self.transport: asyncio.DatagramTransport | None = None
         self.waiting: list[bytes] = []
         self.opening: asyncio.Task[None] | None = None
@@ -192,16 +222,14 @@ class TargetFlow(asyncio.DatagramProtocol):
         self.last_active = time.monotonic()
 
     async def open(self) -> None:
-        host, port = split_target(self.tunnel.target.target)
+        host, port = split_target(self.place)
         try:
             address = await self.relay.resolver.resolve(host)
             await asyncio.get_running_loop().create_datagram_endpoint(
                 lambda: self, remote_addr=(address, port)
             )
         except OSError as error:
-            log.info(
-                "UDP target %s of %s: %s", self.tunnel.target.target, self.tunnel.domain, error
-            )
+            log.info("UDP target %s of %s: %s", self.place, self.tunnel.domain, error)
             self.relay.stats.errors["target_unreachable"] += 1
             self.relay.forget(self.key)
 
@@ -242,3 +270,8 @@ class TargetFlow(asyncio.DatagramProtocol):
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+
+
+def _same(now: UdpTunnel | None, before: UdpTunnel) -> bool:
+    """Whether ``now`` goes where ``before`` did, endpoints aside (they are followed live)."""
+    return now is not None and now.domain == before.domain and same_place(now.target, before.target)

@@ -139,7 +139,7 @@ class AgentRelay:
         elsewhere are closed, all others go on untouched. A backend's endpoints changing closes
         nothing at once: relays to an endpoint that left are retired (closed once quiet)."""
         before, self.targets = self.targets, dict(targets)
-        changed = {d for d in before if not _same_place(self.targets.get(d), before[d])}
+        changed = {d for d in before if not same_place(self.targets.get(d), before[d])}
         self.turns = {name: turn for name, turn in self.turns.items() if name in self.targets}
         for relay in list(self.relays):
             if relay.domain in changed:
@@ -182,7 +182,7 @@ class AgentRelay:
             connection.close()
 
 
-def _same_place(now: AgentTarget | None, before: AgentTarget) -> bool:
+def same_place(now: AgentTarget | None, before: AgentTarget) -> bool:
     """Whether ``now`` goes where ``before`` did, endpoints aside (they are followed live)."""
     if now is None:
         return False
