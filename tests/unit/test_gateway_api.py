@@ -29,7 +29,9 @@ from kakuremichi.control.kube_api import (
     REFERENCE_GRANT,
     ROUTED_GATEWAY,
     SERVICE,
+    TCP_ROUTE,
     TLS_ROUTE,
+    UDP_ROUTE,
     BuiltinKind,
 )
 from kakuremichi.control.topology import GatewayNode, agent_config, gateway_config
@@ -112,7 +114,7 @@ def tell(controller: IngressController, kube: FakeKube, *objects: tuple[BuiltinK
         if kind is NAMESPACE:
             controller.heard(controller.sources.saw_namespace(stored))
         elif kind in (GATEWAY_CLASS, ROUTED_GATEWAY, HTTP_ROUTE, TLS_ROUTE, GRPC_ROUTE,
-                      REFERENCE_GRANT):  # fmt: skip
+                      TCP_ROUTE, UDP_ROUTE, REFERENCE_GRANT):  # fmt: skip
             controller.saw_gateway_api(kind, stored)
         else:
             feed(controller, kube, (kind, stored))
@@ -974,5 +976,146 @@ def test_a_grpcroute_with_a_broad_certificate_or_an_httproutes_host_is_not_serve
             True, "Issued", "ok"), CertificateBundle(domain="grpc.example.com",
             certificate=own.certificate_pem, private_key=own.private_key_pem))  # fmt: skip
         assert "grpc.example.com" in context.state.snapshot().served_certificates
+
+    asyncio.run(scenario())
+
+
+def port_route(name: str, namespace: str, backend: dict[str, Any], section: str,
+               parent: tuple[str, str] = ("edge", INFRA)) -> dict[str, Any]:  # fmt: skip
+    """A TCPRoute or UDPRoute (no hostnames; one rule)."""
+    return {
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "parentRefs": [{"name": parent[0], "namespace": parent[1], "sectionName": section}],
+            "rules": [{"backendRefs": [backend]}],
+        },
+    }
+
+
+def kind_conditions(
+    kube: FakeKube, kind: BuiltinKind, namespace: str, name: str
+) -> dict[str, tuple[str, str]]:
+    (parent,) = status(kube, kind, namespace, name)["parents"]
+    return conditions(parent["conditions"])
+
+
+def test_tcp_and_udp_routes_claim_their_listeners_port_and_reach_the_backends_endpoints(
+    context: Context,
+) -> None:
+    """A TCP listener on 5432 and a UDP one on 5353: the shop's TCPRoute and UDPRoute hold
+    those public ports through the cluster agent, which sends connections and datagrams to
+    their backends' ready endpoints (a UDP Service port's). Another namespace's route on the
+    same port is attached but served nothing, and is told so without a word of whose the port
+    is; a route cannot reach another namespace's Service, nor a UDPRoute a TCP port."""
+
+    async def scenario() -> None:
+        controller, kube, agent_id = await controller_of(context)
+        listeners = [
+            {"name": "pg", "protocol": "TCP", "port": 5432, "allowedRoutes": everywhere()},
+            {"name": "dns", "protocol": "UDP", "port": 5353, "allowedRoutes": everywhere()},
+        ]
+        dns_service = {
+            "metadata": {"name": "dns", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.53", "ports": [
+                {"name": "dns-udp", "port": 53, "protocol": "UDP"},
+                {"name": "dns-tcp", "port": 53, "protocol": "TCP"},
+            ]},
+        }  # fmt: skip
+        dns_slice = endpoint_slice("dns-1", "shop", "dns", 5353, "10.244.1.6")
+        dns_slice["ports"] = [{"name": "dns-udp", "port": 5353, "protocol": "UDP"},
+                              {"name": "dns-tcp", "port": 5354, "protocol": "TCP"}]  # fmt: skip
+        tell(controller, kube, (GATEWAY_CLASS, gateway_class()),
+             (ROUTED_GATEWAY, gateway("edge", INFRA, *listeners)),
+             (SERVICE, service("db", "shop", 5432, "10.96.0.10")),
+             (ENDPOINT_SLICE, endpoint_slice("db-1", "shop", "db", 15432, "10.244.1.5")),
+             (POD, pod("db-0", "shop", "10.244.1.5")),
+             (SERVICE, dns_service), (ENDPOINT_SLICE, dns_slice),
+             (POD, pod("dns-0", "shop", "10.244.1.6")),
+             *shop_backend("evil", "10.244.9.9"),
+             (TCP_ROUTE, port_route("db", "shop", to("db", 5432), "pg")),
+             (UDP_ROUTE, port_route("dns", "shop", to("dns", 53), "dns")))  # fmt: skip
+        await settle(controller)
+        tell(controller, kube,
+             (TCP_ROUTE, port_route("grab", "evil", to("web", 80), "pg")),
+             (TCP_ROUTE, port_route("cross", "evil", to("db", 5432, namespace="shop"), "pg")),
+             (UDP_ROUTE, port_route("wrong", "evil", to("web", 80), "pg")),
+             (UDP_ROUTE, port_route("tcp-only", "shop", to("db", 5432), "dns")))  # fmt: skip
+        await settle(controller)
+        accepted = {"Accepted": ("True", "Accepted"), "ResolvedRefs": ("True", "ResolvedRefs")}
+        assert kind_conditions(kube, TCP_ROUTE, "shop", "db") == accepted
+        assert kind_conditions(kube, UDP_ROUTE, "shop", "dns") == accepted
+        assert kind_conditions(kube, TCP_ROUTE, "evil", "cross")["ResolvedRefs"] == (
+            "False", "RefNotPermitted",
+        )  # fmt: skip
+        assert kind_conditions(kube, UDP_ROUTE, "evil", "wrong")["Accepted"] == (
+            "False", "NotAllowedByListeners",
+        )  # fmt: skip
+        assert kind_conditions(kube, UDP_ROUTE, "shop", "tcp-only")["ResolvedRefs"] == (
+            "False", "BackendNotFound",
+        )  # fmt: skip
+        edge = status(kube, ROUTED_GATEWAY, INFRA, "edge")
+        gateway_listeners = {entry["name"]: entry for entry in edge["listeners"]}
+        assert gateway_listeners["pg"]["supportedKinds"] == [
+            {"group": "gateway.networking.k8s.io", "kind": "TCPRoute"}
+        ]
+        # The ports are the shop's (oldest claims), through the cluster agent.
+        served = {(r.protocol, r.port): r for r in context.state.snapshot().routes}
+        assert set(served) == {("TCP", 5432), ("UDP", 5353)}
+        topology = context.state.snapshot().topology
+        config = agent_config(topology, agent_id, 1)
+        by_port = {(t.protocol, t.port): t for t in config.tunnels}
+        assert by_port[("TCP", 5432)].backend == "shop/db:5432"
+        assert by_port[("UDP", 5353)].backend == "shop/dns:53/udp"
+        assert all(t.target == "127.0.0.1:1" for t in by_port.values())
+        endpoints = dict(topology.backends_of(agent_id))
+        assert endpoints == {"shop/db:5432": ("10.244.1.5:15432",),
+                             "shop/dns:53/udp": ("10.244.1.6:5353",)}  # fmt: skip
+        # The younger namespace's route: attached (the listener takes it), its port refused in
+        # an Event that names nobody.
+        assert kind_conditions(kube, TCP_ROUTE, "evil", "grab")["Accepted"] == ("True", "Accepted")
+        told = [
+            (kube.events[i][4], kube.messages[i]) for i in range(len(kube.events))
+            if kube.events[i][1:3] == ("evil", "grab")
+        ]  # fmt: skip
+        assert [reason for reason, _ in told] == ["PortConflict"]
+        assert "shop" not in told[0][1] and told[0][1].startswith("port 5432/TCP:")
+        # ... and a gateway reads both ports off the wire.
+        context.state.set_gateway(GatewayNode(UUID(int=7), "gw", 1, "203.0.113.9", "k" * 43 + "=",
+                                              tunnel_ports=((1024, 65535),)))  # fmt: skip
+        await settle(controller)
+        sent = gateway_config(context.state.snapshot().topology, UUID(int=7), 1)
+        read = protocol.gateway_inbound.validate_json(
+            protocol.encode(protocol.GatewayConfigMessage(data=sent))
+        )
+        assert isinstance(read, protocol.GatewayConfigMessage)
+        assert {(t.protocol, t.port) for t in read.data.tunnels} == {("TCP", 5432), ("UDP", 5353)}
+        # The shop's route goes: the port is the other namespace's next.
+        del kube.builtin[("tcproutes", "shop", "db")]
+        controller.gateway_api_gone(TCP_ROUTE, "shop", "db")
+        await settle(controller)
+        served = {(r.protocol, r.port): r for r in context.state.snapshot().routes}
+        assert served[("TCP", 5432)].backends == ("evil/web:80",)
+
+    asyncio.run(scenario())
+
+
+def test_a_pool_that_does_not_open_a_port_refuses_a_tcproute_there(context: Context) -> None:
+    """The administrator opens ports to Tunnels per pool (``tunnelPorts``): a TCP listener
+    outside them serves nothing, and the route's Event says which pool does not open it."""
+
+    async def scenario() -> None:
+        controller, kube, _ = await controller_of(context)
+        context.state.set_gateway(GatewayNode(UUID(int=7), "gw", 1, "203.0.113.9", "k" * 43 + "=",
+                                              tunnel_ports=((20000, 29999),)))  # fmt: skip
+        tell(controller, kube, (GATEWAY_CLASS, gateway_class()),
+             (ROUTED_GATEWAY, gateway("edge", INFRA, {"name": "ssh", "protocol": "TCP",
+                                                      "port": 22, "allowedRoutes": everywhere()})),
+             *shop_backend(),
+             (TCP_ROUTE, port_route("ssh", "shop", to("web", 80), "ssh")))  # fmt: skip
+        await settle(controller)
+        assert not context.state.snapshot().routes
+        told = [kube.events[i][4] for i in range(len(kube.events))
+                if kube.events[i][1:3] == ("shop", "ssh")]  # fmt: skip
+        assert told == ["PortNotAllowed"]
 
     asyncio.run(scenario())

@@ -460,3 +460,49 @@ async def test_a_flow_whose_client_falls_silent_is_forgotten_and_one_that_speaks
         assert sum(port.by_address.values()) == 1
         quiet.close()
         talker.close()
+
+
+@scenario
+async def test_udp_flows_of_a_route_backend_spread_across_its_endpoints_and_follow_them() -> None:
+    """A UDPRoute's port: each new client's flow goes to the next ready endpoint; an endpoint
+    that leaves its backend takes its flows with it (the client's next datagram starts a flow
+    to one still there), and the others go on untouched; no endpoint ready: dropped."""
+    async with l4() as stack:
+        echoes, places = [], []
+        for _ in range(2):
+            echo, port = UdpEcho(), free_port()
+            await asyncio.get_running_loop().create_datagram_endpoint(
+                lambda echo=echo: echo,  # type: ignore[misc]
+                local_addr=("127.0.0.1", port),
+            )
+            echoes.append(echo)
+            places.append(f"127.0.0.1:{port}")
+        public = free_port()
+        route = GatewayRoute(domain="dns.example.com", agent_ip=AGENT_IP, protocol="UDP",
+                             port=public)  # fmt: skip
+
+        def target(*endpoints: str) -> dict[str, AgentTarget]:
+            return {"dns.example.com": AgentTarget("127.0.0.1:1", "UDP", "None", public,
+                                                   endpoints)}  # fmt: skip
+
+        await stack.serve([route], target(*places))
+        one, one_answers = await udp_client(public)
+        two, two_answers = await udp_client(public)
+        one.sendto(b"a")
+        assert await asyncio.wait_for(one_answers.get(), 5) == b"echo:a"
+        two.sendto(b"b")
+        assert await asyncio.wait_for(two_answers.get(), 5) == b"echo:b"
+        assert [len(e.seen) for e in echoes] == [1, 1]  # (one flow each)
+        # The first endpoint leaves: its flow ends; the other's flow goes on.
+        await stack.serve([route], target(places[1]))
+        assert len(stack.datagrams.flows) == 1
+        one.sendto(b"c")
+        assert await asyncio.wait_for(one_answers.get(), 5) == b"echo:c"
+        assert [len(e.seen) for e in echoes] == [1, 2]
+        # None ready: the datagrams of a new flow are dropped, counted.
+        await stack.serve([route], target())
+        one.sendto(b"d")
+        await asyncio.sleep(0.2)
+        assert stack.agent_stats.dropped["dns.example.com/no_endpoint"] >= 1
+        one.close()
+        two.close()

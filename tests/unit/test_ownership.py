@@ -17,6 +17,7 @@ from kakuremichi.control.credentials import generate_wireguard_keypair
 from kakuremichi.control.ownership import (
     AgentClaim,
     ClaimHistory,
+    PortRules,
     Tenancy,
     TenantRule,
     TunnelFacts,
@@ -327,3 +328,52 @@ def test_a_claim_date_in_status_counts_only_when_the_operator_sealed_it() -> Non
     other_domain = dataclasses.replace(victim_era, domain="elsewhere.example.com")
     assert restored_claim(sealer, other_domain, sealed) is None
     assert restored_claim(Sealer(Sealer.generate_key()), victim_era, sealed) is None
+
+
+# --- claims on a port alone (TCPRoute, UDPRoute) ------------------------------------------------
+
+
+def port_claim(
+    namespace: str, port: int = 5432, minutes: int = 0, **changes: object
+) -> TunnelFacts:
+    domain = f"tcproute-{port}.{namespace}.kakuremichi.invalid"
+    return tunnel(namespace, name="db", minutes=minutes, domain=domain, protocol="TCP",
+                  port=port, by_port=True, **changes)  # fmt: skip
+
+
+def test_a_port_claims_made_up_name_is_its_own_whoever_names_it_first() -> None:
+    """A Tunnel that names a port claim's made-up domain, older or not, never holds it: the
+    claim holds its name and its port, and the Tunnel is refused without learning whose."""
+    squatter = tunnel("evil", name="squat", minutes=-60,
+                      domain="tcproute-5432.shop.kakuremichi.invalid")  # fmt: skip
+    claim = port_claim("shop")
+    ownership = decide_domains([squatter, claim], Tenancy())
+    assert ownership.serves(claim)
+    assert ownership.refusals[squatter.id].reason == "DomainConflict"
+    assert "shop" not in ownership.refusals[squatter.id].message.replace(claim.domain, "")
+
+
+def test_port_claims_of_two_namespaces_the_oldest_holds_and_the_other_learns_nothing() -> None:
+    older, younger = port_claim("first", minutes=-5), port_claim("second")
+    l4_tunnel = tunnel("third", name="pg", domain="pg.example.com", protocol="TCP", port=5432,
+                       minutes=10)  # fmt: skip
+    ownership = decide_domains([younger, l4_tunnel, older], Tenancy())
+    assert ownership.ports[("TCP", 5432)].id == older.id
+    for refused in (younger, l4_tunnel):
+        refusal = ownership.refusals[refused.id]
+        assert refusal.reason == "PortConflict" and "another namespace" in refusal.message
+        assert "first" not in refusal.message
+    assert ownership.refusals[younger.id].message.startswith("the listener's port: 5432/TCP")
+
+
+def test_under_tenant_policies_only_a_selected_namespace_claims_a_port() -> None:
+    team = rule("team-a", namespaces={"matchNames": ["team-a"]}, domains=["app.example.com"])
+    selected, stranger = port_claim("team-a", 6000), port_claim("team-b", 6001)
+    ownership = decide_domains([selected, stranger], Tenancy((team,)))
+    assert ownership.serves(selected)
+    refusal = ownership.refusals[stranger.id]
+    assert refusal.reason == "DomainNotAllowed"
+    assert refusal.message == "no TenantPolicy selects namespace team-b, so it may claim no port"
+    # A pool that does not open the port: refused as an L4 Tunnel is.
+    shut = decide_domains([selected], Tenancy((team,)), ports=PortRules(open={"edge": ()}))
+    assert shut.refusals[selected.id].reason == "PortNotAllowed"
