@@ -9,7 +9,8 @@ cert-manager fills one), path routing, connections spread across endpoints, an e
 away no longer answered, ``status.loadBalancer`` naming the gateway, and a slice pointing at a
 node's address (the gateway's) never used. For the HTTPRoute: weights, a header match and a
 request header set, the Gateway's statuses, and a backend of another namespace refused without a
-ReferenceGrant."""
+ReferenceGrant. TLSRoute, GRPCRoute, TCPRoute and UDPRoute reach nginx's own TLS, a gRPC
+service, redis and dnsmasq."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ BACKEND_IP = "192.168.254.2"
 SITE_A, SITE_B, API = 8080, 8082, 8081
 VAULT = 8443  # nginx's own TLS, for the TLSRoute (passed through: the gateway never holds it)
 GRPC = 50051  # the gRPC service (h2c) of the GRPCRoute
+REDIS, DNS = 6390, 5390  # redis and dnsmasq, for the TCPRoute and the UDPRoute
+PUBLIC_REDIS, PUBLIC_DNS = 16390, 15390  # the Gateway's TCP and UDP listeners
 
 
 def _nginx() -> str:
@@ -392,5 +395,75 @@ def test_a_grpcroute_reaches_an_h2c_service_with_its_trailers(world: World) -> N
             answered = wait_until(call, "a gRPC call through the GRPCRoute", timeout=90)
             assert answered.splitlines() == ["echo: hello", "0,1,2", "3"]
         finally:
+            server.kill()
+            server.wait(timeout=10)
+
+
+def test_tcp_and_udp_routes_reach_redis_and_dnsmasq_through_their_listeners_ports(
+    world: World,
+) -> None:
+    """A Gateway with a TCP listener and a UDP one, a TCPRoute to redis and a UDPRoute to
+    dnsmasq beside the cluster agent (a Service's UDP port, its slice's endpoint): redis-cli and
+    dig from the client reach them on the gateway's ports, through WireGuard."""
+    tools = {name: shutil.which(name) or f"/usr/sbin/{name}" for name in
+             ("redis-server", "redis-cli", "dnsmasq", "dig")}  # fmt: skip
+    if missing := [name for name, path in tools.items() if not Path(path).exists()]:
+        pytest.skip(f"not installed: {', '.join(missing)} (hack/install-deps.sh installs them)")
+    backend = next(h for h in world.extra_hosts if h.role == "backend")
+    servers = [
+        backend.spawn([tools["redis-server"], "--bind", BACKEND_IP, "--port", str(REDIS),
+                       "--save", "", "--appendonly", "no", "--protected-mode", "no"],
+                      log=world.workdir / "route-redis.log"),
+        backend.spawn([tools["dnsmasq"], "--no-daemon", "--user=root", f"--port={DNS}",
+                       f"--listen-address={BACKEND_IP}", "--bind-interfaces", "--no-resolv",
+                       "--no-hosts", "--address=/probe.example/10.9.8.7",
+                       f"--pid-file={world.workdir / 'route-dnsmasq.pid'}"],
+                      log=world.workdir / "route-dnsmasq.log"),
+    ]  # fmt: skip
+    dns_slice = endpoint_slice("dns-1", "dns", BACKEND_IP, DNS, "dns")
+    dns_slice["ports"][0]["protocol"] = "UDP"
+    try:
+        with gateway_class_of_ours(world) as klass:
+            apply(
+                world,
+                service("redis", 6379, "redis"),
+                endpoint_slice("redis-1", "redis", BACKEND_IP, REDIS, "redis"),
+                {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "dns"},
+                 "spec": {"ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]}},
+                dns_slice,
+                {"apiVersion": GATEWAY_API, "kind": "Gateway", "metadata": {"name": "ports"},
+                 "spec": {"gatewayClassName": klass, "listeners": [
+                     {"name": "redis", "protocol": "TCP", "port": PUBLIC_REDIS},
+                     {"name": "dns", "protocol": "UDP", "port": PUBLIC_DNS}]}},
+                {"apiVersion": GATEWAY_API, "kind": "TCPRoute", "metadata": {"name": "redis"},
+                 "spec": {"parentRefs": [{"name": "ports", "sectionName": "redis"}],
+                          "rules": [{"backendRefs": [{"name": "redis", "port": 6379}]}]}},
+                {"apiVersion": GATEWAY_API, "kind": "UDPRoute", "metadata": {"name": "dns"},
+                 "spec": {"parentRefs": [{"name": "ports", "sectionName": "dns"}],
+                          "rules": [{"backendRefs": [{"name": "dns", "port": 53}]}]}},
+            )  # fmt: skip
+
+            def client(*args: str) -> str:
+                done = subprocess.run(world.client_host.command(*args), capture_output=True,
+                                      text=True, check=False, timeout=60)  # fmt: skip
+                return done.stdout.strip() if done.returncode == 0 else ""
+
+            ping = (tools["redis-cli"], "-h", world.gateway_client_ip, "-p", str(PUBLIC_REDIS),
+                    "PING")  # fmt: skip
+            wait_until(lambda: client(*ping) == "PONG", "redis through the TCPRoute", timeout=90)
+            dig = (tools["dig"], f"@{world.gateway_client_ip}", "-p", str(PUBLIC_DNS),
+                   "probe.example", "+short", "+time=2", "+tries=1")  # fmt: skip
+            answer = wait_until(lambda: client(*dig), "dig through the UDPRoute", timeout=90)
+            assert answer == "10.9.8.7"
+            for kind, name in (("tcproutes", "redis"), ("udproutes", "dns")):
+                found = json.loads(world.kube.kubectl(
+                    "get", f"{kind}.gateway.networking.k8s.io", name, "-n", world.namespace,
+                    "-o", "json",
+                ))  # fmt: skip
+                parent = found["status"]["parents"][0]
+                reasons = {c["type"]: c["reason"] for c in parent["conditions"]}
+                assert reasons == {"Accepted": "Accepted", "ResolvedRefs": "ResolvedRefs"}
+    finally:
+        for server in servers:
             server.kill()
             server.wait(timeout=10)

@@ -605,8 +605,8 @@ def test_ingresses_and_httproutes_are_served_with_the_charts_rbac_only(
     chart's ServiceAccount alone, watches Ingresses, Services, EndpointSlices, pods and nodes,
     makes an Ingress's Certificate, writes its status and keeps its claim's date; and for the
     Gateway API (its CRDs installed by hack/cluster.sh), writes the statuses of a GatewayClass,
-    a Gateway and HTTPRoutes (one accepted, one from a namespace the listener does not allow)
-    and makes the Certificate the Gateway gives."""
+    a Gateway and HTTPRoutes (one accepted, one from a namespace the listener does not allow),
+    TLS, gRPC, TCP and UDP routes, and makes the Certificate the Gateway gives."""
     tmp_path = tmp_path_factory.mktemp("chart-ingress")
     with chart_operator(kube, helm, tmp_path, everywhere=True) as installed:
         apps, system = installed.apps, installed.system
@@ -683,8 +683,23 @@ def gateway_api(kube: Cluster, apps: str, host: str, address: str) -> None:
             {"name": "http", "protocol": "HTTP", "port": 80},
             {"name": "tls", "protocol": "TLS", "port": 443, "hostname": f"vault.{host}",
              "tls": {"mode": "Passthrough"}},
+            {"name": "pg", "protocol": "TCP", "port": 15432},
+            {"name": "dns", "protocol": "UDP", "port": 15353},
         ]},
     }  # fmt: skip
+    dns_service = {
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "dns", "namespace": apps},
+        "spec": {"ports": [{"port": 53, "protocol": "UDP"}]},
+    }  # fmt: skip
+
+    def port_route(kind: str, name: str, backend: str, port: int) -> dict[str, Any]:
+        return {
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": kind,
+            "metadata": {"name": name, "namespace": apps},
+            "spec": {"parentRefs": [{"name": "edge", "sectionName": name}],
+                     "rules": [{"backendRefs": [{"name": backend, "port": port}]}]},
+        }  # fmt: skip
+
     tls_route = {
         "apiVersion": "gateway.networking.k8s.io/v1", "kind": "TLSRoute",
         "metadata": {"name": "vault", "namespace": apps},
@@ -710,7 +725,9 @@ def gateway_api(kube: Cluster, apps: str, host: str, address: str) -> None:
                  "hostnames": [f"rpc.{host}"],
                  "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]},
     }  # fmt: skip
-    items = [gateway_class, gateway, route(apps), route(outsider), tls_route, grpc_route]
+    items = [gateway_class, gateway, route(apps), route(outsider), tls_route, grpc_route,
+             dns_service, port_route("TCPRoute", "pg", "web", 80),
+             port_route("UDPRoute", "dns", "dns", 53)]  # fmt: skip
     document = {"apiVersion": "v1", "kind": "List", "items": items}
     try:
         kube.kubectl("apply", "-f", "-", input_text=json.dumps(document))
@@ -729,6 +746,10 @@ def gateway_api(kube: Cluster, apps: str, host: str, address: str) -> None:
             "True", "Accepted"), "the TLSRoute to be accepted")  # fmt: skip
         wait_until(lambda: parent(apps, "grpcroutes", "rpc").get("Accepted") == (
             "True", "Accepted"), "the GRPCRoute to be accepted")  # fmt: skip
+        for kind, name in (("tcproutes", "pg"), ("udproutes", "dns")):
+            wait_until(lambda kind=kind, name=name: parent(apps, kind, name) == {  # type: ignore[misc]
+                "Accepted": ("True", "Accepted"), "ResolvedRefs": ("True", "ResolvedRefs"),
+            }, f"the {kind} to be accepted")  # fmt: skip
         wait_until(lambda: parent(outsider).get("Accepted") == ("False", "NotAllowedByListeners"),
                    "the other namespace's HTTPRoute to be refused")  # fmt: skip
 
