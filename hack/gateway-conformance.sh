@@ -36,7 +36,7 @@ fi
 
 # Claimed (docs/gateway-api.md): core Gateway, HTTPRoute and ReferenceGrant, with these extended
 # features.
-CLAIMED="Gateway,HTTPRoute,ReferenceGrant,HTTPRouteQueryParamMatching,HTTPRouteMethodMatching,HTTPRouteParentRefPort,TLSRoute,GRPCRoute"
+CLAIMED="Gateway,HTTPRoute,ReferenceGrant,HTTPRouteQueryParamMatching,HTTPRouteMethodMatching,HTTPRouteParentRefPort,TLSRoute,GRPCRoute,TCPRoute,UDPRoute"
 FEATURES=${FEATURES:-$CLAIMED}
 REPORT=${REPORT:-${repo}/gateway-conformance-report.yaml}
 cluster=${KIND_CLUSTER:-kakuremichi}
@@ -80,7 +80,7 @@ kubectl config use-context "kind-${cluster}" >/dev/null
   cd "$work/conformance"
   GOWORK=off go test ./ -run TestConformance -timeout 90m "${extra[@]}" -args \
     --gateway-class=kakuremichi --supported-features="$FEATURES" \
-    --conformance-profiles=GATEWAY-HTTP,GATEWAY-TLS,GATEWAY-GRPC --report-output="$REPORT" \
+    --conformance-profiles=GATEWAY-HTTP,GATEWAY-TLS,GATEWAY-GRPC,GATEWAY-TCP,GATEWAY-UDP --report-output="$REPORT" \
     --organization=kakuremichi --project=kakuremichi --version="v${version}" \
     --url=https://github.com/kakuremichi/kakuremichi --contact=@kakuremichi/maintainers \
     --mode=default --allow-crds-mismatch
