@@ -1119,3 +1119,51 @@ def test_a_pool_that_does_not_open_a_port_refuses_a_tcproute_there(context: Cont
         assert told == ["PortNotAllowed"]
 
     asyncio.run(scenario())
+
+
+def test_a_passed_through_routes_backends_are_weighted_and_an_unresolved_one_keeps_its_share(
+    context: Context,
+) -> None:
+    """A TCPRoute weighted 3:1 over two Services, with a third backendRef to another
+    namespace's Service (no grant) and a fourth of weight 0: the cluster agent gets the three
+    shares (the refused one without a stream), ``backend`` one that resolves (what an agent of
+    an earlier release uses), and both Services' endpoints; the route says RefNotPermitted."""
+
+    async def scenario() -> None:
+        controller, kube, agent_id = await controller_of(context)
+        tell(controller, kube, (GATEWAY_CLASS, gateway_class()),
+             (ROUTED_GATEWAY, gateway("edge", INFRA, {"name": "pg", "protocol": "TCP",
+                                                      "port": 5432,
+                                                      "allowedRoutes": everywhere()})),
+             *shop_backend(), *shop_backend("bank", "10.244.2.7"),
+             (SERVICE, service("canary", "shop", 80, "10.96.0.11")),
+             (ENDPOINT_SLICE, endpoint_slice("canary-1", "shop", "canary", 8080, "10.244.1.9")),
+             (POD, pod("canary-0", "shop", "10.244.1.9")))  # fmt: skip
+        weighted = port_route("db", "shop", to("web", weight=3), "pg")
+        weighted["spec"]["rules"][0]["backendRefs"] += [
+            to("canary", weight=1),
+            to("web", namespace="bank", weight=1),
+            to("canary", weight=0),
+        ]
+        tell(controller, kube, (TCP_ROUTE, weighted))
+        await settle(controller)
+        assert kind_conditions(kube, TCP_ROUTE, "shop", "db")["ResolvedRefs"] == (
+            "False", "RefNotPermitted",
+        )  # fmt: skip
+        topology = context.state.snapshot().topology
+        sent = agent_config(topology, agent_id, 1)
+        read = protocol.agent_inbound.validate_json(
+            protocol.encode(protocol.AgentConfigMessage(data=sent))
+        )
+        assert isinstance(read, protocol.AgentConfigMessage)
+        (tunnel,) = read.data.tunnels
+        assert tunnel.shares is not None
+        assert [(s.stream, s.weight) for s in tunnel.shares] == [
+            ("shop/web:80", 3), ("shop/canary:80", 1), (None, 1),
+        ]  # fmt: skip
+        assert tunnel.backend in ("shop/web:80", "shop/canary:80")
+        assert dict(topology.backends_of(agent_id)) == {
+            "shop/web:80": ("10.244.1.5:8080",), "shop/canary:80": ("10.244.1.9:8080",),
+        }  # fmt: skip
+
+    asyncio.run(scenario())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import random
 import socket
 import ssl
 import time
@@ -506,3 +507,27 @@ async def test_udp_flows_of_a_route_backend_spread_across_its_endpoints_and_foll
         assert stack.agent_stats.dropped["dns.example.com/no_endpoint"] >= 1
         one.close()
         two.close()
+
+
+@scenario
+async def test_a_tcp_routes_connections_are_spread_over_its_backends_by_weight() -> None:
+    """A TCPRoute with backends weighted 3 and 1, and a third (weight 1) that does not resolve:
+    connections reach both backends, about three to one, and the unresolved share's are closed
+    without reaching anyone (never shifted onto the others)."""
+    async with l4() as stack:
+        heavy, light = Origin(free_port()), Origin(free_port())
+        await heavy.start()
+        await light.start()
+        public = free_port()
+        places = (f"127.0.0.1:{heavy.port}",), (f"127.0.0.1:{light.port}",)
+        target = AgentTarget(
+            "127.0.0.1:1", "TCP", port=public, endpoints=tuple(sorted(p for (p,) in places)),
+            shares=((places[0], 3), (places[1], 1), ((), 1)),
+        )  # fmt: skip
+        await stack.serve([tcp_route("db.example.com", public)], {"db.example.com": target})
+        random.seed(21)  # (the agent draws by weight: the same draws every run)
+        answers = [await exchange(public, b"x") for _ in range(200)]
+        assert answers.count(b"X") == len(heavy.firsts) + len(light.firsts)
+        assert answers.count(b"") == 200 - answers.count(b"X")  # (the refused share: closed)
+        assert 95 <= len(heavy.firsts) <= 150 and 18 <= len(light.firsts) <= 65
+        assert 18 <= answers.count(b"") <= 65

@@ -228,6 +228,14 @@ class GatewayPeer(FromControl):
     sessions are gone; the agent starts a new one at once (behind NAT, the gateway cannot)."""
 
 
+class WeightedBackend(FromControl):
+    stream: BackendName | None = None
+    """None (left out of the message, as every None is): this share of requests is answered
+    500 (an HTTPRoute's backendRef that does not resolve takes its weight's share, as the
+    Gateway API asks; sent only then)."""
+    weight: Annotated[int, Field(ge=0, le=1_000_000)] = 1
+
+
 class AgentTunnel(FromControl):
     domain: DomainName
     target: TargetAddress
@@ -241,7 +249,12 @@ class AgentTunnel(FromControl):
     PROXY header carrying the client's address, as the gateway passed it on."""
     backend: BackendName | None = None
     """A route backend (of ``backends``) whose ready endpoints this tunnel's connections go to
-    instead of ``target`` (a TLSRoute's host, passed through); None: ``target``."""
+    instead of ``target`` (a TLSRoute's host, passed through; a TCPRoute's or UDPRoute's port);
+    None: ``target``."""
+    shares: Annotated[list[WeightedBackend], Field(min_length=2, max_length=16)] | None = None
+    """Several route backends with their weights: each connection (each UDP flow) goes to one,
+    chosen by weight; a share without ``stream`` is refused (its backendRef does not resolve).
+    ``backend`` is then one of them that resolves: what an agent of an earlier release uses."""
 
 
 class AgentBackend(FromControl):
@@ -347,14 +360,6 @@ class RequestMatch(FromControl):
     method: Annotated[str, Field(max_length=32, pattern=r"^[A-Z]+$")] | None = None
     headers: Annotated[list[HeaderMatch], Field(max_length=16)] | None = None
     query: Annotated[list[QueryMatch], Field(max_length=16)] | None = None
-
-
-class WeightedBackend(FromControl):
-    stream: BackendName | None = None
-    """None (left out of the message, as every None is): this share of requests is answered
-    500 (an HTTPRoute's backendRef that does not resolve takes its weight's share, as the
-    Gateway API asks; sent only then)."""
-    weight: Annotated[int, Field(ge=0, le=1_000_000)] = 1
 
 
 class HeaderPair(FromControl):

@@ -83,6 +83,8 @@ cluster agent sends the host's connections to its backend's endpoints; an agent 
 release, which does not read ``backend``, is refused there instead of dialling a Service's
 cluster IP (whose EndpointSlices a tenant writes by hand)."""
 PORT_DOMAIN_SUFFIX = ".kakuremichi.invalid"
+MAX_SHARES = 16
+"""Backends of a TLSRoute's, TCPRoute's or UDPRoute's rule (the CRD's own bound)."""
 MAX_ATTACHMENTS_PER_ROUTE = 100
 """(listener, host) pairs of one route: parentRefs by listeners by hostnames could be 32,768."""
 _SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
@@ -483,6 +485,8 @@ def _listener_certificate(
     return ("Secret", name, namespace), None
 
 
+Shares = tuple[tuple[str | None, int], ...]
+"""(backend stream, weight) of a passed-through route's backends (None: refused)."""
 Grants = Mapping[str, Sequence[Mapping[str, Any]]]
 """Namespace → the specs of its ReferenceGrants."""
 
@@ -533,6 +537,8 @@ class _Attached:
     certificate: CertificateSource | None
     listener_hostname: str | None
     kind: str = HTTP_ROUTE
+    shares: Shares = ()
+    """A passed-through route's backends by weight."""
 
 
 def _route(
@@ -545,12 +551,13 @@ def _route(
     namespace = key[0]
     problems: list[str] = []
     refusal = None
+    shares: Shares = ()
+    rules: list[tuple[tuple[Any, ...], RequestRule]] = []
+    partial: Condition | None = None
     if kind == TLS_ROUTE or kind in PORT_ROUTE_KINDS:
-        rules, backends, resolved, partial = _passed_rules(kind, key, spec, grants, services,
-                                                           problems)  # fmt: skip
+        shares, backends, resolved = _passed_rules(kind, key, spec, grants, services, problems)
     elif kind == GRPC_ROUTE:
         refusal, backends, resolved = _grpc_rules(key, spec, grants, services, problems)
-        rules, partial = [], None
     else:
         rules, backends, resolved, partial = _rules(key, spec, grants, services, problems)
     route_hosts: list[str | None] = [*_list_text(spec.get("hostnames"))] or [None]
@@ -574,7 +581,7 @@ def _route(
             for listener, _ in accepted[:MAX_ATTACHMENTS_PER_ROUTE]:
                 attached.append(_Attached(
                     parent, listener.name, key, str(listener.port), (), frozenset(backends),
-                    _created(meta), _generation(meta), None, None, kind,
+                    _created(meta), _generation(meta), None, None, kind, shares,
                 ))  # fmt: skip
         else:
             hosts = sorted({h for _, h in accepted if h is not None})
@@ -609,7 +616,7 @@ def _route(
                     attached.append(_Attached(
                         parent, listener.name, key, host, tuple(rules), frozenset(backends),
                         _created(meta), _generation(meta), listener.certificate,
-                        listener.hostname, kind,
+                        listener.hostname, kind, shares,
                     ))  # fmt: skip
         conditions.append(resolved)
         if partial is not None:
@@ -865,39 +872,35 @@ def _grpc_rules(
 def _passed_rules(
     kind: str, key: Key, spec: Mapping[str, Any], grants: Grants,
     services: Mapping[str, Mapping[str, ServiceFacts]], problems: list[str],
-) -> tuple[list[tuple[tuple[Any, ...], RequestRule]], set[BackendRef], Condition,
-           Condition | None]:  # fmt: skip
-    """The one rule of a TLSRoute, TCPRoute or UDPRoute: the backend its connections (or
-    datagrams) are passed to (the first that resolves and has weight; spreading by weight
-    across several is not served yet)."""
+) -> tuple[Shares, set[BackendRef], Condition]:  # fmt: skip
+    """The one rule of a TLSRoute, TCPRoute or UDPRoute: the backends its connections (UDP:
+    each client's flow) are spread over by weight, and ResolvedRefs. A backendRef that does not
+    resolve keeps its share, refused (never shifted onto the others)."""
     backends: set[BackendRef] = set()
     unresolved: list[tuple[str, str]] = []
-    partial = None
+    shares: list[tuple[str | None, int]] = []
     refs = [r for rule in _list(spec.get("rules"))[:1] for r in _list(rule.get("backendRefs"))]
-    live = [
-        (b, ref) for b, ref in enumerate(refs)
-        if not isinstance(weight := ref.get("weight", 1), int) or isinstance(weight, bool)
-        or weight > 0
-    ]  # fmt: skip
-    for b, ref in live[:1]:  # (the first with weight: what it does not resolve is refused)
+    for b, ref in enumerate(refs[:MAX_SHARES]):
+        weight = ref.get("weight", 1)
+        weight = weight if isinstance(weight, int) and not isinstance(weight, bool) else 1
+        weight = min(max(0, weight), 1_000_000)
+        if weight == 0:
+            continue
         at = f"spec.rules[0].backendRefs[{b}]"
         found = _backend_ref(key, ref, at, grants, services, kind)
         if isinstance(found, tuple):
             unresolved.append(found)
+            shares.append((None, weight))
         else:
             backends.add(found)
-    if len(live) > 1:
-        problems.append(f"spec.rules[0].backendRefs: a {kind} is passed to one backend for now "
-                        "(the first with weight); the others are not used.")  # fmt: skip
-        partial = Condition("PartiallyInvalid", True, "UnsupportedValue",
-                            f"Only the first backend of a {kind} is used.")  # fmt: skip
+            shares.append((found.stream, weight))
     problems.extend(sentence for _, sentence in unresolved)
     if unresolved:
         resolved = Condition("ResolvedRefs", False, unresolved[0][0],
                              "; ".join(s for _, s in unresolved))  # fmt: skip
     else:
         resolved = Condition("ResolvedRefs", True, "ResolvedRefs", "All references resolved.")
-    return [], backends, resolved, partial
+    return tuple(shares), backends, resolved
 
 
 def _filters(filters: Sequence[Mapping[str, Any]], at: str) -> tuple[HeaderEdits | None, list[str]]:
@@ -1064,7 +1067,7 @@ def _tls_claim(
         enabled=True, created=seen.get(identity, now), generation=first.generation,
         certificate="", description=f"TLSRoute {names}"[:1024],
         source=f"TLSRoute {first.route[1]}", protocol="TLS",
-        backends=tuple(sorted(ref.stream for ref in refs)),
+        backends=tuple(sorted(ref.stream for ref in refs)), shares=_several(first.shares),
     )  # fmt: skip
     return claim, refs
 
@@ -1094,7 +1097,7 @@ def _port_claim(
         created=seen.get(identity, now), generation=first.generation, certificate="",
         description=f"{kind} {names}"[:1024], source=f"{kind} {first.route[1]}",
         protocol=PORT_ROUTE_KINDS[kind], port=port, by_port=True,
-        backends=tuple(sorted(ref.stream for ref in refs)),
+        backends=tuple(sorted(ref.stream for ref in refs)), shares=_several(first.shares),
     )  # fmt: skip
     return claim, refs
 
@@ -1163,6 +1166,12 @@ def _claim(
         backends=tuple(sorted(ref.stream for ref in refs)),
     )  # fmt: skip
     return claim, (giver.gateway, (where, certificate), spec), refs
+
+
+def _several(shares: Shares) -> Shares:
+    """Shares worth sending: with one backend, the tunnel's ``backend`` says it all (none
+    resolved: nothing to reach either way)."""
+    return shares if len(shares) > 1 else ()
 
 
 @functools.lru_cache(maxsize=4096)

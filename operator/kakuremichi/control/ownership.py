@@ -83,6 +83,9 @@ class TunnelFacts:
     """Per-request routing to ``backends`` (None: every request to ``target``)."""
     backends: tuple[str, ...] = ()
     """The backend streams (``namespace/service:port``) the rules lead to."""
+    shares: tuple[tuple[str | None, int], ...] = ()
+    """A TLSRoute's, TCPRoute's or UDPRoute's backends by weight, when it has several: (stream,
+    weight), each connection going to one (None: that share is refused)."""
     certificate_namespace: str | None = None
     """The Certificate's namespace when it is not the claim's own (an HTTPRoute's host is
     served with the certificate of the Gateway API Gateway it is attached to)."""

@@ -29,6 +29,7 @@ from kakuremichi.api.protocol import (
     GatewaySelf,
     GatewayTunnel,
     RequestRule,
+    WeightedBackend,
 )
 from kakuremichi.api.resources import ClientLimits, Hsts, ProxyProtocol, TunnelProtocol
 from kakuremichi.control import addressing
@@ -99,6 +100,8 @@ class Route:
     rules: tuple[RequestRule, ...] | None = None
     """A route's host: per-request routing to ``backends`` (None: a Tunnel's domain)."""
     backends: tuple[str, ...] = ()
+    shares: tuple[tuple[str | None, int], ...] = ()
+    """Several weighted backends of a passed-through route (see ``TunnelFacts.shares``)."""
 
 
 @dataclass(frozen=True)
@@ -264,8 +267,9 @@ def agent_config(
                 protocol=route.protocol if route.protocol != "HTTP" else None,
                 port=route.port,
                 proxy_protocol=route.proxy_protocol if route.proxy_protocol != "None" else None,
-                # (a TLSRoute's host: passed through to its backend's endpoints)
+                # (a TLSRoute's host, a TCPRoute's port: to its backends' endpoints)
                 backend=route.backends[0] if route.backends else None,
+                shares=[WeightedBackend(stream=s, weight=w) for s, w in route.shares] or None,
             )
             for route in topology.served_routes_of(agent_id)
             if route.rules is None  # (an HTTP route's host is served through its backends)

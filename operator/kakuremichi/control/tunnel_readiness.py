@@ -251,6 +251,7 @@ def routes(ownership: DomainOwnership, agents: Mapping[UUID, AgentNode]) -> tupl
                 proxy_protocol=holder.proxy_protocol,
                 rules=holder.rules,
                 backends=holder.backends,
+                shares=holder.shares,
             )
         )
     return tuple(found)

@@ -22,7 +22,13 @@ from typing import cast
 
 from kakuremichi.api.protocol import RELAY_PORT
 from kakuremichi.edge import proxy_header, udp_frames
-from kakuremichi.edge.agent_relay import AgentTarget, TargetResolver, same_place, split_target
+from kakuremichi.edge.agent_relay import (
+    AgentTarget,
+    TargetResolver,
+    same_place,
+    split_target,
+    spread,
+)
 from kakuremichi.edge.proxy_header import Address
 from kakuremichi.edge.stats import EdgeStats
 
@@ -59,8 +65,8 @@ class AgentDatagrams(asyncio.DatagramProtocol):
         self.flows: dict[FlowKey, TargetFlow] = {}
         self.flow_counts: dict[int, int] = {}
         """Flows by Tunnel port."""
-        self.turns: dict[int, int] = {}
-        """Per port of a route backend: where the next flow's turn through its endpoints is."""
+        self.turns: dict[str, int] = {}
+        """Per route backend (by domain): where the next flow's turn through its endpoints is."""
         self.listening_on: str | None = None
 
     # --- configuration ---------------------------------------------------------------------
@@ -79,7 +85,8 @@ class AgentDatagrams(asyncio.DatagramProtocol):
         }
         before, self.tunnels = self.tunnels, wanted
         changed = {port for port, tunnel in before.items() if not _same(wanted.get(port), tunnel)}
-        self.turns = {port: turn for port, turn in self.turns.items() if port in wanted}
+        domains = {tunnel.domain for tunnel in wanted.values()}
+        self.turns = {k: turn for k, turn in self.turns.items() if k.split("#", 1)[0] in domains}
         for key, flow in list(self.flows.items()):
             now = wanted.get(key[1])
             if key[1] in changed or (
@@ -91,14 +98,8 @@ class AgentDatagrams(asyncio.DatagramProtocol):
     def endpoint_for(self, tunnel: UdpTunnel, port: int) -> str | None:
         """Where a new flow goes: a Tunnel's target; a backend's endpoints in turn (None:
         it has none ready)."""
-        endpoints = tunnel.target.endpoints
-        if endpoints is None:
-            return tunnel.target.target
-        if not endpoints:
-            return None
-        turn = self.turns.get(port, 0) % len(endpoints)
-        self.turns[port] = turn + 1
-        return endpoints[turn]
+        places = spread(tunnel.target, self.turns, tunnel.domain)
+        return places[0] if places else None
 
     async def listen(self, address: str, device: str | None) -> None:
         """The relay socket on the virtual IP (bound to the WireGuard interface, when given)."""

@@ -22,6 +22,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import logging
+import random
 import socket
 import time
 from collections.abc import Iterable, Mapping
@@ -89,7 +90,10 @@ class AgentTarget:
     """TCP, UDP: the public port."""
     endpoints: tuple[str, ...] | None = None
     """A route backend's ready endpoints (``ip:port``), connections spread across them; None:
-    a Tunnel, which goes to ``target``."""
+    a Tunnel, which goes to ``target``. With ``shares``: every share's (what is still listed)."""
+    shares: tuple[tuple[tuple[str, ...], int], ...] | None = None
+    """Several weighted backends (a TLSRoute's, TCPRoute's, UDPRoute's): each connection goes
+    to one, chosen by weight, then to its endpoints in turn; a share with none is refused."""
 
     @classmethod
     def of(
@@ -97,13 +101,21 @@ class AgentTarget:
     ) -> AgentTarget:
         """A tunnel's; one that names a route backend goes to that backend's endpoints (none
         while it is not in ``backends``)."""
-        endpoints = None
-        if tunnel.backend is not None:
-            known = (backends or {}).get(tunnel.backend)
-            endpoints = known.endpoints if known is not None and known.endpoints else ()
+        known = backends or {}
+
+        def endpoints_of(name: str | None) -> tuple[str, ...]:
+            found = known.get(name) if name is not None else None
+            return found.endpoints if found is not None and found.endpoints else ()
+
+        endpoints, shares = None, None
+        if tunnel.shares:
+            shares = tuple((endpoints_of(s.stream), s.weight) for s in tunnel.shares)
+            endpoints = tuple(sorted({e for listed, _ in shares for e in listed}))
+        elif tunnel.backend is not None:
+            endpoints = endpoints_of(tunnel.backend)
         return cls(
             tunnel.target, tunnel.protocol or "HTTP", tunnel.proxy_protocol or "None", tunnel.port,
-            endpoints,
+            endpoints, shares,
         )  # fmt: skip
 
     @classmethod
@@ -140,7 +152,10 @@ class AgentRelay:
         nothing at once: relays to an endpoint that left are retired (closed once quiet)."""
         before, self.targets = self.targets, dict(targets)
         changed = {d for d in before if not same_place(self.targets.get(d), before[d])}
-        self.turns = {name: turn for name, turn in self.turns.items() if name in self.targets}
+        self.turns = {
+            name: turn for name, turn in self.turns.items()
+            if name.split("#", 1)[0] in self.targets
+        }  # fmt: skip
         for relay in list(self.relays):
             if relay.domain in changed:
                 relay.close()
@@ -153,16 +168,8 @@ class AgentRelay:
         return now is not None and place in (now.endpoints or ())
 
     def candidates(self, name: str, tunnel: AgentTarget) -> list[str]:
-        """Where a new stream of ``name`` may connect, in the order to try: a Tunnel's target;
-        a backend's endpoints, each stream starting one further (round robin)."""
-        endpoints = tunnel.endpoints
-        if endpoints is None:
-            return [tunnel.target]
-        if not endpoints:
-            return []
-        turn = self.turns.get(name, 0) % len(endpoints)
-        self.turns[name] = turn + 1
-        return [*endpoints[turn:], *endpoints[:turn]][:ENDPOINT_ATTEMPTS]
+        """Where a new stream of ``name`` may connect, in the order to try."""
+        return spread(tunnel, self.turns, name)[:ENDPOINT_ATTEMPTS]
 
     def sweep(self, now: float) -> None:
         """Close relays to endpoints that left, once they are quiet (or retired long enough)."""
@@ -182,13 +189,40 @@ class AgentRelay:
             connection.close()
 
 
+def spread(tunnel: AgentTarget, turns: dict[str, int], name: str) -> list[str]:
+    """Where a new connection (or UDP flow) of ``name`` goes, in the order to try: a Tunnel's
+    target; a backend's endpoints, each one starting one further (round robin); with several
+    weighted backends, one chosen by weight first (none: refused, as a share that does not
+    resolve is)."""
+    endpoints = tunnel.endpoints
+    if endpoints is None:
+        return [tunnel.target]
+    key = name
+    if tunnel.shares is not None:
+        weights = [weight for _, weight in tunnel.shares]
+        if not any(weights):
+            return []
+        (index,) = random.choices(range(len(tunnel.shares)), weights)  # noqa: S311 (spreading load)
+        endpoints, key = tunnel.shares[index][0], f"{name}#{index}"
+    if not endpoints:
+        return []
+    turn = turns.get(key, 0) % len(endpoints)
+    turns[key] = turn + 1
+    return [*endpoints[turn:], *endpoints[:turn]]
+
+
 def same_place(now: AgentTarget | None, before: AgentTarget) -> bool:
     """Whether ``now`` goes where ``before`` did, endpoints aside (they are followed live)."""
     if now is None:
         return False
     if now.endpoints is not None and before.endpoints is not None:
-        return dataclasses.replace(now, endpoints=()) == dataclasses.replace(before, endpoints=())
+        return _placeless(now) == _placeless(before)
     return now == before
+
+
+def _placeless(target: AgentTarget) -> AgentTarget:
+    shares = tuple(((), weight) for _, weight in target.shares or ()) or None
+    return dataclasses.replace(target, endpoints=(), shares=shares)
 
 
 class GatewayLink(MuxConnection):
