@@ -31,9 +31,10 @@
    through the Agent ``demo`` (``--cluster-agent``), which may reach a second origin on
    192.168.237.2:8090 in kmdemo-agent (``--endpoint-range 192.168.237.2/32``); the IngressClass
    and GatewayClass ``kakuremichi``, a namespace ``demo-apps`` with a Gateway API Gateway and
-   the demo CA's certificates for ingress.kakuremichi.test and route.kakuremichi.test, and two
-   files to apply: .demo/ingress.yaml and .demo/httproute.yaml (a Service without selector, an
-   EndpointSlice naming that origin, and an Ingress or an HTTPRoute);
+   the demo CA's certificates for ingress.kakuremichi.test and route.kakuremichi.test, and
+   files to apply: .demo/ingress.yaml, .demo/httproute.yaml and .demo/tcproute.yaml (each a
+   Service without selector, an EndpointSlice naming that origin, and an Ingress, an HTTPRoute
+   or a TCPRoute on the Gateway's TCP listener, port 18090);
 
 then waits for the first HTTPS answer through the gateway and prints the curl command that gets
 it. ``add-host NAME`` then brings in another machine the way the Add-Agent flow has it: a
@@ -119,6 +120,7 @@ AGENT_IP = "192.168.237.2"
 SUBNETS = ("192.168.237.0/24", "192.168.238.0/24", "192.168.239.0/24")
 PREFERRED_CONTROL_PORT = 8443
 ORIGIN_PORT = 8080
+ROUTE_TCP_PORT = 18090  # the Gateway API Gateway's TCP listener (in the pool's tunnelPorts)
 ROUTES_ORIGIN_PORT = 8090  # on AGENT_IP: what the cluster agent reaches for Ingresses, HTTPRoutes
 APPS_NAMESPACE = "demo-apps"
 INGRESS_DOMAIN = "ingress.kakuremichi.test"
@@ -204,6 +206,9 @@ spec:
     tls:
       certificateRefs:
       - name: route-tls
+  - name: tcp
+    protocol: TCP
+    port: {ROUTE_TCP_PORT}
 """
 
 
@@ -280,6 +285,27 @@ spec:
   rules:
   - backendRefs:
     - name: site
+      port: 80
+"""
+)
+
+
+TCPROUTE_YAML = (
+    backend_yaml("plain")
+    + f"""\
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: TCPRoute
+metadata:
+  name: plain
+  namespace: {APPS_NAMESPACE}
+spec:
+  parentRefs:
+  - name: demo
+    sectionName: tcp
+  rules:
+  - backendRefs:
+    - name: plain
       port: 80
 """
 )
@@ -1029,6 +1055,7 @@ def up() -> None:
     kube.apply(ROUTED_GATEWAY_YAML)
     (STATE / "ingress.yaml").write_text(INGRESS_YAML)
     (STATE / "httproute.yaml").write_text(HTTPROUTE_YAML)
+    (STATE / "tcproute.yaml").write_text(TCPROUTE_YAML)
     summary(kube, time.monotonic() - started)
 
 
@@ -1219,6 +1246,9 @@ def summary(kube: Kube, seconds: float) -> None:
     say(shlex.join(curl_command(STATE / "ca.pem", INGRESS_DOMAIN)))
     say(f"KUBECONFIG={KUBECONFIG} {kubectl} apply -f {STATE}/httproute.yaml")
     say(shlex.join(curl_command(STATE / "ca.pem", ROUTE_DOMAIN)))
+    say(f"KUBECONFIG={KUBECONFIG} {kubectl} apply -f {STATE}/tcproute.yaml   "
+        f"# the Gateway's TCP port {ROUTE_TCP_PORT}, forwarded as bytes")  # fmt: skip
+    say(shlex.join(["curl", f"http://{GATEWAY_IP}:{ROUTE_TCP_PORT}/"]))
     say("")
     say(f"  logs       {STATE}/{{operator,gateway,agent,origin}}.log")
     say(f"  resources  export KUBECONFIG={KUBECONFIG}")

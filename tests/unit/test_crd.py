@@ -133,7 +133,9 @@ def test_specs_and_statuses_match_the_brief() -> None:
     )
     assert {"domain", "agent", "target", "enabled", "description", "tls"} <= props(tunnel, "spec")
     assert "url" in props(tunnel, "status")
-    assert props(tenant_policy, "spec") == {"namespaces", "domains", "maxAgents", "maxTunnels"}
+    assert props(tenant_policy, "spec") == {
+        "namespaces", "domains", "ports", "maxAgents", "maxTunnels",
+    }  # fmt: skip
     assert tenant_policy.short_names == ("kmtenant",) and not tenant_policy.namespaced
     assert {"domain", "secretName", "autoRenew", "issuer"} <= props(certificate, "spec")
     assert {"notBefore", "notAfter", "renewalTime", "lastRenewedAt"} <= props(certificate, "status")

@@ -5,6 +5,7 @@ who tries to cross a namespace gets (a refusal that names nothing of the other's
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -14,9 +15,10 @@ import pytest
 from kakuremichi.api import protocol
 from kakuremichi.api.protocol import CertificateBundle
 from kakuremichi.api.resources import AGENT, TUNNEL
-from kakuremichi.control import agents, tunnels
+from kakuremichi.control import agents, gateway_api, tunnels
 from kakuremichi.control.context import Context
 from kakuremichi.control.gateway_api import GATEWAY_CONTROLLER
+from kakuremichi.control.ingress_routes import ServiceFacts, ServicePort
 from kakuremichi.control.ingresses import IngressController
 from kakuremichi.control.kube_api import (
     ENDPOINT_SLICE,
@@ -1167,3 +1169,31 @@ def test_a_passed_through_routes_backends_are_weighted_and_an_unresolved_one_kee
         }  # fmt: skip
 
     asyncio.run(scenario())
+
+
+def test_a_tcproute_attaches_at_most_a_hundred_times_over_all_its_parent_refs() -> None:
+    """Two Gateways of 64 TCP listeners each and one TCPRoute naming both: 100 attachments,
+    and the route is told that the rest is not served (the decision stays bounded)."""
+    listeners = [
+        {"name": f"p{i}", "protocol": "TCP", "port": 20000 + i, "allowedRoutes": everywhere()}
+        for i in range(64)
+    ]
+    gateways = {
+        (INFRA, name): {**gateway(name, INFRA, *listeners), "metadata": {"name": name,
+                        "namespace": INFRA, "uid": name}}
+        for name in ("one", "two")
+    }  # fmt: skip
+    routed = port_route("wide", "shop", to("web"), "p0")
+    routed["spec"]["parentRefs"] = [{"name": n, "namespace": INFRA} for n in ("one", "two")]
+    objects = gateway_api.GatewayApiObjects(
+        classes={"kakuremichi": gateway_class()}, gateways=gateways,
+        routes={"TCPRoute": {("shop", "wide"): routed}},
+    )  # fmt: skip
+    services = {"shop": {"web": ServiceFacts("web", (ServicePort(80),))}}
+    decided = gateway_api.decide(objects, services, (SYSTEM, AGENT_NAME), {}, datetime.now(UTC))
+    (claims,) = decided.claims.values()
+    assert len(claims) == 64  # (ports: the first Gateway's 64, then 36 of the same ports)
+    attached = sum(listener.attached for g in decided.gateways.values() for listener in g.listeners)
+    assert attached == 100
+    (problem,) = decided.routes["TCPRoute"][("shop", "wide")].problems
+    assert "at most 100 times" in problem

@@ -19,7 +19,7 @@ from typing import cast
 import pytest
 
 from kakuremichi.api.resources import ClientLimits
-from kakuremichi.edge import proxy_header, udp_frames
+from kakuremichi.edge import agent_datagrams, proxy_header, udp_frames
 from kakuremichi.edge.agent_datagrams import AgentDatagrams
 from kakuremichi.edge.agent_relay import AgentRelay, AgentTarget
 from kakuremichi.edge.gateway_routes import GatewayRoute
@@ -531,3 +531,38 @@ async def test_a_tcp_routes_connections_are_spread_over_its_backends_by_weight()
         assert answers.count(b"") == 200 - answers.count(b"X")  # (the refused share: closed)
         assert 95 <= len(heavy.firsts) <= 150 and 18 <= len(light.firsts) <= 65
         assert 18 <= answers.count(b"") <= 65
+
+
+@scenario
+async def test_a_flooded_port_crowds_out_only_itself_when_the_agents_flow_table_is_full(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cluster agent carries every tenant's UDPRoutes: when its flow table is full, the
+    Tunnel with the most flows loses its oldest, so a port flooded from many sources never
+    takes the flows of another, and the table stays within its bound."""
+    monkeypatch.setattr(agent_datagrams, "MAX_FLOWS", 6)
+    relay_port = free_port()
+    datagrams = AgentDatagrams(EdgeStats("agent"), relay_port=relay_port)
+    datagrams.set_gateways({"127.0.0.1": GATEWAY_PUBLIC})
+    victim, flooded = free_port(), free_port()
+    datagrams.set_tunnels({
+        "dns.example.com": AgentTarget(f"127.0.0.1:{free_port()}", "UDP", port=victim),
+        "flood.example.com": AgentTarget(f"127.0.0.1:{free_port()}", "UDP", port=flooded),
+    })  # fmt: skip
+
+    def send(port: int, client_port: int) -> None:
+        frame = udp_frames.encode(port, ("198.51.100.7", client_port), b"q")
+        datagrams.datagram_received(frame, ("127.0.0.1", relay_port))
+
+    for client in (1, 2):
+        send(victim, client)
+    for client in range(100, 140):
+        send(flooded, client)
+    assert len(datagrams.flows) == 6
+    assert {k[2][1] for k in datagrams.by_port[victim]} == {1, 2}  # (untouched)
+    assert len(datagrams.by_port[flooded]) == 4
+    send(victim, 3)  # a new client of the victim still gets in
+    assert {k[2][1] for k in datagrams.by_port[victim]} == {1, 2, 3}
+    assert datagrams.stats.dropped["flood.example.com/flow_evicted"] == 37
+    assert not datagrams.stats.dropped["dns.example.com/flow_evicted"]
+    datagrams.close_all()

@@ -334,23 +334,27 @@ def test_a_claim_date_in_status_counts_only_when_the_operator_sealed_it() -> Non
 
 
 def port_claim(
-    namespace: str, port: int = 5432, minutes: int = 0, **changes: object
+    namespace: str, port: int = 5432, minutes: int = 0, name: str = "db", **changes: object
 ) -> TunnelFacts:
     domain = f"tcproute-{port}.{namespace}.kakuremichi.invalid"
-    return tunnel(namespace, name="db", minutes=minutes, domain=domain, protocol="TCP",
+    return tunnel(namespace, name=name, minutes=minutes, domain=domain, protocol="TCP",
                   port=port, by_port=True, **changes)  # fmt: skip
 
 
-def test_a_port_claims_made_up_name_is_its_own_whoever_names_it_first() -> None:
-    """A Tunnel that names a port claim's made-up domain, older or not, never holds it: the
-    claim holds its name and its port, and the Tunnel is refused without learning whose."""
-    squatter = tunnel("evil", name="squat", minutes=-60,
-                      domain="tcproute-5432.shop.kakuremichi.invalid")  # fmt: skip
-    claim = port_claim("shop")
-    ownership = decide_domains([squatter, claim], Tenancy())
-    assert ownership.serves(claim)
-    assert ownership.refusals[squatter.id].reason == "DomainConflict"
-    assert "shop" not in ownership.refusals[squatter.id].message.replace(claim.domain, "")
+def test_no_claim_but_a_port_claim_may_name_a_made_up_name() -> None:
+    """A Tunnel (or a route's host) that names a port claim's made-up domain is refused, held
+    or not, older or not: whether it is held would tell which namespace holds which port."""
+    for others in ([], [port_claim("shop")]):
+        probe = tunnel("evil", name="probe", minutes=-60,
+                       domain="tcproute-5432.shop.kakuremichi.invalid")  # fmt: skip
+        ownership = decide_domains([probe, *others], Tenancy())
+        refusal = ownership.refusals[probe.id]
+        assert refusal.reason == "DomainNotAllowed"
+        assert refusal.message == (
+            "spec.domain: names under kakuremichi.invalid are kakuremichi's own (the ports of "
+            "TCP and UDP routes go by them)"
+        )
+        assert all(ownership.serves(claim) for claim in others)
 
 
 def test_port_claims_of_two_namespaces_the_oldest_holds_and_the_other_learns_nothing() -> None:
@@ -366,14 +370,25 @@ def test_port_claims_of_two_namespaces_the_oldest_holds_and_the_other_learns_not
     assert ownership.refusals[younger.id].message.startswith("the listener's port: 5432/TCP")
 
 
-def test_under_tenant_policies_only_a_selected_namespace_claims_a_port() -> None:
-    team = rule("team-a", namespaces={"matchNames": ["team-a"]}, domains=["app.example.com"])
-    selected, stranger = port_claim("team-a", 6000), port_claim("team-b", 6001)
-    ownership = decide_domains([selected, stranger], Tenancy((team,)))
+def test_under_tenant_policies_a_namespace_claims_only_the_ports_its_policies_list() -> None:
+    """A policy's ``ports`` are what its namespaces' routes may claim: none unless listed (a
+    catch-all quota policy gives no port), and a namespace no policy selects claims none."""
+    team = rule("team-a", namespaces={"matchNames": ["team-a"]}, domains=["app.example.com"],
+                ports=[{"first": 6000, "last": 6099}])  # fmt: skip
+    quota = rule("quota", namespaces={"matchLabels": {}}, maxTunnels=5)
+    selected, unlisted = port_claim("team-a", 6000), port_claim("team-a", 7000, name="other")
+    quota_only, stranger = port_claim("team-b", 6001), port_claim("team-c", 6002)
+    tenancy = Tenancy((team, quota), {"team-a": {}, "team-b": {}})
+    ownership = decide_domains([selected, unlisted, quota_only], tenancy)
     assert ownership.serves(selected)
-    refusal = ownership.refusals[stranger.id]
+    assert ownership.refusals[unlisted.id].message == (
+        "the listener's port: 7000/TCP is not among the ports that namespace team-a may claim "
+        "(TenantPolicy quota, team-a: spec.ports)"
+    )
+    assert ownership.refusals[quota_only.id].reason == "DomainNotAllowed"
+    refusal = decide_domains([stranger], Tenancy((team,))).refusals[stranger.id]
     assert refusal.reason == "DomainNotAllowed"
-    assert refusal.message == "no TenantPolicy selects namespace team-b, so it may claim no port"
+    assert refusal.message == "no TenantPolicy selects namespace team-c, so it may claim no port"
     # A pool that does not open the port: refused as an L4 Tunnel is.
     shut = decide_domains([selected], Tenancy((team,)), ports=PortRules(open={"edge": ()}))
     assert shut.refusals[selected.id].reason == "PortNotAllowed"

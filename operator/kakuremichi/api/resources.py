@@ -715,6 +715,10 @@ class TenantPolicySpec(CamelModel):
     domains: list[DomainPattern] = Field(default_factory=list, max_length=1024)
     """Domains the selected namespaces may claim: exact names (app.example.com) and
     *.example.com for every name below example.com."""
+    ports: list[PortRange] = Field(default_factory=list, max_length=64)
+    """Public ports the selected namespaces' TCPRoutes and UDPRoutes may claim (a Gateway pool
+    must open them too: its ``tunnelPorts``); none unless listed. A TCP or UDP Tunnel claims its
+    port with its domain, which ``domains`` governs."""
     max_agents: Annotated[int, Field(ge=0, le=1_000_000)] | None = None
     """Agents each selected namespace may run (the oldest count; the others get no subnet).
     Several policies selecting a namespace: the smallest limit applies."""

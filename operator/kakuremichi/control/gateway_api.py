@@ -53,7 +53,7 @@ from kakuremichi.api.protocol import (
 )
 from kakuremichi.api.resources import CertificateSpec, PortProtocol
 from kakuremichi.control.ingress_routes import BackendRef, ServiceFacts, is_domain
-from kakuremichi.control.ownership import TunnelFacts
+from kakuremichi.control.ownership import PORT_DOMAIN_SUFFIX, TunnelFacts
 
 GROUP = "gateway.networking.k8s.io"
 VERSION = "v1"
@@ -82,11 +82,14 @@ PASSTHROUGH_TARGET = "127.0.0.1:1"
 cluster agent sends the host's connections to its backend's endpoints; an agent of an earlier
 release, which does not read ``backend``, is refused there instead of dialling a Service's
 cluster IP (whose EndpointSlices a tenant writes by hand)."""
-PORT_DOMAIN_SUFFIX = ".kakuremichi.invalid"
 MAX_SHARES = 16
 """Backends of a TLSRoute's, TCPRoute's or UDPRoute's rule (the CRD's own bound)."""
 MAX_ATTACHMENTS_PER_ROUTE = 100
 """(listener, host) pairs of one route: parentRefs by listeners by hostnames could be 32,768."""
+_TOO_MANY_ATTACHMENTS = (
+    f"spec: a route attaches at most {MAX_ATTACHMENTS_PER_ROUTE} times (listeners by hostnames, "
+    "over all its parentRefs); the rest is not served."
+)
 _SECRET_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 Key = tuple[str, str]
@@ -578,7 +581,10 @@ def _route(
             conditions.append(accepted)
         elif kind in PORT_ROUTE_KINDS:  # (a port of the listener, whatever its hostname)
             conditions.append(Condition("Accepted", True, "Accepted", "Route accepted."))
-            for listener, _ in accepted[:MAX_ATTACHMENTS_PER_ROUTE]:
+            for listener, _ in accepted:
+                if len(attached) >= MAX_ATTACHMENTS_PER_ROUTE:  # (over all its parentRefs)
+                    problems.append(_TOO_MANY_ATTACHMENTS)
+                    break
                 attached.append(_Attached(
                     parent, listener.name, key, str(listener.port), (), frozenset(backends),
                     _created(meta), _generation(meta), None, None, kind, shares,
@@ -609,9 +615,7 @@ def _route(
                     if host not in named:
                         continue
                     if len(attached) >= MAX_ATTACHMENTS_PER_ROUTE:
-                        problems.append(f"spec: a route attaches at most "
-                                        f"{MAX_ATTACHMENTS_PER_ROUTE} times (listeners by "
-                                        "hostnames); the rest is not served.")  # fmt: skip
+                        problems.append(_TOO_MANY_ATTACHMENTS)
                         break
                     attached.append(_Attached(
                         parent, listener.name, key, host, tuple(rules), frozenset(backends),

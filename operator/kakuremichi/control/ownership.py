@@ -42,6 +42,10 @@ from kakuremichi.api.resources import (
     TunnelProtocol,
 )
 
+PORT_DOMAIN_SUFFIX = ".kakuremichi.invalid"
+"""The names that claims on a port alone go by: ``.invalid`` is never published, and no other
+claim (a Tunnel's, a host's) may name one."""
+
 
 @dataclass(frozen=True, order=True)
 class Claim:
@@ -91,8 +95,9 @@ class TunnelFacts:
     served with the certificate of the Gateway API Gateway it is attached to)."""
     by_port: bool = False
     """A claim on a public port alone (a TCPRoute's, a UDPRoute's): its ``domain`` is a name
-    made up for it, which it alone holds and no TenantPolicy lists (a namespace that some
-    policy selects may claim ports; which ports, the Gateway pools say)."""
+    made up for it under :data:`PORT_DOMAIN_SUFFIX`, which no other claim may name; under
+    TenantPolicies, its port must be in a selecting policy's ``ports`` (and, as every port, in
+    the Gateway pools' ``tunnelPorts``)."""
     certificate_issuer: str | None = None
     """A route's: the issuer its Certificate was made with ("ACME", "Secret"). Whoever can
     write that Certificate (the Gateway's namespace, the Secret's) cannot turn it to ACME and
@@ -166,6 +171,8 @@ class TenantRule:
     """Exact names the selected namespaces may claim."""
     suffixes: tuple[str, ...] = ()
     """From ``*.example.com``: ``.example.com``, any name below it (not the name itself)."""
+    ports: tuple[tuple[int, int], ...] = ()
+    """(first, last) ranges of public ports the selected namespaces' routes may claim."""
     max_agents: int | None = None
     max_tunnels: int | None = None
 
@@ -178,6 +185,7 @@ class TenantRule:
             match_labels=None if labels is None else tuple(sorted(labels.items())),
             domains=frozenset(d for d in spec.domains if not d.startswith("*.")),
             suffixes=tuple(sorted({d[1:] for d in spec.domains if d.startswith("*.")})),
+            ports=tuple((r.first, r.last) for r in spec.ports),
             max_agents=spec.max_agents,
             max_tunnels=spec.max_tunnels,
         )
@@ -191,6 +199,9 @@ class TenantRule:
 
     def allows(self, domain: str) -> bool:
         return domain in self.domains or any(domain.endswith(s) for s in self.suffixes)
+
+    def allows_port(self, port: int) -> bool:
+        return any(first <= port <= last for first, last in self.ports)
 
 
 @dataclass(frozen=True)
@@ -213,9 +224,11 @@ class Grant:
     def allows(self, domain: str) -> bool:
         return not self.governed or any(p.allows(domain) for p in self.policies)
 
-    def allows_ports(self) -> bool:
+    def allows_port(self, port: int | None) -> bool:
         """Whether it may claim a port without a domain (routes of a TCP or UDP listener)."""
-        return not self.governed or bool(self.policies)
+        return not self.governed or (
+            port is not None and any(p.allows_port(port) for p in self.policies)
+        )
 
     @cached_property
     def max_agents(self) -> Quota | None:
@@ -387,15 +400,21 @@ def decide_domains(
                 f"{quota.policy}); this one is younger than the {quota.limit} oldest (hosts "
                 "of Ingresses count as Tunnels)",
             )
-        elif not (grant.allows_ports() if tunnel.by_port else grant.allows(tunnel.domain)):
+        elif not tunnel.by_port and tunnel.domain.endswith(PORT_DOMAIN_SUFFIX):
+            # (whether such a name is held would say which namespace holds which port)
+            refusals[tunnel.id] = Refusal(
+                "DomainNotAllowed",
+                f"spec.domain: names under {PORT_DOMAIN_SUFFIX[1:]} are kakuremichi's own "
+                "(the ports of TCP and UDP routes go by them)",
+            )
+        elif not (
+            grant.allows_port(tunnel.port) if tunnel.by_port else grant.allows(tunnel.domain)
+        ):
             refusals[tunnel.id] = Refusal("DomainNotAllowed", _not_allowed(tunnel, grant))
         else:
             claim = claims[tunnel.id] = Claim(history.since_of(tunnel), tunnel.id)
             holder = holders.get(tunnel.domain)
-            # (a port claim's made-up name is its own: no Tunnel that names it takes it first)
-            if holder is None or (
-                not holder.by_port and (tunnel.by_port or claim < claims[holder.id])
-            ):
+            if holder is None or claim < claims[holder.id]:
                 holders[tunnel.domain] = tunnel
     for tunnel in tunnels:
         holder = holders.get(tunnel.domain)
@@ -479,8 +498,14 @@ def _named(holder: TunnelFacts, claimant: TunnelFacts) -> str:
 
 
 def _not_allowed(tunnel: TunnelFacts, grant: Grant) -> str:
-    if tunnel.by_port:
+    if tunnel.by_port and not grant.policies:
         return f"no TenantPolicy selects namespace {tunnel.namespace}, so it may claim no port"
+    if tunnel.by_port:
+        names = ", ".join(sorted(p.name for p in grant.policies))
+        return (
+            f"the listener's port: {tunnel.port}/{tunnel.protocol} is not among the ports that "
+            f"namespace {tunnel.namespace} may claim (TenantPolicy {names}: spec.ports)"
+        )
     if not grant.policies:
         return (
             f"spec.domain: no TenantPolicy selects namespace {tunnel.namespace}, so it may "

@@ -124,7 +124,9 @@ def _disabled(tunnel: TunnelFacts, picture: Picture) -> Finding:
 
 def _serving(tunnel: TunnelFacts, picture: Picture) -> Finding:
     how = " (TLS passed through)" if tunnel.protocol == "TLS" else ""
-    return "Serving", f"{tunnel.url}{how} routes to {tunnel.target}"
+    # (a passed-through route's target is a placeholder: its backends say where it goes)
+    to = ", ".join(tunnel.backends) if tunnel.backends and tunnel.rules is None else tunnel.target
+    return "Serving", f"{tunnel.url}{how} routes to {to}"
 
 
 READY_RULES: tuple[ReadyRule, ...] = (

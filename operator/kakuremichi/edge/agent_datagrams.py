@@ -4,7 +4,8 @@ relay port) to the Tunnel's target, and the target's answers back.
 Each (gateway, Tunnel, client address and port) is a flow with a socket of its own toward the
 target, so the target sees each client as a distinct peer and its answers find their client.
 Frames are taken only from the gateways of the agent's config (else dropped and counted,
-``relay_refused``); a Tunnel has at most :data:`MAX_FLOWS_PER_TUNNEL` flows, each forgotten
+``relay_refused``); a Tunnel has at most :data:`MAX_FLOWS_PER_TUNNEL` flows, and all together
+at most :data:`MAX_FLOWS` (when full, the Tunnel with the most loses its oldest), each forgotten
 after :data:`FLOW_IDLE_SECONDS` without a datagram either way; a Tunnel with ``proxyProtocol:
 V2`` has each datagram to the target begin with a PROXY v2 header (the client's address, and the
 gateway's public address and the Tunnel's port), as HAProxy's specification has it for UDP.
@@ -35,6 +36,9 @@ from kakuremichi.edge.stats import EdgeStats
 FLOW_IDLE_SECONDS = 120.0
 """Longer than a gateway's default (60 s): the gateway forgets a flow first."""
 MAX_FLOWS_PER_TUNNEL = 4096
+MAX_FLOWS = 32768
+"""Of every Tunnel together (each is a socket): an agent serving many ports (the cluster agent,
+every tenant's UDPRoutes) stays within its files and memory whatever its ports are sent."""
 MAX_WAITING = 16
 """Datagrams of a new flow held while its socket to the target is being made."""
 log = logging.getLogger(__name__)
@@ -63,8 +67,8 @@ class AgentDatagrams(asyncio.DatagramProtocol):
         self.tunnels: dict[int, UdpTunnel] = {}
         """UDP Tunnels by public port."""
         self.flows: dict[FlowKey, TargetFlow] = {}
-        self.flow_counts: dict[int, int] = {}
-        """Flows by Tunnel port."""
+        self.by_port: dict[int, dict[FlowKey, None]] = {}
+        """Each Tunnel port's flows, oldest first."""
         self.turns: dict[str, int] = {}
         """Per route backend (by domain): where the next flow's turn through its endpoints is."""
         self.listening_on: str | None = None
@@ -87,12 +91,13 @@ class AgentDatagrams(asyncio.DatagramProtocol):
         changed = {port for port, tunnel in before.items() if not _same(wanted.get(port), tunnel)}
         domains = {tunnel.domain for tunnel in wanted.values()}
         self.turns = {k: turn for k, turn in self.turns.items() if k.split("#", 1)[0] in domains}
+        listed = {
+            port: frozenset(tunnel.target.endpoints or ()) for port, tunnel in wanted.items()
+        }  # fmt: skip
         for key, flow in list(self.flows.items()):
-            now = wanted.get(key[1])
             if key[1] in changed or (
-                flow.endpoint is not None and now is not None
-                and flow.endpoint not in (now.target.endpoints or ())
-            ):  # fmt: skip
+                flow.endpoint is not None and flow.endpoint not in listed.get(key[1], ())
+            ):
                 self.forget(key)  # (an endpoint that left its backend: its flows end with it)
 
     def endpoint_for(self, tunnel: UdpTunnel, port: int) -> str | None:
@@ -140,11 +145,11 @@ class AgentDatagrams(asyncio.DatagramProtocol):
         if flow is None:
             return
         flow.close()
-        left = self.flow_counts.get(key[1], 1) - 1
-        if left > 0:
-            self.flow_counts[key[1]] = left
-        else:
-            self.flow_counts.pop(key[1], None)
+        of_port = self.by_port.get(key[1])
+        if of_port is not None:
+            of_port.pop(key, None)
+            if not of_port:
+                del self.by_port[key[1]]
 
     # --- from gateways -----------------------------------------------------------------------
 
@@ -168,15 +173,17 @@ class AgentDatagrams(asyncio.DatagramProtocol):
         key = (gateway, port, client)
         flow = self.flows.get(key)
         if flow is None:
-            if self.flow_counts.get(port, 0) >= MAX_FLOWS_PER_TUNNEL:
+            if len(self.by_port.get(port, ())) >= MAX_FLOWS_PER_TUNNEL:
                 self.stats.drop(tunnel.domain, "flow_cap")
                 return
             endpoint = self.endpoint_for(tunnel, port)
             if endpoint is None:
                 self.stats.drop(tunnel.domain, "no_endpoint")
                 return
+            if len(self.flows) >= MAX_FLOWS:
+                self.make_room()
             flow = self.flows[key] = TargetFlow(self, key, tunnel, endpoint)
-            self.flow_counts[port] = self.flow_counts.get(port, 0) + 1
+            self.by_port.setdefault(port, {})[key] = None
             flow.opening = asyncio.get_running_loop().create_task(flow.open())
         if tunnel.target.proxy_protocol == "V2":
             public = (self.gateways[gateway], port)
@@ -184,6 +191,15 @@ class AgentDatagrams(asyncio.DatagramProtocol):
             flow.send(head + bytes(payload))
         else:
             flow.send(bytes(payload))
+
+    def make_room(self) -> None:
+        """Room for a new flow in a full table: the oldest flow of the Tunnel with the most
+        goes (one that floods a port of its own, or has one flooded, crowds out only itself
+        once it has the most: every other Tunnel keeps its flows); counted on that Tunnel."""
+        biggest = max(self.by_port, key=lambda port: len(self.by_port[port]))
+        evicted = next(iter(self.by_port[biggest]))
+        self.stats.drop(self.flows[evicted].tunnel.domain, "flow_evicted")
+        self.forget(evicted)
 
     def error_received(self, exc: Exception) -> None:
         self.stats.errors["udp_relay"] += 1
