@@ -467,3 +467,69 @@ def test_tcp_and_udp_routes_reach_redis_and_dnsmasq_through_their_listeners_port
         for server in servers:
             server.kill()
             server.wait(timeout=10)
+
+
+ROUTED_GRPC_CLIENT = """
+import grpc, sys
+target, name, ca = sys.argv[1:4]
+credentials = grpc.ssl_channel_credentials(open(ca, "rb").read())
+options = (("grpc.ssl_target_name_override", name), ("grpc.default_authority", name))
+with grpc.secure_channel(target, credentials, options=options) as channel:
+    for path in ("/kakuremichi.test.Echo/Say", "/kakuremichi.test.Echo/Count", "/other.Svc/Say"):
+        try:
+            print(channel.unary_unary(path)(b"3", timeout=10).decode())
+        except grpc.RpcError as error:
+            print(error.code().name)
+"""
+
+
+def test_a_grpcroutes_calls_are_routed_one_by_one_by_method(world: World) -> None:
+    """A GRPCRoute with method matches: the gateway routes each call of one HTTP/2 connection,
+    Say to the gRPC service beside the agent, Count to a Service with no endpoint (UNAVAILABLE),
+    and a service no rule names is UNIMPLEMENTED."""
+    host = f"calls.{world.domain}"
+    backend = next(h for h in world.extra_hosts if h.role == "backend")
+    server = backend.spawn([sys.executable, GRPC_ORIGIN, BACKEND_IP, str(GRPC + 1)],
+                           log=world.workdir / "grpc-calls.log")  # fmt: skip
+    issued = world.ca.issue(host)
+    Secrets(world.kube, world.namespace).put_tls(
+        "calls-tls", issued.certificate_pem, issued.private_key_pem
+    )
+    with gateway_class_of_ours(world) as klass:
+        try:
+            apply(
+                world,
+                service("say", 50051, "grpc"),
+                endpoint_slice("say-1", "say", BACKEND_IP, GRPC + 1, "grpc"),
+                service("nowhere", 50051, "grpc"),
+                {"apiVersion": GATEWAY_API, "kind": "Gateway", "metadata": {"name": "calls"},
+                 "spec": {"gatewayClassName": klass, "listeners": [
+                     {"name": "https", "protocol": "HTTPS", "port": 443,
+                      "tls": {"certificateRefs": [{"name": "calls-tls"}]}}]}},
+                {"apiVersion": GATEWAY_API, "kind": "GRPCRoute", "metadata": {"name": "calls"},
+                 "spec": {"parentRefs": [{"name": "calls"}], "hostnames": [host], "rules": [
+                     {"matches": [{"method": {"service": "kakuremichi.test.Echo",
+                                              "method": "Say"}}],
+                      "backendRefs": [{"name": "say", "port": 50051}]},
+                     {"matches": [{"method": {"service": "kakuremichi.test.Echo",
+                                              "method": "Count"}}],
+                      "backendRefs": [{"name": "nowhere", "port": 50051}]}]}},
+            )  # fmt: skip
+
+            def calls() -> list[str]:
+                done = subprocess.run(
+                    world.client_host.command(sys.executable, "-c", ROUTED_GRPC_CLIENT,
+                                              f"{world.gateway_client_ip}:443", host,
+                                              str(world.ca_file)),
+                    capture_output=True, text=True, check=False, timeout=60,
+                )  # fmt: skip
+                return done.stdout.splitlines()
+
+            answered = wait_until(
+                lambda: (said := calls()) and said[0] == "echo: 3" and said,
+                "calls routed by the GRPCRoute", timeout=90,
+            )  # fmt: skip
+            assert answered == ["echo: 3", "UNAVAILABLE", "UNIMPLEMENTED"]
+        finally:
+            server.kill()
+            server.wait(timeout=10)

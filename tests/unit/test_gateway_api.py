@@ -854,10 +854,15 @@ def test_a_certificate_secret_of_another_namespace_is_used_where_a_grant_allows_
     asyncio.run(scenario())
 
 
-def test_a_grpcroute_passes_a_hosts_http2_to_its_one_backend(context: Context) -> None:
+def test_a_grpcroute_is_passed_whole_to_one_backend_or_routed_call_by_call(
+    context: Context,
+) -> None:
     """A GRPCRoute of one backend: TLS terminated with the listener's certificate, the HTTP/2
-    connection passed whole to the backend's endpoints (h2c). One with matches, or with calls
-    to several Services, is refused: per-call routing would be enforced by nobody."""
+    connection passed whole to the backend's endpoints (h2c). One with method and header
+    matches, weights or several Services: rules the gateway applies to each call, in the
+    spec's precedence (the longest service, then method, then the most headers), merged with
+    the namespace's other GRPCRoutes on that host; a method without its service, or a regular
+    expression, is not served (PartiallyInvalid)."""
 
     async def scenario() -> None:
         controller, kube, agent_id = await controller_of(context)
@@ -867,23 +872,54 @@ def test_a_grpcroute_passes_a_hosts_http2_to_its_one_backend(context: Context) -
              (GRPC_ROUTE, route("echo", "shop", ["grpc.example.com"],
                                 [{"backendRefs": [to("web")]}])),
              (GRPC_ROUTE, route("picky", "shop", ["picky.example.com"], [
-                 {"matches": [{"method": {"service": "Echo", "method": "Say"}}],
+                 {"matches": [{"method": {"service": "Echo"}}], "backendRefs": [to("web")]},
+                 {"matches": [{"method": {"service": "Echo", "method": "Say"},
+                               "headers": [{"name": "x-beta", "value": "1"}]}],
+                  "backendRefs": [to("admin", weight=3), to("web", weight=1)]},
+                 {"matches": [{"method": {"method": "Say"}},
+                              {"method": {"type": "RegularExpression", "service": "E.*"}}],
                   "backendRefs": [to("web")]}])),
-             (GRPC_ROUTE, route("split", "shop", ["split.example.com"], [
-                 {"backendRefs": [to("web")]}, {"backendRefs": [to("admin")]}])))  # fmt: skip
+             (GRPC_ROUTE, route("later", "shop", ["picky.example.com"], [
+                 {"matches": [{"method": {"service": "Echo", "method": "Say"}}],
+                  "backendRefs": [to("admin")]}])))  # fmt: skip
         await settle(controller)
         echo = conditions(status(kube, GRPC_ROUTE, "shop", "echo")["parents"][0]["conditions"])
         assert echo == {"Accepted": ("True", "Accepted"), "ResolvedRefs": ("True", "ResolvedRefs")}
-        for refused in ("picky", "split"):
-            said = status(kube, GRPC_ROUTE, "shop", refused)["parents"][0]["conditions"]
-            assert conditions(said)["Accepted"] == ("False", "UnsupportedValue")
-        (served,) = context.state.snapshot().routes
-        assert (served.domain, served.h2c, served.rules) == ("grpc.example.com", True, None)
+        picky = conditions(status(kube, GRPC_ROUTE, "shop", "picky")["parents"][0]["conditions"])
+        assert picky["Accepted"] == ("True", "Accepted")
+        assert picky["PartiallyInvalid"] == ("True", "UnsupportedValue")
+        served = {r.domain: r for r in context.state.snapshot().routes}
+        whole = served["grpc.example.com"]
+        assert (whole.h2c, whole.rules) == (True, None)
+        routed = served["picky.example.com"]
+        assert routed.h2c and routed.rules is not None
+        order = [
+            (m.path.type, m.path.value, len(m.headers or ()),
+             [(b.stream, b.weight) for b in r.backends])
+            for r in routed.rules for m in r.matches or () if m.path is not None
+        ]  # fmt: skip
+        assert order == [
+            ("Exact", "/Echo/Say", 1, [("shop/admin:80", 3), ("shop/web:80", 1)]),
+            ("Exact", "/Echo/Say", 0, [("shop/admin:80", 1)]),  # (the younger route's)
+            ("PathPrefix", "/Echo", 0, [("shop/web:80", 1)]),
+        ]
+        # The gateways open streams to both backends; the agent serves them (no tunnel for the
+        # routed host: its calls go by backend), and the passed-whole host keeps its tunnel.
         config = agent_config(context.state.snapshot().topology, agent_id, 1)
         (tunnel,) = config.tunnels
-        assert (tunnel.backend, tunnel.target) == ("shop/web:80", "127.0.0.1:1")
-        (certificate,) = [b for (p, _, _), b in kube.objects.items() if p == "certificates"]
-        assert certificate["spec"]["domain"] == "grpc.example.com"
+        assert (tunnel.domain, tunnel.backend, tunnel.target) == (
+            "grpc.example.com", "shop/web:80", "127.0.0.1:1",
+        )  # fmt: skip
+        assert {b.name for b in config.backends or ()} == {"shop/web:80", "shop/admin:80"}
+        context.state.set_gateway(GatewayNode(UUID(int=7), "gw", 1, "203.0.113.9", "k" * 43 + "="))
+        sent = gateway_config(context.state.snapshot().topology, UUID(int=7), 1)
+        read = protocol.gateway_inbound.validate_json(
+            protocol.encode(protocol.GatewayConfigMessage(data=sent))
+        )
+        assert isinstance(read, protocol.GatewayConfigMessage)
+        by_domain = {t.domain: t for t in read.data.tunnels}
+        assert by_domain["picky.example.com"].app_protocol == "H2C"
+        assert by_domain["picky.example.com"].rules is not None
 
     asyncio.run(scenario())
 

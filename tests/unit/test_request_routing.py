@@ -519,11 +519,14 @@ def test_an_endpoint_that_leaves_while_being_connected_to_is_retired_at_once() -
     run(scenario)
 
 
-def test_http2_is_not_offered_where_requests_are_routed_by_rules() -> None:
-    routed = GatewayRoute(
-        domain=DOMAIN, agent_ip="127.0.0.1", h2c=True, rules=rules(prefix("/", WEB))
+def test_http2_is_offered_where_calls_are_routed_and_not_where_http_requests_are() -> None:
+    """An Ingress's or HTTPRoute's host (rules, HTTP/1.1) is not offered HTTP/2; a GRPCRoute's
+    host with rules (h2c) is: its calls are routed one by one."""
+    routed = GatewayRoute(domain=DOMAIN, agent_ip="127.0.0.1", rules=rules(prefix("/", WEB)))
+    calls = GatewayRoute(
+        domain="grpc.example.com", agent_ip="127.0.0.1", h2c=True, rules=rules(prefix("/", WEB))
     )
-    assert FrontEndConfig(routes=[routed]).h2c_domains() == set()
+    assert FrontEndConfig(routes=[routed, calls]).h2c_domains() == {"grpc.example.com"}
 
 
 def test_normalizing_is_idempotent_and_leaves_no_dot_or_empty_segment() -> None:

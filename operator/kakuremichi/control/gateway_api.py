@@ -553,14 +553,13 @@ def _route(
     meta, spec = _map(body.get("metadata")), _map(body.get("spec"))
     namespace = key[0]
     problems: list[str] = []
-    refusal = None
     shares: Shares = ()
     rules: list[tuple[tuple[Any, ...], RequestRule]] = []
     partial: Condition | None = None
     if kind == TLS_ROUTE or kind in PORT_ROUTE_KINDS:
         shares, backends, resolved = _passed_rules(kind, key, spec, grants, services, problems)
     elif kind == GRPC_ROUTE:
-        refusal, backends, resolved = _grpc_rules(key, spec, grants, services, problems)
+        rules, backends, resolved, partial = _grpc_rules(key, spec, grants, services, problems)
     else:
         rules, backends, resolved, partial = _rules(key, spec, grants, services, problems)
     route_hosts: list[str | None] = [*_list_text(spec.get("hostnames"))] or [None]
@@ -603,9 +602,7 @@ def _route(
                                             f"{at}: no named host to serve; give "
                                             "spec.hostnames (or the listener a hostname).")
                                   )  # fmt: skip
-            elif refusal is not None:
-                conditions.append(refusal)
-            elif not rules and kind == HTTP_ROUTE:
+            elif not rules and kind in (HTTP_ROUTE, GRPC_ROUTE):
                 conditions.append(Condition("Accepted", False, "UnsupportedValue",
                                             "spec.rules: no rule can be served (see "
                                             "PartiallyInvalid and the Events)."))  # fmt: skip
@@ -776,27 +773,9 @@ def _rules(
             if refused:  # (its requests answered 500: never passed on unfiltered)
                 problems.extend(refused)
                 invalid += 1
-            weighted: list[WeightedBackend] = []
-            for b, ref in enumerate(_list(rule.get("backendRefs"))):
-                where = f"{at}.backendRefs[{b}]"
-                weight = ref.get("weight", 1)
-                weight = weight if isinstance(weight, int) and not isinstance(weight, bool) else 1
-                weight = min(max(0, weight), 1_000_000)
-                # What cannot be reached takes its share all the same, answered 500 (as the
-                # spec asks): never shifted onto the others.
-                found = _backend_ref(key, ref, where, grants, services)
-                if isinstance(found, tuple):
-                    unresolved.append(found)
-                    weighted.append(WeightedBackend(stream=None, weight=weight))
-                    continue
-                if _list(ref.get("filters")):
-                    problems.append(f"{where}.filters: filters on a backend are not served (its "
-                                    "share is answered 500); put them on the rule.")  # fmt: skip
-                    invalid += 1
-                    weighted.append(WeightedBackend(stream=None, weight=weight))
-                    continue
-                backends.add(found)
-                weighted.append(WeightedBackend(stream=found.stream, weight=weight))
+            weighted, bad = _weighted(key, rule, at, grants, services, HTTP_ROUTE, problems,
+                                      unresolved, backends)  # fmt: skip
+            invalid += bad
             matches = _list(rule.get("matches")) or [{}]
             for m, match in enumerate(matches):
                 made = _match(match, f"{at}.matches[{m}]")
@@ -827,50 +806,115 @@ def _rules(
     return out, backends, resolved, partial
 
 
+def _weighted(
+    key: Key, rule: Mapping[str, Any], at: str, grants: Grants,
+    services: Mapping[str, Mapping[str, ServiceFacts]], kind: str, problems: list[str],
+    unresolved: list[tuple[str, str]], backends: set[BackendRef],
+) -> tuple[list[WeightedBackend], int]:  # fmt: skip
+    """A rule's backendRefs with their weights, and how many are refused for a filter. What
+    cannot be reached takes its share all the same, answered 500 (as the spec asks): never
+    shifted onto the others."""
+    weighted: list[WeightedBackend] = []
+    invalid = 0
+    for b, ref in enumerate(_list(rule.get("backendRefs"))):
+        where = f"{at}.backendRefs[{b}]"
+        weight = ref.get("weight", 1)
+        weight = weight if isinstance(weight, int) and not isinstance(weight, bool) else 1
+        weight = min(max(0, weight), 1_000_000)
+        found = _backend_ref(key, ref, where, grants, services, kind)
+        if isinstance(found, tuple):
+            unresolved.append(found)
+            weighted.append(WeightedBackend(stream=None, weight=weight))
+            continue
+        if _list(ref.get("filters")):
+            problems.append(f"{where}.filters: filters on a backend are not served (its "
+                            "share is answered 500); put them on the rule.")  # fmt: skip
+            invalid += 1
+            weighted.append(WeightedBackend(stream=None, weight=weight))
+            continue
+        backends.add(found)
+        weighted.append(WeightedBackend(stream=found.stream, weight=weight))
+    return weighted, invalid
+
+
 def _grpc_rules(
     key: Key, spec: Mapping[str, Any], grants: Grants,
     services: Mapping[str, Mapping[str, ServiceFacts]], problems: list[str],
-) -> tuple[Condition | None, set[BackendRef], Condition]:  # fmt: skip
-    """A GRPCRoute's backend: the gateways pass a gRPC host's HTTP/2 connections whole to one
-    Service port that speaks h2c, so every rule must lead there, without matches or filters
-    (served per call, they would be enforced by nobody). Why not, when it cannot be served."""
-    refs: list[tuple[str, Mapping[str, Any]]] = []
-    refusal = None
-    for r, rule in enumerate(_list(spec.get("rules")) or [{}]):
-        if _list(rule.get("matches")) or _list(rule.get("filters")):
-            refusal = Condition("Accepted", False, "UnsupportedValue",
-                                f"spec.rules[{r}]: matches and filters of a GRPCRoute are not "
-                                "served yet (every call of a host goes to its one backend); "
-                                "leave them out, or use one host per Service.")  # fmt: skip
-        for b, ref in enumerate(_list(rule.get("backendRefs"))):
-            if _list(ref.get("filters")):
-                refusal = Condition("Accepted", False, "UnsupportedValue",
-                                    f"spec.rules[{r}].backendRefs[{b}].filters: filters of a "
-                                    "GRPCRoute are not served yet.")  # fmt: skip
-            weight = ref.get("weight", 1)
-            if not isinstance(weight, int) or isinstance(weight, bool) or weight > 0:
-                refs.append((f"spec.rules[{r}].backendRefs[{b}]", ref))
+) -> tuple[list[tuple[tuple[Any, ...], RequestRule]], set[BackendRef], Condition,
+           Condition | None]:  # fmt: skip
+    """A GRPCRoute's rules, as :func:`_rules` makes an HTTPRoute's: one per match with its
+    precedence (the longest service, then the longest method, then the most header matches),
+    the backends, ResolvedRefs and PartiallyInvalid. A call's path is ``/service/method``."""
+    out: list[tuple[tuple[Any, ...], RequestRule]] = []
     backends: set[BackendRef] = set()
     unresolved: list[tuple[str, str]] = []
-    for at, ref in refs:
-        found = _backend_ref(key, ref, at, grants, services, GRPC_ROUTE)
-        if isinstance(found, tuple):
-            unresolved.append(found)
-        else:
-            backends.add(found)
-    if len(backends) > 1 or (backends and unresolved):
-        refusal = Condition("Accepted", False, "UnsupportedValue",
-                            "spec.rules: a GRPCRoute's calls go to one backend here; its rules "
-                            "name several.")  # fmt: skip
-    problems.extend(sentence for _, sentence in unresolved)
-    if refusal is not None:
-        problems.append(refusal.message)
+    invalid = 0
+    given = _list(spec.get("rules")) or [{}]
+    for r, rule in enumerate(given):
+        at = f"spec.rules[{r}]"
+        try:
+            edits, refused = _filters(_list(rule.get("filters")), f"{at}.filters")
+            if refused:  # (its calls answered 500: never passed on unfiltered)
+                problems.extend(refused)
+                invalid += 1
+            weighted, bad = _weighted(key, rule, at, grants, services, GRPC_ROUTE, problems,
+                                      unresolved, backends)  # fmt: skip
+            invalid += bad
+            for m, match in enumerate(_list(rule.get("matches")) or [{}]):
+                made = _grpc_match(match, f"{at}.matches[{m}]")
+                if isinstance(made, str):
+                    problems.append(made)
+                    continue
+                request, rank = made
+                out.append(((*rank, r, m), RequestRule(
+                    matches=[request], backends=[] if refused else weighted,
+                    request_headers=edits,
+                )))  # fmt: skip
+        except (ValidationError, ValueError, TypeError):
+            problems.append(f"{at}: a value here is out of range or malformed; the rule is not "
+                            "served.")  # fmt: skip
+            invalid += 1
     if unresolved:
+        problems.extend(sentence for _, sentence in unresolved)
         resolved = Condition("ResolvedRefs", False, unresolved[0][0],
                              "; ".join(s for _, s in unresolved))  # fmt: skip
     else:
         resolved = Condition("ResolvedRefs", True, "ResolvedRefs", "All references resolved.")
-    return refusal, backends if refusal is None else set(), resolved
+    partial = None
+    if invalid or len(out) < sum(len(_list(r.get("matches")) or [{}]) for r in given):
+        partial = Condition("PartiallyInvalid", True, "UnsupportedValue",
+                            "Some rules or matches are not served; the route's Events say "
+                            "which and why.")  # fmt: skip
+    return out, backends, resolved, partial
+
+
+def _grpc_match(match: Mapping[str, Any], at: str) -> tuple[RequestMatch, tuple[Any, ...]] | str:
+    """A GRPCRoute match as a request match on the call's path and headers, and its
+    precedence (smaller first), or why it is not served."""
+    method = _map(match.get("method"))
+    if method.get("type", "Exact") != "Exact":
+        return f"{at}.method.type: only Exact method matches are served."
+    service, name = _text(method.get("service")), _text(method.get("method"))
+    if name and not service:
+        return f"{at}.method: a method without its service is not served; name the service too."
+    headers = []
+    for h, header in enumerate(_list(match.get("headers"))):
+        if header.get("type", "Exact") != "Exact":
+            return f"{at}.headers[{h}].type: only Exact header matches are served."
+        headers.append(
+            HeaderMatch(name=_text(header.get("name")), value=_text(header.get("value")))
+        )
+    path = None
+    if service:
+        path = (
+            PathMatch(type="Exact", value=f"/{service}/{name}") if name
+            else PathMatch(type="PathPrefix", value=f"/{service}")
+        )  # fmt: skip
+    try:
+        request = RequestMatch(path=path, headers=headers or None)
+    except ValidationError:
+        return f"{at}: a value is out of range or malformed."
+    return request, (-len(service), -len(name), -len(headers))
 
 
 def _passed_rules(
@@ -1111,8 +1155,10 @@ def _claim(
     seen: Mapping[uuid.UUID, datetime], now: datetime,
     dropped: dict[tuple[str, str, str], list[str]], kind: str = HTTP_ROUTE,
 ) -> tuple[TunnelFacts, tuple[Key, Key, CertificateSpec], set[BackendRef]] | None:  # fmt: skip
-    """An HTTP host's claim (HTTPRoutes: rules; GRPCRoutes: their HTTP/2 connections passed to
-    the oldest route's one backend, which speaks h2c), with its Certificate."""
+    """An HTTP host's claim, with its Certificate: the rules of the namespace's routes of
+    ``kind`` attached with that host (GRPCRoutes: each call routed at the gateway, over h2c to
+    its backend; or, when every call goes to one backend unchanged, HTTP/2 connections passed
+    to it whole)."""
     routes: dict[Key, _Attached] = {}
     for attached in found:
         routes.setdefault(attached.route, attached)
@@ -1123,22 +1169,21 @@ def _claim(
     rules = [rule for _, rule in ordered]
     if len(rules) > MAX_RULES_PER_HOST:
         for route in routes:
-            dropped.setdefault((HTTP_ROUTE, *route), []).append(
+            dropped.setdefault((kind, *route), []).append(
                 f"spec.rules: {host} takes at most {MAX_RULES_PER_HOST} matches over all "
                 "its routes; those of least precedence are not served."
             )
         rules = rules[:MAX_RULES_PER_HOST]
     refs = {ref for a in routes.values() for ref in a.backends}
     first_route = min(routes.values(), key=lambda a: (a.created, a.route))
-    if kind == GRPC_ROUTE:
-        refs = set(first_route.backends)
-        for other in set(routes) - {first_route.route}:
-            dropped.setdefault((kind, *other), []).append(
-                f"spec.hostnames: {host} is served by the older GRPCRoute "
-                f"{first_route.route[1]} of this namespace, to its backend."
-            )
-    elif not rules:
+    if not rules:
         return None
+    # A gRPC host whose every call goes to one backend, unchanged: its HTTP/2 connections are
+    # passed whole (faster); otherwise the gateway routes each call.
+    passed = kind == GRPC_ROUTE and _one_way(rules)
+    if passed:
+        (only,) = [b.stream for b in rules[0].backends if b.weight > 0]
+        refs = {ref for ref in refs if ref.stream == only}
     # The certificate: an HTTPS listener's before an HTTP one's (ACME); the most specific (its
     # hostname the host itself, then the longest wildcard); its own Secret before ACME; then
     # the Gateway and listener by name.
@@ -1161,15 +1206,30 @@ def _claim(
     claim = TunnelFacts(
         id=identity, namespace=namespace, name=first_route.route[1], domain=host,
         agent=cluster_agent[1], agent_namespace=cluster_agent[0],
-        target=PASSTHROUGH_TARGET if kind == GRPC_ROUTE else _target(refs), enabled=True,
+        target=PASSTHROUGH_TARGET if passed else _target(refs), enabled=True,
         created=seen.get(identity, now), generation=first_route.generation,
         certificate=certificate, certificate_namespace=where, certificate_issuer=spec.issuer,
         description=f"{kind} {names}"[:1024], source=f"{kind} {first_route.route[1]}",
-        rules=None if kind == GRPC_ROUTE else tuple(rules),
+        rules=None if passed else tuple(rules),
         app_protocol="H2C" if kind == GRPC_ROUTE else "HTTP1",
         backends=tuple(sorted(ref.stream for ref in refs)),
     )  # fmt: skip
     return claim, (giver.gateway, (where, certificate), spec), refs
+
+
+def _one_way(rules: Sequence[RequestRule]) -> bool:
+    """Whether every request goes to one backend, unchanged: one rule, matching all, with one
+    backend that resolves and no header edits."""
+    if len(rules) != 1:
+        return False
+    (rule,) = rules
+    every = not rule.matches or all(
+        (m.path is None or (m.path.type == "PathPrefix" and m.path.value.strip("/") == ""))
+        and not m.headers and not m.method and not m.query
+        for m in rule.matches
+    )  # fmt: skip
+    live = [b for b in rule.backends if b.weight > 0]
+    return every and len(live) == 1 and live[0].stream is not None and not rule.request_headers
 
 
 def _several(shares: Shares) -> Shares:

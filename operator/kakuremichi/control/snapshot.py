@@ -216,5 +216,6 @@ def _too_broad(holder: TunnelFacts, bundle: CertificateBundle) -> bool:
     return (
         holder.source is not None
         and holder.app_protocol == "H2C"
+        and holder.rules is None  # (calls routed one by one: each call's authority is checked)
         and not names_only(bundle.certificate, holder.domain)
     )

@@ -39,7 +39,8 @@ class GatewayRoute(BaseModel):
     header); left out otherwise, which agents of every release understand."""
     rules: tuple[RequestRule, ...] | None = None
     """HTTP from routes (Ingress, HTTPRoute): each request goes to the backend its rules choose
-    (:mod:`kakuremichi.edge.request_routing`). None: to the stream named by the domain."""
+    (:mod:`kakuremichi.edge.request_routing`); with ``h2c`` (a GRPCRoute's host), each call.
+    None: to the stream named by the domain."""
 
     @classmethod
     def of(cls, tunnel: GatewayTunnel) -> GatewayRoute:
@@ -99,9 +100,6 @@ class FrontEndConfig(BaseModel):
         )
 
     def h2c_domains(self) -> set[str]:
-        """The domains whose targets speak h2c: their TLS offers HTTP/2."""
-        return {
-            r.domain.lower()
-            for r in self.routes
-            if r.h2c and r.protocol == "HTTP" and r.rules is None  # (rules: HTTP/1.1 only)
-        }
+        """The domains whose targets speak h2c: their TLS offers HTTP/2 (with rules: a
+        GRPCRoute's host, its calls routed one by one)."""
+        return {r.domain.lower() for r in self.routes if r.h2c and r.protocol == "HTTP"}

@@ -19,7 +19,9 @@ after a complete exchange, so no client's bytes can become part of another clien
 Tunnels whose target speaks h2c (HTTP/2 without TLS, e.g. gRPC) are different: their TLS offers
 only ``h2``, and a client that negotiates it has its decrypted connection spliced raw to a
 stream of its own from the first byte (HTTP/2's preface and frames pass untouched, trailers
-included; no X-Forwarded-* headers). A client there without HTTP/2 is answered 505.
+included; no X-Forwarded-* headers). A client there without HTTP/2 is answered 505. A GRPCRoute's
+host with rules is offered ``h2`` too, and its calls are routed one by one
+(:mod:`kakuremichi.edge.grpc_calls`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from kakuremichi.api.resources import ClientLimits
 from kakuremichi.edge import request_heads
 from kakuremichi.edge.connection_caps import ConnectionCaps
 from kakuremichi.edge.gateway_routes import GatewayRoute
+from kakuremichi.edge.grpc_calls import CallRouter
 from kakuremichi.edge.mux import MuxDialer, MuxStream, PeerUnreachable
 from kakuremichi.edge.pages import error_response
 from kakuremichi.edge.proxy_gate import ProxySettings
@@ -271,7 +274,7 @@ class ClientConnection(asyncio.Protocol):
     only after a complete exchange (the whole request forwarded, the whole response read)."""
 
     __slots__ = (
-        "chunked", "client_ip", "closing_since", "codings", "connection", "deferred",
+        "calls", "chunked", "client_ip", "closing_since", "codings", "connection", "deferred",
         "deferred_linger", "domain", "fields", "forwarded", "forwarding", "has_body",
         "head_buffer", "head_received", "head_started", "header_names", "headers", "host",
         "hosts", "keep_alive", "last_active", "maybe_trailers", "parser", "proxy", "raw",
@@ -289,6 +292,8 @@ class ClientConnection(asyncio.Protocol):
         """The name the client asked for in SNI; every request must be for it."""
         self.client_ip = b""
         self.upstream: Upstream | None = None
+        self.calls: CallRouter | None = None
+        """An HTTP/2 client of a host whose gRPC calls are routed one by one."""
         self.raw = False
         self.stopped = False
         self.keep_alive = True
@@ -346,17 +351,14 @@ class ClientConnection(asyncio.Protocol):
     def _pass_through(self) -> None:
         """An HTTP/2 client of an h2c tunnel: every byte both ways, on a stream of its own."""
         route = self.proxy.routes.get(self.domain)
-        if (
-            route is None
-            or not route.enabled
-            or not route.h2c
-            or route.agent_ip is None
-            or route.rules is not None  # (HTTP/2 is not routed per request: not offered)
-        ):
+        if route is None or not route.enabled or not route.h2c or route.agent_ip is None:
             self.close()  # the tunnel changed during the handshake, or has no agent now
             return
         self.raw = True
         self.stats.http2_connections[self.domain] += 1
+        if route.rules is not None:  # (a GRPCRoute's host: each call to the backend it matches)
+            self.calls = CallRouter(self.proxy, self, self.domain)
+            return
         key = (route.agent_ip, route.domain, route.domain)
         upstream = self.upstream = Upstream(self.proxy, key, self)
         upstream.untracked, upstream.reusable = True, False
@@ -366,7 +368,9 @@ class ClientConnection(asyncio.Protocol):
         now = self.last_active = time.monotonic()
         self.stats.received_bytes[self.domain] += len(data)
         if self.raw:
-            if self.upstream is not None:
+            if self.calls is not None:
+                self.calls.received(data)
+            elif self.upstream is not None:
                 self.upstream.send(data)
             return
         if self.stopped:
@@ -430,6 +434,9 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.proxy.clients.discard(self)
         self.stats.active_connections -= 1
+        calls, self.calls = self.calls, None
+        if calls is not None:
+            calls.close()
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             upstream.client_gone()
@@ -437,11 +444,15 @@ class ClientConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         if not self.write_blocked_since:
             self.write_blocked_since = time.monotonic()
+        if self.calls is not None:
+            self.calls.pause()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_blocked_since = 0.0
+        if self.calls is not None:
+            self.calls.resume()
         if self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.resume_reading()
 
