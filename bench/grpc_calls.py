@@ -37,6 +37,11 @@ from kakuremichi.edge.https_proxy import HttpsProxy, serve
 from kakuremichi.edge.sni import SniContexts
 from kakuremichi.edge.stats import EdgeStats
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.infra.tlsgen import TestCA  # noqa: E402 - the repository's own test CA
+
 RESULTS = Path(__file__).resolve().parent / "RESULTS-grpc-calls.md"
 WHOLE, ROUTED = "whole.example.com", "routed.example.com"
 SERVICE = "bench.Echo"
@@ -94,8 +99,6 @@ print(f"{unary:.1f} {streamed:.1f}")
 
 
 async def measure(port: int, calls: int, rounds: int) -> dict[str, list[tuple[float, float]]]:
-    from tests.infra.tlsgen import TestCA  # (the tests' CA: a bench is run from the repo)
-
     relay = AgentRelay(EdgeStats("agent"))
     place = f"127.0.0.1:{port}"
     relay.set_targets({

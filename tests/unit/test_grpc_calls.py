@@ -8,6 +8,7 @@ name its own X-Forwarded-For, reset calls without end)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -20,7 +21,13 @@ import grpc
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
-from h2.events import ConnectionTerminated, ResponseReceived
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    ResponseReceived,
+    StreamEnded,
+    WindowUpdated,
+)
 
 from kakuremichi.api.protocol import (
     CertificateBundle,
@@ -34,6 +41,7 @@ from kakuremichi.api.protocol import (
 )
 from kakuremichi.edge.agent_relay import AgentRelay, AgentTarget
 from kakuremichi.edge.gateway_routes import GatewayRoute
+from kakuremichi.edge.grpc_calls import CONNECTION_WINDOW
 from kakuremichi.edge.https_proxy import HttpsProxy, serve
 from kakuremichi.edge.sni import SniContexts
 from kakuremichi.edge.stats import EdgeStats
@@ -86,6 +94,8 @@ def rule(path: PathMatch | None, *backends: tuple[str, int], headers: dict[str, 
 
 
 RULES = (
+    rule(PathMatch(type="Exact", value=f"/{SERVICE}/Say"), (B, 1),
+         headers={"x-real-ip": "10.0.0.66"}),
     rule(PathMatch(type="Exact", value=f"/{SERVICE}/Say"), (B, 1), headers={"x-beta": "1"},
          edits=HeaderEdits(set=[HeaderPair(name="X-Added", value="by-rule")])),
     rule(PathMatch(type="Exact", value=f"/{SERVICE}/Say"), (A, 1)),
@@ -100,6 +110,10 @@ class Stack:
     https_port: int
     ca: TestCA
     stats: EdgeStats
+    proxy: HttpsProxy
+
+    def proxy_clients(self) -> list[Any]:
+        return list(self.proxy.clients)
 
     def channel(self, name: str = HOST) -> grpc.Channel:
         credentials = grpc.ssl_channel_credentials(self.ca.pem.encode())
@@ -143,7 +157,7 @@ async def stack() -> AsyncIterator[Stack]:
     https_port = free_port()
     server = await serve(proxy, sni.front, "127.0.0.1", https_port)
     try:
-        yield Stack(https_port, ca, stats)
+        yield Stack(https_port, ca, stats, proxy)
     finally:
         server.close()
         proxy.close_all()
@@ -214,6 +228,10 @@ def test_no_matching_rule_is_unimplemented_and_no_endpoint_is_unavailable() -> N
             grpc.StatusCode.UNIMPLEMENTED
         )
         assert await asyncio.to_thread(code_of, f"/{SERVICE}/Gone") == grpc.StatusCode.UNAVAILABLE
+        # The backend's own status, in trailers-only form, comes back as it said it.
+        assert await asyncio.to_thread(code_of, f"/{SERVICE}/Missing") == (
+            grpc.StatusCode.UNIMPLEMENTED
+        )
         assert await s.call("Say") == "a hi x-forwarded-for=127.0.0.1"  # (the rest unharmed)
 
     scenario(test)
@@ -292,6 +310,9 @@ def test_a_client_that_keeps_resetting_calls_is_cut_off() -> None:
 
 @pytest.mark.parametrize("field", ["x_forwarded_for", "x_real_ip", "forwarded"])
 def test_a_client_cannot_name_its_own_address(field: str) -> None:
+    """Neither to the backend nor to the rules: one that matches ``x-real-ip: 10.0.0.66``
+    (leading to b) is not reached by a client that says so."""
+
     async def test(s: Stack) -> None:
         def say() -> str:
             with s.channel() as channel:
@@ -333,6 +354,131 @@ def test_a_client_that_pings_and_never_reads_is_cut_off() -> None:
             if s.stats.limit_hits["http2_unread"]:
                 break
         assert s.stats.limit_hits["http2_unread"] == 1
+        writer.close()
+
+    scenario(test)
+
+
+def grpc_message(body: bytes) -> bytes:
+    return b"\x00" + len(body).to_bytes(4, "big") + body
+
+
+def headers_for(method: str) -> list[tuple[bytes, bytes]]:
+    return [
+        (k, f"/{SERVICE}/{method}".encode() if k == b":path" else v)
+        for k, v in request_headers(HOST.encode())
+    ]
+
+
+async def read_until(
+    connection: H2Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+    done: Callable[[list[Any]], bool], acknowledge: Callable[[Any], bool] = lambda e: True,
+    seconds: float = 5,
+) -> list[Any]:  # fmt: skip
+    """Events until ``done`` says so (or ``seconds``), data acknowledged where ``acknowledge``
+    says."""
+    seen: list[Any] = []
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            while not done(seen):
+                data = await reader.read(65536)
+                if not data:
+                    break
+                for event in connection.receive_data(data):
+                    seen.append(event)
+                    if isinstance(event, DataReceived) and acknowledge(event):
+                        connection.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
+                writer.write(connection.data_to_send())
+    return seen
+
+
+def ended(stream_id: int) -> Callable[[list[Any]], bool]:
+    return lambda seen: any(isinstance(e, StreamEnded) and e.stream_id == stream_id for e in seen)
+
+
+def test_a_stream_its_client_stops_reading_holds_up_no_other_call() -> None:
+    """A client that reads one server stream no further (gRPC's own backpressure): its other
+    calls to the same backend still go, and once it resets that stream what was waiting is
+    given back (the backend's window never shrinks for good)."""
+
+    async def test(s: Stack) -> None:
+        connection, reader, writer = await raw_h2(s)
+        connection.increment_flow_control_window(50_000_000)
+        connection.send_headers(1, headers_for("Count"))
+        connection.send_data(1, grpc_message(b"200000"), end_stream=True)
+        writer.write(connection.data_to_send())
+        slow = lambda e: e.stream_id != 1  # noqa: E731
+        await read_until(connection, reader, writer, lambda seen: False, slow, seconds=1.5)
+        for stream_id in (3, 5, 7):
+            connection.send_headers(stream_id, headers_for("Say"))
+            connection.send_data(stream_id, grpc_message(b"hi"), end_stream=True)
+            writer.write(connection.data_to_send())
+            seen = await read_until(connection, reader, writer, ended(stream_id), slow)
+            assert ended(stream_id)(seen), stream_id
+            if stream_id == 3:
+                connection.reset_stream(1)
+        # What stream 1 had brought and the client never read is given back to the backend.
+        (client,) = s.proxy_clients()
+        links = list(client.calls.links.values())
+        assert links and all(
+            link.conn.inbound_flow_control_window > CONNECTION_WINDOW // 2 for link in links
+        )
+        writer.close()
+
+    scenario(test)
+
+
+def test_request_bodies_refused_mid_way_give_the_clients_window_back() -> None:
+    """Uploads to a backend with no endpoint, again and again: each is answered UNAVAILABLE
+    and the bytes it had sent are acknowledged, so the connection can still send a body."""
+
+    async def test(s: Stack) -> None:
+        connection, reader, writer = await raw_h2(s)
+        stream_id = 1
+        await read_until(connection, reader, writer,
+                         lambda seen: any(isinstance(e, WindowUpdated) for e in seen))  # fmt: skip
+        for _ in range(12):  # (two at once: the second waits for the backend's window)
+            for upload in (stream_id, stream_id + 2):
+                connection.send_headers(upload, headers_for("Gone"))
+                for _ in range(4):
+                    connection.send_data(upload, b"\0" * 15000)
+            writer.write(connection.data_to_send())
+            await read_until(connection, reader, writer, ended(stream_id + 2))
+            stream_id += 4
+        # (every byte of the refused bodies acknowledged: the gateway's window is whole)
+        (client,) = s.proxy_clients()
+        gateway_side = client.calls.conn
+        assert gateway_side.inbound_flow_control_window > CONNECTION_WINDOW // 2
+        connection.send_headers(stream_id, headers_for("Say"))
+        connection.send_data(stream_id, grpc_message(b"still"), end_stream=True)
+        writer.write(connection.data_to_send())
+        seen = await read_until(connection, reader, writer, ended(stream_id))
+        (answer,) = [e for e in seen if isinstance(e, DataReceived) and e.stream_id == stream_id]
+        assert answer.data[5:].startswith(b"a still")
+        writer.close()
+
+    scenario(test)
+
+
+def test_empty_data_frames_cost_nothing_held() -> None:
+    """Zero-length DATA frames are free under flow control: none of them is kept."""
+
+    async def test(s: Stack) -> None:
+        connection, _reader, writer = await raw_h2(s)
+        connection.send_headers(1, headers_for("Count"))
+        writer.write(connection.data_to_send())
+        await asyncio.sleep(0.2)
+        for _ in range(20):
+            for _ in range(5000):
+                connection.send_data(1, b"")
+            writer.write(connection.data_to_send())
+            await writer.drain()
+        await asyncio.sleep(0.2)
+        (client,) = s.proxy_clients()
+        call = client.calls.calls[1] if client.calls is not None else None
+        assert call is not None and len(call.to_backend.items) <= 1
         writer.close()
 
     scenario(test)

@@ -34,9 +34,9 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
 from urllib.parse import quote
 
 from h2.config import H2Configuration
@@ -46,6 +46,7 @@ from h2.events import (
     ConnectionTerminated,
     DataReceived,
     Event,
+    RemoteSettingsChanged,
     RequestReceived,
     ResponseReceived,
     StreamEnded,
@@ -96,44 +97,72 @@ MAX_UNREAD = 1 << 20
 """Bytes written to a client while its transport said to stop: calls' data waits then, so only
 what HTTP/2 itself answers (PING, SETTINGS acknowledgements) can come to this."""
 CONNECTION_WINDOW = 1 << 20
-"""What a whole connection may have in flight toward the gateway (each call: 64 KiB)."""
+"""What a whole connection may have in flight toward the gateway, each way (a call: 64 KiB, so
+a few calls whose reader stalls never hold up the others)."""
 GRPC_UNIMPLEMENTED, GRPC_UNAVAILABLE = 12, 14
 log = logging.getLogger(__name__)
 
 Header = tuple[bytes, bytes]
-_DATA, _HEADERS, _END = 0, 1, 2
-Item = tuple[int, Any, int]
-"""(_DATA, bytes, flow-controlled length to acknowledge once sent) | (_HEADERS, headers, 1 to end
-the stream) | (_END, None, 0)."""
 
 
-def pump(
-    connection: H2Connection, stream_id: int, box: deque[Item], sent: Callable[[int], None]
-) -> None:
-    """Send what waits for ``stream_id`` in order, data as far as the peer's window allows;
-    ``sent`` is told each data item's flow-controlled length once it is all out."""
-    while box:
-        kind, payload, extra = box[0]
-        if kind == _DATA:
-            room = min(
-                connection.local_flow_control_window(stream_id),
-                connection.max_outbound_frame_size,
-            )
-            if room <= 0 and payload:
-                return
-            chunk, rest = payload[:room], payload[room:]
-            connection.send_data(stream_id, chunk)
-            if rest:
-                box[0] = (_DATA, rest, extra)
-                continue
-            box.popleft()
-            sent(extra)
-        elif kind == _HEADERS:
-            connection.send_headers(stream_id, payload, end_stream=bool(extra))
-            box.popleft()
+@dataclass(slots=True)
+class Outbox:
+    """What waits to go out on one stream of one HTTP/2 connection, in order: data (sent as
+    far as the peer's window allows; consecutive data kept as one buffer, so empty or tiny
+    frames cost nothing) and headers, the last of them perhaps ending the stream."""
+
+    items: deque[tuple[bytes, list[Header] | None, bool, int]] = field(default_factory=deque)
+    """(data, headers, end, flow-controlled length of that data to acknowledge once sent)."""
+
+    def data(self, data: bytes, length: int) -> None:
+        if self.items and self.items[-1][1] is None and not self.items[-1][2]:
+            last, _, _, known = self.items[-1]
+            self.items[-1] = (last + data, None, False, known + length)
         else:
-            connection.end_stream(stream_id)
-            box.popleft()
+            self.items.append((data, None, False, length))
+
+    def headers(self, headers: list[Header], end: bool) -> None:
+        self.items.append((b"", headers, end, 0))
+
+    def end(self) -> None:
+        self.items.append((b"", None, True, 0))
+
+    def send(self, connection: H2Connection, stream_id: int, sent: Callable[[int], None]) -> bool:
+        """Send what the peer's window allows; ``sent`` is told the flow-controlled length of
+        what went out. Whether something is left waiting for the window."""
+        items = self.items
+        while items:
+            data, headers, end, length = items[0]
+            if headers is not None:
+                connection.send_headers(stream_id, headers, end_stream=end)
+                items.popleft()
+                continue
+            if data:
+                room = min(
+                    connection.local_flow_control_window(stream_id),
+                    connection.max_outbound_frame_size,
+                )
+                if room <= 0:
+                    return True
+                if len(data) > room:
+                    connection.send_data(stream_id, data[:room])
+                    items[0] = (data[room:], None, end, length)
+                    continue
+                connection.send_data(stream_id, data, end_stream=end)
+            elif end:
+                connection.end_stream(stream_id)
+            items.popleft()
+            sent(length)
+        return False
+
+    def drop(self, acknowledge: Callable[[int], None]) -> None:
+        """Nothing more goes out: what was received for it is acknowledged all the same (else
+        the sender's window would shrink for good)."""
+        acknowledge(sum(item[3] for item in self.items))
+        self.items.clear()
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
 
 
 @dataclass(eq=False)
@@ -141,12 +170,16 @@ class Call:
     client_id: int
     link: BackendLink | None = None
     backend_id: int = 0
-    to_backend: deque[Item] = field(default_factory=deque)
-    to_client: deque[Item] = field(default_factory=deque)
+    to_backend: Outbox = field(default_factory=Outbox)
+    to_client: Outbox = field(default_factory=Outbox)
     answered: bool = False
     """Response headers went (or go) to the client: a failure now resets the call."""
     upstream_open: bool = False
     """Routed, and the backend has not ended its side: what the client sends goes there."""
+    client_ended: bool = False
+    """The client ended its side (or reset the call)."""
+    ended: bool = False
+    """The end of the answer is queued for the client."""
 
 
 class CallRouter:
@@ -157,18 +190,12 @@ class CallRouter:
         self.client = client
         self.domain = domain
         self.stats = proxy.stats
-        config = H2Configuration(client_side=False, header_encoding=None)
-        self.conn = H2Connection(config)
-        self.conn.local_settings = Settings(client=False, initial_values={
-            SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CALLS,
-            SettingCodes.MAX_HEADER_LIST_SIZE: proxy.limits.max_head_bytes,
-            SettingCodes.ENABLE_PUSH: 0,
-        })  # fmt: skip
-        self.conn.decoder.max_header_list_size = proxy.limits.max_head_bytes
-        self.conn.initiate_connection()
-        self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.conn = _connection(client_side=False, header_limit=proxy.limits.max_head_bytes)
         self.calls: dict[int, Call] = {}
-        self.links: dict[str, BackendLink] = {}
+        self.links: dict[tuple[str, str], BackendLink] = {}
+        """(agent address, backend stream) → this client's connection to that backend."""
+        self.blocked: set[Call] = set()
+        """Calls whose answer waits for the client's window."""
         self.resets: deque[float] = deque()
         self.paused = False
         """The client's transport is not taking what is written: no call's data goes to it."""
@@ -201,23 +228,31 @@ class CallRouter:
             self._start(event.stream_id, event.headers or [])
         elif isinstance(event, DataReceived):
             call = self.calls.get(event.stream_id)
-            if call is None or call.link is None or not call.upstream_open:
+            length = event.flow_controlled_length
+            if call is None or not call.upstream_open or call.link is None:
                 # (answered here, or the backend is done: its body is not wanted)
-                self._acknowledge(event.flow_controlled_length, event.stream_id)
-                return
-            call.to_backend.append((_DATA, event.data or b"", event.flow_controlled_length))
-            call.link.pump(call)
+                self.acknowledge(length, event.stream_id)
+            elif not event.data:
+                self.acknowledge(length, event.stream_id)  # (padding only: nothing to pass)
+            else:
+                call.to_backend.data(event.data, length)
+                call.link.pump(call)
         elif isinstance(event, StreamEnded):
             call = self.calls.get(event.stream_id)
-            if call is not None and call.link is not None and call.upstream_open:
-                call.to_backend.append((_END, None, 0))
-                call.link.pump(call)
-            elif call is not None:
-                self.pump(call)  # (forgotten once nothing is left to say)
+            if call is not None:
+                call.client_ended = True
+                if call.link is not None and call.upstream_open:
+                    call.to_backend.end()
+                    call.link.pump(call)
+                else:
+                    self.pump(call)  # (forgotten once nothing is left to say)
         elif isinstance(event, StreamReset):
             self._client_reset(event.stream_id)
         elif isinstance(event, WindowUpdated):
             self.resume_calls(event.stream_id)
+        elif isinstance(event, RemoteSettingsChanged):
+            if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+                self.resume_calls(every=True)
         elif isinstance(event, ConnectionTerminated):
             self.cut_off()
 
@@ -228,9 +263,15 @@ class CallRouter:
 
     def _start(self, stream_id: int, headers: Sequence[Header]) -> None:
         pseudo = {name: value for name, value in headers if name.startswith(b":")}
-        fields = [(name, value) for name, value in headers if not name.startswith(b":")]
+        # (what names the client's address is the gateway's to say: never matched on, never
+        # passed on)
+        fields = [
+            (name, value) for name, value in headers
+            if not name.startswith(b":") and not address_field(name)
+            and name not in (b"host", b"forwarded")
+        ]  # fmt: skip
         authority = pseudo.get(b":authority") or next(
-            (value for name, value in fields if name == b"host"), b""
+            (value for name, value in headers if name == b"host"), b""
         )
         call = self.calls[stream_id] = Call(stream_id)
         if _host(authority) != self.domain:
@@ -263,26 +304,31 @@ class CallRouter:
         sent: list[Header] = [
             (b":method", method), (b":scheme", b"http"), (b":path", path + mark + query),
             (b":authority", authority),
-            *(
-                (name, line[len(name) + 2 : -2]) for line, name in zip(lines, names, strict=True)
-                if not address_field(name) and name not in (b"host", b"forwarded")
-            ),
+            *((name, line[len(name) + 2 : -2]) for line, name in zip(lines, names, strict=True)),
             (b"x-forwarded-for", client_ip), (b"x-forwarded-proto", b"https"),
             (b"x-forwarded-host", authority), (b"x-real-ip", client_ip),
         ]  # fmt: skip
-        link = self.links.get(choice.stream)
-        if link is None or link.closed:
-            link = self.links[choice.stream] = BackendLink(self, choice.stream)
-            self.proxy.dialer.open_stream(route.agent_ip, choice.stream, link)
-        try:
-            call.backend_id = link.conn.get_next_available_stream_id()
-        except H2Error:
+        link = self._link(route.agent_ip, choice.stream)
+        backend_id = link.start(sent)
+        if backend_id is None:
             self._answer(call, 200, "The backend takes no more calls now.", GRPC_UNAVAILABLE)
             return
-        call.link, call.upstream_open = link, True
-        link.calls[call.backend_id] = call
-        call.to_backend.append((_HEADERS, sent, 0))
-        link.pump(call)
+        call.link, call.backend_id, call.upstream_open = link, backend_id, True
+        link.calls[backend_id] = call
+
+    def _link(self, agent_ip: str, stream: str) -> BackendLink:
+        """This client's connection to ``stream`` through the agent the host goes to now (one
+        to an agent the host left takes no new call, and goes once its calls are done)."""
+        for key, old in list(self.links.items()):
+            if (key[0] != agent_ip or old.closed) and not old.calls:
+                old.close()
+                del self.links[key]
+        key = (agent_ip, stream)
+        link = self.links.get(key)
+        if link is None or link.closed:
+            link = self.links[key] = BackendLink(self, stream)
+            self.proxy.dialer.open_stream(agent_ip, stream, link)
+        return link
 
     def _client_reset(self, stream_id: int) -> None:
         now = time.monotonic()
@@ -290,8 +336,13 @@ class CallRouter:
         while self.resets and now - self.resets[0] > 1.0:
             self.resets.popleft()
         call = self.calls.pop(stream_id, None)
-        if call is not None and call.link is not None and call.upstream_open:
-            call.link.cancel(call)
+        if call is not None:
+            self.blocked.discard(call)
+            call.client_ended = True
+            call.to_client.drop(self._backend_acknowledge(call))
+            call.to_backend.drop(lambda size: self.acknowledge(size, stream_id))
+            if call.link is not None and call.upstream_open:
+                call.link.cancel(call)
         if len(self.resets) > MAX_RESETS:
             self.stats.limit_hits["http2_resets"] += 1
             self.conn.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
@@ -312,8 +363,16 @@ class CallRouter:
         else:
             headers = [(b":status", str(status).encode()), (b"content-type", b"text/plain")]
         self.stats.requests[(self.domain, status)] += 1
+        call.answered = call.ended = True
+        call.to_client.headers(headers, end=True)
+        self.pump(call)
+
+    def answer_from_backend(self, call: Call, headers: list[Header], end: bool) -> None:
+        status = next((v for n, v in headers if n == b":status"), b"0")
+        self.stats.requests[(self.domain, int(status) if status.isdigit() else 0)] += 1
         call.answered = True
-        call.to_client.append((_HEADERS, headers, 1))
+        call.ended = call.ended or end
+        call.to_client.headers(headers, end)
         self.pump(call)
 
     def fail(self, call: Call, message: str) -> None:
@@ -321,24 +380,41 @@ class CallRouter:
         if call.link is not None:
             call.link.calls.pop(call.backend_id, None)
         call.upstream_open = False
-        call.to_backend.clear()
-        if call.answered:
-            call.to_client.clear()
-            self.calls.pop(call.client_id, None)
-            with contextlib.suppress(H2Error):
-                self.conn.reset_stream(call.client_id, ErrorCodes.CANCEL)
-        else:
+        call.to_backend.drop(lambda size: self.acknowledge(size, call.client_id))
+        if not call.answered:
             self._answer(call, 200, message, GRPC_UNAVAILABLE)
+            return
+        call.to_client.drop(self._backend_acknowledge(call))
+        self._forget(call)
+        with contextlib.suppress(H2Error):
+            self.conn.reset_stream(call.client_id, ErrorCodes.CANCEL)
 
     def pump(self, call: Call) -> None:
-        if self.paused or self.closed:
+        if self.closed or call.client_id not in self.calls:
+            return
+        if self.paused:
+            self.blocked.add(call)
             return
         try:
-            pump(self.conn, call.client_id, call.to_client, self._backend_acknowledge(call))
-        except H2Error:
-            call.to_client.clear()  # (the client closed or reset that call meanwhile)
-        if not call.to_client and not call.upstream_open and self._finished(call.client_id):
-            self.calls.pop(call.client_id, None)
+            waiting = call.to_client.send(self.conn, call.client_id,
+                                          self._backend_acknowledge(call))  # fmt: skip
+        except H2Error:  # (the client closed or reset that call meanwhile)
+            call.to_client.drop(self._backend_acknowledge(call))
+            waiting = False
+        if waiting:
+            self.blocked.add(call)
+        else:
+            self.blocked.discard(call)
+        if not call.to_client and call.ended and not call.upstream_open:
+            self._forget(call)
+            if not call.client_ended:
+                # (answered in full while the client still sends: it may stop, RFC 9113 8.1)
+                with contextlib.suppress(H2Error):
+                    self.conn.reset_stream(call.client_id, ErrorCodes.NO_ERROR)
+
+    def _forget(self, call: Call) -> None:
+        self.calls.pop(call.client_id, None)
+        self.blocked.discard(call)
 
     def _backend_acknowledge(self, call: Call) -> Callable[[int], None]:
         link = call.link
@@ -346,21 +422,22 @@ class CallRouter:
             return _ignore
         return lambda size: link.acknowledge(size, call.backend_id)
 
-    def _finished(self, stream_id: int) -> bool:
-        try:
-            return bool(self.conn._get_stream_by_id(stream_id).closed)
-        except H2Error:
-            return True
-
-    def resume_calls(self, stream_id: int = 0) -> None:
-        """The client's window opened (``stream_id`` 0: the connection's)."""
-        for call in _of(self.calls, stream_id):
+    def resume_calls(self, stream_id: int = 0, every: bool = False) -> None:
+        """The client's window opened (``stream_id`` 0: the connection's; ``every``: each
+        call's, by SETTINGS)."""
+        if stream_id:
+            found = self.calls.get(stream_id)
+            waiting = [found] if found is not None else []
+        else:
+            waiting = list(self.calls.values() if every else self.blocked)
+        for call in waiting:
             self.pump(call)
         self.flush()
 
-    def _acknowledge(self, size: int, stream_id: int) -> None:
-        with contextlib.suppress(H2Error):
-            self.conn.acknowledge_received_data(size, stream_id)
+    def acknowledge(self, size: int, stream_id: int) -> None:
+        if size:
+            with contextlib.suppress(H2Error):
+                self.conn.acknowledge_received_data(size, stream_id)
 
     def flush(self) -> None:
         data = self.conn.data_to_send()
@@ -389,6 +466,7 @@ class CallRouter:
             link.close()
         self.links.clear()
         self.calls.clear()
+        self.blocked.clear()
 
 
 class BackendLink(asyncio.Protocol):
@@ -398,38 +476,58 @@ class BackendLink(asyncio.Protocol):
     def __init__(self, router: CallRouter, stream: str) -> None:
         self.router = router
         self.stream = stream
-        self.conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
-        self.conn.local_settings = Settings(client=True, initial_values={
-            SettingCodes.ENABLE_PUSH: 0,
-            SettingCodes.MAX_HEADER_LIST_SIZE: router.proxy.limits.max_head_bytes,
-        })  # fmt: skip
-        self.conn.initiate_connection()
+        self.conn = _connection(client_side=True, header_limit=router.proxy.limits.max_head_bytes)
         self.calls: dict[int, Call] = {}
+        self.blocked: set[Call] = set()
+        """Calls whose request body waits for the backend's window."""
         self.transport: MuxStream | None = None
         self.paused = False
         self.closed = False
+        """No new call goes here (lost, or the backend said GOAWAY)."""
+
+    def start(self, headers: list[Header]) -> int | None:
+        """A new call's headers sent at once (they are not flow-controlled); its stream id, or
+        None when the backend takes no more calls now."""
+        try:
+            stream_id = self.conn.get_next_available_stream_id()
+            self.conn.send_headers(stream_id, headers)
+        except H2Error:
+            return None
+        self.flush()
+        return stream_id
 
     def pump(self, call: Call) -> None:
-        if self.paused or self.closed:
+        if self.closed:
             return
+        if self.paused:
+            self.blocked.add(call)
+            return
+        acknowledge = self._client_acknowledge(call)
         try:
-            pump(self.conn, call.backend_id, call.to_backend, self._client_acknowledge(call))
-        except H2Error:
-            call.to_backend.clear()  # (the backend reset that call: its answer says so)
+            waiting = call.to_backend.send(self.conn, call.backend_id, acknowledge)
+        except H2Error:  # (the backend reset that call: its answer says so)
+            call.to_backend.drop(acknowledge)
+            waiting = False
+        if waiting:
+            self.blocked.add(call)
+        else:
+            self.blocked.discard(call)
         self.flush()
         self.router.flush()
 
     def _client_acknowledge(self, call: Call) -> Callable[[int], None]:
-        return lambda size: self.router._acknowledge(size, call.client_id)
+        return lambda size: self.router.acknowledge(size, call.client_id)
 
     def acknowledge(self, size: int, stream_id: int) -> None:
-        with contextlib.suppress(H2Error):
-            self.conn.acknowledge_received_data(size, stream_id)
-        self.flush()
+        if size:
+            with contextlib.suppress(H2Error):
+                self.conn.acknowledge_received_data(size, stream_id)
+            self.flush()
 
     def cancel(self, call: Call) -> None:
         """The client reset the call."""
         self.calls.pop(call.backend_id, None)
+        self.blocked.discard(call)
         call.upstream_open = False
         with contextlib.suppress(H2Error):
             self.conn.reset_stream(call.backend_id, ErrorCodes.CANCEL)
@@ -437,14 +535,13 @@ class BackendLink(asyncio.Protocol):
 
     def flush(self) -> None:
         data = self.conn.data_to_send()
-        if data and self.transport is not None and not self.closed:
+        if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            if self.transport is not None:
-                self.transport.close()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
 
     # --- transport callbacks ----------------------------------------------------------------
 
@@ -473,49 +570,54 @@ class BackendLink(asyncio.Protocol):
         call = self.calls.get(stream_id)
         if isinstance(event, ResponseReceived) and call is not None:
             headers = list(event.headers or [])
-            status = next((v for n, v in headers if n == b":status"), b"0")
-            router.stats.requests[(router.domain, int(status) if status.isdigit() else 0)] += 1
-            call.answered = True
-            call.to_client.append((_HEADERS, headers, 0))
-            router.pump(call)
+            if event.stream_ended is not None:  # (trailers-only: a gRPC status, most often)
+                self._done(call)
+            router.answer_from_backend(call, headers, end=event.stream_ended is not None)
         elif isinstance(event, DataReceived):
-            if call is None:
-                self.acknowledge(event.flow_controlled_length, stream_id)
+            length = event.flow_controlled_length
+            if call is None or not event.data:
+                self.acknowledge(length, stream_id)
                 return
-            call.to_client.append((_DATA, event.data or b"", event.flow_controlled_length))
+            call.to_client.data(event.data, length)
             router.pump(call)
         elif isinstance(event, TrailersReceived) and call is not None:
-            call.to_client.append((_HEADERS, list(event.headers or []), 1))
             self._done(call)
+            call.ended = True
+            call.to_client.headers(list(event.headers or []), end=True)
+            router.pump(call)
         elif isinstance(event, StreamEnded) and call is not None:
-            if call.upstream_open:  # (not already ended by its trailers)
-                call.to_client.append((_END, None, 0))
-                self._done(call)
+            self._done(call)  # (a response without trailers)
+            call.ended = True
+            call.to_client.end()
+            router.pump(call)
         elif isinstance(event, StreamReset) and call is not None:
             router.fail(call, "The backend reset the call.")
-            router.flush()
         elif isinstance(event, WindowUpdated):
-            for waiting in _of(self.calls, stream_id):
-                self.pump(waiting)
+            waiting = ([call] if call is not None else []) if stream_id else list(self.blocked)
+            for one in waiting:
+                self.pump(one)
+        elif isinstance(event, RemoteSettingsChanged):
+            if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+                for one in list(self.calls.values()):
+                    self.pump(one)
         elif isinstance(event, ConnectionTerminated):
-            last = event.last_stream_id or 0
-            for backend_id, gone in list(self.calls.items()):
-                if backend_id > last:
-                    router.fail(gone, "The backend is going away.")
-            self.closed = True  # (no new call comes here: the next gets a new connection)
+            # A GOAWAY: this connection reads nothing more (the library closes it), so the
+            # calls on it end now, retryable (UNAVAILABLE before an answer began).
+            self._lost("The backend is going away.")
 
     def _done(self, call: Call) -> None:
-        """The backend ended its side of the call."""
+        """The backend ended its side of the call: what the client still sends is not wanted."""
         self.calls.pop(call.backend_id, None)
+        self.blocked.discard(call)
         call.upstream_open = False
-        call.to_backend.clear()
-        self.router.pump(call)
+        call.to_backend.drop(self._client_acknowledge(call))
 
     def _lost(self, message: str) -> None:
         self.close()
-        for call in list(self.calls.values()):
+        calls, self.calls = list(self.calls.values()), {}
+        self.blocked.clear()
+        for call in calls:
             self.router.fail(call, message)
-        self.calls.clear()
         self.router.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -528,15 +630,22 @@ class BackendLink(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused = False
-        for call in list(self.calls.values()):
+        for call in list(self.blocked):
             self.pump(call)
 
 
-def _of(calls: dict[int, Call], stream_id: int) -> Iterable[Call]:
-    if stream_id == 0:
-        return list(calls.values())
-    found = calls.get(stream_id)
-    return [found] if found is not None else []
+def _connection(client_side: bool, header_limit: int) -> H2Connection:
+    """An HTTP/2 connection of ours: header lists bounded, no server push, a connection
+    window of :data:`CONNECTION_WINDOW`."""
+    connection = H2Connection(H2Configuration(client_side=client_side, header_encoding=None))
+    initial = {SettingCodes.MAX_HEADER_LIST_SIZE: header_limit, SettingCodes.ENABLE_PUSH: 0}
+    if not client_side:
+        initial[SettingCodes.MAX_CONCURRENT_STREAMS] = MAX_CALLS
+    connection.local_settings = Settings(client=client_side, initial_values=initial)
+    connection.decoder.max_header_list_size = header_limit
+    connection.initiate_connection()
+    connection.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+    return connection
 
 
 def _host(authority: bytes) -> str:
