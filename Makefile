@@ -78,6 +78,7 @@ bench: deps binaries $(STAMP)
 	$(BIN)/python bench/dataplane.py
 	$(BIN)/python bench/front_end_ab.py
 	$(BIN)/python bench/request_path_ab.py
+	$(BIN)/python bench/grpc_calls.py
 	$(BIN)/python bench/control_plane.py
 	$(BIN)/python bench/route_decision.py
 
