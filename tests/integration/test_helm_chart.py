@@ -14,6 +14,7 @@ import os
 import re
 import ssl
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -725,9 +726,34 @@ def gateway_api(kube: Cluster, apps: str, host: str, address: str) -> None:
                  "hostnames": [f"rpc.{host}"],
                  "rules": [{"backendRefs": [{"name": "web", "port": 80}]}]},
     }  # fmt: skip
+    far_service = {
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "far", "namespace": outsider},
+        "spec": {"ports": [{"port": 80, "protocol": "TCP"}]},
+    }  # fmt: skip
+    cross = route(apps)
+    cross["metadata"]["name"] = "cross"
+    cross["spec"]["hostnames"] = [f"cross.{host}"]
+    cross["spec"]["rules"] = [{"backendRefs": [{"name": "far", "namespace": outsider,
+                                                "port": 80}]}]  # fmt: skip
+    grant = {
+        "apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+        "metadata": {"name": "let-apps", "namespace": outsider},
+        "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
+                           "namespace": apps}],
+                 "to": [{"group": "", "kind": "Service"}]},
+    }  # fmt: skip
+    # An older Tunnel of the other namespace holds a host; the HTTPRoute naming it is told so.
+    held = {
+        "apiVersion": "kakuremichi.io/v1alpha1", "kind": "Tunnel",
+        "metadata": {"name": "held", "namespace": outsider},
+        "spec": {"domain": f"held.{host}", "agent": "nobody", "target": "localhost:8080"},
+    }  # fmt: skip
+    clash = route(apps)
+    clash["metadata"]["name"] = "clash"
+    clash["spec"]["hostnames"] = [f"held.{host}"]
     items = [gateway_class, gateway, route(apps), route(outsider), tls_route, grpc_route,
              dns_service, port_route("TCPRoute", "pg", "web", 80),
-             port_route("UDPRoute", "dns", "dns", 53)]  # fmt: skip
+             port_route("UDPRoute", "dns", "dns", 53), far_service, cross]  # fmt: skip
     document = {"apiVersion": "v1", "kind": "List", "items": items}
     try:
         kube.kubectl("apply", "-f", "-", input_text=json.dumps(document))
@@ -752,6 +778,24 @@ def gateway_api(kube: Cluster, apps: str, host: str, address: str) -> None:
             }, f"the {kind} to be accepted")  # fmt: skip
         wait_until(lambda: parent(outsider).get("Accepted") == ("False", "NotAllowedByListeners"),
                    "the other namespace's HTTPRoute to be refused")  # fmt: skip
+        # A Service of another namespace: refused until a ReferenceGrant there allows it.
+        wait_until(lambda: parent(apps, name="cross").get("ResolvedRefs") == (
+            "False", "RefNotPermitted"), "the cross-namespace backend to be refused")  # fmt: skip
+        kube.kubectl("apply", "-f", "-", input_text=json.dumps(grant))
+        wait_until(lambda: parent(apps, name="cross").get("ResolvedRefs") == (
+            "True", "ResolvedRefs"), "the granted backend to resolve")  # fmt: skip
+        kube.kubectl("apply", "-f", "-", input_text=json.dumps(held))
+        time.sleep(1.1)  # (claims date from the second: the Tunnel's is older)
+        kube.kubectl("apply", "-f", "-", input_text=json.dumps(clash))
+
+        def clash_events() -> str:
+            return kube.kubectl("get", "events", "-n", apps, "--field-selector",
+                                "involvedObject.name=clash", "-o",
+                                "jsonpath={.items[*].reason}")  # fmt: skip
+
+        wait_until(lambda: "DomainConflict" in clash_events(),
+                   "the HTTPRoute on the Tunnel's host to be told DomainConflict")  # fmt: skip
+        assert parent(apps, name="clash").get("Accepted") == ("True", "Accepted")
 
         def gateway_status() -> dict[str, Any]:
             found = json.loads(kube.kubectl("get", "gateways.gateway.networking.k8s.io", "edge",
@@ -774,6 +818,9 @@ def gateway_api(kube: Cluster, apps: str, host: str, address: str) -> None:
         (owner,) = made["metadata"]["ownerReferences"]
         assert (owner["kind"], owner["name"]) == ("Gateway", "edge")
     finally:
+        extra = {"apiVersion": "v1", "kind": "List", "items": [grant, held, clash]}
+        kube.kubectl("delete", "-f", "-", "--ignore-not-found", "--wait=false",
+                     input_text=json.dumps(extra))  # fmt: skip
         kube.kubectl("delete", "-f", "-", "--ignore-not-found", "--wait=false",
                      input_text=json.dumps(document))  # fmt: skip
         kube.kubectl("delete", "namespace", outsider, "--wait=false")

@@ -1,27 +1,29 @@
 """What Gateway API objects of class ``kakuremichi`` ask for, and what they get: pure, as
 :mod:`kakuremichi.control.ingress_routes` is for Ingresses (issue 21).
 
-From GatewayClasses, Gateways, HTTPRoutes, GRPCRoutes, TLSRoutes, ReferenceGrants, namespace
-labels and Services comes one decision:
+From GatewayClasses, Gateways, HTTPRoutes, GRPCRoutes, TLSRoutes, TCPRoutes, UDPRoutes,
+ReferenceGrants, namespace labels and Services comes one decision:
 
 - each GatewayClass of our controller (``kakuremichi.io/gateway-controller``) is accepted, or
   not, with the reason;
 - each Gateway of such a class: its conditions, its listeners' (HTTP on port 80, HTTPS and TLS
-  passthrough on 443: the ports the gateways listen on), the pool whose addresses it gets, and a
-  Certificate per HTTP host served through it (a listener's ``certificateRefs``, or ACME with the
-  listener TLS option ``kakuremichi.io/issuer: ACME`` and for hosts attached to HTTP listeners
-  only); a host attaches through its most specific listener only;
-- each HTTPRoute and TLSRoute attached to such a Gateway: a status per parent of ours
-  (``Accepted``, ``ResolvedRefs``, ``PartiallyInvalid``, with the spec's reasons), its problems
-  in sentences;
-- one claim per kind, namespace and host: for HTTPRoutes, the rules of every HTTPRoute of that
-  namespace attached with that host, ordered as the Gateway API orders matches (Exact path, then
-  the longest prefix, then method, then the most header and query matches, then the oldest
-  route, then its name, then rule order); for GRPCRoutes, the oldest route's one backend, to
-  which HTTP/2 connections are passed whole; for TLSRoutes, the oldest route's backend, passed
-  through. Claims weigh in the one ownership decision against Tunnels, Ingresses and other
-  namespaces' routes: routes of one namespace merge on a host, routes of two namespaces never do
-  (the oldest claim holds, as for every domain).
+  passthrough on 443: the ports the gateways listen on; TCP and UDP on any other), the pool
+  whose addresses it gets, and a Certificate per HTTP host served through it (a listener's
+  ``certificateRefs``, or ACME with the listener TLS option ``kakuremichi.io/issuer: ACME`` and
+  for hosts attached to HTTP listeners only); a host attaches through its most specific
+  listener only;
+- each route attached to such a Gateway: a status per parent of ours (``Accepted``,
+  ``ResolvedRefs``, ``PartiallyInvalid``, with the spec's reasons), its problems in sentences;
+- one claim per kind, namespace and host (TCPRoutes, UDPRoutes: per listener port): for
+  HTTPRoutes, the rules of every HTTPRoute of that namespace attached with that host, ordered as
+  the Gateway API orders matches (Exact path, then the longest prefix, then method, then the
+  most header and query matches, then the oldest route, then its name, then rule order); for
+  GRPCRoutes likewise (the longest service, then method, then the most headers), each call
+  routed at the gateway, or the HTTP/2 connections passed whole when every call goes to one
+  backend unchanged; for TLSRoutes, TCPRoutes and UDPRoutes, the oldest route's backends by
+  weight, passed through. Claims weigh in the one ownership decision against Tunnels, Ingresses
+  and other namespaces' routes: routes of one namespace merge on a host, routes of two
+  namespaces never do (the oldest claim holds, as for every domain and port).
 
 Backends are Services of the route's namespace, or of another whose ReferenceGrant allows it.
 Nothing any of these objects says raises here: the API server's schema is not this module's
@@ -558,10 +560,8 @@ def _route(
     partial: Condition | None = None
     if kind == TLS_ROUTE or kind in PORT_ROUTE_KINDS:
         shares, backends, resolved = _passed_rules(kind, key, spec, grants, services, problems)
-    elif kind == GRPC_ROUTE:
-        rules, backends, resolved, partial = _grpc_rules(key, spec, grants, services, problems)
     else:
-        rules, backends, resolved, partial = _rules(key, spec, grants, services, problems)
+        rules, backends, resolved, partial = _rules(key, spec, grants, services, problems, kind)
     route_hosts: list[str | None] = [*_list_text(spec.get("hostnames"))] or [None]
     parents: list[ParentDecision] = []
     attached: list[_Attached] = []
@@ -757,10 +757,13 @@ def _intersect(listener: str | None, route: str | None) -> str | None:
 def _rules(
     key: Key, spec: Mapping[str, Any], grants: Grants,
     services: Mapping[str, Mapping[str, ServiceFacts]], problems: list[str],
+    kind: str = HTTP_ROUTE,
 ) -> tuple[list[tuple[tuple[Any, ...], RequestRule]], set[BackendRef], Condition,
            Condition | None]:  # fmt: skip
-    """The route's rules, one per match with its precedence (not counting the route's age and
-    name), the backends they lead to, ResolvedRefs, and PartiallyInvalid (None: all valid)."""
+    """An HTTPRoute's or GRPCRoute's rules, one per match with its precedence (not counting the
+    route's age and name), the backends they lead to, ResolvedRefs, and PartiallyInvalid (None:
+    all valid). A GRPCRoute's match is on the call's path, ``/service/method``."""
+    read_match = _grpc_match if kind == GRPC_ROUTE else _match
     out: list[tuple[tuple[Any, ...], RequestRule]] = []
     backends: set[BackendRef] = set()
     unresolved: list[tuple[str, str]] = []
@@ -773,12 +776,12 @@ def _rules(
             if refused:  # (its requests answered 500: never passed on unfiltered)
                 problems.extend(refused)
                 invalid += 1
-            weighted, bad = _weighted(key, rule, at, grants, services, HTTP_ROUTE, problems,
+            weighted, bad = _weighted(key, rule, at, grants, services, kind, problems,
                                       unresolved, backends)  # fmt: skip
             invalid += bad
             matches = _list(rule.get("matches")) or [{}]
             for m, match in enumerate(matches):
-                made = _match(match, f"{at}.matches[{m}]")
+                made = read_match(match, f"{at}.matches[{m}]")
                 if isinstance(made, str):
                     problems.append(made)
                     continue
@@ -835,57 +838,6 @@ def _weighted(
         backends.add(found)
         weighted.append(WeightedBackend(stream=found.stream, weight=weight))
     return weighted, invalid
-
-
-def _grpc_rules(
-    key: Key, spec: Mapping[str, Any], grants: Grants,
-    services: Mapping[str, Mapping[str, ServiceFacts]], problems: list[str],
-) -> tuple[list[tuple[tuple[Any, ...], RequestRule]], set[BackendRef], Condition,
-           Condition | None]:  # fmt: skip
-    """A GRPCRoute's rules, as :func:`_rules` makes an HTTPRoute's: one per match with its
-    precedence (the longest service, then the longest method, then the most header matches),
-    the backends, ResolvedRefs and PartiallyInvalid. A call's path is ``/service/method``."""
-    out: list[tuple[tuple[Any, ...], RequestRule]] = []
-    backends: set[BackendRef] = set()
-    unresolved: list[tuple[str, str]] = []
-    invalid = 0
-    given = _list(spec.get("rules")) or [{}]
-    for r, rule in enumerate(given):
-        at = f"spec.rules[{r}]"
-        try:
-            edits, refused = _filters(_list(rule.get("filters")), f"{at}.filters")
-            if refused:  # (its calls answered 500: never passed on unfiltered)
-                problems.extend(refused)
-                invalid += 1
-            weighted, bad = _weighted(key, rule, at, grants, services, GRPC_ROUTE, problems,
-                                      unresolved, backends)  # fmt: skip
-            invalid += bad
-            for m, match in enumerate(_list(rule.get("matches")) or [{}]):
-                made = _grpc_match(match, f"{at}.matches[{m}]")
-                if isinstance(made, str):
-                    problems.append(made)
-                    continue
-                request, rank = made
-                out.append(((*rank, r, m), RequestRule(
-                    matches=[request], backends=[] if refused else weighted,
-                    request_headers=edits,
-                )))  # fmt: skip
-        except (ValidationError, ValueError, TypeError):
-            problems.append(f"{at}: a value here is out of range or malformed; the rule is not "
-                            "served.")  # fmt: skip
-            invalid += 1
-    if unresolved:
-        problems.extend(sentence for _, sentence in unresolved)
-        resolved = Condition("ResolvedRefs", False, unresolved[0][0],
-                             "; ".join(s for _, s in unresolved))  # fmt: skip
-    else:
-        resolved = Condition("ResolvedRefs", True, "ResolvedRefs", "All references resolved.")
-    partial = None
-    if invalid or len(out) < sum(len(_list(r.get("matches")) or [{}]) for r in given):
-        partial = Condition("PartiallyInvalid", True, "UnsupportedValue",
-                            "Some rules or matches are not served; the route's Events say "
-                            "which and why.")  # fmt: skip
-    return out, backends, resolved, partial
 
 
 def _grpc_match(match: Mapping[str, Any], at: str) -> tuple[RequestMatch, tuple[Any, ...]] | str:
