@@ -840,6 +840,18 @@ def _weighted(
     return weighted, invalid
 
 
+def _header_matches(match: Mapping[str, Any], at: str) -> list[HeaderMatch] | str:
+    """A match's header conditions (``Exact`` only), or why they are not served."""
+    headers = []
+    for h, header in enumerate(_list(match.get("headers"))):
+        if header.get("type", "Exact") != "Exact":
+            return f"{at}.headers[{h}].type: only Exact header matches are served."
+        headers.append(
+            HeaderMatch(name=_text(header.get("name")), value=_text(header.get("value")))
+        )
+    return headers
+
+
 def _grpc_match(match: Mapping[str, Any], at: str) -> tuple[RequestMatch, tuple[Any, ...]] | str:
     """A GRPCRoute match as a request match on the call's path and headers, and its
     precedence (smaller first), or why it is not served."""
@@ -849,13 +861,9 @@ def _grpc_match(match: Mapping[str, Any], at: str) -> tuple[RequestMatch, tuple[
     service, name = _text(method.get("service")), _text(method.get("method"))
     if name and not service:
         return f"{at}.method: a method without its service is not served; name the service too."
-    headers = []
-    for h, header in enumerate(_list(match.get("headers"))):
-        if header.get("type", "Exact") != "Exact":
-            return f"{at}.headers[{h}].type: only Exact header matches are served."
-        headers.append(
-            HeaderMatch(name=_text(header.get("name")), value=_text(header.get("value")))
-        )
+    headers = _header_matches(match, at)
+    if isinstance(headers, str):
+        return headers
     path = None
     if service:
         path = (
@@ -958,13 +966,9 @@ def _match(match: Mapping[str, Any], at: str) -> tuple[RequestMatch, tuple[Any, 
         return f"{at}.path.type: {kind} is not served (Exact and PathPrefix are)."
     if not isinstance(value, str):
         return f"{at}.path.value: must be an absolute path."
-    headers = []
-    for h, header in enumerate(_list(match.get("headers"))):
-        if header.get("type", "Exact") != "Exact":
-            return f"{at}.headers[{h}].type: only Exact header matches are served."
-        headers.append(
-            HeaderMatch(name=_text(header.get("name")), value=_text(header.get("value")))
-        )
+    headers = _header_matches(match, at)
+    if isinstance(headers, str):
+        return headers
     query = []
     for q, param in enumerate(_list(match.get("queryParams"))):
         if param.get("type", "Exact") != "Exact":
