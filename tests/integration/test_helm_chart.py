@@ -806,7 +806,8 @@ def gateway_api(kube: Cluster, apps: str, host: str, address: str) -> None:
         wait_until(lambda: gateway_status().get("addresses") == [
             {"type": "IPAddress", "value": address}], "the Gateway to be programmed")  # fmt: skip
         listeners = {item["name"]: item for item in gateway_status()["listeners"]}
-        assert listeners["https"]["attachedRoutes"] == 2  # (the HTTPRoute and the GRPCRoute)
+        # (the HTTPRoutes site, cross and clash, and the GRPCRoute)
+        assert listeners["https"]["attachedRoutes"] == 4
         accepted = json.loads(
             kube.kubectl("get", "gatewayclasses.gateway.networking.k8s.io", klass, "-o", "json")
         )["status"]["conditions"]
