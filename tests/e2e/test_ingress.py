@@ -357,46 +357,58 @@ def test_a_tlsroute_is_passed_through_to_the_origins_own_tls(world: World) -> No
         assert reasons == {"Accepted": "Accepted", "ResolvedRefs": "ResolvedRefs"}
 
 
+@contextlib.contextmanager
+def grpc_gateway(world: World, name: str, host: str, port: int) -> Iterator[str]:
+    """A gRPC service (h2c) on ``port`` beside the cluster agent, a certificate Secret for
+    ``host`` and a Gateway ``name`` of a class of ours with an HTTPS listener that uses it;
+    yields the Gateway's class."""
+    backend = next(h for h in world.extra_hosts if h.role == "backend")
+    server = backend.spawn([sys.executable, GRPC_ORIGIN, BACKEND_IP, str(port)],
+                           log=world.workdir / f"{name}.log")  # fmt: skip
+    issued = world.ca.issue(host)
+    Secrets(world.kube, world.namespace).put_tls(
+        f"{name}-tls", issued.certificate_pem, issued.private_key_pem
+    )
+    try:
+        with gateway_class_of_ours(world) as klass:
+            apply(world, {
+                "apiVersion": GATEWAY_API, "kind": "Gateway", "metadata": {"name": name},
+                "spec": {"gatewayClassName": klass, "listeners": [
+                    {"name": "https", "protocol": "HTTPS", "port": 443,
+                     "tls": {"certificateRefs": [{"name": f"{name}-tls"}]}}]},
+            })  # fmt: skip
+            yield klass
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+
+
+def grpc_client(world: World, script: str, host: str) -> str:
+    """What a gRPC client ``script`` run from the client's namespace prints."""
+    done = subprocess.run(
+        world.client_host.command(sys.executable, "-c", script, f"{world.gateway_client_ip}:443",
+                                  host, str(world.ca_file)),
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    return done.stdout
+
+
 def test_a_grpcroute_reaches_an_h2c_service_with_its_trailers(world: World) -> None:
     """A GRPCRoute of one backend: a gRPC client over TLS reaches a gRPC service (h2c) beside
     the cluster agent, its stream and the trailers that end it included."""
     host = f"grpc.{world.domain}"
-    backend = next(h for h in world.extra_hosts if h.role == "backend")
-    server = backend.spawn([sys.executable, GRPC_ORIGIN, BACKEND_IP, str(GRPC)],
-                           log=world.workdir / "grpc-route.log")  # fmt: skip
-    issued = world.ca.issue(host)
-    Secrets(world.kube, world.namespace).put_tls(
-        "grpc-tls", issued.certificate_pem, issued.private_key_pem
-    )
-    with gateway_class_of_ours(world) as klass:
-        try:
-            apply(
-                world,
-                service("echo", 50051, "grpc"),
-                endpoint_slice("echo-1", "echo", BACKEND_IP, GRPC, "grpc"),
-                {"apiVersion": GATEWAY_API, "kind": "Gateway", "metadata": {"name": "grpc"},
-                 "spec": {"gatewayClassName": klass, "listeners": [
-                     {"name": "https", "protocol": "HTTPS", "port": 443,
-                      "tls": {"certificateRefs": [{"name": "grpc-tls"}]}}]}},
-                {"apiVersion": GATEWAY_API, "kind": "GRPCRoute", "metadata": {"name": "echo"},
-                 "spec": {"parentRefs": [{"name": "grpc"}], "hostnames": [host],
-                          "rules": [{"backendRefs": [{"name": "echo", "port": 50051}]}]}},
-            )  # fmt: skip
-
-            def call() -> str:
-                done = subprocess.run(
-                    world.client_host.command(sys.executable, "-c", GRPC_CLIENT,
-                                              f"{world.gateway_client_ip}:443", host,
-                                              str(world.ca_file)),
-                    capture_output=True, text=True, check=False, timeout=60,
-                )  # fmt: skip
-                return done.stdout
-
-            answered = wait_until(call, "a gRPC call through the GRPCRoute", timeout=90)
-            assert answered.splitlines() == ["echo: hello", "0,1,2", "3"]
-        finally:
-            server.kill()
-            server.wait(timeout=10)
+    with grpc_gateway(world, "grpc", host, GRPC):
+        apply(
+            world,
+            service("echo", 50051, "grpc"),
+            endpoint_slice("echo-1", "echo", BACKEND_IP, GRPC, "grpc"),
+            {"apiVersion": GATEWAY_API, "kind": "GRPCRoute", "metadata": {"name": "echo"},
+             "spec": {"parentRefs": [{"name": "grpc"}], "hostnames": [host],
+                      "rules": [{"backendRefs": [{"name": "echo", "port": 50051}]}]}},
+        )  # fmt: skip
+        answered = wait_until(lambda: grpc_client(world, GRPC_CLIENT, host),
+                              "a gRPC call through the GRPCRoute", timeout=90)  # fmt: skip
+        assert answered.splitlines() == ["echo: hello", "0,1,2", "3"]
 
 
 def test_tcp_and_udp_routes_reach_redis_and_dnsmasq_through_their_listeners_ports(
@@ -488,48 +500,24 @@ def test_a_grpcroutes_calls_are_routed_one_by_one_by_method(world: World) -> Non
     Say to the gRPC service beside the agent, Count to a Service with no endpoint (UNAVAILABLE),
     and a service no rule names is UNIMPLEMENTED."""
     host = f"calls.{world.domain}"
-    backend = next(h for h in world.extra_hosts if h.role == "backend")
-    server = backend.spawn([sys.executable, GRPC_ORIGIN, BACKEND_IP, str(GRPC + 1)],
-                           log=world.workdir / "grpc-calls.log")  # fmt: skip
-    issued = world.ca.issue(host)
-    Secrets(world.kube, world.namespace).put_tls(
-        "calls-tls", issued.certificate_pem, issued.private_key_pem
-    )
-    with gateway_class_of_ours(world) as klass:
-        try:
-            apply(
-                world,
-                service("say", 50051, "grpc"),
-                endpoint_slice("say-1", "say", BACKEND_IP, GRPC + 1, "grpc"),
-                service("nowhere", 50051, "grpc"),
-                {"apiVersion": GATEWAY_API, "kind": "Gateway", "metadata": {"name": "calls"},
-                 "spec": {"gatewayClassName": klass, "listeners": [
-                     {"name": "https", "protocol": "HTTPS", "port": 443,
-                      "tls": {"certificateRefs": [{"name": "calls-tls"}]}}]}},
-                {"apiVersion": GATEWAY_API, "kind": "GRPCRoute", "metadata": {"name": "calls"},
-                 "spec": {"parentRefs": [{"name": "calls"}], "hostnames": [host], "rules": [
-                     {"matches": [{"method": {"service": "kakuremichi.test.Echo",
-                                              "method": "Say"}}],
-                      "backendRefs": [{"name": "say", "port": 50051}]},
-                     {"matches": [{"method": {"service": "kakuremichi.test.Echo",
-                                              "method": "Count"}}],
-                      "backendRefs": [{"name": "nowhere", "port": 50051}]}]}},
-            )  # fmt: skip
-
-            def calls() -> list[str]:
-                done = subprocess.run(
-                    world.client_host.command(sys.executable, "-c", ROUTED_GRPC_CLIENT,
-                                              f"{world.gateway_client_ip}:443", host,
-                                              str(world.ca_file)),
-                    capture_output=True, text=True, check=False, timeout=60,
-                )  # fmt: skip
-                return done.stdout.splitlines()
-
-            answered = wait_until(
-                lambda: (said := calls()) and said[0] == "echo: 3" and said,
-                "calls routed by the GRPCRoute", timeout=90,
-            )  # fmt: skip
-            assert answered == ["echo: 3", "UNAVAILABLE", "UNIMPLEMENTED"]
-        finally:
-            server.kill()
-            server.wait(timeout=10)
+    with grpc_gateway(world, "calls", host, GRPC + 1):
+        apply(
+            world,
+            service("say", 50051, "grpc"),
+            endpoint_slice("say-1", "say", BACKEND_IP, GRPC + 1, "grpc"),
+            service("nowhere", 50051, "grpc"),
+            {"apiVersion": GATEWAY_API, "kind": "GRPCRoute", "metadata": {"name": "calls"},
+             "spec": {"parentRefs": [{"name": "calls"}], "hostnames": [host], "rules": [
+                 {"matches": [{"method": {"service": "kakuremichi.test.Echo",
+                                          "method": "Say"}}],
+                  "backendRefs": [{"name": "say", "port": 50051}]},
+                 {"matches": [{"method": {"service": "kakuremichi.test.Echo",
+                                          "method": "Count"}}],
+                  "backendRefs": [{"name": "nowhere", "port": 50051}]}]}},
+        )  # fmt: skip
+        answered = wait_until(
+            lambda: (said := grpc_client(world, ROUTED_GRPC_CLIENT, host).splitlines())
+            and said[0] == "echo: 3" and said,
+            "calls routed by the GRPCRoute", timeout=90,
+        )  # fmt: skip
+        assert answered == ["echo: 3", "UNAVAILABLE", "UNIMPLEMENTED"]

@@ -809,6 +809,13 @@ def _rules(
     return out, backends, resolved, partial
 
 
+def _weight(ref: Mapping[str, Any]) -> int:
+    """A backendRef's weight, as the protocol takes it (0 to 1,000,000; 1 when unsaid)."""
+    weight = ref.get("weight", 1)
+    weight = weight if isinstance(weight, int) and not isinstance(weight, bool) else 1
+    return min(max(0, weight), 1_000_000)
+
+
 def _weighted(
     key: Key, rule: Mapping[str, Any], at: str, grants: Grants,
     services: Mapping[str, Mapping[str, ServiceFacts]], kind: str, problems: list[str],
@@ -821,9 +828,7 @@ def _weighted(
     invalid = 0
     for b, ref in enumerate(_list(rule.get("backendRefs"))):
         where = f"{at}.backendRefs[{b}]"
-        weight = ref.get("weight", 1)
-        weight = weight if isinstance(weight, int) and not isinstance(weight, bool) else 1
-        weight = min(max(0, weight), 1_000_000)
+        weight = _weight(ref)
         found = _backend_ref(key, ref, where, grants, services, kind)
         if isinstance(found, tuple):
             unresolved.append(found)
@@ -889,9 +894,7 @@ def _passed_rules(
     shares: list[tuple[str | None, int]] = []
     refs = [r for rule in _list(spec.get("rules"))[:1] for r in _list(rule.get("backendRefs"))]
     for b, ref in enumerate(refs[:MAX_SHARES]):
-        weight = ref.get("weight", 1)
-        weight = weight if isinstance(weight, int) and not isinstance(weight, bool) else 1
-        weight = min(max(0, weight), 1_000_000)
+        weight = _weight(ref)
         if weight == 0:
             continue
         at = f"spec.rules[0].backendRefs[{b}]"
@@ -1023,20 +1026,16 @@ def _claims(
                 )
             continue
         try:
-            if kind in PORT_ROUTE_KINDS:
-                claim, refs = _port_claim(kind, namespace, int(host), found, cluster_agent,
-                                          seen, now)  # fmt: skip
+            if kind == TLS_ROUTE or kind in PORT_ROUTE_KINDS:
+                claim, refs = _passed_claim(kind, namespace, host, found, cluster_agent, seen,
+                                            now)  # fmt: skip
+                what = (
+                    f"spec.parentRefs: port {host}/{PORT_ROUTE_KINDS[kind]} is passed by"
+                    if claim.by_port else f"spec.hostnames: {host} is passed through by"
+                )  # fmt: skip
                 for other in {a.route for a in found} - {(namespace, claim.name)}:
                     dropped.setdefault((kind, *other), []).append(
-                        f"spec.parentRefs: port {host}/{PORT_ROUTE_KINDS[kind]} is passed by "
-                        f"the older {kind} {claim.name} of this namespace, to its backend."
-                    )
-            elif kind == TLS_ROUTE:
-                claim, refs = _tls_claim(namespace, host, found, cluster_agent, seen, now)
-                for other in {a.route for a in found} - {(namespace, claim.name)}:
-                    dropped.setdefault((kind, *other), []).append(
-                        f"spec.hostnames: {host} is passed through by the older TLSRoute "
-                        f"{claim.name} of this namespace, to its backend."
+                        f"{what} the older {kind} {claim.name} of this namespace, to its backend."
                     )
             else:
                 made = _claim(namespace, host, found, cluster_agent, seen, now, dropped, kind)
@@ -1055,27 +1054,6 @@ def _claims(
     return {k: tuple(v) for k, v in claims.items()}, certificates, backends, dropped
 
 
-def _tls_claim(
-    namespace: str, host: str, found: Sequence[_Attached], cluster_agent: Key,
-    seen: Mapping[uuid.UUID, datetime], now: datetime,
-) -> tuple[TunnelFacts, set[BackendRef]]:  # fmt: skip
-    """A host of TLSRoutes: passed through by SNI to the oldest route's backend (none: its
-    connections are refused)."""
-    first = min(found, key=lambda a: (a.created, a.route))
-    refs = set(first.backends)
-    identity = claim_id(namespace, host, TLS_ROUTE)
-    names = ", ".join(sorted({f"{namespace}/{a.route[1]}" for a in found}))
-    claim = TunnelFacts(
-        id=identity, namespace=namespace, name=first.route[1], domain=host,
-        agent=cluster_agent[1], agent_namespace=cluster_agent[0], target=PASSTHROUGH_TARGET,
-        enabled=True, created=seen.get(identity, now), generation=first.generation,
-        certificate="", description=f"TLSRoute {names}"[:1024],
-        source=f"TLSRoute {first.route[1]}", protocol="TLS",
-        backends=tuple(sorted(ref.stream for ref in refs)), shares=_several(first.shares),
-    )  # fmt: skip
-    return claim, refs
-
-
 def port_domain(kind: str, namespace: str, port: int) -> str:
     """The name a claim on a public port alone goes by (a TCPRoute's, a UDPRoute's): where a
     claim needs a domain (streams to the agent, the mirror's row). Under ``.invalid``, which
@@ -1083,24 +1061,26 @@ def port_domain(kind: str, namespace: str, port: int) -> str:
     return f"{kind.lower()}-{port}.{namespace}{PORT_DOMAIN_SUFFIX}"
 
 
-def _port_claim(
-    kind: str, namespace: str, port: int, found: Sequence[_Attached], cluster_agent: Key,
+def _passed_claim(
+    kind: str, namespace: str, host: str, found: Sequence[_Attached], cluster_agent: Key,
     seen: Mapping[uuid.UUID, datetime], now: datetime,
 ) -> tuple[TunnelFacts, set[BackendRef]]:  # fmt: skip
-    """A public port of TCPRoutes or UDPRoutes of one namespace: forwarded to the oldest
-    route's backend (none: its connections are closed). The port is claimed as an L4 Tunnel's
-    is, against Tunnels and other namespaces' routes; a Gateway pool must open it."""
+    """A host of TLSRoutes (passed through by SNI), or a public port of TCPRoutes or UDPRoutes
+    (``host``: the port), of one namespace: to the oldest route's backends by weight (none: its
+    connections are refused). A port is claimed as an L4 Tunnel's is, against Tunnels and other
+    namespaces' routes; a Gateway pool must open it."""
     first = min(found, key=lambda a: (a.created, a.route))
     refs = set(first.backends)
-    identity = claim_id(namespace, str(port), kind)
+    identity = claim_id(namespace, host, kind)
     names = ", ".join(sorted({f"{namespace}/{a.route[1]}" for a in found}))
+    port = int(host) if kind in PORT_ROUTE_KINDS else None
     claim = TunnelFacts(
         id=identity, namespace=namespace, name=first.route[1],
-        domain=port_domain(kind, namespace, port), agent=cluster_agent[1],
-        agent_namespace=cluster_agent[0], target=PASSTHROUGH_TARGET, enabled=True,
-        created=seen.get(identity, now), generation=first.generation, certificate="",
-        description=f"{kind} {names}"[:1024], source=f"{kind} {first.route[1]}",
-        protocol=PORT_ROUTE_KINDS[kind], port=port, by_port=True,
+        domain=host if port is None else port_domain(kind, namespace, port),
+        agent=cluster_agent[1], agent_namespace=cluster_agent[0], target=PASSTHROUGH_TARGET,
+        enabled=True, created=seen.get(identity, now), generation=first.generation,
+        certificate="", description=f"{kind} {names}"[:1024], source=f"{kind} {first.route[1]}",
+        protocol=PORT_ROUTE_KINDS.get(kind, "TLS"), port=port, by_port=port is not None,
         backends=tuple(sorted(ref.stream for ref in refs)), shares=_several(first.shares),
     )  # fmt: skip
     return claim, refs

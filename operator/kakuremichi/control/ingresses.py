@@ -34,13 +34,12 @@ from kubernetes.client.exceptions import ApiException
 from kakuremichi.api.resources import API_VERSION, CERTIFICATE, GROUP, VERSION, CertificateSpec
 from kakuremichi.control import gateway_api_status
 from kakuremichi.control.context import Context
-from kakuremichi.control.gateway_api import GatewayDecision
+from kakuremichi.control.gateway_api import ALL_ROUTE_KINDS, GatewayDecision
 from kakuremichi.control.gateway_api import RouteDecision as HTTPRouteDecision
 from kakuremichi.control.kube_api import (
     ENDPOINT_SLICE,
+    GATEWAY_API_KINDS,
     GATEWAY_CLASS,
-    GRPC_ROUTE,
-    HTTP_ROUTE,
     INGRESS,
     INGRESS_CLASS,
     MANAGED_BY,
@@ -50,9 +49,6 @@ from kakuremichi.control.kube_api import (
     REFERENCE_GRANT,
     ROUTED_GATEWAY,
     SERVICE,
-    TCP_ROUTE,
-    TLS_ROUTE,
-    UDP_ROUTE,
     BuiltinKind,
 )
 from kakuremichi.control.ownership import TunnelFacts
@@ -61,8 +57,8 @@ from kakuremichi.control.snapshot import Snapshot
 
 Owner = tuple[str, str, str]
 """(kind, namespace, name)."""
-ROUTE_KINDS = {kind.kind: kind for kind in (HTTP_ROUTE, TLS_ROUTE, GRPC_ROUTE, TCP_ROUTE,
-                                            UDP_ROUTE)}  # fmt: skip
+ROUTE_KINDS = {kind.kind: kind for kind in GATEWAY_API_KINDS if kind.kind in ALL_ROUTE_KINDS}
+"""The route kinds the decision reads, as the API names them."""
 CLAIMS_CONFIG_MAP = "kakuremichi-route-claims"
 """Claim id → when the operator first saw that host in that Ingress (ISO 8601)."""
 MAX_PROBLEM_EVENTS = 10
